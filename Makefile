@@ -1,0 +1,63 @@
+# bhyve-rs build entry points. `make WITH_BHYVE_SNAPSHOT=yes` turns on snapshot support, as the
+# WITH_BHYVE_SNAPSHOT knob does in FreeBSD's build.
+
+CARGO    ?= cargo
+PREFIX   ?= /usr/local
+BINDIR   ?= $(PREFIX)/sbin
+MANDIR   ?= $(PREFIX)/share/man
+FREEBSD_TARGET := x86_64-unknown-freebsd
+
+SNAPSHOT_FEATURES := --features bhyve-rs/bhyve_snapshot,bhyvectl-rs/bhyve_snapshot
+ifneq ($(filter yes YES true 1,$(WITH_BHYVE_SNAPSHOT)),)
+FEATURES := $(SNAPSHOT_FEATURES)
+endif
+
+MANPAGES := $(wildcard man/*.[1-9])
+
+.PHONY: all build test fmt clippy test-default test-snapshot check-freebsd lint-man install demo bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace $(FEATURES)
+
+test: fmt clippy test-default test-snapshot check-freebsd lint-man
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(SNAPSHOT_FEATURES) -- -D warnings
+
+test-default:
+	$(CARGO) build --workspace
+	$(CARGO) test --workspace
+
+test-snapshot:
+	$(CARGO) build --workspace $(SNAPSHOT_FEATURES)
+	$(CARGO) test --workspace $(SNAPSHOT_FEATURES)
+
+check-freebsd:
+	rustup target add $(FREEBSD_TARGET)
+	$(CARGO) check --workspace --all-targets --target $(FREEBSD_TARGET)
+	$(CARGO) check --workspace --all-targets --target $(FREEBSD_TARGET) $(SNAPSHOT_FEATURES)
+
+lint-man:
+	mandoc -T lint -W warning -I os=FreeBSD $(MANPAGES)
+
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8
+	install -m 0755 target/release/bhyve target/release/bhyvectl $(DESTDIR)$(BINDIR)/
+	for page in $(MANPAGES); do \
+		section=$${page##*.}; \
+		install -m 0644 $$page $(DESTDIR)$(MANDIR)/man$$section/; \
+	done
+
+demo: build
+
+bench:
+	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES)
+
+clean:
+	$(CARGO) clean

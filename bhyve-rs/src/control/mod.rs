@@ -1,0 +1,1 @@
+//! The per-VM control socket and the libnv nvlist wire format it speaks.

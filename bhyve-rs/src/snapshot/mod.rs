@@ -1,0 +1,1 @@
+//! Snapshot save and restore (feature `bhyve_snapshot`).
