@@ -36,6 +36,15 @@ struct Range {
     device: SharedDevice,
 }
 
+/// The two address spaces a vCPU exit can target.
+#[derive(Default)]
+pub struct Buses {
+    /// x86 port I/O, 0..0x10000.
+    pub pio: Bus,
+    /// Guest-physical MMIO.
+    pub mmio: Bus,
+}
+
 /// One address space (port I/O or MMIO).
 #[derive(Default)]
 pub struct Bus {
@@ -146,10 +155,7 @@ mod tests {
         assert!(bus.read(0x3fd, &mut byte));
         assert_eq!(byte, [5]);
         assert!(bus.write(0x3f9, &[0xaa]));
-        assert_eq!(
-            dev.lock().unwrap().last_write,
-            Some((0x3f8, 1, vec![0xaa]))
-        );
+        assert_eq!(dev.lock().unwrap().last_write, Some((0x3f8, 1, vec![0xaa])));
     }
 
     #[test]

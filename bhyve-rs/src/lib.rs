@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod interrupts;
+pub mod machine;
 #[cfg(feature = "bhyve_snapshot")]
 pub mod snapshot;
 pub mod vmm;

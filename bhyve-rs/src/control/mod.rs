@@ -1,1 +1,3 @@
 //! The per-VM control socket and the libnv nvlist wire format it speaks.
+
+pub mod client;
