@@ -1,11 +1,87 @@
 //! The configuration tree of bhyve_config(5): dotted keys with string values.
+//!
+//! Like FreeBSD's `config.c`, the tree distinguishes nodes (`pci.0.3.0`) from variables
+//! (`pci.0.3.0.device`): a variable cannot get children and a node cannot get a value. Entries keep
+//! their insertion order, and re-setting a variable moves it to the end of its node, so
+//! [`Config::dump`] prints exactly what `-o config.dump=1` prints on FreeBSD.
 
 use std::collections::BTreeMap;
+
+/// A refusal of the tree to take a value, with FreeBSD's wording.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A node path with an empty component such as `a..b` or `.a`.
+    #[error("Invalid configuration node: {path}")]
+    InvalidNode { path: String },
+    /// A node path that walks below an existing variable.
+    #[error("Configuration node {path} is a child of existing variable {variable}")]
+    ChildOfVariable { path: String, variable: String },
+    /// A value for a name that is already a node.
+    #[error("Attempting to add value {value} to existing node {path}")]
+    ValueOnNode { value: String, path: String },
+    /// A node-relative name containing a dot.
+    #[error("Invalid config node name {name}")]
+    InvalidName { name: String },
+}
+
+impl ConfigError {
+    /// The lines FreeBSD prints for this failure (a warning may precede the fatal line).
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::InvalidNode { path } | ConfigError::ChildOfVariable { path, .. } => {
+                vec![
+                    self.to_string(),
+                    format!("Failed to create configuration node {path}"),
+                ]
+            }
+            _ => vec![self.to_string()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Node {
+    entries: Vec<(String, Entry)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Value(String),
+    Node(Node),
+}
+
+impl Node {
+    fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, e)| e)
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.entries.iter().position(|(n, _)| n == name)
+    }
+
+    fn dump(&self, prefix: &str, out: &mut String) {
+        for (name, entry) in &self.entries {
+            match entry {
+                Entry::Value(v) => {
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(v);
+                    out.push('\n');
+                }
+                Entry::Node(child) => child.dump(&format!("{prefix}{name}."), out),
+            }
+        }
+    }
+}
 
 /// Every setting of a VM as bhyve keeps it: `memory.size`, `pci.0.31.0.device`, `lpc.com1.path`…
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
+    /// Flat view of every variable, for cheap lookups and sorted iteration.
     values: BTreeMap<String, String>,
+    /// The same variables as FreeBSD's nvlist tree, in insertion order.
+    root: Node,
 }
 
 impl Config {
@@ -13,8 +89,11 @@ impl Config {
         Self::default()
     }
 
+    /// Set a variable; a value the tree refuses (see [`Config::try_set`]) is logged and dropped.
     pub fn set(&mut self, key: &str, value: &str) {
-        self.values.insert(key.to_string(), value.to_string());
+        if let Err(e) = self.try_set(key, value) {
+            log::warn!("{e}");
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -24,6 +103,209 @@ impl Config {
     /// All keys and values in sorted key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Set a variable as FreeBSD's `set_config_value` does: create the parent nodes, refuse a
+    /// path below a variable or a value on a node.
+    pub fn try_set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let (node_path, name) = match key.rsplit_once('.') {
+            Some((node, name)) => (Some(node), name),
+            None => (None, key),
+        };
+        if let Some(node_path) = node_path {
+            self.create_node(node_path)?;
+        }
+        let Some(node) = self.node_mut(node_path.unwrap_or("")) else {
+            // create_node succeeded, so the node is there; keep the refusal path total anyway.
+            return Err(ConfigError::InvalidNode {
+                path: key.to_string(),
+            });
+        };
+        if let Some(Entry::Node(_)) = node.get(name) {
+            return Err(ConfigError::ValueOnNode {
+                value: value.to_string(),
+                path: key.to_string(),
+            });
+        }
+        if let Some(pos) = node.position(name) {
+            // FreeBSD frees and re-adds the string, which moves it to the end of its node.
+            node.entries.remove(pos);
+        }
+        node.entries
+            .push((name.to_string(), Entry::Value(value.to_string())));
+        self.values.insert(key.to_string(), value.to_string());
+        Ok(())
+    }
+
+    /// Set `name` (which may not contain a dot) inside the node `node_path` (empty: the root), as
+    /// FreeBSD's `set_config_value_node` does.
+    pub fn set_in_node(
+        &mut self,
+        node_path: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<(), ConfigError> {
+        if name.contains('.') {
+            return Err(ConfigError::InvalidName {
+                name: name.to_string(),
+            });
+        }
+        if node_path.is_empty() {
+            self.try_set(name, value)
+        } else {
+            self.try_set(&format!("{node_path}.{name}"), value)
+        }
+    }
+
+    /// Set a variable only when it has no value yet.
+    pub fn set_if_unset(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        if self.get(key).is_some() {
+            return Ok(());
+        }
+        self.try_set(key, value)
+    }
+
+    /// Create a node (and its parents) as `create_config_node` does; an existing node is fine.
+    pub fn create_node(&mut self, path: &str) -> Result<(), ConfigError> {
+        self.walk(path, true).map(|_| ())
+    }
+
+    /// Whether `path` names an existing node (not a variable).
+    pub fn node_exists(&self, path: &str) -> bool {
+        let mut node = &self.root;
+        for name in path.split('.') {
+            match node.get(name) {
+                Some(Entry::Node(child)) => node = child,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Validate (and with `create`, build) the node path; returns whether the node exists.
+    fn walk(&mut self, path: &str, create: bool) -> Result<bool, ConfigError> {
+        let mut node = &mut self.root;
+        let mut walked = String::new();
+        for name in path.split('.') {
+            if name.is_empty() {
+                return Err(ConfigError::InvalidNode {
+                    path: path.to_string(),
+                });
+            }
+            if !walked.is_empty() {
+                walked.push('.');
+            }
+            walked.push_str(name);
+            let pos = match node.position(name) {
+                Some(pos) => pos,
+                None if create => {
+                    node.entries
+                        .push((name.to_string(), Entry::Node(Node::default())));
+                    node.entries.len() - 1
+                }
+                None => return Ok(false),
+            };
+            node = match &mut node.entries[pos].1 {
+                Entry::Node(child) => child,
+                Entry::Value(_) => {
+                    return Err(ConfigError::ChildOfVariable {
+                        path: path.to_string(),
+                        variable: walked,
+                    })
+                }
+            };
+        }
+        Ok(true)
+    }
+
+    fn node_mut(&mut self, path: &str) -> Option<&mut Node> {
+        let mut node = &mut self.root;
+        if path.is_empty() {
+            return Some(node);
+        }
+        for name in path.split('.') {
+            let entry = node.entries.iter_mut().find(|(n, _)| n == name)?;
+            match &mut entry.1 {
+                Entry::Node(child) => node = child,
+                Entry::Value(_) => return None,
+            }
+        }
+        Some(node)
+    }
+
+    /// Every variable as `key=value` lines, in FreeBSD's `dump_config` order.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        self.root.dump("", &mut out);
+        out
+    }
+
+    /// A variable with `%(path)` references replaced by the referenced values and `\x` escapes
+    /// reduced to `x`, as FreeBSD's `get_config_value` returns it.
+    pub fn get_expanded(&self, key: &str) -> Option<String> {
+        self.get(key).map(|v| self.expand(v, 0))
+    }
+
+    fn expand(&self, value: &str, depth: u32) -> String {
+        // FreeBSD stops following references below this depth.
+        const MAX_DEPTH: u32 = 15;
+        if !value.contains('%') && !value.contains('\\') {
+            return value.to_string();
+        }
+        let mut out = String::new();
+        let mut rest = value;
+        while let Some(c) = rest.chars().next() {
+            match c {
+                '%' => {
+                    if depth > MAX_DEPTH {
+                        log::warn!("Too many recursive references in configuration value");
+                        out.push('%');
+                        rest = &rest[1..];
+                        continue;
+                    }
+                    let close = rest
+                        .strip_prefix("%(")
+                        .filter(|r| !r.is_empty())
+                        .and_then(|r| r.find(')').map(|i| (r, i)));
+                    let Some((inner, end)) = close else {
+                        log::warn!("Invalid reference in configuration value \"{value}\"");
+                        out.push('%');
+                        rest = &rest[1..];
+                        continue;
+                    };
+                    if end == 0 {
+                        log::warn!("Empty reference in configuration value \"{value}\"");
+                        rest = &inner[1..];
+                        continue;
+                    }
+                    let path = &inner[..end];
+                    match self.get(path) {
+                        Some(v) => out.push_str(&self.expand(v, depth + 1)),
+                        None => {
+                            log::warn!("Failed to fetch referenced configuration variable {path}")
+                        }
+                    }
+                    rest = &inner[end + 1..];
+                }
+                '\\' => {
+                    rest = &rest[1..];
+                    match rest.chars().next() {
+                        Some(next) => {
+                            out.push(next);
+                            rest = &rest[next.len_utf8()..];
+                        }
+                        None => {
+                            log::warn!("Trailing \\ in configuration value \"{value}\"");
+                        }
+                    }
+                }
+                _ => {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        out
     }
 }
 
@@ -36,11 +318,13 @@ pub fn parse_bool(value: &str) -> Option<bool> {
     }
 }
 
-/// Parse a memory size as bhyve's `-m` does: a plain number below 1 MiB means MiB, a larger plain
-/// number means bytes, and a K/M/G/T/P/E suffix (either case) scales by powers of 1024.
+/// Parse a memory size as bhyve's `-m` does (libvmmapi `vm_parse_memsize`): a plain number below
+/// 1 MiB means MiB, a larger plain number means bytes; otherwise `expand_number(3)`: a number
+/// followed by a K/M/G/T/P/E (or B) unit in either case, scaled by powers of 1024. Like
+/// `expand_number`, only the character right after the number is looked at, so `512MB` is 512 MiB.
 pub fn parse_memsize(value: &str) -> Option<u64> {
     const MIB: u64 = 1 << 20;
-    let value = value.trim();
+    let value = value.trim_start();
     if let Some(plain) = parse_c_unsigned(value) {
         return if plain < MIB {
             plain.checked_mul(MIB)
@@ -48,20 +332,43 @@ pub fn parse_memsize(value: &str) -> Option<u64> {
             Some(plain)
         };
     }
-    let split = value.len().checked_sub(1)?;
-    let (digits, suffix) = value.split_at(split);
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "b" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        "e" => 60,
-        _ => return None,
+    let value = value.strip_prefix('+').unwrap_or(value);
+    let (number, rest) = split_c_unsigned_prefix(value)?;
+    let shift = match rest.chars().next().map(|c| c.to_ascii_lowercase()) {
+        None | Some('b') => 0,
+        Some('k') => 10,
+        Some('m') => 20,
+        Some('g') => 30,
+        Some('t') => 40,
+        Some('p') => 50,
+        Some('e') => 60,
+        Some(_) => return None,
     };
-    let number = parse_c_unsigned(digits)?;
-    number.checked_mul(1u64 << shift)
+    let scaled = number.checked_shl(shift)?;
+    (scaled >> shift == number).then_some(scaled)
+}
+
+/// The longest leading strtoul-style (base 0) number of `value` and the text after it.
+fn split_c_unsigned_prefix(value: &str) -> Option<(u64, &str)> {
+    let bytes = value.as_bytes();
+    let (start, radix) = if (value.starts_with("0x") || value.starts_with("0X"))
+        && bytes.get(2).is_some_and(u8::is_ascii_hexdigit)
+    {
+        (2, 16)
+    } else if value.starts_with('0') {
+        (0, 8)
+    } else {
+        (0, 10)
+    };
+    let digits = value[start..]
+        .bytes()
+        .take_while(|b| (*b as char).is_digit(radix))
+        .count();
+    if digits == 0 {
+        return None;
+    }
+    let number = u64::from_str_radix(&value[start..start + digits], radix).ok()?;
+    Some((number, &value[start + digits..]))
 }
 
 /// strtoul with base 0: decimal, `0x` hexadecimal or leading-`0` octal; the whole string must be
@@ -116,6 +423,14 @@ mod tests {
     }
 
     #[test]
+    fn memsize_reads_only_the_unit_letter_like_expand_number() {
+        assert_eq!(parse_memsize("512MB"), Some(512 << 20));
+        assert_eq!(parse_memsize("2GiB"), Some(2 << 30));
+        assert_eq!(parse_memsize("4096B"), Some(4096));
+        assert_eq!(parse_memsize("2147483648"), Some(2 << 30));
+    }
+
+    #[test]
     fn booleans_accept_bhyve_spellings() {
         for t in ["true", "On", "YES", "1"] {
             assert_eq!(parse_bool(t), Some(true));
@@ -124,5 +439,81 @@ mod tests {
             assert_eq!(parse_bool(f), Some(false));
         }
         assert_eq!(parse_bool("2"), None);
+    }
+
+    #[test]
+    fn dump_keeps_insertion_order_and_moves_reset_values_last() {
+        let mut c = Config::new();
+        c.set("memory.size", "256M");
+        c.set("acpi_tables", "true");
+        c.set("pci.0.0.0.device", "hostbridge");
+        c.set("memory.wired", "true");
+        c.set("memory.size", "1G");
+        assert_eq!(
+            c.dump(),
+            "memory.wired=true\nmemory.size=1G\nacpi_tables=true\npci.0.0.0.device=hostbridge\n"
+        );
+    }
+
+    #[test]
+    fn value_below_a_variable_is_refused() {
+        let mut c = Config::new();
+        c.try_set("a.b", "1").unwrap();
+        let err = c.try_set("a.b.c", "2").unwrap_err();
+        assert_eq!(
+            err.lines(),
+            vec![
+                "Configuration node a.b is a child of existing variable a.b".to_string(),
+                "Failed to create configuration node a.b".to_string()
+            ]
+        );
+        assert_eq!(c.get("a.b.c"), None);
+    }
+
+    #[test]
+    fn value_on_a_node_is_refused() {
+        let mut c = Config::new();
+        c.try_set("pci.0.3.0.device", "virtio-rnd").unwrap();
+        let err = c.try_set("pci.0.3.0", "x").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Attempting to add value x to existing node pci.0.3.0"
+        );
+    }
+
+    #[test]
+    fn empty_path_component_is_refused() {
+        let mut c = Config::new();
+        assert!(matches!(
+            c.try_set("a..b", "1"),
+            Err(ConfigError::InvalidNode { .. })
+        ));
+        // An empty last component is an ordinary (if odd) variable name, as on FreeBSD.
+        c.try_set("a.", "1").unwrap();
+        assert_eq!(c.get("a."), Some("1"));
+    }
+
+    #[test]
+    fn nodes_exist_without_values() {
+        let mut c = Config::new();
+        c.create_node("lpc.com1").unwrap();
+        assert!(c.node_exists("lpc.com1"));
+        assert!(c.node_exists("lpc"));
+        assert!(!c.node_exists("lpc.com2"));
+        assert_eq!(c.dump(), "");
+    }
+
+    #[test]
+    fn expansion_follows_references_and_escapes() {
+        let mut c = Config::new();
+        c.set("name", "vm1");
+        c.set("path", "/vm/%(name)/disk\\%");
+        c.set("loop", "%(loop)");
+        c.set("bad", "50%");
+        assert_eq!(c.get_expanded("path").as_deref(), Some("/vm/vm1/disk%"));
+        assert_eq!(c.get_expanded("bad").as_deref(), Some("50%"));
+        assert_eq!(c.get_expanded("missing"), None);
+        // Recursion is bounded; the result is finite.
+        assert!(c.get_expanded("loop").is_some());
     }
 }

@@ -1,0 +1,87 @@
+//! The `bhyve` binary itself: exit statuses and where its output goes.
+
+use std::process::{Command, Output};
+
+fn bhyve(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bhyve"))
+        .args(args)
+        .output()
+        .expect("the bhyve binary runs")
+}
+
+#[test]
+fn help_prints_usage_on_stderr_and_exits_0() {
+    let out = bhyve(&["-h"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("Usage: bhyve [-aCDeHhPSuWwxY]\n"), "{err}");
+    assert!(err.contains("-u: RTC keeps UTC time"));
+    assert!(!err.contains("-c vcpus"));
+}
+
+#[test]
+fn bad_option_prints_diagnostic_and_usage_and_exits_1() {
+    let out = bhyve(&["-Q", "vm"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut lines = err.lines();
+    assert_eq!(lines.next(), Some("bhyve: illegal option -- Q"));
+    assert_eq!(lines.next(), Some("Usage: bhyve [-aCDeHhPSuWwxY]"));
+}
+
+#[test]
+fn bad_memsize_is_one_line_and_exit_64() {
+    let out = bhyve(&["-m", "12Q", "vm"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "bhyve: invalid memsize '12Q'\n"
+    );
+}
+
+#[test]
+fn config_dump_prints_keys_on_stdout_and_exits_1() {
+    let out = bhyve(&[
+        "-c",
+        "2",
+        "-s",
+        "0,hostbridge",
+        "-o",
+        "config.dump=1",
+        "vm0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    for key in [
+        "acpi_tables=true",
+        "memory.size=256M",
+        "cpus=2",
+        "pci.0.0.0.device=hostbridge",
+        "config.dump=1",
+        "name=vm0",
+    ] {
+        assert!(lines.contains(&key), "{key} missing from {text}");
+    }
+    assert!(out.stderr.is_empty());
+}
+
+#[test]
+fn unknown_device_probe_names_three_field_slot() {
+    let out = bhyve(&["-s", "0,nosuchdev"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "pci slot 0:0:0: unknown device \"nosuchdev\"\n"
+    );
+}
+
+#[test]
+fn device_list_goes_to_stdout() {
+    let out = bhyve(&["-s", "help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l == "virtio-blk"));
+    assert!(text.lines().any(|l| l == "ahci"));
+}
