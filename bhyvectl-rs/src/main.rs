@@ -1,4 +1,138 @@
+//! bhyvectl(8): control and inspect bhyve virtual machines.
+
+mod getopt_long;
+mod options;
+
+use std::path::{Path, PathBuf};
+
+use options::{option_table, parse_args, Args, Vendor};
+
+/// The host CPU vendor, which decides the vendor-specific options (as on FreeBSD).
+fn host_vendor() -> Result<Vendor, String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf = std::arch::x86_64::__cpuid(0);
+        let mut id = Vec::with_capacity(12);
+        for reg in [leaf.ebx, leaf.edx, leaf.ecx] {
+            id.extend_from_slice(&reg.to_le_bytes());
+        }
+        let id = String::from_utf8_lossy(&id).into_owned();
+        match id.as_str() {
+            "GenuineIntel" => Ok(Vendor::Intel),
+            "AuthenticAMD" | "HygonGenuine" => Ok(Vendor::Amd),
+            _ => Err(format!("Unknown cpu vendor \"{id}\"")),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Ok(Vendor::Intel)
+    }
+}
+
+fn progname() -> String {
+    std::env::args_os()
+        .next()
+        .map(|a| a.to_string_lossy().into_owned())
+        .and_then(|a| a.rsplit('/').next().map(String::from))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "bhyvectl".to_string())
+}
+
 fn main() {
-    eprintln!("bhyvectl: not implemented yet");
-    std::process::exit(1);
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let progname = progname();
+    let vendor = match host_vendor() {
+        Ok(v) => v,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return 1;
+        }
+    };
+    let table = option_table(vendor);
+    let posixly_correct = std::env::var_os("POSIXLY_CORRECT").is_some();
+    let parsed = match parse_args(&args, &table, &progname, posixly_correct) {
+        Ok(a) => a,
+        Err(e) => {
+            eprint!("{}", e.text);
+            return 1;
+        }
+    };
+    act(&parsed, &progname)
+}
+
+/// What this platform can do for a VM-level action FreeBSD performs through /dev/vmm.
+#[cfg(target_os = "linux")]
+const UNSUPPORTED: &str = "is not supported on this platform";
+#[cfg(not(target_os = "linux"))]
+const UNSUPPORTED: &str = "is not implemented yet";
+
+fn act(a: &Args, progname: &str) -> i32 {
+    if let Some(path) = &a.inspect_snapshot {
+        return inspect_snapshot(path, progname);
+    }
+    let Some(vm) = a.vm.as_deref() else {
+        return 1;
+    };
+    if let Some(action) = a.first_vm_action() {
+        eprintln!("{progname}: --{action} {UNSUPPORTED}");
+        return 1;
+    }
+    let rundir = a
+        .rundir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(bhyve::control::client::DEFAULT_RUNDIR));
+    match &a.checkpoint {
+        Some(ck) => checkpoint(&rundir, vm, &ck.file, ck.suspend, progname),
+        None => vm_exists(&rundir, vm),
+    }
+}
+
+/// `bhyvectl --vm=NAME` alone: FreeBSD opens the VM and exits 0 if it exists. Here a VM exists
+/// while its bhyve serves the control socket in the run directory.
+fn vm_exists(rundir: &Path, vm: &str) -> i32 {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(rundir.join(vm)) {
+        Ok(m) if m.file_type().is_socket() => 0,
+        _ => {
+            eprintln!("vm_open: {vm} could not be opened: No such file or directory");
+            1
+        }
+    }
+}
+
+fn checkpoint(rundir: &Path, vm: &str, file: &Path, suspend: bool, progname: &str) -> i32 {
+    match bhyve::control::client::request_checkpoint(rundir, vm, file, suspend) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{progname}: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+fn inspect_snapshot(path: &Path, progname: &str) -> i32 {
+    match bhyve::snapshot::inspect(path) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{progname}: {}: {e}", path.display());
+            1
+        }
+    }
+}
+
+#[cfg(not(feature = "bhyve_snapshot"))]
+fn inspect_snapshot(_path: &Path, progname: &str) -> i32 {
+    // Unreachable: the option exists only with the feature.
+    eprintln!("{progname}: snapshots are not supported by this build");
+    1
 }

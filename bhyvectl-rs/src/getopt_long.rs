@@ -1,0 +1,255 @@
+//! `getopt_long(3)` as FreeBSD's libc implements it (GNU-compatible mode) for an empty short
+//! option string: `--name=value` and `--name value`, unique prefixes, ambiguous prefixes refused,
+//! operands permuted out of the way, `--` ends the options, and FreeBSD's diagnostics.
+
+/// Whether a long option takes a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HasArg {
+    No,
+    Required,
+}
+
+/// One entry of the option table. Two entries with the same `id` and `has_arg` are the same
+/// option for prefix matching (getopt_long compares `flag` and `val`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongOpt {
+    pub name: &'static str,
+    pub has_arg: HasArg,
+    pub id: &'static str,
+}
+
+/// One step of the scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item<'a, 't> {
+    /// A recognised option (its table entry) and its value.
+    Opt(&'t LongOpt, Option<&'a str>),
+    /// An operand (permuted: reported in order but otherwise ignored by the caller).
+    Operand(&'a str),
+    /// A diagnostic line (`prog: …`); the scan stops after it.
+    Error(String),
+}
+
+/// Scan `args` (`args[0]` is the program name) against `table`. With `posixly_correct` (the
+/// POSIXLY_CORRECT environment variable) the first operand ends the options and short-option
+/// errors use the POSIX wording.
+pub fn parse<'a, 't>(
+    args: &'a [String],
+    table: &'t [LongOpt],
+    progname: &str,
+    posixly_correct: bool,
+) -> Vec<Item<'a, 't>> {
+    let mut items = Vec::new();
+    let mut i = 1;
+    while i < args.len() {
+        let word = args[i].as_str();
+        i += 1;
+        if word == "--" {
+            items.extend(args[i..].iter().map(|a| Item::Operand(a.as_str())));
+            break;
+        }
+        if !word.starts_with('-') || word == "-" {
+            if posixly_correct {
+                items.extend(args[i - 1..].iter().map(|a| Item::Operand(a.as_str())));
+                break;
+            }
+            items.push(Item::Operand(word));
+            continue;
+        }
+        let Some(current) = word.strip_prefix("--") else {
+            // A short option: the option string is empty, so every letter is unknown.
+            let letter = word[1..].chars().next().unwrap_or('-');
+            let msg = if posixly_correct {
+                format!("{progname}: illegal option -- {letter}")
+            } else {
+                format!("{progname}: invalid option -- {letter}")
+            };
+            items.push(Item::Error(msg));
+            break;
+        };
+        let (name, value) = match current.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (current, None),
+        };
+        let mut found: Option<&'t LongOpt> = None;
+        let mut ambiguous = false;
+        for opt in table {
+            if !opt.name.starts_with(name) {
+                continue;
+            }
+            if opt.name.len() == name.len() {
+                found = Some(opt);
+                ambiguous = false;
+                break;
+            }
+            match found {
+                None => found = Some(opt),
+                Some(first) if first.id != opt.id || first.has_arg != opt.has_arg => {
+                    ambiguous = true
+                }
+                Some(_) => {}
+            }
+        }
+        if ambiguous {
+            items.push(Item::Error(format!(
+                "{progname}: option `--{name}' is ambiguous"
+            )));
+            break;
+        }
+        let Some(opt) = found else {
+            items.push(Item::Error(format!(
+                "{progname}: unrecognized option `--{current}'"
+            )));
+            break;
+        };
+        match (opt.has_arg, value) {
+            (HasArg::No, Some(_)) => {
+                items.push(Item::Error(format!(
+                    "{progname}: option `--{name}' doesn't allow an argument"
+                )));
+                break;
+            }
+            (HasArg::No, None) => items.push(Item::Opt(opt, None)),
+            (HasArg::Required, Some(v)) => items.push(Item::Opt(opt, Some(v))),
+            (HasArg::Required, None) => match args.get(i) {
+                // The next word is the value even when it looks like an option.
+                Some(next) => {
+                    i += 1;
+                    items.push(Item::Opt(opt, Some(next.as_str())));
+                }
+                None => {
+                    items.push(Item::Error(format!(
+                        "{progname}: option `--{current}' requires an argument"
+                    )));
+                    break;
+                }
+            },
+        }
+    }
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static TABLE: &[LongOpt] = &[
+        LongOpt {
+            name: "vm",
+            has_arg: HasArg::Required,
+            id: "vm",
+        },
+        LongOpt {
+            name: "checkpoint",
+            has_arg: HasArg::Required,
+            id: "checkpoint",
+        },
+        LongOpt {
+            name: "get-cr0",
+            has_arg: HasArg::No,
+            id: "get-cr0",
+        },
+        LongOpt {
+            name: "get-cr2",
+            has_arg: HasArg::No,
+            id: "get-cr2",
+        },
+        LongOpt {
+            name: "destroy",
+            has_arg: HasArg::No,
+            id: "destroy",
+        },
+        LongOpt {
+            name: "get-avic",
+            has_arg: HasArg::No,
+            id: "apic",
+        },
+        LongOpt {
+            name: "get-avic-x",
+            has_arg: HasArg::No,
+            id: "apic",
+        },
+    ];
+
+    fn scan(words: &[&str]) -> Vec<Item<'static, 'static>> {
+        let args: &'static [String] = Box::leak(
+            std::iter::once("bhyvectl")
+                .chain(words.iter().copied())
+                .map(String::from)
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        parse(args, TABLE, "bhyvectl", false)
+    }
+
+    fn opt(name: &str, v: Option<&'static str>) -> Item<'static, 'static> {
+        Item::Opt(TABLE.iter().find(|o| o.name == name).unwrap(), v)
+    }
+
+    #[test]
+    fn equals_and_separate_word_values() {
+        assert_eq!(
+            scan(&["--vm=a", "--destroy"]),
+            vec![opt("vm", Some("a")), opt("destroy", None)]
+        );
+        assert_eq!(
+            scan(&["--checkpoint", "f", "--vm", "x"]),
+            vec![opt("checkpoint", Some("f")), opt("vm", Some("x"))]
+        );
+        assert_eq!(
+            scan(&["--vm", "--destroy"]),
+            vec![opt("vm", Some("--destroy"))]
+        );
+        assert_eq!(scan(&["--vm="]), vec![opt("vm", Some(""))]);
+    }
+
+    #[test]
+    fn unique_prefix_accepted_ambiguous_refused() {
+        assert_eq!(scan(&["--checkp=x"]), vec![opt("checkpoint", Some("x"))]);
+        assert_eq!(scan(&["--dest"]), vec![opt("destroy", None)]);
+        assert_eq!(
+            scan(&["--get-cr"]),
+            vec![Item::Error(
+                "bhyvectl: option `--get-cr' is ambiguous".into()
+            )]
+        );
+        // Prefixes of entries that mean the same thing are not ambiguous.
+        assert_eq!(scan(&["--get-av"]), vec![opt("get-avic", None)]);
+    }
+
+    #[test]
+    fn diagnostics() {
+        assert_eq!(
+            scan(&["--nope"]),
+            vec![Item::Error("bhyvectl: unrecognized option `--nope'".into())]
+        );
+        assert_eq!(
+            scan(&["--destroy=1"]),
+            vec![Item::Error(
+                "bhyvectl: option `--destroy' doesn't allow an argument".into()
+            )]
+        );
+        assert_eq!(
+            scan(&["--vm"]),
+            vec![Item::Error(
+                "bhyvectl: option `--vm' requires an argument".into()
+            )]
+        );
+        assert_eq!(
+            scan(&["-x"]),
+            vec![Item::Error("bhyvectl: invalid option -- x".into())]
+        );
+    }
+
+    #[test]
+    fn operands_are_permuted_and_double_dash_ends() {
+        assert_eq!(
+            scan(&["x", "--destroy", "-", "--", "--vm=a"]),
+            vec![
+                Item::Operand("x"),
+                opt("destroy", None),
+                Item::Operand("-"),
+                Item::Operand("--vm=a"),
+            ]
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! The `bhyvectl` binary: usage, exit statuses, unsupported actions, snapshot requests.
+
+use std::process::{Command, Output};
+
+fn bhyvectl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bhyvectl"))
+        .args(args)
+        .env_remove("POSIXLY_CORRECT")
+        .output()
+        .expect("the bhyvectl binary runs")
+}
+
+#[test]
+fn no_arguments_prints_usage_and_exits_1() {
+    let out = bhyvectl(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("Usage: bhyvectl --vm=<vmname>\n"), "{err}");
+    assert!(err.contains("       [--destroy]\n"));
+    assert_eq!(
+        err.contains("[--suspend=<filename>]"),
+        cfg!(feature = "bhyve_snapshot")
+    );
+}
+
+#[test]
+fn unknown_and_ambiguous_options_print_diagnostic_then_usage() {
+    let out = bhyvectl(&["--vm=x", "--frobnicate"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().next(),
+        Some("bhyvectl: unrecognized option `--frobnicate'")
+    );
+    let out = bhyvectl(&["--vm=x", "--get-r"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().next(),
+        Some("bhyvectl: option `--get-r' is ambiguous")
+    );
+}
+
+#[test]
+fn vm_actions_fail_with_one_clear_line() {
+    let out = bhyvectl(&["--destroy", "--vm=nosuchvm"]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("bhyvectl: --destroy "), "{err}");
+}
+
+#[test]
+fn status_probe_of_missing_vm_exits_1() {
+    let dir = std::env::temp_dir();
+    let rundir = format!("--rundir={}", dir.display());
+    let out = bhyvectl(&["--vm=no-such-vm-for-bhyvectl-test", &rundir]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn checkpoint_request_failure_is_reported() {
+    let dir = std::env::temp_dir().join("bhyvectl-no-such-rundir");
+    let rundir = format!("--rundir={}", dir.display());
+    let out = bhyvectl(&["--vm=x", &rundir, "--checkpoint", "/tmp/x.ckp"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("bhyvectl: "));
+}
