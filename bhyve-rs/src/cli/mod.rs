@@ -24,9 +24,9 @@ pub const CPU_SETSIZE: i64 = 1024;
 const MAX_CONFIG_FILE: u64 = 16 << 20;
 
 #[cfg(feature = "bhyve_snapshot")]
-const OPTSTRING: &str = "aehuwxACDHIPSWYk:f:o:p:G:c:s:m:l:K:U:n:r:";
+const OPTSTRING: &str = "aehuwxACDHIMPSWYk:f:o:p:G:c:s:m:n:l:K:U:r:";
 #[cfg(not(feature = "bhyve_snapshot"))]
-const OPTSTRING: &str = "aehuwxACDHIPSWYk:f:o:p:G:c:s:m:l:K:U:n:";
+const OPTSTRING: &str = "aehuwxACDHIMPSWYk:f:o:p:G:c:s:m:n:l:K:U:";
 
 /// A failed invocation: the lines bhyve prints on stderr and its exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +117,9 @@ pub fn usage_text(progname: &str) -> String {
          \x20      -k: key=value flat config file\n\
          \x20      -K: PS2 keyboard layout\n\
          \x20      -l: LPC device configuration\n\
+         \x20      -M: monitor mode\n\
          \x20      -m: memory size\n\
+         \x20      -n: NUMA domain specification\n\
          \x20      -o: set config 'var' to 'value'\n\
          \x20      -P: vmexit from the guest on pause\n\
          \x20      -p: pin 'vcpu' to 'hostcpu'\n"
@@ -370,22 +372,38 @@ impl Parser<'_> {
         Ok(())
     }
 
-    fn fwcfg_option(&mut self, opt: &str) -> bool {
-        let Some((name, source)) = opt.split_once(',') else {
-            return false;
+    /// `-f [name=]NAME,string=VALUE|file=PATH` (qemu_fwcfg.c); the error holds the warnings.
+    fn fwcfg_option(&mut self, opt: &str) -> Result<(), Vec<String>> {
+        // QEMU_FWCFG_MAX_NAME: names must be shorter than this.
+        const MAX_NAME: usize = 56;
+        let usage = || {
+            vec![
+                format!("{}: Invalid fw_cfg option \"{opt}\"", self.progname),
+                format!("{}: -f [name=]<name>,(string|file)=<value>", self.progname),
+            ]
         };
+        let body = opt.strip_prefix("name=").unwrap_or(opt);
+        let Some((name, source)) = body.split_once(',') else {
+            return Err(usage());
+        };
+        if name.len() >= MAX_NAME {
+            return Err(vec![format!(
+                "{}: fw_cfg name too long: \"{opt}\"",
+                self.progname
+            )]);
+        }
         let source = if let Some(s) = source.strip_prefix("string=") {
             FwCfgSource::String(s.to_string())
         } else if let Some(f) = source.strip_prefix("file=") {
             FwCfgSource::File(PathBuf::from(f))
         } else {
-            return false;
+            return Err(usage());
         };
         self.fwcfg.push(FwCfgItem {
             name: name.to_string(),
             source,
         });
-        true
+        Ok(())
     }
 
     /// `get_config_bool[_default]`: a value that is not a boolean is fatal (exit 4).
@@ -415,8 +433,9 @@ impl Parser<'_> {
             }
             'C' => self.set_bool("memory.guest_in_core", true)?,
             'f' => {
-                if !self.fwcfg_option(arg) {
-                    return Err(self.err(EX_USAGE, format!("invalid fwcfg item '{arg}'")));
+                if let Err(mut lines) = self.fwcfg_option(arg) {
+                    lines.push(format!("{}: invalid fwcfg item '{arg}'", self.progname));
+                    return Err(CliError::new(EX_USAGE, lines));
                 }
             }
             'G' => self.gdb_option(arg)?,
@@ -438,6 +457,7 @@ impl Parser<'_> {
             }
             'S' => self.set_bool("memory.wired", true)?,
             'm' => self.set("memory.size", arg)?,
+            'M' => self.set_bool("monitor", true)?,
             'o' => {
                 if !self.config_option(arg)? {
                     return Err(self.err(EX_USAGE, format!("invalid configuration option '{arg}'")));
