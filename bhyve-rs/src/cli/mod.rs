@@ -783,6 +783,11 @@ mod tests {
     }
 
     #[test]
+    fn empty_argv_is_a_usage_error_not_a_panic() {
+        assert_eq!(parse_bhyve_args(&[]).unwrap_err().status, 1);
+    }
+
+    #[test]
     fn operands() {
         assert_eq!(fail(&[]).status, 1);
         assert_eq!(fail(&["a", "b"]).status, 1);
