@@ -82,6 +82,8 @@ pub struct Config {
     values: BTreeMap<String, String>,
     /// The same variables as FreeBSD's nvlist tree, in insertion order.
     root: Node,
+    /// Values with `%(…)` references or `\` escapes, expanded (what [`Config::get`] returns).
+    expanded: BTreeMap<String, String>,
 }
 
 impl Config {
@@ -96,11 +98,22 @@ impl Config {
         }
     }
 
+    /// A variable's value as FreeBSD's `get_config_value` returns it: `%(path)` references are
+    /// replaced by the referenced (expanded) value and `\x` escapes by `x`. Plain values are
+    /// returned as stored.
     pub fn get(&self, key: &str) -> Option<&str> {
+        self.expanded
+            .get(key)
+            .or_else(|| self.values.get(key))
+            .map(String::as_str)
+    }
+
+    /// A variable's value exactly as it was set, without expansion.
+    pub fn get_raw(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
     }
 
-    /// All keys and values in sorted key order.
+    /// All keys and their values as set (not expanded), in sorted key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
@@ -134,7 +147,26 @@ impl Config {
         node.entries
             .push((name.to_string(), Entry::Value(value.to_string())));
         self.values.insert(key.to_string(), value.to_string());
+        self.refresh_expansions();
         Ok(())
+    }
+
+    fn needs_expansion(value: &str) -> bool {
+        value.contains('%') || value.contains('\\')
+    }
+
+    /// Recompute expanded values; any change can alter what a reference resolves to.
+    fn refresh_expansions(&mut self) {
+        if self.expanded.is_empty() && !self.values.values().any(|v| Self::needs_expansion(v)) {
+            return;
+        }
+        let expanded = self
+            .values
+            .iter()
+            .filter(|(_, v)| Self::needs_expansion(v))
+            .map(|(k, v)| (k.clone(), self.expand(v, 0, false)))
+            .collect();
+        self.expanded = expanded;
     }
 
     /// Set `name` (which may not contain a dot) inside the node `node_path` (empty: the root), as
@@ -180,6 +212,22 @@ impl Config {
             }
         }
         true
+    }
+
+    /// Names of the entries (variables and nodes) directly under the node `path` (empty: the root),
+    /// in insertion order; empty when `path` is not a node. Walking `pci`, then each bus, then
+    /// each slot, then each function visits every `-s` device in command-line order.
+    pub fn children(&self, path: &str) -> Vec<&str> {
+        let mut node = &self.root;
+        if !path.is_empty() {
+            for name in path.split('.') {
+                match node.get(name) {
+                    Some(Entry::Node(child)) => node = child,
+                    _ => return Vec::new(),
+                }
+            }
+        }
+        node.entries.iter().map(|(n, _)| n.as_str()).collect()
     }
 
     /// Validate (and with `create`, build) the node path; returns whether the node exists.
@@ -240,13 +288,12 @@ impl Config {
         out
     }
 
-    /// A variable with `%(path)` references replaced by the referenced values and `\x` escapes
-    /// reduced to `x`, as FreeBSD's `get_config_value` returns it.
+    /// Like [`Config::get`], owned, logging the warnings FreeBSD prints for bad references.
     pub fn get_expanded(&self, key: &str) -> Option<String> {
-        self.get(key).map(|v| self.expand(v, 0))
+        self.get_raw(key).map(|v| self.expand(v, 0, true))
     }
 
-    fn expand(&self, value: &str, depth: u32) -> String {
+    fn expand(&self, value: &str, depth: u32, warn: bool) -> String {
         // FreeBSD stops following references below this depth.
         const MAX_DEPTH: u32 = 15;
         if !value.contains('%') && !value.contains('\\') {
@@ -258,7 +305,9 @@ impl Config {
             match c {
                 '%' => {
                     if depth > MAX_DEPTH {
-                        log::warn!("Too many recursive references in configuration value");
+                        if warn {
+                            log::warn!("Too many recursive references in configuration value");
+                        }
                         out.push('%');
                         rest = &rest[1..];
                         continue;
@@ -268,22 +317,27 @@ impl Config {
                         .filter(|r| !r.is_empty())
                         .and_then(|r| r.find(')').map(|i| (r, i)));
                     let Some((inner, end)) = close else {
-                        log::warn!("Invalid reference in configuration value \"{value}\"");
+                        if warn {
+                            log::warn!("Invalid reference in configuration value \"{value}\"");
+                        }
                         out.push('%');
                         rest = &rest[1..];
                         continue;
                     };
                     if end == 0 {
-                        log::warn!("Empty reference in configuration value \"{value}\"");
+                        if warn {
+                            log::warn!("Empty reference in configuration value \"{value}\"");
+                        }
                         rest = &inner[1..];
                         continue;
                     }
                     let path = &inner[..end];
-                    match self.get(path) {
-                        Some(v) => out.push_str(&self.expand(v, depth + 1)),
-                        None => {
+                    match self.get_raw(path) {
+                        Some(v) => out.push_str(&self.expand(v, depth + 1, warn)),
+                        None if warn => {
                             log::warn!("Failed to fetch referenced configuration variable {path}")
                         }
+                        None => {}
                     }
                     rest = &inner[end + 1..];
                 }
@@ -294,9 +348,10 @@ impl Config {
                             out.push(next);
                             rest = &rest[next.len_utf8()..];
                         }
-                        None => {
+                        None if warn => {
                             log::warn!("Trailing \\ in configuration value \"{value}\"");
                         }
+                        None => {}
                     }
                 }
                 _ => {
@@ -504,6 +559,21 @@ mod tests {
     }
 
     #[test]
+    fn children_list_nodes_and_variables_in_order() {
+        let mut c = Config::new();
+        c.set("pci.0.4.0.device", "virtio-blk");
+        c.set("pci.0.0.0.device", "hostbridge");
+        c.set("pci.1.0.0.device", "virtio-rnd");
+        c.set("pci.0.4.0.path", "/d");
+        assert_eq!(c.children("pci"), vec!["0", "1"]);
+        assert_eq!(c.children("pci.0"), vec!["4", "0"]);
+        assert_eq!(c.children("pci.0.4.0"), vec!["device", "path"]);
+        assert!(c.children("pci.0.4.0.path").is_empty());
+        assert!(c.children("nothing").is_empty());
+        assert_eq!(c.children(""), vec!["pci"]);
+    }
+
+    #[test]
     fn expansion_follows_references_and_escapes() {
         let mut c = Config::new();
         c.set("name", "vm1");
@@ -513,6 +583,10 @@ mod tests {
         assert_eq!(c.get_expanded("path").as_deref(), Some("/vm/vm1/disk%"));
         assert_eq!(c.get_expanded("bad").as_deref(), Some("50%"));
         assert_eq!(c.get_expanded("missing"), None);
+        assert_eq!(c.get("path"), Some("/vm/vm1/disk%"));
+        assert_eq!(c.get_raw("path"), Some("/vm/%(name)/disk\\%"));
+        c.set("name", "vm2");
+        assert_eq!(c.get("path"), Some("/vm/vm2/disk%"));
         // Recursion is bounded; the result is finite.
         assert!(c.get_expanded("loop").is_some());
     }
