@@ -79,6 +79,8 @@ ioctl_fns! {
     vm_run_13 => VM_RUN_13, inout vm_run_13;
     vm_suspend => VM_SUSPEND, in vm_suspend;
     vm_reinit => VM_REINIT, none;
+    vm_set_capability => VM_SET_CAPABILITY, in vm_capability;
+    vm_get_capability => VM_GET_CAPABILITY, inout vm_capability;
     vm_alloc_memseg => VM_ALLOC_MEMSEG, in vm_memseg;
     vm_alloc_memseg_14 => VM_ALLOC_MEMSEG_14, in vm_memseg_14;
     vm_alloc_memseg_12 => VM_ALLOC_MEMSEG_12, in vm_memseg_12;

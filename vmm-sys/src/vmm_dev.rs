@@ -600,6 +600,10 @@ const INT: usize = size_of::<c_int>();
 /// Run a vCPU until it exits (arg [`vm_run`]; `_IOW` although results come back through its
 /// pointers).
 pub const VM_RUN: c_ulong = _IOW(v, IOCNUM_RUN, size_of::<vm_run>());
+/// Set a capability (arg [`vm_capability`]).
+pub const VM_SET_CAPABILITY: c_ulong = _IOW(v, IOCNUM_SET_CAPABILITY, size_of::<vm_capability>());
+/// Get a capability (arg [`vm_capability`]).
+pub const VM_GET_CAPABILITY: c_ulong = _IOWR(v, IOCNUM_GET_CAPABILITY, size_of::<vm_capability>());
 /// Suspend the VM (arg [`vm_suspend`]).
 pub const VM_SUSPEND: c_ulong = _IOW(v, IOCNUM_SUSPEND, size_of::<vm_suspend>());
 /// Reset the VM to its power-on state (no arg).
