@@ -3,7 +3,7 @@
 //! Everything here is data: request codes computed with FreeBSD's `_IOC` encoding (independent of
 //! the host OS), `#[repr(C)]` argument structs with compile-time layout assertions, and the enums
 //! and constants of `<machine/vmm.h>`, `<machine/vmm_dev.h>`, `<machine/vmm_snapshot.h>` and
-//! `<dev/vmm/*.h>`. The thin ioctl wrappers in [`ioctls`] exist only when building for FreeBSD;
+//! `<dev/vmm/*.h>`. The thin ioctl wrappers in the `ioctls` module exist only when building for FreeBSD;
 //! everything else compiles (and is layout-checked) on any 64-bit host.
 //!
 //! # Which FreeBSD

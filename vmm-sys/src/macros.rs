@@ -54,7 +54,7 @@ macro_rules! bitfield {
             (self.$storage $([$index])? >> $shift) & (((1 as $int) << $width) - 1)
         }
 
-        #[doc = concat!("Sets the bitfield read by [`Self::", stringify!($get), "`].")]
+        #[doc = concat!("Sets the bitfield read by `", stringify!($get), "()`.")]
         #[inline]
         pub fn $set(&mut self, value: $int) {
             let mask: $int = (((1 as $int) << $width) - 1) << $shift;
