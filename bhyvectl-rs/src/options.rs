@@ -560,6 +560,40 @@ mod tests {
         assert!(parse(&["--vm=v", "--unassign-pptdev=1/2"]).is_err());
     }
 
+    /// Every bhyvectl command line the management tools in clients.md send.
+    #[test]
+    fn client_command_lines_parse() {
+        for (line, action) in [
+            ("--destroy --vm=fbsd", Some("destroy")),
+            ("--vm=fbsd --destroy", Some("destroy")),
+            ("--force-reset --vm=x", Some("force-reset")),
+            ("--force-poweroff --vm=chy-w", Some("force-poweroff")),
+            ("--get-stats --vm=x", Some("get-stats")),
+            ("--vm=x --get-rtc-time", Some("get-rtc-time")),
+            ("--vm=1_gitlab", None),
+        ] {
+            let words: Vec<&str> = line.split(' ').collect();
+            let a = parse(&words).unwrap_or_else(|e| panic!("{line}: {}", e.text));
+            assert_eq!(a.first_vm_action(), action, "{line}");
+        }
+        let e = parse(&["--migrate=10.0.0.1,9000", "--vm=x"]).unwrap_err();
+        assert!(e
+            .text
+            .starts_with("bhyvectl: unrecognized option `--migrate=10.0.0.1,9000'\n"));
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn client_snapshot_lines_parse() {
+        let a = parse(&["--suspend=/usr/jails/vm/x/checkpoints/x.ckp", "--vm=x"]).unwrap();
+        assert!(a.checkpoint.as_ref().is_some_and(|c| c.suspend));
+        let a = parse(&["--checkpoint", "/vm/x.ckp", "--vm=x"]).unwrap();
+        assert_eq!(a.checkpoint.as_ref().map(|c| c.suspend), Some(false));
+        assert_eq!(a.first_vm_action(), None);
+        let a = parse(&["--vm=deb", "--suspend=/vm/deb/deb.save"]).unwrap();
+        assert_eq!(a.vm.as_deref(), Some("deb"));
+    }
+
     #[test]
     fn vendor_tables_differ() {
         let intel = option_table(Vendor::Intel);
@@ -572,6 +606,38 @@ mod tests {
             .to_vec();
         assert!(parse_args(&args, &intel, "bhyvectl", false).is_err());
         assert!(parse_args(&args, &amd, "bhyvectl", false).is_ok());
+    }
+
+    #[test]
+    fn random_command_lines_never_panic() {
+        let table = option_table(Vendor::Amd);
+        let names: Vec<String> = table.iter().map(|o| o.name.to_string()).collect();
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..20_000 {
+            let mut args = vec!["bhyvectl".to_string()];
+            for _ in 0..next(6) {
+                let name = &names[next(names.len())];
+                let cut = &name[..1 + next(name.len())];
+                let word = match next(6) {
+                    0 => format!("--{cut}"),
+                    1 => format!("--{name}={}", ["", "x", "0x10", "1/2/3", "é"][next(5)]),
+                    2 => ["--", "-", "-x", "vm", "", "--=", "---"][next(7)].to_string(),
+                    _ => format!("--{name}"),
+                };
+                args.push(word);
+            }
+            let result = {
+                let posix = next(2) == 0;
+                std::panic::catch_unwind(|| parse_args(&args, &table, "bhyvectl", posix))
+            };
+            assert!(result.is_ok(), "panicked on {args:?}");
+        }
     }
 
     #[test]
