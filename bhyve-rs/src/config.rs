@@ -76,7 +76,10 @@ impl Node {
 }
 
 /// Every setting of a VM as bhyve keeps it: `memory.size`, `pci.0.31.0.device`, `lpc.com1.path`…
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Two configurations are equal when they hold the same variables with the same values, whatever
+/// the order they were set in.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Flat view of every variable, for cheap lookups and sorted iteration.
     values: BTreeMap<String, String>,
@@ -85,6 +88,14 @@ pub struct Config {
     /// Values with `%(…)` references or `\` escapes, expanded (what [`Config::get`] returns).
     expanded: BTreeMap<String, String>,
 }
+
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.values == other.values
+    }
+}
+
+impl Eq for Config {}
 
 impl Config {
     pub fn new() -> Self {
