@@ -226,8 +226,8 @@ impl Config {
     }
 
     /// Names of the entries (variables and nodes) directly under the node `path` (empty: the root),
-    /// in insertion order; empty when `path` is not a node. Walking `pci`, then each bus, then
-    /// each slot, then each function visits every `-s` device in command-line order.
+    /// in the order they were first created; empty when `path` is not a node. Walking `pci`, then
+    /// each bus, slot and function visits every `-s` device (grouped by bus, then slot).
     pub fn children(&self, path: &str) -> Vec<&str> {
         let mut node = &self.root;
         if !path.is_empty() {
