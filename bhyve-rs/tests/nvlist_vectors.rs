@@ -407,3 +407,49 @@ fn deep_vector_decodes_and_big_mutations_never_panic() {
         let _ = NvList::unpack(&mutate(&mut rng, &deep), Vec::new());
     }
 }
+
+/// Write `bytes` to a stream socket followed by `nfds` descriptors the way libnv sends them.
+fn send_as_libnv(sock: &std::os::unix::net::UnixStream, bytes: &[u8], nfds: usize) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use std::io::{IoSlice, Write};
+    use std::os::fd::AsRawFd;
+    let mut writer = sock;
+    writer.write_all(bytes).expect("write list");
+    if nfds > 0 {
+        let fds = descriptors(nfds);
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsgs: Vec<ControlMessage<'_>> = raw.chunks(1).map(ControlMessage::ScmRights).collect();
+        let dummy = [0u8];
+        sendmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&dummy)],
+            &cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+    }
+}
+
+#[test]
+fn recv_vectors_get_libnv_verdict_over_a_real_socket() {
+    use bhyve::control::transport::{nvlist_recv, RecvLimits};
+    let mut failures = Vec::new();
+    for check in manifest().into_iter().filter(|c| c.mode == "recv") {
+        assert_eq!(check.flags, 0, "bhyve receives with flags 0");
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        send_as_libnv(&a, &vector(&check.file), check.nfds);
+        drop(a);
+        let result = nvlist_recv(&b, RecvLimits::CONTROL);
+        match (deviation(&check), check.accepted, result) {
+            (Some(_), _, Ok(_)) => {}
+            (None, true, Ok(list)) => assert_eq!(render(&list), check.list, "{}", check.file),
+            (None, false, Err(_)) => {}
+            (_, _, Ok(list)) => {
+                failures.push(format!("{}: accepted {}", check.file, render(&list)))
+            }
+            (_, _, Err(e)) => failures.push(format!("{}: refused: {e}", check.file)),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

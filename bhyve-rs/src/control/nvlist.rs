@@ -474,6 +474,41 @@ impl NvList {
     }
 }
 
+/// What a list header announces, as a stream receiver needs it before reading the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListHeader {
+    /// Bytes that follow the header.
+    pub size: u64,
+    /// Descriptors that follow the bytes, out of band.
+    pub descriptors: u64,
+    /// Public flags.
+    pub flags: u8,
+}
+
+impl ListHeader {
+    /// Check a top-level header the way `nvlist_recv` does before reading the rest
+    /// (magic, flag bits, size overflow) and decode it in its own byte order.
+    pub fn parse(raw: &[u8; HEADER_SIZE]) -> Result<ListHeader, NvError> {
+        let flags = raw[2];
+        let big_endian = flags & NV_FLAG_BIG_ENDIAN != 0;
+        let size = Reader::u64_at(&raw[11..], big_endian);
+        if raw[0] != NVLIST_MAGIC {
+            return Err(NvError::Invalid("bad nvlist magic"));
+        }
+        if flags & !NV_FLAG_ALL_MASK != 0 {
+            return Err(NvError::Invalid("unknown nvlist header flags"));
+        }
+        if size > (usize::MAX - HEADER_SIZE) as u64 {
+            return Err(NvError::Invalid("nvlist size overflows"));
+        }
+        Ok(ListHeader {
+            size,
+            descriptors: Reader::u64_at(&raw[3..], big_endian),
+            flags: flags & NV_FLAG_PUBLIC_MASK,
+        })
+    }
+}
+
 fn payload_size(value: &NvValue) -> usize {
     match value {
         NvValue::Null => 0,
