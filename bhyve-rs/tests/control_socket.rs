@@ -249,6 +249,12 @@ fn malformed_requests_get_an_error_and_the_server_keeps_serving() {
         let error = reply_error(&reply).unwrap_or_default();
         assert!(error.contains(expected), "{file}: reply error {error:?}");
     }
+    // A header announcing far more than a control request can be is refused unread.
+    let mut huge = vector("empty.bin");
+    huge[11..19].copy_from_slice(&(1u64 << 30).to_le_bytes());
+    let reply = raw_exchange(&socket, &huge, 0, &scratch.0);
+    let error = reply_error(&reply).unwrap_or_default();
+    assert!(error.contains("exceeds the limit"), "{error:?}");
     // A connection that closes without sending anything, and a truncated request.
     drop(UnixStream::connect(&socket).unwrap());
     let reply = raw_exchange(

@@ -1069,12 +1069,6 @@ fn close_frame(stack: &mut Vec<Frame>) -> Result<(), NvError> {
     Ok(())
 }
 
-impl AsRef<NvList> for NvList {
-    fn as_ref(&self) -> &NvList {
-        self
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
