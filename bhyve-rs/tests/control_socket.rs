@@ -1,0 +1,506 @@
+//! bhyvectl's client against bhyve's control server over real sockets, and each end against
+//! the bytes FreeBSD's tools exchange.
+
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bhyve::control::client::{request_checkpoint, ClientError};
+use bhyve::control::nvlist::NvList;
+use bhyve::control::server::{CheckpointRequest, ControlHandler, ControlServer, ServerError};
+use bhyve::control::transport::{nvlist_recv, nvlist_send, RecvLimits};
+use nix::sys::socket::{cmsg_space, recvmsg, ControlMessageOwned, MsgFlags};
+
+fn vector(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/nvlist")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A fresh scratch directory, short enough for socket paths.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("bhyve-ctl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the mock bhyve saw of one checkpoint request.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    filename: String,
+    suspend: bool,
+    /// (device, inode) of the directory descriptor.
+    dir: (u64, u64),
+}
+
+/// What `after_checkpoint_reply` was called with.
+type AfterReply = (bool, Result<(), String>);
+
+struct MockBhyve {
+    result: Result<(), String>,
+    delay: Duration,
+    seen: Mutex<Vec<Seen>>,
+    after: Mutex<Sender<AfterReply>>,
+}
+
+impl MockBhyve {
+    fn new(result: Result<(), String>) -> (Arc<MockBhyve>, Receiver<AfterReply>) {
+        let (tx, rx) = channel();
+        let mock = Arc::new(MockBhyve {
+            result,
+            delay: Duration::ZERO,
+            seen: Mutex::new(Vec::new()),
+            after: Mutex::new(tx),
+        });
+        (mock, rx)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl ControlHandler for MockBhyve {
+    fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
+        let stat = nix::sys::stat::fstat(request.dir.as_fd()).expect("fstat fddir");
+        self.seen.lock().unwrap().push(Seen {
+            filename: request.filename.clone(),
+            suspend: request.suspend,
+            dir: (stat.st_dev as u64, stat.st_ino as u64),
+        });
+        // Prove the descriptor is usable the way the snapshot writer uses it.
+        let file = nix::fcntl::openat(
+            request.dir.as_fd(),
+            request.filename.as_str(),
+            nix::fcntl::OFlag::O_CREAT | nix::fcntl::OFlag::O_WRONLY,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|e| format!("openat: {e}"))?;
+        drop(file);
+        std::thread::sleep(self.delay);
+        self.result.clone()
+    }
+
+    fn after_checkpoint_reply(&self, suspend: bool, result: &Result<(), String>) {
+        let _ = self.after.lock().unwrap().send((suspend, result.clone()));
+    }
+}
+
+fn identity(path: &Path) -> (u64, u64) {
+    let m = std::fs::metadata(path).expect("metadata");
+    (m.dev(), m.ino())
+}
+
+/// Send raw request bytes (plus `nfds` descriptors, as libnv does) and read the raw reply.
+/// The descriptors are `dir`, opened once per descriptor slot.
+fn raw_exchange(socket: &Path, request: &[u8], nfds: usize, dir: &Path) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    stream.write_all(request).expect("send request");
+    if nfds > 0 {
+        let dir = std::fs::File::open(dir).expect("open dir");
+        let fds: Vec<RawFd> = (0..nfds).map(|_| dir.as_raw_fd()).collect();
+        let cmsgs: Vec<_> = fds
+            .chunks(1)
+            .map(nix::sys::socket::ControlMessage::ScmRights)
+            .collect();
+        nix::sys::socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+    }
+    stream.shutdown(std::net::Shutdown::Write).ok();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).expect("read reply");
+    reply
+}
+
+fn reply_error(reply: &[u8]) -> Option<String> {
+    let list = NvList::unpack(reply, Vec::new()).expect("reply decodes");
+    list.get_string("error").map(str::to_string)
+}
+
+#[test]
+fn checkpoint_round_trip_hands_bhyve_the_directory_and_basename() {
+    let scratch = Scratch::new("roundtrip");
+    let rundir = scratch.path("run");
+    let snapdir = scratch.path("snaps");
+    std::fs::create_dir(&snapdir).unwrap();
+    let (mock, after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    assert_eq!(server.path(), rundir.join("vm0"));
+
+    request_checkpoint(&rundir, "vm0", &snapdir.join("snap"), false).expect("checkpoint");
+
+    assert_eq!(
+        mock.seen(),
+        vec![Seen {
+            filename: "snap".into(),
+            suspend: false,
+            dir: identity(&snapdir),
+        }]
+    );
+    assert!(snapdir.join("snap").exists(), "file created through fddir");
+    let (suspend, result) = after.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(!suspend);
+    assert_eq!(result, Ok(()));
+    // The VM keeps running: a second checkpoint works too.
+    request_checkpoint(&rundir, "vm0", &snapdir.join("again"), false).expect("second");
+    assert_eq!(mock.seen().len(), 2);
+}
+
+#[test]
+fn relative_filename_resolves_against_the_working_directory() {
+    let scratch = Scratch::new("relative");
+    let rundir = scratch.path("run");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let _server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    // A bare name means bhyvectl's current directory, as dirname(3) gives ".".
+    let cwd = std::env::current_dir().unwrap();
+    let name = format!("bhyve-ctl-rel-{}", std::process::id());
+    let result = request_checkpoint(&rundir, "vm0", Path::new(&name), false);
+    let _ = std::fs::remove_file(cwd.join(&name));
+    result.expect("checkpoint");
+    assert_eq!(mock.seen()[0].dir, identity(&cwd));
+    assert_eq!(mock.seen()[0].filename, name);
+}
+
+#[test]
+fn handler_error_reaches_the_client() {
+    let scratch = Scratch::new("handlererr");
+    let rundir = scratch.path("run");
+    let (mock, after) = MockBhyve::new(Err("no space left on device".into()));
+    let _server = ControlServer::start(&rundir, "vm0", mock).expect("start");
+    let err = request_checkpoint(&rundir, "vm0", &scratch.path("snap"), true).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Failed(m) if m == "no space left on device"),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "no space left on device");
+    let (suspend, result) = after.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(suspend);
+    assert!(result.is_err());
+    // A failed suspend leaves the VM running and the socket in place.
+    assert!(rundir.join("vm0").exists());
+}
+
+#[test]
+fn unknown_command_gets_the_reply_bhyve_sends() {
+    let scratch = Scratch::new("unknown");
+    let rundir = scratch.path("run");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    let reply = raw_exchange(server.path(), &vector("req-unknown-cmd.bin"), 0, &scratch.0);
+    assert_eq!(reply, vector("bhyve-reply-unknown-command.bin"));
+    assert!(mock.seen().is_empty());
+}
+
+#[test]
+fn malformed_requests_get_an_error_and_the_server_keeps_serving() {
+    let scratch = Scratch::new("malformed");
+    let rundir = scratch.path("run");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    let socket = server.path().to_path_buf();
+
+    let cases: [(&str, usize, &str); 7] = [
+        // Bytes that do not decode.
+        ("x-bad-magic.bin", 0, "malformed request"),
+        (
+            "x-string-array-last-not-terminated.bin",
+            0,
+            "malformed request",
+        ),
+        ("x-duplicate-names.bin", 0, "malformed request"),
+        // Requests FreeBSD's 2025 bhyve aborts on.
+        ("req-no-cmd.bin", 0, "missing command name"),
+        ("req-cmd-number.bin", 0, "missing command name"),
+        // The 2022 request without a directory descriptor.
+        ("req-checkpoint-no-fddir.bin", 0, "fddir"),
+        // A checkpoint request whose header counts a descriptor that never comes.
+        ("bhyvectl-checkpoint.bin", 0, "malformed request"),
+    ];
+    for (file, nfds, expected) in cases {
+        let reply = raw_exchange(&socket, &vector(file), nfds, &scratch.0);
+        let error = reply_error(&reply).unwrap_or_default();
+        assert!(error.contains(expected), "{file}: reply error {error:?}");
+    }
+    // A header announcing far more than a control request can be is refused unread.
+    let mut huge = vector("empty.bin");
+    huge[11..19].copy_from_slice(&(1u64 << 30).to_le_bytes());
+    let reply = raw_exchange(&socket, &huge, 0, &scratch.0);
+    let error = reply_error(&reply).unwrap_or_default();
+    assert!(error.contains("exceeds the limit"), "{error:?}");
+    // A connection that closes without sending anything, and a truncated request.
+    drop(UnixStream::connect(&socket).unwrap());
+    let reply = raw_exchange(
+        &socket,
+        &vector("bhyvectl-checkpoint.bin")[..60],
+        0,
+        &scratch.0,
+    );
+    assert!(reply_error(&reply).is_some());
+    assert!(mock.seen().is_empty());
+
+    // Still serving, and a stock bhyvectl request (bytes + one descriptor) is accepted.
+    let reply = raw_exchange(&socket, &vector("bhyvectl-checkpoint.bin"), 1, &scratch.0);
+    assert_eq!(reply, vector("empty.bin"), "success reply is an empty list");
+    assert_eq!(mock.seen().len(), 1);
+    assert_eq!(mock.seen()[0].filename, "snap");
+    assert!(scratch.path("snap").exists());
+}
+
+#[test]
+fn client_closing_before_the_reply_does_not_stop_the_server() {
+    let scratch = Scratch::new("earlyclose");
+    let rundir = scratch.path("run");
+    let (tx, after) = channel();
+    let mock = Arc::new(MockBhyve {
+        result: Ok(()),
+        delay: Duration::from_millis(200),
+        seen: Mutex::new(Vec::new()),
+        after: Mutex::new(tx),
+    });
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    // As FreeBSD 14's bhyvectl: send, close, never read.
+    {
+        let stream = UnixStream::connect(server.path()).unwrap();
+        let mut request = NvList::new();
+        request.add_string("cmd", "checkpoint").unwrap();
+        request.add_string("filename", "early").unwrap();
+        request.add_bool("suspend", false).unwrap();
+        let dir = std::fs::File::open(&scratch.0).unwrap();
+        request.add_descriptor("fddir", OwnedFd::from(dir)).unwrap();
+        nvlist_send(&stream, &request).unwrap();
+    }
+    let (_, result) = after.recv_timeout(Duration::from_secs(5)).expect("handled");
+    assert_eq!(result, Ok(()));
+    request_checkpoint(&rundir, "vm0", &scratch.path("later"), false).expect("still serving");
+    assert_eq!(mock.seen().len(), 2);
+}
+
+#[test]
+fn socket_is_private_and_rundir_is_created() {
+    let scratch = Scratch::new("mode");
+    let rundir = scratch.path("var/run/bhyve");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock).expect("start");
+    let meta = std::fs::symlink_metadata(server.path()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert!(std::fs::metadata(&rundir).unwrap().is_dir());
+    // Nothing but the socket is left in the run directory.
+    let entries: Vec<_> = std::fs::read_dir(&rundir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("vm0")]);
+}
+
+#[test]
+fn socket_is_removed_when_the_server_is_dropped() {
+    let scratch = Scratch::new("drop");
+    let rundir = scratch.path("run");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock).expect("start");
+    let path = server.path().to_path_buf();
+    assert!(path.exists());
+    drop(server);
+    assert!(!path.exists());
+    let err = request_checkpoint(&rundir, "vm0", &scratch.path("snap"), false).unwrap_err();
+    assert!(matches!(err, ClientError::NoSuchVm { .. }), "{err}");
+}
+
+#[test]
+fn second_server_for_a_live_vm_is_refused_but_a_stale_socket_is_replaced() {
+    let scratch = Scratch::new("live");
+    let rundir = scratch.path("run");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let first = ControlServer::start(&rundir, "vm0", mock.clone()).expect("first");
+    let err = ControlServer::start(&rundir, "vm0", mock.clone())
+        .err()
+        .expect("second refused");
+    assert!(matches!(err, ServerError::AlreadyRunning(_)), "{err}");
+    // The refused start left the live socket alone.
+    request_checkpoint(&rundir, "vm0", &scratch.path("snap"), false).expect("first serves");
+    drop(first);
+
+    // A socket left behind by a crashed bhyve: nobody listens.
+    drop(UnixListener::bind(rundir.join("vm1")).unwrap());
+    let err = request_checkpoint(&rundir, "vm1", &scratch.path("snap"), false).unwrap_err();
+    assert!(matches!(err, ClientError::NotListening { .. }), "{err}");
+    let _server = ControlServer::start(&rundir, "vm1", mock.clone()).expect("stale replaced");
+    request_checkpoint(&rundir, "vm1", &scratch.path("snap1"), false).expect("serves");
+
+    // A regular file is never replaced.
+    std::fs::write(rundir.join("vm2"), b"not a socket").unwrap();
+    let err = ControlServer::start(&rundir, "vm2", mock)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ServerError::NotASocket(_)), "{err}");
+}
+
+#[test]
+fn successful_suspend_replies_then_removes_the_socket_and_calls_back() {
+    let scratch = Scratch::new("suspend");
+    let rundir = scratch.path("run");
+    let (mock, after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    request_checkpoint(&rundir, "vm0", &scratch.path("snap"), true).expect("suspend");
+    let (suspend, result) = after.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(suspend);
+    assert_eq!(result, Ok(()));
+    assert!(!server.path().exists(), "socket removed before bhyve exits");
+    let err = request_checkpoint(&rundir, "vm0", &scratch.path("snap2"), false).unwrap_err();
+    assert!(matches!(err, ClientError::NoSuchVm { .. }), "{err}");
+    drop(server);
+}
+
+#[test]
+fn client_errors_say_what_is_wrong() {
+    let scratch = Scratch::new("clienterr");
+    let rundir = scratch.path("run");
+    std::fs::create_dir(&rundir).unwrap();
+    let err = request_checkpoint(&rundir, "ghost", &scratch.path("snap"), false).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no such VM 'ghost' (no control socket at {})",
+            rundir.join("ghost").display()
+        )
+    );
+    assert!(matches!(
+        request_checkpoint(&rundir, "../etc", &scratch.path("snap"), false),
+        Err(ClientError::BadVmName(_))
+    ));
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let _server = ControlServer::start(&rundir, "vm0", mock).expect("start");
+    let err = request_checkpoint(&rundir, "vm0", &scratch.path("missing/snap"), false).unwrap_err();
+    assert!(matches!(err, ClientError::Directory { .. }), "{err}");
+    assert!(matches!(
+        request_checkpoint(&rundir, "vm0", Path::new("/"), false),
+        Err(ClientError::BadFilename(_))
+    ));
+}
+
+/// A fake FreeBSD bhyve: accept one connection, capture every byte and descriptor the client
+/// sends, then answer with `reply` (or close silently, as FreeBSD 14 does).
+fn fake_bhyve(
+    listener: UnixListener,
+    reply: Option<Vec<u8>>,
+) -> std::thread::JoinHandle<(Vec<u8>, Vec<OwnedFd>)> {
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut bytes = vec![0u8; 147];
+        stream.read_exact(&mut bytes).unwrap();
+        let mut dummy = [0u8; 1];
+        let mut iov = [IoSliceMut::new(&mut dummy)];
+        let mut space = vec![0u8; 4 * cmsg_space::<RawFd>()];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let mut fds = Vec::new();
+        let dummy_len = msg.bytes;
+        for cmsg in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(received) = cmsg {
+                for fd in received {
+                    // SAFETY: just received; this test is its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        bytes.extend_from_slice(&dummy[..dummy_len]);
+        if let Some(reply) = reply {
+            stream.write_all(&reply).unwrap();
+        }
+        (bytes, fds)
+    })
+}
+
+#[test]
+fn client_sends_exactly_what_freebsd_bhyvectl_sends() {
+    let scratch = Scratch::new("bytes");
+    let rundir = scratch.path("run");
+    std::fs::create_dir(&rundir).unwrap();
+    let snapdir = scratch.path("snaps");
+    std::fs::create_dir(&snapdir).unwrap();
+    for (suspend, stream_file) in [
+        (false, "bhyvectl-checkpoint.stream.bin"),
+        (true, "bhyvectl-suspend.stream.bin"),
+    ] {
+        let listener = UnixListener::bind(rundir.join("vm0")).unwrap();
+        let fake = fake_bhyve(listener, Some(vector("empty.bin")));
+        request_checkpoint(&rundir, "vm0", &snapdir.join("snap"), suspend).expect("success");
+        let (bytes, fds) = fake.join().unwrap();
+        assert_eq!(bytes, vector(stream_file));
+        assert_eq!(fds.len(), 1);
+        let stat = nix::sys::stat::fstat(fds[0].as_fd()).unwrap();
+        assert_eq!((stat.st_dev as u64, stat.st_ino as u64), identity(&snapdir));
+        std::fs::remove_file(rundir.join("vm0")).unwrap();
+    }
+}
+
+#[test]
+fn client_reports_a_2025_bhyve_error_and_accepts_a_silent_freebsd_14_bhyve() {
+    let scratch = Scratch::new("stock");
+    let rundir = scratch.path("run");
+    std::fs::create_dir(&rundir).unwrap();
+
+    let listener = UnixListener::bind(rundir.join("vm0")).unwrap();
+    let fake = fake_bhyve(listener, Some(vector("bhyve-reply-unknown-command.bin")));
+    let err = request_checkpoint(&rundir, "vm0", &scratch.path("snap"), false).unwrap_err();
+    assert_eq!(err.to_string(), "command 'foo' not found");
+    fake.join().unwrap();
+    std::fs::remove_file(rundir.join("vm0")).unwrap();
+
+    let listener = UnixListener::bind(rundir.join("vm0")).unwrap();
+    let fake = fake_bhyve(listener, None);
+    request_checkpoint(&rundir, "vm0", &scratch.path("snap"), false).expect("silent close");
+    fake.join().unwrap();
+}
+
+#[test]
+fn server_replies_are_nvlists_a_libnv_client_can_read() {
+    let scratch = Scratch::new("replies");
+    let rundir = scratch.path("run");
+    let (mock, _after) = MockBhyve::new(Err("boom".into()));
+    let server = ControlServer::start(&rundir, "vm0", mock).expect("start");
+    let stream = UnixStream::connect(server.path()).unwrap();
+    let mut request = NvList::new();
+    request.add_string("cmd", "checkpoint").unwrap();
+    request.add_string("filename", "snap").unwrap();
+    request.add_bool("suspend", false).unwrap();
+    let dir = std::fs::File::open(&scratch.0).unwrap();
+    request.add_descriptor("fddir", OwnedFd::from(dir)).unwrap();
+    nvlist_send(&stream, &request).unwrap();
+    let reply = nvlist_recv(&stream, RecvLimits::CONTROL).unwrap();
+    assert_eq!(reply.get_string("error"), Some("boom"));
+    assert_eq!(reply.len(), 1);
+}
