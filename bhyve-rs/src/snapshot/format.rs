@@ -660,6 +660,12 @@ mod tests {
     }
 
     #[test]
+    fn checksums_are_standard_crc32c() {
+        // The check value of CRC-32C (RFC 3720), as the manual page promises.
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
     fn entry_round_trips() {
         let entry = SectionEntry {
             name: "lpc".into(),
