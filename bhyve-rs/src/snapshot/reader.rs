@@ -530,6 +530,16 @@ impl SnapshotReader {
     }
 }
 
+impl std::fmt::Debug for SnapshotReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotReader")
+            .field("header", &self.header)
+            .field("sections", &self.entries.len())
+            .field("ram_regions", &self.ram.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Structural checks on the table before anything it points at is read.
 fn check_layout(
     header: &Header,

@@ -460,6 +460,16 @@ impl SnapshotWriter {
     }
 }
 
+impl std::fmt::Debug for SnapshotWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotWriter")
+            .field("name", &self.name)
+            .field("temp_name", &self.temp_name)
+            .field("sections", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for SnapshotWriter {
     fn drop(&mut self) {
         if !self.temp_gone {
