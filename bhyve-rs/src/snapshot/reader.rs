@@ -1,12 +1,12 @@
 //! Reading a snapshot file: a bounded, checked parse of header and table, data sections in
 //! memory, guest RAM restored by copy or mapped copy-on-write.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapMut, MmapOptions};
 use serde::de::DeserializeOwned;
@@ -85,7 +85,8 @@ pub struct SnapshotReader {
     entries: Vec<SectionEntry>,
     /// Payloads of data sections, by table index; `None` for RAM and unknown kinds.
     payloads: Vec<Option<Vec<u8>>>,
-    consumed: Vec<Cell<bool>>,
+    /// Atomic so regions can be restored from several threads sharing the reader.
+    consumed: Vec<AtomicBool>,
     config: Vec<(String, String)>,
     ram: Vec<RamRegion>,
 }
@@ -198,7 +199,7 @@ impl SnapshotReader {
                 }
             }
         }
-        let consumed = entries.iter().map(|_| Cell::new(false)).collect();
+        let consumed = entries.iter().map(|_| AtomicBool::new(false)).collect();
 
         let mut reader = SnapshotReader {
             file,
@@ -250,7 +251,7 @@ impl SnapshotReader {
     pub fn take(&self, name: &str, instance: &str) -> Option<Section<'_>> {
         let index = self.find(name, instance)?;
         if let Some(flag) = self.consumed.get(index) {
-            flag.set(true);
+            flag.store(true, Ordering::Relaxed);
         }
         Some(self.section_at(index))
     }
@@ -276,7 +277,7 @@ impl SnapshotReader {
     /// it, so the restored VM would miss state). Optional sections left over are only logged.
     pub fn finish_check_unconsumed(&self) -> Result<(), SnapshotError> {
         for (entry, consumed) in self.entries.iter().zip(&self.consumed) {
-            if entry.kind == SectionKind::Ram || consumed.get() {
+            if entry.kind == SectionKind::Ram || consumed.load(Ordering::Relaxed) {
                 continue;
             }
             if entry.mandatory() {
@@ -309,6 +310,7 @@ impl SnapshotReader {
         dst: &mut [u8],
         options: CopyOptions,
     ) -> Result<u64, SnapshotError> {
+        self.check_own(region)?;
         if dst.len() as u64 != region.size {
             return Err(SnapshotError::InvalidArgument(format!(
                 "RAM region {} is {} bytes, destination is {}",
@@ -354,6 +356,7 @@ impl SnapshotReader {
     /// Read a RAM region from the file and check it against its `ram-index` checksums, without
     /// restoring it (what a mapped restore skips).
     pub fn verify_ram(&self, region: &RamRegion) -> Result<(), SnapshotError> {
+        self.check_own(region)?;
         let extents = self.region_extents(region)?;
         let mut buf = vec![0u8; region.chunk_size as usize];
         let mut zero_crcs = HashMap::new();
@@ -392,6 +395,8 @@ impl SnapshotReader {
     ///
     /// [`verify_ram`]: SnapshotReader::verify_ram
     pub fn map_ram_private(&self, region: &RamRegion) -> Result<MmapMut, SnapshotError> {
+        // A region of another file could lie past this file's end: touching it would SIGBUS.
+        self.check_own(region)?;
         let len = usize::try_from(region.size).map_err(|_| SnapshotError::TooLarge)?;
         // SAFETY: a private mapping never writes to the file, and the bounds were checked
         // against the file size in `open`. Other processes changing the file while it is
@@ -425,6 +430,26 @@ impl SnapshotReader {
         Ok(meta.blocks().saturating_mul(512))
     }
 
+    /// The VM configuration as a configuration tree, ready for `bhyve -r`.
+    pub fn config_tree(&self) -> crate::config::Config {
+        let mut tree = crate::config::Config::new();
+        for (key, value) in &self.config {
+            tree.set(key, value);
+        }
+        tree
+    }
+
+    fn check_own(&self, region: &RamRegion) -> Result<(), SnapshotError> {
+        if self.ram.contains(region) {
+            Ok(())
+        } else {
+            Err(SnapshotError::InvalidArgument(format!(
+                "RAM region {} is not a region of this snapshot",
+                region.instance
+            )))
+        }
+    }
+
     fn find(&self, name: &str, instance: &str) -> Option<usize> {
         self.entries
             .iter()
@@ -447,8 +472,8 @@ impl SnapshotReader {
     }
 
     fn mark_consumed(&self, name: &str, instance: &str) {
-        if let Some(index) = self.find(name, instance) {
-            self.consumed[index].set(true);
+        if let Some(flag) = self.find(name, instance).and_then(|i| self.consumed.get(i)) {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 

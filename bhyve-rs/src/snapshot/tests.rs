@@ -259,6 +259,9 @@ fn round_trip_preserves_header_config_sections_and_ram() {
         .expect("restore high");
     assert_eq!(restored, high);
     reader.verify_ram(&regions[0]).expect("verify low");
+    let tree = reader.config_tree();
+    assert_eq!(tree.get("memory.size"), Some("64M"));
+    assert_eq!(tree.iter().count(), CONFIG.len());
     reader.verify_ram(&regions[1]).expect("verify high");
 }
 
@@ -728,6 +731,55 @@ fn ram_corruption_is_detected_by_verification() {
             .restore_ram_copy(region, &mut dst, unverified)
             .expect("unverified copy succeeds");
     }
+}
+
+#[test]
+fn regions_of_another_snapshot_are_refused() {
+    let dir = TempDir::new("foreign");
+    write_small(&dir.path("small"));
+    let mut writer = SnapshotWriter::create(&dir.path("big"), info()).expect("create");
+    writer.add_config(CONFIG).expect("config");
+    writer
+        .add_ram_region(0, &guest_ram(8 * MIB, &[2000]))
+        .expect("ram");
+    writer.commit().expect("commit");
+    let small = SnapshotReader::open(&dir.path("small")).expect("open small");
+    let big = SnapshotReader::open(&dir.path("big")).expect("open big");
+    let foreign = &big.ram_regions()[0];
+    let error = small.map_ram_private(foreign).expect_err("refused");
+    assert_eq!(
+        one_line(&error),
+        "RAM region 0 is not a region of this snapshot"
+    );
+    assert!(small.verify_ram(foreign).is_err());
+    let mut dst = vec![0u8; foreign.size as usize];
+    assert!(small
+        .restore_ram_copy(foreign, &mut dst, CopyOptions::default())
+        .is_err());
+}
+
+#[test]
+fn reader_can_restore_regions_from_several_threads() {
+    fn assert_sync<T: Sync>(_: &T) {}
+    let dir = TempDir::new("threads");
+    let path = dir.path("snap");
+    let (low, high) = write_small(&path);
+    let reader = SnapshotReader::open(&path).expect("open");
+    assert_sync(&reader);
+    let regions = reader.ram_regions();
+    let (a, b) = std::thread::scope(|scope| {
+        let restore = |region: &RamRegion| -> Vec<u8> {
+            let mut dst = vec![0u8; region.size as usize];
+            reader
+                .restore_ram_copy(region, &mut dst, CopyOptions::default())
+                .expect("restore");
+            dst
+        };
+        let a = scope.spawn(move || restore(&regions[0]));
+        let b = scope.spawn(move || restore(&regions[1]));
+        (a.join().expect("thread"), b.join().expect("thread"))
+    });
+    assert!(a == low && b == high);
 }
 
 #[test]
