@@ -1,0 +1,538 @@
+//! Writing a snapshot file: sections, sparse RAM, then table and header, atomically.
+//!
+//! The file is written under a temporary name in the target directory and renamed to its final
+//! name only when complete and fsynced; the directory is fsynced after the rename. Until then an
+//! existing file with the final name is untouched, and on any error (or if the writer is dropped
+//! without `commit`) the temporary file is removed.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{open, openat, renameat, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::{fsync, unlinkat, UnlinkatFlags};
+use serde::Serialize;
+
+use super::format::{
+    align_up, check_name, encode_entry, encode_header, encode_ram_index, label, HeaderInfo,
+    Requirement, SectionEntry, SectionKind, CONFIG_SECTION, CONFIG_VERSION, DATA_START, ENTRY_SIZE,
+    FORMAT_PAGE_SIZE, MAX_DATA_SECTION_LEN, MAX_RAM_REGIONS, MAX_SECTIONS, RAM_CHUNK_SIZE,
+    RAM_FILE_ALIGN, RAM_INDEX_SECTION, RAM_INDEX_VERSION, RAM_SECTION, RAM_VERSION,
+    SECTION_FLAG_MANDATORY,
+};
+use super::ram::is_zero;
+use super::{encode_section, SnapshotError};
+
+/// Longest file name most file systems accept (NAME_MAX).
+const NAME_MAX: usize = 255;
+
+/// Distinguishes temporary files of several writers in one process.
+static TEMP_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How much of a RAM region reached the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamWriteStats {
+    /// Size of the region.
+    pub logical: u64,
+    /// Bytes actually written: the pages that were not all zero.
+    pub written: u64,
+}
+
+/// Failure points a test can force, to prove the cleanup paths.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailPoint {
+    BeforeRename,
+}
+
+/// Builds one snapshot file. Add sections and RAM regions in any order, then [`commit`].
+///
+/// [`commit`]: SnapshotWriter::commit
+pub struct SnapshotWriter {
+    dir: OwnedFd,
+    name: String,
+    temp_name: String,
+    file: File,
+    info: HeaderInfo,
+    entries: Vec<SectionEntry>,
+    /// Per RAM region: instance and one CRC-32C per chunk, written as `ram-index` at commit.
+    ram_index: Vec<(String, Vec<u32>)>,
+    /// Next free byte in the file.
+    cursor: u64,
+    has_config: bool,
+    /// A write failed part way: the file may hold bytes no section accounts for.
+    poisoned: bool,
+    /// The temporary file no longer exists under `temp_name` (renamed or removed).
+    temp_gone: bool,
+    /// CRC-32C of an all-zero chunk, by chunk length.
+    zero_chunk_crc: HashMap<usize, u32>,
+    #[cfg(test)]
+    pub(crate) fail_at: Option<FailPoint>,
+}
+
+impl SnapshotWriter {
+    /// Start a snapshot named `name` in the directory open as `dir` (the control socket's
+    /// `fddir`). `name` is a plain file name, not a path.
+    pub fn create_in<D: AsFd>(
+        dir: D,
+        name: &str,
+        info: HeaderInfo,
+    ) -> Result<SnapshotWriter, SnapshotError> {
+        check_file_name(name)?;
+        info.validate()?;
+        let dir = dir
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| SnapshotError::io("duplicate directory descriptor", e))?;
+        let pid = std::process::id();
+        let mut last_error = None;
+        // A stale temporary file of an earlier process with the same pid is not ours to remove;
+        // pick another name instead.
+        for _ in 0..16 {
+            let serial = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let temp_name = temp_name_for(name, pid, serial);
+            match openat(
+                &dir,
+                temp_name.as_str(),
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                // Guest memory can hold secrets: owner only.
+                Mode::from_bits_truncate(0o600),
+            ) {
+                Ok(fd) => {
+                    return Ok(SnapshotWriter {
+                        dir,
+                        name: name.to_string(),
+                        temp_name,
+                        file: File::from(fd),
+                        info,
+                        entries: Vec::new(),
+                        ram_index: Vec::new(),
+                        cursor: DATA_START,
+                        has_config: false,
+                        poisoned: false,
+                        temp_gone: false,
+                        zero_chunk_crc: HashMap::new(),
+                        #[cfg(test)]
+                        fail_at: None,
+                    });
+                }
+                Err(nix::errno::Errno::EEXIST) => continue,
+                Err(errno) => {
+                    last_error = Some(errno);
+                    break;
+                }
+            }
+        }
+        let errno = last_error.unwrap_or(nix::errno::Errno::EEXIST);
+        Err(SnapshotError::io(
+            &format!("create temporary file for {name}"),
+            errno.into(),
+        ))
+    }
+
+    /// Convenience for callers with a path: opens the parent directory and calls
+    /// [`create_in`](SnapshotWriter::create_in).
+    pub fn create(path: &Path, info: HeaderInfo) -> Result<SnapshotWriter, SnapshotError> {
+        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            SnapshotError::InvalidArgument(format!(
+                "'{}' does not end in a UTF-8 file name",
+                path.display()
+            ))
+        })?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = open(
+            parent,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SnapshotError::io(&format!("open {}", parent.display()), e.into()))?;
+        SnapshotWriter::create_in(&dir, name, info)
+    }
+
+    /// Add a data section. `name` and `instance` are printable ASCII of at most 32 bytes
+    /// (`instance` may be empty); `version` is the payload's own version.
+    pub fn add_section(
+        &mut self,
+        name: &str,
+        instance: &str,
+        version: u32,
+        requirement: Requirement,
+        payload: &[u8],
+    ) -> Result<(), SnapshotError> {
+        if [CONFIG_SECTION, RAM_SECTION, RAM_INDEX_SECTION].contains(&name) {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "section name '{name}' is reserved for the file format"
+            )));
+        }
+        self.push_data(name, instance, version, requirement, payload)
+    }
+
+    /// Encode `value` with [`encode_section`] and add it as a data section.
+    pub fn add_encoded<T: Serialize>(
+        &mut self,
+        name: &str,
+        instance: &str,
+        version: u32,
+        requirement: Requirement,
+        value: &T,
+    ) -> Result<(), SnapshotError> {
+        let payload = encode_section(value)?;
+        self.add_section(name, instance, version, requirement, &payload)
+    }
+
+    /// Record the VM configuration (bhyve_config(5) keys and values), so that `bhyve -r FILE`
+    /// needs no other arguments. Required once per snapshot.
+    pub fn add_config<'a, I>(&mut self, pairs: I) -> Result<(), SnapshotError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let pairs: Vec<(&str, &str)> = pairs.into_iter().collect();
+        let payload = encode_section(&pairs)?;
+        self.push_data(
+            CONFIG_SECTION,
+            "",
+            CONFIG_VERSION,
+            Requirement::Mandatory,
+            &payload,
+        )?;
+        self.has_config = true;
+        Ok(())
+    }
+
+    /// Write one guest memory segment based at guest-physical `gpa`. Pages that are all zero are
+    /// not written: they stay holes in the file. `data.len()` and `gpa` must be multiples of
+    /// 4096. Regions are numbered `0`, `1`, … in the order they are added.
+    pub fn add_ram_region(
+        &mut self,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<RamWriteStats, SnapshotError> {
+        self.check_not_poisoned()?;
+        let page = u64::from(FORMAT_PAGE_SIZE);
+        let size = data.len() as u64;
+        if size == 0 || size % page != 0 || gpa % page != 0 {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "RAM region at {gpa:#x} of {size:#x} bytes is not a non-empty whole number of pages"
+            )));
+        }
+        let gpa_end = gpa.checked_add(size).ok_or_else(|| {
+            SnapshotError::InvalidArgument(format!("RAM region at {gpa:#x} wraps around"))
+        })?;
+        if self.ram_index.len() >= MAX_RAM_REGIONS {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "more than {MAX_RAM_REGIONS} RAM regions"
+            )));
+        }
+        for other in self.entries.iter().filter(|e| e.kind == SectionKind::Ram) {
+            if gpa < other.gpa + other.length && other.gpa < gpa_end {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "RAM region at {gpa:#x} overlaps region {} at {:#x}",
+                    other.instance, other.gpa
+                )));
+            }
+        }
+        let offset = align_up(self.cursor, RAM_FILE_ALIGN).ok_or(SnapshotError::TooLarge)?;
+        let end = offset.checked_add(size).ok_or(SnapshotError::TooLarge)?;
+        let instance = self.ram_index.len().to_string();
+
+        let mut written = 0u64;
+        let mut crcs = Vec::with_capacity(data.len().div_ceil(RAM_CHUNK_SIZE as usize));
+        let mut chunk_start = 0usize;
+        for chunk in data.chunks(RAM_CHUNK_SIZE as usize) {
+            let mut dirty = false;
+            // Runs of non-zero pages are written with one call each.
+            let mut run: Option<usize> = None;
+            let pages = chunk.len() / FORMAT_PAGE_SIZE as usize;
+            for index in 0..=pages {
+                let page_start = index * FORMAT_PAGE_SIZE as usize;
+                let nonzero = index < pages
+                    && !is_zero(&chunk[page_start..page_start + FORMAT_PAGE_SIZE as usize]);
+                match (nonzero, run) {
+                    (true, None) => run = Some(page_start),
+                    (false, Some(run_start)) => {
+                        let bytes = &chunk[run_start..page_start];
+                        let at = offset + (chunk_start + run_start) as u64;
+                        if let Err(e) = self.file.write_all_at(bytes, at) {
+                            self.poisoned = true;
+                            return Err(SnapshotError::io(
+                                &format!("write RAM region {instance}"),
+                                e,
+                            ));
+                        }
+                        written += bytes.len() as u64;
+                        dirty = true;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            let crc = if dirty {
+                crc32c::crc32c(chunk)
+            } else {
+                self.zero_crc(chunk.len())
+            };
+            crcs.push(crc);
+            chunk_start += chunk.len();
+        }
+
+        self.entries.push(SectionEntry {
+            name: RAM_SECTION.to_string(),
+            instance: instance.clone(),
+            version: RAM_VERSION,
+            kind: SectionKind::Ram,
+            flags: SECTION_FLAG_MANDATORY,
+            checksum: 0,
+            offset,
+            length: size,
+            gpa,
+        });
+        self.ram_index.push((instance, crcs));
+        self.cursor = end;
+        Ok(RamWriteStats {
+            logical: size,
+            written,
+        })
+    }
+
+    /// Write the `ram-index` sections, the section table and the header, fsync, rename to the
+    /// final name and fsync the directory. On error nothing is left under the final name.
+    pub fn commit(mut self) -> Result<(), SnapshotError> {
+        self.check_not_poisoned()?;
+        if !self.has_config {
+            return Err(SnapshotError::InvalidArgument(
+                "snapshot has no configuration section".to_string(),
+            ));
+        }
+        let ram_index = std::mem::take(&mut self.ram_index);
+        for (instance, crcs) in &ram_index {
+            let payload = encode_ram_index(RAM_CHUNK_SIZE, crcs);
+            self.push_data(
+                RAM_INDEX_SECTION,
+                instance,
+                RAM_INDEX_VERSION,
+                Requirement::Mandatory,
+                &payload,
+            )?;
+        }
+
+        let table_offset = align_up(self.cursor, 8).ok_or(SnapshotError::TooLarge)?;
+        let mut table = Vec::with_capacity(self.entries.len() * ENTRY_SIZE);
+        for entry in &self.entries {
+            table.extend_from_slice(&encode_entry(entry));
+        }
+        let table_end = table_offset
+            .checked_add(table.len() as u64)
+            .ok_or(SnapshotError::TooLarge)?;
+        self.file
+            .write_all_at(&table, table_offset)
+            .map_err(|e| SnapshotError::io("write section table", e))?;
+        // Trailing zero pages of the last region are holes; the length must still cover them.
+        self.file
+            .set_len(table_end)
+            .map_err(|e| SnapshotError::io("set file length", e))?;
+
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let header = encode_header(
+            &self.info,
+            created,
+            table_offset,
+            self.entries.len() as u32,
+            crc32c::crc32c(&table),
+        );
+        // The header goes last, so a file cut short anywhere before has no valid magic.
+        self.file
+            .write_all_at(&header, 0)
+            .map_err(|e| SnapshotError::io("write header", e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| SnapshotError::io("fsync snapshot", e))?;
+
+        #[cfg(test)]
+        if self.fail_at == Some(FailPoint::BeforeRename) {
+            return Err(SnapshotError::io(
+                "rename snapshot",
+                std::io::Error::other("injected failure"),
+            ));
+        }
+
+        renameat(
+            &self.dir,
+            self.temp_name.as_str(),
+            &self.dir,
+            self.name.as_str(),
+        )
+        .map_err(|e| SnapshotError::io(&format!("rename to {}", self.name), e.into()))?;
+        self.temp_gone = true;
+        if let Err(errno) = fsync(&self.dir) {
+            // Without the directory on disk the rename may not survive a crash; report failure
+            // and leave nothing that a later restore could mistake for a durable snapshot.
+            let _ = unlinkat(&self.dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+            return Err(SnapshotError::io("fsync directory", errno.into()));
+        }
+        Ok(())
+    }
+
+    fn push_data(
+        &mut self,
+        name: &str,
+        instance: &str,
+        version: u32,
+        requirement: Requirement,
+        payload: &[u8],
+    ) -> Result<(), SnapshotError> {
+        check_name("section name", name, false)?;
+        check_name("section instance", instance, true)?;
+        if self
+            .entries
+            .iter()
+            .any(|e| e.name == name && e.instance == instance)
+        {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "section {} added twice",
+                label(name, instance)
+            )));
+        }
+        // Leave room for the `ram-index` sections added at commit.
+        if self.entries.len() + self.ram_index.len() >= MAX_SECTIONS as usize {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "more than {MAX_SECTIONS} sections"
+            )));
+        }
+        let length = payload.len() as u64;
+        if length > MAX_DATA_SECTION_LEN {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "section {} is {length} bytes, more than the limit of {MAX_DATA_SECTION_LEN}",
+                label(name, instance)
+            )));
+        }
+        self.check_not_poisoned()?;
+        let offset = align_up(self.cursor, 8).ok_or(SnapshotError::TooLarge)?;
+        if let Err(e) = self.file.write_all_at(payload, offset) {
+            self.poisoned = true;
+            return Err(SnapshotError::io(
+                &format!("write section {}", label(name, instance)),
+                e,
+            ));
+        }
+        self.entries.push(SectionEntry {
+            name: name.to_string(),
+            instance: instance.to_string(),
+            version,
+            kind: SectionKind::Data,
+            flags: match requirement {
+                Requirement::Mandatory => SECTION_FLAG_MANDATORY,
+                Requirement::Optional => 0,
+            },
+            checksum: crc32c::crc32c(payload),
+            offset,
+            length,
+            gpa: 0,
+        });
+        self.cursor = offset + length;
+        Ok(())
+    }
+
+    fn check_not_poisoned(&self) -> Result<(), SnapshotError> {
+        if self.poisoned {
+            return Err(SnapshotError::InvalidArgument(
+                "an earlier write to this snapshot failed".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn zero_crc(&mut self, len: usize) -> u32 {
+        *self
+            .zero_chunk_crc
+            .entry(len)
+            .or_insert_with(|| crc32c::crc32c(&vec![0u8; len]))
+    }
+}
+
+impl std::fmt::Debug for SnapshotWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotWriter")
+            .field("name", &self.name)
+            .field("temp_name", &self.temp_name)
+            .field("sections", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.temp_gone {
+            if let Err(errno) = unlinkat(
+                &self.dir,
+                self.temp_name.as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            ) {
+                log::warn!(
+                    "cannot remove temporary snapshot {}: {errno}",
+                    self.temp_name
+                );
+            }
+        }
+    }
+}
+
+/// A snapshot name must be a single path component.
+fn check_file_name(name: &str) -> Result<(), SnapshotError> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > NAME_MAX
+    {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "'{}' is not a valid snapshot file name",
+            name.escape_default()
+        )));
+    }
+    Ok(())
+}
+
+/// `.NAME.tmp.PID.N`, with NAME shortened if the whole would not fit in NAME_MAX.
+fn temp_name_for(name: &str, pid: u32, serial: u32) -> String {
+    let suffix = format!(".tmp.{pid}.{serial}");
+    let room = NAME_MAX - 1 - suffix.len();
+    let mut cut = name.len().min(room);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(".{}{}", &name[..cut], suffix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_names_are_hidden_and_fit_name_max() {
+        assert_eq!(temp_name_for("vm1.snap", 42, 7), ".vm1.snap.tmp.42.7");
+        let long = "é".repeat(200);
+        let temp = temp_name_for(&long, u32::MAX, u32::MAX);
+        assert!(temp.len() <= NAME_MAX);
+        assert!(temp.starts_with('.'));
+    }
+
+    #[test]
+    fn file_names_with_slashes_are_refused() {
+        assert!(check_file_name("a/b").is_err());
+        assert!(check_file_name("..").is_err());
+        assert!(check_file_name("").is_err());
+        assert!(check_file_name("vm.ckp").is_ok());
+    }
+}
