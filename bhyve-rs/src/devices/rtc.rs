@@ -1,0 +1,1 @@
+//! MC146818 real-time clock and CMOS NVRAM.

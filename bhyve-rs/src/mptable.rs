@@ -1,0 +1,1 @@
+//! Intel MultiProcessor Specification 1.4 table.
