@@ -13,7 +13,13 @@
 //! Like bhyve, a machine with PCI devices on a bus other than 0 cannot be described: pass
 //! only bus-0 routes, or skip the table.
 
+use crate::config::Config;
 use crate::devices::pm::SCI_INT;
+
+/// `x86.mptable` (default true; `-Y` sets it false): whether to build the table at all.
+pub fn mptable_enabled(config: &Config) -> Result<bool, String> {
+    Ok(config.get_bool("x86.mptable")?.unwrap_or(true))
+}
 
 /// Guest-physical address of the floating pointer.
 pub const MPTABLE_BASE: u64 = 0xF0000;
@@ -330,6 +336,14 @@ mod tests {
         assert_eq!((sci[5], sci[7]), (9, 9));
         let pci = &blob[ints + 16 * 8..ints + 17 * 8];
         assert_eq!((pci[4], pci[5], pci[7]), (0, (3 << 2) | 1, 17));
+    }
+
+    #[test]
+    fn minus_y_turns_the_table_off() {
+        let mut config = Config::new();
+        assert_eq!(mptable_enabled(&config), Ok(true));
+        config.set("x86.mptable", "false");
+        assert_eq!(mptable_enabled(&config), Ok(false));
     }
 
     #[test]

@@ -30,7 +30,13 @@ use acpi_tables::facs::FACS;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 
+use crate::config::Config;
 use crate::devices::pm;
+
+/// `acpi_tables` (default true in current bhyve, where `-A` is a no-op): whether to build them.
+pub fn acpi_tables_enabled(config: &Config) -> Result<bool, String> {
+    Ok(config.get_bool("acpi_tables")?.unwrap_or(true))
+}
 
 /// Where bhyve puts the tables.
 pub const BHYVE_ACPI_BASE: u64 = 0xf2400;

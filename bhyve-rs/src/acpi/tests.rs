@@ -293,3 +293,11 @@ fn iasl_accepts_every_other_table() {
         );
     }
 }
+
+#[test]
+fn tables_are_on_unless_configured_off() {
+    let mut config = Config::new();
+    assert_eq!(acpi_tables_enabled(&config), Ok(true));
+    config.set("acpi_tables", "false");
+    assert_eq!(acpi_tables_enabled(&config), Ok(false));
+}

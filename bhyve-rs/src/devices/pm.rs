@@ -97,6 +97,7 @@ pub enum PowerEvent {
 pub type PowerEventHandler = Arc<dyn Fn(PowerEvent) + Send + Sync>;
 
 /// Registers that a snapshot must carry.
+#[cfg(feature = "bhyve_snapshot")]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PmState {
     pub pm1_status: u16,
@@ -198,34 +199,6 @@ impl PowerManagement {
         self.timer_base.wrapping_add(ticks as u32)
     }
 
-    pub fn state(&self) -> PmState {
-        PmState {
-            pm1_status: self.pm1_status,
-            pm1_enable: self.pm1_enable,
-            pm1_control: self.pm1_control,
-            gpe0_active: self.gpe0_active,
-            gpe0_enabled: self.gpe0_enabled,
-            reset_control: self.reset_control,
-            timer: self.timer_value(),
-        }
-    }
-
-    /// Load `state`; the timer continues from the saved count and the SCI line follows the
-    /// restored registers.
-    pub fn restore(&mut self, state: &PmState) {
-        self.pm1_status = state.pm1_status;
-        self.pm1_enable = state.pm1_enable;
-        self.pm1_control = state.pm1_control;
-        self.gpe0_active = state.gpe0_active & GPE0_VALID;
-        self.gpe0_enabled = state.gpe0_enabled & GPE0_VALID;
-        self.reset_control = state.reset_control;
-        self.timer_epoch = Instant::now();
-        self.timer_base = state.timer;
-        // Force the line to be driven to the restored level.
-        self.sci_active = !self.sci_needed();
-        self.sci_update();
-    }
-
     fn sci_needed(&self) -> bool {
         let pending = self.pm1_status
             & self.pm1_enable
@@ -309,6 +282,37 @@ impl PowerManagement {
             _ => return false,
         }
         true
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl PowerManagement {
+    pub fn state(&self) -> PmState {
+        PmState {
+            pm1_status: self.pm1_status,
+            pm1_enable: self.pm1_enable,
+            pm1_control: self.pm1_control,
+            gpe0_active: self.gpe0_active,
+            gpe0_enabled: self.gpe0_enabled,
+            reset_control: self.reset_control,
+            timer: self.timer_value(),
+        }
+    }
+
+    /// Load `state`; the timer continues from the saved count and the SCI line follows the
+    /// restored registers.
+    pub fn restore(&mut self, state: &PmState) {
+        self.pm1_status = state.pm1_status;
+        self.pm1_enable = state.pm1_enable;
+        self.pm1_control = state.pm1_control;
+        self.gpe0_active = state.gpe0_active & GPE0_VALID;
+        self.gpe0_enabled = state.gpe0_enabled & GPE0_VALID;
+        self.reset_control = state.reset_control;
+        self.timer_epoch = Instant::now();
+        self.timer_base = state.timer;
+        // Force the line to be driven to the restored level.
+        self.sci_active = !self.sci_needed();
+        self.sci_update();
     }
 }
 
@@ -543,6 +547,7 @@ mod tests {
         assert_eq!(f.sci_changes(), vec![(SCI_INT, true), (SCI_INT, false)]);
     }
 
+    #[cfg(feature = "bhyve_snapshot")]
     #[test]
     fn state_round_trip_keeps_registers_and_timer() {
         let f = fixture();

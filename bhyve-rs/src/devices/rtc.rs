@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::bus::BusDevice;
+use crate::config::Config;
 use crate::interrupts::InterruptSink;
 
 /// First port: the index register; the data register follows.
@@ -155,6 +156,11 @@ pub fn host_rtc_time(unix_time: i64, use_localtime: bool) -> i64 {
     }
 }
 
+/// `rtc.use_localtime` (default true; `-u` sets it false).
+pub fn use_localtime(config: &Config) -> Result<bool, String> {
+    Ok(config.get_bool("rtc.use_localtime")?.unwrap_or(true))
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RtcError {
     #[error("RTC offset {0:#x} is not writable NVRAM")]
@@ -164,6 +170,7 @@ pub enum RtcError {
 }
 
 /// Everything a snapshot must carry.
+#[cfg(feature = "bhyve_snapshot")]
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RtcState {
     /// The 128 register bytes.
@@ -352,24 +359,6 @@ impl Rtc {
         }
         self.regs[offset] = value;
         Ok(())
-    }
-
-    pub fn state(&self) -> RtcState {
-        RtcState {
-            registers: self.regs.to_vec(),
-            addr: self.addr,
-            rtc_time: self.curtime(),
-        }
-    }
-
-    /// Load `state`; the clock continues from the saved time.
-    pub fn restore(&mut self, state: &RtcState) {
-        let n = state.registers.len().min(RTC_SIZE);
-        self.regs[..n].copy_from_slice(&state.registers[..n]);
-        self.addr = state.addr & 0x7f;
-        self.base_rtctime = state.rtc_time;
-        self.base_uptime = self.clock.uptime();
-        self.next_periodic = None;
     }
 
     /// Deliver time-driven events that are due: the periodic flag at register A's rate, and
@@ -696,6 +685,27 @@ impl Rtc {
             let now = self.clock.uptime();
             let _ = self.time_update(t, now);
         }
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl Rtc {
+    pub fn state(&self) -> RtcState {
+        RtcState {
+            registers: self.regs.to_vec(),
+            addr: self.addr,
+            rtc_time: self.curtime(),
+        }
+    }
+
+    /// Load `state`; the clock continues from the saved time.
+    pub fn restore(&mut self, state: &RtcState) {
+        let n = state.registers.len().min(RTC_SIZE);
+        self.regs[..n].copy_from_slice(&state.registers[..n]);
+        self.addr = state.addr & 0x7f;
+        self.base_rtctime = state.rtc_time;
+        self.base_uptime = self.clock.uptime();
+        self.next_periodic = None;
     }
 }
 
@@ -1033,6 +1043,7 @@ mod tests {
         assert_eq!(f.read(RTC_INTR as u8), RTCIR_INT | RTCIR_ALARM);
     }
 
+    #[cfg(feature = "bhyve_snapshot")]
     #[test]
     fn state_round_trip_continues_the_clock() {
         let (f, _clock) = fake_fixture(1_700_000_000);
@@ -1042,6 +1053,16 @@ mod tests {
         g.rtc.lock().unwrap().restore(&saved);
         assert_eq!(g.read(0x20), 0xab);
         assert_eq!(g.guest_time(), 1_700_000_000);
+    }
+
+    #[test]
+    fn localtime_is_the_default_and_u_turns_it_off() {
+        let mut config = Config::new();
+        assert_eq!(use_localtime(&config), Ok(true));
+        config.set("rtc.use_localtime", "false");
+        assert_eq!(use_localtime(&config), Ok(false));
+        config.set("rtc.use_localtime", "maybe");
+        assert!(use_localtime(&config).is_err());
     }
 
     #[test]
