@@ -21,7 +21,8 @@
 //!   a local APIC NMI on LINT1 of every processor.
 //! * MCFG: one ECAM range for segment 0.
 //! * FACS version 2; SPCR for the first serial port (16550, 115200 8N1, RTS/CTS, VT-UTF8).
-//! * DSDT: see [`dsdt`].
+//! * DSDT: `\_SB.PC00` (PNP0A03) with its bus range and windows, `_PRT`, the LPC devices
+//!   (COM ports, RTC, PIC, PIT, motherboard resources) and `_S5` = 5 (see `dsdt.rs`).
 //! * No HPET table: no HPET is emulated.
 
 mod dsdt;

@@ -1066,6 +1066,20 @@ mod tests {
     }
 
     #[test]
+    fn ticker_thread_delivers_periodic_interrupts() {
+        let f = host_fixture(false, 256 << 20, 0);
+        f.write(RTC_STATUSA as u8, RTCSA_DIVIDER_RUN | 6);
+        f.write(RTC_STATUSB as u8, RTCSB_24HR | RTCSB_PINTR);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = spawn_ticker(f.rtc.clone(), stop.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::Relaxed);
+        ticker.join().unwrap();
+        assert_eq!(f.read(RTC_INTR as u8), RTCIR_INT | RTCIR_PERIOD);
+        assert!(f.pulses.0.lock().unwrap().contains(&(RTC_IRQ, true)));
+    }
+
+    #[test]
     fn calendar_conversion_round_trips() {
         for t in [
             0i64,
