@@ -2,6 +2,9 @@
 //!
 //! [`attach`] reads the configuration tree and puts every configured device on the buses.
 
+pub mod pm;
+pub mod rtc;
+
 use std::sync::Arc;
 
 use crate::bus::Buses;
