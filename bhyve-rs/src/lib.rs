@@ -4,6 +4,7 @@
 //! builds a machine (memory, vCPUs, devices on buses), vCPU threads run, and each exit is routed
 //! by a [`bus`] to the device that owns the address. Only [`vmm`] talks to the hypervisor.
 
+pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod config;
@@ -11,6 +12,8 @@ pub mod control;
 pub mod devices;
 pub mod interrupts;
 pub mod machine;
+pub mod memory;
 #[cfg(feature = "bhyve_snapshot")]
 pub mod snapshot;
+pub mod vcpu;
 pub mod vmm;
