@@ -377,3 +377,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+#[path = "machine_kvm_tests.rs"]
+mod kvm_tests;

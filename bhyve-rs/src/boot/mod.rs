@@ -35,7 +35,7 @@
 //! `hdr.ramdisk_size` (offsets `0x218` / `0x21c`, with the high halves at `0x0c0` / `0x0c4`),
 //! `hdr.type_of_loader` = `0xff` (offset `0x210`).
 
-mod linux;
+pub(crate) mod linux;
 
 use std::path::{Path, PathBuf};
 

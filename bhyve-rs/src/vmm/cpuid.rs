@@ -53,14 +53,13 @@ pub fn apply_topology(entries: &mut Vec<CpuidEntry>, apic_id: u32, topology: &To
                 entry.ecx = (entry.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_VMX;
                 entry.edx |= LEAF1_EDX_HTT;
             }
-            4 => {
-                if entry.eax & 0x1f != 0 {
-                    let level = (entry.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { per_package } else { threads };
-                    entry.eax = (entry.eax & 0x3ff)
-                        | ((sharing - 1).min(0xfff) << 14)
-                        | ((cores - 1).min(0x3f) << 26);
-                }
+            // Cache leaves; a zero type field ends the list and stays as it is.
+            4 if entry.eax & 0x1f != 0 => {
+                let level = (entry.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { per_package } else { threads };
+                entry.eax = (entry.eax & 0x3ff)
+                    | ((sharing - 1).min(0xfff) << 14)
+                    | ((cores - 1).min(0x3f) << 26);
             }
             0xb | 0x1f => {
                 *entry = topology_leaf(entry.function, entry.index, apic_id, threads, cores);

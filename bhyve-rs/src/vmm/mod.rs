@@ -42,7 +42,7 @@ pub enum VmmError {
 }
 
 impl VmmError {
-    pub(crate) fn ioctl(what: &'static str, source: impl Into<io::Error>) -> Self {
+    pub fn ioctl(what: &'static str, source: impl Into<io::Error>) -> Self {
         VmmError::Ioctl {
             what,
             source: source.into(),

@@ -1,0 +1,294 @@
+//! Machines on the real KVM backend running tiny hand-assembled guests. They skip (with a
+//! message) when /dev/kvm cannot be used, and fail instead when BHYVE_RS_REQUIRE_KVM=1.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::boot::linux::tests::synthetic_elf;
+use crate::boot::{BootFiles, KernelImage};
+use crate::bus::{BusDevice, SharedDevice};
+use crate::vmm::Segment;
+
+fn hypervisor() -> Option<Box<dyn Hypervisor>> {
+    match crate::vmm::open_hypervisor() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            if std::env::var("BHYVE_RS_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("BHYVE_RS_REQUIRE_KVM=1 but /dev/kvm is unusable: {e}");
+            }
+            eprintln!("skipped: /dev/kvm is unusable here: {e}");
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl BusDevice for Recorder {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0x42);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+fn recorder() -> (Arc<Mutex<Recorder>>, SharedDevice) {
+    let r = Arc::new(Mutex::new(Recorder::default()));
+    (r.clone(), r)
+}
+
+fn bytes_written(r: &Arc<Mutex<Recorder>>) -> Vec<u8> {
+    r.lock()
+        .unwrap()
+        .writes
+        .iter()
+        .flat_map(|(_, d)| d.clone())
+        .collect()
+}
+
+const GUEST_BASE: u64 = 0x20_0000;
+
+/// A machine with `code` loaded as a 64-bit ELF kernel at 2 MiB, entered in long mode.
+fn long_mode_machine(hv: &dyn Hypervisor, code: &[u8], cpus: u16) -> Machine {
+    let topology = Topology {
+        cpus,
+        sockets: cpus,
+        cores: 1,
+        threads: 1,
+    };
+    let machine = Machine::new(hv, GuestMemory::new(16 << 20).unwrap(), &topology).unwrap();
+    let files = BootFiles {
+        kernel_path: PathBuf::from("test-guest"),
+        kernel: KernelImage::parse(synthetic_elf(GUEST_BASE, code, 0)).unwrap(),
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+    };
+    machine.load_kernel(&files).unwrap();
+    machine
+}
+
+/// Run until the VM stops, giving up after `limit`.
+fn run_to_end(machine: &mut Machine, strict_io: bool, limit: Duration) -> ExitReason {
+    machine.start(strict_io).unwrap();
+    let control = machine.control().clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        control.request_exit(ExitReason::Error("test timed out".into()));
+    });
+    machine.wait()
+}
+
+// Hand-assembled 64-bit instructions.
+const MOV_DX_COM1: [u8; 4] = [0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+const OUT_DX_AL: u8 = 0xee;
+const OUT_DX_EAX: u8 = 0xef;
+const CLI_HLT: [u8; 2] = [0xfa, 0xf4];
+
+#[test]
+fn long_mode_guest_sees_boot_params_and_port_writes_reach_the_bus() {
+    let Some(hv) = hypervisor() else { return };
+    let mut code = vec![0xb0, b'K']; // mov al, 'K'
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend([0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00]); // mov al, [rsi + 0x1e8] (e820_entries)
+    code.push(OUT_DX_AL);
+    code.extend([0x8b, 0x86, 0x28, 0x02, 0x00, 0x00]); // mov eax, [rsi + 0x228] (cmd_line_ptr)
+    code.push(OUT_DX_EAX);
+    code.extend(CLI_HLT);
+    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(reason.status(), 2);
+    let mut expected = vec![b'K', 3];
+    expected.extend(0x20000u32.to_le_bytes());
+    assert_eq!(bytes_written(&com1), expected);
+    let mut cmdline = [0u8; 14];
+    machine.memory().read(0x20000, &mut cmdline).unwrap();
+    assert_eq!(&cmdline, b"console=ttyS0\0");
+}
+
+#[test]
+fn mmio_goes_to_the_bus_and_unclaimed_mmio_reads_all_ones() {
+    let Some(hv) = hypervisor() else { return };
+    let mut code = vec![0xb8, 0x44, 0x33, 0x22, 0x11]; // mov eax, 0x11223344
+    code.extend([0x48, 0xbb, 0, 0, 0, 0xd0, 0, 0, 0, 0]); // mov rbx, 0xd0000000
+    code.extend([0x89, 0x03]); // mov [rbx], eax
+    code.extend([0x8b, 0x83, 0x00, 0x10, 0x00, 0x00]); // mov eax, [rbx + 0x1000]
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_EAX);
+    code.extend([0x8b, 0x43, 0x04]); // mov eax, [rbx + 4]
+    code.push(OUT_DX_EAX);
+    code.extend(CLI_HLT);
+    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let (window, device) = recorder();
+    machine
+        .buses()
+        .mmio
+        .insert(0xd000_0000, 0x1000, device)
+        .unwrap();
+    let reason = run_to_end(&mut machine, false, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(
+        window.lock().unwrap().writes,
+        vec![(0, vec![0x44, 0x33, 0x22, 0x11])]
+    );
+    assert_eq!(
+        bytes_written(&com1),
+        [[0xff; 4], [0x42; 4]].concat(),
+        "unclaimed MMIO reads all-ones, claimed MMIO reads the device"
+    );
+}
+
+#[test]
+fn strictio_stops_the_vm_on_an_unclaimed_port() {
+    let Some(hv) = hypervisor() else { return };
+    let code = [0xb0, 0x01, 0xe6, 0x80, 0xfa, 0xf4]; // mov al, 1; out 0x80, al; cli; hlt
+    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Error("Unhandled outb 0x0080".into()));
+    assert_eq!(reason.status(), 4);
+
+    let mut lenient = long_mode_machine(hv.as_ref(), &code, 1);
+    assert_eq!(
+        run_to_end(&mut lenient, false, Duration::from_secs(30)),
+        ExitReason::Halt
+    );
+}
+
+#[test]
+fn a_triple_fault_ends_with_status_3() {
+    let Some(hv) = hypervisor() else { return };
+    let mut machine = long_mode_machine(hv.as_ref(), &[0x0f, 0x0b], 1); // ud2, no IDT
+    let reason = run_to_end(&mut machine, false, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::TripleFault);
+    assert_eq!(reason.status(), 3);
+}
+
+#[test]
+fn halt_with_interrupts_enabled_keeps_the_vm_alive() {
+    let Some(hv) = hypervisor() else { return };
+    let mut machine = long_mode_machine(hv.as_ref(), &[0xfb, 0xf4, 0xeb, 0xfc], 1); // sti; hlt; jmp
+    machine.start(false).unwrap();
+    let control = machine.control().clone();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(600));
+        let early = control.exit_reason();
+        control.request_exit(ExitReason::PowerOff);
+        early
+    });
+    let reason = machine.wait();
+    assert_eq!(stopper.join().unwrap(), None, "no exit while IF=1");
+    assert_eq!(reason, ExitReason::PowerOff);
+}
+
+#[test]
+fn real_mode_port_output_reaches_the_bus() {
+    let Some(hv) = hypervisor() else { return };
+    let mut machine = Machine::new(
+        hv.as_ref(),
+        GuestMemory::new(1 << 20).unwrap(),
+        &Topology::default(),
+    )
+    .unwrap();
+    // mov dx, 0x3f8; mov al, 'A'; out dx, al; cli; hlt
+    let code = [0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xfa, 0xf4];
+    machine.memory().write(0x1000, &code).unwrap();
+    machine
+        .vcpus()
+        .with_vcpu(0, |vcpu| -> crate::vmm::Result<()> {
+            let mut sregs = vcpu.special_regs()?;
+            sregs.cs = Segment {
+                base: 0,
+                selector: 0,
+                ..sregs.cs
+            };
+            vcpu.set_special_regs(&sregs)?;
+            vcpu.set_regs(&crate::vmm::Regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(bytes_written(&com1), b"A");
+}
+
+#[test]
+fn pause_stops_spinning_vcpus_and_resume_restarts_them() {
+    let Some(hv) = hypervisor() else { return };
+    const COUNTER: u64 = 0x30_0000;
+    // loop: inc qword [0x300000]; jmp loop
+    let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
+    // Two vCPUs: vCPU 0 spins, vCPU 1 sits in wait-for-SIPI inside KVM_RUN; both must park.
+    let mut machine = long_mode_machine(hv.as_ref(), &code, 2);
+    machine.start(false).unwrap();
+    let counter = || machine.memory().read_u64(COUNTER).unwrap();
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(counter() > 0, "the guest runs");
+
+    for _ in 0..3 {
+        let asked = Instant::now();
+        machine.vcpus().pause_all().unwrap();
+        let latency = asked.elapsed();
+        assert!(latency < Duration::from_secs(1), "pause took {latency:?}");
+        let frozen = counter();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(counter(), frozen, "no progress while paused");
+        let rip = machine
+            .vcpus()
+            .with_vcpu(0, |vcpu| vcpu.regs().map(|r| r.rip))
+            .unwrap()
+            .unwrap();
+        assert!((GUEST_BASE..GUEST_BASE + code.len() as u64).contains(&rip));
+        let ap_state = machine
+            .vcpus()
+            .with_vcpu(1, |vcpu| vcpu.mp_state())
+            .unwrap()
+            .unwrap();
+        assert_eq!(ap_state, MpState::WaitForSipi);
+
+        machine.vcpus().resume_all();
+        assert!(matches!(
+            machine.vcpus().with_vcpu(0, |_| ()),
+            Err(VcpuError::NotPaused)
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counter() == frozen && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(counter() > frozen, "progress after resume");
+    }
+
+    machine.control().request_exit(ExitReason::PowerOff);
+    assert_eq!(machine.wait(), ExitReason::PowerOff);
+}
+
+#[test]
+fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
+    let Some(_hv) = hypervisor() else { return };
+    let path = std::env::temp_dir().join(format!("bhyve-rs-test-{}.elf", std::process::id()));
+    std::fs::write(&path, synthetic_elf(GUEST_BASE, &CLI_HLT, 0)).unwrap();
+    let mut config = Config::new();
+    config.set("boot.kernel", path.to_str().unwrap());
+    config.set("memory.size", "64M");
+    config.set("cpus", "2");
+    let status = run(&config, None);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(status, 2);
+}
