@@ -22,7 +22,7 @@ use crate::config::{parse_c_unsigned, parse_memsize, Config};
 use crate::devices::{self, Devices};
 use crate::memory::{GuestMemory, MemoryError, DEFAULT_MEMSIZE};
 use crate::vcpu::{ExitContext, ExitReason, VcpuError, VcpuSet, VmControl};
-use crate::vmm::{BlockedProbe, Hypervisor, MpState, Topology, Vm, VmmError};
+use crate::vmm::{Hypervisor, MpState, Topology, Vm, VmmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -214,7 +214,6 @@ impl Machine {
 
 /// Detects "every started vCPU halted with interrupts disabled" (see the module docs).
 struct HaltMonitor {
-    probes: Option<Vec<Box<dyn BlockedProbe>>>,
     /// Wake-up counters at the last check that found a vCPU still able to run.
     checked_at: Option<Vec<u64>>,
     last_fallback: Instant,
@@ -222,27 +221,22 @@ struct HaltMonitor {
 
 impl HaltMonitor {
     fn new(vcpus: &VcpuSet) -> Self {
-        let probes: Option<Vec<_>> = vcpus.blocked_probes().into_iter().collect();
-        if probes.is_none() {
+        if vcpus.blocked_samples().is_none() {
             log::debug!("vCPU statistics unavailable; halt check falls back to polling");
         }
         Self {
-            probes,
             checked_at: None,
             last_fallback: Instant::now(),
         }
     }
 
     fn check(&mut self, vcpus: &VcpuSet) -> Result<bool, VcpuError> {
-        match &self.probes {
-            Some(probes) => {
-                let mut wakeups = Vec::with_capacity(probes.len());
-                for probe in probes {
-                    match probe.sample() {
-                        Some((true, count)) => wakeups.push(count),
-                        _ => return Ok(false),
-                    }
+        match vcpus.blocked_samples() {
+            Some(samples) => {
+                if samples.iter().any(|&(blocked, _)| !blocked) {
+                    return Ok(false);
                 }
+                let wakeups: Vec<u64> = samples.iter().map(|&(_, count)| count).collect();
                 if self.checked_at.as_ref() == Some(&wakeups) {
                     return Ok(false);
                 }

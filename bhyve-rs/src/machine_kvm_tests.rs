@@ -62,7 +62,11 @@ fn long_mode_machine(hv: &dyn Hypervisor, code: &[u8], cpus: u16) -> Machine {
         cores: 1,
         threads: 1,
     };
-    let machine = Machine::new(hv, GuestMemory::new(16 << 20).unwrap(), &topology).unwrap();
+    long_mode_machine_with(hv, code, &topology)
+}
+
+fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology) -> Machine {
+    let machine = Machine::new(hv, GuestMemory::new(16 << 20).unwrap(), topology).unwrap();
     let files = BootFiles {
         kernel_path: PathBuf::from("test-guest"),
         kernel: KernelImage::parse(synthetic_elf(GUEST_BASE, code, 0)).unwrap(),
@@ -113,6 +117,41 @@ fn long_mode_guest_sees_boot_params_and_port_writes_reach_the_bus() {
     let mut cmdline = [0u8; 14];
     machine.memory().read(0x20000, &mut cmdline).unwrap();
     assert_eq!(&cmdline, b"console=ttyS0\0");
+}
+
+#[test]
+fn guest_cpuid_reports_topology_and_kvm_signature() {
+    let Some(hv) = hypervisor() else { return };
+    // CPUID overwrites edx, so the port is loaded after each one.
+    let mut code = vec![0xb8, 0x01, 0x00, 0x00, 0x00]; // mov eax, 1
+    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    code.extend(MOV_DX_COM1);
+    code.extend([0xc1, 0xe8, 0x10, OUT_DX_AL]); // shr eax, 16; out (logical CPUs per package)
+    code.extend([0xc1, 0xe8, 0x08, OUT_DX_AL]); // shr eax, 8; out (APIC id)
+    code.extend([0xb8, 0x0b, 0x00, 0x00, 0x00]); // mov eax, 0xb
+    code.extend([0xb9, 0x01, 0x00, 0x00, 0x00]); // mov ecx, 1
+    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend([0xb8, 0x00, 0x00, 0x00, 0x40]); // mov eax, 0x40000000
+    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_EAX);
+    code.extend(CLI_HLT);
+    let topology = Topology {
+        cpus: 4,
+        sockets: 1,
+        cores: 2,
+        threads: 2,
+    };
+    let mut machine = long_mode_machine_with(hv.as_ref(), &code, &topology);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    assert_eq!(
+        run_to_end(&mut machine, false, Duration::from_secs(30)),
+        ExitReason::Halt
+    );
+    assert_eq!(bytes_written(&com1), [4, 0, 4, b'K', b'V', b'M', b'K']);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::bus::Buses;
-use crate::vmm::{MpState, Vcpu, VmExit, VmmError, RFLAGS_IF};
+use crate::vmm::{BlockedProbe, MpState, Vcpu, VmExit, VmmError, RFLAGS_IF};
 
 /// Why the VM stopped, and so bhyve's exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,12 +200,15 @@ pub struct VcpuSet {
     control: Arc<VmControl>,
     vcpus: Vec<SharedVcpu>,
     threads: Vec<JoinHandle<()>>,
+    /// Opened before the threads start: a running thread holds its vCPU's lock.
+    probes: Vec<Option<Box<dyn BlockedProbe>>>,
 }
 
 impl VcpuSet {
     pub fn new(vcpus: Vec<Box<dyn Vcpu>>, control: Arc<VmControl>) -> Self {
         Self {
             control,
+            probes: vcpus.iter().map(|v| v.blocked_probe()).collect(),
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             threads: Vec::new(),
         }
@@ -321,11 +324,12 @@ impl VcpuSet {
         Ok(halted > 0)
     }
 
-    /// Probes telling whether each vCPU is blocked, for halt detection without stopping them.
-    pub fn blocked_probes(&self) -> Vec<Option<Box<dyn crate::vmm::BlockedProbe>>> {
-        self.vcpus
+    /// For each vCPU, `(blocked in the hypervisor, wake-ups so far)`, read without stopping
+    /// the vCPUs; `None` when the backend cannot tell.
+    pub fn blocked_samples(&self) -> Option<Vec<(bool, u64)>> {
+        self.probes
             .iter()
-            .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).blocked_probe())
+            .map(|p| p.as_ref().and_then(|p| p.sample()))
             .collect()
     }
 
