@@ -331,3 +331,78 @@ fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
     std::fs::remove_file(&path).ok();
     assert_eq!(status, 2);
 }
+
+#[test]
+fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
+    let Some(hv) = hypervisor() else { return };
+    const COUNTER: u64 = 0x30_0000;
+    let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
+    let mut original = long_mode_machine(hv.as_ref(), &code, 2);
+    original.start(false).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+
+    original.vcpus().pause_all().unwrap();
+    let vm_state = original.vm().save_state().unwrap();
+    let vcpu_states: Vec<_> = (0..2)
+        .map(|i| {
+            original
+                .vcpus()
+                .with_vcpu(i, |v| v.save_state())
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let ram = original.memory().slice(0, 16 << 20).unwrap().to_vec();
+    let saved_count = original.memory().read_u64(COUNTER).unwrap();
+    original.control().request_exit(ExitReason::Suspended);
+    assert_eq!(original.wait(), ExitReason::Suspended);
+    assert!(saved_count > 0);
+    assert_eq!(vm_state.backend, "kvm");
+    assert!(vcpu_states[0].section("lapic").is_some());
+
+    let memory = GuestMemory::new(16 << 20).unwrap();
+    memory.write(0, &ram).unwrap();
+    let topology = Topology {
+        cpus: 2,
+        sockets: 2,
+        cores: 1,
+        threads: 1,
+    };
+    let mut restored = Machine::new(hv.as_ref(), memory, &topology).unwrap();
+    restored.vm().restore_state(&vm_state).unwrap();
+    for (i, state) in vcpu_states.iter().enumerate() {
+        restored
+            .vcpus()
+            .with_vcpu(i, |v| v.restore_state(state))
+            .unwrap()
+            .unwrap();
+    }
+    // Saving the restored vCPU again gives the same registers and MP state.
+    let again = restored
+        .vcpus()
+        .with_vcpu(0, |v| v.save_state())
+        .unwrap()
+        .unwrap();
+    for name in ["regs", "sregs", "mp_state"] {
+        assert_eq!(again.section(name), vcpu_states[0].section(name), "{name}");
+    }
+    let ap = restored
+        .vcpus()
+        .with_vcpu(1, |v| v.mp_state())
+        .unwrap()
+        .unwrap();
+    assert_eq!(ap, MpState::WaitForSipi);
+
+    restored.start(false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while restored.memory().read_u64(COUNTER).unwrap() == saved_count && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(restored.memory().read_u64(COUNTER).unwrap() > saved_count);
+    restored.control().request_exit(ExitReason::PowerOff);
+    assert_eq!(restored.wait(), ExitReason::PowerOff);
+
+    let mut foreign = vm_state.clone();
+    foreign.backend = "vmm".into();
+    assert!(restored.vm().restore_state(&foreign).is_err());
+}

@@ -20,18 +20,20 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_dtable, kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_regs,
-    kvm_run, kvm_segment, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_run,
+    kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::cpuid::{apply_topology, CpuidEntry};
 use super::{
-    BlockedProbe, DescriptorTable, Hypervisor, MpState, Msr, Regs, Result, Segment, SpecialRegs,
-    SystemEvent, Topology, Vcpu, VmExit, VmmError,
+    BackendState, BlockedProbe, DescriptorTable, Hypervisor, MpState, Msr, Regs, Result, Segment,
+    SpecialRegs, StateSection, SystemEvent, Topology, Vcpu, VmExit, VmmError,
 };
 use crate::interrupts::InterruptSink;
 use crate::memory::GuestMemory;
@@ -105,13 +107,29 @@ impl Hypervisor for KvmHypervisor {
                 edx: e.edx,
             })
             .collect();
-        Ok(Arc::new(KvmVm { fd, cpuid }))
+        let msr_indices: Arc<[u32]> = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| VmmError::ioctl("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .into();
+        let xsave_size = fd.check_extension_int(Cap::Xsave2).max(0) as usize;
+        Ok(Arc::new(KvmVm {
+            fd,
+            cpuid,
+            msr_indices,
+            xsave_size,
+        }))
     }
 }
 
 pub struct KvmVm {
     fd: VmFd,
     cpuid: Vec<CpuidEntry>,
+    /// Every MSR KVM can save and restore.
+    msr_indices: Arc<[u32]>,
+    /// KVM_CAP_XSAVE2: bytes of XSAVE state (0 when only the 4 KiB legacy area exists).
+    xsave_size: usize,
 }
 
 impl KvmVm {
@@ -164,12 +182,167 @@ impl super::Vm for KvmVm {
         fd.set_cpuid2(&cpuid)
             .map_err(|e| VmmError::ioctl("KVM_SET_CPUID2", e))?;
         let run: *mut kvm_run = fd.get_kvm_run();
-        Ok(Box::new(KvmVcpu { id, fd, run }))
+        Ok(Box::new(KvmVcpu {
+            id,
+            fd,
+            run,
+            msr_indices: self.msr_indices.clone(),
+            xsave_size: self.xsave_size,
+        }))
     }
 
     fn interrupt_sink(self: Arc<Self>) -> Arc<dyn InterruptSink> {
         self
     }
+
+    fn save_state(&self) -> Result<BackendState> {
+        let mut sections = Vec::new();
+        for (chip_id, name) in IRQCHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(|e| VmmError::ioctl("KVM_GET_IRQCHIP", e))?;
+            sections.push(section(name, &chip));
+        }
+        let pit = self
+            .fd
+            .get_pit2()
+            .map_err(|e| VmmError::ioctl("KVM_GET_PIT2", e))?;
+        sections.push(section("pit2", &pit));
+        let clock = self
+            .fd
+            .get_clock()
+            .map_err(|e| VmmError::ioctl("KVM_GET_CLOCK", e))?;
+        sections.push(section("clock", &clock));
+        Ok(BackendState {
+            backend: BACKEND.into(),
+            sections,
+        })
+    }
+
+    fn restore_state(&self, state: &BackendState) -> Result<()> {
+        check_backend(state)?;
+        for (chip_id, name) in IRQCHIPS {
+            let mut chip: kvm_irqchip = from_section(state, name)?;
+            chip.chip_id = chip_id;
+            self.fd
+                .set_irqchip(&chip)
+                .map_err(|e| VmmError::ioctl("KVM_SET_IRQCHIP", e))?;
+        }
+        let pit: kvm_pit_state2 = from_section(state, "pit2")?;
+        self.fd
+            .set_pit2(&pit)
+            .map_err(|e| VmmError::ioctl("KVM_SET_PIT2", e))?;
+        let mut clock: kvm_clock_data = from_section(state, "clock")?;
+        // Only the clock value is restored: the guest sees no time pass while it was saved.
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmmError::ioctl("KVM_SET_CLOCK", e))
+    }
+}
+
+const BACKEND: &str = "kvm";
+const IRQCHIPS: [(u32, &str); 3] = [(0, "pic_master"), (1, "pic_slave"), (2, "ioapic")];
+
+/// Marker for kernel ABI structs made only of integers (and unions/arrays of them), for which
+/// every byte pattern is a valid value.
+///
+/// # Safety
+/// Implement only for such plain-old-data `#[repr(C)]` types.
+unsafe trait Pod: Default {}
+// SAFETY: all are bindgen-generated #[repr(C)] structs of integers, arrays and unions of integers.
+unsafe impl Pod for kvm_irqchip {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_pit_state2 {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_clock_data {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_mp_state {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_regs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_sregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_xsave {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_xcrs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_debugregs {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_lapic_state {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_vcpu_events {}
+
+fn section<T: Pod>(name: &str, value: &T) -> StateSection {
+    // SAFETY: T is plain old data (see `Pod`), so all size_of::<T>() bytes may be read.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    };
+    StateSection {
+        name: name.into(),
+        bytes: bytes.to_vec(),
+    }
+}
+
+fn from_section<T: Pod>(state: &BackendState, name: &str) -> Result<T> {
+    let bytes = state
+        .section(name)
+        .ok_or_else(|| VmmError::Invalid(format!("saved KVM state lacks '{name}'")))?;
+    if bytes.len() != std::mem::size_of::<T>() {
+        return Err(VmmError::Invalid(format!(
+            "saved KVM state '{name}' is {} bytes, expected {}",
+            bytes.len(),
+            std::mem::size_of::<T>()
+        )));
+    }
+    let mut value = T::default();
+    // SAFETY: T is plain old data, so any byte pattern of its size is a valid value; the
+    // length was checked above and the two buffers do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut value as *mut T).cast::<u8>(),
+            bytes.len(),
+        )
+    };
+    Ok(value)
+}
+
+fn check_backend(state: &BackendState) -> Result<()> {
+    if state.backend == BACKEND {
+        Ok(())
+    } else {
+        Err(VmmError::Invalid(format!(
+            "state was saved by the '{}' backend, not '{BACKEND}'",
+            state.backend
+        )))
+    }
+}
+
+fn msrs_to_bytes(msrs: &[Msr]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(msrs.len() * 12);
+    for m in msrs {
+        bytes.extend_from_slice(&m.index.to_le_bytes());
+        bytes.extend_from_slice(&m.value.to_le_bytes());
+    }
+    bytes
+}
+
+fn msrs_from_bytes(bytes: &[u8]) -> Result<Vec<Msr>> {
+    if bytes.len() % 12 != 0 {
+        return Err(VmmError::Invalid("saved MSR list is malformed".into()));
+    }
+    Ok(bytes
+        .chunks_exact(12)
+        .map(|c| Msr {
+            index: u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            value: u64::from_le_bytes([c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]]),
+        })
+        .collect())
 }
 
 impl InterruptSink for KvmVm {
@@ -209,6 +382,8 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     /// The vCPU's kvm_run page, mapped by `fd` for its whole life.
     run: *mut kvm_run,
+    msr_indices: Arc<[u32]>,
+    xsave_size: usize,
 }
 
 // SAFETY: `run` points into a mapping owned by `fd`, which moves with the vCPU; KVM allows a vCPU
@@ -224,6 +399,46 @@ impl KvmVcpu {
     fn immediate_exit(&self) -> *mut u8 {
         // SAFETY: `run` is valid for the life of `fd`; only a field address is computed.
         unsafe { &raw mut (*self.run).immediate_exit }
+    }
+
+    fn check_xsave_size(&self) -> Result<()> {
+        if self.xsave_size > std::mem::size_of::<kvm_xsave>() {
+            return Err(VmmError::Unsupported(
+                "XSAVE state larger than 4 KiB (e.g. AMX)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every MSR of KVM's save list that this vCPU can read, with its value. KVM_GET_MSRS stops
+    /// at the first MSR it cannot read, so that one is skipped and the rest read again.
+    fn readable_msrs(&self) -> Result<Vec<Msr>> {
+        let mut result = Vec::with_capacity(self.msr_indices.len());
+        let mut rest: &[u32] = &self.msr_indices;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<kvm_msr_entry> = batch
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| VmmError::Invalid(format!("MSR list: {e:?}")))?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|e| VmmError::ioctl("KVM_GET_MSRS", e))?;
+            result.extend(msrs.as_slice()[..read].iter().map(|e| Msr {
+                index: e.index,
+                value: e.data,
+            }));
+            // Skip the unreadable one (if the batch stopped early).
+            let consumed = if read < batch.len() { read + 1 } else { read };
+            rest = &rest[consumed..];
+        }
+        Ok(result)
     }
 
     /// `(size, count)` of the port access the last exit describes.
@@ -514,6 +729,90 @@ impl Vcpu for KvmVcpu {
                 None
             }
         }
+    }
+
+    fn save_state(&self) -> Result<BackendState> {
+        self.check_xsave_size()?;
+        let fd = &self.fd;
+        let ioctl = VmmError::ioctl;
+        // MP state first: reading it makes KVM process pending INIT/SIPI events, so the
+        // registers read after it are the ones that go with it.
+        let sections = vec![
+            section(
+                "mp_state",
+                &fd.get_mp_state()
+                    .map_err(|e| ioctl("KVM_GET_MP_STATE", e))?,
+            ),
+            section(
+                "regs",
+                &fd.get_regs().map_err(|e| ioctl("KVM_GET_REGS", e))?,
+            ),
+            section(
+                "sregs",
+                &fd.get_sregs().map_err(|e| ioctl("KVM_GET_SREGS", e))?,
+            ),
+            section(
+                "xsave",
+                &fd.get_xsave().map_err(|e| ioctl("KVM_GET_XSAVE", e))?,
+            ),
+            section(
+                "xcrs",
+                &fd.get_xcrs().map_err(|e| ioctl("KVM_GET_XCRS", e))?,
+            ),
+            section(
+                "debugregs",
+                &fd.get_debug_regs()
+                    .map_err(|e| ioctl("KVM_GET_DEBUGREGS", e))?,
+            ),
+            section(
+                "lapic",
+                &fd.get_lapic().map_err(|e| ioctl("KVM_GET_LAPIC", e))?,
+            ),
+            StateSection {
+                name: "msrs".into(),
+                bytes: msrs_to_bytes(&self.readable_msrs()?),
+            },
+            section(
+                "vcpu_events",
+                &fd.get_vcpu_events()
+                    .map_err(|e| ioctl("KVM_GET_VCPU_EVENTS", e))?,
+            ),
+        ];
+        Ok(BackendState {
+            backend: BACKEND.into(),
+            sections,
+        })
+    }
+
+    fn restore_state(&self, state: &BackendState) -> Result<()> {
+        check_backend(state)?;
+        self.check_xsave_size()?;
+        let fd = &self.fd;
+        let ioctl = VmmError::ioctl;
+        // Order matters: MP state before events; SREGS (APIC base) before the LAPIC; the LAPIC
+        // before MSRs (the TSC-deadline MSR only sticks in TSC-deadline mode); pending events
+        // last, on top of the registers they belong to.
+        fd.set_mp_state(from_section(state, "mp_state")?)
+            .map_err(|e| ioctl("KVM_SET_MP_STATE", e))?;
+        fd.set_regs(&from_section(state, "regs")?)
+            .map_err(|e| ioctl("KVM_SET_REGS", e))?;
+        fd.set_sregs(&from_section(state, "sregs")?)
+            .map_err(|e| ioctl("KVM_SET_SREGS", e))?;
+        let xsave: kvm_xsave = from_section(state, "xsave")?;
+        // SAFETY: check_xsave_size verified KVM needs no more than the 4 KiB kvm_xsave holds.
+        unsafe { fd.set_xsave(&xsave) }.map_err(|e| ioctl("KVM_SET_XSAVE", e))?;
+        fd.set_xcrs(&from_section(state, "xcrs")?)
+            .map_err(|e| ioctl("KVM_SET_XCRS", e))?;
+        fd.set_debug_regs(&from_section(state, "debugregs")?)
+            .map_err(|e| ioctl("KVM_SET_DEBUGREGS", e))?;
+        fd.set_lapic(&from_section(state, "lapic")?)
+            .map_err(|e| ioctl("KVM_SET_LAPIC", e))?;
+        let msrs = state
+            .section("msrs")
+            .ok_or_else(|| VmmError::Invalid("saved KVM state lacks 'msrs'".into()))?;
+        self.set_msrs(&msrs_from_bytes(msrs)?)?;
+        fd.set_vcpu_events(&from_section(state, "vcpu_events")?)
+            .map_err(|e| ioctl("KVM_SET_VCPU_EVENTS", e))
     }
 }
 

@@ -216,6 +216,31 @@ pub struct Msr {
     pub value: u64,
 }
 
+/// Backend state the hypervisor keeps for a VM or a vCPU, as opaque named sections tagged with
+/// the backend that produced them (a KVM blob cannot be given to FreeBSD's vmm). Sections are
+/// listed in the order they must be restored; the byte layouts are the backend's own
+/// (KVM: the kernel's structs, native byte order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendState {
+    pub backend: String,
+    pub sections: Vec<StateSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSection {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl BackendState {
+    pub fn section(&self, name: &str) -> Option<&[u8]> {
+        self.sections
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.bytes.as_slice())
+    }
+}
+
 /// Cheap look at whether a vCPU sits blocked in the hypervisor (halted or waiting for SIPI),
 /// readable from any thread without stopping the vCPU.
 pub trait BlockedProbe: Send + Sync {
@@ -238,6 +263,11 @@ pub trait Vm: InterruptSink + Send + Sync {
     fn create_vcpu(&self, id: u32, topology: &Topology) -> Result<Box<dyn Vcpu>>;
     /// Upcast to the interrupt interface devices use.
     fn interrupt_sink(self: Arc<Self>) -> Arc<dyn InterruptSink>;
+    /// In-kernel device and clock state (KVM: PIC pair, IOAPIC, PIT, kvm-clock). Take it with
+    /// every vCPU paused.
+    fn save_state(&self) -> Result<BackendState>;
+    /// Put back what [`Vm::save_state`] returned; before restoring any vCPU.
+    fn restore_state(&self, state: &BackendState) -> Result<()>;
 }
 
 /// One virtual CPU. Owned by one thread at a time; the run loop and the state accessors must
@@ -262,6 +292,11 @@ pub trait Vcpu: Send {
     fn set_mp_state(&self, state: MpState) -> Result<()>;
     /// See [`BlockedProbe`]; `None` when the backend has no such view.
     fn blocked_probe(&self) -> Option<Box<dyn BlockedProbe>>;
+    /// The complete vCPU state (registers, FPU/XSAVE, local APIC, MSRs, pending events, MP
+    /// state). The vCPU must not be running.
+    fn save_state(&self) -> Result<BackendState>;
+    /// Put back what [`Vcpu::save_state`] returned (after the VM state).
+    fn restore_state(&self, state: &BackendState) -> Result<()>;
 }
 
 /// Open the backend for this host.
