@@ -194,7 +194,13 @@ fn strictio_stops_the_vm_on_an_unclaimed_port() {
     let code = [0xb0, 0x01, 0xe6, 0x80, 0xfa, 0xf4]; // mov al, 1; out 0x80, al; cli; hlt
     let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
     let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
-    assert_eq!(reason, ExitReason::Error("Unhandled outb 0x0080".into()));
+    let ExitReason::Error(message) = &reason else {
+        panic!("{reason:?}");
+    };
+    assert!(
+        message.starts_with("Unhandled outb 0x0080 at 0x20000"),
+        "{message}"
+    );
     assert_eq!(reason.status(), 4);
 
     let mut lenient = long_mode_machine(hv.as_ref(), &code, 1);
@@ -405,4 +411,28 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
     let mut foreign = vm_state.clone();
     foreign.backend = "vmm".into();
     assert!(restored.vm().restore_state(&foreign).is_err());
+}
+
+#[test]
+fn the_boot_vcpu_starts_an_ap_with_init_and_sipi() {
+    let Some(hv) = hypervisor() else { return };
+    let mut bsp = vec![0x48, 0xbb, 0x00, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]; // mov rbx, 0xfee00000
+                                                                        // Software-enable the local APIC (SVR at offset 0xf0 = 0x1ff): KVM sends no IPI otherwise.
+    bsp.extend([0xc7, 0x83, 0xf0, 0x00, 0x00, 0x00, 0xff, 0x01, 0x00, 0x00]);
+    for low in [0x0000_4500u32, 0x0000_4610] {
+        // ICR high: destination APIC id 1; ICR low: INIT, then STARTUP at vector 0x10
+        bsp.extend([0xc7, 0x83, 0x10, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        bsp.extend([0xc7, 0x83, 0x00, 0x03, 0x00, 0x00]);
+        bsp.extend(low.to_le_bytes());
+    }
+    bsp.extend(CLI_HLT);
+    let mut machine = long_mode_machine(hv.as_ref(), &bsp, 2);
+    // The AP starts in real mode at 0x10000: mov dx, 0x3f8; mov al, 'B'; out dx, al; cli; hlt
+    let ap = [0xba, 0xf8, 0x03, 0xb0, b'B', 0xee, 0xfa, 0xf4];
+    machine.memory().write(0x1_0000, &ap).unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt, "both vCPUs end halted");
+    assert_eq!(bytes_written(&com1), b"B");
 }

@@ -413,7 +413,7 @@ fn run_once(index: usize, vcpu: &mut dyn Vcpu, context: &ExitContext) -> Option<
         Ok(exit) => exit,
         Err(e) => return Some(ExitReason::Error(format!("vCPU {index}: {e}"))),
     };
-    match exit {
+    let unhandled_port = match exit {
         VmExit::IoIn { port, size, data } => {
             io_in(&context.buses, context.strict_io, port, size, data)
         }
@@ -435,26 +435,42 @@ fn run_once(index: usize, vcpu: &mut dyn Vcpu, context: &ExitContext) -> Option<
         }
         // bhyve treats a HLT exit as a hint to yield; halting for good is detected elsewhere.
         VmExit::Halt | VmExit::Interrupted => None,
-        VmExit::Shutdown => Some(ExitReason::TripleFault),
-        VmExit::SystemEvent(crate::vmm::SystemEvent::Reset) => Some(ExitReason::Reset),
-        VmExit::SystemEvent(crate::vmm::SystemEvent::Shutdown) => Some(ExitReason::PowerOff),
-        VmExit::SystemEvent(crate::vmm::SystemEvent::Crash) => Some(ExitReason::Error(format!(
-            "vCPU {index}: the guest reported a crash"
-        ))),
-        VmExit::InternalError { suberror, detail } => {
-            let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
-            Some(ExitReason::Error(format!(
-                "vCPU {index}: the hypervisor cannot continue (internal error {suberror}, \
-                 data {detail:x?}) at rip {rip:#x}"
+        VmExit::Shutdown => return Some(ExitReason::TripleFault),
+        VmExit::SystemEvent(crate::vmm::SystemEvent::Reset) => return Some(ExitReason::Reset),
+        VmExit::SystemEvent(crate::vmm::SystemEvent::Shutdown) => {
+            return Some(ExitReason::PowerOff)
+        }
+        VmExit::SystemEvent(crate::vmm::SystemEvent::Crash) => {
+            return Some(ExitReason::Error(format!(
+                "vCPU {index}: the guest reported a crash"
             )))
         }
-        VmExit::FailEntry { reason } => Some(ExitReason::Error(format!(
-            "vCPU {index}: entering the guest failed (reason {reason:#x})"
-        ))),
-        VmExit::Unknown(what) => Some(ExitReason::Error(format!(
-            "vCPU {index}: unexpected exit {what}"
-        ))),
-    }
+        VmExit::InternalError { suberror, detail } => {
+            let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
+            return Some(ExitReason::Error(format!(
+                "vCPU {index}: the hypervisor cannot continue (internal error {suberror}, \
+                 data {detail:x?}) at rip {rip:#x}"
+            )));
+        }
+        VmExit::FailEntry { reason } => {
+            return Some(ExitReason::Error(format!(
+                "vCPU {index}: entering the guest failed (reason {reason:#x})"
+            )))
+        }
+        VmExit::Unknown(what) => {
+            return Some(ExitReason::Error(format!(
+                "vCPU {index}: unexpected exit {what}"
+            )))
+        }
+    };
+    // Name the instruction's address, as bhyve does ("Unhandled outb 0x0080 at 0x...").
+    unhandled_port.map(|reason| match reason {
+        ExitReason::Error(message) => {
+            let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
+            ExitReason::Error(format!("{message} at {rip:#x}"))
+        }
+        other => other,
+    })
 }
 
 fn access_name(input: bool, size: u8) -> String {
