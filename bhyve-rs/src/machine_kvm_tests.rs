@@ -366,8 +366,16 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
     assert_eq!(vm_state.backend, "kvm");
     assert!(vcpu_states[0].section("lapic").is_some());
 
-    let memory = GuestMemory::new(16 << 20).unwrap();
-    memory.write(0, &ram).unwrap();
+    // RAM comes back the way a snapshot restore maps it: a private mapping of the saved image.
+    let image = std::env::temp_dir().join(format!("bhyve-rs-ram-{}.img", std::process::id()));
+    std::fs::write(&image, &ram).unwrap();
+    let file = std::fs::File::open(&image).unwrap();
+    // SAFETY: the file is private to this test and not changed while mapped.
+    let mapping = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.unwrap();
+    std::fs::remove_file(&image).unwrap();
+    let memory =
+        GuestMemory::from_regions(vec![crate::memory::GuestRegion::from_mapping(0, mapping)])
+            .unwrap();
     let topology = Topology {
         cpus: 2,
         sockets: 2,

@@ -326,4 +326,20 @@ mod tests {
         let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
         assert_eq!(mem.size(), MIB);
     }
+
+    #[test]
+    fn a_private_file_mapping_serves_as_ram_without_touching_the_file() {
+        let path = std::env::temp_dir().join(format!("bhyve-rs-mem-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0xabu8; MIB as usize]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the file is private to this test and not modified while mapped.
+        let map = unsafe { MmapOptions::new().map_copy(&file) }.unwrap();
+        let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
+        assert_eq!(mem.slice(0x100, 2).unwrap(), &[0xab, 0xab]);
+        mem.write(0x100, &[1, 2]).unwrap();
+        assert_eq!(mem.slice(0x100, 2).unwrap(), &[1, 2]);
+        let on_disk = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(&on_disk[0x100..0x102], &[0xab, 0xab]);
+    }
 }

@@ -45,7 +45,7 @@ pub use linux::{
 
 use crate::config::Config;
 use crate::memory::{GuestMemory, MemoryError};
-use crate::vmm::{DescriptorTable, Msr, Regs, Segment, SpecialRegs};
+use crate::vmm::{describe_io_error, DescriptorTable, Msr, Regs, Segment, SpecialRegs};
 
 pub const GDT_ADDR: u64 = 0x500;
 pub const BOOT_PARAMS_ADDR: u64 = 0x7000;
@@ -109,15 +109,6 @@ pub struct BootInfo {
     pub entry: u64,
     pub boot_params: u64,
     pub initrd: Option<(u64, u64)>,
-}
-
-/// An I/O error as one line, without Rust's "(os error N)" suffix.
-pub(crate) fn describe_io_error(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(cut) => text[..cut].to_string(),
-        None => text,
-    }
 }
 
 fn read_bounded(key: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, BootError> {

@@ -58,8 +58,15 @@ pub struct KvmHypervisor {
 impl KvmHypervisor {
     /// Open `/dev/kvm` and check the capabilities bhyve-rs relies on.
     pub fn open() -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| VmmError::Open {
-            path: "/dev/kvm".into(),
+        Self::open_at("/dev/kvm")
+    }
+
+    /// Like [`KvmHypervisor::open`] with another device node.
+    pub fn open_at(path: &str) -> Result<Self> {
+        let c_path = std::ffi::CString::new(path)
+            .map_err(|_| VmmError::Invalid(format!("{path}: invalid path")))?;
+        let kvm = Kvm::new_with_path(&c_path).map_err(|e| VmmError::Open {
+            path: path.into(),
             source: e.into(),
         })?;
         for (cap, name) in REQUIRED_CAPS {
@@ -920,5 +927,60 @@ impl BlockedProbe for VcpuStats {
         let blocking = self.read_u64(self.blocking)? != 0;
         let wakeups = self.wakeups.and_then(|at| self.read_u64(at)).unwrap_or(0);
         Some((blocking, wakeups))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_device_node_is_named_in_a_one_line_error() {
+        let err = KvmHypervisor::open_at("/nonexistent/kvm").err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "/nonexistent/kvm: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn saved_sections_must_have_the_exact_struct_size() {
+        let state = BackendState {
+            backend: BACKEND.into(),
+            sections: vec![StateSection {
+                name: "regs".into(),
+                bytes: vec![0; 7],
+            }],
+        };
+        assert!(from_section::<kvm_regs>(&state, "regs").is_err());
+        assert!(from_section::<kvm_regs>(&state, "sregs").is_err());
+        let regs = kvm_regs {
+            rip: 0x1234,
+            ..Default::default()
+        };
+        let state = BackendState {
+            backend: BACKEND.into(),
+            sections: vec![section("regs", &regs)],
+        };
+        assert_eq!(
+            from_section::<kvm_regs>(&state, "regs").unwrap().rip,
+            0x1234
+        );
+    }
+
+    #[test]
+    fn msr_lists_round_trip_and_reject_torn_input() {
+        let msrs = vec![
+            Msr {
+                index: 0x10,
+                value: 7,
+            },
+            Msr {
+                index: 0xc000_0080,
+                value: 0x500,
+            },
+        ];
+        assert_eq!(msrs_from_bytes(&msrs_to_bytes(&msrs)).unwrap(), msrs);
+        assert!(msrs_from_bytes(&[0; 13]).is_err());
     }
 }

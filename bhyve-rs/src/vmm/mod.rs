@@ -21,13 +21,13 @@ pub mod kvm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", describe_io_error(.source))]
     Open {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", describe_io_error(.source))]
     Ioctl {
         what: &'static str,
         #[source]
@@ -51,6 +51,15 @@ impl VmmError {
 }
 
 pub type Result<T> = std::result::Result<T, VmmError>;
+
+/// An I/O error as one line, like strerror(3): without Rust's "(os error N)" suffix.
+pub fn describe_io_error(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
+    }
+}
 
 /// CPU topology as `-c cpus=N,sockets=S,cores=C,threads=T` describes it. vCPU `i` has APIC id `i`,
 /// as in bhyve.
