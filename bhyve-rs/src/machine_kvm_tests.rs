@@ -444,3 +444,79 @@ fn the_boot_vcpu_starts_an_ap_with_init_and_sipi() {
     assert_eq!(reason, ExitReason::Halt, "both vCPUs end halted");
     assert_eq!(bytes_written(&com1), b"B");
 }
+
+#[test]
+fn msi_and_ioapic_lines_interrupt_a_halted_guest() {
+    let Some(hv) = hypervisor() else { return };
+    const IDT: u64 = 0x4_0000;
+    const IDTR: u64 = 0x3_f000;
+    // Mask both 8259s first: they reach the BSP's LINT0 too, with vectors nobody set up.
+    let mut code = vec![0xb0, 0xff, 0xe6, 0x21, 0xe6, 0xa1]; // mov al, 0xff; out 0x21/0xa1, al
+    code.extend([0x0f, 0x01, 0x1c, 0x25]); // lidt [IDTR]
+    code.extend((IDTR as u32).to_le_bytes());
+    code.extend([0x48, 0xbb, 0x00, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]); // mov rbx, 0xfee00000
+    code.extend([0xc7, 0x83, 0xf0, 0x00, 0x00, 0x00, 0xff, 0x01, 0x00, 0x00]); // SVR = 0x1ff
+    code.extend([0x48, 0xb9, 0x00, 0x00, 0xc0, 0xfe, 0, 0, 0, 0]); // mov rcx, 0xfec00000
+                                                                   // IOAPIC redirection entry 5: vector 0x41, fixed, edge, unmasked, to APIC 0.
+    code.extend([0xc7, 0x01, 0x1a, 0x00, 0x00, 0x00]); // IOREGSEL = 0x1a
+    code.extend([0xc7, 0x41, 0x10, 0x41, 0x00, 0x00, 0x00]); // IOWIN = 0x41
+    code.extend([0xc7, 0x01, 0x1b, 0x00, 0x00, 0x00]); // IOREGSEL = 0x1b
+    code.extend([0xc7, 0x41, 0x10, 0x00, 0x00, 0x00, 0x00]); // IOWIN = 0
+    code.extend([0xfb, 0xf4, 0xeb, 0xfd]); // sti; idle: hlt; jmp idle
+    let handler = |letter: u8, last: bool| {
+        let mut h = vec![0x50, 0x52, 0xb0, letter]; // push rax; push rdx; mov al, letter
+        h.extend(MOV_DX_COM1);
+        h.push(OUT_DX_AL);
+        h.extend([0x48, 0xb8, 0xb0, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]); // mov rax, 0xfee000b0
+        h.extend([0xc7, 0x00, 0x00, 0x00, 0x00, 0x00]); // EOI
+        if last {
+            h.extend(CLI_HLT);
+        } else {
+            h.extend([0x5a, 0x58, 0x48, 0xcf]); // pop rdx; pop rax; iretq
+        }
+        h
+    };
+    code.resize(0x100, 0x90);
+    code.extend(handler(b'I', false));
+    code.resize(0x180, 0x90);
+    code.extend(handler(b'J', true));
+    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    for (vector, offset) in [(0x40u64, 0x100u64), (0x41, 0x180)] {
+        let target = GUEST_BASE + offset;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&crate::boot::BOOT_CS.to_le_bytes());
+        gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+        gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+        machine.memory().write(IDT + vector * 16, &gate).unwrap();
+    }
+    let mut idtr = vec![0xffu8, 0x0f];
+    idtr.extend(IDT.to_le_bytes());
+    machine.memory().write(IDTR, &idtr).unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let vm = machine.vm().clone();
+    machine.start(false).unwrap();
+
+    let wait_for = |expected: &[u8]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bytes_written(&com1) != expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(bytes_written(&com1), expected);
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(machine.control().exit_reason(), None, "idle with IF=1");
+    vm.signal_msi(0xfee0_0000, 0x40).unwrap();
+    wait_for(b"I");
+    vm.set_irq_line(5, true).unwrap();
+    vm.set_irq_line(5, false).unwrap();
+    wait_for(b"IJ");
+    let control = machine.control().clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        control.request_exit(ExitReason::Error("test timed out".into()));
+    });
+    assert_eq!(machine.wait(), ExitReason::Halt);
+}
