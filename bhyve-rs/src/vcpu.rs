@@ -10,6 +10,10 @@
 //! with a bhyve exit status. [`VcpuSet`] owns the threads: `pause_all` returns once every vCPU
 //! is parked outside the hypervisor, after which `with_vcpu` may read or write vCPU state;
 //! `resume_all` lets them run again. Pauses nest (each `pause_all` needs one `resume_all`).
+//!
+//! A vCPU parks only between exits, so `pause_all` waits for any device access in progress to
+//! finish: do not call it while holding a lock a device handler may need, and never from a
+//! vCPU thread (that is refused).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};

@@ -239,9 +239,10 @@ impl KernelImage {
         }
     }
 
-    /// The zero page for this kernel.
+    /// The zero page for this kernel, loaded with entry point `entry`.
     pub fn boot_params(
         &self,
+        entry: u64,
         cmdline_addr: u64,
         initrd: Option<(u64, u64)>,
         e820: &[E820Entry],
@@ -251,11 +252,8 @@ impl KernelImage {
             Layout::BzImage { header_end, .. } => {
                 let end = (*header_end).min(BP_SETUP_HEADER_END);
                 params[BP_SETUP_HEADER..end].copy_from_slice(&self.data[BP_SETUP_HEADER..end]);
-                // The kernel's own idea of where it went, for completeness.
-                let lowmem_guess = u64::from(u32::MAX);
-                let base = self
-                    .bzimage_load_address(lowmem_guess)
-                    .unwrap_or(KERNEL_LOAD_ADDR);
+                // Where the protected-mode kernel went.
+                let base = entry.saturating_sub(STARTUP_64_OFFSET);
                 put_u32(&mut params, HDR_CODE32_START, base as u32);
             }
             Layout::Elf { .. } => {
@@ -538,10 +536,11 @@ pub(crate) mod tests {
     fn boot_params_carry_header_cmdline_initrd_and_e820() {
         let image = KernelImage::parse(synthetic_bzimage(&[0; 16])).unwrap();
         let e820 = build_e820(256 << 20, 0);
-        let p = image.boot_params(0x20000, Some((0x0ff0_0000, 0x1234)), &e820);
+        let p = image.boot_params(0x100_0200, 0x20000, Some((0x0ff0_0000, 0x1234)), &e820);
         assert_eq!(&p[HDR_MAGIC..HDR_MAGIC + 4], b"HdrS");
         assert_eq!(u16_at(&p, HDR_VERSION), Some(0x020f));
         assert_eq!(p[HDR_TYPE_OF_LOADER], 0xff);
+        assert_eq!(u32_at(&p, HDR_CODE32_START), Some(0x100_0000));
         assert_eq!(u32_at(&p, HDR_CMD_LINE_PTR), Some(0x20000));
         assert_eq!(u32_at(&p, HDR_RAMDISK_IMAGE), Some(0x0ff0_0000));
         assert_eq!(u32_at(&p, HDR_RAMDISK_SIZE), Some(0x1234));
@@ -564,7 +563,7 @@ pub(crate) mod tests {
             &[0xf4, 0xeb, 0xfd, 0, 0, 0, 0, 0]
         );
         assert_eq!(image.end(8 << 20), 0x20_0008);
-        let p = image.boot_params(0x20000, None, &build_e820(8 << 20, 0));
+        let p = image.boot_params(0x20_0000, 0x20000, None, &build_e820(8 << 20, 0));
         assert_eq!(u16_at(&p, HDR_BOOT_FLAG), Some(0xaa55));
         assert_eq!(&p[HDR_MAGIC..HDR_MAGIC + 4], b"HdrS");
     }

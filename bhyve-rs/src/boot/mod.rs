@@ -206,7 +206,7 @@ pub fn load(memory: &GuestMemory, files: &BootFiles) -> Result<BootInfo, BootErr
     };
 
     let e820 = build_e820(memory.lowmem_end(), memory.highmem_size());
-    let params = files.kernel.boot_params(CMDLINE_ADDR, initrd, &e820);
+    let params = files.kernel.boot_params(entry, CMDLINE_ADDR, initrd, &e820);
     memory
         .write(BOOT_PARAMS_ADDR, &params)
         .map_err(placement("boot_params"))?;

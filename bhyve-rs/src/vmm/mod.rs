@@ -7,7 +7,9 @@
 //! - [`Vcpu`] runs until the next exit and reads or writes registers.
 //!
 //! Nothing outside this module names `kvm_ioctls`; exits and registers cross the seam in the
-//! backend-neutral types below.
+//! backend-neutral types below. For snapshots, [`Vm::save_state`] and [`Vcpu::save_state`] hand
+//! out the hypervisor-held state as [`BackendState`]: named byte sections tagged with the
+//! backend, listed in restore order, restored by the matching `restore_state`.
 
 use std::io;
 use std::sync::Arc;
