@@ -331,7 +331,7 @@ fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
     std::fs::write(&path, synthetic_elf(GUEST_BASE, &CLI_HLT, 0)).unwrap();
     let mut config = Config::new();
     config.set("boot.kernel", path.to_str().unwrap());
-    config.set("memory.size", "64M");
+    config.set("memory.size", "5G"); // two RAM slots: below 3 GiB and from 4 GiB
     config.set("cpus", "2");
     let status = run(&config, None);
     std::fs::remove_file(&path).ok();

@@ -62,8 +62,11 @@ impl GuestRegion {
     /// Fresh zero-filled anonymous memory for `len` bytes at `gpa` (pages are reserved lazily).
     pub fn anonymous(gpa: u64, len: u64) -> Result<Self, MemoryError> {
         let size = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(len))?;
+        // No swap reservation: like bhyve's guest memory, pages are only committed when the
+        // guest touches them, so a large VM does not need the host's RAM up front.
         let mapping = MmapOptions::new()
             .len(size)
+            .no_reserve_swap()
             .map_anon()
             .map_err(|e| MemoryError::Map {
                 size: len,
