@@ -98,7 +98,7 @@ pub fn topology(config: &Config) -> Result<Topology, MachineError> {
 /// The parts of a running VM.
 pub struct Machine {
     // Field order is drop order: threads stop before devices, devices before the VM and RAM.
-    vcpus: VcpuSet,
+    vcpus: Arc<VcpuSet>,
     devices: Option<Devices>,
     control: Arc<VmControl>,
     buses: Arc<Buses>,
@@ -128,7 +128,7 @@ impl Machine {
         }
         let control = VmControl::new();
         Ok(Self {
-            vcpus: VcpuSet::new(vcpus, control.clone()),
+            vcpus: Arc::new(VcpuSet::new(vcpus, control.clone())),
             devices: None,
             control,
             buses: Arc::new(Buses::default()),
@@ -149,7 +149,8 @@ impl Machine {
         &self.vm
     }
 
-    pub fn vcpus(&self) -> &VcpuSet {
+    /// The vCPUs; clone the `Arc` to pause and resume them from another thread.
+    pub fn vcpus(&self) -> &Arc<VcpuSet> {
         &self.vcpus
     }
 
@@ -182,7 +183,7 @@ impl Machine {
     }
 
     /// Start the vCPU threads.
-    pub fn start(&mut self, strict_io: bool) -> Result<(), MachineError> {
+    pub fn start(&self, strict_io: bool) -> Result<(), MachineError> {
         let context = Arc::new(ExitContext {
             buses: self.buses.clone(),
             strict_io,
@@ -193,7 +194,7 @@ impl Machine {
 
     /// Wait until something ends the VM (a vCPU exit, a device, the halt check), stop every
     /// vCPU thread and return why.
-    pub fn wait(&mut self) -> ExitReason {
+    pub fn wait(&self) -> ExitReason {
         let mut monitor = HaltMonitor::new(&self.vcpus);
         let reason = loop {
             if let Some(reason) = self.control.wait_for_exit(HALT_SAMPLE_INTERVAL) {
@@ -298,7 +299,7 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
             return 4;
         }
     };
-    let mut machine = match build(config) {
+    let machine = match build(config) {
         Ok(machine) => machine,
         Err(e) => {
             eprintln!("bhyve: {e}");

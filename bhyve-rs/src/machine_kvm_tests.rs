@@ -78,7 +78,7 @@ fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology)
 }
 
 /// Run until the VM stops, giving up after `limit`.
-fn run_to_end(machine: &mut Machine, strict_io: bool, limit: Duration) -> ExitReason {
+fn run_to_end(machine: &Machine, strict_io: bool, limit: Duration) -> ExitReason {
     machine.start(strict_io).unwrap();
     let control = machine.control().clone();
     std::thread::spawn(move || {
@@ -105,10 +105,10 @@ fn long_mode_guest_sees_boot_params_and_port_writes_reach_the_bus() {
     code.extend([0x8b, 0x86, 0x28, 0x02, 0x00, 0x00]); // mov eax, [rsi + 0x228] (cmd_line_ptr)
     code.push(OUT_DX_EAX);
     code.extend(CLI_HLT);
-    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
-    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
     assert_eq!(reason, ExitReason::Halt);
     assert_eq!(reason.status(), 2);
     let mut expected = vec![b'K', 3];
@@ -144,11 +144,11 @@ fn guest_cpuid_reports_topology_and_kvm_signature() {
         cores: 2,
         threads: 2,
     };
-    let mut machine = long_mode_machine_with(hv.as_ref(), &code, &topology);
+    let machine = long_mode_machine_with(hv.as_ref(), &code, &topology);
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
     assert_eq!(
-        run_to_end(&mut machine, false, Duration::from_secs(30)),
+        run_to_end(&machine, false, Duration::from_secs(30)),
         ExitReason::Halt
     );
     assert_eq!(bytes_written(&com1), [4, 0, 4, b'K', b'V', b'M', b'K']);
@@ -166,7 +166,7 @@ fn mmio_goes_to_the_bus_and_unclaimed_mmio_reads_all_ones() {
     code.extend([0x8b, 0x43, 0x04]); // mov eax, [rbx + 4]
     code.push(OUT_DX_EAX);
     code.extend(CLI_HLT);
-    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
     let (window, device) = recorder();
@@ -175,7 +175,7 @@ fn mmio_goes_to_the_bus_and_unclaimed_mmio_reads_all_ones() {
         .mmio
         .insert(0xd000_0000, 0x1000, device)
         .unwrap();
-    let reason = run_to_end(&mut machine, false, Duration::from_secs(30));
+    let reason = run_to_end(&machine, false, Duration::from_secs(30));
     assert_eq!(reason, ExitReason::Halt);
     assert_eq!(
         window.lock().unwrap().writes,
@@ -192,8 +192,8 @@ fn mmio_goes_to_the_bus_and_unclaimed_mmio_reads_all_ones() {
 fn strictio_stops_the_vm_on_an_unclaimed_port() {
     let Some(hv) = hypervisor() else { return };
     let code = [0xb0, 0x01, 0xe6, 0x80, 0xfa, 0xf4]; // mov al, 1; out 0x80, al; cli; hlt
-    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
-    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
     let ExitReason::Error(message) = &reason else {
         panic!("{reason:?}");
     };
@@ -203,9 +203,9 @@ fn strictio_stops_the_vm_on_an_unclaimed_port() {
     );
     assert_eq!(reason.status(), 4);
 
-    let mut lenient = long_mode_machine(hv.as_ref(), &code, 1);
+    let lenient = long_mode_machine(hv.as_ref(), &code, 1);
     assert_eq!(
-        run_to_end(&mut lenient, false, Duration::from_secs(30)),
+        run_to_end(&lenient, false, Duration::from_secs(30)),
         ExitReason::Halt
     );
 }
@@ -213,8 +213,8 @@ fn strictio_stops_the_vm_on_an_unclaimed_port() {
 #[test]
 fn a_triple_fault_ends_with_status_3() {
     let Some(hv) = hypervisor() else { return };
-    let mut machine = long_mode_machine(hv.as_ref(), &[0x0f, 0x0b], 1); // ud2, no IDT
-    let reason = run_to_end(&mut machine, false, Duration::from_secs(30));
+    let machine = long_mode_machine(hv.as_ref(), &[0x0f, 0x0b], 1); // ud2, no IDT
+    let reason = run_to_end(&machine, false, Duration::from_secs(30));
     assert_eq!(reason, ExitReason::TripleFault);
     assert_eq!(reason.status(), 3);
 }
@@ -222,24 +222,34 @@ fn a_triple_fault_ends_with_status_3() {
 #[test]
 fn halt_with_interrupts_enabled_keeps_the_vm_alive() {
     let Some(hv) = hypervisor() else { return };
-    let mut machine = long_mode_machine(hv.as_ref(), &[0xfb, 0xf4, 0xeb, 0xfc], 1); // sti; hlt; jmp
+    let machine = long_mode_machine(hv.as_ref(), &[0xfb, 0xf4, 0xeb, 0xfc], 1); // sti; hlt; jmp
     machine.start(false).unwrap();
     let control = machine.control().clone();
+    let vcpus = machine.vcpus().clone();
+    // Another thread pauses and inspects the vCPU while the main thread waits in `wait`.
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(600));
         let early = control.exit_reason();
+        vcpus.pause_all().unwrap();
+        let state = vcpus
+            .with_vcpu(0, |v| (v.mp_state().unwrap(), v.regs().unwrap().rflags))
+            .unwrap();
+        vcpus.resume_all();
         control.request_exit(ExitReason::PowerOff);
-        early
+        (early, state)
     });
     let reason = machine.wait();
-    assert_eq!(stopper.join().unwrap(), None, "no exit while IF=1");
+    let (early, (mp_state, rflags)) = stopper.join().unwrap();
+    assert_eq!(early, None, "no exit while IF=1");
+    assert_eq!(mp_state, MpState::Halted);
+    assert_ne!(rflags & crate::vmm::RFLAGS_IF, 0);
     assert_eq!(reason, ExitReason::PowerOff);
 }
 
 #[test]
 fn real_mode_port_output_reaches_the_bus() {
     let Some(hv) = hypervisor() else { return };
-    let mut machine = Machine::new(
+    let machine = Machine::new(
         hv.as_ref(),
         GuestMemory::new(1 << 20).unwrap(),
         &Topology::default(),
@@ -268,7 +278,7 @@ fn real_mode_port_output_reaches_the_bus() {
         .unwrap();
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
-    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
     assert_eq!(reason, ExitReason::Halt);
     assert_eq!(bytes_written(&com1), b"A");
 }
@@ -280,7 +290,7 @@ fn pause_stops_spinning_vcpus_and_resume_restarts_them() {
     // loop: inc qword [0x300000]; jmp loop
     let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
     // Two vCPUs: vCPU 0 spins, vCPU 1 sits in wait-for-SIPI inside KVM_RUN; both must park.
-    let mut machine = long_mode_machine(hv.as_ref(), &code, 2);
+    let machine = long_mode_machine(hv.as_ref(), &code, 2);
     machine.start(false).unwrap();
     let counter = || machine.memory().read_u64(COUNTER).unwrap();
 
@@ -343,7 +353,7 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
     let Some(hv) = hypervisor() else { return };
     const COUNTER: u64 = 0x30_0000;
     let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
-    let mut original = long_mode_machine(hv.as_ref(), &code, 2);
+    let original = long_mode_machine(hv.as_ref(), &code, 2);
     original.start(false).unwrap();
     std::thread::sleep(Duration::from_millis(100));
 
@@ -382,7 +392,7 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
         cores: 1,
         threads: 1,
     };
-    let mut restored = Machine::new(hv.as_ref(), memory, &topology).unwrap();
+    let restored = Machine::new(hv.as_ref(), memory, &topology).unwrap();
     restored.vm().restore_state(&vm_state).unwrap();
     for (i, state) in vcpu_states.iter().enumerate() {
         restored
@@ -434,13 +444,13 @@ fn the_boot_vcpu_starts_an_ap_with_init_and_sipi() {
         bsp.extend(low.to_le_bytes());
     }
     bsp.extend(CLI_HLT);
-    let mut machine = long_mode_machine(hv.as_ref(), &bsp, 2);
+    let machine = long_mode_machine(hv.as_ref(), &bsp, 2);
     // The AP starts in real mode at 0x10000: mov dx, 0x3f8; mov al, 'B'; out dx, al; cli; hlt
     let ap = [0xba, 0xf8, 0x03, 0xb0, b'B', 0xee, 0xfa, 0xf4];
     machine.memory().write(0x1_0000, &ap).unwrap();
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
-    let reason = run_to_end(&mut machine, true, Duration::from_secs(30));
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
     assert_eq!(reason, ExitReason::Halt, "both vCPUs end halted");
     assert_eq!(bytes_written(&com1), b"B");
 }
@@ -480,7 +490,7 @@ fn msi_and_ioapic_lines_interrupt_a_halted_guest() {
     code.extend(handler(b'I', false));
     code.resize(0x180, 0x90);
     code.extend(handler(b'J', true));
-    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
     for (vector, offset) in [(0x40u64, 0x100u64), (0x41, 0x180)] {
         let target = GUEST_BASE + offset;
         let mut gate = [0u8; 16];

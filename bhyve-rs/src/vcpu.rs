@@ -7,7 +7,8 @@
 //! (pause) or leaves its loop (exit).
 //!
 //! [`VmControl`] is the handle devices and the control socket hold: `request_exit` ends the VM
-//! with a bhyve exit status. [`VcpuSet`] owns the threads: `pause_all` returns once every vCPU
+//! with a bhyve exit status. [`VcpuSet`] (shared as `Arc<VcpuSet>`, so a control thread can
+//! pause while the main thread waits) owns the threads: `pause_all` returns once every vCPU
 //! is parked outside the hypervisor, after which `with_vcpu` may read or write vCPU state;
 //! `resume_all` lets them run again. Pauses nest (each `pause_all` needs one `resume_all`).
 //!
@@ -203,7 +204,8 @@ type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
 pub struct VcpuSet {
     control: Arc<VmControl>,
     vcpus: Vec<SharedVcpu>,
-    threads: Vec<JoinHandle<()>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    started: AtomicBool,
     /// Opened before the threads start: a running thread holds its vCPU's lock.
     probes: Vec<Option<Box<dyn BlockedProbe>>>,
 }
@@ -214,7 +216,8 @@ impl VcpuSet {
             control,
             probes: vcpus.iter().map(|v| v.blocked_probe()).collect(),
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
-            threads: Vec::new(),
+            handles: Mutex::new(Vec::new()),
+            started: AtomicBool::new(false),
         }
     }
 
@@ -230,9 +233,12 @@ impl VcpuSet {
         self.vcpus.is_empty()
     }
 
-    /// Start one thread per vCPU.
-    pub fn start(&mut self, context: Arc<ExitContext>) -> Result<(), VcpuError> {
+    /// Start one thread per vCPU (once).
+    pub fn start(&self, context: Arc<ExitContext>) -> Result<(), VcpuError> {
         install_kick_handler().map_err(VcpuError::Spawn)?;
+        if self.started.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
         {
             let mut state = self.control.lock();
             state.threads = vec![None; self.vcpus.len()];
@@ -246,7 +252,7 @@ impl VcpuSet {
                 .name(format!("vcpu {index}"))
                 .spawn(move || vcpu_thread(index, vcpu, control, context));
             match spawned {
-                Ok(handle) => self.threads.push(handle),
+                Ok(handle) => self.lock_handles().push(handle),
                 Err(e) => {
                     self.control.lock().live -= 1;
                     self.control
@@ -299,7 +305,7 @@ impl VcpuSet {
         f: impl FnOnce(&mut dyn Vcpu) -> T,
     ) -> Result<T, VcpuError> {
         let vcpu = self.vcpus.get(index).ok_or(VcpuError::NoSuchVcpu(index))?;
-        if !self.threads.is_empty() && !self.paused() {
+        if self.started.load(Ordering::SeqCst) && !self.paused() {
             return Err(VcpuError::NotPaused);
         }
         let mut guard = vcpu.lock().unwrap_or_else(|e| e.into_inner());
@@ -337,9 +343,14 @@ impl VcpuSet {
             .collect()
     }
 
+    fn lock_handles(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Wait for every vCPU thread to finish (after an exit request).
-    pub fn join(&mut self) {
-        for handle in self.threads.drain(..) {
+    pub fn join(&self) {
+        let handles: Vec<_> = self.lock_handles().drain(..).collect();
+        for handle in handles {
             if handle.join().is_err() {
                 log::error!("a vCPU thread panicked");
             }
@@ -349,7 +360,7 @@ impl VcpuSet {
 
 impl Drop for VcpuSet {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.lock_handles().is_empty() {
             self.control
                 .request_exit(ExitReason::Error("VM torn down".into()));
             self.join();
