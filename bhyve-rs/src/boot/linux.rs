@@ -181,6 +181,20 @@ impl KernelImage {
         }
     }
 
+    /// Guest-physical ranges `(start, end)` the kernel occupies once loaded.
+    pub fn ranges(&self, lowmem_end: u64) -> Vec<(u64, u64)> {
+        match &self.layout {
+            Layout::Elf { segments, .. } => segments
+                .iter()
+                .map(|s| (s.paddr, s.paddr.saturating_add(s.memsz)))
+                .collect(),
+            Layout::BzImage { .. } => {
+                let base = self.bzimage_load_address(lowmem_end).unwrap_or(0);
+                vec![(base, self.end(lowmem_end))]
+            }
+        }
+    }
+
     /// First address above everything the kernel occupies once loaded.
     pub fn end(&self, lowmem_end: u64) -> u64 {
         match &self.layout {

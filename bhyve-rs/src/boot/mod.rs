@@ -170,6 +170,22 @@ pub fn load(memory: &GuestMemory, files: &BootFiles) -> Result<BootInfo, BootErr
     let lowmem_end = memory.lowmem_end();
     let placement = |what| move |source| BootError::Placement { what, source };
 
+    // The boot structures below are written after the kernel; refuse to overwrite it.
+    let boot_area = (GDT_ADDR, CMDLINE_ADDR + CMDLINE_MAX as u64);
+    if let Some((start, end)) = files
+        .kernel
+        .ranges(lowmem_end)
+        .into_iter()
+        .find(|&(start, end)| start < boot_area.1 && end > boot_area.0)
+    {
+        return Err(BootError::Format {
+            path: files.kernel_path.clone(),
+            reason: format!(
+                "segment {start:#x}-{end:#x} overlaps the boot area {:#x}-{:#x}",
+                boot_area.0, boot_area.1
+            ),
+        });
+    }
     let entry = files
         .kernel
         .load(memory, lowmem_end)
@@ -412,5 +428,48 @@ mod tests {
             "boot.kernel: /nonexistent/vmlinuz: No such file or directory"
         );
         assert!(read_boot_files(&Config::new(), 1 << 20).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_kernel_overlapping_the_boot_structures_is_refused() {
+        let files = |paddr| BootFiles {
+            kernel_path: PathBuf::from("k"),
+            kernel: KernelImage::parse(linux::tests::synthetic_elf(paddr, &[0x90; 16], 0)).unwrap(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let memory = GuestMemory::new(4 << 20).unwrap();
+        let err = load(&memory, &files(0x7000)).unwrap_err().to_string();
+        assert!(err.contains("overlaps the boot area"), "{err}");
+        let info = load(&memory, &files(0x10_0000)).unwrap();
+        assert_eq!(info.entry, 0x10_0000);
+        assert_eq!(memory.slice(0x10_0000, 1).unwrap(), &[0x90]);
+    }
+
+    #[test]
+    fn the_initrd_goes_page_aligned_to_the_top_of_low_memory() {
+        let files = BootFiles {
+            kernel_path: PathBuf::from("k"),
+            kernel: KernelImage::parse(linux::tests::synthetic_elf(0x10_0000, &[0x90; 16], 0))
+                .unwrap(),
+            initrd: Some(vec![7u8; 0x1800]),
+            cmdline: "console=ttyS0".into(),
+        };
+        let memory = GuestMemory::new(8 << 20).unwrap();
+        let info = load(&memory, &files).unwrap();
+        assert_eq!(info.initrd, Some(((8 << 20) - 0x2000, 0x1800)));
+        assert_eq!(memory.slice((8 << 20) - 0x2000, 1).unwrap(), &[7]);
+        let params = memory.slice(BOOT_PARAMS_ADDR, 0x1000).unwrap();
+        assert_eq!(
+            &params[0x218..0x21c],
+            &(((8u32 << 20) - 0x2000).to_le_bytes())
+        );
+        assert_eq!(params[0x1e8], 3, "three E820 entries");
+        assert_eq!(memory.slice(CMDLINE_ADDR, 14).unwrap(), b"console=ttyS0\0");
+        let too_big = BootFiles {
+            initrd: Some(vec![0; 8 << 20]),
+            ..files
+        };
+        assert!(load(&memory, &too_big).is_err());
     }
 }
