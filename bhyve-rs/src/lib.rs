@@ -5,6 +5,7 @@
 //! by a [`bus`] to the device that owns the address. Only [`vmm`] talks to the hypervisor.
 
 pub mod acpi;
+pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod config;
@@ -12,7 +13,9 @@ pub mod control;
 pub mod devices;
 pub mod interrupts;
 pub mod machine;
+pub mod memory;
 pub mod mptable;
 #[cfg(feature = "bhyve_snapshot")]
 pub mod snapshot;
+pub mod vcpu;
 pub mod vmm;

@@ -1,13 +1,378 @@
 //! A VM built from the configuration tree: memory, vCPUs, devices; its run loop and exit status.
+//!
+//! # Halting with interrupts disabled (exit status 2)
+//!
+//! bhyve's vmm suspends the VM with `VM_SUSPEND_HALT` when every active vCPU executes HLT with
+//! RFLAGS.IF clear. With KVM's in-kernel local APIC, HLT never reaches user space: the vCPU
+//! blocks inside `KVM_RUN`. So the main thread watches each vCPU's binary statistics
+//! (`KVM_GET_STATS_FD`: the `blocking` flag and the `halt_wakeup` counter), which it can read
+//! without disturbing the vCPUs. When every vCPU is blocked and something changed since the last
+//! look, it pauses them all, reads MP state and RFLAGS, and stops the VM with status 2 when every
+//! started vCPU is HALTED with IF clear (APs still waiting for SIPI do not count). Otherwise
+//! the vCPUs resume where they were. Without statistics it falls back to that check once a
+//! second.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::boot::{self, BootError, BootFiles};
+use crate::bus::Buses;
+use crate::config::{parse_c_unsigned, parse_memsize, Config};
+use crate::devices::{self, Devices};
+use crate::memory::{GuestMemory, MemoryError, DEFAULT_MEMSIZE};
+use crate::vcpu::{ExitContext, ExitReason, VcpuError, VcpuSet, VmControl};
+use crate::vmm::{Hypervisor, MpState, Topology, Vm, VmmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Vmm(#[from] VmmError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("devices: {0}")]
+    Devices(#[from] devices::DeviceError),
+}
+
+/// How often the halt check samples the vCPUs' statistics.
+const HALT_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the halt check stops the vCPUs when no statistics are available.
+const HALT_FALLBACK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `memory.size`, defaulting to 256 MiB.
+pub fn memory_size(config: &Config) -> Result<u64, MachineError> {
+    match config.get("memory.size") {
+        None => Ok(DEFAULT_MEMSIZE),
+        Some(value) => parse_memsize(value)
+            .filter(|&size| size > 0)
+            .ok_or_else(|| MachineError::Config(format!("Invalid memsize '{value}'"))),
+    }
+}
+
+fn topology_value(config: &Config, key: &str) -> Result<Option<u16>, MachineError> {
+    match config.get(key) {
+        None => Ok(None),
+        Some(value) => parse_c_unsigned(value)
+            .filter(|&n| (1..=u64::from(u16::MAX)).contains(&n))
+            .map(|n| Some(n as u16))
+            .ok_or_else(|| MachineError::Config(format!("Invalid value for {key}: '{value}'"))),
+    }
+}
+
+/// The vCPU topology from `cpus`, `sockets`, `cores` and `threads`, checked as bhyve's
+/// calc_topology does: `sockets` defaults to `cpus`, and an explicit `cpus` must equal
+/// `sockets * cores * threads`.
+pub fn topology(config: &Config) -> Result<Topology, MachineError> {
+    let cpus = topology_value(config, "cpus")?;
+    let cores = topology_value(config, "cores")?.unwrap_or(1);
+    let threads = topology_value(config, "threads")?.unwrap_or(1);
+    let sockets = topology_value(config, "sockets")?.unwrap_or(cpus.unwrap_or(1));
+    let product = u64::from(sockets) * u64::from(cores) * u64::from(threads);
+    if product > u64::from(u16::MAX) {
+        return Err(MachineError::Config(format!(
+            "Computed number of vCPUs too high: {product}"
+        )));
+    }
+    if let Some(cpus) = cpus {
+        if u64::from(cpus) != product {
+            return Err(MachineError::Config(format!(
+                "Topology ({sockets} sockets, {cores} cores, {threads} threads) does not match \
+                 {cpus} vCPUs"
+            )));
+        }
+    }
+    Ok(Topology {
+        cpus: product as u16,
+        sockets,
+        cores,
+        threads,
+    })
+}
+
+/// The parts of a running VM.
+pub struct Machine {
+    // Field order is drop order: threads stop before devices, devices before the VM and RAM.
+    vcpus: Arc<VcpuSet>,
+    devices: Option<Devices>,
+    control: Arc<VmControl>,
+    buses: Arc<Buses>,
+    vm: Arc<dyn Vm>,
+    memory: Arc<GuestMemory>,
+}
+
+impl Machine {
+    /// Create the VM, its RAM and its vCPUs (not started). vCPU 0 is runnable; the others wait
+    /// for INIT/SIPI. Every vCPU gets the boot MSR values.
+    pub fn new(
+        hypervisor: &dyn Hypervisor,
+        memory: GuestMemory,
+        topology: &Topology,
+    ) -> Result<Self, MachineError> {
+        let vm = hypervisor.create_vm()?;
+        let memory = Arc::new(memory);
+        vm.map_memory(&memory)?;
+        let mut vcpus = Vec::with_capacity(usize::from(topology.cpus));
+        for id in 0..u32::from(topology.cpus) {
+            let vcpu = vm.create_vcpu(id, topology)?;
+            vcpu.set_msrs(&boot::boot_msrs())?;
+            if id > 0 {
+                vcpu.set_mp_state(MpState::WaitForSipi)?;
+            }
+            vcpus.push(vcpu);
+        }
+        let control = VmControl::new();
+        Ok(Self {
+            vcpus: Arc::new(VcpuSet::new(vcpus, control.clone())),
+            devices: None,
+            control,
+            buses: Arc::new(Buses::default()),
+            vm,
+            memory,
+        })
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    pub fn buses(&self) -> &Arc<Buses> {
+        &self.buses
+    }
+
+    pub fn vm(&self) -> &Arc<dyn Vm> {
+        &self.vm
+    }
+
+    /// The vCPUs; clone the `Arc` to pause and resume them from another thread.
+    pub fn vcpus(&self) -> &Arc<VcpuSet> {
+        &self.vcpus
+    }
+
+    pub fn control(&self) -> &Arc<VmControl> {
+        &self.control
+    }
+
+    /// Create the configured devices on this machine's buses.
+    pub fn attach_devices(&mut self, config: &Config) -> Result<(), MachineError> {
+        let devices = devices::attach(
+            config,
+            &self.buses,
+            self.vm.clone().interrupt_sink(),
+            self.control.clone(),
+            self.memory.clone(),
+        )?;
+        self.devices = Some(devices);
+        Ok(())
+    }
+
+    /// Load the kernel and put vCPU 0 at its 64-bit entry point.
+    pub fn load_kernel(&self, files: &BootFiles) -> Result<(), MachineError> {
+        let info = boot::load(&self.memory, files)?;
+        self.vcpus.with_vcpu(0, |vcpu| -> Result<(), VmmError> {
+            let current = vcpu.special_regs()?;
+            vcpu.set_special_regs(&boot::boot_special_regs(&current))?;
+            vcpu.set_regs(&boot::boot_regs(&info))
+        })??;
+        Ok(())
+    }
+
+    /// Start the vCPU threads.
+    pub fn start(&self, strict_io: bool) -> Result<(), MachineError> {
+        let context = Arc::new(ExitContext {
+            buses: self.buses.clone(),
+            strict_io,
+        });
+        self.vcpus.start(context)?;
+        Ok(())
+    }
+
+    /// Wait until something ends the VM (a vCPU exit, a device, the halt check), stop every
+    /// vCPU thread and return why.
+    pub fn wait(&self) -> ExitReason {
+        let mut monitor = HaltMonitor::new(&self.vcpus);
+        let reason = loop {
+            if let Some(reason) = self.control.wait_for_exit(HALT_SAMPLE_INTERVAL) {
+                break reason;
+            }
+            match monitor.check(&self.vcpus) {
+                Ok(true) => self.control.request_exit(ExitReason::Halt),
+                Ok(false) => {}
+                Err(e) => self
+                    .control
+                    .request_exit(ExitReason::Error(format!("halt check: {e}"))),
+            }
+        };
+        self.vcpus.join();
+        reason
+    }
+}
+
+/// Detects "every started vCPU halted with interrupts disabled" (see the module docs).
+struct HaltMonitor {
+    /// Wake-up counters at the last check that found a vCPU still able to run.
+    checked_at: Option<Vec<u64>>,
+    last_fallback: Instant,
+}
+
+impl HaltMonitor {
+    fn new(vcpus: &VcpuSet) -> Self {
+        if vcpus.blocked_samples().is_none() {
+            log::debug!("vCPU statistics unavailable; halt check falls back to polling");
+        }
+        Self {
+            checked_at: None,
+            last_fallback: Instant::now(),
+        }
+    }
+
+    fn check(&mut self, vcpus: &VcpuSet) -> Result<bool, VcpuError> {
+        match vcpus.blocked_samples() {
+            Some(samples) => {
+                if samples.iter().any(|&(blocked, _)| !blocked) {
+                    return Ok(false);
+                }
+                let wakeups: Vec<u64> = samples.iter().map(|&(_, count)| count).collect();
+                if self.checked_at.as_ref() == Some(&wakeups) {
+                    return Ok(false);
+                }
+                let halted = Self::inspect(vcpus)?;
+                self.checked_at = Some(wakeups);
+                Ok(halted)
+            }
+            None => {
+                if self.last_fallback.elapsed() < HALT_FALLBACK_INTERVAL {
+                    return Ok(false);
+                }
+                self.last_fallback = Instant::now();
+                Self::inspect(vcpus)
+            }
+        }
+    }
+
+    fn inspect(vcpus: &VcpuSet) -> Result<bool, VcpuError> {
+        vcpus.pause_all()?;
+        let verdict = vcpus.all_halted_with_interrupts_disabled();
+        vcpus.resume_all();
+        verdict
+    }
+}
+
+fn build(config: &Config) -> Result<Machine, MachineError> {
+    let size = memory_size(config)?;
+    let topology = topology(config)?;
+    // Read the kernel before creating anything, so a bad path costs nothing.
+    let files = boot::read_boot_files(config, size)?.ok_or_else(|| {
+        MachineError::Config(
+            "virtual machine cannot be booted: no boot.kernel configured \
+             (bootrom boot is not supported on this host)"
+                .into(),
+        )
+    })?;
+    let hypervisor = crate::vmm::open_hypervisor()?;
+    let memory = GuestMemory::new(size)?;
+    #[cfg(target_os = "linux")]
+    memory.advise_dontdump();
+    let mut machine = Machine::new(hypervisor.as_ref(), memory, &topology)?;
+    machine.attach_devices(config)?;
+    machine.load_kernel(&files)?;
+    Ok(machine)
+}
 
 /// Build the VM `config` describes (or, with `restore`, the one saved in that snapshot file),
 /// run it until it stops, and return bhyve's exit status (0 reset, 1 power-off, 2 halt,
 /// 3 triple fault, 4 error).
-pub fn run(_config: &Config, _restore: Option<&Path>) -> i32 {
-    eprintln!("bhyve: running guests is not implemented yet");
-    4
+pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
+    if let Some(path) = restore {
+        eprintln!("bhyve: restore from {}: not supported yet", path.display());
+        return 4;
+    }
+    let strict_io = match config.get_bool("x86.strictio") {
+        Ok(value) => value.unwrap_or(false),
+        Err(e) => {
+            eprintln!("bhyve: {e}");
+            return 4;
+        }
+    };
+    let machine = match build(config) {
+        Ok(machine) => machine,
+        Err(e) => {
+            eprintln!("bhyve: {e}");
+            return 4;
+        }
+    };
+    if let Err(e) = machine.start(strict_io) {
+        eprintln!("bhyve: {e}");
+        return 4;
+    }
+    let reason = machine.wait();
+    if let ExitReason::Error(message) = &reason {
+        eprintln!("bhyve: {message}");
+    }
+    log::info!("guest stopped: {reason:?}");
+    reason.status()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let mut c = Config::new();
+        for (k, v) in pairs {
+            c.set(k, v);
+        }
+        c
+    }
+
+    #[test]
+    fn memory_size_defaults_to_256m_and_rejects_garbage() {
+        assert_eq!(memory_size(&Config::new()).unwrap(), 256 << 20);
+        assert_eq!(
+            memory_size(&config(&[("memory.size", "5G")])).unwrap(),
+            5 << 30
+        );
+        let err = memory_size(&config(&[("memory.size", "lots")])).unwrap_err();
+        assert_eq!(err.to_string(), "Invalid memsize 'lots'");
+        assert!(memory_size(&config(&[("memory.size", "0")])).is_err());
+    }
+
+    #[test]
+    fn topology_follows_bhyve_defaults_and_checks() {
+        assert_eq!(topology(&Config::new()).unwrap(), Topology::default());
+        let t = topology(&config(&[("cpus", "4")])).unwrap();
+        assert_eq!((t.cpus, t.sockets, t.cores, t.threads), (4, 4, 1, 1));
+        let t = topology(&config(&[
+            ("sockets", "2"),
+            ("cores", "2"),
+            ("threads", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(t.cpus, 8);
+        let err = topology(&config(&[("cpus", "3"), ("cores", "2")])).unwrap_err();
+        assert!(err.to_string().contains("does not match 3 vCPUs"), "{err}");
+        assert!(topology(&config(&[("cpus", "0")])).is_err());
+        assert!(topology(&config(&[("cpus", "x")])).is_err());
+        assert!(topology(&config(&[("sockets", "300"), ("cores", "300")])).is_err());
+    }
+
+    #[test]
+    fn a_missing_kernel_fails_before_any_vm_exists() {
+        let c = config(&[("boot.kernel", "/nonexistent/kernel")]);
+        assert_eq!(run(&c, None), 4);
+        let err = build(&c).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "boot.kernel: /nonexistent/kernel: No such file or directory"
+        );
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+#[path = "machine_kvm_tests.rs"]
+mod kvm_tests;

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use crate::bus::Buses;
 use crate::config::Config;
 use crate::interrupts::InterruptSink;
+use crate::memory::GuestMemory;
+use crate::vcpu::VmControl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -22,10 +24,14 @@ pub enum DeviceError {
 pub struct Devices {}
 
 /// Create every device the configuration names and register its ranges on `buses`.
+/// `control` lets a device end the VM (`request_exit(ExitReason::PowerOff)` for ACPI S5,
+/// `Reset` for 0xcf9); `memory` is guest RAM (DMA, firmware tables).
 pub fn attach(
     _config: &Config,
     _buses: &Buses,
     _interrupts: Arc<dyn InterruptSink>,
+    _control: Arc<VmControl>,
+    _memory: Arc<GuestMemory>,
 ) -> Result<Devices, DeviceError> {
     Ok(Devices::default())
 }

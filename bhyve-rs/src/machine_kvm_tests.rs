@@ -1,0 +1,532 @@
+//! Machines on the real KVM backend running tiny hand-assembled guests. They skip (with a
+//! message) when /dev/kvm cannot be used, and fail instead when BHYVE_RS_REQUIRE_KVM=1.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::boot::linux::tests::synthetic_elf;
+use crate::boot::{BootFiles, KernelImage};
+use crate::bus::{BusDevice, SharedDevice};
+use crate::vmm::Segment;
+
+fn hypervisor() -> Option<Box<dyn Hypervisor>> {
+    match crate::vmm::open_hypervisor() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            if std::env::var("BHYVE_RS_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("BHYVE_RS_REQUIRE_KVM=1 but /dev/kvm is unusable: {e}");
+            }
+            eprintln!("skipped: /dev/kvm is unusable here: {e}");
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl BusDevice for Recorder {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0x42);
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.writes.push((offset, data.to_vec()));
+    }
+}
+
+fn recorder() -> (Arc<Mutex<Recorder>>, SharedDevice) {
+    let r = Arc::new(Mutex::new(Recorder::default()));
+    (r.clone(), r)
+}
+
+fn bytes_written(r: &Arc<Mutex<Recorder>>) -> Vec<u8> {
+    r.lock()
+        .unwrap()
+        .writes
+        .iter()
+        .flat_map(|(_, d)| d.clone())
+        .collect()
+}
+
+const GUEST_BASE: u64 = 0x20_0000;
+
+/// A machine with `code` loaded as a 64-bit ELF kernel at 2 MiB, entered in long mode.
+fn long_mode_machine(hv: &dyn Hypervisor, code: &[u8], cpus: u16) -> Machine {
+    let topology = Topology {
+        cpus,
+        sockets: cpus,
+        cores: 1,
+        threads: 1,
+    };
+    long_mode_machine_with(hv, code, &topology)
+}
+
+fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology) -> Machine {
+    let machine = Machine::new(hv, GuestMemory::new(16 << 20).unwrap(), topology).unwrap();
+    let files = BootFiles {
+        kernel_path: PathBuf::from("test-guest"),
+        kernel: KernelImage::parse(synthetic_elf(GUEST_BASE, code, 0)).unwrap(),
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+    };
+    machine.load_kernel(&files).unwrap();
+    machine
+}
+
+/// Run until the VM stops, giving up after `limit`.
+fn run_to_end(machine: &Machine, strict_io: bool, limit: Duration) -> ExitReason {
+    machine.start(strict_io).unwrap();
+    let control = machine.control().clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        control.request_exit(ExitReason::Error("test timed out".into()));
+    });
+    machine.wait()
+}
+
+// Hand-assembled 64-bit instructions.
+const MOV_DX_COM1: [u8; 4] = [0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+const OUT_DX_AL: u8 = 0xee;
+const OUT_DX_EAX: u8 = 0xef;
+const CLI_HLT: [u8; 2] = [0xfa, 0xf4];
+
+#[test]
+fn long_mode_guest_sees_boot_params_and_port_writes_reach_the_bus() {
+    let Some(hv) = hypervisor() else { return };
+    let mut code = vec![0xb0, b'K']; // mov al, 'K'
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend([0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00]); // mov al, [rsi + 0x1e8] (e820_entries)
+    code.push(OUT_DX_AL);
+    code.extend([0x8b, 0x86, 0x28, 0x02, 0x00, 0x00]); // mov eax, [rsi + 0x228] (cmd_line_ptr)
+    code.push(OUT_DX_EAX);
+    code.extend(CLI_HLT);
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(reason.status(), 2);
+    let mut expected = vec![b'K', 3];
+    expected.extend(0x20000u32.to_le_bytes());
+    assert_eq!(bytes_written(&com1), expected);
+    let mut cmdline = [0u8; 14];
+    machine.memory().read(0x20000, &mut cmdline).unwrap();
+    assert_eq!(&cmdline, b"console=ttyS0\0");
+}
+
+#[test]
+fn guest_cpuid_reports_topology_and_kvm_signature() {
+    let Some(hv) = hypervisor() else { return };
+    // CPUID overwrites edx, so the port is loaded after each one.
+    let mut code = vec![0xb8, 0x01, 0x00, 0x00, 0x00]; // mov eax, 1
+    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    code.extend(MOV_DX_COM1);
+    code.extend([0xc1, 0xe8, 0x10, OUT_DX_AL]); // shr eax, 16; out (logical CPUs per package)
+    code.extend([0xc1, 0xe8, 0x08, OUT_DX_AL]); // shr eax, 8; out (APIC id)
+    code.extend([0xb8, 0x0b, 0x00, 0x00, 0x00]); // mov eax, 0xb
+    code.extend([0xb9, 0x01, 0x00, 0x00, 0x00]); // mov ecx, 1
+    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend([0xb8, 0x00, 0x00, 0x00, 0x40]); // mov eax, 0x40000000
+    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_EAX);
+    code.extend(CLI_HLT);
+    let topology = Topology {
+        cpus: 4,
+        sockets: 1,
+        cores: 2,
+        threads: 2,
+    };
+    let machine = long_mode_machine_with(hv.as_ref(), &code, &topology);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    assert_eq!(
+        run_to_end(&machine, false, Duration::from_secs(30)),
+        ExitReason::Halt
+    );
+    assert_eq!(bytes_written(&com1), [4, 0, 4, b'K', b'V', b'M', b'K']);
+}
+
+#[test]
+fn mmio_goes_to_the_bus_and_unclaimed_mmio_reads_all_ones() {
+    let Some(hv) = hypervisor() else { return };
+    let mut code = vec![0xb8, 0x44, 0x33, 0x22, 0x11]; // mov eax, 0x11223344
+    code.extend([0x48, 0xbb, 0, 0, 0, 0xd0, 0, 0, 0, 0]); // mov rbx, 0xd0000000
+    code.extend([0x89, 0x03]); // mov [rbx], eax
+    code.extend([0x8b, 0x83, 0x00, 0x10, 0x00, 0x00]); // mov eax, [rbx + 0x1000]
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_EAX);
+    code.extend([0x8b, 0x43, 0x04]); // mov eax, [rbx + 4]
+    code.push(OUT_DX_EAX);
+    code.extend(CLI_HLT);
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let (window, device) = recorder();
+    machine
+        .buses()
+        .mmio
+        .insert(0xd000_0000, 0x1000, device)
+        .unwrap();
+    let reason = run_to_end(&machine, false, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(
+        window.lock().unwrap().writes,
+        vec![(0, vec![0x44, 0x33, 0x22, 0x11])]
+    );
+    assert_eq!(
+        bytes_written(&com1),
+        [[0xff; 4], [0x42; 4]].concat(),
+        "unclaimed MMIO reads all-ones, claimed MMIO reads the device"
+    );
+}
+
+#[test]
+fn strictio_stops_the_vm_on_an_unclaimed_port() {
+    let Some(hv) = hypervisor() else { return };
+    let code = [0xb0, 0x01, 0xe6, 0x80, 0xfa, 0xf4]; // mov al, 1; out 0x80, al; cli; hlt
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
+    let ExitReason::Error(message) = &reason else {
+        panic!("{reason:?}");
+    };
+    assert!(
+        message.starts_with("Unhandled outb 0x0080 at 0x20000"),
+        "{message}"
+    );
+    assert_eq!(reason.status(), 4);
+
+    let lenient = long_mode_machine(hv.as_ref(), &code, 1);
+    assert_eq!(
+        run_to_end(&lenient, false, Duration::from_secs(30)),
+        ExitReason::Halt
+    );
+}
+
+#[test]
+fn a_triple_fault_ends_with_status_3() {
+    let Some(hv) = hypervisor() else { return };
+    let machine = long_mode_machine(hv.as_ref(), &[0x0f, 0x0b], 1); // ud2, no IDT
+    let reason = run_to_end(&machine, false, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::TripleFault);
+    assert_eq!(reason.status(), 3);
+}
+
+#[test]
+fn halt_with_interrupts_enabled_keeps_the_vm_alive() {
+    let Some(hv) = hypervisor() else { return };
+    let machine = long_mode_machine(hv.as_ref(), &[0xfb, 0xf4, 0xeb, 0xfc], 1); // sti; hlt; jmp
+    machine.start(false).unwrap();
+    let control = machine.control().clone();
+    let vcpus = machine.vcpus().clone();
+    // Another thread pauses and inspects the vCPU while the main thread waits in `wait`.
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(600));
+        let early = control.exit_reason();
+        vcpus.pause_all().unwrap();
+        let state = vcpus
+            .with_vcpu(0, |v| (v.mp_state().unwrap(), v.regs().unwrap().rflags))
+            .unwrap();
+        vcpus.resume_all();
+        control.request_exit(ExitReason::PowerOff);
+        (early, state)
+    });
+    let reason = machine.wait();
+    let (early, (mp_state, rflags)) = stopper.join().unwrap();
+    assert_eq!(early, None, "no exit while IF=1");
+    assert_eq!(mp_state, MpState::Halted);
+    assert_ne!(rflags & crate::vmm::RFLAGS_IF, 0);
+    assert_eq!(reason, ExitReason::PowerOff);
+}
+
+#[test]
+fn real_mode_port_output_reaches_the_bus() {
+    let Some(hv) = hypervisor() else { return };
+    let machine = Machine::new(
+        hv.as_ref(),
+        GuestMemory::new(1 << 20).unwrap(),
+        &Topology::default(),
+    )
+    .unwrap();
+    // mov dx, 0x3f8; mov al, 'A'; out dx, al; cli; hlt
+    let code = [0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xfa, 0xf4];
+    machine.memory().write(0x1000, &code).unwrap();
+    machine
+        .vcpus()
+        .with_vcpu(0, |vcpu| -> crate::vmm::Result<()> {
+            let mut sregs = vcpu.special_regs()?;
+            sregs.cs = Segment {
+                base: 0,
+                selector: 0,
+                ..sregs.cs
+            };
+            vcpu.set_special_regs(&sregs)?;
+            vcpu.set_regs(&crate::vmm::Regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(bytes_written(&com1), b"A");
+}
+
+#[test]
+fn pause_stops_spinning_vcpus_and_resume_restarts_them() {
+    let Some(hv) = hypervisor() else { return };
+    const COUNTER: u64 = 0x30_0000;
+    // loop: inc qword [0x300000]; jmp loop
+    let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
+    // Two vCPUs: vCPU 0 spins, vCPU 1 sits in wait-for-SIPI inside KVM_RUN; both must park.
+    let machine = long_mode_machine(hv.as_ref(), &code, 2);
+    machine.start(false).unwrap();
+    let counter = || machine.memory().read_u64(COUNTER).unwrap();
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(counter() > 0, "the guest runs");
+
+    for _ in 0..3 {
+        let asked = Instant::now();
+        machine.vcpus().pause_all().unwrap();
+        let latency = asked.elapsed();
+        assert!(latency < Duration::from_secs(1), "pause took {latency:?}");
+        let frozen = counter();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(counter(), frozen, "no progress while paused");
+        let rip = machine
+            .vcpus()
+            .with_vcpu(0, |vcpu| vcpu.regs().map(|r| r.rip))
+            .unwrap()
+            .unwrap();
+        assert!((GUEST_BASE..GUEST_BASE + code.len() as u64).contains(&rip));
+        let ap_state = machine
+            .vcpus()
+            .with_vcpu(1, |vcpu| vcpu.mp_state())
+            .unwrap()
+            .unwrap();
+        assert_eq!(ap_state, MpState::WaitForSipi);
+
+        machine.vcpus().resume_all();
+        assert!(matches!(
+            machine.vcpus().with_vcpu(0, |_| ()),
+            Err(VcpuError::NotPaused)
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counter() == frozen && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(counter() > frozen, "progress after resume");
+    }
+
+    machine.control().request_exit(ExitReason::PowerOff);
+    assert_eq!(machine.wait(), ExitReason::PowerOff);
+}
+
+#[test]
+fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
+    let Some(_hv) = hypervisor() else { return };
+    let path = std::env::temp_dir().join(format!("bhyve-rs-test-{}.elf", std::process::id()));
+    std::fs::write(&path, synthetic_elf(GUEST_BASE, &CLI_HLT, 0)).unwrap();
+    let mut config = Config::new();
+    config.set("boot.kernel", path.to_str().unwrap());
+    config.set("memory.size", "5G"); // two RAM slots: below 3 GiB and from 4 GiB
+    config.set("cpus", "2");
+    let status = run(&config, None);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(status, 2);
+}
+
+#[test]
+fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
+    let Some(hv) = hypervisor() else { return };
+    const COUNTER: u64 = 0x30_0000;
+    let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
+    let original = long_mode_machine(hv.as_ref(), &code, 2);
+    original.start(false).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+
+    original.vcpus().pause_all().unwrap();
+    let vm_state = original.vm().save_state().unwrap();
+    let vcpu_states: Vec<_> = (0..2)
+        .map(|i| {
+            original
+                .vcpus()
+                .with_vcpu(i, |v| v.save_state())
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let ram = original.memory().slice(0, 16 << 20).unwrap().to_vec();
+    let saved_count = original.memory().read_u64(COUNTER).unwrap();
+    original.control().request_exit(ExitReason::Suspended);
+    assert_eq!(original.wait(), ExitReason::Suspended);
+    assert!(saved_count > 0);
+    assert_eq!(vm_state.backend, "kvm");
+    assert!(vcpu_states[0].section("lapic").is_some());
+
+    // RAM comes back the way a snapshot restore maps it: a private mapping of the saved image.
+    let image = std::env::temp_dir().join(format!("bhyve-rs-ram-{}.img", std::process::id()));
+    std::fs::write(&image, &ram).unwrap();
+    let file = std::fs::File::open(&image).unwrap();
+    // SAFETY: the file is private to this test and not changed while mapped.
+    let mapping = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.unwrap();
+    std::fs::remove_file(&image).unwrap();
+    let memory =
+        GuestMemory::from_regions(vec![crate::memory::GuestRegion::from_mapping(0, mapping)])
+            .unwrap();
+    let topology = Topology {
+        cpus: 2,
+        sockets: 2,
+        cores: 1,
+        threads: 1,
+    };
+    let restored = Machine::new(hv.as_ref(), memory, &topology).unwrap();
+    restored.vm().restore_state(&vm_state).unwrap();
+    for (i, state) in vcpu_states.iter().enumerate() {
+        restored
+            .vcpus()
+            .with_vcpu(i, |v| v.restore_state(state))
+            .unwrap()
+            .unwrap();
+    }
+    // Saving the restored vCPU again gives the same registers and MP state.
+    let again = restored
+        .vcpus()
+        .with_vcpu(0, |v| v.save_state())
+        .unwrap()
+        .unwrap();
+    for name in ["regs", "sregs", "mp_state"] {
+        assert_eq!(again.section(name), vcpu_states[0].section(name), "{name}");
+    }
+    let ap = restored
+        .vcpus()
+        .with_vcpu(1, |v| v.mp_state())
+        .unwrap()
+        .unwrap();
+    assert_eq!(ap, MpState::WaitForSipi);
+
+    restored.start(false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while restored.memory().read_u64(COUNTER).unwrap() == saved_count && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(restored.memory().read_u64(COUNTER).unwrap() > saved_count);
+    restored.control().request_exit(ExitReason::PowerOff);
+    assert_eq!(restored.wait(), ExitReason::PowerOff);
+
+    let mut foreign = vm_state.clone();
+    foreign.backend = "vmm".into();
+    assert!(restored.vm().restore_state(&foreign).is_err());
+}
+
+#[test]
+fn the_boot_vcpu_starts_an_ap_with_init_and_sipi() {
+    let Some(hv) = hypervisor() else { return };
+    let mut bsp = vec![0x48, 0xbb, 0x00, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]; // mov rbx, 0xfee00000
+                                                                        // Software-enable the local APIC (SVR at offset 0xf0 = 0x1ff): KVM sends no IPI otherwise.
+    bsp.extend([0xc7, 0x83, 0xf0, 0x00, 0x00, 0x00, 0xff, 0x01, 0x00, 0x00]);
+    for low in [0x0000_4500u32, 0x0000_4610] {
+        // ICR high: destination APIC id 1; ICR low: INIT, then STARTUP at vector 0x10
+        bsp.extend([0xc7, 0x83, 0x10, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        bsp.extend([0xc7, 0x83, 0x00, 0x03, 0x00, 0x00]);
+        bsp.extend(low.to_le_bytes());
+    }
+    bsp.extend(CLI_HLT);
+    let machine = long_mode_machine(hv.as_ref(), &bsp, 2);
+    // The AP starts in real mode at 0x10000: mov dx, 0x3f8; mov al, 'B'; out dx, al; cli; hlt
+    let ap = [0xba, 0xf8, 0x03, 0xb0, b'B', 0xee, 0xfa, 0xf4];
+    machine.memory().write(0x1_0000, &ap).unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt, "both vCPUs end halted");
+    assert_eq!(bytes_written(&com1), b"B");
+}
+
+#[test]
+fn msi_and_ioapic_lines_interrupt_a_halted_guest() {
+    let Some(hv) = hypervisor() else { return };
+    const IDT: u64 = 0x4_0000;
+    const IDTR: u64 = 0x3_f000;
+    // Mask both 8259s first: they reach the BSP's LINT0 too, with vectors nobody set up.
+    let mut code = vec![0xb0, 0xff, 0xe6, 0x21, 0xe6, 0xa1]; // mov al, 0xff; out 0x21/0xa1, al
+    code.extend([0x0f, 0x01, 0x1c, 0x25]); // lidt [IDTR]
+    code.extend((IDTR as u32).to_le_bytes());
+    code.extend([0x48, 0xbb, 0x00, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]); // mov rbx, 0xfee00000
+    code.extend([0xc7, 0x83, 0xf0, 0x00, 0x00, 0x00, 0xff, 0x01, 0x00, 0x00]); // SVR = 0x1ff
+    code.extend([0x48, 0xb9, 0x00, 0x00, 0xc0, 0xfe, 0, 0, 0, 0]); // mov rcx, 0xfec00000
+                                                                   // IOAPIC redirection entry 5: vector 0x41, fixed, edge, unmasked, to APIC 0.
+    code.extend([0xc7, 0x01, 0x1a, 0x00, 0x00, 0x00]); // IOREGSEL = 0x1a
+    code.extend([0xc7, 0x41, 0x10, 0x41, 0x00, 0x00, 0x00]); // IOWIN = 0x41
+    code.extend([0xc7, 0x01, 0x1b, 0x00, 0x00, 0x00]); // IOREGSEL = 0x1b
+    code.extend([0xc7, 0x41, 0x10, 0x00, 0x00, 0x00, 0x00]); // IOWIN = 0
+    code.extend([0xfb, 0xf4, 0xeb, 0xfd]); // sti; idle: hlt; jmp idle
+    let handler = |letter: u8, last: bool| {
+        let mut h = vec![0x50, 0x52, 0xb0, letter]; // push rax; push rdx; mov al, letter
+        h.extend(MOV_DX_COM1);
+        h.push(OUT_DX_AL);
+        h.extend([0x48, 0xb8, 0xb0, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]); // mov rax, 0xfee000b0
+        h.extend([0xc7, 0x00, 0x00, 0x00, 0x00, 0x00]); // EOI
+        if last {
+            h.extend(CLI_HLT);
+        } else {
+            h.extend([0x5a, 0x58, 0x48, 0xcf]); // pop rdx; pop rax; iretq
+        }
+        h
+    };
+    code.resize(0x100, 0x90);
+    code.extend(handler(b'I', false));
+    code.resize(0x180, 0x90);
+    code.extend(handler(b'J', true));
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    for (vector, offset) in [(0x40u64, 0x100u64), (0x41, 0x180)] {
+        let target = GUEST_BASE + offset;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&crate::boot::BOOT_CS.to_le_bytes());
+        gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+        gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+        machine.memory().write(IDT + vector * 16, &gate).unwrap();
+    }
+    let mut idtr = vec![0xffu8, 0x0f];
+    idtr.extend(IDT.to_le_bytes());
+    machine.memory().write(IDTR, &idtr).unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let vm = machine.vm().clone();
+    machine.start(false).unwrap();
+
+    let wait_for = |expected: &[u8]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bytes_written(&com1) != expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(bytes_written(&com1), expected);
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(machine.control().exit_reason(), None, "idle with IF=1");
+    vm.signal_msi(0xfee0_0000, 0x40).unwrap();
+    wait_for(b"I");
+    vm.set_irq_line(5, true).unwrap();
+    vm.set_irq_line(5, false).unwrap();
+    wait_for(b"IJ");
+    let control = machine.control().clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        control.request_exit(ExitReason::Error("test timed out".into()));
+    });
+    assert_eq!(machine.wait(), ExitReason::Halt);
+}

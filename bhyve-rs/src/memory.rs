@@ -1,0 +1,348 @@
+//! Guest physical memory, laid out as bhyve lays it out.
+//!
+//! bhyve maps guest RAM as at most two segments: low memory from GPA 0 up to the low-memory
+//! limit (3 GiB, the bottom of the 32-bit PCI hole), and whatever is left above 4 GiB. Each
+//! segment here is one host mapping ([`GuestRegion`]); the backend registers each one with the
+//! hypervisor. A region can be built from any writable mapping, so snapshot restore can hand in
+//! a private (copy-on-write) mapping of a saved file instead of anonymous memory.
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// Guest RAM below this address is "low memory"; the PCI hole sits above it up to 4 GiB.
+pub const LOWMEM_LIMIT: u64 = 3 << 30;
+/// Where RAM beyond [`LOWMEM_LIMIT`] continues.
+pub const HIGHMEM_BASE: u64 = 4 << 30;
+/// `memory.size` when the configuration does not name one (bhyve's default).
+pub const DEFAULT_MEMSIZE: u64 = 256 << 20;
+/// Guest memory is handled in pages of this size (sizes are rounded up to it).
+pub const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemoryError {
+    #[error("guest memory size {0:#x} is invalid")]
+    InvalidSize(u64),
+    #[error("cannot map {size:#x} bytes of guest memory: {reason}")]
+    Map { size: u64, reason: String },
+    #[error("guest physical range {gpa:#x}+{len:#x} is not RAM")]
+    OutOfRange { gpa: u64, len: u64 },
+    #[error("region at {gpa:#x} of {len:#x} bytes does not match the memory layout")]
+    LayoutMismatch { gpa: u64, len: u64 },
+}
+
+/// Where each RAM segment of a VM with `size` bytes of memory goes: `(gpa, length)` pairs,
+/// low memory first.
+pub fn layout(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+    if size == 0 {
+        return Err(MemoryError::InvalidSize(size));
+    }
+    // bhyve rounds the size to whole pages.
+    let size = size
+        .checked_add(PAGE_SIZE - 1)
+        .map(|s| s & !(PAGE_SIZE - 1))
+        .ok_or(MemoryError::InvalidSize(size))?;
+    let lowmem = size.min(LOWMEM_LIMIT);
+    let mut regions = vec![(0, lowmem)];
+    if size > LOWMEM_LIMIT {
+        let highmem = size - LOWMEM_LIMIT;
+        HIGHMEM_BASE
+            .checked_add(highmem)
+            .ok_or(MemoryError::InvalidSize(size))?;
+        regions.push((HIGHMEM_BASE, highmem));
+    }
+    Ok(regions)
+}
+
+/// One contiguous piece of guest RAM backed by one host mapping.
+pub struct GuestRegion {
+    gpa: u64,
+    mapping: MmapMut,
+}
+
+impl GuestRegion {
+    /// Fresh zero-filled anonymous memory for `len` bytes at `gpa` (pages are reserved lazily).
+    pub fn anonymous(gpa: u64, len: u64) -> Result<Self, MemoryError> {
+        let size = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(len))?;
+        // No swap reservation: like bhyve's guest memory, pages are only committed when the
+        // guest touches them, so a large VM does not need the host's RAM up front.
+        let mapping = MmapOptions::new()
+            .len(size)
+            .no_reserve_swap()
+            .map_anon()
+            .map_err(|e| MemoryError::Map {
+                size: len,
+                reason: e.to_string(),
+            })?;
+        Ok(Self { gpa, mapping })
+    }
+
+    /// A region backed by a mapping made elsewhere, e.g. `MmapOptions::map_copy` of a saved RAM
+    /// image for a restore.
+    pub fn from_mapping(gpa: u64, mapping: MmapMut) -> Self {
+        Self { gpa, mapping }
+    }
+
+    /// First guest physical address of the region.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.mapping.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mapping.is_empty()
+    }
+
+    /// Host virtual address of the region's first byte (what the hypervisor is told).
+    pub fn host_address(&self) -> *mut u8 {
+        self.mapping.as_ptr() as *mut u8
+    }
+
+    /// The region's bytes. They change under the reader while vCPUs run; pause them first when
+    /// a consistent copy matters (snapshots).
+    pub fn as_slice(&self) -> &[u8] {
+        &self.mapping
+    }
+
+    fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.gpa
+            && gpa
+                .checked_add(len)
+                .is_some_and(|end| end <= self.gpa + self.len())
+    }
+}
+
+/// All RAM of one VM.
+pub struct GuestMemory {
+    regions: Vec<GuestRegion>,
+}
+
+// SAFETY: the mappings live as long as `GuestMemory`; every access through the API copies bytes
+// with raw pointers inside bounds-checked ranges, exactly like the guest's own concurrent
+// accesses to the same memory, so sharing between threads adds no new hazard.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Anonymous RAM of `size` bytes laid out as [`layout`] says.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let regions = layout(size)?
+            .into_iter()
+            .map(|(gpa, len)| GuestRegion::anonymous(gpa, len))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { regions })
+    }
+
+    /// RAM assembled from existing regions (e.g. restored from a snapshot). The regions must be
+    /// exactly the ones [`layout`] gives for their total size.
+    pub fn from_regions(regions: Vec<GuestRegion>) -> Result<Self, MemoryError> {
+        let total: u64 = regions.iter().map(GuestRegion::len).sum();
+        let expected = layout(total)?;
+        if expected.len() != regions.len() {
+            let first = regions.first().map_or((0, 0), |r| (r.gpa, r.len()));
+            return Err(MemoryError::LayoutMismatch {
+                gpa: first.0,
+                len: first.1,
+            });
+        }
+        for (region, (gpa, len)) in regions.iter().zip(expected) {
+            if region.gpa != gpa || region.len() != len {
+                return Err(MemoryError::LayoutMismatch {
+                    gpa: region.gpa,
+                    len: region.len(),
+                });
+            }
+        }
+        Ok(Self { regions })
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(GuestRegion::len).sum()
+    }
+
+    /// End of low memory (the first address above the low RAM segment).
+    pub fn lowmem_end(&self) -> u64 {
+        self.regions.first().map_or(0, |r| r.gpa + r.len())
+    }
+
+    /// Size of RAM above 4 GiB (0 when there is none).
+    pub fn highmem_size(&self) -> u64 {
+        self.regions.get(1).map_or(0, GuestRegion::len)
+    }
+
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    fn find(&self, gpa: u64, len: u64) -> Result<(&GuestRegion, usize), MemoryError> {
+        self.regions
+            .iter()
+            .find(|r| r.contains(gpa, len))
+            .map(|r| (r, (gpa - r.gpa) as usize))
+            .ok_or(MemoryError::OutOfRange { gpa, len })
+    }
+
+    /// Host address of `len` bytes at `gpa`, which must lie inside one region.
+    pub fn host_address(&self, gpa: u64, len: u64) -> Result<*mut u8, MemoryError> {
+        let (region, offset) = self.find(gpa, len)?;
+        // SAFETY: `find` checked that offset+len lies inside the region's mapping.
+        Ok(unsafe { region.host_address().add(offset) })
+    }
+
+    /// Copy `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let dst = self.host_address(gpa, data.len() as u64)?;
+        // SAFETY: `dst` is valid for data.len() bytes (bounds checked above) and cannot overlap
+        // `data`, which Rust guarantees is not aliased mutably.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Copy guest memory at `gpa` into `data`.
+    pub fn read(&self, gpa: u64, data: &mut [u8]) -> Result<(), MemoryError> {
+        let src = self.host_address(gpa, data.len() as u64)?;
+        // SAFETY: `src` is valid for data.len() bytes (bounds checked above); `data` is an
+        // exclusive borrow distinct from guest memory.
+        unsafe { std::ptr::copy_nonoverlapping(src, data.as_mut_ptr(), data.len()) };
+        Ok(())
+    }
+
+    /// Zero `len` bytes at `gpa`.
+    pub fn fill_zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let dst = self.host_address(gpa, len)?;
+        // SAFETY: `dst` is valid for `len` bytes (bounds checked above).
+        unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
+        Ok(())
+    }
+
+    /// A view of `len` bytes at `gpa`. The guest may change them while vCPUs run.
+    pub fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemoryError> {
+        let (region, offset) = self.find(gpa, len)?;
+        Ok(&region.as_slice()[offset..offset + len as usize])
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut bytes = [0u8; 8];
+        self.read(gpa, &mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), MemoryError> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Mark the memory as not wanted in core dumps and merge-able as the host sees fit; failures
+    /// are harmless.
+    #[cfg(target_os = "linux")]
+    pub fn advise_dontdump(&self) {
+        for region in &self.regions {
+            // SAFETY: the range is exactly one live mapping owned by `region`.
+            unsafe {
+                libc::madvise(
+                    region.host_address().cast(),
+                    region.len() as usize,
+                    libc::MADV_DONTDUMP,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn small_memory_is_one_low_segment() {
+        assert_eq!(layout(256 * MIB).unwrap(), vec![(0, 256 * MIB)]);
+    }
+
+    #[test]
+    fn three_gib_fills_low_memory_exactly() {
+        assert_eq!(layout(3 * GIB).unwrap(), vec![(0, 3 * GIB)]);
+    }
+
+    #[test]
+    fn memory_beyond_three_gib_continues_at_four_gib() {
+        assert_eq!(
+            layout(5 * GIB).unwrap(),
+            vec![(0, 3 * GIB), (4 * GIB, 2 * GIB)]
+        );
+    }
+
+    #[test]
+    fn sizes_round_up_to_pages_and_zero_is_refused() {
+        assert_eq!(layout(MIB + 1).unwrap(), vec![(0, MIB + PAGE_SIZE)]);
+        assert_eq!(layout(0), Err(MemoryError::InvalidSize(0)));
+        assert!(layout(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn reads_and_writes_are_bounds_checked() {
+        let mem = GuestMemory::new(2 * MIB).unwrap();
+        mem.write(0x1000, b"bhyve").unwrap();
+        let mut back = [0u8; 5];
+        mem.read(0x1000, &mut back).unwrap();
+        assert_eq!(&back, b"bhyve");
+        assert_eq!(mem.slice(0x1000, 5).unwrap(), b"bhyve");
+        assert_eq!(
+            mem.write(2 * MIB - 2, b"abc"),
+            Err(MemoryError::OutOfRange {
+                gpa: 2 * MIB - 2,
+                len: 3
+            })
+        );
+        assert!(mem.read(u64::MAX, &mut back).is_err());
+        assert!(mem.slice(2 * MIB, 1).is_err());
+        mem.write_u64(8, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(mem.read_u64(8).unwrap(), 0x1122_3344_5566_7788);
+    }
+
+    #[test]
+    fn accesses_reach_high_memory_but_not_the_pci_hole() {
+        let regions = vec![
+            GuestRegion::anonymous(0, 3 * GIB).unwrap(),
+            GuestRegion::anonymous(4 * GIB, 16 * MIB).unwrap(),
+        ];
+        let mem = GuestMemory::from_regions(regions).unwrap();
+        assert_eq!(mem.lowmem_end(), 3 * GIB);
+        assert_eq!(mem.highmem_size(), 16 * MIB);
+        mem.write(4 * GIB + 5, &[7]).unwrap();
+        assert_eq!(mem.slice(4 * GIB + 5, 1).unwrap(), &[7]);
+        assert!(mem.write(3 * GIB, &[1]).is_err());
+        assert!(mem.write(3 * GIB - 1, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn regions_from_elsewhere_must_match_the_layout() {
+        let wrong = vec![GuestRegion::anonymous(0x1000, MIB).unwrap()];
+        assert!(matches!(
+            GuestMemory::from_regions(wrong),
+            Err(MemoryError::LayoutMismatch { .. })
+        ));
+        let map = MmapOptions::new().len(MIB as usize).map_anon().unwrap();
+        let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
+        assert_eq!(mem.size(), MIB);
+    }
+
+    #[test]
+    fn a_private_file_mapping_serves_as_ram_without_touching_the_file() {
+        let path = std::env::temp_dir().join(format!("bhyve-rs-mem-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0xabu8; MIB as usize]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the file is private to this test and not modified while mapped.
+        let map = unsafe { MmapOptions::new().map_copy(&file) }.unwrap();
+        let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
+        assert_eq!(mem.slice(0x100, 2).unwrap(), &[0xab, 0xab]);
+        mem.write(0x100, &[1, 2]).unwrap();
+        assert_eq!(mem.slice(0x100, 2).unwrap(), &[1, 2]);
+        let on_disk = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(&on_disk[0x100..0x102], &[0xab, 0xab]);
+    }
+}

@@ -1,0 +1,234 @@
+//! CPUID as the guest sees it: the host's supported leaves, adjusted for the configured topology
+//! the way bhyve's vmm (sys/amd64/vmm/x86.c) does it.
+//!
+//! bhyve's model: vCPU `i` has APIC id `i`; a package holds `cores * threads` logical CPUs; the
+//! APIC id fields for threads and cores are `log2` (rounded up) wide; L1/L2 caches are shared by
+//! the threads of one core, L3 by the whole package.
+
+use super::Topology;
+
+/// One CPUID leaf/subleaf.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// Backend flags (KVM: `KVM_CPUID_FLAG_SIGNIFCANT_INDEX` when `index` matters).
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// KVM's "index is significant" flag, kept here so the topology code can add subleaves.
+pub const FLAG_SIGNIFICANT_INDEX: u32 = 1;
+
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+const TOPOLOGY_LEVEL_SMT: u32 = 1;
+const TOPOLOGY_LEVEL_CORE: u32 = 2;
+
+/// `log2(x)` rounded up; 0 for 0 and 1.
+fn log2_ceil(x: u32) -> u32 {
+    if x <= 1 {
+        0
+    } else {
+        32 - (x - 1).leading_zeros()
+    }
+}
+
+/// Rewrite `entries` (the host's supported CPUID) for vCPU `apic_id` of a VM with `topology`.
+pub fn apply_topology(entries: &mut Vec<CpuidEntry>, apic_id: u32, topology: &Topology) {
+    let threads = u32::from(topology.threads.max(1));
+    let cores = u32::from(topology.cores.max(1));
+    let per_package = threads * cores;
+
+    for entry in entries.iter_mut() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x0000_ffff)
+                    | ((per_package & 0xff) << 16)
+                    | ((apic_id & 0xff) << 24);
+                entry.ecx = (entry.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_VMX;
+                entry.edx |= LEAF1_EDX_HTT;
+            }
+            // Cache leaves; a zero type field ends the list and stays as it is.
+            4 if entry.eax & 0x1f != 0 => {
+                let level = (entry.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { per_package } else { threads };
+                entry.eax = (entry.eax & 0x3ff)
+                    | ((sharing - 1).min(0xfff) << 14)
+                    | ((cores - 1).min(0x3f) << 26);
+            }
+            0xb | 0x1f => {
+                *entry = topology_leaf(entry.function, entry.index, apic_id, threads, cores);
+            }
+            0x8000_0008 => {
+                let width = log2_ceil(per_package).min(0xf);
+                let width = if width < 4 { 0 } else { width };
+                entry.ecx = (width << 12) | (per_package - 1).min(0xff);
+            }
+            _ => {}
+        }
+    }
+
+    // Make sure the x2APIC topology leaf answers for its first three subleaves even when the
+    // host listed fewer.
+    let max_basic = entries
+        .iter()
+        .find(|e| e.function == 0)
+        .map_or(0, |e| e.eax);
+    if max_basic >= 0xb {
+        for index in 0..3 {
+            if !entries
+                .iter()
+                .any(|e| e.function == 0xb && e.index == index)
+            {
+                entries.push(topology_leaf(0xb, index, apic_id, threads, cores));
+            }
+        }
+    }
+}
+
+fn topology_leaf(function: u32, index: u32, apic_id: u32, threads: u32, cores: u32) -> CpuidEntry {
+    let (width, logical, level) = match index {
+        0 => (log2_ceil(threads), threads, TOPOLOGY_LEVEL_SMT),
+        1 => (
+            log2_ceil(threads * cores),
+            threads * cores,
+            TOPOLOGY_LEVEL_CORE,
+        ),
+        _ => (0, 0, 0),
+    };
+    CpuidEntry {
+        function,
+        index,
+        flags: FLAG_SIGNIFICANT_INDEX,
+        eax: width & 0x1f,
+        ebx: logical & 0xffff,
+        ecx: (level << 8) | (index & 0xff),
+        edx: apic_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_like() -> Vec<CpuidEntry> {
+        vec![
+            CpuidEntry {
+                function: 0,
+                eax: 0xd,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 1,
+                ebx: 0xff01_0800,
+                ecx: LEAF1_ECX_VMX,
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 4,
+                index: 0,
+                flags: FLAG_SIGNIFICANT_INDEX,
+                eax: 0x1c00_4121, // L1 data cache, level 1
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 4,
+                index: 3,
+                flags: FLAG_SIGNIFICANT_INDEX,
+                eax: 0x1c03_c163, // L3 unified, level 3
+                ..Default::default()
+            },
+            CpuidEntry {
+                function: 0xb,
+                index: 0,
+                flags: FLAG_SIGNIFICANT_INDEX,
+                edx: 99,
+                ..Default::default()
+            },
+        ]
+    }
+
+    fn leaf(entries: &[CpuidEntry], function: u32, index: u32) -> CpuidEntry {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    #[test]
+    fn leaf_1_carries_apic_id_and_logical_count() {
+        let mut e = host_like();
+        let topo = Topology {
+            cpus: 8,
+            sockets: 2,
+            cores: 2,
+            threads: 2,
+        };
+        apply_topology(&mut e, 5, &topo);
+        let l1 = leaf(&e, 1, 0);
+        assert_eq!(l1.ebx >> 24, 5);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_eq!(l1.ecx & LEAF1_ECX_VMX, 0);
+    }
+
+    #[test]
+    fn x2apic_leaf_describes_threads_then_cores() {
+        let mut e = host_like();
+        let topo = Topology {
+            cpus: 12,
+            sockets: 2,
+            cores: 3,
+            threads: 2,
+        };
+        apply_topology(&mut e, 7, &topo);
+        let smt = leaf(&e, 0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (1, 2, 1, 7));
+        let core = leaf(&e, 0xb, 1);
+        // 6 logical CPUs per package need 3 bits of APIC id.
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 6, 2, 7));
+        let end = leaf(&e, 0xb, 2);
+        assert_eq!((end.eax, end.ebx, end.ecx), (0, 0, 2));
+    }
+
+    #[test]
+    fn cache_leaf_shares_l1_per_core_and_l3_per_package() {
+        let mut e = host_like();
+        let topo = Topology {
+            cpus: 4,
+            sockets: 1,
+            cores: 2,
+            threads: 2,
+        };
+        apply_topology(&mut e, 0, &topo);
+        let l1 = leaf(&e, 4, 0);
+        assert_eq!((l1.eax >> 14) & 0xfff, 1);
+        assert_eq!(l1.eax >> 26, 1);
+        assert_eq!(l1.eax & 0x3ff, 0x121);
+        let l3 = leaf(&e, 4, 3);
+        assert_eq!((l3.eax >> 14) & 0xfff, 3);
+    }
+
+    #[test]
+    fn flat_default_topology_is_one_cpu_per_package() {
+        let mut e = host_like();
+        apply_topology(&mut e, 3, &Topology::default());
+        assert_eq!((leaf(&e, 1, 0).ebx >> 16) & 0xff, 1);
+        assert_eq!(leaf(&e, 0xb, 1).eax, 0);
+        assert_eq!(leaf(&e, 0xb, 1).edx, 3);
+    }
+
+    #[test]
+    fn log2_rounds_up() {
+        assert_eq!(
+            [0, 1, 2, 3, 4, 5, 8, 9].map(log2_ceil),
+            [0, 0, 1, 2, 2, 3, 3, 4]
+        );
+    }
+}
