@@ -9,6 +9,7 @@
 //! sees four 16550s, as with bhyve); `lpc.comN.path` connects one to a backend.
 
 pub mod pci;
+pub mod pctestdev;
 pub mod uart;
 
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use crate::interrupts::InterruptSink;
 use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
 use pci::lpc::{LpcBridge, LpcIds};
 use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
+use pctestdev::ExitRequest;
 use uart::backend::{Backend, BackendError, BackendSpec};
 use uart::{IsaIrq, LegacyUart, SharedUart, Uart, LEGACY_PORTS, UART_IO_SIZE};
 
@@ -61,6 +63,8 @@ pub enum DeviceError {
         base: u64,
         source: BusError,
     },
+    #[error("pc-testdev: cannot claim the range at {base:#x}: {source}")]
+    PcTestDev { base: u64, source: BusError },
     #[error(transparent)]
     Pci(#[from] PciError),
 }
@@ -100,6 +104,7 @@ struct Plan {
     functions: Vec<(PciAddress, Emulation)>,
     /// One entry per COM port when an LPC bridge exists.
     uarts: Vec<(usize, Option<BackendSpec>)>,
+    pctestdev: bool,
     enable_bars: bool,
     highmem_end: u64,
 }
@@ -256,13 +261,23 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
         uarts.push((index, spec));
     }
 
+    let invalid = |key: &str| DeviceError::InvalidValue {
+        key: key.into(),
+        value: config.get(key).unwrap_or_default().into(),
+    };
+    let pctestdev = config
+        .get_bool("lpc.pc-testdev")
+        .map_err(|_| invalid("lpc.pc-testdev"))?
+        .unwrap_or(false);
+    if pctestdev && !lpc_seen {
+        log::warn!("lpc.pc-testdev ignored: no lpc device is configured");
+    }
+    let pctestdev = pctestdev && lpc_seen;
+
     let bootrom = config.get("lpc.bootrom").is_some() || config.get("bootrom").is_some();
     let enable_bars = config
         .get_bool("pci.enable_bars")
-        .map_err(|_| DeviceError::InvalidValue {
-            key: "pci.enable_bars".into(),
-            value: config.get("pci.enable_bars").unwrap_or_default().into(),
-        })?
+        .map_err(|_| invalid("pci.enable_bars"))?
         .unwrap_or(!bootrom);
 
     // Guest RAM above 3 GiB is mapped from 4 GiB up; 64-bit BARs go above it.
@@ -282,6 +297,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
     Ok(Plan {
         functions,
         uarts,
+        pctestdev,
         enable_bars,
         highmem_end,
     })
@@ -311,6 +327,7 @@ pub enum DeviceRef<'a> {
 pub struct Devices {
     pci: Option<Arc<PciRoot>>,
     uarts: Vec<UartInstance>,
+    exit: Arc<ExitRequest>,
 }
 
 impl Devices {
@@ -342,6 +359,12 @@ impl Devices {
     /// The PCI functions, if any are configured.
     pub fn pci(&self) -> Option<&Arc<PciRoot>> {
         self.pci.as_ref()
+    }
+
+    /// Set when a device (pc-testdev's `isa-debug-exit`) asks for the VM to end; the run loop
+    /// should check it after port-I/O exits and stop the VM with that exit status.
+    pub fn exit_request(&self) -> &Arc<ExitRequest> {
+        &self.exit
     }
 }
 
@@ -417,6 +440,11 @@ pub fn attach(
             uart: shared,
             _backend: backend,
         });
+    }
+
+    if plan.pctestdev {
+        pctestdev::attach(buses, interrupts, devices.exit.clone())
+            .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
     }
     Ok(devices)
 }

@@ -282,3 +282,43 @@ fn check_supported_accepts_what_attach_builds() {
         "{err}"
     );
 }
+
+#[test]
+fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
+    let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(FakeSink::default());
+    let devices = attach(&cfg, &buses, sink.clone()).unwrap();
+
+    assert!(buses.pio.write(0xe1, &[0xab, 0xcd]));
+    let mut dword = [0u8; 4];
+    assert!(buses.pio.read(0xe0, &mut dword));
+    assert_eq!(u32::from_le_bytes(dword), 0x00cd_ab00);
+
+    assert!(buses.pio.write(0x2005, &[1]));
+    assert!(buses.pio.write(0x2011, &[0]));
+    assert_eq!(
+        sink.lines.lock().unwrap().as_slice(),
+        &[(5, true), (17, false)]
+    );
+
+    assert!(buses.mmio.write(0xff00_fff0, &[1, 2, 3, 4, 5, 6, 7, 8]));
+    let mut qword = [0u8; 8];
+    assert!(buses.mmio.read(0xff00_fff0, &mut qword));
+    assert_eq!(qword, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+    assert_eq!(devices.exit_request().status(), None);
+    assert!(buses.pio.write(0xf4, &[0x10]));
+    assert_eq!(devices.exit_request().status(), Some(0x21));
+    // The first request stands.
+    assert!(buses.pio.write(0xf4, &[0x00]));
+    assert_eq!(devices.exit_request().status(), Some(0x21));
+}
+
+#[test]
+fn pc_testdev_is_absent_unless_configured() {
+    let cfg = config(&[("pci.0.31.0.device", "lpc")]);
+    let buses = Arc::new(Buses::default());
+    let _devices = attach(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
+    assert!(!buses.pio.write(0xf4, &[1]));
+}

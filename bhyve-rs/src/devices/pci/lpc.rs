@@ -105,4 +105,10 @@ impl PciDevice for LpcBridge {
         config.write8(offset, self.pirqs[pin - 1]);
         true
     }
+
+    fn config_restored(&mut self, config: &ConfigSpace) {
+        for pin in 1..=NPIRQS {
+            self.pirqs[pin - 1] = config.read8(pirq_offset(pin)) & (PIRQ_DIS | PIRQ_IRQ);
+        }
+    }
 }

@@ -436,6 +436,10 @@ pub trait PciDevice: Send {
 
     /// BAR `bar` was mapped at (`mapped`) or unmapped from `address`.
     fn bar_address_changed(&mut self, _bar: usize, _mapped: bool, _address: u64) {}
+
+    /// The configuration space was just replaced by a restored one; reload anything the
+    /// device mirrors from it.
+    fn config_restored(&mut self, _config: &ConfigSpace) {}
 }
 
 /// One function on a PCI bus: its configuration space, its device model, and where its BARs
@@ -733,6 +737,75 @@ impl PciFunction {
                 }
             }
         }
+    }
+}
+
+/// The generic PCI state of a function: its configuration space and BAR table (bhyve's
+/// `pci_snapshot_pci_dev` saves the same, plus MSI fields that live in the capability bytes here).
+#[cfg(feature = "bhyve_snapshot")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciFunctionState {
+    /// All 256 bytes of configuration space.
+    pub config: Vec<u8>,
+    /// BARs 0-5 and the expansion ROM.
+    pub bars: Vec<Bar>,
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl PciFunction {
+    pub fn save_state(&self) -> PciFunctionState {
+        PciFunctionState {
+            config: self.config.data.to_vec(),
+            bars: self.config.bars.to_vec(),
+        }
+    }
+
+    /// Load saved state into a function created from the same configuration, and map its BARs
+    /// where the saved guest had them. The BAR layout (kinds and sizes) must match.
+    pub fn restore_state(&mut self, state: &PciFunctionState) -> Result<(), String> {
+        let data: [u8; CONFIG_SPACE_SIZE] = state.config.as_slice().try_into().map_err(|_| {
+            format!(
+                "{}: configuration space of {} bytes, expected {CONFIG_SPACE_SIZE}",
+                self.name,
+                state.config.len()
+            )
+        })?;
+        if state.bars.len() != self.config.bars.len() {
+            return Err(format!("{}: {} BARs saved", self.name, state.bars.len()));
+        }
+        for (index, (saved, current)) in state.bars.iter().zip(&self.config.bars).enumerate() {
+            if saved.kind != current.kind || saved.size != current.size {
+                return Err(format!(
+                    "{}: BAR {index} was {:?} of {:#x} bytes, is {:?} of {:#x} bytes",
+                    self.name, saved.kind, saved.size, current.kind, current.size
+                ));
+            }
+            if saved.size != 0 && saved.addr % saved.size != 0 {
+                return Err(format!(
+                    "{}: BAR {index} address {:#x} is not aligned to its size",
+                    self.name, saved.addr
+                ));
+            }
+        }
+        for index in 0..=PCI_ROM_INDEX {
+            self.unmap_bar(index);
+        }
+        self.config.data = data;
+        for (dst, src) in self.config.bars.iter_mut().zip(&state.bars) {
+            *dst = *src;
+        }
+        self.device.config_restored(&self.config);
+        for index in 0..=PCI_BARMAX {
+            let decode = match self.config.bars[index].kind {
+                BarKind::Io => self.porten(),
+                BarKind::Mem32 | BarKind::Mem64 => self.memen(),
+                _ => false,
+            };
+            if decode {
+                self.map_bar(index).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -382,3 +382,39 @@ fn msi_capability_keeps_read_only_control_bits() {
     cfg.capability_write(offset + 12, 2, 0x0041);
     assert_eq!(cfg.msi(), Some((0xfee0_0000, 0x41, 4)));
 }
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
+    let (buses, root, log) = machine();
+    cfg_write(&buses, 3, 0x14, 4, 0xd000_0000);
+    cfg_write(&buses, 31, 0x62, 1, 0x0a);
+    let probe = root.function(PciAddress::new(0, 3, 0).unwrap()).unwrap();
+    let saved = probe.lock().unwrap().save_state();
+    let lpc_saved = root
+        .function(PciAddress::new(0, 31, 0).unwrap())
+        .unwrap()
+        .lock()
+        .unwrap()
+        .save_state();
+
+    let (buses2, root2, log2) = machine();
+    let probe2 = root2.function(PciAddress::new(0, 3, 0).unwrap()).unwrap();
+    probe2.lock().unwrap().restore_state(&saved).unwrap();
+    assert_eq!(probe2.lock().unwrap().save_state(), saved);
+    assert!(!buses2.mmio.write(0xc000_4000, &[1]));
+    assert!(buses2.mmio.write(0xd000_0004, &[2]));
+    assert_eq!(log2.lock().unwrap().last(), Some(&(1, 4, vec![2])));
+    assert!(log.lock().unwrap().is_empty());
+
+    let lpc2 = root2.function(PciAddress::new(0, 31, 0).unwrap()).unwrap();
+    lpc2.lock().unwrap().restore_state(&lpc_saved).unwrap();
+    assert_eq!(cfg_read(&buses2, 31, 0, 0x62, 1), 0x0a);
+
+    let mut bad = saved.clone();
+    bad.bars[1].size = 8192;
+    assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
+    bad = saved;
+    bad.config.truncate(64);
+    assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
+}
