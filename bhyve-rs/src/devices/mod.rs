@@ -18,6 +18,7 @@ use crate::bus::{BusError, Buses};
 use crate::config::{parse_c_unsigned, parse_memsize, Config};
 use crate::interrupts::InterruptSink;
 
+use pci::dummy::Dummy;
 use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
 use pci::lpc::{LpcBridge, LpcIds};
 use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
@@ -74,6 +75,7 @@ pub enum DeviceError {
 enum Emulation {
     HostBridge { vendor: u16, device: u16 },
     Lpc(LpcIds),
+    Dummy,
 }
 
 /// Emulations bhyve offers that are not implemented here (yet).
@@ -81,7 +83,6 @@ const NOT_YET_SUPPORTED: &[&str] = &[
     "ahci",
     "ahci-cd",
     "ahci-hd",
-    "dummy",
     "e1000",
     "fbuf",
     "hda",
@@ -134,7 +135,8 @@ fn pci_nodes(config: &Config) -> Result<Vec<(PciAddress, Option<String>)>, Devic
             .ok_or_else(|| DeviceError::InvalidSlot(parts[..4].join(".")))?;
         let entry = nodes.entry(address).or_default();
         if parts[4] == "device" {
-            *entry = Some(value.to_string());
+            // get() expands %(var) references, as bhyve's get_config_value does.
+            *entry = Some(config.get(key).unwrap_or(value).to_string());
         }
     }
     Ok(nodes.into_iter().collect())
@@ -225,6 +227,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
                     subdevice: pcireg(config, &node, "subdevice", d.subdevice, u16::MAX)?,
                 })
             }
+            "dummy" => Emulation::Dummy,
             other if NOT_YET_SUPPORTED.contains(&other) => {
                 return Err(DeviceError::Unsupported { slot, emulation })
             }
@@ -316,6 +319,17 @@ struct UartInstance {
     _backend: Option<Backend>,
 }
 
+impl Drop for Devices {
+    fn drop(&mut self) {
+        // Tell every input thread to stop before any backend waits for its own thread.
+        for u in &self.uarts {
+            if let Some(backend) = &u._backend {
+                backend.request_stop();
+            }
+        }
+    }
+}
+
 /// A device as the snapshot code and tests reach it.
 pub enum DeviceRef<'a> {
     Pci(&'a Arc<Mutex<PciFunction>>),
@@ -391,6 +405,10 @@ pub fn attach(
                 Emulation::Lpc(ids) => {
                     let bridge = LpcBridge::init(&mut cfg, *ids);
                     builder.add(*slot, "lpc", cfg, Box::new(bridge))?;
+                }
+                Emulation::Dummy => {
+                    let dummy = Dummy::init(&mut cfg, interrupts.clone())?;
+                    builder.add(*slot, "dummy", cfg, Box::new(dummy))?;
                 }
             }
         }

@@ -322,3 +322,69 @@ fn pc_testdev_is_absent_unless_configured() {
     let _devices = attach(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
     assert!(!buses.pio.write(0xf4, &[1]));
 }
+
+/// Records MSIs.
+#[derive(Default)]
+struct MsiSink {
+    messages: Mutex<Vec<(u64, u32)>>,
+}
+
+impl InterruptSink for MsiSink {
+    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.messages.lock().unwrap().push((address, data));
+        Ok(())
+    }
+}
+
+#[test]
+fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.4.0.device", "dummy"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(MsiSink::default());
+    let devices = attach(&cfg, &buses, sink.clone()).unwrap();
+    assert!(devices
+        .instances()
+        .iter()
+        .any(|(n, _)| n == "dummy@pci.0.4.0"));
+    assert_eq!(pci_read32(&buses, 4, 0), 0x0001_10dd);
+    // Without a boot ROM, BARs are placed and decoding: I/O at 0x2000, memory in the hole.
+    assert_eq!(pci_read32(&buses, 4, 0x10), 0x2001);
+    assert_eq!(pci_read32(&buses, 4, 0x14), 0xc000_0000);
+    assert_eq!(pci_read32(&buses, 4, 0x18), 0xc000_1000);
+    assert!(buses.mmio.write(0xc000_1ffc, &[1, 2, 3, 4]));
+    let mut data = [0u8; 4];
+    assert!(buses.mmio.read(0xc000_1ffc, &mut data));
+    assert_eq!(data, [1, 2, 3, 4]);
+
+    // MSI capability at 0x40: program address and data, enable two messages.
+    let select = |offset: u32| {
+        assert!(buses
+            .pio
+            .write(0xcf8, &(0x8000_0000u32 | (4 << 11) | offset).to_le_bytes()));
+    };
+    select(0x44);
+    assert!(buses.pio.write(0xcfc, &0xfee0_0000u32.to_le_bytes()));
+    select(0x4c);
+    assert!(buses.pio.write(0xcfc, &0x0030u16.to_le_bytes()));
+    // Nothing is sent while MSI is disabled.
+    assert!(buses.pio.write(0x2004, &1u32.to_le_bytes()));
+    assert!(sink.messages.lock().unwrap().is_empty());
+    select(0x40);
+    assert!(buses.pio.write(0xcfe, &0x0011u16.to_le_bytes()));
+    assert!(buses.pio.write(0x2004, &3u32.to_le_bytes()));
+    assert!(buses.pio.write(0x2000, &0x00ab_cdefu32.to_le_bytes()));
+    assert_eq!(
+        sink.messages.lock().unwrap().as_slice(),
+        &[
+            (0xfee0_0000, 0x31),
+            (0xfee0_0000, 0x30),
+            (0xfee0_0000, 0x31)
+        ]
+    );
+}

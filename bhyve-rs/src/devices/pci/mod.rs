@@ -7,6 +7,7 @@
 //! on the buses. A device model implements [`PciDevice`]: it fills in its header when created,
 //! may override configuration accesses, and serves accesses to its BARs.
 
+pub mod dummy;
 pub mod hostbridge;
 pub mod lpc;
 
@@ -375,7 +376,19 @@ impl ConfigSpace {
         self.write(offset, size, value);
     }
 
-    /// MSI as the guest programmed it: (enabled, address, data, number of messages).
+    /// Add an MSI capability (64-bit addresses) for `messages` vectors, a power of two from 1
+    /// to 32, as bhyve's `pci_emul_add_msicap`.
+    pub fn add_msi_capability(&mut self, messages: u32) -> Result<usize, PciError> {
+        let messages = messages.clamp(1, 32).next_power_of_two();
+        let mmc = messages.trailing_zeros() as u16;
+        // struct msicap: ID, next, control, address low, address high, data.
+        let mut cap = [0u8; 14];
+        cap[0] = PCIY_MSI;
+        cap[2..4].copy_from_slice(&(0x0080 | (mmc << 1)).to_le_bytes());
+        self.add_capability(&cap)
+    }
+
+    /// MSI as the guest programmed it, when enabled: (address, data, number of messages).
     pub fn msi(&self) -> Option<(u64, u16, u32)> {
         let mut cap = self.read8(PCIR_CAP_PTR) as usize;
         if self.read16(PCIR_STATUS) & PCIM_STATUS_CAPPRESENT == 0 {
@@ -426,13 +439,14 @@ pub trait PciDevice: Send {
         false
     }
 
-    /// A read of `data.len()` bytes at `offset` inside BAR `bar`.
-    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+    /// A read of `data.len()` bytes at `offset` inside BAR `bar`. `config` gives the current
+    /// configuration space (MSI programming, command register).
+    fn bar_read(&mut self, _config: &ConfigSpace, _bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
     /// A write at `offset` inside BAR `bar`.
-    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn bar_write(&mut self, _config: &ConfigSpace, _bar: usize, _offset: u64, _data: &[u8]) {}
 
     /// BAR `bar` was mapped at (`mapped`) or unmapped from `address`.
     fn bar_address_changed(&mut self, _bar: usize, _mapped: bool, _address: u64) {}
@@ -464,21 +478,20 @@ struct BarRegion {
 impl BusDevice for BarRegion {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         match self.function.upgrade() {
-            Some(f) => f
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device
-                .bar_read(self.index, offset, data),
+            Some(f) => {
+                let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+                let PciFunction { device, config, .. } = &mut *f;
+                device.bar_read(config, self.index, offset, data);
+            }
             None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let Some(f) = self.function.upgrade() {
-            f.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device
-                .bar_write(self.index, offset, data);
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            let PciFunction { device, config, .. } = &mut *f;
+            device.bar_write(config, self.index, offset, data);
         }
     }
 }

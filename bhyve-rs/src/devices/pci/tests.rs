@@ -12,10 +12,10 @@ struct Probe {
 }
 
 impl PciDevice for Probe {
-    fn bar_read(&mut self, bar: usize, _offset: u64, data: &mut [u8]) {
+    fn bar_read(&mut self, _config: &ConfigSpace, bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(bar as u8 + 0xa0);
     }
-    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+    fn bar_write(&mut self, _config: &ConfigSpace, bar: usize, offset: u64, data: &[u8]) {
         self.accesses
             .lock()
             .unwrap()

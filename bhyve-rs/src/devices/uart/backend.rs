@@ -262,6 +262,13 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Ask the input thread to stop without waiting for it; dropping the backend waits.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
