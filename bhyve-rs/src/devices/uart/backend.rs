@@ -466,4 +466,75 @@ mod tests {
             .to_string();
         assert!(err.starts_with("/nonexistent/tty: "), "{err}");
     }
+
+    #[test]
+    fn a_terminal_path_is_made_raw_and_restored_when_dropped() {
+        use nix::sys::termios::LocalFlags;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let path = nix::unistd::ttyname(&pty.slave).unwrap();
+        let canonical = |fd: &OwnedFd| {
+            termios::tcgetattr(fd)
+                .unwrap()
+                .local_flags
+                .contains(LocalFlags::ICANON)
+        };
+        assert!(canonical(&pty.slave));
+        let mut backend = Backend::open(&BackendSpec::Path(path.to_str().unwrap().into())).unwrap();
+        assert!(!canonical(&pty.slave), "the guest console needs raw mode");
+
+        let uart = Uart::new(backend.take_output(), Box::new(Line::default()));
+        let shared: SharedUart = Arc::new(Mutex::new(LegacyUart { uart }));
+        backend.start_input("com1", shared.clone()).unwrap();
+        let mut master = File::from(pty.master);
+        master.write_all(b"x").unwrap();
+        assert!(wait_for(|| shared.lock().unwrap().uart.read(REG_LSR)
+            & LSR_RXRDY
+            != 0));
+        assert_eq!(shared.lock().unwrap().uart.read(REG_DATA), b'x');
+        shared.lock().unwrap().uart.write(REG_DATA, b'y');
+        let mut got = [0u8; 1];
+        master.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"y");
+
+        drop(backend);
+        assert!(canonical(&pty.slave), "terminal settings restored");
+    }
+
+    const EXIT_CHILD: &str = "BHYVE_RS_UART_EXIT_CHILD";
+
+    /// Child side of the test below: make stdin raw through the stdio backend, then leave with
+    /// `process::exit`, which runs no destructors. Does nothing unless started by that test.
+    #[test]
+    fn stdio_exit_child() {
+        if std::env::var_os(EXIT_CHILD).is_none() {
+            return;
+        }
+        let backend = Backend::open(&BackendSpec::Stdio).unwrap();
+        std::mem::forget(backend);
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn process_exit_restores_a_raw_stdin_terminal() {
+        use nix::sys::termios::LocalFlags;
+        use std::process::{Command, Stdio};
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let canonical = || {
+            termios::tcgetattr(&pty.slave)
+                .unwrap()
+                .local_flags
+                .contains(LocalFlags::ICANON)
+        };
+        assert!(canonical());
+        let stdin = Stdio::from(pty.slave.try_clone().unwrap());
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "devices::uart::backend::tests::stdio_exit_child"])
+            .env(EXIT_CHILD, "1")
+            .stdin(stdin)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(canonical(), "the atexit hook put the terminal back");
+    }
 }
