@@ -10,6 +10,7 @@
 pub mod backend;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::bus::BusDevice;
@@ -91,11 +92,16 @@ pub trait IrqLine: Send {
 pub struct IsaIrq {
     sink: Arc<dyn InterruptSink>,
     irq: u32,
+    warned: AtomicBool,
 }
 
 impl IsaIrq {
     pub fn new(sink: Arc<dyn InterruptSink>, irq: u32) -> Self {
-        Self { sink, irq }
+        Self {
+            sink,
+            irq,
+            warned: AtomicBool::new(false),
+        }
     }
 }
 
@@ -105,8 +111,11 @@ impl IrqLine for IsaIrq {
             .sink
             .set_irq_line(self.irq, true)
             .and_then(|()| self.sink.set_irq_line(self.irq, false));
+        // Every register access can pulse; say once that it fails, not each time.
         if let Err(e) = pulse {
-            log::warn!("uart: cannot pulse IRQ {}: {e}", self.irq);
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                log::warn!("uart: cannot pulse IRQ {}: {e}", self.irq);
+            }
         }
     }
 
@@ -498,7 +507,7 @@ pub type SharedUart = Arc<Mutex<LegacyUart>>;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     /// Records transmitted bytes.
     #[derive(Clone, Default)]
