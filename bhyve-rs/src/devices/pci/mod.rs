@@ -10,12 +10,14 @@
 pub mod dummy;
 pub mod hostbridge;
 pub mod lpc;
+pub mod msix;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::bus::{BusDevice, Buses, SharedDevice};
+use msix::MsixTable;
 
 pub const PCI_BUSMAX: u8 = 255;
 pub const PCI_SLOTMAX: u8 = 31;
@@ -178,6 +180,8 @@ pub struct ConfigSpace {
     /// BARs asked for by the device, placed once every device on the bus exists.
     requests: Vec<(usize, BarKind, u64)>,
     enable_bars: bool,
+    /// The MSI-X table and the BAR holding it, once the device adds the capability.
+    msix: Option<(usize, Arc<MsixTable>)>,
 }
 
 impl ConfigSpace {
@@ -191,6 +195,7 @@ impl ConfigSpace {
             cap_end: 0,
             requests: Vec::new(),
             enable_bars,
+            msix: None,
         };
         config.write8(PCIR_INTLINE, 255);
         config.write8(PCIR_INTPIN, 0);
@@ -360,7 +365,8 @@ impl ConfigSpace {
         }
         match self.read8(cap) {
             PCIY_MSI => self.msi_write(cap, offset, size, value),
-            // MSI-X and PCI Express registers are stored as written for now.
+            PCIY_MSIX => self.msix_write(cap, offset, size, value),
+            // PCI Express registers are stored as written, as in bhyve.
             _ => self.write(offset, size, value),
         }
     }
@@ -374,6 +380,65 @@ impl ConfigSpace {
             value = (u32::from(self.read16(offset)) & !rw) | (value & rw);
         }
         self.write(offset, size, value);
+    }
+
+    /// Message control of MSI-X: only enable and function mask are writable; the table and
+    /// PBA location registers are read-only.
+    fn msix_write(&mut self, cap: usize, offset: usize, size: usize, value: u32) {
+        let control = cap + 2;
+        if offset + size <= control || offset >= control + 2 {
+            return;
+        }
+        let mut bytes = self.read16(control).to_le_bytes();
+        for (i, b) in value.to_le_bytes().into_iter().take(size).enumerate() {
+            if let Some(slot) = (offset + i)
+                .checked_sub(control)
+                .and_then(|j| bytes.get_mut(j))
+            {
+                *slot = b;
+            }
+        }
+        let rw = msix::PCIM_MSIXCTRL_MSIX_ENABLE | msix::PCIM_MSIXCTRL_FUNCTION_MASK;
+        let new = (self.read16(control) & !rw) | (u16::from_le_bytes(bytes) & rw);
+        self.write16(control, new);
+        if let Some((_, table)) = &self.msix {
+            table.set_control(new);
+        }
+    }
+
+    /// Add an MSI-X capability for `table`, with the table at offset 0 of BAR `bar` (a 32-bit
+    /// memory BAR sized for table and PBA, requested here) and the PBA on the next 4 KiB
+    /// boundary, as bhyve's `pci_emul_add_msixcap`.
+    pub fn add_msix_capability(
+        &mut self,
+        table: Arc<MsixTable>,
+        bar: usize,
+    ) -> Result<usize, PciError> {
+        let vectors = table.vectors() as u16;
+        let bir = (bar & 0x7) as u32;
+        // struct msixcap: ID, next, control (table size - 1), table offset/BIR, PBA offset/BIR.
+        let mut cap = [0u8; 12];
+        cap[0] = PCIY_MSIX;
+        cap[2..4].copy_from_slice(&(vectors - 1).to_le_bytes());
+        cap[4..8].copy_from_slice(&bir.to_le_bytes());
+        cap[8..12].copy_from_slice(&(table.table_size() as u32 | bir).to_le_bytes());
+        let offset = self.add_capability(&cap)?;
+        self.request_bar(bar, BarKind::Mem32, table.region_size());
+        self.msix = Some((bar, table));
+        Ok(offset)
+    }
+
+    /// The MSI-X table, if the device has one.
+    pub fn msix(&self) -> Option<&Arc<MsixTable>> {
+        self.msix.as_ref().map(|(_, t)| t)
+    }
+
+    /// The MSI-X table when `offset` in BAR `bar` falls inside its table or PBA.
+    fn msix_region(&self, bar: usize, offset: u64) -> Option<&Arc<MsixTable>> {
+        match &self.msix {
+            Some((b, t)) if *b == bar && offset < t.region_size() => Some(t),
+            _ => None,
+        }
     }
 
     /// Add an MSI capability (64-bit addresses) for `messages` vectors, a power of two from 1
@@ -481,7 +546,10 @@ impl BusDevice for BarRegion {
             Some(f) => {
                 let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
                 let PciFunction { device, config, .. } = &mut *f;
-                device.bar_read(config, self.index, offset, data);
+                match config.msix_region(self.index, offset) {
+                    Some(table) => table.read(offset, data),
+                    None => device.bar_read(config, self.index, offset, data),
+                }
             }
             None => data.fill(0xff),
         }
@@ -491,7 +559,10 @@ impl BusDevice for BarRegion {
         if let Some(f) = self.function.upgrade() {
             let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
             let PciFunction { device, config, .. } = &mut *f;
-            device.bar_write(config, self.index, offset, data);
+            match config.msix_region(self.index, offset) {
+                Some(table) => table.write(offset, data),
+                None => device.bar_write(config, self.index, offset, data),
+            }
         }
     }
 }
@@ -762,6 +833,9 @@ pub struct PciFunctionState {
     pub config: Vec<u8>,
     /// BARs 0-5 and the expansion ROM.
     pub bars: Vec<Bar>,
+    /// The MSI-X table and control bits, for a function with MSI-X.
+    #[serde(default)]
+    pub msix: Option<msix::MsixState>,
 }
 
 #[cfg(feature = "bhyve_snapshot")]
@@ -770,6 +844,7 @@ impl PciFunction {
         PciFunctionState {
             config: self.config.data.to_vec(),
             bars: self.config.bars.to_vec(),
+            msix: self.config.msix().map(|t| t.state()),
         }
     }
 
@@ -799,6 +874,13 @@ impl PciFunction {
                     self.name, saved.addr
                 ));
             }
+        }
+        match (self.config.msix(), &state.msix) {
+            (Some(table), Some(saved)) => table
+                .set_state(saved)
+                .map_err(|e| format!("{}: {e}", self.name))?,
+            (None, None) => {}
+            _ => return Err(format!("{}: MSI-X presence differs", self.name)),
         }
         for index in 0..=PCI_ROM_INDEX {
             self.unmap_bar(index);

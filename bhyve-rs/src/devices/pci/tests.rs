@@ -418,3 +418,78 @@ fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
     bad.config.truncate(64);
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
 }
+
+/// Records MSIs.
+#[derive(Default)]
+struct MsiLog(Mutex<Vec<(u64, u32)>>);
+
+impl crate::interrupts::InterruptSink for MsiLog {
+    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((address, data));
+        Ok(())
+    }
+}
+
+#[test]
+fn msix_table_is_programmed_through_its_bar_and_gates_vectors() {
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(MsiLog::default());
+    let table = msix::MsixTable::new(3, sink.clone());
+    let mut cfg = ConfigSpace::new(true);
+    cfg.write16(PCIR_VENDOR, 0x1af4);
+    assert_eq!(cfg.add_msix_capability(table.clone(), 1).unwrap(), 0x40);
+    let probe = Probe::default();
+    let log = probe.accesses.clone();
+    let mut builder = PciRootBuilder::new(1 << 32);
+    builder
+        .add(
+            PciAddress::new(0, 5, 0).unwrap(),
+            "probe",
+            cfg,
+            Box::new(probe),
+        )
+        .unwrap();
+    let _root = builder.build(&buses).unwrap();
+
+    // Capability: 3 vectors, table in BAR 1 at 0, PBA in BAR 1 at 4 KiB.
+    assert_eq!(cfg_read(&buses, 5, 0, 0x40, 4), 0x0002_0011);
+    assert_eq!(cfg_read(&buses, 5, 0, 0x44, 4), 1);
+    assert_eq!(cfg_read(&buses, 5, 0, 0x48, 4), 0x1001);
+    // The BAR covers table and PBA: 4 KiB + 8 bytes, rounded to 8 KiB.
+    let base = 0xc000_0000u64;
+    assert_eq!(cfg_read(&buses, 5, 0, 0x14, 4), base as u32);
+
+    // Entries start masked.
+    let mut dword = [0u8; 4];
+    assert!(buses.mmio.read(base + 12, &mut dword));
+    assert_eq!(u32::from_le_bytes(dword), 1);
+    assert!(buses.mmio.write(base + 16, &0xfee0_1000u64.to_le_bytes()));
+    assert!(buses.mmio.write(base + 24, &0x45u32.to_le_bytes()));
+    let mut qword = [0u8; 8];
+    assert!(buses.mmio.read(base + 16, &mut qword));
+    assert_eq!(u64::from_le_bytes(qword), 0xfee0_1000);
+    // PBA reads zero; a 2-byte table read is refused with all ones.
+    assert!(buses.mmio.read(base + 4096, &mut qword));
+    assert_eq!(qword, [0; 8]);
+    let mut word = [0u8; 2];
+    assert!(buses.mmio.read(base, &mut word));
+    assert_eq!(word, [0xff; 2]);
+
+    assert!(!table.notify(1), "MSI-X not enabled yet");
+    cfg_write(&buses, 5, 0x42, 2, 0x8000 | 0x07ff);
+    // Only enable took; the table size bits are read-only.
+    assert_eq!(cfg_read(&buses, 5, 0, 0x42, 2), 0x8002);
+    assert!(!table.notify(1), "vector still masked");
+    assert!(buses.mmio.write(base + 28, &0u32.to_le_bytes()));
+    assert!(table.notify(1));
+    cfg_write(&buses, 5, 0x40, 4, 0xc000_0000);
+    assert!(!table.notify(1), "function masked");
+    assert!(!table.notify(7), "no such vector");
+    assert_eq!(sink.0.lock().unwrap().as_slice(), &[(0xfee0_1000, 0x45)]);
+    // Beyond table and PBA the BAR belongs to the device.
+    assert!(buses.mmio.write(base + 0x1800, &[1]));
+    assert_eq!(log.lock().unwrap().as_slice(), &[(1, 0x1800, vec![1])]);
+}
