@@ -37,7 +37,6 @@ struct Range {
 }
 
 /// The two address spaces a vCPU exit can target.
-#[derive(Default)]
 pub struct Buses {
     /// x86 port I/O, 0..0x10000.
     pub pio: Bus,
@@ -45,15 +44,37 @@ pub struct Buses {
     pub mmio: Bus,
 }
 
+impl Default for Buses {
+    fn default() -> Self {
+        Self {
+            pio: Bus::port_io(),
+            mmio: Bus::new(),
+        }
+    }
+}
+
 /// One address space (port I/O or MMIO).
 #[derive(Default)]
 pub struct Bus {
     ranges: RwLock<BTreeMap<u64, Range>>,
+    /// As bhyve's port handlers: an access belongs to the range holding its first address,
+    /// whatever its width (a 32-bit access at 0xCF8 reaches the PCI address register while
+    /// 0xCF9 can belong to the reset register).
+    dispatch_by_first_address: bool,
 }
 
 impl Bus {
+    /// An MMIO bus: every access must lie wholly inside one range.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A port I/O bus, dispatching by the first port of an access.
+    pub fn port_io() -> Self {
+        Self {
+            dispatch_by_first_address: true,
+            ..Self::default()
+        }
     }
 
     /// Give `device` the addresses `base..base+len`.
@@ -92,8 +113,12 @@ impl Bus {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
         let (&base, range) = ranges.range(..=addr).next_back()?;
         let offset = addr - base;
-        // An access must lie wholly inside one range.
-        if offset.checked_add(size as u64)? > range.len {
+        let end = if self.dispatch_by_first_address {
+            offset.checked_add(1)?
+        } else {
+            offset.checked_add(size as u64)?
+        };
+        if end > range.len {
             return None;
         }
         Some((base, offset, range.device.clone()))
@@ -168,6 +193,19 @@ mod tests {
         assert!(!bus.read(0x104, &mut word[..1]));
         assert!(!bus.read(0x102, &mut word));
         assert!(bus.read(0x100, &mut word));
+    }
+
+    #[test]
+    fn port_io_accesses_belong_to_the_range_of_their_first_port() {
+        let bus = Bus::port_io();
+        bus.insert(0xcf8, 1, Arc::new(Mutex::new(Recorder::default())))
+            .unwrap();
+        bus.insert(0xcf9, 1, Arc::new(Mutex::new(Recorder::default())))
+            .unwrap();
+        let mut word = [0u8; 4];
+        assert!(bus.read(0xcf8, &mut word));
+        assert!(bus.read(0xcf9, &mut word[..1]));
+        assert!(!bus.read(0xcfa, &mut word[..1]));
     }
 
     #[test]

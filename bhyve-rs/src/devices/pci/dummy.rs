@@ -1,0 +1,105 @@
+//! `dummy`: the test device bhyve builds into `pci_emul.c` (`PCI_EMUL_TEST`). An 8-byte I/O BAR
+//! and two 4 KiB memory BARs that remember what is written, and MSI with four messages: a 32-bit
+//! write of N to I/O offset 4 sends message N modulo the enabled count, and writing 0xABCDEF to
+//! the I/O BAR sends every enabled message.
+
+use std::sync::Arc;
+
+use super::{BarKind, ConfigSpace, PciDevice, PciError, PCIR_CLASS, PCIR_DEVICE, PCIR_VENDOR};
+use crate::interrupts::InterruptSink;
+
+pub const DUMMY_VENDOR: u16 = 0x10dd;
+pub const DUMMY_DEVICE: u16 = 0x0001;
+const IO_SIZE: usize = 8;
+const MEM_SIZE: usize = 4096;
+const MSI_MESSAGES: u32 = 4;
+/// The value that makes the device send all its messages.
+const ALL_MESSAGES: u32 = 0xab_cdef;
+
+pub struct Dummy {
+    io: [u8; IO_SIZE],
+    mem: [Vec<u8>; 2],
+    interrupts: Arc<dyn InterruptSink>,
+}
+
+impl Dummy {
+    pub fn init(
+        config: &mut ConfigSpace,
+        interrupts: Arc<dyn InterruptSink>,
+    ) -> Result<Self, PciError> {
+        config.write16(PCIR_DEVICE, DUMMY_DEVICE);
+        config.write16(PCIR_VENDOR, DUMMY_VENDOR);
+        config.write8(PCIR_CLASS, 0x02);
+        config.add_msi_capability(MSI_MESSAGES)?;
+        config.request_bar(0, BarKind::Io, IO_SIZE as u64);
+        config.request_bar(1, BarKind::Mem32, MEM_SIZE as u64);
+        config.request_bar(2, BarKind::Mem32, MEM_SIZE as u64);
+        Ok(Self {
+            io: [0; IO_SIZE],
+            mem: [vec![0; MEM_SIZE], vec![0; MEM_SIZE]],
+            interrupts,
+        })
+    }
+
+    fn registers(&mut self, bar: usize) -> Option<&mut [u8]> {
+        match bar {
+            0 => Some(&mut self.io[..]),
+            1 | 2 => Some(&mut self.mem[bar - 1][..]),
+            _ => None,
+        }
+    }
+
+    fn send_msi(&self, config: &ConfigSpace, index: u32) {
+        let Some((address, data, messages)) = config.msi() else {
+            return;
+        };
+        if index < messages {
+            let data = u32::from(data) + index;
+            if let Err(e) = self.interrupts.signal_msi(address, data) {
+                log::warn!("dummy: cannot send MSI: {e}");
+            }
+        }
+    }
+}
+
+impl PciDevice for Dummy {
+    fn bar_read(&mut self, _config: &ConfigSpace, bar: usize, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        match self
+            .registers(bar)
+            .and_then(|r| r.get(start..start + data.len()))
+        {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, config: &ConfigSpace, bar: usize, offset: u64, data: &[u8]) {
+        let start = offset as usize;
+        let Some(dst) = self
+            .registers(bar)
+            .and_then(|r| r.get_mut(start..start + data.len()))
+        else {
+            return;
+        };
+        dst.copy_from_slice(data);
+        if bar != 0 {
+            return;
+        }
+        let mut bytes = [0u8; 4];
+        for (b, d) in bytes.iter_mut().zip(data) {
+            *b = *d;
+        }
+        let value = u32::from_le_bytes(bytes);
+        if let Some((_, _, messages)) = config.msi() {
+            if offset == 4 && data.len() == 4 {
+                self.send_msi(config, value % messages);
+            }
+            if value == ALL_MESSAGES {
+                for index in 0..messages {
+                    self.send_msi(config, index);
+                }
+            }
+        }
+    }
+}

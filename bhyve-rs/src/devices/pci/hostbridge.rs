@@ -1,0 +1,37 @@
+//! `hostbridge`: the PCI host bridge at 0:0:0 (`pci_hostbridge.c`). NetApp's IDs by default;
+//! `amd_hostbridge` is an alias the command line turns into `device=hostbridge` with AMD's
+//! vendor ID and a made-up device ID.
+
+use super::{
+    ConfigSpace, PciDevice, PciError, PCIC_BRIDGE, PCIEM_TYPE_ROOT_PORT, PCIM_HDRTYPE_NORMAL,
+    PCIR_CLASS, PCIR_DEVICE, PCIR_HDRTYPE, PCIR_SUBCLASS, PCIR_VENDOR, PCIS_BRIDGE_HOST,
+};
+
+pub const HOSTBRIDGE_VENDOR: u16 = 0x1275; // NetApp
+pub const HOSTBRIDGE_DEVICE: u16 = 0x1275;
+/// What `amd_hostbridge` stores as `vendor` and `devid`.
+pub const AMD_HOSTBRIDGE_VENDOR: u16 = 0x1022;
+pub const AMD_HOSTBRIDGE_DEVICE: u16 = 0x7432;
+
+/// The host bridge has no registers of its own beyond its header.
+pub struct HostBridge;
+
+impl HostBridge {
+    /// Fill in the header of a host bridge at bus `bus` with the given IDs.
+    pub fn init(
+        config: &mut ConfigSpace,
+        bus: u8,
+        vendor: u16,
+        device: u16,
+    ) -> Result<Self, PciError> {
+        config.write16(PCIR_VENDOR, vendor);
+        config.write16(PCIR_DEVICE, device);
+        config.write8(PCIR_HDRTYPE, PCIM_HDRTYPE_NORMAL);
+        config.write8(PCIR_CLASS, PCIC_BRIDGE);
+        config.write8(PCIR_SUBCLASS, PCIS_BRIDGE_HOST);
+        config.add_pcie_capability(bus, PCIEM_TYPE_ROOT_PORT)?;
+        Ok(Self)
+    }
+}
+
+impl PciDevice for HostBridge {}

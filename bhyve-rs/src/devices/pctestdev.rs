@@ -1,0 +1,181 @@
+//! `pc-testdev` (`-l pc-testdev`, key `lpc.pc-testdev`): the legacy test interfaces
+//! kvm-unit-tests expects, as bhyve's `pctestdev.c` provides them:
+//!
+//! - `isa-debug-exit` at ports 0xF4-0xF7: writing V ends the VM with exit status `(V << 1) | 1`
+//!   (read: 0). bhyve calls `exit()` from the device; here the device records an
+//!   [`ExitRequest`] that the run loop acts on.
+//! - a 32-bit scratch register at ports 0xE0-0xE3, accessible at any width and offset;
+//! - IRQ lines at ports 0x2000 + N (one per I/O APIC pin): a byte write drives line N;
+//! - 64 KiB of scratch memory at 0xFF00_0000.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::bus::{BusDevice, BusError, Buses};
+use crate::interrupts::InterruptSink;
+
+pub const DEBUGEXIT_BASE: u64 = 0xf4;
+pub const DEBUGEXIT_LEN: u64 = 4;
+pub const IOPORT_BASE: u64 = 0xe0;
+pub const IOPORT_LEN: u64 = 4;
+pub const IRQ_BASE: u64 = 0x2000;
+/// I/O APIC pins of the KVM and bhyve interrupt controllers.
+pub const IOAPIC_PINS: u64 = 24;
+pub const IOMEM_BASE: u64 = 0xff00_0000;
+pub const IOMEM_LEN: u64 = 0x10000;
+
+/// A request from the guest, made through a device, to end the VM with an exit status.
+#[derive(Debug, Default)]
+pub struct ExitRequest {
+    requested: AtomicBool,
+    status: AtomicI32,
+}
+
+impl ExitRequest {
+    /// Ask for the VM to end with `status`; the first request wins.
+    pub fn request(&self, status: i32) {
+        if !self.requested.swap(true, Ordering::SeqCst) {
+            self.status.store(status, Ordering::SeqCst);
+        }
+    }
+
+    /// The requested exit status, once a device asked for one.
+    pub fn status(&self) -> Option<i32> {
+        self.requested
+            .load(Ordering::SeqCst)
+            .then(|| self.status.load(Ordering::SeqCst))
+    }
+}
+
+fn read_le(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    for (dst, src) in bytes.iter_mut().zip(data) {
+        *dst = *src;
+    }
+    u32::from_le_bytes(bytes)
+}
+
+struct DebugExit {
+    exit: Arc<ExitRequest>,
+}
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        let value = read_le(data);
+        log::info!("pc-testdev: guest requested exit with value {value:#x}");
+        self.exit.request(((value << 1) | 1) as i32);
+    }
+}
+
+/// The 32-bit scratch register.
+struct IoPort {
+    data: u32,
+}
+
+impl BusDevice for IoPort {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let bytes = self.data.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(offset as usize + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let mut bytes = self.data.to_le_bytes();
+        for (i, b) in data.iter().enumerate() {
+            if let Some(dst) = bytes.get_mut(offset as usize + i) {
+                *dst = *b;
+            }
+        }
+        self.data = u32::from_le_bytes(bytes);
+    }
+}
+
+struct IrqLines {
+    sink: Arc<dyn InterruptSink>,
+}
+
+impl BusDevice for IrqLines {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        // Only byte writes drive a line, as in bhyve.
+        if let [level] = data {
+            let gsi = offset as u32;
+            if let Err(e) = self.sink.set_irq_line(gsi, *level != 0) {
+                log::warn!("pc-testdev: cannot set IRQ {gsi}: {e}");
+            }
+        }
+    }
+}
+
+struct IoMem {
+    buffer: Vec<u8>,
+}
+
+impl BusDevice for IoMem {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        match self.buffer.get(start..start + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let start = offset as usize;
+        if let Some(dst) = self.buffer.get_mut(start..start + data.len()) {
+            dst.copy_from_slice(data);
+        }
+    }
+}
+
+/// Put the pc-testdev ranges on `buses`.
+pub fn attach(
+    buses: &Buses,
+    interrupts: Arc<dyn InterruptSink>,
+    exit: Arc<ExitRequest>,
+) -> Result<(), (u64, BusError)> {
+    let at = |base: u64| move |e| (base, e);
+    buses
+        .pio
+        .insert(
+            DEBUGEXIT_BASE,
+            DEBUGEXIT_LEN,
+            Arc::new(Mutex::new(DebugExit { exit })),
+        )
+        .map_err(at(DEBUGEXIT_BASE))?;
+    buses
+        .pio
+        .insert(
+            IOPORT_BASE,
+            IOPORT_LEN,
+            Arc::new(Mutex::new(IoPort { data: 0 })),
+        )
+        .map_err(at(IOPORT_BASE))?;
+    buses
+        .pio
+        .insert(
+            IRQ_BASE,
+            IOAPIC_PINS,
+            Arc::new(Mutex::new(IrqLines { sink: interrupts })),
+        )
+        .map_err(at(IRQ_BASE))?;
+    buses
+        .mmio
+        .insert(
+            IOMEM_BASE,
+            IOMEM_LEN,
+            Arc::new(Mutex::new(IoMem {
+                buffer: vec![0; IOMEM_LEN as usize],
+            })),
+        )
+        .map_err(at(IOMEM_BASE))?;
+    Ok(())
+}

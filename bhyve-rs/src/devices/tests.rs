@@ -1,0 +1,406 @@
+use super::*;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// Records every IRQ line change.
+#[derive(Default)]
+struct FakeSink {
+    lines: Mutex<Vec<(u32, bool)>>,
+}
+
+impl InterruptSink for FakeSink {
+    fn set_irq_line(&self, gsi: u32, high: bool) -> std::io::Result<()> {
+        self.lines.lock().unwrap().push((gsi, high));
+        Ok(())
+    }
+    fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn config(pairs: &[(&str, &str)]) -> Config {
+    let mut c = Config::new();
+    for (k, v) in pairs {
+        c.set(k, v);
+    }
+    c
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("bhyve-dev-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pci_read32(buses: &Buses, slot: u8, offset: u8) -> u32 {
+    let address = 0x8000_0000u32 | (u32::from(slot) << 11) | u32::from(offset);
+    assert!(buses.pio.write(0xcf8, &address.to_le_bytes()));
+    let mut data = [0u8; 4];
+    assert!(buses.pio.read(0xcfc, &mut data));
+    u32::from_le_bytes(data)
+}
+
+#[test]
+fn attach_builds_hostbridge_lpc_and_com_ports() {
+    let dir = TempDir::new("attach");
+    let log = dir.0.join("com1.log");
+    std::fs::write(&log, b"").unwrap();
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.31.0.device", "lpc"),
+        ("lpc.com1.path", log.to_str().unwrap()),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(FakeSink::default());
+    let devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
+
+    assert_eq!(pci_read32(&buses, 0, 0), 0x1275_1275);
+    assert_eq!(pci_read32(&buses, 31, 0), 0x7000_8086);
+    assert_eq!(pci_read32(&buses, 2, 0), 0xffff_ffff);
+
+    let names: Vec<String> = devices.instances().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "hostbridge@pci.0.0.0",
+            "lpc@pci.0.31.0",
+            "com1",
+            "com2",
+            "com3",
+            "com4"
+        ]
+    );
+
+    for b in b"boot\r\n" {
+        assert!(buses.pio.write(0x3f8, &[*b]));
+    }
+    assert_eq!(std::fs::read(&log).unwrap(), b"boot\r\n");
+
+    // Every COM port answers at its legacy address; the scratch register proves which is which.
+    for (i, base) in [0x3f8u64, 0x2f8, 0x3e8, 0x2e8].into_iter().enumerate() {
+        assert!(buses.pio.write(base + 7, &[i as u8 + 1]));
+    }
+    for (name, _, _) in LEGACY_PORTS.iter() {
+        assert!(devices.uart(name).is_some());
+    }
+    let mut scr = [0u8];
+    assert!(buses.pio.read(0x3e8 + 7, &mut scr));
+    assert_eq!(scr, [3]);
+
+    // Enabling the THRE interrupt on com2 pulses IRQ 3.
+    assert!(buses.pio.write(0x2f9, &[0x02]));
+    assert_eq!(
+        sink.lines.lock().unwrap().as_slice(),
+        &[(3, true), (3, false)]
+    );
+}
+
+#[test]
+fn input_from_a_fifo_raises_the_com_irq_and_reaches_the_guest() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.0.join("com2.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let cfg = config(&[
+        ("pci.0.31.0.device", "lpc"),
+        ("lpc.com2.path", fifo.to_str().unwrap()),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(FakeSink::default());
+    let _devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
+    assert!(buses.pio.write(0x2f9, &[uart::IER_ERXRDY]));
+
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    writer.write_all(b"k").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sink.lines.lock().unwrap().contains(&(3, true)) {
+        assert!(Instant::now() < deadline, "no interrupt for received data");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut byte = [0u8];
+    assert!(buses.pio.read(0x2fa, &mut byte));
+    assert_eq!(byte[0], uart::IIR_RXTOUT);
+    assert!(buses.pio.read(0x2f8, &mut byte));
+    assert_eq!(byte, *b"k");
+}
+
+#[test]
+fn without_lpc_there_are_no_com_ports() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("lpc.com1.path", "stdio"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
+    let mut byte = [0u8];
+    assert!(!buses.pio.read(0x3fd, &mut byte));
+    assert!(devices.uart("com1").is_none());
+}
+
+#[test]
+fn an_empty_configuration_creates_nothing() {
+    let buses = Arc::new(Buses::default());
+    let devices = attach_for_test(&Config::new(), &buses, Arc::new(FakeSink::default())).unwrap();
+    assert!(devices.instances().is_empty());
+    let mut data = [0u8; 4];
+    assert!(!buses.pio.read(0xcf8, &mut data));
+}
+
+#[test]
+fn hostbridge_takes_vendor_and_devid_from_its_node() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.0.0.vendor", "0x1022"),
+        ("pci.0.0.0.devid", "0x7432"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let _devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
+    assert_eq!(pci_read32(&buses, 0, 0), 0x7432_1022);
+}
+
+#[test]
+fn lpc_identity_can_be_overridden_with_pcireg() {
+    let cfg = config(&[
+        ("pci.0.31.0.device", "lpc"),
+        ("pci.0.31.0.pcireg.vendor", "1af4"),
+        ("pci.0.31.0.pcireg.revid", "0x03"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let _devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
+    assert_eq!(pci_read32(&buses, 31, 0), 0x7000_1af4);
+    assert_eq!(pci_read32(&buses, 31, 8) & 0xff, 0x03);
+}
+
+fn check_error(pairs: &[(&str, &str)]) -> String {
+    let cfg = config(pairs);
+    let err = check_supported(&cfg).unwrap_err().to_string();
+    // attach refuses the same configuration with the same message.
+    let buses = Arc::new(Buses::default());
+    let attach_err = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(err, attach_err);
+    err
+}
+
+#[test]
+fn unsupported_emulation_is_named_with_its_slot() {
+    let err = check_error(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.2.0.device", "virtio-blk"),
+        ("pci.0.2.0.path", "/tmp/disk.img"),
+    ]);
+    assert_eq!(
+        err,
+        "pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet"
+    );
+}
+
+#[test]
+fn configuration_mistakes_get_bhyve_style_messages() {
+    assert_eq!(
+        check_error(&[("pci.0.3.0.device", "frobnicator")]),
+        "pci slot 0:3:0: unknown device \"frobnicator\""
+    );
+    assert_eq!(
+        check_error(&[("pci.0.3.0.path", "/x")]),
+        "pci slot 0:3:0: missing \"device\" value"
+    );
+    assert_eq!(
+        check_error(&[("pci.0.0.0.device", "amd_hostbridge")]),
+        "pci slot 0:0:0: legacy device \"amd_hostbridge\", use \"hostbridge\" instead"
+    );
+    assert_eq!(
+        check_error(&[("pci.0.30.0.device", "lpc"), ("pci.0.31.0.device", "lpc")]),
+        "pci slot 0:31:0: only one LPC bridge is allowed"
+    );
+    assert_eq!(
+        check_error(&[("pci.1.31.0.device", "lpc")]),
+        "pci slot 1:31:0: the LPC bridge can be present only on bus 0"
+    );
+    assert_eq!(
+        check_error(&[("pci.0.32.0.device", "hostbridge")]),
+        "invalid PCI slot \"pci.0.32.0\""
+    );
+    assert_eq!(
+        check_error(&[
+            ("pci.0.0.0.device", "hostbridge"),
+            ("pci.0.0.0.vendor", "AMD")
+        ]),
+        "invalid value \"AMD\" for \"pci.0.0.0.vendor\""
+    );
+    assert_eq!(
+        check_error(&[
+            ("pci.0.31.0.device", "lpc"),
+            ("lpc.com1.path", "tcp=127.0.0.1:4444")
+        ]),
+        "unable to initialize backend \"tcp=127.0.0.1:4444\" for LPC device com1: \
+         TCP backends (\"tcp=127.0.0.1:4444\") are not supported yet"
+    );
+    assert_eq!(
+        check_error(&[
+            ("pci.0.31.0.device", "lpc"),
+            ("lpc.com1.path", "stdio"),
+            ("lpc.com2.path", "stdio")
+        ]),
+        "unable to initialize backend \"stdio\" for LPC device com2: \
+         stdio is already used by another device"
+    );
+}
+
+#[test]
+fn check_supported_accepts_what_attach_builds() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.31.0.device", "lpc"),
+        ("pci.enable_bars", "true"),
+        ("lpc.com1.path", "/nonexistent/tty"),
+        ("memory.size", "4G"),
+    ]);
+    // Only emulations are checked: a backend path is opened by attach, not here.
+    check_supported(&cfg).unwrap();
+    let err = attach_for_test(
+        &cfg,
+        &Arc::new(Buses::default()),
+        Arc::new(FakeSink::default()),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.starts_with("unable to initialize backend \"/nonexistent/tty\" for LPC device com1: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
+    let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(FakeSink::default());
+    let devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
+
+    assert!(buses.pio.write(0xe1, &[0xab, 0xcd]));
+    let mut dword = [0u8; 4];
+    assert!(buses.pio.read(0xe0, &mut dword));
+    assert_eq!(u32::from_le_bytes(dword), 0x00cd_ab00);
+
+    assert!(buses.pio.write(0x2005, &[1]));
+    assert!(buses.pio.write(0x2011, &[0]));
+    assert_eq!(
+        sink.lines.lock().unwrap().as_slice(),
+        &[(5, true), (17, false)]
+    );
+
+    assert!(buses.mmio.write(0xff00_fff0, &[1, 2, 3, 4, 5, 6, 7, 8]));
+    let mut qword = [0u8; 8];
+    assert!(buses.mmio.read(0xff00_fff0, &mut qword));
+    assert_eq!(qword, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+    assert_eq!(devices.exit_request().status(), None);
+    assert!(buses.pio.write(0xf4, &[0x10]));
+    assert_eq!(devices.exit_request().status(), Some(0x21));
+    // The first request stands.
+    assert!(buses.pio.write(0xf4, &[0x00]));
+    assert_eq!(devices.exit_request().status(), Some(0x21));
+}
+
+#[test]
+fn pc_testdev_is_absent_unless_configured() {
+    let cfg = config(&[("pci.0.31.0.device", "lpc")]);
+    let buses = Arc::new(Buses::default());
+    let _devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
+    assert!(!buses.pio.write(0xf4, &[1]));
+}
+
+/// Records MSIs.
+#[derive(Default)]
+struct MsiSink {
+    messages: Mutex<Vec<(u64, u32)>>,
+}
+
+impl InterruptSink for MsiSink {
+    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.messages.lock().unwrap().push((address, data));
+        Ok(())
+    }
+}
+
+#[test]
+fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.4.0.device", "dummy"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(MsiSink::default());
+    let devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
+    assert!(devices
+        .instances()
+        .iter()
+        .any(|(n, _)| n == "dummy@pci.0.4.0"));
+    assert_eq!(pci_read32(&buses, 4, 0), 0x0001_10dd);
+    // Without a boot ROM, BARs are placed and decoding: I/O at 0x2000, memory in the hole.
+    assert_eq!(pci_read32(&buses, 4, 0x10), 0x2001);
+    assert_eq!(pci_read32(&buses, 4, 0x14), 0xc000_0000);
+    assert_eq!(pci_read32(&buses, 4, 0x18), 0xc000_1000);
+    assert!(buses.mmio.write(0xc000_1ffc, &[1, 2, 3, 4]));
+    let mut data = [0u8; 4];
+    assert!(buses.mmio.read(0xc000_1ffc, &mut data));
+    assert_eq!(data, [1, 2, 3, 4]);
+
+    // MSI capability at 0x40: program address and data, enable two messages.
+    let select = |offset: u32| {
+        assert!(buses
+            .pio
+            .write(0xcf8, &(0x8000_0000u32 | (4 << 11) | offset).to_le_bytes()));
+    };
+    select(0x44);
+    assert!(buses.pio.write(0xcfc, &0xfee0_0000u32.to_le_bytes()));
+    select(0x4c);
+    assert!(buses.pio.write(0xcfc, &0x0030u16.to_le_bytes()));
+    // Nothing is sent while MSI is disabled.
+    assert!(buses.pio.write(0x2004, &1u32.to_le_bytes()));
+    assert!(sink.messages.lock().unwrap().is_empty());
+    select(0x40);
+    assert!(buses.pio.write(0xcfe, &0x0011u16.to_le_bytes()));
+    assert!(buses.pio.write(0x2004, &3u32.to_le_bytes()));
+    assert!(buses.pio.write(0x2000, &0x00ab_cdefu32.to_le_bytes()));
+    assert_eq!(
+        sink.messages.lock().unwrap().as_slice(),
+        &[
+            (0xfee0_0000, 0x31),
+            (0xfee0_0000, 0x30),
+            (0xfee0_0000, 0x31)
+        ]
+    );
+}
+
+/// `attach` with the machine-side arguments a unit test does not care about.
+fn attach_for_test(
+    config: &Config,
+    buses: &Arc<crate::bus::Buses>,
+    interrupts: Arc<dyn crate::interrupts::InterruptSink>,
+) -> Result<Devices, DeviceError> {
+    let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
+    attach(
+        config,
+        buses,
+        interrupts,
+        crate::vcpu::VmControl::new(),
+        memory,
+    )
+}
