@@ -87,7 +87,11 @@ pub extern "C" fn user_main() -> ! {
     println!(
         "\nbhyve-rs test guest (boot={} svc={} hz={})",
         shell.info.protocol,
-        if svc::USE_UD2.load(Ordering::Relaxed) { "ud2" } else { "int80" },
+        if svc::USE_UD2.load(Ordering::Relaxed) {
+            "ud2"
+        } else {
+            "int80"
+        },
         hz
     );
     println!("bhyve-rs test guest ready");
@@ -252,14 +256,20 @@ impl Shell {
             // map, and nothing else uses it.
             unsafe { base.add(i).write_volatile(splitmix64(&mut state)) };
         }
-        println!("memfill {mib} MiB seed {seed} fnv {:#018x}", fnv1a_words(base, words));
+        println!(
+            "memfill {mib} MiB seed {seed} fnv {:#018x}",
+            fnv1a_words(base, words)
+        );
     }
 
     fn memsum(&self, mib: u64) {
         let Some(base) = self.free_words(mib) else {
             return;
         };
-        println!("memsum {mib} MiB fnv {:#018x}", fnv1a_words(base, (mib << 20) / 8));
+        println!(
+            "memsum {mib} MiB fnv {:#018x}",
+            fnv1a_words(base, (mib << 20) / 8)
+        );
     }
 
     /// Waits for a tick edge, prints "ticks start", lets `ms` worth of ticks pass, prints
@@ -347,7 +357,13 @@ fn cmos() {
     let status_b = cmos_read(0x0b);
     let binary = status_b & 0x04 != 0;
     let h24 = status_b & 0x02 != 0;
-    let decode = |v: u8| if binary { v } else { (v >> 4) * 10 + (v & 0x0f) };
+    let decode = |v: u8| {
+        if binary {
+            v
+        } else {
+            (v >> 4) * 10 + (v & 0x0f)
+        }
+    };
     let [sec, min, hour_raw, day, month, year, century] = regs;
     let pm = !h24 && hour_raw & 0x80 != 0;
     let mut hour = decode(hour_raw & 0x7f);
