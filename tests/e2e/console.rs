@@ -175,8 +175,8 @@ fn count_prints_every_100_ms_until_a_key_and_resumes_where_it_stopped() {
     vm.expect_prompt(COMMAND_TIMEOUT);
     let last: u64 = tail
         .lines()
-        .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("count ")?.parse().ok())
         .unwrap_or(21);
     vm.send_line("count");
     vm.expect(&format!("count {}\n", last + 1), COMMAND_TIMEOUT);

@@ -126,11 +126,9 @@ impl Shell {
                     echo.flush();
                     return len;
                 }
-                0x08 | 0x7f => {
-                    if len > 0 {
-                        len -= 1;
-                        let _ = core::fmt::Write::write_str(&mut echo, "\x08 \x08");
-                    }
+                0x08 | 0x7f if len > 0 => {
+                    len -= 1;
+                    let _ = core::fmt::Write::write_str(&mut echo, "\x08 \x08");
                 }
                 0x20..=0x7e if len < LINE_MAX => {
                     line[len] = b;
