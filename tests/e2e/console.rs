@@ -7,7 +7,7 @@ mod common;
 
 use common::guest;
 use common::{boot_bhyve, COMMAND_TIMEOUT};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[test]
 fn guest_boots_to_ready_line_through_linux_boot_protocol() {
@@ -93,29 +93,12 @@ fn cmos_clock_reads_the_host_time() {
         return;
     };
     let line = vm.command_line("cmos");
-    let guest = guest::parse_cmos_line(&line).unwrap_or_else(|| panic!("bad cmos line {line:?}"));
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    // bhyve's RTC runs in local time unless -u; accept UTC or the host's offset.
-    let offset = local_utc_offset(now);
-    let skew = (guest - now).abs().min((guest - now - offset).abs());
+    // bhyve's RTC runs in local time unless -u; either is the host's clock.
+    let skew = guest::cmos_skew_seconds(&line);
     assert!(
         skew <= 5,
         "guest clock {line:?} is {skew} s off the host clock"
     );
-}
-
-/// Host's local-time offset from UTC in seconds at `now`.
-fn local_utc_offset(now: i64) -> i64 {
-    let t = now as libc::time_t;
-    // SAFETY: localtime_r writes only into the tm we pass; both pointers are valid.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
-        return 0;
-    }
-    tm.tm_gmtoff
 }
 
 /// Times `ticks <ms>` on the host clock: the guest counts `ms` worth of timer interrupts

@@ -39,7 +39,11 @@ fn commands_work_under_qemu() {
         vm.command_line("memfill 32 99"),
         guest::memfill_line(32, 99)
     );
-    assert!(guest::parse_cmos_line(&vm.command_line("cmos")).is_some());
+    let cmos = vm.command_line("cmos");
+    assert!(
+        guest::cmos_skew_seconds(&cmos) <= 5,
+        "{cmos:?} is not the host's time"
+    );
     let pci = vm.command("pci", COMMAND_TIMEOUT);
     assert!(
         pci.iter()
@@ -52,6 +56,24 @@ fn commands_work_under_qemu() {
     vm.expect("count stopped\n", COMMAND_TIMEOUT);
     vm.expect_prompt(COMMAND_TIMEOUT);
     assert_eq!(vm.command_line("counter"), "counter 3");
+}
+
+#[test]
+fn service_calls_via_ud2_and_a_1000_hz_timer_under_qemu() {
+    let Some(mut vm) = boot_qemu("svc=ud2 hz=1000") else {
+        return;
+    };
+    assert!(vm.transcript().contains("(boot=pvh svc=ud2 hz=1000)"));
+    assert_eq!(vm.command_line("memfill 4 3"), guest::memfill_line(4, 3));
+    vm.send_line("ticks 1000");
+    vm.expect("ticks start hz=1000 ms=1000\n", COMMAND_TIMEOUT);
+    let start = Instant::now();
+    vm.expect("ticks done 1000\n", Duration::from_secs(60));
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        (ms - 1000.0).abs() <= 100.0,
+        "1000 ms of ticks took {ms:.0} ms"
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Last line of the boot banner; the prompt follows it.
 pub const READY: &str = "bhyve-rs test guest ready\n";
@@ -92,6 +93,32 @@ pub fn parse_cmos_line(line: &str) -> Option<i64> {
         return None;
     }
     Some(days_from_civil(year, month, day) * 86_400 + t[0] * 3600 + t[1] * 60 + t[2])
+}
+
+/// How far (in seconds) the time in a `cmos` line is from the host's clock, read either as UTC
+/// or as local time (bhyve keeps the RTC in local time unless `-u`). `i64::MAX` if unparsable.
+pub fn cmos_skew_seconds(line: &str) -> i64 {
+    let Some(guest) = parse_cmos_line(line) else {
+        return i64::MAX;
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let utc = (guest - now).abs();
+    let local = (guest - now - local_utc_offset(now)).abs();
+    utc.min(local)
+}
+
+/// The host's local-time offset from UTC, in seconds, at `now`.
+fn local_utc_offset(now: i64) -> i64 {
+    let t = now as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value of this plain C struct.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r only writes into `tm`; both pointers are valid for the call.
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return 0;
+    }
+    tm.tm_gmtoff
 }
 
 /// Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
