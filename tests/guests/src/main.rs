@@ -51,6 +51,19 @@ fn pic_init() {
     }
 }
 
+/// Local APIC at its reset address (mapped user accessible, uncached).
+const LAPIC_BASE: u64 = 0xfee0_0000;
+
+/// Lets the PIC's interrupts through the local APIC whatever state the loader left it in:
+/// software enabled (spurious vector 0xff), LINT0 ExtINT, LINT1 NMI. Ring 3 MMIO.
+fn lapic_init() {
+    for (reg, value) in [(0xf0, 0x1ffu32), (0x350, 0x700), (0x360, 0x400)] {
+        // SAFETY: the LAPIC page is identity mapped, user accessible and uncached; these are
+        // architectural registers at their architectural offsets.
+        unsafe { ((LAPIC_BASE + reg) as *mut u32).write_volatile(value) };
+    }
+}
+
 fn pit_init(hz: u64) {
     let divisor = ((PIT_INPUT_HZ + hz / 2) / hz).clamp(1, 65535) as u16;
     svc::outb(0x43, 0x34); // channel 0, lobyte/hibyte, mode 2 (rate generator)
@@ -71,6 +84,7 @@ pub extern "C" fn user_main() -> ! {
         .filter(|hz| (19..=10_000).contains(hz))
         .unwrap_or(DEFAULT_HZ);
     console::init();
+    lapic_init();
     pic_init();
     pit_init(hz);
     svc::enable_interrupts();
