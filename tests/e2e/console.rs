@@ -1,0 +1,240 @@
+//! The console test guest under bhyve: booted through the Linux 64-bit boot protocol, driven over
+//! COM1 on stdio. Needs /dev/kvm (skips with a message without it, fails if
+//! BHYVE_RS_REQUIRE_KVM=1).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::guest;
+use common::{boot_bhyve, COMMAND_TIMEOUT};
+use std::time::{Duration, Instant};
+
+#[test]
+fn guest_boots_to_ready_line_through_linux_boot_protocol() {
+    let Some(mut vm) = boot_bhyve("e2e marker=42") else {
+        return;
+    };
+    let banner = vm.transcript();
+    assert!(
+        banner.contains("bhyve-rs test guest (boot=linux svc=int80 hz=100)"),
+        "{banner}"
+    );
+    let info = vm.command("info", COMMAND_TIMEOUT);
+    assert!(info.contains(&"boot linux".to_string()), "{info:?}");
+    assert!(
+        info.contains(&"cmdline e2e marker=42".to_string()),
+        "{info:?}"
+    );
+    // 256 MiB of RAM: the E820 map handed over must describe (almost) all of it as usable.
+    let usable: u64 = info
+        .iter()
+        .filter(|l| l.starts_with("e820 ") && l.ends_with(" usable"))
+        .filter_map(|l| {
+            let range = l.split_whitespace().nth(1)?;
+            let (a, b) = range.split_once('-')?;
+            let a = u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()?;
+            let b = u64::from_str_radix(b.trim_start_matches("0x"), 16).ok()?;
+            Some(b - a + 1)
+        })
+        .sum();
+    assert!(
+        (250 << 20..=256 << 20).contains(&usable),
+        "usable RAM {usable:#x} in {info:?}"
+    );
+}
+
+#[test]
+fn counter_increments_once_per_command() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    assert_eq!(vm.command_line("counter"), "counter 1");
+    assert_eq!(vm.command_line("counter"), "counter 2");
+    assert_eq!(vm.command_line("counter"), "counter 3");
+}
+
+#[test]
+fn help_lists_every_command_and_unknown_commands_are_reported() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let help = vm.command("help", COMMAND_TIMEOUT);
+    for command in guest::COMMANDS {
+        assert!(
+            help.iter().any(|l| l.trim_start().starts_with(command)),
+            "{command} missing from {help:?}"
+        );
+    }
+    assert_eq!(
+        vm.command_line("frobnicate"),
+        "unknown command 'frobnicate', try help"
+    );
+}
+
+#[test]
+fn memfill_checksum_matches_host_computation() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    for (mib, seed) in [(16, 42), (64, 0x1234_5678_9abc_def0)] {
+        let line = vm.command_line(&format!("memfill {mib} {seed}"));
+        assert_eq!(line, guest::memfill_line(mib, seed));
+        let fnv = line.rsplit(' ').next().unwrap_or_default();
+        assert_eq!(
+            vm.command_line(&format!("memsum {mib}")),
+            format!("memsum {mib} MiB fnv {fnv}")
+        );
+    }
+}
+
+#[test]
+fn cmos_clock_reads_the_host_time() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let line = vm.command_line("cmos");
+    // bhyve's RTC runs in local time unless -u; either is the host's clock.
+    let skew = guest::cmos_skew_seconds(&line);
+    assert!(
+        skew <= 5,
+        "guest clock {line:?} is {skew} s off the host clock"
+    );
+}
+
+/// Times `ticks <ms>` on the host clock: the guest counts `ms` worth of timer interrupts
+/// between two lines.
+fn timed_ticks(vm: &mut common::Console, hz: u64, ms: u64) -> Duration {
+    vm.send_line(&format!("ticks {ms}"));
+    vm.expect(&format!("ticks start hz={hz} ms={ms}\n"), COMMAND_TIMEOUT);
+    let start = Instant::now();
+    let target = (ms * hz).div_ceil(1000);
+    vm.expect(
+        &format!("ticks done {target}\n"),
+        Duration::from_millis(ms * 3 + 30_000),
+    );
+    let elapsed = start.elapsed();
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    elapsed
+}
+
+fn assert_within_ten_percent(elapsed: Duration, ms: u64) {
+    let ms_f = ms as f64;
+    let got = elapsed.as_secs_f64() * 1000.0;
+    assert!(
+        (got - ms_f).abs() <= ms_f * 0.10,
+        "{ms} ms of timer ticks took {got:.0} ms of host time"
+    );
+}
+
+#[test]
+fn timer_ticks_at_the_programmed_100_hz() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    assert_within_ten_percent(timed_ticks(&mut vm, 100, 3000), 3000);
+}
+
+#[test]
+fn timer_ticks_at_a_programmed_1000_hz() {
+    let Some(mut vm) = boot_bhyve("hz=1000") else {
+        return;
+    };
+    assert_within_ten_percent(timed_ticks(&mut vm, 1000, 3000), 3000);
+}
+
+#[test]
+fn count_prints_every_100_ms_until_a_key_and_resumes_where_it_stopped() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    vm.send_line("count");
+    vm.expect("count 1\n", COMMAND_TIMEOUT);
+    let start = Instant::now();
+    vm.expect("count 21\n", COMMAND_TIMEOUT);
+    let elapsed = start.elapsed();
+    assert_within_ten_percent(elapsed, 2000);
+    vm.send("\n");
+    let tail = vm.expect("count stopped\n", COMMAND_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    let last: u64 = tail
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("count ")?.parse().ok())
+        .unwrap_or(21);
+    vm.send_line("count");
+    vm.expect(&format!("count {}\n", last + 1), COMMAND_TIMEOUT);
+    vm.send("\n");
+    vm.expect("count stopped\n", COMMAND_TIMEOUT);
+}
+
+#[test]
+fn console_input_arrives_by_com1_interrupt() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    vm.command_line("counter");
+    let info = vm.command("info", COMMAND_TIMEOUT);
+    let irqs: u64 = info
+        .iter()
+        .find_map(|l| {
+            l.split("com1 irqs ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no irq count in {info:?}"));
+    assert!(irqs > 0, "typed input raised no COM1 interrupt: {info:?}");
+}
+
+#[test]
+fn pci_bus_shows_the_configured_slots() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let pci = vm.command("pci", COMMAND_TIMEOUT);
+    assert!(
+        pci.iter()
+            .any(|l| l.starts_with("pci 00:00.0 ") && l.ends_with(" class 060000")),
+        "{pci:?}"
+    );
+    assert!(
+        pci.iter()
+            .any(|l| l.starts_with("pci 00:1f.0 ") && l.ends_with(" class 060100")),
+        "{pci:?}"
+    );
+    assert_eq!(pci.len(), 2, "{pci:?}");
+}
+
+#[test]
+fn service_calls_work_through_ud2_as_well_as_int_0x80() {
+    let Some(mut vm) = boot_bhyve("svc=ud2") else {
+        return;
+    };
+    assert!(vm.transcript().contains("svc=ud2"), "{}", vm.transcript());
+    assert_eq!(vm.command_line("counter"), "counter 1");
+    assert_eq!(vm.command_line("memfill 4 1"), guest::memfill_line(4, 1));
+}
+
+#[test]
+fn guest_halt_with_interrupts_off_exits_2() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    vm.send_line("halt");
+    vm.expect("halting\n", COMMAND_TIMEOUT);
+    let status = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{status}: {}", vm.stderr());
+}
+
+#[test]
+fn guest_triple_fault_exits_3() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    vm.send_line("triple");
+    vm.expect("triple fault\n", COMMAND_TIMEOUT);
+    let status = vm.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(3), "{status}: {}", vm.stderr());
+}
