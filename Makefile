@@ -55,6 +55,7 @@ install: build
 	done
 
 demo: build
+	bash tests/demo.sh
 
 bench:
 	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES)
