@@ -13,7 +13,7 @@
 //! second.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootError, BootFiles};
@@ -99,7 +99,7 @@ pub fn topology(config: &Config) -> Result<Topology, MachineError> {
 pub struct Machine {
     // Field order is drop order: threads stop before devices, devices before the VM and RAM.
     vcpus: Arc<VcpuSet>,
-    devices: Option<Devices>,
+    devices: Option<Arc<Mutex<Devices>>>,
     control: Arc<VmControl>,
     buses: Arc<Buses>,
     vm: Arc<dyn Vm>,
@@ -154,6 +154,11 @@ impl Machine {
         &self.vcpus
     }
 
+    /// The devices, once attached.
+    pub fn devices(&self) -> Option<&Arc<Mutex<Devices>>> {
+        self.devices.as_ref()
+    }
+
     pub fn control(&self) -> &Arc<VmControl> {
         &self.control
     }
@@ -167,7 +172,7 @@ impl Machine {
             self.control.clone(),
             self.memory.clone(),
         )?;
-        self.devices = Some(devices);
+        self.devices = Some(Arc::new(Mutex::new(devices)));
         Ok(())
     }
 
@@ -274,6 +279,7 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
                 .into(),
         )
     })?;
+    devices::check_supported(config)?;
     let hypervisor = crate::vmm::open_hypervisor()?;
     let memory = GuestMemory::new(size)?;
     #[cfg(target_os = "linux")]
@@ -288,8 +294,33 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
 /// run it until it stops, and return bhyve's exit status (0 reset, 1 power-off, 2 halt,
 /// 3 triple fault, 4 error).
 pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
+    #[cfg(feature = "bhyve_snapshot")]
+    let restored;
+    #[cfg(feature = "bhyve_snapshot")]
+    let config = match restore {
+        Some(path) => match restore_machine(config, path) {
+            Ok((config, machine)) => {
+                restored = Some(machine);
+                config
+            }
+            Err(e) => {
+                eprintln!("bhyve: restore {}: {e}", path.display());
+                return 4;
+            }
+        },
+        None => {
+            restored = None;
+            config.clone()
+        }
+    };
+    #[cfg(feature = "bhyve_snapshot")]
+    let config = &config;
+    #[cfg(not(feature = "bhyve_snapshot"))]
     if let Some(path) = restore {
-        eprintln!("bhyve: restore from {}: not supported yet", path.display());
+        eprintln!(
+            "bhyve: restore {}: this bhyve was built without snapshot support",
+            path.display()
+        );
         return 4;
     }
     let strict_io = match config.get_bool("x86.strictio") {
@@ -299,11 +330,26 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
             return 4;
         }
     };
-    let machine = match build(config) {
+    #[cfg(feature = "bhyve_snapshot")]
+    let built = match restored {
+        Some(machine) => Ok(machine),
+        None => build(config),
+    };
+    #[cfg(not(feature = "bhyve_snapshot"))]
+    let built = build(config);
+    let machine = match built {
         Ok(machine) => machine,
         Err(e) => {
             eprintln!("bhyve: {e}");
             return 4;
+        }
+    };
+    #[cfg(feature = "bhyve_snapshot")]
+    let _control_server = match control::start(config, &machine) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("bhyve: control socket: {e}");
+            return 71;
         }
     };
     if let Err(e) = machine.start(strict_io) {
@@ -316,6 +362,122 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
     }
     log::info!("guest stopped: {reason:?}");
     reason.status()
+}
+
+/// Build a machine from a snapshot file: its configuration, its RAM mapped lazily from the file,
+/// and every saved state put back. Options given on the command line must agree with it.
+#[cfg(feature = "bhyve_snapshot")]
+fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), String> {
+    let snapshot = crate::snapshot::vm::Restore::open(path)?;
+    let mut config = snapshot.config();
+    for key in ["memory.size", "cpus", "sockets", "cores", "threads"] {
+        if let (Some(given), Some(saved)) = (cli.get(key), config.get(key)) {
+            if given != saved && cli_overrides_default(cli, key) {
+                return Err(format!(
+                    "{key} is {given} on the command line but {saved} in the snapshot"
+                ));
+            }
+        }
+    }
+    if let Some(name) = cli.get("name") {
+        config.set("name", name);
+    }
+    let topology = topology(&config).map_err(|e| e.to_string())?;
+    let memory = snapshot.memory()?;
+    let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
+    devices::check_supported(&config).map_err(|e| e.to_string())?;
+    let mut machine =
+        Machine::new(hypervisor.as_ref(), memory, &topology).map_err(|e| e.to_string())?;
+    machine.attach_devices(&config).map_err(|e| e.to_string())?;
+    let devices = machine
+        .devices()
+        .cloned()
+        .ok_or_else(|| "no devices attached".to_string())?;
+    snapshot.apply(
+        machine.vm().as_ref(),
+        machine.vcpus(),
+        &devices.lock().unwrap_or_else(|e| e.into_inner()),
+    )?;
+    Ok((config, machine))
+}
+
+/// Whether `key` was set by the user rather than being one of bhyve's built-in defaults.
+#[cfg(feature = "bhyve_snapshot")]
+fn cli_overrides_default(cli: &Config, key: &str) -> bool {
+    crate::cli::default_config().get(key) != cli.get(key)
+}
+
+/// The control socket (`bhyvectl --checkpoint/--suspend`) of a running machine.
+#[cfg(feature = "bhyve_snapshot")]
+mod control {
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use super::Machine;
+    use crate::config::Config;
+    use crate::control::client::DEFAULT_RUNDIR;
+    use crate::control::server::{CheckpointRequest, ControlHandler, ControlServer};
+    use crate::devices::Devices;
+    use crate::memory::GuestMemory;
+    use crate::snapshot::vm::{save, SaveTarget};
+    use crate::vcpu::{ExitReason, VcpuSet, VmControl};
+    use crate::vmm::Vm;
+
+    struct Checkpointer {
+        config: Config,
+        memory: Arc<GuestMemory>,
+        vm: Arc<dyn Vm>,
+        vcpus: Arc<VcpuSet>,
+        devices: Arc<Mutex<Devices>>,
+        control: Arc<VmControl>,
+    }
+
+    impl ControlHandler for Checkpointer {
+        fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
+            self.vcpus
+                .pause_all()
+                .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
+            let target = SaveTarget {
+                config: &self.config,
+                memory: &self.memory,
+                vm: self.vm.as_ref(),
+                vcpus: &self.vcpus,
+                devices: &self.devices.lock().unwrap_or_else(|e| e.into_inner()),
+            };
+            let result = save(&target, &request.dir, &request.filename);
+            // A suspended VM stays paused until bhyve exits once the reply is out.
+            if !(request.suspend && result.is_ok()) {
+                self.vcpus.resume_all();
+            }
+            result
+        }
+
+        fn after_checkpoint_reply(&self, suspend: bool, result: &Result<(), String>) {
+            if suspend && result.is_ok() {
+                self.control.request_exit(ExitReason::Suspended);
+            }
+        }
+    }
+
+    pub(super) fn start(config: &Config, machine: &Machine) -> Result<ControlServer, String> {
+        let name = config
+            .get("name")
+            .ok_or_else(|| "the VM has no name".to_string())?;
+        let rundir = PathBuf::from(config.get("rundir").unwrap_or(DEFAULT_RUNDIR));
+        let devices = machine
+            .devices()
+            .cloned()
+            .ok_or_else(|| "no devices attached".to_string())?;
+        let handler = Arc::new(Checkpointer {
+            config: config.clone(),
+            memory: machine.memory().clone(),
+            vm: machine.vm().clone(),
+            vcpus: machine.vcpus().clone(),
+            devices,
+            control: machine.control().clone(),
+        });
+        ControlServer::start(&rundir, name, handler).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod format;
 mod inspect;
 mod ram;
 mod reader;
+pub mod vm;
 mod writer;
 
 #[cfg(test)]
