@@ -459,7 +459,11 @@ impl Uart {
         self.dlh = state.dlh;
         self.thre_int_pending = state.thre_int_pending;
         self.rx_fifo_size = size;
+        // Input that reached this UART while the VM was being rebuilt came after the moment
+        // the state was saved: queue it behind the saved bytes instead of dropping it.
+        let arrived: Vec<u8> = self.rx_fifo.drain(..).collect();
         self.rx_fifo = state.rx_fifo.iter().copied().collect();
+        self.receive(&arrived);
         self.rx_space.notify_all();
         Ok(())
     }
@@ -539,6 +543,22 @@ pub(crate) mod tests {
         let line = Line::default();
         let uart = Uart::new(Some(Box::new(out.clone())), Box::new(line.clone()));
         (uart, out, line)
+    }
+
+    #[test]
+    fn input_received_before_a_restore_is_kept_behind_the_saved_fifo() {
+        let (mut saved, _, _) = uart();
+        saved.write(REG_IIR, FCR_ENABLE);
+        saved.receive(b"ab");
+        let state = saved.state();
+        let (mut restored, _, _) = uart();
+        restored.receive(b"c");
+        restored.set_state(&state).unwrap();
+        let mut read = Vec::new();
+        while restored.read(REG_LSR) & LSR_RXRDY != 0 {
+            read.push(restored.read(REG_DATA));
+        }
+        assert_eq!(read, b"abc");
     }
 
     #[test]
