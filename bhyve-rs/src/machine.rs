@@ -269,6 +269,7 @@ impl HaltMonitor {
 }
 
 fn build(config: &Config) -> Result<Machine, MachineError> {
+    devices::check_supported(config)?;
     let size = memory_size(config)?;
     let topology = topology(config)?;
     // Read the kernel before creating anything, so a bad path costs nothing.
@@ -279,7 +280,6 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
                 .into(),
         )
     })?;
-    devices::check_supported(config)?;
     let hypervisor = crate::vmm::open_hypervisor()?;
     let memory = GuestMemory::new(size)?;
     #[cfg(target_os = "linux")]

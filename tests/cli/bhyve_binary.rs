@@ -85,3 +85,28 @@ fn device_list_goes_to_stdout() {
     assert!(text.lines().any(|l| l == "virtio-blk"));
     assert!(text.lines().any(|l| l == "ahci"));
 }
+
+#[test]
+fn an_emulation_not_implemented_yet_is_one_line_before_any_vm_exists() {
+    let args = [
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "2,virtio-blk,/nonexistent/disk.img",
+        "-o",
+        "boot.kernel=/nonexistent/kernel",
+        "vm",
+    ];
+    let out = bhyve(&args);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "bhyve: devices: pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet\n"
+    );
+    // The configuration can still be dumped for such a device.
+    let mut dump = args.to_vec();
+    dump.splice(0..0, ["-o", "config.dump=1"]);
+    let out = bhyve(&dump);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pci.0.2.0.device=virtio-blk"));
+}
