@@ -343,6 +343,9 @@ fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
     config.set("boot.kernel", path.to_str().unwrap());
     config.set("memory.size", "5G"); // two RAM slots: below 3 GiB and from 4 GiB
     config.set("cpus", "2");
+    // With snapshot support the VM listens on <rundir>/<name>.
+    config.set("name", &format!("run-test-{}", std::process::id()));
+    config.set("rundir", std::env::temp_dir().to_str().unwrap());
     let status = run(&config, None);
     std::fs::remove_file(&path).ok();
     assert_eq!(status, 2);
