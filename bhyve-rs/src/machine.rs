@@ -294,6 +294,24 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
 /// run it until it stops, and return bhyve's exit status (0 reset, 1 power-off, 2 halt,
 /// 3 triple fault, 4 error).
 pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
+    // SIGTERM is taken by one thread with sigwait; every thread started from here on inherits
+    // the blocked mask, so the signal never interrupts a vCPU or device thread.
+    if let Err(e) = termination::block() {
+        eprintln!("bhyve: cannot block SIGTERM: {e}");
+        return 4;
+    }
+    let reason = run_until_stopped(config, restore);
+    // The machine is gone by now: terminal restored, control socket removed.
+    if let ExitReason::Signalled(signal) = reason {
+        termination::die_of(signal);
+    }
+    reason.status()
+}
+
+/// A failure already reported on stderr.
+const FAILED: ExitReason = ExitReason::Error(String::new());
+
+fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
     #[cfg(feature = "bhyve_snapshot")]
     let restored;
     #[cfg(feature = "bhyve_snapshot")]
@@ -305,7 +323,7 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
             }
             Err(e) => {
                 eprintln!("bhyve: restore {}: {e}", path.display());
-                return 4;
+                return FAILED;
             }
         },
         None => {
@@ -321,13 +339,13 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
             "bhyve: restore {}: this bhyve was built without snapshot support",
             path.display()
         );
-        return 4;
+        return FAILED;
     }
     let strict_io = match config.get_bool("x86.strictio") {
         Ok(value) => value.unwrap_or(false),
         Err(e) => {
             eprintln!("bhyve: {e}");
-            return 4;
+            return FAILED;
         }
     };
     #[cfg(feature = "bhyve_snapshot")]
@@ -341,7 +359,7 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
         Ok(machine) => machine,
         Err(e) => {
             eprintln!("bhyve: {e}");
-            return 4;
+            return FAILED;
         }
     };
     #[cfg(feature = "bhyve_snapshot")]
@@ -349,19 +367,89 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
         Ok(server) => server,
         Err(e) => {
             eprintln!("bhyve: control socket: {e}");
-            return 71;
+            return ExitReason::Error(String::new());
         }
     };
     if let Err(e) = machine.start(strict_io) {
         eprintln!("bhyve: {e}");
-        return 4;
+        return FAILED;
+    }
+    if let Some(devices) = machine.devices() {
+        if let Err(e) = termination::watch(devices.clone(), machine.control().clone()) {
+            eprintln!("bhyve: cannot watch for SIGTERM: {e}");
+            return FAILED;
+        }
     }
     let reason = machine.wait();
     if let ExitReason::Error(message) = &reason {
         eprintln!("bhyve: {message}");
     }
     log::info!("guest stopped: {reason:?}");
-    reason.status()
+    reason
+}
+
+/// SIGTERM as bhyve handles it: once the guest has switched ACPI on, it presses the power
+/// button so the guest shuts down cleanly (and bhyve exits 1 when it powers off); before that,
+/// it ends the VM.
+mod termination {
+    use std::sync::{Arc, Mutex};
+
+    use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+
+    use crate::devices::Devices;
+    use crate::vcpu::{ExitReason, VmControl};
+
+    fn sigterm() -> SigSet {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set
+    }
+
+    pub(super) fn block() -> nix::Result<()> {
+        signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&sigterm()), None)
+    }
+
+    pub(super) fn watch(
+        devices: Arc<Mutex<Devices>>,
+        control: Arc<VmControl>,
+    ) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("sigterm".into())
+            .spawn(move || {
+                let set = sigterm();
+                // Each SIGTERM is one press; repeated ones are harmless.
+                while let Ok(signal) = set.wait() {
+                    let devices = devices.lock().unwrap_or_else(|e| e.into_inner());
+                    match devices.power_management() {
+                        Some(pm) => {
+                            let mut pm = pm.lock().unwrap_or_else(|e| e.into_inner());
+                            if pm.acpi_enabled() {
+                                log::info!("SIGTERM: pressing the power button");
+                                pm.press_power_button();
+                                continue;
+                            }
+                            control.request_exit(ExitReason::Signalled(signal as i32));
+                        }
+                        None => control.request_exit(ExitReason::Signalled(signal as i32)),
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// Die of `signal` with its default action, after the VM has been torn down.
+    pub(super) fn die_of(signal: i32) {
+        crate::devices::restore_terminal();
+        let Ok(signal) = Signal::try_from(signal) else {
+            return;
+        };
+        // SAFETY: installing the default disposition has no handler code to be unsound.
+        let _ = unsafe { signal::signal(signal, SigHandler::SigDfl) };
+        let mut set = SigSet::empty();
+        set.add(signal);
+        let _ = signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
+        let _ = signal::raise(signal);
+    }
 }
 
 /// Build a machine from a snapshot file: its configuration, its RAM mapped lazily from the file,

@@ -40,6 +40,9 @@ pub enum ExitReason {
     Suspended,
     /// Anything fatal; the message is printed as `bhyve: <message>` (exit 4).
     Error(String),
+    /// A signal ended the VM before the guest could be asked to shut down; bhyve tears the VM
+    /// down and then dies of the same signal, as a process killed by it would.
+    Signalled(i32),
 }
 
 impl ExitReason {
@@ -51,6 +54,7 @@ impl ExitReason {
             ExitReason::Halt => 2,
             ExitReason::TripleFault => 3,
             ExitReason::Error(_) => 4,
+            ExitReason::Signalled(signal) => 128 + signal,
         }
     }
 }

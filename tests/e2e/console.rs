@@ -238,3 +238,20 @@ fn guest_triple_fault_exits_3() {
     let status = vm.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(3), "{status}: {}", vm.stderr());
 }
+
+#[test]
+fn sigterm_before_the_guest_enables_acpi_ends_the_vm_by_that_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    // The test guest never switches ACPI on, so there is no power button to press: bhyve
+    // tears the VM down and dies of SIGTERM, as FreeBSD's bhyve does in that state.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &vm.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let status = vm.wait_exit(COMMAND_TIMEOUT);
+    assert_eq!(status.signal(), Some(15), "{status:?}");
+}

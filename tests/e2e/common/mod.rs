@@ -396,6 +396,11 @@ impl Console {
         }
     }
 
+    /// The process id of the VM's process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -404,10 +409,23 @@ impl Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
-        if self.exit.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.exit.is_some() {
+            return;
         }
+        // SIGTERM first, so the VM tears down cleanly (terminal, control socket); SIGKILL if it
+        // does not go within a moment.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
