@@ -15,6 +15,7 @@ pub mod interrupts;
 pub mod machine;
 pub mod memory;
 pub mod mptable;
+pub mod proctitle;
 #[cfg(feature = "bhyve_snapshot")]
 pub mod snapshot;
 pub mod vcpu;

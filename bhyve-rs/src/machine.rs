@@ -341,6 +341,9 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
         );
         return FAILED;
     }
+    if let Some(name) = config.get("name") {
+        crate::proctitle::set(&format!("bhyve: {name}"));
+    }
     let strict_io = match config.get_bool("x86.strictio") {
         Ok(value) => value.unwrap_or(false),
         Err(e) => {

@@ -255,3 +255,18 @@ fn sigterm_before_the_guest_enables_acpi_ends_the_vm_by_that_signal() {
     let status = vm.wait_exit(COMMAND_TIMEOUT);
     assert_eq!(status.signal(), Some(15), "{status:?}");
 }
+
+#[test]
+fn ps_shows_the_vm_as_bhyve_colon_name() {
+    let Some(vm) = boot_bhyve("") else {
+        return;
+    };
+    let out = std::process::Command::new("ps")
+        .args(["-o", "args=", "-p", &vm.pid().to_string()])
+        .output()
+        .expect("run ps");
+    let args = String::from_utf8_lossy(&out.stdout);
+    // Names come from common::vm_name(): e2e-<pid>-<n>.
+    assert!(args.trim().starts_with("bhyve: e2e-"), "{args:?}");
+    assert!(!args.contains("boot.kernel"), "{args:?}");
+}
