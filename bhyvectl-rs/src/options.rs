@@ -380,35 +380,7 @@ pub struct UsageError {
 
 /// `strtoul(s, NULL, 0)`: leading blanks, optional sign, base prefix; garbage ends the number.
 pub fn strtoul_lenient(s: &str) -> u64 {
-    let t = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
-    let (neg, body) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, start) = if (body.starts_with("0x") || body.starts_with("0X"))
-        && body.as_bytes().get(2).is_some_and(u8::is_ascii_hexdigit)
-    {
-        (16, 2)
-    } else if body.starts_with('0') {
-        (8, 0)
-    } else {
-        (10, 0)
-    };
-    let digits = body[start..]
-        .bytes()
-        .take_while(|b| (*b as char).is_digit(radix))
-        .count();
-    let v = u64::from_str_radix(&body[start..start + digits], radix).unwrap_or(if digits == 0 {
-        0
-    } else {
-        u64::MAX
-    });
-    if neg {
-        v.wrapping_neg()
-    } else {
-        v
-    }
+    bhyve::cli::cnum::strtoul(s).map_or(0, |(value, _)| value)
 }
 
 /// Parse bhyvectl's arguments (`args[0]` is the program name) as FreeBSD does.

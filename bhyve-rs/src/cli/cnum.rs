@@ -88,6 +88,43 @@ pub fn strtol_whole(value: &str) -> Option<i64> {
     i64::try_from(v).ok()
 }
 
+/// `strtoul(value, &end, 0)`: leading blanks, an optional sign (a minus negates modulo 2^64),
+/// a `0x` or `0` base prefix; the first character that is not a digit ends the number, and
+/// overflow gives `u64::MAX`. Returns the value and the unread rest, or `None` when no digit
+/// converts.
+pub fn strtoul(value: &str) -> Option<(u64, &str)> {
+    let t = value.trim_start_matches(|c: char| c.is_ascii() && is_c_space(c as u8));
+    let (negative, body) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits_at) = if (body.starts_with("0x") || body.starts_with("0X"))
+        && body.as_bytes().get(2).is_some_and(u8::is_ascii_hexdigit)
+    {
+        (16, 2)
+    } else if body.starts_with('0') {
+        (8, 0)
+    } else {
+        (10, 0)
+    };
+    let digits = body[digits_at..]
+        .bytes()
+        .take_while(|b| (*b as char).is_digit(radix))
+        .count();
+    if digits == 0 {
+        return None;
+    }
+    let end = digits_at + digits;
+    let value = u64::from_str_radix(&body[digits_at..end], radix).unwrap_or(u64::MAX);
+    let value = if negative {
+        value.wrapping_neg()
+    } else {
+        value
+    };
+    Some((value, &body[end..]))
+}
+
 /// `atoi`: leading blanks, optional sign, digits; anything else ends the number; no digits is 0.
 pub fn atoi(value: &str) -> i32 {
     scan_int(value).map_or(0, |(v, _)| v)

@@ -642,36 +642,7 @@ fn parse_cpuset(vcpu: u16, list: &str) -> Result<Vec<u32>, String> {
 /// `strtoul(token, &end, 0)` assigned to an `int`: the value (negative for `-N` or wrapped huge
 /// numbers) and the rest, or `None` when nothing converts.
 fn strtoul_prefix(token: &str) -> Option<(i64, &str)> {
-    let t = token.trim_start_matches(|c: char| c.is_ascii() && cnum::is_c_space(c as u8));
-    let (negative, body) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let (radix, digits_at) = if (body.starts_with("0x") || body.starts_with("0X"))
-        && body.as_bytes().get(2).is_some_and(u8::is_ascii_hexdigit)
-    {
-        (16, 2)
-    } else if body.starts_with('0') {
-        (8, 0)
-    } else {
-        (10, 0)
-    };
-    let digits = body[digits_at..]
-        .bytes()
-        .take_while(|b| (*b as char).is_digit(radix))
-        .count();
-    if digits == 0 {
-        return None;
-    }
-    let end = digits_at + digits;
-    let value = u64::from_str_radix(&body[digits_at..end], radix).unwrap_or(u64::MAX);
-    let value = if negative {
-        value.wrapping_neg()
-    } else {
-        value
-    };
-    Some((i64::from(value as i32), &body[end..]))
+    cnum::strtoul(token).map(|(value, rest)| (i64::from(value as i32), rest))
 }
 
 /// Guest memory size in bytes from `memory.size`; the error is FreeBSD's message.
