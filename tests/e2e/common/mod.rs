@@ -155,6 +155,7 @@ struct Captured {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     stdout_closed: bool,
+    stderr_closed: bool,
 }
 
 struct Shared {
@@ -190,6 +191,8 @@ fn spawn_reader(mut source: impl Read + Send + 'static, shared: Arc<Shared>, is_
             if n == 0 {
                 if is_stdout {
                     captured.stdout_closed = true;
+                } else {
+                    captured.stderr_closed = true;
                 }
                 shared.changed.notify_all();
                 return;
@@ -382,9 +385,11 @@ impl Console {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
                     self.exit = Some(status);
-                    // Give the readers a moment to drain the pipes.
-                    let until = Instant::now() + Duration::from_secs(2);
-                    while !self.shared.lock().stdout_closed && Instant::now() < until {
+                    // The pipes may still hold the last words: wait until both readers saw
+                    // end-of-file (bounded, in case a grandchild inherited a pipe).
+                    let until = Instant::now() + Duration::from_secs(5);
+                    let drained = |c: &Captured| c.stdout_closed && c.stderr_closed;
+                    while !drained(&self.shared.lock()) && Instant::now() < until {
                         thread::sleep(Duration::from_millis(10));
                     }
                     return status;
