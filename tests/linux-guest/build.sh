@@ -16,8 +16,16 @@ mkdir -p "$cache/debs"
 readonly READY_LINE="bhyve-rs linux guest: ready"
 
 # The metapackage only depends on the versioned kernel package; fetch that one.
-kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 \
-    | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+resolve_kernel() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+        | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+kernel_pkg=$(resolve_kernel)
+if [ -z "$kernel_pkg" ] && [ "$(id -u)" -eq 0 ]; then
+    # A fresh machine may have no package lists yet.
+    apt-get update -qq >&2
+    kernel_pkg=$(resolve_kernel)
+fi
 if [ -z "$kernel_pkg" ]; then
     echo "build.sh: cannot resolve linux-image-cloud-amd64 (run apt-get update?)" >&2
     exit 1
@@ -40,15 +48,15 @@ cp "$work/kernel/boot/vmlinuz-$version" "$cache/vmlinuz-$version"
 
 # The initramfs tree.
 root=$work/root
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,lib/modules,var/log,var/run}
 cp "$work/busybox/bin/busybox" "$root/bin/busybox"
 ln -s busybox "$root/bin/sh"
 
 # virtio modules in load order; those built into this kernel are simply absent.
 moddir=$work/kernel/lib/modules/$version/kernel
 modules=(
-    drivers/virtio/virtio.ko
     drivers/virtio/virtio_ring.ko
+    drivers/virtio/virtio.ko
     drivers/virtio/virtio_pci_legacy_dev.ko
     drivers/virtio/virtio_pci_modern_dev.ko
     drivers/virtio/virtio_pci.ko
@@ -59,6 +67,8 @@ modules=(
     drivers/char/hw_random/virtio-rng.ko
     drivers/virtio/virtio_console.ko
     drivers/char/virtio_console.ko
+    drivers/input/evdev.ko
+    drivers/acpi/button.ko
 )
 : > "$root/lib/modules/order"
 for m in "${modules[@]}"; do
@@ -83,11 +93,18 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in \$(cat /lib/modules/order); do
     insmod /lib/modules/\$m 2>/dev/null
 done
+# The ACPI power button (bhyve presses it on SIGTERM) powers the guest off, as an init system's
+# acpid would: busybox acpid runs /etc/acpi/PWRF/00000080 for it.
+acpid -c /etc/acpi -l /var/log/acpid.log
 echo "$READY_LINE" > /dev/ttyS0
 echo "$READY_LINE"
 exec setsid cttyhack sh
 INIT
 chmod 0755 "$root/init"
+mkdir -p "$root/etc/acpi/PWRF"
+printf '#!/bin/sh\necho "bhyve-rs linux guest: power button" > /dev/ttyS0\nexec poweroff -f\n' \
+    > "$root/etc/acpi/PWRF/00000080"
+chmod 0755 "$root/etc/acpi/PWRF/00000080"
 
 "$here/mkcpio.sh" "$root" | gzip -9 > "$cache/initramfs-$version.cpio.gz"
 ln -sf "vmlinuz-$version" "$cache/vmlinuz"
