@@ -1,6 +1,10 @@
 //! `getopt_long(3)` as FreeBSD's libc implements it (GNU-compatible mode) for an empty short
 //! option string: `--name=value` and `--name value`, unique prefixes, ambiguous prefixes refused,
 //! operands permuted out of the way, `--` ends the options, and FreeBSD's diagnostics.
+//!
+//! Options FreeBSD does not have (marked `extension`) are looked up only when FreeBSD's own
+//! options neither match nor make the name ambiguous, so every prefix FreeBSD resolves still
+//! resolves to the same option here.
 
 /// Whether a long option takes a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +20,40 @@ pub struct LongOpt {
     pub name: &'static str,
     pub has_arg: HasArg,
     pub id: &'static str,
+    /// Not one of FreeBSD's options: matched only after FreeBSD's options found nothing.
+    pub extension: bool,
+}
+
+/// What looking a name up among some of the table's entries found.
+enum Lookup<'t> {
+    Found(&'t LongOpt),
+    Ambiguous,
+    Missing,
+}
+
+/// getopt_long's search: an exact name wins, a prefix of entries that all mean the same option
+/// picks the first of them, a prefix of entries with different meanings is ambiguous.
+fn lookup<'t>(table: &'t [LongOpt], name: &str, extensions: bool) -> Lookup<'t> {
+    let mut found: Option<&'t LongOpt> = None;
+    let mut ambiguous = false;
+    for opt in table.iter().filter(|o| o.extension == extensions) {
+        if !opt.name.starts_with(name) {
+            continue;
+        }
+        if opt.name.len() == name.len() {
+            return Lookup::Found(opt);
+        }
+        match found {
+            None => found = Some(opt),
+            Some(first) if first.id != opt.id || first.has_arg != opt.has_arg => ambiguous = true,
+            Some(_) => {}
+        }
+    }
+    match found {
+        _ if ambiguous => Lookup::Ambiguous,
+        Some(opt) => Lookup::Found(opt),
+        None => Lookup::Missing,
+    }
 }
 
 /// One step of the scan.
@@ -70,36 +108,24 @@ pub fn parse<'a, 't>(
             Some((n, v)) => (n, Some(v)),
             None => (current, None),
         };
-        let mut found: Option<&'t LongOpt> = None;
-        let mut ambiguous = false;
-        for opt in table {
-            if !opt.name.starts_with(name) {
-                continue;
-            }
-            if opt.name.len() == name.len() {
-                found = Some(opt);
-                ambiguous = false;
+        let found = match lookup(table, name, false) {
+            Lookup::Missing => lookup(table, name, true),
+            freebsd => freebsd,
+        };
+        let opt = match found {
+            Lookup::Found(opt) => opt,
+            Lookup::Ambiguous => {
+                items.push(Item::Error(format!(
+                    "{progname}: option `--{name}' is ambiguous"
+                )));
                 break;
             }
-            match found {
-                None => found = Some(opt),
-                Some(first) if first.id != opt.id || first.has_arg != opt.has_arg => {
-                    ambiguous = true
-                }
-                Some(_) => {}
+            Lookup::Missing => {
+                items.push(Item::Error(format!(
+                    "{progname}: unrecognized option `--{current}'"
+                )));
+                break;
             }
-        }
-        if ambiguous {
-            items.push(Item::Error(format!(
-                "{progname}: option `--{name}' is ambiguous"
-            )));
-            break;
-        }
-        let Some(opt) = found else {
-            items.push(Item::Error(format!(
-                "{progname}: unrecognized option `--{current}'"
-            )));
-            break;
         };
         match (opt.has_arg, value) {
             (HasArg::No, Some(_)) => {
@@ -137,36 +163,55 @@ mod tests {
             name: "vm",
             has_arg: HasArg::Required,
             id: "vm",
+            extension: false,
         },
         LongOpt {
             name: "checkpoint",
             has_arg: HasArg::Required,
             id: "checkpoint",
+            extension: false,
         },
         LongOpt {
             name: "get-cr0",
             has_arg: HasArg::No,
             id: "get-cr0",
+            extension: false,
         },
         LongOpt {
             name: "get-cr2",
             has_arg: HasArg::No,
             id: "get-cr2",
+            extension: false,
         },
         LongOpt {
             name: "destroy",
             has_arg: HasArg::No,
             id: "destroy",
+            extension: false,
         },
         LongOpt {
             name: "get-avic",
             has_arg: HasArg::No,
             id: "apic",
+            extension: false,
         },
         LongOpt {
             name: "get-avic-x",
             has_arg: HasArg::No,
             id: "apic",
+            extension: false,
+        },
+        LongOpt {
+            name: "run",
+            has_arg: HasArg::No,
+            id: "run",
+            extension: false,
+        },
+        LongOpt {
+            name: "rundir",
+            has_arg: HasArg::Required,
+            id: "rundir",
+            extension: true,
         },
     ];
 
@@ -214,6 +259,15 @@ mod tests {
         );
         // Prefixes of entries that mean the same thing are not ambiguous.
         assert_eq!(scan(&["--get-av"]), vec![opt("get-avic", None)]);
+    }
+
+    #[test]
+    fn extensions_only_answer_names_freebsd_does_not_know() {
+        // Both entries start with "ru", but FreeBSD's table alone decides: --run.
+        assert_eq!(scan(&["--ru"]), vec![opt("run", None)]);
+        assert_eq!(scan(&["--run"]), vec![opt("run", None)]);
+        assert_eq!(scan(&["--rund=/d"]), vec![opt("rundir", Some("/d"))]);
+        assert_eq!(scan(&["--rundir", "/d"]), vec![opt("rundir", Some("/d"))]);
     }
 
     #[test]

@@ -17,6 +17,15 @@ const fn req(name: &'static str) -> LongOpt {
         name,
         has_arg: HasArg::Required,
         id: name,
+        extension: false,
+    }
+}
+
+/// A value-taking option of this implementation that FreeBSD's bhyvectl does not have.
+const fn ext_req(name: &'static str) -> LongOpt {
+    LongOpt {
+        extension: true,
+        ..req(name)
     }
 }
 
@@ -25,6 +34,7 @@ const fn flag(name: &'static str) -> LongOpt {
         name,
         has_arg: HasArg::No,
         id: name,
+        extension: false,
     }
 }
 
@@ -34,6 +44,7 @@ const fn flag_as(name: &'static str, id: &'static str) -> LongOpt {
         name,
         has_arg: HasArg::No,
         id,
+        extension: false,
     }
 }
 
@@ -66,9 +77,9 @@ const SNAPSHOT_OPTS: &[LongOpt] = &[];
 
 /// Options of this implementation that FreeBSD's bhyvectl does not have.
 #[cfg(feature = "bhyve_snapshot")]
-const EXTENSION_OPTS: &[LongOpt] = &[req("rundir"), req("inspect-snapshot")];
+const EXTENSION_OPTS: &[LongOpt] = &[ext_req("rundir"), ext_req("inspect-snapshot")];
 #[cfg(not(feature = "bhyve_snapshot"))]
-const EXTENSION_OPTS: &[LongOpt] = &[req("rundir")];
+const EXTENSION_OPTS: &[LongOpt] = &[ext_req("rundir")];
 
 const MD_COMMON_OPTS: &[LongOpt] = &[
     req("set-efer"),
@@ -508,6 +519,40 @@ mod tests {
             .text
             .starts_with("bhyvectl: unrecognized option `--checkpoint=a'\n"));
         assert!(!e.text.contains("--suspend"));
+    }
+
+    #[test]
+    fn freebsd_prefixes_ignore_extension_options() {
+        // FreeBSD reads --ru as --run and --in as --inject-nmi; the extensions --rundir and
+        // --inspect-snapshot must not make them ambiguous.
+        let a = parse(&["--vm=x", "--ru"]).unwrap();
+        assert_eq!(a.options, vec![("run", None)]);
+        let a = parse(&["--vm=x", "--in"]).unwrap();
+        assert_eq!(a.options, vec![("inject-nmi", None)]);
+        // "--run=1" is FreeBSD's --run with a value, not a prefix of --rundir.
+        let e = parse(&["--vm=x", "--run=1"]).unwrap_err();
+        assert!(e
+            .text
+            .starts_with("bhyvectl: option `--run' doesn't allow an argument\n"));
+        // Names FreeBSD does not know still reach the extensions, whole or abbreviated.
+        let a = parse(&["--vm=x", "--rundir=/r"]).unwrap();
+        assert_eq!(a.rundir, Some(PathBuf::from("/r")));
+        let a = parse(&["--vm=x", "--rund", "/s"]).unwrap();
+        assert_eq!(a.rundir, Some(PathBuf::from("/s")));
+        // A prefix FreeBSD finds ambiguous stays ambiguous.
+        let e = parse(&["--vm=x", "--get-c"]).unwrap_err();
+        assert!(e
+            .text
+            .starts_with("bhyvectl: option `--get-c' is ambiguous\n"));
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn inspect_snapshot_prefix_after_freebsd_options() {
+        let a = parse(&["--inspect-s=/snap"]).unwrap();
+        assert_eq!(a.inspect_snapshot, Some(PathBuf::from("/snap")));
+        let a = parse(&["--vm=x", "--in"]).unwrap();
+        assert_eq!(a.options, vec![("inject-nmi", None)]);
     }
 
     #[test]

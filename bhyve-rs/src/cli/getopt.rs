@@ -202,6 +202,30 @@ mod tests {
     }
 
     #[test]
+    fn dash_inside_a_bundle_is_an_illegal_option() {
+        // FreeBSD's getopt looks '-' up like any other letter once past the word's leading
+        // dash (4.4BSD's ended the options there instead): "-H-" is -H, then an illegal "-",
+        // and "--x" (not "--") is an illegal "-" too.
+        let (items, _) = scan(&["-H-", "vm"]);
+        assert_eq!(
+            items,
+            vec![
+                GetoptItem::Opt('H', None),
+                GetoptItem::Illegal('-', "bhyve: illegal option -- -".into()),
+            ]
+        );
+        let (items, _) = scan(&["--x", "vm"]);
+        assert_eq!(
+            items[0],
+            GetoptItem::Illegal('-', "bhyve: illegal option -- -".into())
+        );
+        // A lone "-" after a bundle is an operand, as at the start.
+        let (items, rest) = scan(&["-H", "-", "vm"]);
+        assert_eq!(items, vec![GetoptItem::Opt('H', None)]);
+        assert_eq!(rest, vec!["-", "vm"]);
+    }
+
+    #[test]
     fn empty_next_word_is_a_value() {
         let (items, rest) = scan(&["-s", "", "vm"]);
         assert_eq!(items, vec![GetoptItem::Opt('s', Some(""))]);
