@@ -161,7 +161,10 @@ fn the_sci_is_made_level_triggered_as_bhyve_does() {
     let buses = Arc::new(Buses::default());
     let sink = Arc::new(FakeSink::default());
     let _devices = attach_for_test(&Config::new(), &buses, sink.clone()).unwrap();
-    assert_eq!(*sink.level_triggered.lock().unwrap(), vec![pm::SCI_INT as u8]);
+    assert_eq!(
+        *sink.level_triggered.lock().unwrap(),
+        vec![pm::SCI_INT as u8]
+    );
 }
 
 #[test]
