@@ -338,7 +338,8 @@ fn s5_from_dsdt(dsdt: &Table) -> Option<u8> {
         return match byte(p)? {
             0x00 => Some(0),
             0x01 => Some(1),
-            0x0a | 0x0b | 0x0c => byte(p + 1),
+            // Byte, word or dword prefix: SLP_TYP fits in the low byte.
+            0x0a..=0x0c => byte(p + 1),
             _ => None,
         };
     }
