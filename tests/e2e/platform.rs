@@ -8,7 +8,6 @@
 mod common;
 
 use common::{boot_bhyve, boot_bhyve_with, boot_qemu_with, guest, Console, COMMAND_TIMEOUT};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// bhyve's BAR windows (usr.sbin/bhyve/pci_emul.c): I/O from 0x2000 below 64 KiB, 32-bit
@@ -331,36 +330,29 @@ fn rtc_in_utc_with_dash_u_matches_the_host_clock() {
     );
 }
 
+/// Runs `command`, waits for the guest to print `line` and bhyve to exit; returns its status.
+fn bhyve_exit_after(command: &str, line: &str) -> Option<i32> {
+    let mut vm = boot_bhyve("")?;
+    vm.send_line(command);
+    vm.expect(line, COMMAND_TIMEOUT);
+    let status = vm.wait_exit(EXIT_TIMEOUT);
+    assert!(!vm.transcript().contains("still running"));
+    assert!(status.code().is_some(), "{status}: {}", vm.stderr());
+    status.code()
+}
+
 #[test]
 fn acpi_poweroff_exits_1() {
-    let Some(mut vm) = boot_bhyve("") else {
-        return;
-    };
-    vm.send_line("poweroff");
-    vm.expect("poweroff slp_typ 5\n", COMMAND_TIMEOUT);
-    let status = vm.wait_exit(EXIT_TIMEOUT);
-    assert_eq!(status.code(), Some(1), "{status}: {}", vm.stderr());
-    assert!(!vm.transcript().contains("still running"));
+    if let Some(status) = bhyve_exit_after("poweroff", "poweroff slp_typ 5\n") {
+        assert_eq!(status, 1);
+    }
 }
 
 #[test]
 fn reset_through_0xcf9_exits_0() {
-    let Some(mut vm) = boot_bhyve("") else {
-        return;
-    };
-    vm.send_line("reset");
-    vm.expect("reset port 0xcf9 value 0x6\n", COMMAND_TIMEOUT);
-    let status = vm.wait_exit(EXIT_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "{status}: {}", vm.stderr());
-    assert!(!vm.transcript().contains("still running"));
-}
-
-fn sigterm(vm: &Console) {
-    let status = Command::new("kill")
-        .args(["-TERM", &vm.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
+    if let Some(status) = bhyve_exit_after("reset", "reset port 0xcf9 value 0x6\n") {
+        assert_eq!(status, 0);
+    }
 }
 
 #[test]
@@ -372,11 +364,11 @@ fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
     // bhyve marks the SCI level triggered in the PIC's ELCR before the guest runs.
     vm.expect("sci irq 9 found level triggered\n", COMMAND_TIMEOUT);
     vm.expect("powerbutton armed\n", COMMAND_TIMEOUT);
-    sigterm(&vm);
+    assert!(vm.sigterm());
     vm.expect("sci pwrbtn\n", COMMAND_TIMEOUT);
     vm.expect("shutting down\n", COMMAND_TIMEOUT);
     // A second press while the guest shuts down changes nothing.
-    sigterm(&vm);
+    assert!(vm.sigterm());
     vm.expect("poweroff slp_typ 5\n", COMMAND_TIMEOUT);
     let status = vm.wait_exit(EXIT_TIMEOUT);
     assert_eq!(status.code(), Some(1), "{status:?}: {}", vm.stderr());

@@ -439,6 +439,14 @@ impl Console {
         self.child.id()
     }
 
+    /// Sends SIGTERM to the VM's process; false if `kill` could not be run or failed.
+    pub fn sigterm(&self) -> bool {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -452,9 +460,7 @@ impl Drop for Console {
         }
         // SIGTERM first, so the VM tears down cleanly (terminal, control socket); SIGKILL if it
         // does not go within a moment.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.sigterm();
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
