@@ -8,7 +8,7 @@
 mod common;
 
 use common::{boot_bhyve, boot_bhyve_with, boot_qemu_with, guest, Console, COMMAND_TIMEOUT};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// bhyve's BAR windows (usr.sbin/bhyve/pci_emul.c): I/O from 0x2000 below 64 KiB, 32-bit
 /// memory from the 3 GiB low-memory limit up to the ECAM window at 0xE0000000, 64-bit memory
@@ -374,6 +374,37 @@ fn sigterm_presses_the_power_button_and_the_guest_powers_off() {
     assert_eq!(status.code(), Some(1), "{status:?}: {}", vm.stderr());
     let stderr = vm.stderr();
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn once_acpi_is_on_sigterm_only_presses_the_button_and_the_guest_decides() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    vm.send_line("powerbutton");
+    vm.expect("powerbutton armed\n", COMMAND_TIMEOUT);
+    vm.send("\r");
+    vm.expect("powerbutton cancelled\n", COMMAND_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    assert_eq!(vm.command_line("sci"), "sci 0 pwrbtn 0");
+    // The guest ignores the button now: each SIGTERM is one more press it sees, and bhyve
+    // neither exits nor stops the guest.
+    for presses in 1..=2 {
+        assert!(vm.sigterm());
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            let line = vm.command_line("sci");
+            if line.ends_with(&format!(" pwrbtn {presses}")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "press {presses} never arrived: {line}"
+            );
+        }
+    }
+    assert_eq!(vm.command_line("counter"), "counter 1");
+    assert!(vm.running(), "{}", vm.stderr());
 }
 
 /// QEMU's q35 machine: ECAM and an MCFG, like bhyve. QEMU restarts the guest on a reset (see

@@ -11,7 +11,7 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 19] = [
     "help",
     "info",
     "counter",
@@ -28,6 +28,7 @@ pub const COMMANDS: [&str; 18] = [
     "poweroff",
     "reset",
     "powerbutton",
+    "sci",
     "halt",
     "triple",
 ];

@@ -17,6 +17,7 @@ pub fn run(command: &str, arg: Option<&str>, hz: u64) -> bool {
         "poweroff" => power::poweroff(),
         "reset" => power::reset(),
         "powerbutton" => power::powerbutton(hz),
+        "sci" => power::sci_counts(),
         _ => return false,
     }
     true
@@ -31,4 +32,5 @@ pub fn help() {
     println!("  poweroff              ACPI S5 soft-off");
     println!("  reset                 reset through the FADT reset register");
     println!("  powerbutton           wait for an ACPI power-button press, then power off");
+    println!("  sci                   SCIs and power-button presses taken");
 }

@@ -4,7 +4,7 @@
 
 use crate::acpi::{Acpi, Fadt};
 use crate::boot::TICKS;
-use crate::svc;
+use crate::{console, svc};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -188,8 +188,17 @@ pub fn reset() {
     println!("reset: still running");
 }
 
+/// `sci`: "sci <n> pwrbtn <m>", the SCIs taken and how many found the power button pressed.
+pub fn sci_counts() {
+    println!(
+        "sci {} pwrbtn {}",
+        SCI_COUNT.load(Ordering::Relaxed),
+        SCI_PWRBTN.load(Ordering::Relaxed)
+    );
+}
+
 /// `powerbutton`: ACPI mode on, PWRBTN_EN set, the SCI unmasked (level triggered), then waits
-/// for a press; on one prints "sci pwrbtn", lets half a second pass as an OS shutting down would
+/// for a press (a key cancels the wait); on one prints "sci pwrbtn", lets half a second pass as an OS shutting down would
 /// (reporting any further press), and powers off through S5.
 pub fn powerbutton(hz: u64) {
     let Some((acpi, fadt, cnt)) = acpi_with_pm1() else {
@@ -232,6 +241,12 @@ pub fn powerbutton(hz: u64) {
 
     let mut seen = SCI_PWRBTN.load(Ordering::Relaxed);
     while SCI_PWRBTN.load(Ordering::Relaxed) == seen {
+        if console::input_pending() {
+            // Any key gives up waiting; the button stays armed, presses are only counted.
+            let _ = console::try_read_byte();
+            println!("powerbutton cancelled");
+            return;
+        }
         svc::wait_for_interrupt();
     }
     let report = |seen: &mut u64| {
