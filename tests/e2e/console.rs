@@ -247,11 +247,7 @@ fn sigterm_before_the_guest_enables_acpi_ends_the_vm_by_that_signal() {
     };
     // The test guest never switches ACPI on, so there is no power button to press: bhyve
     // tears the VM down and dies of SIGTERM, as FreeBSD's bhyve does in that state.
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &vm.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
+    assert!(vm.sigterm());
     let status = vm.wait_exit(COMMAND_TIMEOUT);
     assert_eq!(status.signal(), Some(15), "{status:?}");
 }

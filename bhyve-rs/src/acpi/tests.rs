@@ -200,8 +200,23 @@ fn bad_layouts_are_refused() {
     assert_eq!(build_tables(&l), Err(AcpiError::Window("PCI I/O")));
 }
 
+/// Whether a missing iasl fails the test instead of skipping it: under CI (`CI` set to anything
+/// but "" or "0") and wherever `BHYVE_RS_REQUIRE_KVM=1` asks for the full test run.
+fn iasl_required(ci: Option<&str>, require_kvm: Option<&str>) -> bool {
+    ci.is_some_and(|v| !v.is_empty() && v != "0") || require_kvm == Some("1")
+}
+
+#[test]
+fn a_missing_iasl_fails_under_ci_or_a_full_test_run() {
+    assert!(!iasl_required(None, None));
+    assert!(!iasl_required(Some(""), Some("0")));
+    assert!(!iasl_required(Some("0"), None));
+    assert!(iasl_required(Some("true"), None));
+    assert!(iasl_required(None, Some("1")));
+}
+
 /// Disassemble `table` with iasl and return the .dsl text; `None` (with a message) when iasl
-/// is missing and CI is not set.
+/// is missing and [`iasl_required`] says that may be skipped.
 fn iasl_disassemble(name: &str, table: &[u8]) -> Option<String> {
     let dir = std::env::temp_dir().join(format!(
         "bhyve-acpi-{}-{}-{name}",
@@ -221,9 +236,17 @@ fn iasl_disassemble(name: &str, table: &[u8]) -> Option<String> {
         .output()
     {
         Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::env::var_os("CI").is_none() => {
-            eprintln!("SKIP: iasl not installed (acpica-tools); not validating {name}");
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let _ = std::fs::remove_dir_all(&dir);
+            let ci = std::env::var("CI").ok();
+            let require_kvm = std::env::var("BHYVE_RS_REQUIRE_KVM").ok();
+            if iasl_required(ci.as_deref(), require_kvm.as_deref()) {
+                panic!(
+                    "iasl not installed (acpica-tools) but CI or BHYVE_RS_REQUIRE_KVM=1 \
+                     requires validating {name} with it"
+                );
+            }
+            eprintln!("SKIP: iasl not installed (acpica-tools); not validating {name}");
             return None;
         }
         Err(e) => panic!("cannot run iasl: {e}"),

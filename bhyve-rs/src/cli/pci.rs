@@ -70,12 +70,14 @@ const fn alias(name: &'static str, target: &'static str, syntax: ConfigSyntax) -
     }
 }
 
-/// Every PCI emulation of FreeBSD's bhyve (amd64), as `-s help` lists them.
+/// Every PCI emulation of FreeBSD's bhyve (amd64), as `-s help` lists them, plus `dummy`, the
+/// test device pci_emul.c registers when built with PCI_EMUL_TEST.
 const EMULATIONS: &[Emulation] = &[
     emu("ahci", ConfigSyntax::Ahci),
     alias("ahci-cd", "ahci", ConfigSyntax::AhciPort("cd")),
     alias("ahci-hd", "ahci", ConfigSyntax::AhciPort("hd")),
     alias("amd_hostbridge", "hostbridge", ConfigSyntax::AmdHostbridge),
+    emu("dummy", ConfigSyntax::Generic),
     emu("e1000", ConfigSyntax::Net),
     emu("fbuf", ConfigSyntax::Generic),
     emu("hda", ConfigSyntax::Generic),
@@ -470,6 +472,23 @@ mod tests {
         let e = parse("0,ahcix").unwrap_err();
         assert_eq!(e.lines, vec!["pci slot 0:0:0: unknown device \"ahcix\""]);
         assert_eq!(e.status, 4);
+    }
+
+    #[test]
+    fn dummy_test_device_is_selectable_per_function() {
+        let mut c = Config::new();
+        for opt in ["4:0,dummy", "4:1,dummy", "0:4:2,dummy"] {
+            parse_slot(&mut c, opt, "bhyve").unwrap();
+        }
+        assert_eq!(
+            keys(&c),
+            kv(&[
+                ("pci.0.4.0.device", "dummy"),
+                ("pci.0.4.1.device", "dummy"),
+                ("pci.0.4.2.device", "dummy"),
+            ])
+        );
+        assert!(supported_devices().lines().any(|l| l == "dummy"));
     }
 
     #[test]

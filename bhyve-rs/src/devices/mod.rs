@@ -534,6 +534,12 @@ fn attach_platform(
             pm::PowerEvent::Reset => ExitReason::Reset,
         })
     });
+    // The SCI is level triggered (bhyve's sci_init marks it so in the ELCR).
+    interrupts
+        .set_isa_irq_trigger(pm::SCI_INT as u8, true)
+        .map_err(|e| {
+            DeviceError::Platform(format!("pm: cannot make the SCI level triggered: {e}"))
+        })?;
     let power = Arc::new(Mutex::new(pm::PowerManagement::new(interrupts, on_event)));
     pm::PowerManagement::register(power.clone(), &buses.pio).map_err(|source| {
         DeviceError::Ports {

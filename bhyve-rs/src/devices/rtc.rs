@@ -769,6 +769,9 @@ mod tests {
         fn signal_msi(&self, _address: u64, _data: u32) -> io::Result<()> {
             Ok(())
         }
+        fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     /// A clock the test moves by hand.

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 struct FakeSink {
     lines: Mutex<Vec<(u32, bool)>>,
+    /// ISA IRQs made level triggered.
+    level_triggered: Mutex<Vec<u8>>,
 }
 
 impl InterruptSink for FakeSink {
@@ -14,6 +16,14 @@ impl InterruptSink for FakeSink {
         Ok(())
     }
     fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_isa_irq_trigger(&self, irq: u8, level: bool) -> std::io::Result<()> {
+        let mut levels = self.level_triggered.lock().unwrap();
+        levels.retain(|&i| i != irq);
+        if level {
+            levels.push(irq);
+        }
         Ok(())
     }
 }
@@ -144,6 +154,17 @@ fn without_lpc_there_are_no_com_ports() {
     let mut byte = [0u8];
     assert!(!buses.pio.read(0x3fd, &mut byte));
     assert!(devices.uart("com1").is_none());
+}
+
+#[test]
+fn the_sci_is_made_level_triggered_as_bhyve_does() {
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(FakeSink::default());
+    let _devices = attach_for_test(&Config::new(), &buses, sink.clone()).unwrap();
+    assert_eq!(
+        *sink.level_triggered.lock().unwrap(),
+        vec![pm::SCI_INT as u8]
+    );
 }
 
 #[test]
@@ -335,6 +356,9 @@ impl InterruptSink for MsiSink {
     }
     fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
         self.messages.lock().unwrap().push((address, data));
+        Ok(())
+    }
+    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -366,6 +366,37 @@ impl InterruptSink for KvmVm {
         };
         self.fd.signal_msi(msi).map(|_| ()).map_err(io::Error::from)
     }
+
+    fn set_isa_irq_trigger(&self, irq: u8, level: bool) -> io::Result<()> {
+        if irq >= 16 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("ISA IRQ {irq} does not exist"),
+            ));
+        }
+        // The master PIC is chip 0 (IRQs 0-7), the slave chip 1 (IRQs 8-15).
+        let mut chip = kvm_irqchip {
+            chip_id: u32::from(irq / 8),
+            ..Default::default()
+        };
+        self.fd.get_irqchip(&mut chip).map_err(io::Error::from)?;
+        let bit = 1u8 << (irq % 8);
+        // SAFETY: chip ids 0 and 1 are the PICs, for which KVM fills in the `pic` member of
+        // the union; every byte pattern is a valid kvm_pic_state.
+        let pic = unsafe { &mut chip.chip.pic };
+        if pic.elcr_mask & bit == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("IRQ {irq} cannot be level triggered"),
+            ));
+        }
+        if level {
+            pic.elcr |= bit;
+        } else {
+            pic.elcr &= !bit;
+        }
+        self.fd.set_irqchip(&chip).map_err(io::Error::from)
+    }
 }
 
 thread_local! {

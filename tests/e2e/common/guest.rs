@@ -11,8 +11,25 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 11] = [
-    "help", "info", "counter", "count", "memfill", "memsum", "cmos", "ticks", "pci", "halt",
+pub const COMMANDS: [&str; 19] = [
+    "help",
+    "info",
+    "counter",
+    "count",
+    "memfill",
+    "memsum",
+    "cmos",
+    "ticks",
+    "pci",
+    "ecam",
+    "bars",
+    "acpi",
+    "pmtimer",
+    "poweroff",
+    "reset",
+    "powerbutton",
+    "sci",
+    "halt",
     "triple",
 ];
 

@@ -87,6 +87,12 @@ pub fn vm_name() -> String {
 
 /// `bhyve` command line booting `kernel` with COM1 on stdio, as the tests (and users) run it.
 pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
+    bhyve_command_with(kernel, guest_cmdline, &[])
+}
+
+/// [`bhyve_command`] with more options before the VM name; a later `-c` replaces the default
+/// single vCPU.
+pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
     cmd.args([
         "-c",
@@ -104,6 +110,7 @@ pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
     if !guest_cmdline.is_empty() {
         cmd.arg("-o").arg(format!("boot.cmdline={guest_cmdline}"));
     }
+    cmd.args(extra);
     cmd.arg(vm_name());
     cmd
 }
@@ -112,29 +119,43 @@ pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
 /// KVM: without hardware virtualization QEMU's KVM mode emulates the firmware's real-mode code
 /// instruction by instruction and is far slower.
 pub fn qemu_command(qemu: &Path, kernel: &Path, guest_cmdline: &str) -> Command {
+    let mut cmd = qemu_command_with(qemu, kernel, guest_cmdline, &[]);
+    cmd.arg("-no-reboot");
+    cmd
+}
+
+/// [`qemu_command`] with more options, and without `-no-reboot`: a guest reset restarts the
+/// guest, so only a power-off ends QEMU.
+pub fn qemu_command_with(
+    qemu: &Path,
+    kernel: &Path,
+    guest_cmdline: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-no-reboot",
-        "-display",
-        "none",
-    ]);
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none"]);
     cmd.args([
         "-accel", "tcg", "-m", "256", "-serial", "stdio", "-monitor", "none",
     ]);
     cmd.arg("-kernel").arg(kernel);
     cmd.arg("-append").arg(guest_cmdline);
+    cmd.args(extra);
     cmd
 }
 
 /// Boots the console guest under bhyve; `None` (after a skip message) without /dev/kvm.
 pub fn boot_bhyve(guest_cmdline: &str) -> Option<Console> {
+    boot_bhyve_with(&[], guest_cmdline)
+}
+
+/// [`boot_bhyve`] with more `bhyve` options (see [`bhyve_command_with`]).
+pub fn boot_bhyve_with(extra: &[&str], guest_cmdline: &str) -> Option<Console> {
     if !kvm_usable() {
         return None;
     }
     let kernel = guest::console_guest();
-    let mut console = Console::spawn("bhyve", bhyve_command(kernel, guest_cmdline));
+    let command = bhyve_command_with(kernel, guest_cmdline, extra);
+    let mut console = Console::spawn("bhyve", command);
     console.expect(guest::READY, BOOT_TIMEOUT);
     console.expect_prompt(COMMAND_TIMEOUT);
     Some(console)
@@ -145,6 +166,18 @@ pub fn boot_qemu(guest_cmdline: &str) -> Option<Console> {
     let qemu = qemu_binary()?;
     let kernel = guest::console_guest();
     let mut console = Console::spawn("qemu", qemu_command(&qemu, kernel, guest_cmdline));
+    console.expect(guest::READY, BOOT_TIMEOUT);
+    console.expect_prompt(COMMAND_TIMEOUT);
+    Some(console)
+}
+
+/// Boots the console guest under QEMU with more options (see [`qemu_command_with`]: a guest
+/// reset restarts it); `None` (after a skip message) without QEMU.
+pub fn boot_qemu_with(extra: &[&str], guest_cmdline: &str) -> Option<Console> {
+    let qemu = qemu_binary()?;
+    let kernel = guest::console_guest();
+    let command = qemu_command_with(&qemu, kernel, guest_cmdline, extra);
+    let mut console = Console::spawn("qemu", command);
     console.expect(guest::READY, BOOT_TIMEOUT);
     console.expect_prompt(COMMAND_TIMEOUT);
     Some(console)
@@ -406,6 +439,14 @@ impl Console {
         self.child.id()
     }
 
+    /// Sends SIGTERM to the VM's process; false if `kill` could not be run or failed.
+    pub fn sigterm(&self) -> bool {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -419,9 +460,7 @@ impl Drop for Console {
         }
         // SIGTERM first, so the VM tears down cleanly (terminal, control socket); SIGKILL if it
         // does not go within a moment.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.sigterm();
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

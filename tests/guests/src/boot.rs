@@ -57,7 +57,6 @@ const TSS_SEL: u16 = 0x30;
 /// The numbering must match `svc_table` in the assembly below.
 #[repr(u64)]
 #[derive(Clone, Copy)]
-#[allow(dead_code)] // 16-bit port services exist for completeness; no command uses them yet
 pub enum Svc {
     Outb = 0,
     Inb = 1,
@@ -373,6 +372,7 @@ extern "C" {
     static irq_timer: u8;
     static irq_com1: u8;
     static irq_ignore: u8;
+    static irq_sci: u8;
     static mut boot_gdt_tss: [u64; 2];
     static kernel_stack_top: u8;
     static user_stack_top: u8;
@@ -426,6 +426,8 @@ extern "C" fn kernel_main(info: u64, kind: u32) -> ! {
         idt.0[6] = gate(core::ptr::addr_of!(ud_entry) as u64, 0);
         idt.0[usize::from(PIC_VECTOR_BASE)] = gate(core::ptr::addr_of!(irq_timer) as u64, 0);
         idt.0[usize::from(PIC_VECTOR_BASE) + 4] = gate(core::ptr::addr_of!(irq_com1) as u64, 0);
+        idt.0[usize::from(PIC_VECTOR_BASE + crate::power::SCI_IRQ)] =
+            gate(core::ptr::addr_of!(irq_sci) as u64, 0);
         idt.0[SVC_VECTOR] = gate(core::ptr::addr_of!(svc_entry) as u64, 3);
         let idtr: [u16; 5] = {
             let base = core::ptr::addr_of!(IDT) as u64;

@@ -27,11 +27,13 @@ pub struct BootInfo {
     pub cmdline_len: usize,
 }
 
-fn readable(addr: u64, len: u64) -> bool {
+/// Whether `len` bytes at `addr` lie in the identity-mapped first 4 GiB (and `addr` is not 0).
+pub fn readable(addr: u64, len: u64) -> bool {
     addr != 0 && addr.checked_add(len).is_some_and(|end| end <= MAPPED_LIMIT)
 }
 
-fn read<T: Copy>(addr: u64) -> T {
+/// Reads a plain integer at a physical address that `readable` accepted.
+pub fn read<T: Copy>(addr: u64) -> T {
     // SAFETY: callers check `readable(addr, size_of::<T>())`; the first 4 GiB are identity
     // mapped and user accessible, and T is a plain integer type.
     unsafe { core::ptr::read_unaligned(addr as *const T) }

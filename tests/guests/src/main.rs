@@ -7,6 +7,10 @@ mod boot;
 mod bootinfo;
 #[macro_use]
 mod console;
+mod acpi;
+mod pcicfg;
+mod platform;
+mod power;
 mod svc;
 
 use bootinfo::BootInfo;
@@ -182,7 +186,6 @@ impl Shell {
                 Some(ms) if (1..=600_000).contains(&ms) => self.ticks(ms),
                 _ => println!("usage: ticks <ms>  (1..600000)"),
             },
-            "pci" => pci(),
             "halt" => {
                 println!("halting");
                 svc::halt();
@@ -191,6 +194,7 @@ impl Shell {
                 println!("triple fault");
                 svc::triple_fault();
             }
+            _ if platform::run(command, arg1, self.hz) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -311,7 +315,7 @@ fn help() {
     println!("  memsum <MiB>          FNV-1a-64 of the first <MiB> of free RAM as it is");
     println!("  cmos                  RTC date and time");
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
-    println!("  pci                   list PCI functions on bus 0");
+    platform::help();
     println!("  halt                  stop the CPU with interrupts off");
     println!("  triple                triple fault");
 }
@@ -398,36 +402,6 @@ fn cmos() {
         decode(min),
         decode(sec)
     );
-}
-
-fn pci_read(dev: u32, func: u32, reg: u32) -> u32 {
-    svc::outl(0xcf8, 0x8000_0000 | (dev << 11) | (func << 8) | reg);
-    svc::inl(0xcfc)
-}
-
-/// Lists bus 0: "pci 00:DD.F VVVV:DDDD class CCSSPP".
-fn pci() {
-    for dev in 0..32 {
-        let functions = if pci_read(dev, 0, 0) & 0xffff == 0xffff {
-            0
-        } else if (pci_read(dev, 0, 0x0c) >> 16) & 0x80 != 0 {
-            8
-        } else {
-            1
-        };
-        for func in 0..functions {
-            let id = pci_read(dev, func, 0);
-            if id & 0xffff == 0xffff {
-                continue;
-            }
-            let class = pci_read(dev, func, 0x08) >> 8;
-            println!(
-                "pci 00:{dev:02x}.{func} {:04x}:{:04x} class {class:06x}",
-                id & 0xffff,
-                id >> 16
-            );
-        }
-    }
 }
 
 #[panic_handler]

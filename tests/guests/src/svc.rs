@@ -93,3 +93,11 @@ pub fn write(bytes: &[u8]) {
 pub fn rx_poll() {
     call(Svc::RxPoll, 0, 0);
 }
+
+pub fn outw(port: u16, value: u16) {
+    call(Svc::Outw, port.into(), value.into());
+}
+
+pub fn inw(port: u16) -> u16 {
+    call(Svc::Inw, port.into(), 0) as u16
+}

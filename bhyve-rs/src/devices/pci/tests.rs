@@ -431,6 +431,9 @@ impl crate::interrupts::InterruptSink for MsiLog {
         self.0.lock().unwrap().push((address, data));
         Ok(())
     }
+    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]
