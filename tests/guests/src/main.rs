@@ -7,6 +7,7 @@ mod boot;
 mod bootinfo;
 #[macro_use]
 mod console;
+mod smp;
 mod svc;
 
 use bootinfo::BootInfo;
@@ -108,6 +109,7 @@ pub extern "C" fn user_main() -> ! {
         },
         hz
     );
+    smp::start(hz);
     println!("bhyve-rs test guest ready");
     let mut line = [0u8; LINE_MAX];
     loop {
@@ -127,7 +129,7 @@ impl Shell {
             let Some(b) = console::try_read_byte() else {
                 echo.flush();
                 if !console::input_pending() {
-                    svc::wait_for_interrupt();
+                    smp::idle();
                 }
                 continue;
             };
@@ -183,7 +185,10 @@ impl Shell {
                 _ => println!("usage: ticks <ms>  (1..600000)"),
             },
             "pci" => pci(),
+            "cpus" => smp::print_cpus(),
+            "work" => smp::work_command(arg1),
             "halt" => {
+                smp::stop_others();
                 println!("halting");
                 svc::halt();
             }
@@ -312,6 +317,8 @@ fn help() {
     println!("  cmos                  RTC date and time");
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
     println!("  pci                   list PCI functions on bus 0");
+    println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
+    println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  halt                  stop the CPU with interrupts off");
     println!("  triple                triple fault");
 }
