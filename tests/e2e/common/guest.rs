@@ -11,9 +11,9 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 11] = [
-    "help", "info", "counter", "count", "memfill", "memsum", "cmos", "ticks", "pci", "halt",
-    "triple",
+pub const COMMANDS: [&str; 13] = [
+    "help", "info", "counter", "count", "memfill", "memsum", "cmos", "ticks", "pci", "cpus",
+    "work", "halt", "triple",
 ];
 
 /// Builds the guest once per test process (`tests/guests/build.sh`; cargo's own lock on the

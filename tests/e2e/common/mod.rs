@@ -87,6 +87,11 @@ pub fn vm_name() -> String {
 
 /// `bhyve` command line booting `kernel` with COM1 on stdio, as the tests (and users) run it.
 pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
+    bhyve_command_with(kernel, guest_cmdline, &[])
+}
+
+/// [`bhyve_command`] with more options (e.g. `-c 4`, which overrides the default `-c 1`).
+pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, options: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
     cmd.args([
         "-c",
@@ -104,6 +109,7 @@ pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
     if !guest_cmdline.is_empty() {
         cmd.arg("-o").arg(format!("boot.cmdline={guest_cmdline}"));
     }
+    cmd.args(options);
     cmd.arg(vm_name());
     cmd
 }
@@ -130,11 +136,16 @@ pub fn qemu_command(qemu: &Path, kernel: &Path, guest_cmdline: &str) -> Command 
 
 /// Boots the console guest under bhyve; `None` (after a skip message) without /dev/kvm.
 pub fn boot_bhyve(guest_cmdline: &str) -> Option<Console> {
+    boot_bhyve_with(&[], guest_cmdline)
+}
+
+/// [`boot_bhyve`] with more `bhyve` options.
+pub fn boot_bhyve_with(options: &[&str], guest_cmdline: &str) -> Option<Console> {
     if !kvm_usable() {
         return None;
     }
     let kernel = guest::console_guest();
-    let mut console = Console::spawn("bhyve", bhyve_command(kernel, guest_cmdline));
+    let mut console = Console::spawn("bhyve", bhyve_command_with(kernel, guest_cmdline, options));
     console.expect(guest::READY, BOOT_TIMEOUT);
     console.expect_prompt(COMMAND_TIMEOUT);
     Some(console)
