@@ -186,7 +186,7 @@ impl Shell {
             },
             "pci" => pci(),
             "cpus" => smp::print_cpus(),
-            "work" => smp::work_command(arg1),
+            "work" => smp::work_command(arg1, self.hz),
             "halt" => {
                 smp::stop_others();
                 println!("halting");

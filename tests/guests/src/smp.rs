@@ -182,6 +182,8 @@ pub struct Cpu {
     package_shift: AtomicU32,
     /// Iterations of the worker loop; lives in guest RAM, so it survives a snapshot.
     work: AtomicU64,
+    /// Set while the CPU is in its counting loop, so `work off` can wait until all have left.
+    counting: AtomicBool,
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // only used to initialise `CPUS`
@@ -196,6 +198,7 @@ const OFFLINE: Cpu = Cpu {
     smt_shift: AtomicU32::new(0),
     package_shift: AtomicU32::new(0),
     work: AtomicU64::new(0),
+    counting: AtomicBool::new(false),
 };
 
 /// Slot 0 is the boot CPU; APs take slots in the order they arrive.
@@ -286,11 +289,15 @@ extern "C" fn ap_main(slot: u64) -> ! {
             svc::halt();
         }
         if WORK.load(Ordering::Relaxed) {
+            // SeqCst pairs with `work off`: either it sees `counting` set, or this CPU's next
+            // look at WORK sees it cleared.
+            cpu.counting.store(true, Ordering::SeqCst);
             let mut n = cpu.work.load(Ordering::Relaxed);
-            while WORK.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+            while WORK.load(Ordering::SeqCst) && !STOP.load(Ordering::Relaxed) {
                 n += 1;
                 cpu.work.store(n, Ordering::Relaxed);
             }
+            cpu.counting.store(false, Ordering::SeqCst);
         } else {
             svc::wait_for_interrupt();
             lapic_write(LAPIC_EOI, 0);
@@ -549,7 +556,7 @@ pub fn print_cpus() {
 }
 
 /// `work [on|off]`: switches the worker loops, or prints every CPU's count.
-pub fn work_command(arg: Option<&str>) {
+pub fn work_command(arg: Option<&str>, hz: u64) {
     match arg {
         Some("on") => {
             WORK.store(true, Ordering::Release);
@@ -557,8 +564,22 @@ pub fn work_command(arg: Option<&str>) {
             println!("work on");
         }
         Some("off") => {
-            WORK.store(false, Ordering::Release);
-            println!("work off");
+            // Counts stand still once this answers: wait (5 s at most) for every AP to leave
+            // its loop; an AP's vCPU may not be running on the host right now.
+            WORK.store(false, Ordering::SeqCst);
+            let busy = || {
+                CPUS.iter()
+                    .filter(|c| c.counting.load(Ordering::SeqCst))
+                    .count()
+            };
+            let start = ticks();
+            while busy() > 0 && ticks() - start < 5 * hz {
+                svc::wait_for_interrupt();
+            }
+            match busy() {
+                0 => println!("work off"),
+                n => println!("work off, {n} cpus still counting"),
+            }
         }
         None => {
             let state = if WORK.load(Ordering::Relaxed) {
