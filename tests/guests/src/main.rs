@@ -319,7 +319,7 @@ fn help() {
     println!("  pci                   list PCI functions on bus 0");
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
-    println!("  halt                  stop the CPU with interrupts off");
+    println!("  halt                  stop every CPU with interrupts off");
     println!("  triple                triple fault");
 }
 
