@@ -5,6 +5,7 @@
 //! by a [`bus`] to the device that owns the address. Only [`vmm`] talks to the hypervisor.
 
 pub mod acpi;
+pub mod affinity;
 pub mod boot;
 pub mod bus;
 pub mod cli;

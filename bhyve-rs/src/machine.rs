@@ -351,6 +351,17 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
             return FAILED;
         }
     };
+    // Pinning is checked before the VM runs: a host CPU that does not exist is a usage error.
+    let host_cpus = match topology(config)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::affinity::vcpu_host_cpus(config, t.cpus))
+    {
+        Ok(host_cpus) => host_cpus,
+        Err(e) => {
+            eprintln!("bhyve: {e}");
+            return FAILED;
+        }
+    };
     #[cfg(feature = "bhyve_snapshot")]
     let built = match restored {
         Some(machine) => Ok(machine),
@@ -373,6 +384,7 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
             return ExitReason::Error(String::new());
         }
     };
+    machine.vcpus().pin_to_host_cpus(host_cpus);
     if let Err(e) = machine.start(strict_io) {
         eprintln!("bhyve: {e}");
         return FAILED;
@@ -472,6 +484,12 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     }
     if let Some(name) = cli.get("name") {
         config.set("name", name);
+    }
+    // Pinning given on the command line is for this host: it replaces the saved one.
+    for (key, value) in cli.iter() {
+        if key.starts_with("vcpu.") && key.ends_with(".cpuset") {
+            config.set(key, value);
+        }
     }
     let topology = topology(&config).map_err(|e| e.to_string())?;
     let memory = snapshot.memory()?;

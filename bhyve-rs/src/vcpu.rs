@@ -212,6 +212,8 @@ pub struct VcpuSet {
     started: AtomicBool,
     /// Opened before the threads start: a running thread holds its vCPU's lock.
     probes: Vec<Option<Box<dyn BlockedProbe>>>,
+    /// Host CPUs each vCPU thread restricts itself to when it starts (`None`: any).
+    host_cpus: Mutex<Vec<Option<Vec<u32>>>>,
 }
 
 impl VcpuSet {
@@ -222,7 +224,13 @@ impl VcpuSet {
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             handles: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
+            host_cpus: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Host CPUs for each vCPU's thread, by vCPU index; takes effect when the threads start.
+    pub fn pin_to_host_cpus(&self, host_cpus: Vec<Option<Vec<u32>>>) {
+        *self.host_cpus.lock().unwrap_or_else(|e| e.into_inner()) = host_cpus;
     }
 
     pub fn control(&self) -> &Arc<VmControl> {
@@ -251,10 +259,18 @@ impl VcpuSet {
             let vcpu = vcpu.clone();
             let control = self.control.clone();
             let context = context.clone();
+            let host_cpus = self
+                .host_cpus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(index)
+                .cloned()
+                .flatten();
             control.lock().live += 1;
+            // The name shows in ps and top (Linux keeps its first 15 bytes).
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu {index}"))
-                .spawn(move || vcpu_thread(index, vcpu, control, context));
+                .spawn(move || vcpu_thread(index, vcpu, control, context, host_cpus));
             match spawned {
                 Ok(handle) => self.lock_handles().push(handle),
                 Err(e) => {
@@ -372,8 +388,21 @@ impl Drop for VcpuSet {
     }
 }
 
-fn vcpu_thread(index: usize, vcpu: SharedVcpu, control: Arc<VmControl>, context: Arc<ExitContext>) {
+fn vcpu_thread(
+    index: usize,
+    vcpu: SharedVcpu,
+    control: Arc<VmControl>,
+    context: Arc<ExitContext>,
+    host_cpus: Option<Vec<u32>>,
+) {
     ON_VCPU_THREAD.with(|f| f.set(true));
+    if let Some(cpus) = host_cpus {
+        if let Err(e) = crate::affinity::pin_current_thread(&cpus) {
+            control.request_exit(ExitReason::Error(format!(
+                "vCPU {index}: cannot pin to host CPUs {cpus:?}: {e}"
+            )));
+        }
+    }
     {
         let mut state = control.lock();
         // SAFETY: pthread_self has no preconditions.

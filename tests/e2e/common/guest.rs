@@ -11,7 +11,7 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 19] = [
+pub const COMMANDS: [&str; 21] = [
     "help",
     "info",
     "counter",
@@ -29,6 +29,8 @@ pub const COMMANDS: [&str; 19] = [
     "reset",
     "powerbutton",
     "sci",
+    "cpus",
+    "work",
     "halt",
     "triple",
 ];

@@ -428,27 +428,58 @@ pub fn command() {
     }
 }
 
+/// The MADT's interrupt controller structures as (type, offset in the table, length); a
+/// malformed length ends the walk and is yielded as the last item with type `None`.
+fn madt_entries(t: &Table) -> impl Iterator<Item = (Option<u8>, u32, u8)> + '_ {
+    let mut at = 44u32;
+    let mut done = false;
+    core::iter::from_fn(move || {
+        if done || at + 2 > t.len {
+            return None;
+        }
+        let (kind, len) = (t.u8_at(at)?, t.u8_at(at + 1)?);
+        let here = at;
+        if len < 2 || at + u32::from(len) > t.len {
+            done = true;
+            return Some((None, here, len));
+        }
+        at += u32::from(len);
+        Some((Some(kind), here, len))
+    })
+}
+
+impl Acpi {
+    /// Enabled processors (local APIC and x2APIC entries) in the MADT.
+    pub fn enabled_cpus(&self) -> Option<u32> {
+        let t = self.table(b"APIC")?;
+        let count = madt_entries(&t)
+            .filter(|&(kind, at, len)| match (kind, len) {
+                (Some(0), 8) => t.u32_at(at + 4).unwrap_or(0) & 1 != 0,
+                (Some(9), 16) => t.u32_at(at + 8).unwrap_or(0) & 1 != 0,
+                _ => false,
+            })
+            .count();
+        u32::try_from(count).ok().filter(|&n| n > 0)
+    }
+}
+
 fn print_madt(t: &Table) {
     println!(
         "madt lapic_addr {:#x} flags {:#x}",
         t.u32_at(36).unwrap_or(0),
         t.u32_at(40).unwrap_or(0)
     );
-    let mut at = 44u32;
-    while at + 2 <= t.len {
-        let (Some(kind), Some(len)) = (t.u8_at(at), t.u8_at(at + 1)) else {
-            break;
-        };
-        if len < 2 || at + u32::from(len) > t.len {
+    let enabled = |flags: u32| {
+        if flags & 1 != 0 {
+            "enabled"
+        } else {
+            "disabled"
+        }
+    };
+    for (kind, at, len) in madt_entries(t) {
+        let Some(kind) = kind else {
             println!("madt entry at {at} has bad length {len}");
             break;
-        }
-        let enabled = |flags: u32| {
-            if flags & 1 != 0 {
-                "enabled"
-            } else {
-                "disabled"
-            }
         };
         match (kind, len) {
             (0, 8) => println!(
@@ -483,6 +514,5 @@ fn print_madt(t: &Table) {
             ),
             _ => println!("madt type {kind} length {len}"),
         }
-        at += u32::from(len);
     }
 }

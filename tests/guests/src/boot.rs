@@ -392,6 +392,14 @@ struct Tss([u32; 26]);
 static mut IDT: Idt = Idt([[0; 2]; 256]);
 static mut TSS: Tss = Tss([0; 26]);
 
+/// Base and limit of the IDT, which every CPU shares.
+pub fn idt_region() -> (u64, u16) {
+    (
+        core::ptr::addr_of!(IDT) as u64,
+        (core::mem::size_of::<Idt>() - 1) as u16,
+    )
+}
+
 /// End of the loaded image (page aligned): memory below it is not free.
 pub fn image_end() -> u64 {
     core::ptr::addr_of!(__image_end) as u64

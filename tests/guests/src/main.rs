@@ -11,6 +11,7 @@ mod acpi;
 mod pcicfg;
 mod platform;
 mod power;
+mod smp;
 mod svc;
 
 use bootinfo::BootInfo;
@@ -112,6 +113,7 @@ pub extern "C" fn user_main() -> ! {
         },
         hz
     );
+    smp::start(hz);
     println!("bhyve-rs test guest ready");
     let mut line = [0u8; LINE_MAX];
     loop {
@@ -131,7 +133,7 @@ impl Shell {
             let Some(b) = console::try_read_byte() else {
                 echo.flush();
                 if !console::input_pending() {
-                    svc::wait_for_interrupt();
+                    smp::idle();
                 }
                 continue;
             };
@@ -186,7 +188,10 @@ impl Shell {
                 Some(ms) if (1..=600_000).contains(&ms) => self.ticks(ms),
                 _ => println!("usage: ticks <ms>  (1..600000)"),
             },
+            "cpus" => smp::print_cpus(),
+            "work" => smp::work_command(arg1, self.hz),
             "halt" => {
+                smp::stop_others();
                 println!("halting");
                 svc::halt();
             }
@@ -316,7 +321,9 @@ fn help() {
     println!("  cmos                  RTC date and time");
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
     platform::help();
-    println!("  halt                  stop the CPU with interrupts off");
+    println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
+    println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
+    println!("  halt                  stop every CPU with interrupts off");
     println!("  triple                triple fault");
 }
 
