@@ -24,6 +24,7 @@ use crate::vcpu::{ExitReason, VmControl};
 
 use pci::dummy::Dummy;
 use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
+use pci::irq::PirqRouter;
 use pci::lpc::{LpcBridge, LpcIds};
 use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
 use pctestdev::ExitRequest;
@@ -113,6 +114,7 @@ struct Plan {
     uarts: Vec<(usize, Option<BackendSpec>)>,
     pctestdev: bool,
     enable_bars: bool,
+    bootrom: bool,
     highmem_end: u64,
 }
 
@@ -308,6 +310,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
         uarts,
         pctestdev,
         enable_bars,
+        bootrom,
         highmem_end,
     })
 }
@@ -417,8 +420,12 @@ pub fn attach(
     let plan = plan(config)?;
     let mut devices = Devices::default();
 
+    let router = Arc::new(PirqRouter::new(interrupts.clone(), plan.bootrom));
+    // The SCI shares IRQ 9 with whatever else lands there (bhyve's sci_init).
+    router.use_irq(pm::SCI_INT as u8);
     if !plan.functions.is_empty() {
         let mut builder = PciRootBuilder::new(plan.highmem_end);
+        builder.set_intx_router(router.clone());
         for (slot, emulation) in &plan.functions {
             let mut cfg = ConfigSpace::new(plan.enable_bars);
             match emulation {
@@ -427,7 +434,7 @@ pub fn attach(
                     builder.add(*slot, "hostbridge", cfg, Box::new(bridge))?;
                 }
                 Emulation::Lpc(ids) => {
-                    let bridge = LpcBridge::init(&mut cfg, *ids);
+                    let bridge = LpcBridge::init(&mut cfg, *ids, router.clone());
                     builder.add(*slot, "lpc", cfg, Box::new(bridge))?;
                 }
                 Emulation::Dummy => {
