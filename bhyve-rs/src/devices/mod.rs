@@ -496,7 +496,20 @@ pub fn attach(
             .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
     }
 
-    attach_platform(config, buses, interrupts, control, &memory, &mut devices)?;
+    let lpc = plan
+        .functions
+        .iter()
+        .find(|(_, emulation)| matches!(emulation, Emulation::Lpc(_)))
+        .map(|(address, _)| *address);
+    attach_platform(
+        config,
+        buses,
+        interrupts,
+        control,
+        &memory,
+        lpc,
+        &mut devices,
+    )?;
     Ok(devices)
 }
 
@@ -508,6 +521,7 @@ fn attach_platform(
     interrupts: Arc<dyn InterruptSink>,
     control: Arc<VmControl>,
     memory: &GuestMemory,
+    lpc: Option<PciAddress>,
     devices: &mut Devices,
 ) -> Result<(), DeviceError> {
     let use_localtime = rtc::use_localtime(config).map_err(DeviceError::Platform)?;
@@ -556,9 +570,43 @@ fn attach_platform(
             .map_err(DeviceError::Platform)?
             .cpus,
     );
+    // Routed INTx pins, for the DSDT's _PRT and the MP table.
+    let pci_intx: Vec<crate::mptable::PciIntxRoute> = devices
+        .pci
+        .iter()
+        .flat_map(|root| root.intx_routes())
+        .map(|r| crate::mptable::PciIntxRoute {
+            bus: r.bus,
+            slot: r.slot,
+            pin: r.pin,
+            ioapic_irq: r.route.ioapic_irq,
+            pirq_pin: r.route.pirq_pin,
+        })
+        .collect();
     if crate::acpi::acpi_tables_enabled(config).map_err(DeviceError::Platform)? {
-        let layout =
+        let mut layout =
             crate::acpi::AcpiLayout::bhyve(cpus, memory.lowmem_end(), memory.highmem_size());
+        layout.pci_intx = pci_intx.clone();
+        layout.lpc = lpc.map(|address| crate::acpi::LpcLayout {
+            slot: address.slot,
+            func: address.function,
+            com_ports: crate::acpi::ComPort::BHYVE.to_vec(),
+        });
+        // The windows bus 0 really decodes, as bhyve's pci_bus_write_dsdt writes them.
+        if let Some(windows) = devices.pci.as_ref().and_then(|root| root.bus_windows(0)) {
+            layout.pci_io = crate::acpi::Window {
+                base: windows.io.0 as u32,
+                end: windows.io.1 as u32,
+            };
+            layout.pci_mmio32 = crate::acpi::Window {
+                base: windows.mem32.0 as u32,
+                end: windows.mem32.1 as u32,
+            };
+            layout.pci_mmio64 = crate::acpi::Window {
+                base: windows.mem64.0,
+                end: windows.mem64.1,
+            };
+        }
         let blob = crate::acpi::build_tables(&layout)
             .map_err(|e| DeviceError::Platform(format!("ACPI tables: {e}")))?;
         memory
@@ -568,7 +616,8 @@ fn attach_platform(
     if crate::mptable::mptable_enabled(config).map_err(DeviceError::Platform)? {
         let cpus = u16::try_from(cpus)
             .map_err(|_| DeviceError::Platform(format!("MP table: {cpus} vCPUs")))?;
-        let layout = crate::mptable::MpTableLayout::new(cpus);
+        let mut layout = crate::mptable::MpTableLayout::new(cpus);
+        layout.pci_intx = pci_intx;
         let table = crate::mptable::build_mptable(&layout, crate::mptable::MPTABLE_BASE as u32)
             .map_err(|e| DeviceError::Platform(format!("MP table: {e}")))?;
         memory
