@@ -550,6 +550,45 @@ fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
 }
 
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn an_asserted_intx_line_is_saved_and_driven_again_after_restore() {
+    let (buses, root, _, intx) = intx_machine();
+    // The guest moved PIRQ D (slot 4's INTA) to IRQ 12; the device holds its line.
+    cfg_write(&buses, 31, 0x63, 1, 12);
+    intx[3].assert();
+    let at = |slot| PciAddress::new(0, slot, 0).unwrap();
+    let saved_lpc = root.function(at(31)).unwrap().lock().unwrap().save_state();
+    let saved = root.function(at(4)).unwrap().lock().unwrap().save_state();
+    assert_eq!(saved.intx, Some(IntxState::Asserted));
+
+    let (buses2, root2, lines2, intx2) = intx_machine();
+    root2
+        .function(at(4))
+        .unwrap()
+        .lock()
+        .unwrap()
+        .restore_state(&saved)
+        .unwrap();
+    root2
+        .function(at(31))
+        .unwrap()
+        .lock()
+        .unwrap()
+        .restore_state(&saved_lpc)
+        .unwrap();
+    assert_eq!(intx2[3].state(), IntxState::Asserted);
+    assert_eq!(cfg_read(&buses2, 4, 0, 0x3c, 2), 0x010a);
+    // Driven at its default IRQ first, then moved with the restored PIRQ register.
+    assert_eq!(
+        *lines2.0.lock().unwrap(),
+        [(10, true), (19, true), (10, false), (12, true)]
+    );
+    lines2.0.lock().unwrap().clear();
+    intx2[3].deassert();
+    assert_eq!(*lines2.0.lock().unwrap(), [(12, false), (19, false)]);
+}
+
 /// Records MSIs.
 #[derive(Default)]
 struct MsiLog(Mutex<Vec<(u64, u32)>>);
