@@ -97,7 +97,7 @@ impl BootRom {
                     .open(vars_path)
                     .map_err(open_error)?;
                 let size = file.metadata().map_err(open_error)?.len();
-                if size > BOOTROM_SIZE || size < PAGE_SIZE {
+                if !(PAGE_SIZE..=BOOTROM_SIZE).contains(&size) {
                     return Err(BootRomError::VarsSize(size));
                 }
                 Some(VarStore {
