@@ -242,10 +242,10 @@ fn configuration_mistakes_get_bhyve_style_messages() {
     assert_eq!(
         check_error(&[
             ("pci.0.31.0.device", "lpc"),
-            ("lpc.com1.path", "tcp=127.0.0.1:4444")
+            ("lpc.com1.path", "tcp=localhost:4444")
         ]),
-        "unable to initialize backend \"tcp=127.0.0.1:4444\" for LPC device com1: \
-         TCP backends (\"tcp=127.0.0.1:4444\") are not supported yet"
+        "unable to initialize backend \"tcp=localhost:4444\" for LPC device com1: \
+         Invalid address localhost:4444"
     );
     assert_eq!(
         check_error(&[
