@@ -430,6 +430,30 @@ fn tcp_loop(listener: TcpListener, client: TcpClient, uart: SharedUart, stop: Ar
         let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
         let (new_client, readable) = (ready(&fds[0]), fds.get(1).is_some_and(ready));
         drop(fds);
+        // A departing client is noticed before a newcomer is looked at, so a client that
+        // reconnects at once is not turned away by its own previous connection.
+        if let (true, Some(stream)) = (readable, reader.as_mut()) {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    reader = None;
+                    *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                Ok(n) => {
+                    if !deliver(&buf[..n], &uart, &rx_space, &stop) {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => {
+                    reader = None;
+                    *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+            }
+        }
         if new_client {
             if let Ok((mut stream, _)) = listener.accept() {
                 let mut current = client.lock().unwrap_or_else(|e| e.into_inner());
@@ -442,33 +466,6 @@ fn tcp_loop(listener: TcpListener, client: TcpClient, uart: SharedUart, stop: Ar
                     }
                 }
             }
-        }
-        if !readable {
-            continue;
-        }
-        let Some(stream) = reader.as_mut() else {
-            continue;
-        };
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(_) => 0,
-        };
-        if n == 0 {
-            // The client left: wait for the next one.
-            reader = None;
-            *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            continue;
-        }
-        if !deliver(&buf[..n], &uart, &rx_space, &stop) {
-            return;
         }
     }
 }
