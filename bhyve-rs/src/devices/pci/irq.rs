@@ -17,6 +17,8 @@
 //!
 //! With KVM, GSI n below 16 reaches 8259 input n and I/O APIC input n alike; guests that use
 //! the I/O APIC leave the inputs of PIRQ IRQs masked, so only the 8259 leg matters there.
+//! bhyve also marks each PIRQ IRQ level-triggered in its 8259 model; here the 8259s' trigger
+//! register (ELCR, ports 0x4D0-0x4D1) is left for the guest to program.
 
 use std::sync::{Arc, Mutex};
 
