@@ -7,6 +7,7 @@
 pub mod acpi;
 pub mod affinity;
 pub mod boot;
+pub mod bootrom;
 pub mod bus;
 pub mod cli;
 pub mod config;

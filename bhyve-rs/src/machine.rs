@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::boot::{self, BootError, BootFiles};
+use crate::bootrom::{BootRom, BootRomError};
 use crate::bus::Buses;
 use crate::config::{parse_c_unsigned, parse_memsize, Config};
 use crate::devices::{self, Devices};
@@ -30,6 +31,8 @@ pub enum MachineError {
     Config(String),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    BootRom(#[from] BootRomError),
     #[error("guest memory: {0}")]
     Memory(#[from] MemoryError),
     #[error("{0}")]
@@ -104,6 +107,8 @@ pub struct Machine {
     buses: Arc<Buses>,
     vm: Arc<dyn Vm>,
     memory: Arc<GuestMemory>,
+    /// The boot ROM the VM reads from, mapped for as long as the VM exists.
+    bootrom: Option<BootRom>,
 }
 
 impl Machine {
@@ -134,6 +139,7 @@ impl Machine {
             buses: Arc::new(Buses::default()),
             vm,
             memory,
+            bootrom: None,
         })
     }
 
@@ -173,6 +179,16 @@ impl Machine {
             self.memory.clone(),
         )?;
         self.devices = Some(Arc::new(Mutex::new(devices)));
+        Ok(())
+    }
+
+    /// Map a boot ROM below 4 GiB and its variable store below it. vCPU 0 is still in the
+    /// state the hypervisor gives a new vCPU, the reset state, so it starts at the ROM's reset
+    /// vector unless a kernel is loaded as well.
+    pub fn map_bootrom(&mut self, rom: BootRom) -> Result<(), MachineError> {
+        self.vm.map_rom(rom.code())?;
+        rom.attach_vars(&self.buses)?;
+        self.bootrom = Some(rom);
         Ok(())
     }
 
@@ -272,21 +288,28 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
     devices::check_supported(config)?;
     let size = memory_size(config)?;
     let topology = topology(config)?;
-    // Read the kernel before creating anything, so a bad path costs nothing.
-    let files = boot::read_boot_files(config, size)?.ok_or_else(|| {
-        MachineError::Config(
-            "virtual machine cannot be booted: no boot.kernel configured \
-             (bootrom boot is not supported on this host)"
+    // Read the kernel and the boot ROM before creating anything, so a bad path costs nothing.
+    let files = boot::read_boot_files(config, size)?;
+    let bootrom = BootRom::load(config)?;
+    if files.is_none() && bootrom.is_none() {
+        return Err(MachineError::Config(
+            "virtual machine cannot be booted: neither boot.kernel nor a bootrom \
+             (-l bootrom,FILE) is configured"
                 .into(),
-        )
-    })?;
+        ));
+    }
     let hypervisor = crate::vmm::open_hypervisor()?;
     let memory = GuestMemory::new(size)?;
     #[cfg(target_os = "linux")]
     memory.advise_dontdump();
     let mut machine = Machine::new(hypervisor.as_ref(), memory, &topology)?;
     machine.attach_devices(config)?;
-    machine.load_kernel(&files)?;
+    if let Some(rom) = bootrom {
+        machine.map_bootrom(rom)?;
+    }
+    if let Some(files) = &files {
+        machine.load_kernel(files)?;
+    }
     Ok(machine)
 }
 
@@ -498,6 +521,10 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let mut machine =
         Machine::new(hypervisor.as_ref(), memory, &topology).map_err(|e| e.to_string())?;
     machine.attach_devices(&config).map_err(|e| e.to_string())?;
+    // The ROM is not guest RAM: it comes from its file again, as on the first boot.
+    if let Some(rom) = BootRom::load(&config).map_err(|e| e.to_string())? {
+        machine.map_bootrom(rom).map_err(|e| e.to_string())?;
+    }
     let devices = machine
         .devices()
         .cloned()

@@ -9,6 +9,7 @@ use super::*;
 use crate::boot::linux::tests::synthetic_elf;
 use crate::boot::{BootFiles, KernelImage};
 use crate::bus::{BusDevice, SharedDevice};
+use crate::devices::pci::PciAddress;
 use crate::vmm::Segment;
 
 fn hypervisor() -> Option<Box<dyn Hypervisor>> {
@@ -532,4 +533,95 @@ fn msi_and_ioapic_lines_interrupt_a_halted_guest() {
         control.request_exit(ExitReason::Error("test timed out".into()));
     });
     assert_eq!(machine.wait(), ExitReason::Halt);
+}
+
+#[test]
+fn a_pci_intx_assertion_reaches_its_ioapic_input_and_the_guest_vector() {
+    let Some(hv) = hypervisor() else { return };
+    const IDT: u64 = 0x4_0000;
+    const IDTR: u64 = 0x3_f000;
+    const VECTOR: u64 = 0x41;
+    let mut config = Config::new();
+    config.set("pci.0.0.0.device", "hostbridge");
+    config.set("pci.0.3.0.device", "dummy");
+    // The guest is only known once the bus has routed the pin, so build the devices on a
+    // throw-away machine first to learn the dummy's I/O BAR and I/O APIC input.
+    let (io_bar, ioapic_pin) = {
+        let mut probe = long_mode_machine(hv.as_ref(), &CLI_HLT, 1);
+        probe.attach_devices(&config).unwrap();
+        let devices = probe.devices().unwrap().lock().unwrap();
+        let root = devices.pci().unwrap();
+        let dummy = root.function(PciAddress::new(0, 3, 0).unwrap()).unwrap();
+        let io = dummy.lock().unwrap().config().bar(0).addr as u16;
+        let routes = root.intx_routes();
+        assert_eq!(routes.len(), 1);
+        assert_eq!((routes[0].slot, routes[0].pin), (3, 1));
+        (io, routes[0].route.ioapic_irq)
+    };
+    assert_eq!(
+        ioapic_pin, 16,
+        "the first routed pin gets I/O APIC input 16"
+    );
+    let intx_port = (io_bar + crate::devices::pci::dummy::INTX_OFFSET as u16).to_le_bytes();
+
+    let mut code = vec![0xb0, 0xff, 0xe6, 0x21, 0xe6, 0xa1]; // mask both 8259s
+    code.extend([0x0f, 0x01, 0x1c, 0x25]); // lidt [IDTR]
+    code.extend((IDTR as u32).to_le_bytes());
+    code.extend([0x48, 0xbb, 0x00, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]); // mov rbx, 0xfee00000
+    code.extend([0xc7, 0x83, 0xf0, 0x00, 0x00, 0x00, 0xff, 0x01, 0x00, 0x00]); // SVR = 0x1ff
+    code.extend([0x48, 0xb9, 0x00, 0x00, 0xc0, 0xfe, 0, 0, 0, 0]); // mov rcx, 0xfec00000
+                                                                   // Redirection entry of the routed input: the vector, fixed, level, active high, APIC 0.
+    let entry = 0x10 + 2 * u32::from(ioapic_pin);
+    code.extend([0xc7, 0x01]); // IOREGSEL = entry
+    code.extend(entry.to_le_bytes());
+    code.extend([0xc7, 0x41, 0x10]); // IOWIN = vector | level
+    code.extend((VECTOR as u32 | 0x8000).to_le_bytes());
+    code.extend([0xc7, 0x01]); // IOREGSEL = entry + 1
+    code.extend((entry + 1).to_le_bytes());
+    code.extend([0xc7, 0x41, 0x10, 0, 0, 0, 0]); // IOWIN = 0
+    code.push(0xfb); // sti
+    code.extend([0x66, 0xba, intx_port[0], intx_port[1]]); // mov dx, INTx register
+    code.extend([0xb0, 0x01, OUT_DX_AL]); // assert INTx
+    code.extend([0xf4, 0xeb, 0xfd]); // idle: hlt; jmp idle
+    code.resize(0x100, 0x90);
+    // Handler: report, lower the line at the device, EOI, stop.
+    code.extend([0xb0, b'X']);
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend([0x66, 0xba, intx_port[0], intx_port[1]]);
+    code.extend([0xb0, 0x00, OUT_DX_AL]);
+    code.extend([0x48, 0xb8, 0xb0, 0x00, 0xe0, 0xfe, 0, 0, 0, 0]); // mov rax, 0xfee000b0
+    code.extend([0xc7, 0x00, 0x00, 0x00, 0x00, 0x00]); // EOI
+    code.extend(CLI_HLT);
+
+    let mut machine = long_mode_machine(hv.as_ref(), &code, 1);
+    machine.attach_devices(&config).unwrap();
+    let target = GUEST_BASE + 0x100;
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&crate::boot::BOOT_CS.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+    machine.memory().write(IDT + VECTOR * 16, &gate).unwrap();
+    let mut idtr = vec![0xffu8, 0x0f];
+    idtr.extend(IDT.to_le_bytes());
+    machine.memory().write(IDTR, &idtr).unwrap();
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    let reason = run_to_end(&machine, false, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    assert_eq!(
+        bytes_written(&com1),
+        b"X",
+        "the handler of the vector ran once"
+    );
+    let devices = machine.devices().unwrap().lock().unwrap();
+    let dummy = devices
+        .pci()
+        .unwrap()
+        .function(PciAddress::new(0, 3, 0).unwrap())
+        .unwrap()
+        .clone();
+    let line = dummy.lock().unwrap().config().intx().unwrap().clone();
+    assert_eq!(line.state(), crate::devices::pci::irq::IntxState::Idle);
 }

@@ -71,6 +71,8 @@ pub struct PciIntxRoute {
     pub pin: u8,
     /// I/O APIC input the pin is wired to.
     pub ioapic_irq: u8,
+    /// PIRQ link (1 = A … 8 = H) the pin reaches the 8259s through.
+    pub pirq_pin: u8,
 }
 
 /// What the MP table describes.
@@ -325,6 +327,7 @@ mod tests {
             slot: 3,
             pin: 2,
             ioapic_irq: 17,
+            pirq_pin: 2,
         });
         let blob = build_mptable(&layout, MPTABLE_BASE as u32).unwrap();
         let (count, types) = parse(&blob, MPTABLE_BASE as u32);
@@ -354,6 +357,7 @@ mod tests {
             slot: 0,
             pin: 1,
             ioapic_irq: 16,
+            pirq_pin: 1,
         });
         assert_eq!(
             build_mptable(&layout, 0xF0000),

@@ -79,3 +79,90 @@ fn guest_build_produces_an_elf_with_linux_and_pvh_entries() {
         "no PVH note"
     );
 }
+
+/// A scratch directory for one test's files.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("bhyve-rs-e2e-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A one-page ROM assembled by nasm whose reset vector writes `byte` to COM1 and halts.
+fn assemble_rom(dir: &Path, byte: u8) -> std::path::PathBuf {
+    let source = dir.join("rom.asm");
+    let rom = dir.join("rom.bin");
+    std::fs::write(
+        &source,
+        format!(
+            "bits 16\n\
+             times 0xff0 db 0xff\n\
+             reset:\n\
+             mov dx, 0x3f8\n\
+             mov al, {byte}\n\
+             out dx, al\n\
+             cli\n\
+             hlt\n\
+             times 0x1000 - ($ - $$) db 0xff\n"
+        ),
+    )
+    .unwrap();
+    let status = Command::new("nasm")
+        .args(["-f", "bin", "-o"])
+        .arg(&rom)
+        .arg(&source)
+        .status()
+        .expect("nasm (tests/install-deps.sh installs it)");
+    assert!(status.success(), "nasm failed");
+    assert_eq!(std::fs::metadata(&rom).unwrap().len(), 4096);
+    rom
+}
+
+fn bootrom_command(rom: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    cmd.args(["-c", "1", "-m", "64M", "-s", "0,hostbridge", "-s", "31,lpc"]);
+    cmd.args(["-l", "com1,stdio", "-l"]);
+    cmd.arg(format!("bootrom,{}", rom.display()));
+    cmd.arg(common::vm_name());
+    cmd
+}
+
+#[test]
+fn a_bootrom_vm_starts_at_the_reset_vector_and_halts_with_status_2() {
+    if !common::kvm_usable() {
+        return;
+    }
+    let dir = Scratch::new("bootrom");
+    let rom = assemble_rom(&dir.0, b'R');
+    let (status, stdout, stderr) = run_to_exit(bootrom_command(&rom), TIMEOUT);
+    assert_eq!(status.code(), Some(2), "{status}: {stderr}");
+    assert_eq!(stdout, "R");
+}
+
+#[test]
+fn bootrom_files_are_checked_before_any_vm_exists() {
+    let dir = Scratch::new("bootrom-errors");
+    let missing = dir.0.join("missing.fd");
+    let (status, stdout, stderr) = run_to_exit(bootrom_command(&missing), TIMEOUT);
+    assert_eq!(status.code(), Some(4), "{status}: {stderr}");
+    assert_one_line_error(&stderr, "Error opening bootrom");
+    assert_eq!(stdout, "");
+
+    let big = dir.0.join("big.fd");
+    std::fs::write(&big, vec![0u8; (16 << 20) + 4096]).unwrap();
+    let (status, _, stderr) = run_to_exit(bootrom_command(&big), TIMEOUT);
+    assert_eq!(status.code(), Some(4), "{status}: {stderr}");
+    assert_one_line_error(
+        &stderr,
+        &format!("ROM size {} is invalid", (16 << 20) + 4096),
+    );
+}

@@ -266,3 +266,81 @@ fn ps_shows_the_vm_as_bhyve_colon_name() {
     assert!(args.trim().starts_with("bhyve: e2e-"), "{args:?}");
     assert!(!args.contains("boot.kernel"), "{args:?}");
 }
+
+#[test]
+fn a_tcp_console_exchanges_lines_with_the_guest() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    if !common::kvm_usable() {
+        return;
+    }
+    let kernel = guest::console_guest();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    cmd.args([
+        "-c",
+        "1",
+        "-m",
+        "256M",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+    ]);
+    cmd.arg("-l").arg(format!("com1,tcp=127.0.0.1:{port}"));
+    cmd.arg("-o")
+        .arg(format!("boot.kernel={}", kernel.display()));
+    cmd.arg(common::vm_name());
+    let vm = common::Console::spawn("bhyve", cmd);
+
+    let deadline = Instant::now() + common::BOOT_TIMEOUT;
+    let mut stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot connect to the console: {e}\n{}", vm.stderr()),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // Whatever the guest printed before we connected is gone; ask until the shell answers.
+    let mut transcript = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut asked = Instant::now() - Duration::from_secs(10);
+    let text = |t: &[u8]| String::from_utf8_lossy(t).replace("\r\n", "\n");
+    while !text(&transcript).contains("counter\ncounter 1\n") {
+        assert!(
+            Instant::now() < deadline,
+            "no answer over TCP: {:?}\n{}",
+            text(&transcript),
+            vm.stderr()
+        );
+        // The echo shows the guest got the line; ask again only if it never arrived.
+        if !text(&transcript).contains("counter\n") && asked.elapsed() > Duration::from_secs(5) {
+            stream.write_all(b"counter\n").unwrap();
+            asked = Instant::now();
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("bhyve closed the console"),
+            Ok(n) => transcript.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    // A second client is turned away while the first is connected.
+    let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut refusal = String::new();
+    let _ = second.read_to_string(&mut refusal);
+    assert_eq!(refusal, "Socket already connected\n");
+    assert_eq!(vm.transcript(), "", "nothing on stdout with a TCP console");
+}

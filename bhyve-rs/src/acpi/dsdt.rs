@@ -8,11 +8,14 @@
 //! Scope (_SB) {
 //!   Device (PC00) {                     // PNP0A03, _BBN, _CRS: bus range, 0xCF8/8,
 //!     …                                 // legacy I/O, the I/O, MMIO32 and MMIO64 windows
-//!     Name (APRT…) Name (PPRT…) Method (_PRT…)   // only with routed INTx pins
+//!     Name (PPRT…) Name (APRT…) Method (_PRT…)   // only with routed INTx pins: PICM
+//!                                       // picks APRT (I/O APIC inputs) or PPRT (PIRQ links)
 //!     Device (ISA) {                    // only with an LPC bridge; _ADR = slot << 16 | func
+//!       OperationRegion/Field PIRA-PIRH // the bridge's PIRQ registers
 //!       Device (SIO)  PNP0C02           // reserved ports
 //!       Device (COMn) PNP0501           // each LPC UART
 //!       Device (RTC)  PNP0B00
+//!       Method (PIRV), Device (LNKA…LNKH) PNP0C0F   // PIRQ links over PIRA-PIRH
 //!       Device (PIC)  PNP0000
 //!       Device (TIMR) PNP0100
 //!     }
@@ -20,14 +23,15 @@
 //! }
 //! ```
 //!
-//! Not included: the HPET device (no HPET is emulated), the PIRQ link devices (so the PIC-mode
-//! routing table is empty; guests in APIC mode use `APRT`), and a PNP0C0C device: bhyve's power
+//! Not included: the HPET device (no HPET is emulated) and a PNP0C0C device: bhyve's power
 //! button is the ACPI fixed-feature button (PWRBTN_STS in PM1), which is what
 //! `PowerManagement::press_power_button` drives.
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Arg, Device, EISAName, Else, If, Method, Name, Package,
-    Path, ResourceTemplate, Return, Scope, Store, IO, ZERO,
+    AddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName, Else, Equal, Field,
+    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, Name,
+    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Return, Scope, ShiftLeft, Store, IO,
+    ONE, ZERO,
 };
 use acpi_tables::{Aml, AmlSink};
 
@@ -42,6 +46,166 @@ impl Aml for IrqNoFlags {
         let mask = 1u16 << (self.0 & 0xf);
         sink.byte(0x22);
         sink.word(mask);
+    }
+}
+
+/// ASL `IRQ (Level, ActiveLow, Shared, ) {irqs}`, as PIRQ links describe their IRQs.
+struct SharedLevelIrq(u16);
+
+impl Aml for SharedLevelIrq {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        const ACTIVE_LOW: u8 = 0x08;
+        const SHARED: u8 = 0x10;
+        sink.byte(0x23);
+        sink.word(self.0);
+        sink.byte(ACTIVE_LOW | SHARED);
+    }
+}
+
+/// An AML operator the builder lacks: its opcode followed by its operands in order.
+struct Op<'a>(u8, Vec<&'a dyn Aml>);
+
+impl Aml for Op<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.byte(self.0);
+        for operand in &self.1 {
+            operand.to_aml_bytes(sink);
+        }
+    }
+}
+
+const CREATE_WORD_FIELD_OP: u8 = 0x8b;
+const FIND_SET_RIGHT_BIT_OP: u8 = 0x82;
+const DECREMENT_OP: u8 = 0x76;
+
+/// The PIRQ register fields of the LPC bridge's configuration space.
+fn pirq_fields() -> Vec<u8> {
+    let mut out = Vec::new();
+    let (offset, length) = (ZERO, 0x100u32);
+    OpRegion::new("LPCR".into(), OpRegionSpace::PCIConfig, &offset, &length).to_aml_bytes(&mut out);
+    let named = |letter: u8| FieldEntry::Named([b'P', b'I', b'R', letter], 8);
+    let mut fields = vec![FieldEntry::Reserved(0x60 * 8)];
+    fields.extend((b'A'..=b'D').map(named));
+    fields.push(FieldEntry::Reserved(4 * 8));
+    fields.extend((b'E'..=b'H').map(named));
+    Field::new(
+        "LPCR".into(),
+        FieldAccessType::Any,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::Preserve,
+        fields,
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
+/// `PIRV`: whether a PIRQ register value names a usable IRQ (mirrors `irq::pirq_valid`), and
+/// the eight PNP0C0F link devices over PIRA-PIRH (bhyve's `pirq_dsdt`).
+fn pirq_links() -> Vec<u8> {
+    use crate::devices::pci::irq::{irq_permitted, NPIRQS, PIRQ_DIS, PIRQ_IRQ};
+    let mut out = Vec::new();
+    let (arg, local) = (Arg(0), Local(0));
+    let (dis, mask) = (PIRQ_DIS, PIRQ_IRQ);
+    let (three, eight, thirteen) = (3u8, 8u8, 13u8);
+    let disabled = And::new(&ZERO, &arg, &dis);
+    let irq = And::new(&local, &arg, &mask);
+    let below_three = LessThan::new(&local, &three);
+    let is_eight = Equal::new(&local, &eight);
+    let is_thirteen = Equal::new(&local, &thirteen);
+    let no = Return::new(&ZERO);
+    let yes = Return::new(&ONE);
+    Method::new(
+        "PIRV".into(),
+        1,
+        false,
+        vec![
+            &If::new(&disabled, vec![&no]),
+            &irq,
+            &If::new(&below_three, vec![&no]),
+            &If::new(&is_eight, vec![&no]),
+            &If::new(&is_thirteen, vec![&no]),
+            &yes,
+        ],
+    )
+    .to_aml_bytes(&mut out);
+
+    let permitted: u16 = (0..16u8)
+        .filter(|&irq| irq_permitted(irq))
+        .fold(0, |mask, irq| mask | (1 << irq));
+    for index in 0..NPIRQS as u8 {
+        let letter = (b'A' + index) as char;
+        let uid = index + 1;
+        let register = Path::new(&format!("PIR{letter}"));
+        let buffer = Path::new(&format!("CB{uid:02X}"));
+        let current = Path::new(&format!("CIR{letter}"));
+        let hid = EISAName::new("PNP0C0F");
+        let hid = Name::new("_HID".into(), &hid);
+        let uid_name = Name::new("_UID".into(), &uid);
+
+        let pirv_register = MethodCall1("PIRV", &register);
+        let (present, absent) = (0x0bu8, 0x09u8);
+        let ret_present = Return::new(&present);
+        let ret_absent = Return::new(&absent);
+        let sta_if = If::new(&pirv_register, vec![&ret_present]);
+        let sta_else = Else::new(vec![&ret_absent]);
+        let sta = Method::new("_STA".into(), 0, false, vec![&sta_if, &sta_else]);
+        let possible = SharedLevelIrq(permitted);
+        let prs = ResourceTemplate::new(vec![&possible]);
+        let prs = Name::new("_PRS".into(), &prs);
+        let none = SharedLevelIrq(0);
+        let cb = ResourceTemplate::new(vec![&none]);
+        let cb = Name::new(format!("CB{uid:02X}").as_str().into(), &cb);
+        let one_byte = ONE;
+        let cir = Op(CREATE_WORD_FIELD_OP, vec![&buffer, &one_byte, &current]);
+
+        let both = PIRQ_DIS | PIRQ_IRQ;
+        let read = And::new(&local, &register, &both);
+        let pirv_local = MethodCall1("PIRV", &local);
+        let shifted = ShiftLeft::new(&current, &ONE, &local);
+        let cleared = Store::new(&current, &ZERO);
+        let ret_buffer = Return::new(&buffer);
+        let crs_if = If::new(&pirv_local, vec![&shifted]);
+        let crs_else = Else::new(vec![&cleared]);
+        let crs = Method::new(
+            "_CRS".into(),
+            0,
+            false,
+            vec![&read, &crs_if, &crs_else, &ret_buffer],
+        );
+        let disable = Store::new(&register, &dis);
+        let dis_method = Method::new("_DIS".into(), 0, false, vec![&disable]);
+        let setting = Path::new(&format!("SIR{letter}"));
+        let create = Op(CREATE_WORD_FIELD_OP, vec![&arg, &one_byte, &setting]);
+        let lowest = Op(FIND_SET_RIGHT_BIT_OP, vec![&setting, &local]);
+        let decrement = Op(DECREMENT_OP, vec![&local]);
+        let set = Store::new(&register, &decrement);
+        let srs = Method::new("_SRS".into(), 1, false, vec![&create, &lowest, &set]);
+        Device::new(
+            Path::new(&format!("LNK{letter}")),
+            vec![
+                &hid,
+                &uid_name,
+                &sta,
+                &prs,
+                &cb,
+                &cir,
+                &crs,
+                &dis_method,
+                &srs,
+            ],
+        )
+        .to_aml_bytes(&mut out);
+    }
+    out
+}
+
+/// A call of a one-argument method by name.
+struct MethodCall1<'a>(&'a str, &'a dyn Aml);
+
+impl Aml for MethodCall1<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        Path::new(self.0).to_aml_bytes(sink);
+        self.1.to_aml_bytes(sink);
     }
 }
 
@@ -132,9 +296,12 @@ fn lpc_device(layout: &AcpiLayout, lpc: &LpcLayout) -> Vec<u8> {
         vec![&timer_io, &timer_irq],
     ));
 
-    let mut children: Vec<&dyn Aml> = vec![&adr, &sio];
+    let fields = Raw(pirq_fields());
+    let links = Raw(pirq_links());
+    let mut children: Vec<&dyn Aml> = vec![&adr, &fields, &sio];
     children.extend(coms.iter().map(|c| c as &dyn Aml));
     children.push(&rtc);
+    children.push(&links);
     children.push(&pic);
     children.push(&timer);
     let mut out = Vec::new();
@@ -158,13 +325,29 @@ fn routing_tables(layout: &AcpiLayout) -> Vec<u8> {
         .iter()
         .map(|r| u32::from(r.ioapic_irq))
         .collect();
+    // PIC mode: each pin through its PIRQ link, which exists only with an LPC bridge.
+    let links: Vec<Path> = layout
+        .pci_intx
+        .iter()
+        .map(|r| {
+            let letter = (b'A' + r.pirq_pin.saturating_sub(1)) as char;
+            Path::new(&format!("\\_SB_.PC00.ISA_.LNK{letter}"))
+        })
+        .collect();
+    let pic_entries: Vec<Package> = if layout.lpc.is_some() {
+        (0..layout.pci_intx.len())
+            .map(|i| Package::new(vec![&addresses[i], &pins[i], &links[i], &ZERO]))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let pprt = Package::new(pic_entries.iter().map(|p| p as &dyn Aml).collect());
+    Name::new("PPRT".into(), &pprt).to_aml_bytes(&mut out);
     let entries: Vec<Package> = (0..layout.pci_intx.len())
         .map(|i| Package::new(vec![&addresses[i], &pins[i], &ZERO, &irqs[i]]))
         .collect();
     let aprt = Package::new(entries.iter().map(|p| p as &dyn Aml).collect());
     Name::new("APRT".into(), &aprt).to_aml_bytes(&mut out);
-    // The PIC-mode table would name PIRQ link devices, which are not provided.
-    Name::new("PPRT".into(), &Package::new(vec![])).to_aml_bytes(&mut out);
     let picm = Path::new("PICM");
     let aprt_path = Path::new("APRT");
     let pprt_path = Path::new("PPRT");

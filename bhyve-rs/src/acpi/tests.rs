@@ -270,6 +270,7 @@ fn iasl_disassembles_the_dsdt_with_the_expected_devices() {
         slot: 3,
         pin: 1,
         ioapic_irq: 16,
+        pirq_pin: 1,
     });
     let blob = build_tables(&layout).unwrap();
     let Some(dsl) = iasl_disassemble("dsdt", blob.table(b"DSDT").unwrap()) else {
@@ -323,4 +324,77 @@ fn tables_are_on_unless_configured_off() {
     assert_eq!(acpi_tables_enabled(&config), Ok(true));
     config.set("acpi_tables", "false");
     assert_eq!(acpi_tables_enabled(&config), Ok(false));
+}
+
+/// The DSDT a VM gets from `devices::attach`, found in guest memory as a guest would.
+fn dsdt_of_attached_vm(pairs: &[(&str, &str)]) -> Vec<u8> {
+    struct NoInterrupts;
+    impl crate::interrupts::InterruptSink for NoInterrupts {
+        fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut config = Config::new();
+    for (k, v) in pairs {
+        config.set(k, v);
+    }
+    let memory = std::sync::Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
+    let buses = std::sync::Arc::new(crate::bus::Buses::default());
+    let _devices = crate::devices::attach(
+        &config,
+        &buses,
+        std::sync::Arc::new(NoInterrupts),
+        crate::vcpu::VmControl::new(),
+        memory.clone(),
+    )
+    .unwrap();
+    let mut area = vec![0u8; (BIOS_AREA_END - BHYVE_ACPI_BASE) as usize];
+    memory.read(BHYVE_ACPI_BASE, &mut area).unwrap();
+    let start = (0..area.len())
+        .step_by(TABLE_ALIGNMENT)
+        .find(|&at| area[at..].starts_with(b"DSDT"))
+        .expect("a DSDT in the ACPI area");
+    let length = u32_at(&area, start + 4) as usize;
+    area[start..start + length].to_vec()
+}
+
+#[test]
+fn the_dsdt_routes_the_pins_the_pci_bus_assigned_and_decodes_its_windows() {
+    let dsdt = dsdt_of_attached_vm(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.3.0.device", "dummy"),
+        ("pci.0.3.1.device", "dummy"),
+        ("pci.0.4.0.device", "dummy"),
+        ("pci.0.31.0.device", "lpc"),
+    ]);
+    let Some(dsl) = iasl_disassemble("dsdt", &dsdt) else {
+        return;
+    };
+    let squeezed: String = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in [
+        // APIC mode: slot 3 INTA/INTB and slot 4 INTA on inputs 16, 17, 18.
+        "Name (APRT, Package (0x03) { Package (0x04) { 0x0003FFFF, Zero, Zero, 0x10 }, \
+         Package (0x04) { 0x0003FFFF, One, Zero, 0x11 }, \
+         Package (0x04) { 0x0004FFFF, Zero, Zero, 0x12 } })",
+        // PIC mode: through links A, B, C.
+        "Name (PPRT, Package (0x03) { Package (0x04) { 0x0003FFFF, Zero, \\_SB.PC00.ISA.LNKA, Zero }, \
+         Package (0x04) { 0x0003FFFF, One, \\_SB.PC00.ISA.LNKB, Zero }, \
+         Package (0x04) { 0x0004FFFF, Zero, \\_SB.PC00.ISA.LNKC, Zero } })",
+        "If (PICM) { Return (APRT)",
+        "Else { Return (PPRT)",
+        "PIRA = Local0--",
+        "Device (LNKH)",
+        "PNP0C0F",
+        "IRQ (Level, ActiveLow, Shared, ) {3,4,5,6,7,9,10,11,12,14,15}",
+        "PIRA, 8",
+        "PIRH, 8",
+        // Windows as allocated: three 8-byte I/O BARs, six 4 KiB memory BARs, plus slop.
+        "0x2000, // Range Minimum 0x203F, // Range Maximum",
+        "0xC0000000, // Range Minimum 0xC01FFFFF, // Range Maximum",
+    ] {
+        assert!(squeezed.contains(needle), "DSDT lacks {needle:?}:\n{dsl}");
+    }
 }

@@ -24,6 +24,7 @@ use crate::vcpu::{ExitReason, VmControl};
 
 use pci::dummy::Dummy;
 use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
+use pci::irq::PirqRouter;
 use pci::lpc::{LpcBridge, LpcIds};
 use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
 use pctestdev::ExitRequest;
@@ -113,6 +114,7 @@ struct Plan {
     uarts: Vec<(usize, Option<BackendSpec>)>,
     pctestdev: bool,
     enable_bars: bool,
+    bootrom: bool,
     highmem_end: u64,
 }
 
@@ -308,6 +310,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
         uarts,
         pctestdev,
         enable_bars,
+        bootrom,
         highmem_end,
     })
 }
@@ -417,8 +420,12 @@ pub fn attach(
     let plan = plan(config)?;
     let mut devices = Devices::default();
 
+    let router = Arc::new(PirqRouter::new(interrupts.clone(), plan.bootrom));
+    // The SCI shares IRQ 9 with whatever else lands there (bhyve's sci_init).
+    router.use_irq(pm::SCI_INT as u8);
     if !plan.functions.is_empty() {
         let mut builder = PciRootBuilder::new(plan.highmem_end);
+        builder.set_intx_router(router.clone());
         for (slot, emulation) in &plan.functions {
             let mut cfg = ConfigSpace::new(plan.enable_bars);
             match emulation {
@@ -427,7 +434,7 @@ pub fn attach(
                     builder.add(*slot, "hostbridge", cfg, Box::new(bridge))?;
                 }
                 Emulation::Lpc(ids) => {
-                    let bridge = LpcBridge::init(&mut cfg, *ids);
+                    let bridge = LpcBridge::init(&mut cfg, *ids, router.clone());
                     builder.add(*slot, "lpc", cfg, Box::new(bridge))?;
                 }
                 Emulation::Dummy => {
@@ -489,7 +496,20 @@ pub fn attach(
             .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
     }
 
-    attach_platform(config, buses, interrupts, control, &memory, &mut devices)?;
+    let lpc = plan
+        .functions
+        .iter()
+        .find(|(_, emulation)| matches!(emulation, Emulation::Lpc(_)))
+        .map(|(address, _)| *address);
+    attach_platform(
+        config,
+        buses,
+        interrupts,
+        control,
+        &memory,
+        lpc,
+        &mut devices,
+    )?;
     Ok(devices)
 }
 
@@ -501,6 +521,7 @@ fn attach_platform(
     interrupts: Arc<dyn InterruptSink>,
     control: Arc<VmControl>,
     memory: &GuestMemory,
+    lpc: Option<PciAddress>,
     devices: &mut Devices,
 ) -> Result<(), DeviceError> {
     let use_localtime = rtc::use_localtime(config).map_err(DeviceError::Platform)?;
@@ -555,9 +576,43 @@ fn attach_platform(
             .map_err(DeviceError::Platform)?
             .cpus,
     );
+    // Routed INTx pins, for the DSDT's _PRT and the MP table.
+    let pci_intx: Vec<crate::mptable::PciIntxRoute> = devices
+        .pci
+        .iter()
+        .flat_map(|root| root.intx_routes())
+        .map(|r| crate::mptable::PciIntxRoute {
+            bus: r.bus,
+            slot: r.slot,
+            pin: r.pin,
+            ioapic_irq: r.route.ioapic_irq,
+            pirq_pin: r.route.pirq_pin,
+        })
+        .collect();
     if crate::acpi::acpi_tables_enabled(config).map_err(DeviceError::Platform)? {
-        let layout =
+        let mut layout =
             crate::acpi::AcpiLayout::bhyve(cpus, memory.lowmem_end(), memory.highmem_size());
+        layout.pci_intx = pci_intx.clone();
+        layout.lpc = lpc.map(|address| crate::acpi::LpcLayout {
+            slot: address.slot,
+            func: address.function,
+            com_ports: crate::acpi::ComPort::BHYVE.to_vec(),
+        });
+        // The windows bus 0 really decodes, as bhyve's pci_bus_write_dsdt writes them.
+        if let Some(windows) = devices.pci.as_ref().and_then(|root| root.bus_windows(0)) {
+            layout.pci_io = crate::acpi::Window {
+                base: windows.io.0 as u32,
+                end: windows.io.1 as u32,
+            };
+            layout.pci_mmio32 = crate::acpi::Window {
+                base: windows.mem32.0 as u32,
+                end: windows.mem32.1 as u32,
+            };
+            layout.pci_mmio64 = crate::acpi::Window {
+                base: windows.mem64.0,
+                end: windows.mem64.1,
+            };
+        }
         let blob = crate::acpi::build_tables(&layout)
             .map_err(|e| DeviceError::Platform(format!("ACPI tables: {e}")))?;
         memory
@@ -567,7 +622,8 @@ fn attach_platform(
     if crate::mptable::mptable_enabled(config).map_err(DeviceError::Platform)? {
         let cpus = u16::try_from(cpus)
             .map_err(|_| DeviceError::Platform(format!("MP table: {cpus} vCPUs")))?;
-        let layout = crate::mptable::MpTableLayout::new(cpus);
+        let mut layout = crate::mptable::MpTableLayout::new(cpus);
+        layout.pci_intx = pci_intx;
         let table = crate::mptable::build_mptable(&layout, crate::mptable::MPTABLE_BASE as u32)
             .map_err(|e| DeviceError::Platform(format!("MP table: {e}")))?;
         memory

@@ -263,10 +263,10 @@ fn configuration_mistakes_get_bhyve_style_messages() {
     assert_eq!(
         check_error(&[
             ("pci.0.31.0.device", "lpc"),
-            ("lpc.com1.path", "tcp=127.0.0.1:4444")
+            ("lpc.com1.path", "tcp=localhost:4444")
         ]),
-        "unable to initialize backend \"tcp=127.0.0.1:4444\" for LPC device com1: \
-         TCP backends (\"tcp=127.0.0.1:4444\") are not supported yet"
+        "unable to initialize backend \"tcp=localhost:4444\" for LPC device com1: \
+         Invalid address localhost:4444"
     );
     assert_eq!(
         check_error(&[
@@ -427,4 +427,61 @@ fn attach_for_test(
         crate::vcpu::VmControl::new(),
         memory,
     )
+}
+
+#[test]
+fn the_mp_table_lists_the_routed_intx_pins_and_the_dummy_drives_its_line() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.5.0.device", "dummy"),
+        ("pci.0.31.0.device", "lpc"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let sink = Arc::new(FakeSink::default());
+    let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
+    let _devices = attach(
+        &cfg,
+        &buses,
+        sink.clone(),
+        crate::vcpu::VmControl::new(),
+        memory.clone(),
+    )
+    .unwrap();
+    // Slot 5 INTA: pin register 1, line register IRQ 5 (PIRQ A).
+    assert_eq!(pci_read32(&buses, 5, 0x3c) & 0xffff, 0x0105);
+
+    // The MP table's configuration table follows its 16-byte floating pointer.
+    let mut table = vec![0u8; 4096];
+    memory
+        .read(crate::mptable::MPTABLE_BASE + 16, &mut table)
+        .unwrap();
+    assert_eq!(&table[..4], b"PCMP");
+    let count = u16::from_le_bytes([table[34], table[35]]) as usize;
+    // Walk the entries (processor entries are 20 bytes, the others 8) to the interrupt ones.
+    let mut at = 44;
+    let mut interrupts = Vec::new();
+    for _ in 0..count {
+        if table[at] == 3 {
+            interrupts.push(table[at..at + 8].to_vec());
+        }
+        at += if table[at] == 0 { 20 } else { 8 };
+    }
+    assert_eq!(
+        interrupts.len(),
+        17,
+        "16 ISA entries and one for the INTx pin"
+    );
+    let pci = &interrupts[16];
+    // Source bus 0 (PCI), IRQ = slot << 2 | (pin - 1), destination input 16.
+    assert_eq!((pci[4], pci[5], pci[7]), (0, 5 << 2, 16));
+
+    // The dummy's INTx register raises and lowers PIRQ A's IRQ and input 16.
+    sink.lines.lock().unwrap().clear();
+    let intx_port = 0x2000 + pci::dummy::INTX_OFFSET;
+    assert!(buses.pio.write(intx_port, &[1]));
+    assert!(buses.pio.write(intx_port, &[0]));
+    assert_eq!(
+        *sink.lines.lock().unwrap(),
+        [(5, true), (16, true), (5, false), (16, false)]
+    );
 }

@@ -23,7 +23,7 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_irqchip, kvm_lapic_state,
     kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_run,
     kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MP_STATE_HALTED,
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MEM_READONLY, KVM_MP_STATE_HALTED,
     KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
     KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -36,7 +36,7 @@ use super::{
     SpecialRegs, StateSection, SystemEvent, Topology, Vcpu, VmExit, VmmError,
 };
 use crate::interrupts::InterruptSink;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, GuestRegion};
 
 /// Where KVM may put the three pages it needs for real-mode emulation on Intel (the TSS), just
 /// below the BIOS area at the top of the 32-bit space, as other VMMs do.
@@ -126,6 +126,7 @@ impl Hypervisor for KvmHypervisor {
             cpuid,
             msr_indices,
             xsave_size,
+            next_slot: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 }
@@ -137,6 +138,8 @@ pub struct KvmVm {
     msr_indices: Arc<[u32]>,
     /// KVM_CAP_XSAVE2: bytes of XSAVE state (0 when only the 4 KiB legacy area exists).
     xsave_size: usize,
+    /// The next free memory slot.
+    next_slot: std::sync::atomic::AtomicU32,
 }
 
 impl KvmVm {
@@ -144,24 +147,40 @@ impl KvmVm {
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
+
+    fn add_slot(&self, region: &GuestRegion, flags: u32) -> Result<()> {
+        let slot = self
+            .next_slot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let description = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: region.gpa(),
+            memory_size: region.len(),
+            userspace_addr: region.host_address() as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes; the caller keeps
+        // it alive while the VM exists (documented on the trait methods).
+        unsafe { self.fd.set_user_memory_region(description) }
+            .map_err(|e| VmmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+    }
 }
 
 impl super::Vm for KvmVm {
     fn map_memory(&self, memory: &GuestMemory) -> Result<()> {
-        for (slot, region) in memory.regions().iter().enumerate() {
-            let description = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.gpa(),
-                memory_size: region.len(),
-                userspace_addr: region.host_address() as u64,
-            };
-            // SAFETY: the region is a live mapping of exactly `memory_size` bytes; the caller
-            // keeps `memory` alive while the VM exists (documented on the trait).
-            unsafe { self.fd.set_user_memory_region(description) }
-                .map_err(|e| VmmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        for region in memory.regions() {
+            self.add_slot(region, 0)?;
         }
         Ok(())
+    }
+
+    fn map_rom(&self, rom: &GuestRegion) -> Result<()> {
+        if !self.fd.check_extension(Cap::ReadonlyMem) {
+            return Err(VmmError::MissingCapability(
+                "read-only memory (KVM_CAP_READONLY_MEM)",
+            ));
+        }
+        self.add_slot(rom, KVM_MEM_READONLY)
     }
 
     fn create_vcpu(&self, id: u32, topology: &Topology) -> Result<Box<dyn Vcpu>> {

@@ -15,7 +15,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::interrupts::InterruptSink;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, GuestRegion};
 
 pub mod cpuid;
 #[cfg(target_os = "linux")]
@@ -270,6 +270,9 @@ pub trait Vm: InterruptSink + Send + Sync {
     /// Make every region of `memory` guest RAM. The caller keeps `memory` alive (and unmoved)
     /// for as long as the VM exists.
     fn map_memory(&self, memory: &GuestMemory) -> Result<()>;
+    /// Make `rom` read-only guest memory (a boot ROM): the guest reads and executes it, its
+    /// writes leave as MMIO exits. The caller keeps `rom` alive for as long as the VM exists.
+    fn map_rom(&self, rom: &GuestRegion) -> Result<()>;
     /// Create vCPU `id` (its APIC id) with CPUID describing `topology`.
     fn create_vcpu(&self, id: u32, topology: &Topology) -> Result<Box<dyn Vcpu>>;
     /// Upcast to the interrupt interface devices use.

@@ -1,10 +1,13 @@
 //! `dummy`: the test device bhyve builds into `pci_emul.c` (`PCI_EMUL_TEST`). An 8-byte I/O BAR
 //! and two 4 KiB memory BARs that remember what is written, and MSI with four messages: a 32-bit
 //! write of N to I/O offset 4 sends message N modulo the enabled count, and writing 0xABCDEF to
-//! the I/O BAR sends every enabled message.
+//! the I/O BAR sends every enabled message. Unlike bhyve's, it also has a legacy interrupt
+//! (INTx), so the INTx routing has a user: a write starting at I/O offset 6 raises the line
+//! when its first byte is non-zero and lowers it otherwise.
 
 use std::sync::Arc;
 
+use super::irq::IntxLine;
 use super::{BarKind, ConfigSpace, PciDevice, PciError, PCIR_CLASS, PCIR_DEVICE, PCIR_VENDOR};
 use crate::interrupts::InterruptSink;
 
@@ -15,11 +18,14 @@ const MEM_SIZE: usize = 4096;
 const MSI_MESSAGES: u32 = 4;
 /// The value that makes the device send all its messages.
 const ALL_MESSAGES: u32 = 0xab_cdef;
+/// I/O offset of the INTx level register.
+pub const INTX_OFFSET: u64 = 6;
 
 pub struct Dummy {
     io: [u8; IO_SIZE],
     mem: [Vec<u8>; 2],
     interrupts: Arc<dyn InterruptSink>,
+    intx: Arc<IntxLine>,
 }
 
 impl Dummy {
@@ -34,10 +40,12 @@ impl Dummy {
         config.request_bar(0, BarKind::Io, IO_SIZE as u64);
         config.request_bar(1, BarKind::Mem32, MEM_SIZE as u64);
         config.request_bar(2, BarKind::Mem32, MEM_SIZE as u64);
+        let intx = config.request_intx();
         Ok(Self {
             io: [0; IO_SIZE],
             mem: [vec![0; MEM_SIZE], vec![0; MEM_SIZE]],
             interrupts,
+            intx,
         })
     }
 
@@ -85,6 +93,13 @@ impl PciDevice for Dummy {
         dst.copy_from_slice(data);
         if bar != 0 {
             return;
+        }
+        if offset == INTX_OFFSET {
+            match data.first() {
+                Some(0) => self.intx.deassert(),
+                Some(_) => self.intx.assert(),
+                None => {}
+            }
         }
         let mut bytes = [0u8; 4];
         for (b, d) in bytes.iter_mut().zip(data) {

@@ -1,7 +1,11 @@
 //! `lpc`: the PCI-ISA bridge (`pci_lpc.c`) behind which the legacy devices live: the COM ports
 //! now; bootrom, fwcfg, TPM and pc-testdev belong here too. Its own configuration space holds
-//! the eight PIRQ routing registers (0x60-0x63, 0x68-0x6b) of an ICH10-style interrupt router.
+//! the eight PIRQ routing registers (0x60-0x63, 0x68-0x6b) of the ICH10-style interrupt router
+//! in [`super::irq`].
 
+use std::sync::Arc;
+
+use super::irq::{PirqRouter, NPIRQS, PIRQ_DIS, PIRQ_IRQ};
 use super::{
     ConfigSpace, PciDevice, PCIC_BRIDGE, PCIR_CLASS, PCIR_DEVICE, PCIR_REVID, PCIR_SUBCLASS,
     PCIR_SUBDEV_0, PCIR_SUBVEND_0, PCIR_VENDOR, PCIS_BRIDGE_ISA,
@@ -12,11 +16,6 @@ pub const LPC_DEVICE: u16 = 0x7000;
 pub const LPC_REVID: u8 = 0x00;
 pub const LPC_SUBVENDOR: u16 = 0x0000;
 pub const LPC_SUBDEVICE: u16 = 0x0000;
-
-/// A PIRQ register: bit 7 disables the pin, bits 0-3 name the ISA IRQ.
-const PIRQ_DIS: u8 = 0x80;
-const PIRQ_IRQ: u8 = 0x0f;
-const NPIRQS: usize = 8;
 
 /// Identity of the bridge as configured through `pcireg.*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +41,7 @@ impl Default for LpcIds {
 
 /// The LPC bridge function.
 pub struct LpcBridge {
-    pirqs: [u8; NPIRQS],
+    router: Arc<PirqRouter>,
 }
 
 /// PIRQ pin (1..=8) for a byte offset in configuration space.
@@ -63,7 +62,8 @@ fn pirq_offset(pin: usize) -> usize {
 }
 
 impl LpcBridge {
-    pub fn init(config: &mut ConfigSpace, ids: LpcIds) -> Self {
+    /// The bridge in front of `router`, which the PCI bus routes INTx through.
+    pub fn init(config: &mut ConfigSpace, ids: LpcIds, router: Arc<PirqRouter>) -> Self {
         config.write16(PCIR_VENDOR, ids.vendor);
         config.write16(PCIR_DEVICE, ids.device);
         config.write8(PCIR_CLASS, PCIC_BRIDGE);
@@ -71,19 +71,24 @@ impl LpcBridge {
         config.write8(PCIR_REVID, ids.revid);
         config.write16(PCIR_SUBVEND_0, ids.subvendor);
         config.write16(PCIR_SUBDEV_0, ids.subdevice);
-        // All pins start disabled; INTx routing will assign IRQs.
-        let bridge = Self {
-            pirqs: [PIRQ_DIS; NPIRQS],
-        };
-        for pin in 1..=NPIRQS {
-            config.write8(pirq_offset(pin), bridge.pirqs[pin - 1]);
+        // The COM ports' IRQs are theirs alone (bhyve's lpc_init reserves them).
+        for (_, _, irq) in crate::devices::uart::LEGACY_PORTS {
+            router.reserve_irq(irq as u8);
         }
+        let bridge = Self { router };
+        bridge.show_pirqs(config);
         bridge
     }
 
     /// The PIRQ routing register of `pin` (1..=8).
     pub fn pirq(&self, pin: usize) -> Option<u8> {
-        self.pirqs.get(pin.checked_sub(1)?).copied()
+        self.router.pirq(pin)
+    }
+
+    fn show_pirqs(&self, config: &mut ConfigSpace) {
+        for pin in 1..=NPIRQS {
+            config.write8(pirq_offset(pin), self.pirq(pin).unwrap_or(PIRQ_DIS));
+        }
     }
 }
 
@@ -101,14 +106,19 @@ impl PciDevice for LpcBridge {
         let Some(pin) = pirq_pin(offset) else {
             return false;
         };
-        self.pirqs[pin - 1] = (value as u8) & (PIRQ_DIS | PIRQ_IRQ);
-        config.write8(offset, self.pirqs[pin - 1]);
+        self.router.set_pirq(pin, value as u8);
+        config.write8(offset, self.pirq(pin).unwrap_or(PIRQ_DIS));
         true
     }
 
     fn config_restored(&mut self, config: &ConfigSpace) {
         for pin in 1..=NPIRQS {
-            self.pirqs[pin - 1] = config.read8(pirq_offset(pin)) & (PIRQ_DIS | PIRQ_IRQ);
+            self.router
+                .set_pirq(pin, config.read8(pirq_offset(pin)) & (PIRQ_DIS | PIRQ_IRQ));
         }
+    }
+
+    fn intx_routed(&mut self, config: &mut ConfigSpace) {
+        self.show_pirqs(config);
     }
 }

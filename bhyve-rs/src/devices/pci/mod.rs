@@ -9,6 +9,7 @@
 
 pub mod dummy;
 pub mod hostbridge;
+pub mod irq;
 pub mod lpc;
 pub mod msix;
 
@@ -17,6 +18,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::bus::{BusDevice, Buses, SharedDevice};
+use irq::{IntxLine, PirqRouter, SlotIntx, PIRQ_IRQ};
 use msix::MsixTable;
 
 pub const PCI_BUSMAX: u8 = 255;
@@ -183,6 +185,8 @@ pub struct ConfigSpace {
     enable_bars: bool,
     /// The MSI-X table and the BAR holding it, once the device adds the capability.
     msix: Option<(usize, Arc<MsixTable>)>,
+    /// The INTx line, once the device asks for one.
+    intx: Option<Arc<IntxLine>>,
 }
 
 impl ConfigSpace {
@@ -197,6 +201,7 @@ impl ConfigSpace {
             requests: Vec::new(),
             enable_bars,
             msix: None,
+            intx: None,
         };
         config.write8(PCIR_INTLINE, 255);
         config.write8(PCIR_INTPIN, 0);
@@ -429,6 +434,58 @@ impl ConfigSpace {
         Ok(offset)
     }
 
+    /// Ask for a legacy interrupt (bhyve's `pci_lintr_request`). The bus assigns the pin
+    /// (INTA#..INTD#) and routes it when it is built; the device keeps the returned line to
+    /// assert and deassert it.
+    pub fn request_intx(&mut self) -> Arc<IntxLine> {
+        self.intx
+            .get_or_insert_with(|| Arc::new(IntxLine::default()))
+            .clone()
+    }
+
+    /// The INTx line, if the device asked for one.
+    pub fn intx(&self) -> Option<&Arc<IntxLine>> {
+        self.intx.as_ref()
+    }
+
+    /// Offset of the first capability with `id`.
+    fn find_capability(&self, id: u8) -> Option<usize> {
+        if self.read16(PCIR_STATUS) & PCIM_STATUS_CAPPRESENT == 0 {
+            return None;
+        }
+        let mut cap = self.read8(PCIR_CAP_PTR) as usize;
+        // A loop in the list ends after as many steps as capabilities fit.
+        for _ in 0..48 {
+            if cap == 0 {
+                return None;
+            }
+            if self.read8(cap) == id {
+                return Some(cap);
+            }
+            cap = self.read8(cap + 1) as usize;
+        }
+        None
+    }
+
+    /// INTx may be signalled: not disabled in the command register, and neither MSI nor
+    /// MSI-X enabled (bhyve's `pci_lintr_permitted`).
+    fn intx_permitted(&self) -> bool {
+        let msi = self
+            .find_capability(PCIY_MSI)
+            .is_some_and(|cap| self.read16(cap + 2) & 1 != 0);
+        let msix = self
+            .find_capability(PCIY_MSIX)
+            .is_some_and(|cap| self.read16(cap + 2) & msix::PCIM_MSIXCTRL_MSIX_ENABLE != 0);
+        !(msi || msix || self.read16(PCIR_COMMAND) & PCIM_CMD_INTXDIS != 0)
+    }
+
+    /// Mask or unmask INTx after a configuration change.
+    fn update_intx(&self) {
+        if let Some(line) = &self.intx {
+            line.set_permitted(self.intx_permitted());
+        }
+    }
+
     /// The MSI-X table, if the device has one.
     pub fn msix(&self) -> Option<&Arc<MsixTable>> {
         self.msix.as_ref().map(|(_, t)| t)
@@ -520,6 +577,10 @@ pub trait PciDevice: Send {
     /// The configuration space was just replaced by a restored one; reload anything the
     /// device mirrors from it.
     fn config_restored(&mut self, _config: &ConfigSpace) {}
+
+    /// Every INTx pin of the machine has been routed (the LPC bridge shows its PIRQ
+    /// registers from here on).
+    fn intx_routed(&mut self, _config: &mut ConfigSpace) {}
 }
 
 /// One function on a PCI bus: its configuration space, its device model, and where its BARs
@@ -800,12 +861,17 @@ impl PciFunction {
         if offset >= CONFIG_SPACE_SIZE {
             return;
         }
-        if self
+        if !self
             .device
             .config_write(&mut self.config, offset, size, value)
         {
-            return;
+            self.generic_config_write(offset, size, value);
         }
+        // The command register and the MSI/MSI-X enables mask INTx.
+        self.config.update_intx();
+    }
+
+    fn generic_config_write(&mut self, offset: usize, size: usize, value: u32) {
         if is_bar_register(offset) || is_rom_register(offset) {
             // BARs take aligned 32-bit writes only.
             if size == 4 && offset & 3 == 0 {
@@ -837,6 +903,10 @@ pub struct PciFunctionState {
     /// The MSI-X table and control bits, for a function with MSI-X.
     #[serde(default)]
     pub msix: Option<msix::MsixState>,
+    /// Whether the device holds its INTx line, for a function with one. The pin and its route
+    /// are not saved: they follow from the configuration, which a restore shares.
+    #[serde(default)]
+    pub intx: Option<irq::IntxState>,
 }
 
 #[cfg(feature = "bhyve_snapshot")]
@@ -846,6 +916,7 @@ impl PciFunction {
             config: self.config.data.to_vec(),
             bars: self.config.bars.to_vec(),
             msix: self.config.msix().map(|t| t.state()),
+            intx: self.config.intx().map(|line| line.state()),
         }
     }
 
@@ -891,6 +962,19 @@ impl PciFunction {
             *dst = *src;
         }
         self.device.config_restored(&self.config);
+        match (self.config.intx(), state.intx) {
+            (Some(line), saved) => {
+                line.set_permitted(self.config.intx_permitted());
+                line.restore(saved.unwrap_or_default());
+            }
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Err(format!(
+                    "{}: INTx saved for a function without it",
+                    self.name
+                ))
+            }
+        }
         for index in 0..=PCI_BARMAX {
             let decode = match self.config.bars[index].kind {
                 BarKind::Io => self.porten(),
@@ -917,6 +1001,7 @@ pub struct BusWindows {
 pub struct PciRoot {
     functions: BTreeMap<PciAddress, Arc<Mutex<PciFunction>>>,
     windows: BTreeMap<u8, BusWindows>,
+    intx: Vec<SlotIntx>,
 }
 
 impl PciRoot {
@@ -933,6 +1018,11 @@ impl PciRoot {
     /// The I/O and memory windows of `bus`, if it has functions.
     pub fn bus_windows(&self, bus: u8) -> Option<BusWindows> {
         self.windows.get(&bus).copied()
+    }
+
+    /// Every routed slot pin, in bus, slot and pin order (bhyve's `pci_walk_lintr`).
+    pub fn intx_routes(&self) -> &[SlotIntx] {
+        &self.intx
     }
 
     fn is_multifunction(&self, bus: u8, slot: u8) -> bool {
@@ -1156,10 +1246,12 @@ struct Pending {
     device: Box<dyn PciDevice>,
 }
 
-/// Collects functions, then places their BARs and puts everything on the buses.
+/// Collects functions, then places their BARs, routes their interrupts and puts everything on
+/// the buses.
 pub struct PciRootBuilder {
     pending: BTreeMap<PciAddress, Pending>,
     mem64_base: u64,
+    router: Option<Arc<PirqRouter>>,
 }
 
 impl PciRootBuilder {
@@ -1173,7 +1265,13 @@ impl PciRootBuilder {
         Self {
             pending: BTreeMap::new(),
             mem64_base,
+            router: None,
         }
+    }
+
+    /// Route INTx through `router`; without one, pins are assigned but never reach the guest.
+    pub fn set_intx_router(&mut self, router: Arc<PirqRouter>) {
+        self.router = Some(router);
     }
 
     /// Add the function at `address`, named `<emulation>@pci.B.S.F`.
@@ -1200,6 +1298,56 @@ impl PciRootBuilder {
             },
         );
         Ok(())
+    }
+
+    /// Give each function that asked for INTx the least used pin of its slot, in bus, slot and
+    /// function order as bhyve initialises them; then route each slot pin in use once, in the
+    /// same order, and set the interrupt line registers.
+    fn route_intx(
+        pending: &mut BTreeMap<PciAddress, Pending>,
+        router: Option<&Arc<PirqRouter>>,
+    ) -> Vec<SlotIntx> {
+        let mut pin_users: BTreeMap<(u8, u8), [u32; 4]> = BTreeMap::new();
+        for (address, p) in pending.iter_mut() {
+            let Some(line) = p.config.intx() else {
+                continue;
+            };
+            let users = pin_users.entry((address.bus, address.slot)).or_default();
+            let best = (0..4).min_by_key(|&i| users[i]).unwrap_or(0);
+            users[best] += 1;
+            let pin = best as u8 + 1;
+            line.set_pin(pin);
+            p.config.write8(PCIR_INTPIN, pin);
+        }
+        let mut routes: BTreeMap<(u8, u8, u8), irq::IntxRoute> = BTreeMap::new();
+        if let Some(router) = router {
+            for (address, p) in pending.iter_mut() {
+                let Some(line) = p.config.intx().cloned() else {
+                    continue;
+                };
+                let pin = line.pin();
+                let route = *routes
+                    .entry((address.bus, address.slot, pin))
+                    .or_insert_with(|| router.route(address.slot, pin));
+                line.connect(router.clone(), route);
+                let irq = router.pirq(route.pirq_pin.into()).unwrap_or(0) & PIRQ_IRQ;
+                p.config.write8(PCIR_INTLINE, irq);
+            }
+        }
+        for p in pending.values_mut() {
+            let Pending { config, device, .. } = p;
+            device.intx_routed(config);
+            config.update_intx();
+        }
+        routes
+            .into_iter()
+            .map(|((bus, slot, pin), route)| SlotIntx {
+                bus,
+                slot,
+                pin,
+                route,
+            })
+            .collect()
     }
 
     /// Place every BAR, map the enabled ones, and register the configuration mechanisms
@@ -1289,6 +1437,8 @@ impl PciRootBuilder {
             );
         }
 
+        let intx = Self::route_intx(&mut pending, self.router.as_ref());
+
         let weak_buses = Arc::downgrade(buses);
         let mut functions = BTreeMap::new();
         for (address, p) in pending {
@@ -1318,7 +1468,11 @@ impl PciRootBuilder {
             }
             functions.insert(address, function);
         }
-        let root = Arc::new(PciRoot { functions, windows });
+        let root = Arc::new(PciRoot {
+            functions,
+            windows,
+            intx,
+        });
         let config_io: SharedDevice = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
         for (base, len) in [(CONF1_ADDR_PORT, 1), (CONF1_DATA_PORT, 4)] {
             buses

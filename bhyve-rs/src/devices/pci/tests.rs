@@ -1,6 +1,27 @@
 use super::hostbridge::HostBridge;
+use super::irq::{IntxRoute, IntxState, PirqRouter};
 use super::lpc::{LpcBridge, LpcIds};
 use super::*;
+use crate::interrupts::InterruptSink;
+
+/// Interrupt lines as the router drives them.
+#[derive(Default)]
+struct Lines(Mutex<Vec<(u32, bool)>>);
+
+impl InterruptSink for Lines {
+    fn set_irq_line(&self, gsi: u32, high: bool) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((gsi, high));
+        Ok(())
+    }
+    fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn router() -> (Arc<Lines>, Arc<PirqRouter>) {
+    let lines = Arc::new(Lines::default());
+    (lines.clone(), Arc::new(PirqRouter::new(lines, false)))
+}
 
 /// BAR writes seen by a device: (BAR index, offset, bytes).
 type Log = Arc<Mutex<Vec<(usize, u64, Vec<u8>)>>>;
@@ -48,7 +69,9 @@ fn machine() -> (Arc<Buses>, Arc<PciRoot>, Log) {
         )
         .unwrap();
     let mut cfg = ConfigSpace::new(true);
-    let lpc = LpcBridge::init(&mut cfg, LpcIds::default());
+    let (_, router) = router();
+    builder.set_intx_router(router.clone());
+    let lpc = LpcBridge::init(&mut cfg, LpcIds::default(), router);
     builder
         .add(
             PciAddress::new(0, 31, 0).unwrap(),
@@ -327,6 +350,114 @@ fn lpc_pirq_registers_start_disabled_and_keep_irq_bits() {
     assert!(root.function(PciAddress::new(0, 31, 0).unwrap()).is_some());
 }
 
+/// Functions asking for INTx: 0:3:0, 0:3:1, 0:3:2, 0:4:0, 0:5:0, and the LPC bridge at 0:31:0.
+fn intx_machine() -> (
+    Arc<Buses>,
+    Arc<PciRoot>,
+    Arc<Lines>,
+    Vec<Arc<irq::IntxLine>>,
+) {
+    let buses = Arc::new(Buses::default());
+    let mut builder = PciRootBuilder::new(1 << 32);
+    let (lines, router) = router();
+    router.use_irq(9);
+    builder.set_intx_router(router.clone());
+    let mut cfg = ConfigSpace::new(true);
+    let lpc = LpcBridge::init(&mut cfg, LpcIds::default(), router);
+    builder
+        .add(
+            PciAddress::new(0, 31, 0).unwrap(),
+            "lpc",
+            cfg,
+            Box::new(lpc),
+        )
+        .unwrap();
+    let mut intx = Vec::new();
+    for (slot, function) in [(3, 0), (3, 1), (3, 2), (4, 0), (5, 0)] {
+        let mut cfg = ConfigSpace::new(true);
+        cfg.write16(PCIR_VENDOR, 0x10dd);
+        cfg.add_msi_capability(1).unwrap();
+        intx.push(cfg.request_intx());
+        builder
+            .add(
+                PciAddress::new(0, slot, function).unwrap(),
+                "probe",
+                cfg,
+                Box::new(Probe::default()),
+            )
+            .unwrap();
+    }
+    let root = builder.build(&buses).unwrap();
+    (buses, root, lines, intx)
+}
+
+#[test]
+fn intx_pins_spread_over_a_slot_and_routes_follow_bhyve() {
+    let (buses, root, _, _) = intx_machine();
+    // Pin (0x3d) and line (0x3c) registers: functions of slot 3 take INTA, INTB, INTC.
+    let pin_line = |slot, function| cfg_read(&buses, slot, function, 0x3c, 2);
+    assert_eq!(pin_line(3, 0), 0x0105);
+    assert_eq!(pin_line(3, 1), 0x0206);
+    assert_eq!(pin_line(3, 2), 0x0307);
+    assert_eq!(pin_line(4, 0), 0x010a);
+    assert_eq!(pin_line(5, 0), 0x010b);
+    // No INTx for the bridge itself.
+    assert_eq!(pin_line(31, 0), 0x00ff);
+    let routes: Vec<(u8, u8, u8, u8)> = root
+        .intx_routes()
+        .iter()
+        .map(|r| (r.slot, r.pin, r.route.pirq_pin, r.route.ioapic_irq))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            (3, 1, 1, 16),
+            (3, 2, 2, 17),
+            (3, 3, 3, 18),
+            (4, 1, 4, 19),
+            (5, 1, 5, 20)
+        ]
+    );
+    // PIRQ A-E carry IRQs 5, 6, 7, 10, 11 (3/4 are the COM ports', 9 the SCI's); F-H are off.
+    assert_eq!(cfg_read(&buses, 31, 0, 0x60, 4), 0x0a07_0605);
+    assert_eq!(cfg_read(&buses, 31, 0, 0x68, 4), 0x8080_800b);
+}
+
+#[test]
+fn intx_is_level_triggered_and_masked_by_intxdis_and_msi() {
+    let (buses, _, lines, intx) = intx_machine();
+    let events = || std::mem::take(&mut *lines.0.lock().unwrap());
+    let line = &intx[3]; // 0:4:0: PIRQ D (IRQ 10), I/O APIC input 19
+    assert_eq!(
+        line.route(),
+        Some(IntxRoute {
+            pirq_pin: 4,
+            ioapic_irq: 19
+        })
+    );
+    line.assert();
+    assert_eq!(events(), [(10, true), (19, true)]);
+    // INTxDIS in the command register drops the line; clearing it raises it again.
+    let command = cfg_read(&buses, 4, 0, 0x04, 2);
+    cfg_write(&buses, 4, 0x04, 2, command | u32::from(PCIM_CMD_INTXDIS));
+    assert_eq!(line.state(), IntxState::Pending);
+    assert_eq!(events(), [(10, false), (19, false)]);
+    cfg_write(&buses, 4, 0x04, 2, command);
+    assert_eq!(events(), [(10, true), (19, true)]);
+    // Enabling MSI masks it too (MSI control at 0x42).
+    cfg_write(&buses, 4, 0x42, 2, 1);
+    assert_eq!(events(), [(10, false), (19, false)]);
+    line.deassert();
+    cfg_write(&buses, 4, 0x42, 2, 0);
+    assert!(events().is_empty(), "a line let go while masked stays down");
+    // The guest reroutes PIRQ D to IRQ 12 through the LPC bridge while the line is up.
+    line.assert();
+    events();
+    cfg_write(&buses, 31, 0x63, 1, 12);
+    assert_eq!(cfg_read(&buses, 31, 0, 0x63, 1), 12);
+    assert_eq!(events(), [(10, false), (12, true)]);
+}
+
 #[test]
 fn a_second_function_at_the_same_address_is_refused() {
     let mut builder = PciRootBuilder::new(1 << 32);
@@ -417,6 +548,45 @@ fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
     bad = saved;
     bad.config.truncate(64);
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn an_asserted_intx_line_is_saved_and_driven_again_after_restore() {
+    let (buses, root, _, intx) = intx_machine();
+    // The guest moved PIRQ D (slot 4's INTA) to IRQ 12; the device holds its line.
+    cfg_write(&buses, 31, 0x63, 1, 12);
+    intx[3].assert();
+    let at = |slot| PciAddress::new(0, slot, 0).unwrap();
+    let saved_lpc = root.function(at(31)).unwrap().lock().unwrap().save_state();
+    let saved = root.function(at(4)).unwrap().lock().unwrap().save_state();
+    assert_eq!(saved.intx, Some(IntxState::Asserted));
+
+    let (buses2, root2, lines2, intx2) = intx_machine();
+    root2
+        .function(at(4))
+        .unwrap()
+        .lock()
+        .unwrap()
+        .restore_state(&saved)
+        .unwrap();
+    root2
+        .function(at(31))
+        .unwrap()
+        .lock()
+        .unwrap()
+        .restore_state(&saved_lpc)
+        .unwrap();
+    assert_eq!(intx2[3].state(), IntxState::Asserted);
+    assert_eq!(cfg_read(&buses2, 4, 0, 0x3c, 2), 0x010a);
+    // Driven at its default IRQ first, then moved with the restored PIRQ register.
+    assert_eq!(
+        *lines2.0.lock().unwrap(),
+        [(10, true), (19, true), (10, false), (12, true)]
+    );
+    lines2.0.lock().unwrap().clear();
+    intx2[3].deassert();
+    assert_eq!(*lines2.0.lock().unwrap(), [(12, false), (19, false)]);
 }
 
 /// Records MSIs.

@@ -1,6 +1,10 @@
 //! Where a UART's bytes come from and go to: `stdio`, a terminal such as `/dev/nmdm0A`, a FIFO,
 //! or a plain file (output only, appended).
 //!
+//! `tcp=ADDRESS:PORT` (IPv6 addresses in brackets) listens there, as bhyve's `uart_backend.c`:
+//! one client at a time is the console; a second one is told the socket is already connected
+//! and closed; while nobody is connected the output is dropped.
+//!
 //! Input is read by one thread per UART, which pushes bytes into the receive FIFO under the
 //! device's lock and holds on to whatever does not fit until the guest makes room. Output is
 //! written straight through, one `write(2)` per byte, so a reader sees it at once.
@@ -12,10 +16,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,8 +36,12 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 pub enum BackendError {
     #[error("stdio is already used by another device")]
     StdioInUse,
-    #[error("TCP backends (\"{0}\") are not supported yet")]
-    TcpUnsupported(String),
+    #[error("Invalid number of parameter")]
+    TcpSyntax,
+    #[error("Invalid address {0}")]
+    TcpAddress(String),
+    #[error("bind({address}): {reason}")]
+    TcpBind { address: String, reason: String },
     #[error("{path}: {source}")]
     Open { path: String, source: io::Error },
     #[error("{path}: not a terminal, FIFO or regular file")]
@@ -64,10 +73,35 @@ impl BackendSpec {
     /// Refuse what cannot be opened at all, without opening anything.
     pub fn check_supported(&self) -> Result<(), BackendError> {
         match self {
-            Self::Tcp(spec) => Err(BackendError::TcpUnsupported(spec.clone())),
+            Self::Tcp(spec) => tcp_address(spec).map(|_| ()),
             _ => Ok(()),
         }
     }
+}
+
+/// The socket address of `tcp=ADDRESS:PORT` or `tcp=[IPV6]:PORT`; numeric only, as bhyve.
+fn tcp_address(spec: &str) -> Result<std::net::SocketAddr, BackendError> {
+    let rest = spec.strip_prefix("tcp=").ok_or(BackendError::TcpSyntax)?;
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or(BackendError::TcpSyntax)?;
+            (
+                host,
+                after.strip_prefix(':').ok_or(BackendError::TcpSyntax)?,
+            )
+        }
+        None => rest.split_once(':').ok_or(BackendError::TcpSyntax)?,
+    };
+    if host.is_empty() || port.is_empty() {
+        return Err(BackendError::TcpSyntax);
+    }
+    let invalid = || BackendError::TcpAddress(format!("{host}:{port}"));
+    let ip: std::net::IpAddr = host.parse().map_err(|_| invalid())?;
+    if rest.starts_with('[') != ip.is_ipv6() {
+        return Err(invalid());
+    }
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    Ok(std::net::SocketAddr::new(ip, port))
 }
 
 /// Saved settings of a terminal on stdin, restored at exit.
@@ -144,10 +178,45 @@ impl UartOutput for FdOutput {
     }
 }
 
+/// The connected TCP client, if any.
+type TcpClient = Arc<Mutex<Option<TcpStream>>>;
+
+/// Transmitted bytes sent to the TCP client; dropped while none is connected.
+struct TcpOutput {
+    client: TcpClient,
+}
+
+impl UartOutput for TcpOutput {
+    fn write_byte(&mut self, byte: u8) {
+        let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(stream) = client.as_mut() else {
+            return;
+        };
+        loop {
+            match stream.write(&[byte]) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A client that does not read loses bytes, as with a terminal.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    *client = None;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Where input comes from.
+enum Input {
+    File(File),
+    Tcp(TcpListener, TcpClient),
+}
+
 /// What stays alive with an opened backend: the input thread and the terminal settings to
 /// restore.
 pub struct Backend {
-    input: Option<File>,
+    input: Option<Input>,
     output: Option<Box<dyn UartOutput>>,
     _restore: Option<TtyRestore>,
     stdio: bool,
@@ -176,7 +245,23 @@ impl Backend {
     /// Open the backend `spec` names. `stdio` uses duplicates of descriptors 0 and 1.
     pub fn open(spec: &BackendSpec) -> Result<Self, BackendError> {
         match spec {
-            BackendSpec::Tcp(s) => Err(BackendError::TcpUnsupported(s.clone())),
+            BackendSpec::Tcp(s) => {
+                let address = tcp_address(s)?;
+                let listener = TcpListener::bind(address).map_err(|e| BackendError::TcpBind {
+                    address: address.to_string(),
+                    reason: crate::vmm::describe_io_error(&e),
+                })?;
+                listener.set_nonblocking(true)?;
+                let client: TcpClient = Arc::new(Mutex::new(None));
+                Ok(Self {
+                    input: Some(Input::Tcp(listener, client.clone())),
+                    output: Some(Box::new(TcpOutput { client })),
+                    _restore: None,
+                    stdio: false,
+                    thread: None,
+                    stop: Arc::new(AtomicBool::new(false)),
+                })
+            }
             BackendSpec::Stdio => {
                 let input = dup(io::stdin())?;
                 let output = dup(io::stdout())?;
@@ -225,7 +310,7 @@ impl Backend {
 
     fn new(input: Option<File>, output: File, restore: Option<TtyRestore>, stdio: bool) -> Self {
         Self {
-            input,
+            input: input.map(Input::File),
             output: Some(Box::new(FdOutput {
                 file: output,
                 failed: false,
@@ -256,7 +341,10 @@ impl Backend {
         let stop = self.stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("{name} input"))
-            .spawn(move || input_loop(input, uart, stop))?;
+            .spawn(move || match input {
+                Input::File(file) => input_loop(file, uart, stop),
+                Input::Tcp(listener, client) => tcp_loop(listener, client, uart, stop),
+            })?;
         self.thread = Some(thread);
         Ok(())
     }
@@ -283,7 +371,7 @@ impl Drop for Backend {
 }
 
 /// Wait until `file` is readable or it is time to check `stop`; true when readable.
-fn wait_readable(file: &File) -> io::Result<bool> {
+fn wait_readable(file: &impl AsFd) -> io::Result<bool> {
     let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
     let timeout = PollTimeout::try_from(STOP_POLL).unwrap_or(PollTimeout::ZERO);
     match poll(&mut fds, timeout) {
@@ -291,6 +379,94 @@ fn wait_readable(file: &File) -> io::Result<bool> {
         Ok(_) => Ok(true),
         Err(nix::errno::Errno::EINTR) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Push `bytes` into the receive FIFO, waiting for room; false when told to stop first.
+fn deliver(mut pending: &[u8], uart: &SharedUart, rx_space: &Condvar, stop: &AtomicBool) -> bool {
+    let mut device = uart.lock().unwrap_or_else(|e| e.into_inner());
+    while !pending.is_empty() {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        if device.uart.rx_room() || device.uart.loopback() {
+            let taken = device.uart.receive(pending);
+            pending = &pending[taken..];
+        } else {
+            // FIFO full: keep the bytes until the guest reads some.
+            device = rx_space
+                .wait_timeout(device, STOP_POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+    true
+}
+
+/// Accept one client at a time and feed what it sends into `uart`.
+fn tcp_loop(listener: TcpListener, client: TcpClient, uart: SharedUart, stop: Arc<AtomicBool>) {
+    const ALREADY_CONNECTED: &[u8] = b"Socket already connected\n";
+    let rx_space = uart
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .uart
+        .rx_space();
+    let mut reader: Option<TcpStream> = None;
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if let Some(stream) = &reader {
+            fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = PollTimeout::try_from(STOP_POLL).unwrap_or(PollTimeout::ZERO);
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("uart: tcp listener stopped: {e}");
+                return;
+            }
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        let (new_client, readable) = (ready(&fds[0]), fds.get(1).is_some_and(ready));
+        drop(fds);
+        // A departing client is noticed before a newcomer is looked at, so a client that
+        // reconnects at once is not turned away by its own previous connection.
+        if let (true, Some(stream)) = (readable, reader.as_mut()) {
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    reader = None;
+                    *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                Ok(n) => {
+                    if !deliver(&buf[..n], &uart, &rx_space, &stop) {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => {
+                    reader = None;
+                    *client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+            }
+        }
+        if new_client {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut current = client.lock().unwrap_or_else(|e| e.into_inner());
+                if current.is_some() {
+                    let _ = stream.write_all(ALREADY_CONNECTED);
+                } else if stream.set_nonblocking(true).is_ok() {
+                    reader = stream.try_clone().ok();
+                    if reader.is_some() {
+                        *current = Some(stream);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -327,22 +503,8 @@ fn input_loop(mut input: File, uart: SharedUart, stop: Arc<AtomicBool>) {
                 return;
             }
         };
-        let mut pending = &buf[..n];
-        let mut device = uart.lock().unwrap_or_else(|e| e.into_inner());
-        while !pending.is_empty() {
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if device.uart.rx_room() || device.uart.loopback() {
-                let taken = device.uart.receive(pending);
-                pending = &pending[taken..];
-            } else {
-                // FIFO full: keep the bytes until the guest reads some.
-                device = rx_space
-                    .wait_timeout(device, STOP_POLL)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+        if !deliver(&buf[..n], &uart, &rx_space, &stop) {
+            return;
         }
     }
 }
@@ -368,18 +530,94 @@ mod tests {
     }
 
     #[test]
-    fn tcp_backends_are_refused_with_a_clear_error() {
-        let spec = BackendSpec::parse("tcp=127.0.0.1:4000");
-        let err = spec.check_supported().unwrap_err().to_string();
+    fn tcp_addresses_are_parsed_as_bhyve_does() {
+        let check = |s: &str| {
+            BackendSpec::parse(s)
+                .check_supported()
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(check("tcp=127.0.0.1:4000"), Ok(()));
+        assert_eq!(check("tcp=[::1]:4000"), Ok(()));
         assert_eq!(
-            err,
-            "TCP backends (\"tcp=127.0.0.1:4000\") are not supported yet"
+            check("tcp=127.0.0.1"),
+            Err("Invalid number of parameter".into())
+        );
+        assert_eq!(check("tcp:1"), Err("Invalid number of parameter".into()));
+        assert_eq!(
+            check("tcp=localhost:4000"),
+            Err("Invalid address localhost:4000".into())
+        );
+        assert_eq!(
+            check("tcp=::1:4000"),
+            Err("Invalid number of parameter".into())
+        );
+        assert_eq!(
+            check("tcp=127.0.0.1:99999"),
+            Err("Invalid address 127.0.0.1:99999".into())
         );
         assert_eq!(BackendSpec::parse("stdio"), BackendSpec::Stdio);
         assert_eq!(
             BackendSpec::parse("/dev/nmdm0A"),
             BackendSpec::Path("/dev/nmdm0A".into())
         );
+    }
+
+    #[test]
+    fn a_tcp_console_serves_one_client_at_a_time() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut backend =
+            Backend::open(&BackendSpec::parse(&format!("tcp=127.0.0.1:{port}"))).unwrap();
+        let line = Line::default();
+        let uart = Uart::new(backend.take_output(), Box::new(line.clone()));
+        let shared: SharedUart = Arc::new(Mutex::new(LegacyUart { uart }));
+        backend.start_input("com1", shared.clone()).unwrap();
+        // Nobody connected: output goes nowhere, and nothing blocks.
+        shared.lock().unwrap().uart.write(REG_DATA, b'x');
+
+        let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        first
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // The client is taken on by the input thread; output reaches it from then on.
+        assert!(wait_for(|| {
+            shared.lock().unwrap().uart.write(REG_DATA, b'!');
+            let mut got = [0u8; 1];
+            first.set_nonblocking(true).unwrap();
+            let ok = matches!(first.read(&mut got), Ok(1) if got == *b"!");
+            first.set_nonblocking(false).unwrap();
+            ok
+        }));
+        first.write_all(b"hi").unwrap();
+        let mut received = Vec::new();
+        assert!(wait_for(|| {
+            let mut dev = shared.lock().unwrap();
+            while dev.uart.read(REG_LSR) & LSR_RXRDY != 0 {
+                received.push(dev.uart.read(REG_DATA));
+            }
+            received.ends_with(b"hi")
+        }));
+
+        let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut refusal = String::new();
+        second.read_to_string(&mut refusal).unwrap();
+        assert_eq!(refusal, "Socket already connected\n");
+
+        drop(first);
+        let mut third = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert!(wait_for(|| {
+            shared.lock().unwrap().uart.write(REG_DATA, b'3');
+            let mut got = [0u8; 1];
+            third.set_nonblocking(true).unwrap();
+            matches!(third.read(&mut got), Ok(1) if got == *b"3")
+        }));
+        drop(backend);
     }
 
     #[test]
