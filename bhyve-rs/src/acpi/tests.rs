@@ -336,6 +336,9 @@ fn dsdt_of_attached_vm(pairs: &[(&str, &str)]) -> Vec<u8> {
         fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
             Ok(())
         }
+        fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
+            Ok(())
+        }
     }
     let mut config = Config::new();
     for (k, v) in pairs {

@@ -17,8 +17,8 @@
 //!
 //! With KVM, GSI n below 16 reaches 8259 input n and I/O APIC input n alike; guests that use
 //! the I/O APIC leave the inputs of PIRQ IRQs masked, so only the 8259 leg matters there.
-//! bhyve also marks each PIRQ IRQ level-triggered in its 8259 model; here the 8259s' trigger
-//! register (ELCR, ports 0x4D0-0x4D1) is left for the guest to program.
+//! As bhyve does, an ISA IRQ is made level triggered at the 8259s (their ELCR) when a PIRQ
+//! is first routed to it.
 
 use std::sync::{Arc, Mutex};
 
@@ -167,6 +167,9 @@ impl PirqRouter {
                     *count += 1;
                 }
                 s.pirqs[best].reg = irq as u8;
+                if let Err(e) = self.sink.set_isa_irq_trigger(irq as u8, true) {
+                    log::warn!("pci: cannot make IRQ {irq} level triggered: {e}");
+                }
             }
         }
         IntxRoute {
@@ -411,8 +414,9 @@ mod tests {
     use super::*;
     use std::io;
 
+    /// Input lines as driven, and the ISA IRQs made level triggered.
     #[derive(Default)]
-    struct Lines(Mutex<Vec<(u32, bool)>>);
+    struct Lines(Mutex<Vec<(u32, bool)>>, Mutex<Vec<u8>>);
 
     impl InterruptSink for Lines {
         fn set_irq_line(&self, gsi: u32, high: bool) -> io::Result<()> {
@@ -420,6 +424,11 @@ mod tests {
             Ok(())
         }
         fn signal_msi(&self, _address: u64, _data: u32) -> io::Result<()> {
+            Ok(())
+        }
+        fn set_isa_irq_trigger(&self, irq: u8, level: bool) -> io::Result<()> {
+            assert!(level, "PIRQ IRQs are only ever made level triggered");
+            self.1.lock().unwrap().push(irq);
             Ok(())
         }
     }
@@ -436,7 +445,7 @@ mod tests {
 
     #[test]
     fn links_and_ioapic_inputs_are_handed_out_as_bhyve_does() {
-        let (_, r) = router(false);
+        let (lines, r) = router(false);
         let routes: Vec<IntxRoute> = [(3, 1), (4, 1), (5, 1), (6, 2)]
             .iter()
             .map(|&(slot, pin)| r.route(slot, pin))
@@ -460,6 +469,8 @@ mod tests {
         );
         let regs: Vec<u8> = (1..=8).map(|p| r.pirq(p).unwrap()).collect();
         assert_eq!(regs, [5, 6, 7, 10, 11, 12, 14, 15]);
+        // Each IRQ became level triggered at the 8259s when its link was first routed.
+        assert_eq!(*lines.1.lock().unwrap(), regs);
     }
 
     #[test]

@@ -16,6 +16,9 @@ impl InterruptSink for Lines {
     fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
         Ok(())
     }
+    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn router() -> (Arc<Lines>, Arc<PirqRouter>) {
