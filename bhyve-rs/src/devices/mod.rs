@@ -352,6 +352,7 @@ pub struct Devices {
     exit: Arc<ExitRequest>,
     rtc: Option<Arc<Mutex<rtc::Rtc>>>,
     pm: Option<Arc<Mutex<pm::PowerManagement>>>,
+    pctestdev: Option<pctestdev::PcTestDev>,
     /// Tells the RTC's interrupt thread to stop when the devices go away.
     rtc_stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -395,6 +396,75 @@ impl Devices {
     /// The ACPI power-management registers (power button, S5, reset).
     pub fn power_management(&self) -> Option<&Arc<Mutex<pm::PowerManagement>>> {
         self.pm.as_ref()
+    }
+
+    /// Whether a snapshot can hold every device; the error names the first that cannot.
+    #[cfg(feature = "bhyve_snapshot")]
+    pub fn check_saveable(&self) -> Result<(), String> {
+        if let Some(root) = &self.pci {
+            for (_, function) in root.functions() {
+                function
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .check_saveable()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Devices holding only the PCI functions of `root`, for tests of PCI models.
+    #[cfg(all(test, feature = "bhyve_snapshot"))]
+    pub(crate) fn with_pci_root(root: Arc<PciRoot>) -> Self {
+        let mut devices = Devices::default();
+        devices.pci = Some(root);
+        devices
+    }
+
+    /// pc-testdev's stateful parts, when `lpc.pc-testdev` is on.
+    pub fn pctestdev(&self) -> Option<&pctestdev::PcTestDev> {
+        self.pctestdev.as_ref()
+    }
+
+    /// Before a snapshot, with the vCPUs paused: stop every device's background work (the
+    /// RTC's timer thread, the COM ports' input threads, PCI devices' I/O) from changing device
+    /// state or raising interrupts, so the state saved is the state the guest left. The ACPI
+    /// registers need nothing: their only writer besides the guest (SIGTERM's power button)
+    /// goes through the lock on these devices that a save holds.
+    pub fn pause(&self) {
+        if let Some(rtc) = &self.rtc {
+            rtc.lock().unwrap_or_else(|e| e.into_inner()).pause();
+        }
+        for u in &self.uarts {
+            u.uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .uart
+                .pause_input();
+        }
+        if let Some(root) = &self.pci {
+            for (_, function) in root.functions() {
+                function.lock().unwrap_or_else(|e| e.into_inner()).pause();
+            }
+        }
+    }
+
+    /// Undo [`Devices::pause`], before the vCPUs run again.
+    pub fn resume(&self) {
+        if let Some(root) = &self.pci {
+            for (_, function) in root.functions() {
+                function.lock().unwrap_or_else(|e| e.into_inner()).resume();
+            }
+        }
+        for u in &self.uarts {
+            u.uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .uart
+                .resume_input();
+        }
+        if let Some(rtc) = &self.rtc {
+            rtc.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
     }
 
     /// Set when a device (pc-testdev's `isa-debug-exit`) asks for the VM to end; the run loop
@@ -485,8 +555,9 @@ pub fn attach(
     }
 
     if plan.pctestdev {
-        pctestdev::attach(buses, interrupts.clone(), devices.exit.clone())
+        let testdev = pctestdev::attach(buses, interrupts.clone(), devices.exit.clone())
             .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
+        devices.pctestdev = Some(testdev);
     }
 
     attach_platform(config, buses, interrupts, control, &memory, &mut devices)?;

@@ -111,4 +111,9 @@ impl PciDevice for LpcBridge {
             self.pirqs[pin - 1] = config.read8(pirq_offset(pin)) & (PIRQ_DIS | PIRQ_IRQ);
         }
     }
+
+    /// The PIRQ routing is kept in configuration space, and reloaded from it.
+    fn save_device_state(&self) -> Option<Vec<u8>> {
+        Some(Vec::new())
+    }
 }
