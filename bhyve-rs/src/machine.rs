@@ -187,12 +187,15 @@ impl Machine {
         Ok(())
     }
 
-    /// Start the vCPU threads.
+    /// Start the vCPU threads, once the devices (created paused) are running.
     pub fn start(&self, strict_io: bool) -> Result<(), MachineError> {
         let context = Arc::new(ExitContext {
             buses: self.buses.clone(),
             strict_io,
         });
+        if let Some(devices) = &self.devices {
+            devices.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
         self.vcpus.start(context)?;
         Ok(())
     }

@@ -448,7 +448,7 @@ impl Devices {
         }
     }
 
-    /// Undo [`Devices::pause`], before the vCPUs run again.
+    /// Undo [`Devices::pause`], before the vCPUs run (again).
     pub fn resume(&self) {
         if let Some(root) = &self.pci {
             for (_, function) in root.functions() {
@@ -474,7 +474,8 @@ impl Devices {
     }
 }
 
-/// Create every device the configuration names and register its ranges on `buses`.
+/// Create every device the configuration names and register its ranges on `buses`. The
+/// devices come back paused ([`Devices::pause`]); [`Devices::resume`] them when the VM starts.
 ///
 /// `buses` is shared because the PCI layer moves BAR ranges when the guest reprograms a BAR.
 pub fn attach(
@@ -525,7 +526,9 @@ pub fn attach(
             None => None,
         };
         let output = backend.as_mut().and_then(Backend::take_output);
-        let uart = Uart::new(output, Box::new(IsaIrq::new(interrupts.clone(), irq)));
+        let mut uart = Uart::new(output, Box::new(IsaIrq::new(interrupts.clone(), irq)));
+        // Paused before its input thread exists (see the end of `attach`).
+        uart.pause_input();
         let shared: SharedUart = Arc::new(Mutex::new(LegacyUart { uart }));
         buses
             .pio
@@ -561,6 +564,9 @@ pub fn attach(
     }
 
     attach_platform(config, buses, interrupts, control, &memory, &mut devices)?;
+    // Nothing reaches device state from outside before the machine starts (or, for a
+    // restore, before the saved state is loaded over it): see `Devices::resume`.
+    devices.pause();
     Ok(devices)
 }
 
@@ -575,13 +581,15 @@ fn attach_platform(
     devices: &mut Devices,
 ) -> Result<(), DeviceError> {
     let use_localtime = rtc::use_localtime(config).map_err(DeviceError::Platform)?;
-    let clock = rtc::Rtc::new(
+    let mut clock = rtc::Rtc::new(
         Box::new(rtc::HostClock::new()),
         use_localtime,
         memory.lowmem_end(),
         memory.highmem_size(),
         interrupts.clone(),
     );
+    // Paused before its timer thread exists (see the end of `attach`).
+    clock.pause();
     let clock = Arc::new(Mutex::new(clock));
     buses
         .pio

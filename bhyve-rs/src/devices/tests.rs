@@ -464,11 +464,13 @@ fn attach_for_test(
     interrupts: Arc<dyn crate::interrupts::InterruptSink>,
 ) -> Result<Devices, DeviceError> {
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
-    attach(
+    let devices = attach(
         config,
         buses,
         interrupts,
         crate::vcpu::VmControl::new(),
         memory,
-    )
+    )?;
+    devices.resume();
+    Ok(devices)
 }

@@ -6,8 +6,8 @@
 //! → guest RAM → VM (in-kernel devices, clock) → each vCPU → each device → commit (fsync,
 //! rename) → resume the devices, then the vCPUs; or, for a suspend, stay stopped.
 //! Restore mirrors it ([`Restore::apply`]): configuration → RAM mapped privately from the file
-//! (lazy) → pause the freshly created devices → VM state → vCPU states → device states →
-//! resume the devices → the caller starts the vCPUs last.
+//! (lazy) → devices created paused → VM state → vCPU states → device states → starting the
+//! machine resumes the devices, then starts the vCPUs last.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -279,16 +279,10 @@ impl Restore {
     }
 
     /// Put the saved VM, vCPU and device state into a freshly built machine (not started).
-    /// The devices are paused while their state is loaded (their threads already run) and
-    /// resumed before this returns, so they are live before any vCPU starts.
+    /// The devices stay paused, as they were created, so no input or timer reaches them
+    /// before their state is loaded; starting the machine resumes them before the vCPUs.
     pub fn apply(&self, vm: &dyn Vm, vcpus: &VcpuSet, devices: &Devices) -> Result<(), String> {
         devices.pause();
-        let result = self.load(vm, vcpus, devices);
-        devices.resume();
-        result
-    }
-
-    fn load(&self, vm: &dyn Vm, vcpus: &VcpuSet, devices: &Devices) -> Result<(), String> {
         // The RAM sections were consumed by `memory`; the configuration by `config`.
         for region in self.reader.ram_regions() {
             self.reader.take("ram", &region.instance);
