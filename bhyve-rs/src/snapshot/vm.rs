@@ -2,9 +2,9 @@
 //!
 //! Checkpoint order ([`checkpoint`]): check every device can be saved (nothing is paused or
 //! written otherwise) → pause every vCPU → tell each vCPU's guest clock it was stopped → pause
-//! the devices (background threads stop touching device state and interrupts) → configuration
-//! → guest RAM → VM (in-kernel devices, clock) → each vCPU → each device → commit (fsync,
-//! rename) → resume the devices, then the vCPUs; or, for a suspend, stay stopped.
+//! the devices (background threads stop touching device state and interrupts) → VM (in-kernel
+//! devices, clock) and each vCPU, read at once → configuration → guest RAM → each device →
+//! commit (fsync, rename) → resume the devices, then the vCPUs; or, for a suspend, stay stopped.
 //! Restore mirrors it ([`Restore::apply`]): configuration → RAM mapped privately from the file
 //! (lazy) → devices created paused → VM state → vCPU states → device states → starting the
 //! machine resumes the devices, then starts the vCPUs last.
@@ -127,6 +127,22 @@ pub fn save(
     if suspended {
         info.flags |= HEADER_FLAG_SUSPENDED;
     }
+    // The hypervisor's state first, right after the pause: the in-kernel timer (PIT) keeps
+    // running while the vCPUs are stopped, and every tick it raises during the RAM copy would
+    // otherwise show up as a pending interrupt in the saved interrupt controllers.
+    let vm_state = target
+        .vm
+        .save_state()
+        .map_err(|e| format!("VM state: {e}"))?;
+    let mut vcpu_states = Vec::with_capacity(target.vcpus.len());
+    for index in 0..target.vcpus.len() {
+        let state = target
+            .vcpus
+            .with_vcpu(index, |vcpu| vcpu.save_state())
+            .map_err(|e| format!("vCPU {index}: {e}"))?
+            .map_err(|e| format!("vCPU {index}: {e}"))?;
+        vcpu_states.push(state);
+    }
     let mut writer = SnapshotWriter::create_in(dir, name, info).map_err(|e| e.to_string())?;
     writer
         .add_config(target.config.iter())
@@ -140,22 +156,13 @@ pub fn save(
             .add_ram_region(region.gpa(), data)
             .map_err(|e| e.to_string())?;
     }
-    let vm_state = target
-        .vm
-        .save_state()
-        .map_err(|e| format!("VM state: {e}"))?;
     add_state(&mut writer, "vm", "", &BackendStatePayload::from(&vm_state))?;
-    for index in 0..target.vcpus.len() {
-        let state = target
-            .vcpus
-            .with_vcpu(index, |vcpu| vcpu.save_state())
-            .map_err(|e| format!("vCPU {index}: {e}"))?
-            .map_err(|e| format!("vCPU {index}: {e}"))?;
+    for (index, state) in vcpu_states.iter().enumerate() {
         add_state(
             &mut writer,
             "vcpu",
             &index.to_string(),
-            &BackendStatePayload::from(&state),
+            &BackendStatePayload::from(state),
         )?;
     }
     for (instance, device) in target.devices.instances() {
