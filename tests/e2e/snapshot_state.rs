@@ -2,6 +2,8 @@
 //! once to B gives a B equal to A section by section, except where time is kept, and there time
 //! only moves forward. Needs /dev/kvm (skips with a message without it, fails if
 //! BHYVE_RS_REQUIRE_KVM=1).
+// The section layouts compared are KVM's.
+#![cfg(target_os = "linux")]
 
 #[path = "common/mod.rs"]
 mod common;

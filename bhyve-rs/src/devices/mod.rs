@@ -413,7 +413,7 @@ impl Devices {
     }
 
     /// Devices holding only the PCI functions of `root`, for tests of PCI models.
-    #[cfg(all(test, feature = "bhyve_snapshot"))]
+    #[cfg(all(test, feature = "bhyve_snapshot", target_os = "linux"))]
     pub(crate) fn with_pci_root(root: Arc<PciRoot>) -> Self {
         let mut devices = Devices::default();
         devices.pci = Some(root);
