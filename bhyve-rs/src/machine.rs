@@ -203,12 +203,15 @@ impl Machine {
         Ok(())
     }
 
-    /// Start the vCPU threads.
+    /// Start the vCPU threads, once the devices (created paused) are running.
     pub fn start(&self, strict_io: bool) -> Result<(), MachineError> {
         let context = Arc::new(ExitContext {
             buses: self.buses.clone(),
             strict_io,
         });
+        if let Some(devices) = &self.devices {
+            devices.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
         self.vcpus.start(context)?;
         Ok(())
     }
@@ -555,7 +558,7 @@ mod control {
     use crate::control::server::{CheckpointRequest, ControlHandler, ControlServer};
     use crate::devices::Devices;
     use crate::memory::GuestMemory;
-    use crate::snapshot::vm::{save, SaveTarget};
+    use crate::snapshot::vm::{checkpoint, SaveTarget};
     use crate::vcpu::{ExitReason, VcpuSet, VmControl};
     use crate::vmm::Vm;
 
@@ -570,9 +573,6 @@ mod control {
 
     impl ControlHandler for Checkpointer {
         fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
-            self.vcpus
-                .pause_all()
-                .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
             let target = SaveTarget {
                 config: &self.config,
                 memory: &self.memory,
@@ -580,12 +580,8 @@ mod control {
                 vcpus: &self.vcpus,
                 devices: &self.devices.lock().unwrap_or_else(|e| e.into_inner()),
             };
-            let result = save(&target, &request.dir, &request.filename);
             // A suspended VM stays paused until bhyve exits once the reply is out.
-            if !(request.suspend && result.is_ok()) {
-                self.vcpus.resume_all();
-            }
-            result
+            checkpoint(&target, &request.dir, &request.filename, request.suspend)
         }
 
         fn after_checkpoint_reply(&self, suspend: bool, result: &Result<(), String>) {

@@ -625,3 +625,56 @@ fn a_pci_intx_assertion_reaches_its_ioapic_input_and_the_guest_vector() {
     let line = dummy.lock().unwrap().config().intx().unwrap().clone();
     assert_eq!(line.state(), crate::devices::pci::irq::IntxState::Idle);
 }
+
+/// A PCI device model that does not implement snapshots.
+#[cfg(feature = "bhyve_snapshot")]
+struct Unsaveable;
+#[cfg(feature = "bhyve_snapshot")]
+impl crate::devices::pci::PciDevice for Unsaveable {}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_device_that_cannot_be_saved_fails_the_checkpoint_before_anything_is_written() {
+    use crate::devices::pci::{ConfigSpace, PciAddress, PciRootBuilder};
+    use crate::snapshot::vm::{checkpoint, SaveTarget};
+
+    let Some(hv) = hypervisor() else { return };
+    const COUNTER: u64 = 0x30_0000;
+    // inc qword [0x300000]; jmp back
+    let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let mut builder = PciRootBuilder::new(1 << 32);
+    let slot = PciAddress::new(0, 5, 0).unwrap();
+    builder
+        .add(slot, "nosave", ConfigSpace::new(true), Box::new(Unsaveable))
+        .unwrap();
+    let devices = Devices::with_pci_root(builder.build(machine.buses()).unwrap());
+    machine.start(false).unwrap();
+
+    let dir = std::env::temp_dir().join(format!("bhyve-rs-nosave-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_fd = std::fs::File::open(&dir).unwrap();
+    let config = Config::new();
+    let target = SaveTarget {
+        config: &config,
+        memory: machine.memory(),
+        vm: machine.vm().as_ref(),
+        vcpus: machine.vcpus(),
+        devices: &devices,
+    };
+    let err = checkpoint(&target, &dir_fd, "vm.snap", false).unwrap_err();
+    assert_eq!(err, "nosave@pci.0.5.0: this device cannot be saved");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(left.is_empty(), "files written: {left:?}");
+
+    // The guest was never stopped: it keeps counting.
+    let before = machine.memory().read_u64(COUNTER).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while machine.memory().read_u64(COUNTER).unwrap() == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(machine.memory().read_u64(COUNTER).unwrap() > before);
+    machine.control().request_exit(ExitReason::PowerOff);
+    assert_eq!(machine.wait(), ExitReason::PowerOff);
+}

@@ -355,6 +355,7 @@ pub struct Devices {
     exit: Arc<ExitRequest>,
     rtc: Option<Arc<Mutex<rtc::Rtc>>>,
     pm: Option<Arc<Mutex<pm::PowerManagement>>>,
+    pctestdev: Option<pctestdev::PcTestDev>,
     /// Tells the RTC's interrupt thread to stop when the devices go away.
     rtc_stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -400,6 +401,75 @@ impl Devices {
         self.pm.as_ref()
     }
 
+    /// Whether a snapshot can hold every device; the error names the first that cannot.
+    #[cfg(feature = "bhyve_snapshot")]
+    pub fn check_saveable(&self) -> Result<(), String> {
+        if let Some(root) = &self.pci {
+            for (_, function) in root.functions() {
+                function
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .check_saveable()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Devices holding only the PCI functions of `root`, for tests of PCI models.
+    #[cfg(all(test, feature = "bhyve_snapshot", target_os = "linux"))]
+    pub(crate) fn with_pci_root(root: Arc<PciRoot>) -> Self {
+        let mut devices = Devices::default();
+        devices.pci = Some(root);
+        devices
+    }
+
+    /// pc-testdev's stateful parts, when `lpc.pc-testdev` is on.
+    pub fn pctestdev(&self) -> Option<&pctestdev::PcTestDev> {
+        self.pctestdev.as_ref()
+    }
+
+    /// Before a snapshot, with the vCPUs paused: stop every device's background work (the
+    /// RTC's timer thread, the COM ports' input threads, PCI devices' I/O) from changing device
+    /// state or raising interrupts, so the state saved is the state the guest left. The ACPI
+    /// registers need nothing: their only writer besides the guest (SIGTERM's power button)
+    /// goes through the lock on these devices that a save holds.
+    pub fn pause(&self) {
+        if let Some(rtc) = &self.rtc {
+            rtc.lock().unwrap_or_else(|e| e.into_inner()).pause();
+        }
+        for u in &self.uarts {
+            u.uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .uart
+                .pause_input();
+        }
+        if let Some(root) = &self.pci {
+            for (_, function) in root.functions() {
+                function.lock().unwrap_or_else(|e| e.into_inner()).pause();
+            }
+        }
+    }
+
+    /// Undo [`Devices::pause`], before the vCPUs run (again).
+    pub fn resume(&self) {
+        if let Some(root) = &self.pci {
+            for (_, function) in root.functions() {
+                function.lock().unwrap_or_else(|e| e.into_inner()).resume();
+            }
+        }
+        for u in &self.uarts {
+            u.uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .uart
+                .resume_input();
+        }
+        if let Some(rtc) = &self.rtc {
+            rtc.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
+    }
+
     /// Set when a device (pc-testdev's `isa-debug-exit`) asks for the VM to end; the run loop
     /// should check it after port-I/O exits and stop the VM with that exit status.
     pub fn exit_request(&self) -> &Arc<ExitRequest> {
@@ -407,7 +477,8 @@ impl Devices {
     }
 }
 
-/// Create every device the configuration names and register its ranges on `buses`.
+/// Create every device the configuration names and register its ranges on `buses`. The
+/// devices come back paused ([`Devices::pause`]); [`Devices::resume`] them when the VM starts.
 ///
 /// `buses` is shared because the PCI layer moves BAR ranges when the guest reprograms a BAR.
 pub fn attach(
@@ -462,7 +533,9 @@ pub fn attach(
             None => None,
         };
         let output = backend.as_mut().and_then(Backend::take_output);
-        let uart = Uart::new(output, Box::new(IsaIrq::new(interrupts.clone(), irq)));
+        let mut uart = Uart::new(output, Box::new(IsaIrq::new(interrupts.clone(), irq)));
+        // Paused before its input thread exists (see the end of `attach`).
+        uart.pause_input();
         let shared: SharedUart = Arc::new(Mutex::new(LegacyUart { uart }));
         buses
             .pio
@@ -492,8 +565,9 @@ pub fn attach(
     }
 
     if plan.pctestdev {
-        pctestdev::attach(buses, interrupts.clone(), devices.exit.clone())
+        let testdev = pctestdev::attach(buses, interrupts.clone(), devices.exit.clone())
             .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
+        devices.pctestdev = Some(testdev);
     }
 
     let lpc = plan
@@ -510,6 +584,9 @@ pub fn attach(
         lpc,
         &mut devices,
     )?;
+    // Nothing reaches device state from outside before the machine starts (or, for a
+    // restore, before the saved state is loaded over it): see `Devices::resume`.
+    devices.pause();
     Ok(devices)
 }
 
@@ -525,13 +602,15 @@ fn attach_platform(
     devices: &mut Devices,
 ) -> Result<(), DeviceError> {
     let use_localtime = rtc::use_localtime(config).map_err(DeviceError::Platform)?;
-    let clock = rtc::Rtc::new(
+    let mut clock = rtc::Rtc::new(
         Box::new(rtc::HostClock::new()),
         use_localtime,
         memory.lowmem_end(),
         memory.highmem_size(),
         interrupts.clone(),
     );
+    // Paused before its timer thread exists (see the end of `attach`).
+    clock.pause();
     let clock = Arc::new(Mutex::new(clock));
     buses
         .pio

@@ -136,12 +136,64 @@ impl BusDevice for IoMem {
     }
 }
 
+/// The parts of pc-testdev that remember what the guest wrote: the scratch register and the
+/// scratch memory. (The exit request ends the VM; the IRQ lines keep no state of their own,
+/// their level lives in the interrupt controllers.)
+#[cfg_attr(not(feature = "bhyve_snapshot"), allow(dead_code))] // read by snapshots only
+pub struct PcTestDev {
+    scratch: Arc<Mutex<IoPort>>,
+    memory: Arc<Mutex<IoMem>>,
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PcTestDevState {
+    pub scratch: u32,
+    /// The 64 KiB at [`IOMEM_BASE`].
+    pub memory: Vec<u8>,
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl PcTestDev {
+    pub fn state(&self) -> PcTestDevState {
+        PcTestDevState {
+            scratch: self.scratch.lock().unwrap_or_else(|e| e.into_inner()).data,
+            memory: self
+                .memory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .buffer
+                .clone(),
+        }
+    }
+
+    pub fn restore(&self, state: &PcTestDevState) -> Result<(), String> {
+        if state.memory.len() != IOMEM_LEN as usize {
+            return Err(format!(
+                "pc-testdev: {} bytes of scratch memory, expected {IOMEM_LEN}",
+                state.memory.len()
+            ));
+        }
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner()).data = state.scratch;
+        self.memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .buffer
+            .copy_from_slice(&state.memory);
+        Ok(())
+    }
+}
+
 /// Put the pc-testdev ranges on `buses`.
 pub fn attach(
     buses: &Buses,
     interrupts: Arc<dyn InterruptSink>,
     exit: Arc<ExitRequest>,
-) -> Result<(), (u64, BusError)> {
+) -> Result<PcTestDev, (u64, BusError)> {
+    let scratch = Arc::new(Mutex::new(IoPort { data: 0 }));
+    let memory = Arc::new(Mutex::new(IoMem {
+        buffer: vec![0; IOMEM_LEN as usize],
+    }));
     let at = |base: u64| move |e| (base, e);
     buses
         .pio
@@ -153,11 +205,7 @@ pub fn attach(
         .map_err(at(DEBUGEXIT_BASE))?;
     buses
         .pio
-        .insert(
-            IOPORT_BASE,
-            IOPORT_LEN,
-            Arc::new(Mutex::new(IoPort { data: 0 })),
-        )
+        .insert(IOPORT_BASE, IOPORT_LEN, scratch.clone())
         .map_err(at(IOPORT_BASE))?;
     buses
         .pio
@@ -169,13 +217,7 @@ pub fn attach(
         .map_err(at(IRQ_BASE))?;
     buses
         .mmio
-        .insert(
-            IOMEM_BASE,
-            IOMEM_LEN,
-            Arc::new(Mutex::new(IoMem {
-                buffer: vec![0; IOMEM_LEN as usize],
-            })),
-        )
+        .insert(IOMEM_BASE, IOMEM_LEN, memory.clone())
         .map_err(at(IOMEM_BASE))?;
-    Ok(())
+    Ok(PcTestDev { scratch, memory })
 }

@@ -272,6 +272,8 @@ pub struct Rtc {
     base_rtctime: Option<i64>,
     base_uptime: Duration,
     next_periodic: Option<Duration>,
+    /// While set, [`Rtc::poll`] leaves registers and the interrupt line alone (snapshots).
+    paused: bool,
 }
 
 impl Rtc {
@@ -293,6 +295,7 @@ impl Rtc {
             base_rtctime: None,
             base_uptime: Duration::ZERO,
             next_periodic: None,
+            paused: false,
         };
         // Dividers keep time, everything else off (vrtc_init).
         rtc.regs[RTC_STATUSA] = RTCSA_DIVIDER_RUN;
@@ -365,6 +368,9 @@ impl Rtc {
     /// the alarm and update-ended flags once per second. Returns how long until the next
     /// event, or `None` when no interrupt is enabled.
     pub fn poll(&mut self) -> Option<Duration> {
+        if self.paused {
+            return None;
+        }
         let now = self.clock.uptime();
         let mut next: Option<Duration> = None;
         if let Some(period) = self.periodic_period() {
@@ -685,6 +691,19 @@ impl Rtc {
             let now = self.clock.uptime();
             let _ = self.time_update(t, now);
         }
+    }
+}
+
+impl Rtc {
+    /// Stop the timer thread from raising flags and interrupts until [`Rtc::resume`]. The clock
+    /// itself keeps time; a poll in progress has finished once this returns, since both hold
+    /// the device's lock.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    pub fn resume(&mut self) {
+        self.paused = false;
     }
 }
 
@@ -1066,6 +1085,21 @@ mod tests {
         assert_eq!(use_localtime(&config), Ok(false));
         config.set("rtc.use_localtime", "maybe");
         assert!(use_localtime(&config).is_err());
+    }
+
+    #[test]
+    fn a_paused_rtc_raises_nothing_until_resumed() {
+        let (f, clock) = fake_fixture(1_700_000_000);
+        f.write(RTC_STATUSA as u8, RTCSA_DIVIDER_RUN | 6);
+        f.write(RTC_STATUSB as u8, RTCSB_24HR | RTCSB_PINTR);
+        f.rtc.lock().unwrap().poll();
+        f.rtc.lock().unwrap().pause();
+        clock.lock().unwrap().1 += Duration::from_secs(1);
+        assert_eq!(f.rtc.lock().unwrap().poll(), None);
+        assert!(f.pulses.0.lock().unwrap().is_empty());
+        f.rtc.lock().unwrap().resume();
+        assert!(f.rtc.lock().unwrap().poll().is_some());
+        assert!(f.pulses.0.lock().unwrap().contains(&(RTC_IRQ, true)));
     }
 
     #[test]

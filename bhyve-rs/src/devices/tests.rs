@@ -336,6 +336,74 @@ fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
     assert_eq!(devices.exit_request().status(), Some(0x21));
 }
 
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn pc_testdev_scratch_register_and_memory_survive_a_snapshot() {
+    let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
+    let buses = Arc::new(Buses::default());
+    let devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
+    assert!(buses.pio.write(0xe0, &0x1234_5678u32.to_le_bytes()));
+    assert!(buses.mmio.write(0xff00_8000, &[9, 8, 7]));
+    let saved = devices.pctestdev().unwrap().state();
+
+    let buses2 = Arc::new(Buses::default());
+    let devices2 = attach_for_test(&cfg, &buses2, Arc::new(FakeSink::default())).unwrap();
+    devices2.pctestdev().unwrap().restore(&saved).unwrap();
+    let mut dword = [0u8; 4];
+    assert!(buses2.pio.read(0xe0, &mut dword));
+    assert_eq!(u32::from_le_bytes(dword), 0x1234_5678);
+    let mut bytes = [0u8; 3];
+    assert!(buses2.mmio.read(0xff00_8000, &mut bytes));
+    assert_eq!(bytes, [9, 8, 7]);
+
+    let mut torn = saved;
+    torn.memory.pop();
+    assert!(devices2.pctestdev().unwrap().restore(&torn).is_err());
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn dummy_bar_contents_survive_a_snapshot() {
+    let cfg = config(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.4.0.device", "dummy"),
+    ]);
+    let buses = Arc::new(Buses::default());
+    let devices = attach_for_test(&cfg, &buses, Arc::new(MsiSink::default())).unwrap();
+    assert!(devices.check_saveable().is_ok());
+    assert!(buses.pio.write(0x2000, &[0x5a]));
+    assert!(buses.mmio.write(0xc000_0010, &[1, 2]));
+    assert!(buses.mmio.write(0xc000_1ffc, &[3, 4, 5, 6]));
+    let slot = pci::PciAddress::new(0, 4, 0).unwrap();
+    let saved = devices
+        .pci()
+        .unwrap()
+        .function(slot)
+        .unwrap()
+        .lock()
+        .unwrap()
+        .save_state()
+        .unwrap();
+
+    let buses2 = Arc::new(Buses::default());
+    let devices2 = attach_for_test(&cfg, &buses2, Arc::new(MsiSink::default())).unwrap();
+    let function = devices2.pci().unwrap().function(slot).unwrap();
+    function.lock().unwrap().restore_state(&saved).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(buses2.pio.read(0x2000, &mut byte));
+    assert_eq!(byte, [0x5a]);
+    let mut two = [0u8; 2];
+    assert!(buses2.mmio.read(0xc000_0010, &mut two));
+    assert_eq!(two, [1, 2]);
+    let mut four = [0u8; 4];
+    assert!(buses2.mmio.read(0xc000_1ffc, &mut four));
+    assert_eq!(four, [3, 4, 5, 6]);
+
+    let mut torn = saved;
+    torn.device.truncate(100);
+    assert!(function.lock().unwrap().restore_state(&torn).is_err());
+}
+
 #[test]
 fn pc_testdev_is_absent_unless_configured() {
     let cfg = config(&[("pci.0.31.0.device", "lpc")]);
@@ -420,13 +488,15 @@ fn attach_for_test(
     interrupts: Arc<dyn crate::interrupts::InterruptSink>,
 ) -> Result<Devices, DeviceError> {
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
-    attach(
+    let devices = attach(
         config,
         buses,
         interrupts,
         crate::vcpu::VmControl::new(),
         memory,
-    )
+    )?;
+    devices.resume();
+    Ok(devices)
 }
 
 #[test]

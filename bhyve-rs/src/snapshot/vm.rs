@@ -1,28 +1,38 @@
 //! Saving a running machine into a snapshot file and building a machine back from one.
 //!
-//! Save order: pause every vCPU → configuration → guest RAM → VM (in-kernel devices, clock) →
-//! each vCPU → each device → commit (fsync, rename) → resume, or stop for a suspend.
-//! Restore mirrors it: configuration → RAM mapped privately from the file (lazy) → VM state →
-//! vCPU states → device states → start the vCPUs last.
+//! Checkpoint order ([`checkpoint`]): check every device can be saved (nothing is paused or
+//! written otherwise) → pause every vCPU → tell each vCPU's guest clock it was stopped → pause
+//! the devices (background threads stop touching device state and interrupts) → VM (in-kernel
+//! devices, clock) and each vCPU, read at once → configuration → guest RAM → each device →
+//! commit (fsync, rename) → resume the devices, then the vCPUs; or, for a suspend, stay stopped.
+//! Restore mirrors it ([`Restore::apply`]): configuration → RAM mapped privately from the file
+//! (lazy) → devices created paused → VM state → vCPU states → device states → starting the
+//! machine resumes the devices, then starts the vCPUs last.
 
 use std::os::fd::AsFd;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter};
+use super::{
+    Backend, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter, HEADER_FLAG_SUSPENDED,
+};
 use crate::config::Config;
 use crate::devices::{DeviceRef, Devices};
 use crate::memory::{GuestMemory, GuestRegion};
 use crate::vcpu::VcpuSet;
 use crate::vmm::{BackendState, StateSection, Vm};
 
-/// Payload versions of the sections this module writes.
-const BACKEND_STATE_VERSION: u32 = 1;
+/// Payload versions of the sections this module writes. Version 2 of `vm`/`vcpu` added the
+/// vCPU's CPUID and TSC rate; of `pci`, the device model's own state.
+const BACKEND_STATE_VERSION: u32 = 2;
 const DEVICE_STATE_VERSION: u32 = 1;
+const PCI_STATE_VERSION: u32 = 2;
 
+/// The hypervisor-held state of the VM or of one vCPU, as the `vm` and `vcpu` sections hold
+/// it: the backend's name and its named sub-sections in restore order.
 #[derive(Serialize, Deserialize)]
-struct BackendStatePayload {
+pub struct BackendStatePayload {
     backend: String,
     sections: Vec<(String, Vec<u8>)>,
 }
@@ -62,10 +72,78 @@ pub struct SaveTarget<'a> {
     pub devices: &'a Devices,
 }
 
-/// Write the machine's state to `name` in `dir`. The vCPUs must be paused.
-pub fn save(target: &SaveTarget<'_>, dir: impl AsFd, name: &str) -> Result<(), String> {
-    let mut writer = SnapshotWriter::create_in(dir, name, HeaderInfo::this_build(Backend::Kvm))
-        .map_err(|e| e.to_string())?;
+/// Decode a `vm` or `vcpu` section's payload, e.g. to compare two snapshots.
+pub fn decode_backend_state(payload: &[u8]) -> Result<BackendState, String> {
+    super::decode_section::<BackendStatePayload>(payload)
+        .map(BackendState::from)
+        .map_err(|e| e.to_string())
+}
+
+/// Take a snapshot of a running machine into `name` in `dir`: see the module documentation
+/// for the order. On failure, or unless `suspend`, the machine runs on; after a successful
+/// suspend it stays paused for the caller to end it.
+pub fn checkpoint(
+    target: &SaveTarget<'_>,
+    dir: impl AsFd,
+    name: &str,
+    suspend: bool,
+) -> Result<(), String> {
+    target.devices.check_saveable()?;
+    target
+        .vcpus
+        .pause_all()
+        .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
+    let result = notify_paused(target.vcpus).and_then(|()| {
+        target.devices.pause();
+        save(target, dir, name, suspend)
+    });
+    if !(suspend && result.is_ok()) {
+        target.devices.resume();
+        target.vcpus.resume_all();
+    }
+    result
+}
+
+/// Tell each vCPU's guest that it was stopped (kvm-clock's flag, set at its next entry).
+fn notify_paused(vcpus: &VcpuSet) -> Result<(), String> {
+    for index in 0..vcpus.len() {
+        vcpus
+            .with_vcpu(index, |vcpu| vcpu.notify_paused())
+            .map_err(|e| format!("vCPU {index}: {e}"))?
+            .map_err(|e| format!("vCPU {index}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Write the machine's state to `name` in `dir`; `suspended` marks the header for a snapshot
+/// after which the VM stops. The vCPUs and devices must be paused.
+pub fn save(
+    target: &SaveTarget<'_>,
+    dir: impl AsFd,
+    name: &str,
+    suspended: bool,
+) -> Result<(), String> {
+    let mut info = HeaderInfo::this_build(Backend::Kvm);
+    if suspended {
+        info.flags |= HEADER_FLAG_SUSPENDED;
+    }
+    // The hypervisor's state first, right after the pause: the in-kernel timer (PIT) keeps
+    // running while the vCPUs are stopped, and every tick it raises during the RAM copy would
+    // otherwise show up as a pending interrupt in the saved interrupt controllers.
+    let vm_state = target
+        .vm
+        .save_state()
+        .map_err(|e| format!("VM state: {e}"))?;
+    let mut vcpu_states = Vec::with_capacity(target.vcpus.len());
+    for index in 0..target.vcpus.len() {
+        let state = target
+            .vcpus
+            .with_vcpu(index, |vcpu| vcpu.save_state())
+            .map_err(|e| format!("vCPU {index}: {e}"))?
+            .map_err(|e| format!("vCPU {index}: {e}"))?;
+        vcpu_states.push(state);
+    }
+    let mut writer = SnapshotWriter::create_in(dir, name, info).map_err(|e| e.to_string())?;
     writer
         .add_config(target.config.iter())
         .map_err(|e| e.to_string())?;
@@ -78,22 +156,13 @@ pub fn save(target: &SaveTarget<'_>, dir: impl AsFd, name: &str) -> Result<(), S
             .add_ram_region(region.gpa(), data)
             .map_err(|e| e.to_string())?;
     }
-    let vm_state = target
-        .vm
-        .save_state()
-        .map_err(|e| format!("VM state: {e}"))?;
     add_state(&mut writer, "vm", "", &BackendStatePayload::from(&vm_state))?;
-    for index in 0..target.vcpus.len() {
-        let state = target
-            .vcpus
-            .with_vcpu(index, |vcpu| vcpu.save_state())
-            .map_err(|e| format!("vCPU {index}: {e}"))?
-            .map_err(|e| format!("vCPU {index}: {e}"))?;
+    for (index, state) in vcpu_states.iter().enumerate() {
         add_state(
             &mut writer,
             "vcpu",
             &index.to_string(),
-            &BackendStatePayload::from(&state),
+            &BackendStatePayload::from(state),
         )?;
     }
     for (instance, device) in target.devices.instances() {
@@ -102,7 +171,7 @@ pub fn save(target: &SaveTarget<'_>, dir: impl AsFd, name: &str) -> Result<(), S
                 let state = function
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .save_state();
+                    .save_state()?;
                 add_state(&mut writer, "pci", &instance, &state)?;
             }
             DeviceRef::Uart(uart) => {
@@ -119,7 +188,19 @@ pub fn save(target: &SaveTarget<'_>, dir: impl AsFd, name: &str) -> Result<(), S
         let state = pm.lock().unwrap_or_else(|e| e.into_inner()).state();
         add_state(&mut writer, "pm", "", &state)?;
     }
+    if let Some(testdev) = target.devices.pctestdev() {
+        add_state(&mut writer, "pctestdev", "", &testdev.state())?;
+    }
     writer.commit().map_err(|e| e.to_string())
+}
+
+/// The payload version this module writes for section `name`.
+fn version_of(name: &str) -> u32 {
+    match name {
+        "vm" | "vcpu" => BACKEND_STATE_VERSION,
+        "pci" => PCI_STATE_VERSION,
+        _ => DEVICE_STATE_VERSION,
+    }
 }
 
 fn add_state<T: Serialize>(
@@ -128,13 +209,14 @@ fn add_state<T: Serialize>(
     instance: &str,
     value: &T,
 ) -> Result<(), String> {
-    let version = if matches!(name, "vm" | "vcpu") {
-        BACKEND_STATE_VERSION
-    } else {
-        DEVICE_STATE_VERSION
-    };
     writer
-        .add_encoded(name, instance, version, Requirement::Mandatory, value)
+        .add_encoded(
+            name,
+            instance,
+            version_of(name),
+            Requirement::Mandatory,
+            value,
+        )
         .map_err(|e| format!("{name} {instance}: {e}"))
 }
 
@@ -174,28 +256,40 @@ impl Restore {
     }
 
     fn backend_state(&self, name: &str, instance: &str) -> Result<BackendState, String> {
-        let payload: BackendStatePayload = self.decode(name, instance, BACKEND_STATE_VERSION)?;
+        let payload: BackendStatePayload = self.decode(name, instance)?;
         Ok(payload.into())
     }
 
+    /// Take and decode section `name`/`instance`, which must have the version this bhyve
+    /// writes: a newer one holds state this bhyve does not know, an older one lacks state.
     fn decode<T: serde::de::DeserializeOwned>(
         &self,
         name: &str,
         instance: &str,
-        version: u32,
     ) -> Result<T, String> {
+        let version = version_of(name);
         let section = self
             .reader
             .take_versioned(name, instance, version)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("section {name} {instance} is missing"))?;
+        if section.version < version {
+            return Err(format!(
+                "section {name} {instance} has version {}, from an older bhyve; this one \
+                 restores version {version}",
+                section.version
+            ));
+        }
         section
             .decode()
             .map_err(|e| format!("section {name} {instance}: {e}"))
     }
 
     /// Put the saved VM, vCPU and device state into a freshly built machine (not started).
+    /// The devices stay paused, as they were created, so no input or timer reaches them
+    /// before their state is loaded; starting the machine resumes them before the vCPUs.
     pub fn apply(&self, vm: &dyn Vm, vcpus: &VcpuSet, devices: &Devices) -> Result<(), String> {
+        devices.pause();
         // The RAM sections were consumed by `memory`; the configuration by `config`.
         for region in self.reader.ram_regions() {
             self.reader.take("ram", &region.instance);
@@ -214,7 +308,7 @@ impl Restore {
         for (instance, device) in devices.instances() {
             match device {
                 DeviceRef::Pci(function) => {
-                    let state = self.decode("pci", &instance, DEVICE_STATE_VERSION)?;
+                    let state = self.decode("pci", &instance)?;
                     function
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -222,7 +316,7 @@ impl Restore {
                         .map_err(|e| format!("{instance}: {e}"))?;
                 }
                 DeviceRef::Uart(uart) => {
-                    let state = self.decode("uart", &instance, DEVICE_STATE_VERSION)?;
+                    let state = self.decode("uart", &instance)?;
                     uart.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .uart
@@ -232,14 +326,18 @@ impl Restore {
             }
         }
         if let Some(rtc) = devices.rtc() {
-            let state = self.decode("rtc", "", DEVICE_STATE_VERSION)?;
+            let state = self.decode("rtc", "")?;
             rtc.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .restore(&state);
         }
         if let Some(pm) = devices.power_management() {
-            let state = self.decode("pm", "", DEVICE_STATE_VERSION)?;
+            let state = self.decode("pm", "")?;
             pm.lock().unwrap_or_else(|e| e.into_inner()).restore(&state);
+        }
+        if let Some(testdev) = devices.pctestdev() {
+            let state = self.decode("pctestdev", "")?;
+            testdev.restore(&state)?;
         }
         self.reader
             .finish_check_unconsumed()

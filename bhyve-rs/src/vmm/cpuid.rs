@@ -112,6 +112,240 @@ fn topology_leaf(function: u32, index: u32, apic_id: u32, threads: u32, cores: u
     }
 }
 
+/// A CPUID register holding feature flags, checked when a vCPU's saved CPUID is put back.
+struct FeatureRegister {
+    function: u32,
+    index: u32,
+    register: Register,
+    /// Names of the flags, by bit; `""` where no name is given.
+    names: &'static [(u32, &'static str)],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Register {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+impl Register {
+    fn of(self, entry: &CpuidEntry) -> u32 {
+        match self {
+            Register::Eax => entry.eax,
+            Register::Ebx => entry.ebx,
+            Register::Ecx => entry.ecx,
+            Register::Edx => entry.edx,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Register::Eax => "EAX",
+            Register::Ebx => "EBX",
+            Register::Ecx => "ECX",
+            Register::Edx => "EDX",
+        }
+    }
+}
+
+/// Flags the hypervisor changes while the guest runs (they mirror CR4.OSXSAVE and CR4.PKE), so
+/// a saved CPUID may have them where a fresh vCPU does not.
+const RUNTIME_FLAGS: [(u32, u32, Register, u32); 2] = [
+    (1, 0, Register::Ecx, 1 << 27),
+    (7, 0, Register::Ecx, 1 << 4),
+];
+
+const FEATURE_REGISTERS: &[FeatureRegister] = &[
+    FeatureRegister {
+        function: 1,
+        index: 0,
+        register: Register::Ecx,
+        names: &[
+            (0, "sse3"),
+            (1, "pclmulqdq"),
+            (3, "monitor"),
+            (9, "ssse3"),
+            (12, "fma"),
+            (13, "cx16"),
+            (19, "sse4.1"),
+            (20, "sse4.2"),
+            (21, "x2apic"),
+            (22, "movbe"),
+            (23, "popcnt"),
+            (24, "tsc-deadline"),
+            (25, "aes"),
+            (26, "xsave"),
+            (28, "avx"),
+            (29, "f16c"),
+            (30, "rdrand"),
+        ],
+    },
+    FeatureRegister {
+        function: 1,
+        index: 0,
+        register: Register::Edx,
+        names: &[
+            (0, "fpu"),
+            (4, "tsc"),
+            (5, "msr"),
+            (8, "cx8"),
+            (9, "apic"),
+            (15, "cmov"),
+            (19, "clflush"),
+            (23, "mmx"),
+            (24, "fxsr"),
+            (25, "sse"),
+            (26, "sse2"),
+        ],
+    },
+    FeatureRegister {
+        function: 7,
+        index: 0,
+        register: Register::Ebx,
+        names: &[
+            (0, "fsgsbase"),
+            (3, "bmi1"),
+            (4, "hle"),
+            (5, "avx2"),
+            (8, "bmi2"),
+            (9, "erms"),
+            (10, "invpcid"),
+            (11, "rtm"),
+            (16, "avx512f"),
+            (18, "rdseed"),
+            (19, "adx"),
+            (20, "smap"),
+            (23, "clflushopt"),
+            (24, "clwb"),
+            (29, "sha"),
+        ],
+    },
+    FeatureRegister {
+        function: 7,
+        index: 0,
+        register: Register::Ecx,
+        names: &[
+            (2, "umip"),
+            (3, "pku"),
+            (8, "gfni"),
+            (9, "vaes"),
+            (10, "vpclmulqdq"),
+            (22, "rdpid"),
+        ],
+    },
+    FeatureRegister {
+        function: 7,
+        index: 0,
+        register: Register::Edx,
+        names: &[
+            (10, "md-clear"),
+            (24, "amx-tile"),
+            (26, "ibrs"),
+            (29, "arch-capabilities"),
+        ],
+    },
+    FeatureRegister {
+        function: 7,
+        index: 1,
+        register: Register::Eax,
+        names: &[(4, "avx-vnni"), (5, "avx512-bf16")],
+    },
+    FeatureRegister {
+        function: 0xd,
+        index: 1,
+        register: Register::Eax,
+        names: &[
+            (0, "xsaveopt"),
+            (1, "xsavec"),
+            (2, "xgetbv1"),
+            (3, "xsaves"),
+        ],
+    },
+    FeatureRegister {
+        function: 0x4000_0001,
+        index: 0,
+        register: Register::Eax,
+        names: &[
+            (0, "kvmclock"),
+            (3, "kvmclock2"),
+            (4, "kvm-async-pf"),
+            (5, "kvm-steal-time"),
+            (6, "kvm-pv-eoi"),
+            (24, "kvmclock-stable"),
+        ],
+    },
+    FeatureRegister {
+        function: 0x8000_0001,
+        index: 0,
+        register: Register::Ecx,
+        names: &[(0, "lahf-lm"), (5, "abm"), (6, "sse4a"), (8, "prefetchw")],
+    },
+    FeatureRegister {
+        function: 0x8000_0001,
+        index: 0,
+        register: Register::Edx,
+        names: &[
+            (11, "syscall"),
+            (20, "nx"),
+            (26, "pdpe1gb"),
+            (27, "rdtscp"),
+            (29, "lm"),
+        ],
+    },
+    FeatureRegister {
+        function: 0x8000_0008,
+        index: 0,
+        register: Register::Ebx,
+        names: &[(0, "clzero"), (9, "wbnoinvd"), (12, "ibpb")],
+    },
+];
+
+fn find(entries: &[CpuidEntry], function: u32, index: u32) -> Option<&CpuidEntry> {
+    entries.iter().find(|e| {
+        e.function == function && (e.index == index || e.flags & FLAG_SIGNIFICANT_INDEX == 0)
+    })
+}
+
+/// Check that `available` (the CPUID this host gives a new vCPU of the same VM) offers every
+/// feature flag `saved` (a vCPU's CPUID from a snapshot) has; the error names the first
+/// missing one, e.g. `CPUID.(EAX=7,ECX=0):EBX bit 5 (avx2)`. A guest that found a feature at
+/// boot keeps using it after a restore, so a missing one would fault or misbehave later.
+pub fn check_features_available(
+    saved: &[CpuidEntry],
+    available: &[CpuidEntry],
+) -> Result<(), String> {
+    for reg in FEATURE_REGISTERS {
+        let Some(saved_entry) = find(saved, reg.function, reg.index) else {
+            continue;
+        };
+        let mut wanted = reg.register.of(saved_entry);
+        for (function, index, register, bits) in RUNTIME_FLAGS {
+            if (function, index, register) == (reg.function, reg.index, reg.register) {
+                wanted &= !bits;
+            }
+        }
+        let offered = find(available, reg.function, reg.index).map_or(0, |e| reg.register.of(e));
+        let missing = wanted & !offered;
+        if missing != 0 {
+            let bit = missing.trailing_zeros();
+            let name = reg
+                .names
+                .iter()
+                .find(|(b, _)| *b == bit)
+                .map_or(String::new(), |(_, n)| format!(" ({n})"));
+            return Err(format!(
+                "the snapshot's vCPU has CPUID.(EAX={:#x},ECX={}):{} bit {bit}{name}, \
+                 which this host cannot provide",
+                reg.function,
+                reg.index,
+                reg.register.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +456,38 @@ mod tests {
         assert_eq!((leaf(&e, 1, 0).ebx >> 16) & 0xff, 1);
         assert_eq!(leaf(&e, 0xb, 1).eax, 0);
         assert_eq!(leaf(&e, 0xb, 1).edx, 3);
+    }
+
+    #[test]
+    fn saved_features_must_be_available_except_runtime_flags() {
+        let mut available = host_like();
+        available.iter_mut().find(|e| e.function == 1).unwrap().ecx |= 1 << 28;
+        let mut saved = available.clone();
+        assert_eq!(check_features_available(&saved, &available), Ok(()));
+        // OSXSAVE follows the guest's CR4: present in the saved CPUID only.
+        saved.iter_mut().find(|e| e.function == 1).unwrap().ecx |= 1 << 27;
+        assert_eq!(check_features_available(&saved, &available), Ok(()));
+        let mut without_avx = available.clone();
+        without_avx
+            .iter_mut()
+            .find(|e| e.function == 1)
+            .unwrap()
+            .ecx &= !(1 << 28);
+        let err = check_features_available(&saved, &without_avx).unwrap_err();
+        assert_eq!(
+            err,
+            "the snapshot's vCPU has CPUID.(EAX=0x1,ECX=0):ECX bit 28 (avx), \
+             which this host cannot provide"
+        );
+        // A whole leaf missing on the host counts as all its flags missing.
+        let mut saved = available.clone();
+        saved.push(CpuidEntry {
+            function: 0x4000_0001,
+            eax: 1 << 3,
+            ..Default::default()
+        });
+        let err = check_features_available(&saved, &available).unwrap_err();
+        assert!(err.contains("bit 3 (kvmclock2)"), "{err}");
     }
 
     #[test]

@@ -17,20 +17,21 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_irqchip, kvm_lapic_state,
     kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_run,
     kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MEM_READONLY, KVM_MP_STATE_HALTED,
-    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
-    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    CpuId, Msrs, Xsave, KVM_CLOCK_TSC_STABLE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    KVM_MEM_READONLY, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
-use super::cpuid::{apply_topology, CpuidEntry};
+use super::cpuid::{apply_topology, check_features_available, CpuidEntry};
 use super::{
     BackendState, BlockedProbe, DescriptorTable, Hypervisor, MpState, Msr, Regs, Result, Segment,
     SpecialRegs, StateSection, SystemEvent, Topology, Vcpu, VmExit, VmmError,
@@ -127,6 +128,7 @@ impl Hypervisor for KvmHypervisor {
             msr_indices,
             xsave_size,
             next_slot: std::sync::atomic::AtomicU32::new(0),
+            tsc_warned: Arc::new(AtomicBool::new(false)),
         }))
     }
 }
@@ -140,6 +142,9 @@ pub struct KvmVm {
     xsave_size: usize,
     /// The next free memory slot.
     next_slot: std::sync::atomic::AtomicU32,
+    /// Set once a restore warned that the TSC frequency differs, so the warning is given once
+    /// per VM rather than once per vCPU.
+    tsc_warned: Arc<AtomicBool>,
 }
 
 impl KvmVm {
@@ -214,6 +219,7 @@ impl super::Vm for KvmVm {
             run,
             msr_indices: self.msr_indices.clone(),
             xsave_size: self.xsave_size,
+            tsc_warned: self.tsc_warned.clone(),
         }))
     }
 
@@ -262,12 +268,36 @@ impl super::Vm for KvmVm {
         self.fd
             .set_pit2(&pit)
             .map_err(|e| VmmError::ioctl("KVM_SET_PIT2", e))?;
-        let mut clock: kvm_clock_data = from_section(state, "clock")?;
-        // Only the clock value is restored: the guest sees no time pass while it was saved.
-        clock.flags = 0;
+        let saved: kvm_clock_data = from_section(state, "clock")?;
+        // Only the clock value goes back, so kvm-clock continues from where it stood at the save
+        // and the time the VM spent saved does not pass for the guest (as with FreeBSD's
+        // VM_RESTORE_TIME). The saved flags describe the saving host: KVM_CLOCK_TSC_STABLE
+        // (its master clock was in use), KVM_CLOCK_REALTIME and KVM_CLOCK_HOST_TSC (with the
+        // realtime and host_tsc fields) are outputs of KVM_GET_CLOCK; given back, REALTIME would
+        // make the clock jump by the wall-clock time since the save, so none is passed on.
+        let clock = kvm_clock_data {
+            clock: saved.clock,
+            ..Default::default()
+        };
         self.fd
             .set_clock(&clock)
-            .map_err(|e| VmmError::ioctl("KVM_SET_CLOCK", e))
+            .map_err(|e| VmmError::ioctl("KVM_SET_CLOCK", e))?;
+        // Guest time must never go backwards: KVM offsets kvm-clock so that it reads the
+        // given value now and counts up from there.
+        let now = self
+            .fd
+            .get_clock()
+            .map_err(|e| VmmError::ioctl("KVM_GET_CLOCK", e))?;
+        if now.clock < saved.clock {
+            return Err(VmmError::Invalid(format!(
+                "kvm-clock reads {} ns after being set to {} ns",
+                now.clock, saved.clock
+            )));
+        }
+        if saved.flags & KVM_CLOCK_TSC_STABLE != 0 && now.flags & KVM_CLOCK_TSC_STABLE == 0 {
+            log::info!("kvm-clock was TSC-stable when saved but is not on this host");
+        }
+        Ok(())
     }
 }
 
@@ -302,22 +332,34 @@ unsafe impl Pod for kvm_debugregs {}
 unsafe impl Pod for kvm_lapic_state {}
 // SAFETY: as above.
 unsafe impl Pod for kvm_vcpu_events {}
+// SAFETY: as above.
+unsafe impl Pod for kvm_cpuid_entry2 {}
 
-fn section<T: Pod>(name: &str, value: &T) -> StateSection {
+fn pod_bytes<T: Pod>(value: &T) -> &[u8] {
     // SAFETY: T is plain old data (see `Pod`), so all size_of::<T>() bytes may be read.
-    let bytes = unsafe {
+    unsafe {
         std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
-    };
-    StateSection {
-        name: name.into(),
-        bytes: bytes.to_vec(),
     }
 }
 
-fn from_section<T: Pod>(state: &BackendState, name: &str) -> Result<T> {
-    let bytes = state
+fn section<T: Pod>(name: &str, value: &T) -> StateSection {
+    StateSection {
+        name: name.into(),
+        bytes: pod_bytes(value).to_vec(),
+    }
+}
+
+fn required<'a>(state: &'a BackendState, name: &str) -> Result<&'a [u8]> {
+    state
         .section(name)
-        .ok_or_else(|| VmmError::Invalid(format!("saved KVM state lacks '{name}'")))?;
+        .ok_or_else(|| VmmError::Invalid(format!("saved KVM state lacks '{name}'")))
+}
+
+fn from_section<T: Pod>(state: &BackendState, name: &str) -> Result<T> {
+    pod_from_bytes(required(state, name)?, name)
+}
+
+fn pod_from_bytes<T: Pod>(bytes: &[u8], name: &str) -> Result<T> {
     if bytes.len() != std::mem::size_of::<T>() {
         return Err(VmmError::Invalid(format!(
             "saved KVM state '{name}' is {} bytes, expected {}",
@@ -347,6 +389,50 @@ fn check_backend(state: &BackendState) -> Result<()> {
             state.backend
         )))
     }
+}
+
+fn cpuid_to_bytes(entries: &[kvm_cpuid_entry2]) -> Vec<u8> {
+    entries.iter().flat_map(|e| pod_bytes(e).to_vec()).collect()
+}
+
+fn cpuid_from_bytes(bytes: &[u8]) -> Result<Vec<kvm_cpuid_entry2>> {
+    let size = std::mem::size_of::<kvm_cpuid_entry2>();
+    if bytes.is_empty() || bytes.len() % size != 0 || bytes.len() / size > KVM_MAX_CPUID_ENTRIES {
+        return Err(VmmError::Invalid("saved CPUID table is malformed".into()));
+    }
+    bytes
+        .chunks_exact(size)
+        .map(|chunk| pod_from_bytes(chunk, "cpuid"))
+        .collect()
+}
+
+fn cpuid_entries(entries: &[kvm_cpuid_entry2]) -> Vec<CpuidEntry> {
+    entries
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
+}
+
+/// The 12-byte vendor string of CPUID leaf 0.
+fn cpu_vendor(entries: &[kvm_cpuid_entry2]) -> Option<String> {
+    let leaf = entries.iter().find(|e| e.function == 0)?;
+    let bytes: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn u32s_to_bytes(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 fn msrs_to_bytes(msrs: &[Msr]) -> Vec<u8> {
@@ -441,6 +527,24 @@ pub struct KvmVcpu {
     run: *mut kvm_run,
     msr_indices: Arc<[u32]>,
     xsave_size: usize,
+    tsc_warned: Arc<AtomicBool>,
+}
+
+/// IA32_TIME_STAMP_COUNTER and IA32_TSC_DEADLINE.
+pub const MSR_IA32_TSC: u32 = 0x10;
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// Offset of the LVT timer register in the LAPIC register page, and its timer-mode field.
+const APIC_LVTT: usize = 0x320;
+const APIC_LVT_TIMER_MODE_MASK: u32 = 3 << 17;
+const APIC_LVT_TIMER_TSC_DEADLINE: u32 = 2 << 17;
+/// A TSC frequency within this many parts per million of the saved one needs no adjustment
+/// (KVM's own tolerance, `tsc_tolerance_ppm`).
+const TSC_TOLERANCE_PPM: u64 = 250;
+
+/// Why an MSR of KVM's save list was left out of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkippedMsr {
+    pub index: u32,
 }
 
 // SAFETY: `run` points into a mapping owned by `fd`, which moves with the vCPU; KVM allows a vCPU
@@ -458,18 +562,79 @@ impl KvmVcpu {
         unsafe { &raw mut (*self.run).immediate_exit }
     }
 
-    fn check_xsave_size(&self) -> Result<()> {
-        if self.xsave_size > std::mem::size_of::<kvm_xsave>() {
-            return Err(VmmError::Unsupported(
-                "XSAVE state larger than 4 KiB (e.g. AMX)",
-            ));
-        }
-        Ok(())
+    /// Bytes of XSAVE state KVM exchanges for this vCPU: the 4 KiB `kvm_xsave`, or more with
+    /// KVM_CAP_XSAVE2 when dynamically enabled components (AMX) do not fit.
+    fn xsave_len(&self) -> usize {
+        self.xsave_size.max(std::mem::size_of::<kvm_xsave>())
     }
 
-    /// Every MSR of KVM's save list that this vCPU can read, with its value. KVM_GET_MSRS stops
-    /// at the first MSR it cannot read, so that one is skipped and the rest read again.
-    fn readable_msrs(&self) -> Result<Vec<Msr>> {
+    /// The XSAVE area as bytes: `kvm_xsave` followed, with XSAVE2, by the rest of the area.
+    fn save_xsave(&self) -> Result<Vec<u8>> {
+        let legacy = std::mem::size_of::<kvm_xsave>();
+        if self.xsave_len() == legacy {
+            let xsave = self
+                .fd
+                .get_xsave()
+                .map_err(|e| VmmError::ioctl("KVM_GET_XSAVE", e))?;
+            return Ok(pod_bytes(&xsave).to_vec());
+        }
+        let mut xsave = Xsave::new((self.xsave_len() - legacy).div_ceil(4))
+            .map_err(|e| VmmError::Invalid(format!("XSAVE area: {e:?}")))?;
+        // SAFETY: the area was allocated with the size KVM_CAP_XSAVE2 reported for this VM.
+        unsafe { self.fd.get_xsave2(&mut xsave) }
+            .map_err(|e| VmmError::ioctl("KVM_GET_XSAVE2", e))?;
+        let mut bytes = pod_bytes(&xsave.as_fam_struct_ref().xsave).to_vec();
+        bytes.extend(u32s_to_bytes(xsave.as_slice()));
+        Ok(bytes)
+    }
+
+    /// Put back what [`KvmVcpu::save_xsave`] returned. A shorter area than this host uses is
+    /// padded with zeros (the XSAVE header says which components hold state); a longer one
+    /// holds components this host cannot give the guest.
+    fn restore_xsave(&self, bytes: &[u8]) -> Result<()> {
+        let legacy = std::mem::size_of::<kvm_xsave>();
+        let host = self.xsave_len();
+        if bytes.len() < legacy || bytes.len() % 4 != 0 {
+            return Err(VmmError::Invalid(format!(
+                "saved XSAVE area of {} bytes is malformed",
+                bytes.len()
+            )));
+        }
+        if bytes.len() > host {
+            return Err(VmmError::Invalid(format!(
+                "the snapshot's XSAVE area is {} bytes but KVM on this host holds {host}: \
+                 the guest used extended state (e.g. AMX) this host cannot provide",
+                bytes.len()
+            )));
+        }
+        let header: kvm_xsave = pod_from_bytes(&bytes[..legacy], "xsave")?;
+        if host == legacy {
+            // SAFETY: KVM needs no more than the 4 KiB kvm_xsave holds (no XSAVE2 size above it).
+            return unsafe { self.fd.set_xsave(&header) }
+                .map_err(|e| VmmError::ioctl("KVM_SET_XSAVE", e));
+        }
+        let mut xsave = Xsave::new((host - legacy).div_ceil(4))
+            .map_err(|e| VmmError::Invalid(format!("XSAVE area: {e:?}")))?;
+        // SAFETY: only the fixed-size header is replaced; the length of the trailing array is
+        // left as allocated.
+        unsafe { xsave.as_mut_fam_struct() }.xsave = header;
+        for (word, chunk) in xsave
+            .as_mut_slice()
+            .iter_mut()
+            .zip(bytes[legacy..].chunks_exact(4))
+        {
+            *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        // SAFETY: the area has the size KVM_CAP_XSAVE2 reported for this VM.
+        unsafe { self.fd.set_xsave2(&xsave) }.map_err(|e| VmmError::ioctl("KVM_SET_XSAVE2", e))
+    }
+
+    /// Every MSR of KVM's save list that this vCPU can read, with its value, and those it could
+    /// not. KVM_GET_MSRS stops at the first MSR it refuses, so that one is recorded as skipped
+    /// and the rest read again. KVM lists every MSR it knows; it refuses those of features the
+    /// vCPU's CPUID does not offer, whose value the guest can then neither read nor set.
+    fn readable_msrs(&self) -> Result<(Vec<Msr>, Vec<SkippedMsr>)> {
+        let mut skipped = Vec::new();
         let mut result = Vec::with_capacity(self.msr_indices.len());
         let mut rest: &[u32] = &self.msr_indices;
         while !rest.is_empty() {
@@ -492,10 +657,116 @@ impl KvmVcpu {
                 value: e.data,
             }));
             // Skip the unreadable one (if the batch stopped early).
-            let consumed = if read < batch.len() { read + 1 } else { read };
+            let consumed = if read < batch.len() {
+                skipped.push(SkippedMsr { index: batch[read] });
+                read + 1
+            } else {
+                read
+            };
             rest = &rest[consumed..];
         }
-        Ok(result)
+        if !skipped.is_empty() {
+            let list: Vec<String> = skipped.iter().map(|m| format!("{:#x}", m.index)).collect();
+            log::info!(
+                "vCPU {}: {} of {} MSRs not saved, KVM refused to read them for this vCPU: {}",
+                self.id,
+                skipped.len(),
+                self.msr_indices.len(),
+                list.join(" ")
+            );
+        }
+        Ok((result, skipped))
+    }
+
+    /// Set `msrs` in batches KVM accepts.
+    fn set_msr_batches(&self, msrs: &[Msr]) -> Result<()> {
+        for batch in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+            self.set_msrs(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Put back the saved CPUID instead of the one built from this host at creation, after
+    /// checking this host can provide every feature it lists.
+    fn restore_cpuid(&self, bytes: &[u8]) -> Result<()> {
+        let saved = cpuid_from_bytes(bytes)?;
+        let fresh = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmmError::ioctl("KVM_GET_CPUID2", e))?;
+        let (saved_vendor, host_vendor) = (cpu_vendor(&saved), cpu_vendor(fresh.as_slice()));
+        if saved_vendor != host_vendor {
+            return Err(VmmError::Invalid(format!(
+                "the snapshot was taken on a {} CPU, this host has a {} CPU",
+                saved_vendor.unwrap_or_default(),
+                host_vendor.unwrap_or_default()
+            )));
+        }
+        check_features_available(&cpuid_entries(&saved), &cpuid_entries(fresh.as_slice()))
+            .map_err(VmmError::Invalid)?;
+        let cpuid = CpuId::from_entries(&saved)
+            .map_err(|e| VmmError::Invalid(format!("CPUID table: {e:?}")))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VmmError::ioctl("KVM_SET_CPUID2", e))
+    }
+
+    /// Give the vCPU the saved TSC frequency. Without TSC scaling (KVM_CAP_TSC_CONTROL) KVM
+    /// cannot run the guest's TSC at another rate than the host's: the restore then goes on at
+    /// this host's rate with a warning, because kvm-clock (which KVM recomputes for the new
+    /// rate) keeps the guest's time right and only a guest that calibrated the TSC itself
+    /// drifts; refusing would make a snapshot unusable on any other machine.
+    fn restore_tsc_khz(&self, bytes: &[u8]) -> Result<()> {
+        let saved = u32::from_le_bytes(
+            bytes
+                .try_into()
+                .map_err(|_| VmmError::Invalid("saved TSC frequency is malformed".into()))?,
+        );
+        let current = self
+            .fd
+            .get_tsc_khz()
+            .map_err(|e| VmmError::ioctl("KVM_GET_TSC_KHZ", e))?;
+        if saved == 0 || tsc_within_tolerance(saved, current) {
+            return Ok(());
+        }
+        if let Err(e) = self.fd.set_tsc_khz(saved) {
+            if !self.tsc_warned.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "bhyve: warning: the snapshot's TSC runs at {saved} kHz, this host's at \
+                     {current} kHz and KVM cannot scale it ({}); the guest's TSC now runs at \
+                     the host's rate",
+                    super::describe_io_error(&e.into())
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Put back the MSRs. The TSC goes first and the TSC deadline last: KVM keeps the deadline
+    /// as an absolute TSC value, and accepts it only once the LAPIC (restored before) is in
+    /// TSC-deadline mode.
+    fn restore_msrs(&self, bytes: &[u8], lapic: &kvm_lapic_state) -> Result<()> {
+        let msrs = msrs_from_bytes(bytes)?;
+        let tsc: Vec<Msr> = msrs
+            .iter()
+            .filter(|m| m.index == MSR_IA32_TSC)
+            .copied()
+            .collect();
+        let others: Vec<Msr> = msrs
+            .iter()
+            .filter(|m| m.index != MSR_IA32_TSC && m.index != MSR_IA32_TSC_DEADLINE)
+            .copied()
+            .collect();
+        self.set_msr_batches(&tsc)?;
+        self.set_msr_batches(&others)?;
+        if let Some(deadline) = msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+            let value = tsc_deadline_to_restore(deadline.value, lapic, tsc.first());
+            self.set_msrs(&[Msr {
+                index: MSR_IA32_TSC_DEADLINE,
+                value,
+            }])?;
+        }
+        Ok(())
     }
 
     /// `(size, count)` of the port access the last exit describes.
@@ -789,12 +1060,24 @@ impl Vcpu for KvmVcpu {
     }
 
     fn save_state(&self) -> Result<BackendState> {
-        self.check_xsave_size()?;
         let fd = &self.fd;
         let ioctl = VmmError::ioctl;
-        // MP state first: reading it makes KVM process pending INIT/SIPI events, so the
-        // registers read after it are the ones that go with it.
-        let sections = vec![
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| ioctl("KVM_GET_CPUID2", e))?;
+        let tsc_khz = fd.get_tsc_khz().map_err(|e| ioctl("KVM_GET_TSC_KHZ", e))?;
+        // CPUID and TSC frequency do not change while the vCPU is paused. Then MP state first:
+        // reading it makes KVM process pending INIT/SIPI events, so the registers read after
+        // it are the ones that go with it. Pending events last, after everything they refer to.
+        let mut sections = vec![
+            StateSection {
+                name: "cpuid".into(),
+                bytes: cpuid_to_bytes(cpuid.as_slice()),
+            },
+            StateSection {
+                name: "tsc_khz".into(),
+                bytes: tsc_khz.to_le_bytes().to_vec(),
+            },
             section(
                 "mp_state",
                 &fd.get_mp_state()
@@ -808,10 +1091,10 @@ impl Vcpu for KvmVcpu {
                 "sregs",
                 &fd.get_sregs().map_err(|e| ioctl("KVM_GET_SREGS", e))?,
             ),
-            section(
-                "xsave",
-                &fd.get_xsave().map_err(|e| ioctl("KVM_GET_XSAVE", e))?,
-            ),
+            StateSection {
+                name: "xsave".into(),
+                bytes: self.save_xsave()?,
+            },
             section(
                 "xcrs",
                 &fd.get_xcrs().map_err(|e| ioctl("KVM_GET_XCRS", e))?,
@@ -825,16 +1108,23 @@ impl Vcpu for KvmVcpu {
                 "lapic",
                 &fd.get_lapic().map_err(|e| ioctl("KVM_GET_LAPIC", e))?,
             ),
-            StateSection {
-                name: "msrs".into(),
-                bytes: msrs_to_bytes(&self.readable_msrs()?),
-            },
-            section(
-                "vcpu_events",
-                &fd.get_vcpu_events()
-                    .map_err(|e| ioctl("KVM_GET_VCPU_EVENTS", e))?,
-            ),
         ];
+        let (msrs, skipped) = self.readable_msrs()?;
+        sections.push(StateSection {
+            name: "msrs".into(),
+            bytes: msrs_to_bytes(&msrs),
+        });
+        // Kept for inspection only: which MSRs KVM listed but would not read.
+        let skipped: Vec<u32> = skipped.iter().map(|m| m.index).collect();
+        sections.push(StateSection {
+            name: "msrs_skipped".into(),
+            bytes: u32s_to_bytes(&skipped),
+        });
+        sections.push(section(
+            "vcpu_events",
+            &fd.get_vcpu_events()
+                .map_err(|e| ioctl("KVM_GET_VCPU_EVENTS", e))?,
+        ));
         Ok(BackendState {
             backend: BACKEND.into(),
             sections,
@@ -843,33 +1133,51 @@ impl Vcpu for KvmVcpu {
 
     fn restore_state(&self, state: &BackendState) -> Result<()> {
         check_backend(state)?;
-        self.check_xsave_size()?;
         let fd = &self.fd;
         let ioctl = VmmError::ioctl;
-        // Order matters: MP state before events; SREGS (APIC base) before the LAPIC; the LAPIC
-        // before MSRs (the TSC-deadline MSR only sticks in TSC-deadline mode); pending events
-        // last, on top of the registers they belong to.
+        // The order, and why (bhyve_snapshot(5) lists it too):
+        // 1. CPUID: which MSRs and XSAVE components KVM accepts depends on it.
+        // 2. TSC frequency: before the TSC value, which KVM converts at the vCPU's rate.
+        // 3. MP state, then registers: setting MP state may reset pending INIT/SIPI handling.
+        // 4. SREGS before the LAPIC: the APIC base (and x2APIC mode) decides how the LAPIC
+        //    state is read.
+        // 5. XSAVE after SREGS (CR4.OSXSAVE), then XCRs, debug registers.
+        // 6. LAPIC before MSRs: the TSC-deadline MSR is dropped unless the timer is already in
+        //    TSC-deadline mode.
+        // 7. MSRs, the TSC before the TSC deadline (an absolute TSC value).
+        // 8. Pending events last: setting registers clears pending exceptions.
+        // 9. Tell the guest it was stopped (kvm-clock), so its watchdogs do not fire.
+        restore_cpuid_section(self, state)?;
+        if let Some(bytes) = state.section("tsc_khz") {
+            self.restore_tsc_khz(bytes)?;
+        }
         fd.set_mp_state(from_section(state, "mp_state")?)
             .map_err(|e| ioctl("KVM_SET_MP_STATE", e))?;
         fd.set_regs(&from_section(state, "regs")?)
             .map_err(|e| ioctl("KVM_SET_REGS", e))?;
         fd.set_sregs(&from_section(state, "sregs")?)
             .map_err(|e| ioctl("KVM_SET_SREGS", e))?;
-        let xsave: kvm_xsave = from_section(state, "xsave")?;
-        // SAFETY: check_xsave_size verified KVM needs no more than the 4 KiB kvm_xsave holds.
-        unsafe { fd.set_xsave(&xsave) }.map_err(|e| ioctl("KVM_SET_XSAVE", e))?;
+        self.restore_xsave(required(state, "xsave")?)?;
         fd.set_xcrs(&from_section(state, "xcrs")?)
             .map_err(|e| ioctl("KVM_SET_XCRS", e))?;
         fd.set_debug_regs(&from_section(state, "debugregs")?)
             .map_err(|e| ioctl("KVM_SET_DEBUGREGS", e))?;
-        fd.set_lapic(&from_section(state, "lapic")?)
+        let lapic: kvm_lapic_state = from_section(state, "lapic")?;
+        fd.set_lapic(&lapic)
             .map_err(|e| ioctl("KVM_SET_LAPIC", e))?;
-        let msrs = state
-            .section("msrs")
-            .ok_or_else(|| VmmError::Invalid("saved KVM state lacks 'msrs'".into()))?;
-        self.set_msrs(&msrs_from_bytes(msrs)?)?;
+        self.restore_msrs(required(state, "msrs")?, &lapic)?;
         fd.set_vcpu_events(&from_section(state, "vcpu_events")?)
-            .map_err(|e| ioctl("KVM_SET_VCPU_EVENTS", e))
+            .map_err(|e| ioctl("KVM_SET_VCPU_EVENTS", e))?;
+        self.notify_paused()
+    }
+
+    fn notify_paused(&self) -> Result<()> {
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => Ok(()),
+            // The guest has not enabled kvm-clock: there is nobody to tell.
+            Err(e) if e.errno() == libc::EINVAL => Ok(()),
+            Err(e) => Err(VmmError::ioctl("KVM_KVMCLOCK_CTRL", e)),
+        }
     }
 }
 
@@ -905,6 +1213,40 @@ fn segment_to_kvm(s: &Segment) -> kvm_segment {
         avl: u8::from(s.avl),
         unusable: u8::from(s.unusable),
         padding: 0,
+    }
+}
+
+/// A snapshot from before CPUIDs were saved keeps the CPUID built from this host.
+fn restore_cpuid_section(vcpu: &KvmVcpu, state: &BackendState) -> Result<()> {
+    match state.section("cpuid") {
+        Some(bytes) => vcpu.restore_cpuid(bytes),
+        None => Ok(()),
+    }
+}
+
+fn tsc_within_tolerance(saved_khz: u32, current_khz: u32) -> bool {
+    let difference = u64::from(saved_khz.abs_diff(current_khz));
+    difference * 1_000_000 <= u64::from(saved_khz) * TSC_TOLERANCE_PPM
+}
+
+/// The TSC deadline to write back. A deadline of 0 disarms the timer; KVM reports 0 once an
+/// armed deadline has passed, so a vCPU saved in TSC-deadline mode with 0 may be waiting for
+/// a timer interrupt whose deadline just expired. Restoring 0 would leave it waiting for good;
+/// the saved TSC value instead makes the timer fire as soon as the vCPU runs (at worst one
+/// extra timer interrupt).
+fn tsc_deadline_to_restore(saved: u64, lapic: &kvm_lapic_state, tsc: Option<&Msr>) -> u64 {
+    let lvtt = lapic
+        .regs
+        .get(APIC_LVTT..APIC_LVTT + 4)
+        .map(|b| u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]))
+        .unwrap_or(0);
+    match tsc {
+        Some(tsc)
+            if saved == 0 && lvtt & APIC_LVT_TIMER_MODE_MASK == APIC_LVT_TIMER_TSC_DEADLINE =>
+        {
+            tsc.value
+        }
+        _ => saved,
     }
 }
 
@@ -1016,6 +1358,175 @@ mod tests {
             from_section::<kvm_regs>(&state, "regs").unwrap().rip,
             0x1234
         );
+    }
+
+    /// The KVM backend, or `None` (with a message) where /dev/kvm cannot be used.
+    fn kvm_or_skip() -> Option<KvmHypervisor> {
+        match KvmHypervisor::open() {
+            Ok(hv) => Some(hv),
+            Err(e) => {
+                if std::env::var("BHYVE_RS_REQUIRE_KVM").as_deref() == Ok("1") {
+                    panic!("BHYVE_RS_REQUIRE_KVM=1 but /dev/kvm is unusable: {e}");
+                }
+                eprintln!("skipped: /dev/kvm is unusable here: {e}");
+                None
+            }
+        }
+    }
+
+    fn saved_msr_indices(state: &BackendState) -> Vec<u32> {
+        msrs_from_bytes(state.section("msrs").unwrap())
+            .unwrap()
+            .iter()
+            .map(|m| m.index)
+            .collect()
+    }
+
+    #[test]
+    fn saved_vcpu_state_holds_cpuid_tsc_rate_and_paravirtual_and_deadline_msrs() {
+        let Some(hv) = kvm_or_skip() else { return };
+        let supported = hv.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let leaf = |function: u32| {
+            supported
+                .as_slice()
+                .iter()
+                .find(|e| e.function == function)
+                .copied()
+                .unwrap_or_default()
+        };
+        let vm = hv.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0, &Topology::default()).unwrap();
+        let state = vcpu.save_state().unwrap();
+
+        let cpuid = cpuid_from_bytes(state.section("cpuid").unwrap()).unwrap();
+        assert!(cpuid.iter().any(|e| e.function == 0x4000_0000));
+        let khz = u32::from_le_bytes(state.section("tsc_khz").unwrap().try_into().unwrap());
+        assert!(khz > 100_000, "TSC at {khz} kHz");
+
+        let saved = saved_msr_indices(&state);
+        // KVM's paravirtual MSRs, each present when KVM offers its feature (CPUID 0x40000001).
+        let kvm_features = leaf(0x4000_0001).eax;
+        let paravirtual = [
+            (3, 0x4b56_4d00), // kvmclock2: wall clock
+            (3, 0x4b56_4d01), // kvmclock2: system time
+            (4, 0x4b56_4d02), // async page faults
+            (5, 0x4b56_4d03), // steal time
+            (6, 0x4b56_4d04), // PV end of interrupt
+        ];
+        let mut expected: Vec<u32> = paravirtual
+            .iter()
+            .filter(|(bit, _)| kvm_features & (1 << bit) != 0)
+            .map(|&(_, msr)| msr)
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "KVM offers no kvm-clock ({kvm_features:#x})"
+        );
+        if leaf(1).ecx & (1 << 24) != 0 {
+            expected.push(MSR_IA32_TSC_DEADLINE);
+        }
+        expected.push(MSR_IA32_TSC);
+        for msr in expected {
+            assert!(saved.contains(&msr), "MSR {msr:#x} missing from {saved:x?}");
+        }
+        // Whatever KVM listed is either saved or recorded as skipped.
+        let skipped: Vec<u32> = state
+            .section("msrs_skipped")
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let listed = hv.kvm.get_msr_index_list().unwrap();
+        assert_eq!(saved.len() + skipped.len(), listed.as_slice().len());
+    }
+
+    #[test]
+    fn an_armed_tsc_deadline_survives_save_and_restore() {
+        let Some(hv) = kvm_or_skip() else { return };
+        let supported = hv.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let has_deadline = supported
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 1 && e.ecx & (1 << 24) != 0);
+        if !has_deadline {
+            eprintln!("skipped: KVM offers no TSC-deadline timer");
+            return;
+        }
+        let vm = hv.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0, &Topology::default()).unwrap();
+        let mut state = vcpu.save_state().unwrap();
+        // Edit the saved state: LAPIC timer in TSC-deadline mode, a deadline far ahead.
+        let mut lapic: kvm_lapic_state = from_section(&state, "lapic").unwrap();
+        let lvtt = (APIC_LVT_TIMER_TSC_DEADLINE | 0xec).to_le_bytes();
+        for (i, b) in lvtt.iter().enumerate() {
+            lapic.regs[APIC_LVTT + i] = *b as _;
+        }
+        let mut msrs = msrs_from_bytes(state.section("msrs").unwrap()).unwrap();
+        let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).unwrap().value;
+        let deadline = tsc + (1 << 40);
+        msrs.retain(|m| m.index != MSR_IA32_TSC_DEADLINE);
+        // KVM drops the deadline unless the LAPIC is already in TSC-deadline mode: this fails
+        // if the MSRs are restored before the LAPIC.
+        msrs.insert(
+            0,
+            Msr {
+                index: MSR_IA32_TSC_DEADLINE,
+                value: deadline,
+            },
+        );
+        for s in &mut state.sections {
+            match s.name.as_str() {
+                "lapic" => s.bytes = pod_bytes(&lapic).to_vec(),
+                "msrs" => s.bytes = msrs_to_bytes(&msrs),
+                _ => {}
+            }
+        }
+
+        let other = hv.create_vm().unwrap();
+        let restored = other.create_vcpu(0, &Topology::default()).unwrap();
+        other.restore_state(&vm.save_state().unwrap()).unwrap();
+        restored.restore_state(&state).unwrap();
+        assert_eq!(
+            restored.msrs(&[MSR_IA32_TSC_DEADLINE]).unwrap()[0].value,
+            deadline
+        );
+        assert!(restored.msrs(&[MSR_IA32_TSC]).unwrap()[0].value >= tsc);
+    }
+
+    #[test]
+    fn an_expired_deadline_in_deadline_mode_is_restored_as_the_tsc() {
+        let mut lapic = kvm_lapic_state::default();
+        let tsc = Msr {
+            index: MSR_IA32_TSC,
+            value: 5000,
+        };
+        assert_eq!(tsc_deadline_to_restore(0, &lapic, Some(&tsc)), 0);
+        for (i, b) in APIC_LVT_TIMER_TSC_DEADLINE.to_le_bytes().iter().enumerate() {
+            lapic.regs[APIC_LVTT + i] = *b as _;
+        }
+        assert_eq!(tsc_deadline_to_restore(0, &lapic, Some(&tsc)), 5000);
+        assert_eq!(tsc_deadline_to_restore(7000, &lapic, Some(&tsc)), 7000);
+        assert_eq!(tsc_deadline_to_restore(0, &lapic, None), 0);
+    }
+
+    #[test]
+    fn tsc_rates_within_250_ppm_need_no_change() {
+        assert!(tsc_within_tolerance(2_000_000, 2_000_500));
+        assert!(!tsc_within_tolerance(2_000_000, 2_000_501));
+        assert!(!tsc_within_tolerance(2_000_000, 3_000_000));
+    }
+
+    #[test]
+    fn cpuid_tables_round_trip_and_reject_torn_input() {
+        let entries = vec![kvm_cpuid_entry2 {
+            function: 7,
+            ebx: 0x20,
+            ..Default::default()
+        }];
+        let bytes = cpuid_to_bytes(&entries);
+        assert_eq!(cpuid_from_bytes(&bytes).unwrap()[0].ebx, 0x20);
+        assert!(cpuid_from_bytes(&bytes[1..]).is_err());
+        assert!(cpuid_from_bytes(&[]).is_err());
     }
 
     #[test]

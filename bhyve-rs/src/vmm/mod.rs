@@ -306,11 +306,16 @@ pub trait Vcpu: Send {
     fn set_mp_state(&self, state: MpState) -> Result<()>;
     /// See [`BlockedProbe`]; `None` when the backend has no such view.
     fn blocked_probe(&self) -> Option<Box<dyn BlockedProbe>>;
-    /// The complete vCPU state (registers, FPU/XSAVE, local APIC, MSRs, pending events, MP
-    /// state). The vCPU must not be running.
+    /// The complete vCPU state (CPUID, TSC frequency, registers, FPU/XSAVE, local APIC, MSRs,
+    /// pending events, MP state). The vCPU must not be running.
     fn save_state(&self) -> Result<BackendState>;
     /// Put back what [`Vcpu::save_state`] returned (after the VM state).
     fn restore_state(&self, state: &BackendState) -> Result<()>;
+    /// Tell the guest it was stopped for a while (KVM: KVM_KVMCLOCK_CTRL sets kvm-clock's
+    /// "guest stopped" flag at the next entry), so its soft-lockup and clocksource watchdogs
+    /// do not take the gap for a hang. Call while the vCPU is paused; a guest without such a
+    /// clock is not an error.
+    fn notify_paused(&self) -> Result<()>;
 }
 
 /// Open the backend for this host.

@@ -71,6 +71,31 @@ impl Dummy {
 }
 
 impl PciDevice for Dummy {
+    /// The I/O BAR bytes, then both memory BARs.
+    fn save_device_state(&self) -> Option<Vec<u8>> {
+        let mut state = self.io.to_vec();
+        for mem in &self.mem {
+            state.extend_from_slice(mem);
+        }
+        Some(state)
+    }
+
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.len() != IO_SIZE + 2 * MEM_SIZE {
+            return Err(format!(
+                "{} bytes of BAR contents, expected {}",
+                state.len(),
+                IO_SIZE + 2 * MEM_SIZE
+            ));
+        }
+        let (io, mem) = state.split_at(IO_SIZE);
+        self.io.copy_from_slice(io);
+        for (dst, src) in self.mem.iter_mut().zip(mem.chunks_exact(MEM_SIZE)) {
+            dst.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
     fn bar_read(&mut self, _config: &ConfigSpace, bar: usize, offset: u64, data: &mut [u8]) {
         let start = offset as usize;
         match self

@@ -34,4 +34,9 @@ impl HostBridge {
     }
 }
 
-impl PciDevice for HostBridge {}
+/// Configuration space is all a host bridge has.
+impl PciDevice for HostBridge {
+    fn save_device_state(&self) -> Option<Vec<u8>> {
+        Some(Vec::new())
+    }
+}

@@ -121,4 +121,9 @@ impl PciDevice for LpcBridge {
     fn intx_routed(&mut self, config: &mut ConfigSpace) {
         self.show_pirqs(config);
     }
+
+    /// The PIRQ routing is kept in configuration space, and reloaded from it.
+    fn save_device_state(&self) -> Option<Vec<u8>> {
+        Some(Vec::new())
+    }
 }

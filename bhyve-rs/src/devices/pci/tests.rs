@@ -36,6 +36,9 @@ struct Probe {
 }
 
 impl PciDevice for Probe {
+    fn save_device_state(&self) -> Option<Vec<u8>> {
+        Some(Vec::new())
+    }
     fn bar_read(&mut self, _config: &ConfigSpace, bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(bar as u8 + 0xa0);
     }
@@ -524,18 +527,19 @@ fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
     cfg_write(&buses, 3, 0x14, 4, 0xd000_0000);
     cfg_write(&buses, 31, 0x62, 1, 0x0a);
     let probe = root.function(PciAddress::new(0, 3, 0).unwrap()).unwrap();
-    let saved = probe.lock().unwrap().save_state();
+    let saved = probe.lock().unwrap().save_state().unwrap();
     let lpc_saved = root
         .function(PciAddress::new(0, 31, 0).unwrap())
         .unwrap()
         .lock()
         .unwrap()
-        .save_state();
+        .save_state()
+        .unwrap();
 
     let (buses2, root2, log2) = machine();
     let probe2 = root2.function(PciAddress::new(0, 3, 0).unwrap()).unwrap();
     probe2.lock().unwrap().restore_state(&saved).unwrap();
-    assert_eq!(probe2.lock().unwrap().save_state(), saved);
+    assert_eq!(probe2.lock().unwrap().save_state().unwrap(), saved);
     assert!(!buses2.mmio.write(0xc000_4000, &[1]));
     assert!(buses2.mmio.write(0xd000_0004, &[2]));
     assert_eq!(log2.lock().unwrap().last(), Some(&(1, 4, vec![2])));
@@ -548,9 +552,37 @@ fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
     let mut bad = saved.clone();
     bad.bars[1].size = 8192;
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
-    bad = saved;
+    bad = saved.clone();
     bad.config.truncate(64);
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
+    bad = saved;
+    bad.device = vec![1];
+    assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
+}
+
+/// A device model that says nothing about snapshots.
+#[cfg(feature = "bhyve_snapshot")]
+struct Unsaveable;
+#[cfg(feature = "bhyve_snapshot")]
+impl PciDevice for Unsaveable {}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_device_model_without_snapshot_support_is_named_as_unsaveable() {
+    let buses = Arc::new(Buses::default());
+    let mut builder = PciRootBuilder::new(1 << 32);
+    let slot = PciAddress::new(0, 5, 0).unwrap();
+    builder
+        .add(slot, "nosave", ConfigSpace::new(true), Box::new(Unsaveable))
+        .unwrap();
+    let root = builder.build(&buses).unwrap();
+    let function = root.function(slot).unwrap();
+    let function = function.lock().unwrap();
+    assert_eq!(
+        function.check_saveable(),
+        Err("nosave@pci.0.5.0: this device cannot be saved".to_string())
+    );
+    assert!(function.save_state().is_err());
 }
 
 #[cfg(feature = "bhyve_snapshot")]
@@ -561,8 +593,20 @@ fn an_asserted_intx_line_is_saved_and_driven_again_after_restore() {
     cfg_write(&buses, 31, 0x63, 1, 12);
     intx[3].assert();
     let at = |slot| PciAddress::new(0, slot, 0).unwrap();
-    let saved_lpc = root.function(at(31)).unwrap().lock().unwrap().save_state();
-    let saved = root.function(at(4)).unwrap().lock().unwrap().save_state();
+    let saved_lpc = root
+        .function(at(31))
+        .unwrap()
+        .lock()
+        .unwrap()
+        .save_state()
+        .expect("the LPC bridge is saveable");
+    let saved = root
+        .function(at(4))
+        .unwrap()
+        .lock()
+        .unwrap()
+        .save_state()
+        .expect("the device is saveable");
     assert_eq!(saved.intx, Some(IntxState::Asserted));
 
     let (buses2, root2, lines2, intx2) = intx_machine();

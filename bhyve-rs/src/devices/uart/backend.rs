@@ -389,11 +389,11 @@ fn deliver(mut pending: &[u8], uart: &SharedUart, rx_space: &Condvar, stop: &Ato
         if stop.load(Ordering::SeqCst) {
             return false;
         }
-        if device.uart.rx_room() || device.uart.loopback() {
+        if device.uart.accepts_input() {
             let taken = device.uart.receive(pending);
             pending = &pending[taken..];
         } else {
-            // FIFO full: keep the bytes until the guest reads some.
+            // FIFO full or input paused: keep the bytes until there is room again.
             device = rx_space
                 .wait_timeout(device, STOP_POLL)
                 .unwrap_or_else(|e| e.into_inner())
@@ -654,6 +654,40 @@ mod tests {
         }));
         assert_eq!(received, sent, "no byte dropped when the FIFO filled up");
         assert!(line.asserts.load(Ordering::SeqCst) > 0);
+        drop(backend);
+    }
+
+    #[test]
+    fn paused_input_is_held_back_and_delivered_after_resume() {
+        let (host, guest_side) = UnixStream::pair().unwrap();
+        let input = File::from(OwnedFd::from(guest_side.try_clone().unwrap()));
+        let mut backend = Backend::from_files(Some(input), File::from(OwnedFd::from(guest_side)));
+        let line = Line::default();
+        let uart = Uart::new(backend.take_output(), Box::new(line.clone()));
+        let shared: SharedUart = Arc::new(Mutex::new(LegacyUart { uart }));
+        {
+            let mut dev = shared.lock().unwrap();
+            dev.uart.write(REG_IIR, FCR_ENABLE);
+            dev.uart.write(1, IER_ERXRDY);
+            dev.uart.pause_input();
+        }
+        backend.start_input("com1", shared.clone()).unwrap();
+        (&host).write_all(b"held").unwrap();
+        // Give the input thread time to read the bytes; they must not reach the FIFO.
+        std::thread::sleep(STOP_POLL * 3);
+        assert_eq!(shared.lock().unwrap().uart.read(REG_LSR) & LSR_RXRDY, 0);
+        assert_eq!(line.asserts.load(Ordering::SeqCst), 0);
+
+        shared.lock().unwrap().uart.resume_input();
+        let mut received = Vec::new();
+        assert!(wait_for(|| {
+            let mut dev = shared.lock().unwrap();
+            while dev.uart.read(REG_LSR) & LSR_RXRDY != 0 {
+                received.push(dev.uart.read(REG_DATA));
+            }
+            received.len() == 4
+        }));
+        assert_eq!(received, b"held");
         drop(backend);
     }
 

@@ -159,6 +159,8 @@ pub struct Uart {
     irq: Box<dyn IrqLine>,
     /// Woken whenever room appears in the receive FIFO, for an input thread holding bytes.
     rx_space: Arc<Condvar>,
+    /// While set, line input is held back (snapshots): the FIFO and interrupt do not change.
+    input_paused: bool,
 }
 
 /// MSR as bhyve computes it from MCR: in loopback the modem outputs feed the inputs; otherwise
@@ -205,7 +207,24 @@ impl Uart {
             output,
             irq,
             rx_space: Arc::new(Condvar::new()),
+            input_paused: false,
         }
+    }
+
+    /// Hold back line input until [`Uart::resume_input`]; an input thread keeps its bytes and
+    /// waits, as it does when the FIFO is full.
+    pub fn pause_input(&mut self) {
+        self.input_paused = true;
+    }
+
+    pub fn resume_input(&mut self) {
+        self.input_paused = false;
+        self.rx_space.notify_all();
+    }
+
+    /// True while line input may be delivered with [`Uart::receive`].
+    pub fn accepts_input(&self) -> bool {
+        !self.input_paused && (self.rx_room() || self.loopback())
     }
 
     /// The condition variable notified when the receive FIFO gains room.
@@ -226,6 +245,9 @@ impl Uart {
     /// Bytes arriving from the line. Returns how many were taken; the rest did not fit the FIFO
     /// and must be offered again later. In loopback mode input is discarded (all are taken).
     pub fn receive(&mut self, bytes: &[u8]) -> usize {
+        if self.input_paused {
+            return 0;
+        }
         if self.loopback() {
             return bytes.len();
         }
