@@ -219,6 +219,8 @@ pub fn powerbutton(hz: u64) {
         return;
     }
     let enable = evt + 2;
+    // Count presses from before the button is armed: one can arrive while "armed" is printed.
+    let mut seen = SCI_PWRBTN.load(Ordering::Relaxed);
     svc::outw(evt, PM1_PWRBTN_STS);
     SCI_PM1_STS_PORT.store(evt.into(), Ordering::Relaxed);
     svc::outw(enable, svc::inw(enable) | PM1_PWRBTN_EN);
@@ -239,7 +241,6 @@ pub fn powerbutton(hz: u64) {
     svc::outb(0x21, svc::inb(0x21) & !(1 << 2));
     println!("powerbutton armed");
 
-    let mut seen = SCI_PWRBTN.load(Ordering::Relaxed);
     while SCI_PWRBTN.load(Ordering::Relaxed) == seen {
         if console::input_pending() {
             // Any key gives up waiting; the button stays armed, presses are only counted.
