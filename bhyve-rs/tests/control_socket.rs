@@ -388,7 +388,8 @@ fn client_errors_say_what_is_wrong() {
     assert_eq!(
         err.to_string(),
         format!(
-            "no such VM 'ghost' (no control socket at {})",
+            "no such VM 'ghost' (no control socket at {}; bhyve not running, or built without \
+             snapshot support)",
             rundir.join("ghost").display()
         )
     );

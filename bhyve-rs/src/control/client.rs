@@ -29,7 +29,10 @@ pub enum ClientError {
     BadFilename(PathBuf),
     #[error("cannot open directory '{path}': {source}")]
     Directory { path: PathBuf, source: io::Error },
-    #[error("no such VM '{name}' (no control socket at {path})")]
+    #[error(
+        "no such VM '{name}' (no control socket at {path}; bhyve not running, or built \
+         without snapshot support)"
+    )]
     NoSuchVm { name: String, path: PathBuf },
     #[error("permission denied on control socket {path}")]
     PermissionDenied { path: PathBuf },

@@ -438,6 +438,31 @@ fn normalize(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).replace("\r\n", "\n")
 }
 
+/// Times `ticks <ms>` on the host clock: the guest counts `ms` worth of timer interrupts
+/// between two lines.
+pub fn timed_ticks(vm: &mut Console, hz: u64, ms: u64) -> Duration {
+    vm.send_line(&format!("ticks {ms}"));
+    vm.expect(&format!("ticks start hz={hz} ms={ms}\n"), COMMAND_TIMEOUT);
+    let start = Instant::now();
+    let target = (ms * hz).div_ceil(1000);
+    vm.expect(
+        &format!("ticks done {target}\n"),
+        Duration::from_millis(ms * 3 + 30_000),
+    );
+    let elapsed = start.elapsed();
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    elapsed
+}
+
+pub fn assert_within_ten_percent(elapsed: Duration, ms: u64) {
+    let ms_f = ms as f64;
+    let got = elapsed.as_secs_f64() * 1000.0;
+    assert!(
+        (got - ms_f).abs() <= ms_f * 0.10,
+        "{ms} ms of timer ticks took {got:.0} ms of host time"
+    );
+}
+
 /// Runs a command to completion with a timeout, returning (status, stdout, stderr).
 pub fn run_to_exit(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
     let mut console = Console::spawn("bhyve", cmd);
