@@ -552,7 +552,7 @@ fn a_silent_close_accepts_a_valid_bhyve_rs_snapshot_and_refuses_a_cut_one() {
         let mut writer =
             SnapshotWriter::create(path, HeaderInfo::this_build(Backend::Kvm)).unwrap();
         writer
-            .add_config([("name", "vm0"), ("memory.size", "1M")].into_iter())
+            .add_config([("name", "vm0"), ("memory.size", "1M")])
             .unwrap();
         writer.add_ram_region(0, &vec![7u8; 1 << 20]).unwrap();
         writer.commit().unwrap();
