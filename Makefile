@@ -54,7 +54,9 @@ install: build
 		install -m 0644 $$page $(DESTDIR)$(MANDIR)/man$$section/; \
 	done
 
-demo: build
+# The demo shows snapshots, so it always builds them in.
+demo:
+	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES)
 	bash tests/demo.sh
 
 bench:
