@@ -19,7 +19,10 @@
 mod common;
 
 use common::guest;
-use common::{kvm_usable, qemu_binary, repo_root, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use common::{
+    console_vm_command, kvm_usable, qemu_binary, repo_root, vm_name, Console, BOOT_TIMEOUT,
+    COMMAND_TIMEOUT,
+};
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -118,7 +121,10 @@ fn first_answer(label: &'static str, cmd: Command) -> Duration {
     let mut vm = Console::spawn(label, cmd);
     loop {
         vm.send_line("counter");
-        if vm.try_expect("\ncounter ", Duration::from_millis(100)).is_ok() {
+        if vm
+            .try_expect("\ncounter ", Duration::from_millis(100))
+            .is_ok()
+        {
             break;
         }
         assert!(started.elapsed() < LONG, "{label}: no answer");
@@ -128,13 +134,12 @@ fn first_answer(label: &'static str, cmd: Command) -> Duration {
 
 fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
     let name = vm_name();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
-    cmd.args(["-c", "1", "-m", &format!("{memory_mib}M")]);
-    cmd.args(["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"]);
-    cmd.arg("-o")
-        .arg(format!("boot.kernel={}", guest::console_guest().display()));
-    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
-    cmd.arg(&name);
+    let cmd = console_vm_command(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        &format!("{memory_mib}M"),
+        &scratch.0,
+        &name,
+    );
     let mut vm = Console::spawn("bhyve", cmd);
     vm.expect(guest::READY, BOOT_TIMEOUT);
     vm.expect_prompt(COMMAND_TIMEOUT);

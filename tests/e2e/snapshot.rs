@@ -7,8 +7,9 @@ mod common;
 
 use common::guest;
 use common::{
-    assert_within_ten_percent, hardware_virtualization, kvm_usable, linux_guest, notice, repo_root,
-    run_to_exit, timed_ticks, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT,
+    assert_within_ten_percent, console_vm_command, hardware_virtualization, kvm_usable,
+    linux_guest, notice, repo_root, run_to_exit, timed_ticks, vm_name, Console, BOOT_TIMEOUT,
+    COMMAND_TIMEOUT,
 };
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -46,22 +47,7 @@ fn bhyvectl() -> PathBuf {
 }
 
 fn boot(rundir: &Path, name: &str, memory: &str) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        memory,
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
-    cmd.args(["-l", "com1,stdio"]);
-    cmd.arg("-o")
-        .arg(format!("boot.kernel={}", guest::console_guest().display()));
-    cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
-    cmd.arg(name);
+    let cmd = console_vm_command(Path::new(env!("CARGO_BIN_EXE_bhyve")), memory, rundir, name);
     let mut console = Console::spawn("bhyve", cmd);
     console.expect(guest::READY, BOOT_TIMEOUT);
     console.expect_prompt(COMMAND_TIMEOUT);
@@ -572,22 +558,7 @@ fn bhyvectl_says_clearly_that_a_bhyve_without_snapshots_does_not_answer() {
     }
     let scratch = Scratch::new("nofeature");
     let name = vm_name();
-    let mut cmd = Command::new(bhyve_without_snapshots());
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        "256M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
-    cmd.args(["-l", "com1,stdio"]);
-    cmd.arg("-o")
-        .arg(format!("boot.kernel={}", guest::console_guest().display()));
-    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
-    cmd.arg(&name);
+    let cmd = console_vm_command(bhyve_without_snapshots(), "256M", &scratch.0, &name);
     let mut vm = Console::spawn("bhyve (no snapshots)", cmd);
     vm.expect(guest::READY, BOOT_TIMEOUT);
     vm.expect_prompt(COMMAND_TIMEOUT);

@@ -142,6 +142,28 @@ pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
     cmd
 }
 
+/// `bhyve` (the binary at `bhyve`) booting the console guest with `memory`, COM1 on stdio and its
+/// control socket `rundir/name`: the command line of the snapshot tests and benchmarks.
+pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str) -> Command {
+    let mut cmd = Command::new(bhyve);
+    cmd.args([
+        "-c",
+        "1",
+        "-m",
+        memory,
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+    ]);
+    cmd.args(["-l", "com1,stdio"]);
+    cmd.arg("-o")
+        .arg(format!("boot.kernel={}", guest::console_guest().display()));
+    cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
+    cmd.arg(name);
+    cmd
+}
+
 /// QEMU command line booting the same guest through its PVH entry, COM1 on stdio. TCG, not
 /// KVM: without hardware virtualization QEMU's KVM mode emulates the firmware's real-mode code
 /// instruction by instruction and is far slower.
