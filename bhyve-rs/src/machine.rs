@@ -493,32 +493,17 @@ mod termination {
     }
 }
 
-/// Build a machine from a snapshot file: its configuration, its RAM mapped lazily from the file,
-/// and every saved state put back. Options given on the command line must agree with it.
+/// Build a machine from a snapshot file: its configuration, its RAM (mapped lazily, or copied
+/// with `snapshot.restore=copy`), and every saved state put back. Options given on the command
+/// line must describe the same machine (see [`crate::snapshot::cmdline`]).
 #[cfg(feature = "bhyve_snapshot")]
 fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), String> {
+    use crate::snapshot::cmdline::{restore_config, RestoreMode};
     let snapshot = crate::snapshot::vm::Restore::open(path)?;
-    let mut config = snapshot.config();
-    for key in ["memory.size", "cpus", "sockets", "cores", "threads"] {
-        if let (Some(given), Some(saved)) = (cli.get(key), config.get(key)) {
-            if given != saved && cli_overrides_default(cli, key) {
-                return Err(format!(
-                    "{key} is {given} on the command line but {saved} in the snapshot"
-                ));
-            }
-        }
-    }
-    if let Some(name) = cli.get("name") {
-        config.set("name", name);
-    }
-    // Pinning given on the command line is for this host: it replaces the saved one.
-    for (key, value) in cli.iter() {
-        if key.starts_with("vcpu.") && key.ends_with(".cpuset") {
-            config.set(key, value);
-        }
-    }
+    let config = restore_config(&snapshot.config(), cli, &crate::cli::default_config())?;
+    let mode = RestoreMode::from_config(&config)?;
     let topology = topology(&config).map_err(|e| e.to_string())?;
-    let memory = snapshot.memory()?;
+    let memory = snapshot.memory(mode)?;
     let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
     devices::check_supported(&config).map_err(|e| e.to_string())?;
     let mut machine =
@@ -538,12 +523,6 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
         &devices.lock().unwrap_or_else(|e| e.into_inner()),
     )?;
     Ok((config, machine))
-}
-
-/// Whether `key` was set by the user rather than being one of bhyve's built-in defaults.
-#[cfg(feature = "bhyve_snapshot")]
-fn cli_overrides_default(cli: &Config, key: &str) -> bool {
-    crate::cli::default_config().get(key) != cli.get(key)
 }
 
 /// The control socket (`bhyvectl --checkpoint/--suspend`) of a running machine.

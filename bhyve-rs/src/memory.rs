@@ -106,6 +106,11 @@ impl GuestRegion {
         &self.mapping
     }
 
+    /// The region's bytes for filling before any vCPU can see them (a restore by copy).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.mapping
+    }
+
     fn contains(&self, gpa: u64, len: u64) -> bool {
         gpa >= self.gpa
             && gpa

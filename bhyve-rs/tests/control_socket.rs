@@ -388,7 +388,8 @@ fn client_errors_say_what_is_wrong() {
     assert_eq!(
         err.to_string(),
         format!(
-            "no such VM 'ghost' (no control socket at {})",
+            "no such VM 'ghost' (no control socket at {}; bhyve not running, or built without \
+             snapshot support)",
             rundir.join("ghost").display()
         )
     );
@@ -468,7 +469,7 @@ fn client_sends_exactly_what_freebsd_bhyvectl_sends() {
 }
 
 #[test]
-fn client_reports_a_2025_bhyve_error_and_accepts_a_silent_freebsd_14_bhyve() {
+fn client_reports_a_2025_bhyve_error() {
     let scratch = Scratch::new("stock");
     let rundir = scratch.path("run");
     std::fs::create_dir(&rundir).unwrap();
@@ -478,12 +479,94 @@ fn client_reports_a_2025_bhyve_error_and_accepts_a_silent_freebsd_14_bhyve() {
     let err = request_checkpoint(&rundir, "vm0", &scratch.path("snap"), false).unwrap_err();
     assert_eq!(err.to_string(), "command 'foo' not found");
     fake.join().unwrap();
-    std::fs::remove_file(rundir.join("vm0")).unwrap();
+}
 
+/// A bhyve that closes without a reply, after doing `write` to the snapshot path (what a
+/// FreeBSD 14 bhyve does after its checkpoint, or what is left when bhyve dies mid-save).
+fn silent_bhyve_result(
+    scratch: &Scratch,
+    snap: &Path,
+    write: impl FnOnce(&Path) + Send + 'static,
+) -> Result<(), ClientError> {
+    let rundir = scratch.path("run");
+    std::fs::create_dir_all(&rundir).unwrap();
+    let _ = std::fs::remove_file(rundir.join("vm0"));
     let listener = UnixListener::bind(rundir.join("vm0")).unwrap();
-    let fake = fake_bhyve(listener, None);
-    request_checkpoint(&rundir, "vm0", &scratch.path("snap"), false).expect("silent close");
+    let target = snap.to_path_buf();
+    let fake = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut bytes = vec![0u8; 147];
+        (&stream).read_exact(&mut bytes).unwrap();
+        write(&target);
+        drop(stream);
+    });
+    let result = request_checkpoint(&rundir, "vm0", snap, false);
     fake.join().unwrap();
+    result
+}
+
+fn freebsd_meta() -> &'static str {
+    "{\n  \"basic metadata\": {\"ncpus\": 1, \"vmname\": \"vm0\", \"memsize\": 4096, \
+     \"memflags\": 0},\n  \"kern_structs\": [],\n  \"devices\": []\n}\n"
+}
+
+#[test]
+fn a_silent_close_succeeds_only_with_a_fresh_complete_snapshot_on_disk() {
+    let scratch = Scratch::new("silent");
+    let snap = scratch.path("snap");
+
+    // Nothing written: bhyve died before or while saving.
+    let err = silent_bhyve_result(&scratch, &snap, |_| {}).unwrap_err();
+    assert!(matches!(err, ClientError::NotWritten { .. }), "{err}");
+    assert!(err.to_string().contains("no such file"), "{err}");
+
+    // FreeBSD's three files, index complete: accepted.
+    silent_bhyve_result(&scratch, &snap, |snap| {
+        std::fs::write(snap, vec![0u8; 4096]).unwrap();
+        std::fs::write(format!("{}.kern", snap.display()), [0u8; 16]).unwrap();
+        std::fs::write(format!("{}.meta", snap.display()), freebsd_meta()).unwrap();
+    })
+    .expect("a complete FreeBSD checkpoint");
+
+    // The same files left from before, untouched this time: refused.
+    let err = silent_bhyve_result(&scratch, &snap, |_| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("unchanged since the request"),
+        "{err}"
+    );
+
+    // A FreeBSD save cut short: the index lacks its end.
+    silent_bhyve_result(&scratch, &snap, |snap| {
+        std::fs::write(snap, vec![1u8; 4096]).unwrap();
+        let meta = freebsd_meta();
+        std::fs::write(format!("{}.meta", snap.display()), &meta[..40]).unwrap();
+    })
+    .expect_err("an incomplete FreeBSD index");
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_silent_close_accepts_a_valid_bhyve_rs_snapshot_and_refuses_a_cut_one() {
+    use bhyve::snapshot::{Backend, HeaderInfo, SnapshotWriter};
+    fn write_snapshot(path: &Path) {
+        let mut writer =
+            SnapshotWriter::create(path, HeaderInfo::this_build(Backend::Kvm)).unwrap();
+        writer
+            .add_config([("name", "vm0"), ("memory.size", "1M")])
+            .unwrap();
+        writer.add_ram_region(0, &vec![7u8; 1 << 20]).unwrap();
+        writer.commit().unwrap();
+    }
+    let scratch = Scratch::new("silent-rs");
+    let snap = scratch.path("snap");
+    silent_bhyve_result(&scratch, &snap, write_snapshot).expect("a complete snapshot");
+
+    let err = silent_bhyve_result(&scratch, &snap, |snap| {
+        let bytes = std::fs::read(snap).unwrap();
+        std::fs::write(snap, &bytes[..bytes.len() / 2]).unwrap();
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
 }
 
 #[test]

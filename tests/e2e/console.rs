@@ -6,7 +6,7 @@
 mod common;
 
 use common::guest;
-use common::{boot_bhyve, COMMAND_TIMEOUT};
+use common::{assert_within_ten_percent, boot_bhyve, timed_ticks, COMMAND_TIMEOUT};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -98,31 +98,6 @@ fn cmos_clock_reads_the_host_time() {
     assert!(
         skew <= 5,
         "guest clock {line:?} is {skew} s off the host clock"
-    );
-}
-
-/// Times `ticks <ms>` on the host clock: the guest counts `ms` worth of timer interrupts
-/// between two lines.
-fn timed_ticks(vm: &mut common::Console, hz: u64, ms: u64) -> Duration {
-    vm.send_line(&format!("ticks {ms}"));
-    vm.expect(&format!("ticks start hz={hz} ms={ms}\n"), COMMAND_TIMEOUT);
-    let start = Instant::now();
-    let target = (ms * hz).div_ceil(1000);
-    vm.expect(
-        &format!("ticks done {target}\n"),
-        Duration::from_millis(ms * 3 + 30_000),
-    );
-    let elapsed = start.elapsed();
-    vm.expect_prompt(COMMAND_TIMEOUT);
-    elapsed
-}
-
-fn assert_within_ten_percent(elapsed: Duration, ms: u64) {
-    let ms_f = ms as f64;
-    let got = elapsed.as_secs_f64() * 1000.0;
-    assert!(
-        (got - ms_f).abs() <= ms_f * 0.10,
-        "{ms} ms of timer ticks took {got:.0} ms of host time"
     );
 }
 

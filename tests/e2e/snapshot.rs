@@ -6,11 +6,19 @@
 mod common;
 
 use common::guest;
-use common::{kvm_usable, run_to_exit, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use common::{
+    assert_within_ten_percent, console_vm_command, hardware_virtualization, kvm_usable,
+    linux_guest, notice, repo_root, run_to_exit, timed_ticks, vm_name, Console, BOOT_TIMEOUT,
+    COMMAND_TIMEOUT,
+};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -39,22 +47,7 @@ fn bhyvectl() -> PathBuf {
 }
 
 fn boot(rundir: &Path, name: &str, memory: &str) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        memory,
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
-    cmd.args(["-l", "com1,stdio"]);
-    cmd.arg("-o")
-        .arg(format!("boot.kernel={}", guest::console_guest().display()));
-    cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
-    cmd.arg(name);
+    let cmd = console_vm_command(Path::new(env!("CARGO_BIN_EXE_bhyve")), memory, rundir, name);
     let mut console = Console::spawn("bhyve", cmd);
     console.expect(guest::READY, BOOT_TIMEOUT);
     console.expect_prompt(COMMAND_TIMEOUT);
@@ -251,4 +244,668 @@ fn corrupted_or_truncated_snapshots_are_refused_with_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{}: {err}", bad.display());
         assert!(err.starts_with("bhyve: "), "{err}");
     }
+}
+
+/// The numbers of every complete `count N` line in `text`, in order.
+fn count_numbers(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
+        .collect()
+}
+
+fn suspend(scratch: &Scratch, name: &str, vm: &mut Console, file: &Path) {
+    let (code, err) = ctl(&scratch.0, name, &[format!("--suspend={}", file.display())]);
+    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
+    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn timer_keeps_its_rate_and_the_cmos_clock_does_not_go_back_after_a_restore() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("clock");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    let before_line = vm.command_line("cmos");
+    let before = guest::parse_cmos_line(&before_line).expect("cmos line parses");
+    let file = scratch.path("clock.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    // Long enough for a clock that restarted from the saved time to be caught out later.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut vm = resume(&scratch.0, &file);
+    let after_line = vm.command_line("cmos");
+    let after = guest::parse_cmos_line(&after_line).expect("cmos line parses");
+    assert!(
+        after >= before,
+        "the guest's clock went back: {before_line:?} before the suspend, {after_line:?} after"
+    );
+    assert_within_ten_percent(timed_ticks(&mut vm, 100, 3000), 3000);
+}
+
+#[test]
+fn count_runs_through_a_checkpoint_and_a_suspend_without_losing_a_number_or_a_key() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("count");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    vm.send_line("count");
+    vm.expect("count 5\n", COMMAND_TIMEOUT);
+    // A checkpoint while the guest writes to its UART: the numbers go on.
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!(
+            "--checkpoint={}",
+            scratch.path("live.snap").display()
+        )],
+    );
+    assert_eq!(code, 0, "{err}");
+    let seen = count_numbers(&vm.transcript());
+    let last = *seen.last().expect("count lines");
+    vm.expect(&format!("count {}\n", last + 10), COMMAND_TIMEOUT);
+
+    // A suspend while counting; the restored guest carries on from the next number.
+    let file = scratch.path("count.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let before = vm.transcript();
+    let mut vm = resume(&scratch.0, &file);
+    let resumed_from = count_numbers(&before).last().copied().expect("count lines") + 1;
+    vm.expect(&format!("count {}\n", resumed_from + 5), COMMAND_TIMEOUT);
+    // One key right away stops the count; then a command typed at once still arrives whole.
+    vm.send("\n");
+    vm.expect("count stopped\n", COMMAND_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    // The output of both processes, joined: a line cut by the suspend is finished by the
+    // restored guest, and every number appears once, in order.
+    let joined = format!("{before}{}", vm.transcript());
+    let numbers = count_numbers(&joined);
+    let expected: Vec<u64> = (1..=*numbers.last().unwrap_or(&0)).collect();
+    assert_eq!(
+        numbers, expected,
+        "count sequence across checkpoint and suspend"
+    );
+    assert!(
+        !vm.transcript().contains(guest::READY),
+        "the guest rebooted"
+    );
+
+    // A suspend at the prompt, and a command sent before the restored guest has run at all.
+    let file = scratch.path("idle.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let mut vm = resume(&scratch.0, &file);
+    vm.send_line("counter");
+    vm.expect("counter\n", COMMAND_TIMEOUT);
+    assert_eq!(vm.expect_prompt(COMMAND_TIMEOUT).trim(), "counter 1");
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// Every name in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A read-only directory for root: root ignores permission bits, so only a read-only mount
+/// makes writes fail (EROFS) the way an administrator would meet it. Unmounted on drop.
+struct ReadOnlyDir(PathBuf);
+
+impl ReadOnlyDir {
+    fn new(path: PathBuf) -> Option<Self> {
+        std::fs::create_dir_all(&path).ok()?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(&path)
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        if status.success() {
+            return Some(ReadOnlyDir(path));
+        }
+        // Without the right to mount, permission bits do the job for anyone but root.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let mut perms = std::fs::metadata(&path).ok()?.permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+            std::fs::set_permissions(&path, perms).ok()?;
+            return Some(ReadOnlyDir(path));
+        }
+        None
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// `bhyve` built without the `bhyve_snapshot` feature, in its own target directory under
+/// target/ (built once, then cached).
+fn bhyve_without_snapshots() -> &'static Path {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let target_dir = repo_root().join("target/e2e-without-snapshot");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["build", "--quiet", "-p", "bhyve-rs", "--bin", "bhyve"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(target_dir.join("debug/bhyve"))
+    });
+    match built {
+        Ok(path) => path,
+        Err(why) => panic!("building bhyve without snapshot support: {why}"),
+    }
+}
+
+fn assert_one_line_failure(what: &str, code: i32, err: &str) {
+    assert_ne!(code, 0, "{what}: exit 0 ({err})");
+    assert_eq!(err.trim().lines().count(), 1, "{what}: {err:?}");
+}
+
+#[test]
+fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("refused");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    assert_eq!(counter(&mut vm), 1);
+
+    // A read-only target directory: bhyve's write fails and is reported by bhyvectl.
+    match ReadOnlyDir::new(scratch.path("ro")) {
+        Some(ro) => {
+            let target = ro.0.join("x.snap");
+            let (code, err) = ctl(
+                &scratch.0,
+                &name,
+                &[format!("--checkpoint={}", target.display())],
+            );
+            assert_one_line_failure("read-only directory", code, &err);
+            assert!(
+                err.contains("Read-only file system") || err.contains("ermission"),
+                "{err}"
+            );
+            assert!(listing(&ro.0).is_empty(), "{:?}", listing(&ro.0));
+            assert_eq!(counter(&mut vm), 2);
+        }
+        None => notice("no read-only mount possible here; read-only directory case skipped"),
+    }
+
+    // A good snapshot of the running VM to restore from.
+    let good = scratch.path("good.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", good.display())],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // A newer major format version.
+    let mut bytes = std::fs::read(&good).expect("read snapshot");
+    bytes[8..10].copy_from_slice(&99u16.to_le_bytes());
+    let newer = scratch.path("newer.snap");
+    std::fs::write(&newer, &bytes).expect("write");
+    // A command line that does not match the snapshot: one more device.
+    let restore_cases: [(&str, &Path, &[&str], &str); 3] = [
+        (
+            "newer format",
+            &newer,
+            &[],
+            "newer than this bhyve supports",
+        ),
+        (
+            "extra device",
+            &good,
+            &[
+                "-c",
+                "1",
+                "-s",
+                "0,hostbridge",
+                "-s",
+                "31,lpc",
+                "-s",
+                "3,virtio-rnd",
+            ],
+            "pci.0.3.0.device is unset in the snapshot but 'virtio-rnd' on the command line",
+        ),
+        (
+            "more memory",
+            &good,
+            &["-m", "512M"],
+            "memory.size is '256M' in the snapshot but '512M' on the command line",
+        ),
+    ];
+    for (what, file, args, expected) in restore_cases {
+        let restored_name = format!("{name}-r");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        cmd.arg("-r").arg(file).args(args);
+        cmd.args(["-l", "com1,stdio"]);
+        cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+        cmd.arg(&restored_name);
+        let (status, _out, err) = run_to_exit(cmd, COMMAND_TIMEOUT);
+        assert_one_line_failure(what, status.code().unwrap_or(-1), &err);
+        assert!(err.starts_with("bhyve: restore "), "{what}: {err}");
+        assert!(err.contains(expected), "{what}: {err}");
+        assert!(
+            !scratch.path(&restored_name).exists(),
+            "{what}: a control socket was left"
+        );
+    }
+    // The same command line as at boot, with another console backend and a copy restore, is
+    // accepted (shown by the restored guest answering).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    cmd.arg("-r").arg(&good);
+    cmd.args([
+        "-c",
+        "1",
+        "-m",
+        "256M",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+    ]);
+    cmd.args(["-l", "com1,stdio", "-o", "snapshot.restore=copy"]);
+    cmd.arg("-o")
+        .arg(format!("rundir={}", scratch.path("run2").display()));
+    cmd.arg("-o")
+        .arg(format!("boot.kernel={}", guest::console_guest().display()));
+    cmd.arg(format!("{name}-copy"));
+    let mut copy = Console::spawn("bhyve -r copy", cmd);
+    assert_eq!(counter(&mut copy), 3);
+    assert!(
+        scratch.path("run2").join(format!("{name}-copy")).exists(),
+        "rundir given at restore is used"
+    );
+    copy.send_line("halt");
+    assert_eq!(copy.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+
+    // The original VM took none of it amiss.
+    assert_eq!(counter(&mut vm), 3);
+    let stray: Vec<String> = listing(&scratch.0)
+        .into_iter()
+        .filter(|n| n.contains(".tmp.") || n.starts_with("x.snap"))
+        .collect();
+    assert!(stray.is_empty(), "left behind: {stray:?}");
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+#[test]
+fn bhyvectl_says_clearly_that_a_bhyve_without_snapshots_does_not_answer() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("nofeature");
+    let name = vm_name();
+    let cmd = console_vm_command(bhyve_without_snapshots(), "256M", &scratch.0, &name);
+    let mut vm = Console::spawn("bhyve (no snapshots)", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    let file = scratch.path("x.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", file.display())],
+    );
+    assert_one_line_failure("bhyve without snapshots", code, &err);
+    assert!(
+        err.contains(&name) && err.contains("snapshot support"),
+        "{err}"
+    );
+    assert!(!file.exists());
+    assert_eq!(counter(&mut vm), 1);
+
+    // Like FreeBSD's bhyve built without BHYVE_SNAPSHOT, it does not know -r.
+    let mut cmd = Command::new(bhyve_without_snapshots());
+    cmd.arg("-r").arg(&file).arg("other");
+    let (status, _out, err) = run_to_exit(cmd, COMMAND_TIMEOUT);
+    assert_ne!(status.code(), Some(0));
+    assert!(err.starts_with("bhyve: illegal option -- r\n"), "{err}");
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+#[test]
+fn bhyvectl_fails_when_bhyve_dies_while_saving() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("crash");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "2G");
+    // Enough memory that the save takes a while.
+    vm.command_line("memfill 1024 5");
+    let file = scratch.path("big.snap");
+    let mut bhyvectl = Command::new(bhyvectl())
+        .arg(format!("--vm={name}"))
+        .arg(format!("--rundir={}", scratch.0.display()))
+        .arg(format!("--checkpoint={}", file.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bhyvectl");
+    // Kill bhyve as soon as its temporary file appears.
+    let deadline = Instant::now() + SAVE_TIMEOUT;
+    while !listing(&scratch.0)
+        .iter()
+        .any(|n| n.starts_with(".big.snap.tmp"))
+    {
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        assert!(
+            !file.exists(),
+            "the save finished before it could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", &vm.pid().to_string()])
+        .status();
+    vm.wait_exit(COMMAND_TIMEOUT);
+    let status = bhyvectl.wait().expect("bhyvectl exits");
+    let mut err = String::new();
+    if let Some(mut stderr) = bhyvectl.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    assert_one_line_failure("bhyve killed mid-save", status.code().unwrap_or(-1), &err);
+    assert!(err.contains("without a reply"), "{err}");
+    assert!(!file.exists());
+}
+
+/// One line of the vendored libnv vector manifest.
+struct VectorCase {
+    file: String,
+    nfds: usize,
+    /// A request bhyve must carry out: a list libnv accepts whose `cmd` is `checkpoint`.
+    checkpoint: bool,
+}
+
+fn vector_dir() -> PathBuf {
+    repo_root().join("bhyve-rs/tests/data/nvlist")
+}
+
+fn vector_cases() -> Vec<VectorCase> {
+    let text = std::fs::read_to_string(vector_dir().join("manifest.tsv")).expect("manifest.tsv");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            assert_eq!(f.len(), 8, "manifest line {line}");
+            let receivable = f[1] == "recv" && f[5] == "1";
+            // libnv's nvlist_recv refuses every big-endian list (it converts the header twice);
+            // bhyve-rs reads it as the request it is (see tests/nvlist_vectors.rs).
+            let big_endian_request = f[0] == "h-big-endian-checkpoint.bin" && f[1] == "recv";
+            VectorCase {
+                file: f[0].to_string(),
+                nfds: if f[1] == "recv" {
+                    f[3].parse().expect("nfds")
+                } else {
+                    0
+                },
+                checkpoint: (receivable && f[7].contains(r#""value":"checkpoint""#))
+                    || big_endian_request,
+            }
+        })
+        .collect()
+}
+
+/// Send `request` and `nfds` copies of `dir`'s descriptor as libnv does (one dummy byte
+/// carrying SCM_RIGHTS), then read the whole reply.
+fn exchange(socket: &Path, request: &[u8], nfds: usize, dir: &Path) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket).expect("connect to bhyve");
+    stream.write_all(request).expect("send request");
+    if nfds > 0 {
+        let dir = std::fs::File::open(dir).expect("open directory");
+        let fds = vec![dir.as_raw_fd(); nfds];
+        let cmsgs: Vec<_> = fds
+            .chunks(1)
+            .map(nix::sys::socket::ControlMessage::ScmRights)
+            .collect();
+        nix::sys::socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(&[0])],
+            &cmsgs,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+fn reply_error(reply: &[u8]) -> Option<String> {
+    bhyve::control::nvlist::NvList::unpack(reply, Vec::new())
+        .ok()?
+        .get_string("error")
+        .map(str::to_string)
+}
+
+#[test]
+fn a_real_bhyve_takes_every_valid_request_vector_and_refuses_every_other() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("vectors");
+    let snapdir = scratch.path("snaps");
+    std::fs::create_dir_all(&snapdir).expect("create snapshot directory");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    let socket = scratch.path(&name);
+    let cases = vector_cases();
+    let mut refused = 0;
+    let mut suspend_case = None;
+    for case in &cases {
+        let bytes = std::fs::read(vector_dir().join(&case.file)).expect("read vector");
+        if case.checkpoint && case.file.contains("suspend") {
+            suspend_case = Some(bytes);
+            continue;
+        }
+        let _ = std::fs::remove_file(snapdir.join("snap"));
+        let reply = exchange(&socket, &bytes, case.nfds, &snapdir);
+        if case.checkpoint {
+            assert_eq!(reply_error(&reply), None, "{}: refused", case.file);
+            bhyve::snapshot::SnapshotReader::open(&snapdir.join("snap"))
+                .unwrap_or_else(|e| panic!("{}: snapshot unreadable: {e}", case.file));
+        } else {
+            assert!(
+                reply_error(&reply).is_some()
+                    || (case.file == "x-empty-buffer.bin" && reply.is_empty()),
+                "{} ({} fds): no error reply, got {reply:?}",
+                case.file,
+                case.nfds
+            );
+            assert!(
+                !snapdir.join("snap").exists(),
+                "{}: a snapshot was written",
+                case.file
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused > 50, "only {refused} invalid vectors sent");
+    // Still running, still counting from where it was.
+    assert_eq!(counter(&mut vm), 1);
+    // The suspend request: a snapshot, then bhyve exits 0.
+    let bytes = suspend_case.expect("manifest has the suspend request");
+    let reply = exchange(&socket, &bytes, 1, &snapdir);
+    assert_eq!(reply_error(&reply), None);
+    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
+    let restored = resume(&scratch.0, &snapdir.join("snap"));
+    let mut restored = restored;
+    assert_eq!(counter(&mut restored), 2);
+}
+
+#[test]
+fn bhyvectl_sends_the_bytes_of_freebsd_bhyvectl() {
+    let scratch = Scratch::new("wire");
+    let snapdir = scratch.path("snaps");
+    std::fs::create_dir_all(&snapdir).expect("create snapshot directory");
+    for (flag, stream_file) in [
+        ("--checkpoint", "bhyvectl-checkpoint.stream.bin"),
+        ("--suspend", "bhyvectl-suspend.stream.bin"),
+    ] {
+        let listener = UnixListener::bind(scratch.path("vm0")).expect("bind fake bhyve");
+        let expected = std::fs::read(vector_dir().join(stream_file)).expect("read vector");
+        let expected_len = expected.len();
+        let fake = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut bytes = vec![0u8; expected_len];
+            stream.read_exact(&mut bytes).expect("read request");
+            let empty_reply = std::fs::read(vector_dir().join("empty.bin")).expect("empty.bin");
+            stream.write_all(&empty_reply).expect("reply");
+            bytes
+        });
+        let out = Command::new(bhyvectl())
+            .arg("--vm=vm0")
+            .arg(format!("--rundir={}", scratch.0.display()))
+            .arg(format!("{flag}={}", snapdir.join("snap").display()))
+            .output()
+            .expect("run bhyvectl");
+        let sent = fake.join().expect("fake bhyve");
+        assert_eq!(sent, expected, "{flag}: bytes on the socket");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_file(scratch.path("vm0")).expect("remove socket");
+    }
+}
+
+#[test]
+fn bhyvectl_refuses_a_silent_close_that_left_no_snapshot() {
+    let scratch = Scratch::new("silent");
+    let listener = UnixListener::bind(scratch.path("vm0")).expect("bind fake bhyve");
+    let fake = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut bytes = vec![0u8; 147];
+        let _ = stream.read_exact(&mut bytes);
+        // Closes without a reply and without writing anything, like a bhyve that crashed.
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let file = scratch.path("x.snap");
+    let out = Command::new(bhyvectl())
+        .arg("--vm=vm0")
+        .arg(format!("--rundir={}", scratch.0.display()))
+        .arg(format!("--checkpoint={}", file.display()))
+        .output()
+        .expect("run bhyvectl");
+    fake.join().expect("fake bhyve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_one_line_failure("silent close", out.status.code().unwrap_or(-1), &err);
+    assert!(err.contains("without a reply"), "{err}");
+}
+
+/// The ready line tests/linux-guest's /init prints on COM1.
+const LINUX_READY: &str = "bhyve-rs linux guest: ready";
+
+/// Runs `command` in the Linux guest's shell and returns what it printed between two markers
+/// (the markers are computed by the shell, so the echoed command line never matches them).
+fn linux_run(vm: &mut Console, command: &str, timeout: Duration) -> String {
+    vm.send_line(&format!(
+        "echo BEGIN-$((6*7)); {command}; echo END-$((6*7))"
+    ));
+    vm.expect("BEGIN-42\n", timeout);
+    let out = vm.expect("END-42\n", timeout);
+    out.trim_end_matches("END-42\n").to_string()
+}
+
+#[test]
+fn linux_guest_suspends_and_resumes_with_its_loop_and_tmpfs_data() {
+    if !hardware_virtualization() || !kvm_usable() {
+        return;
+    }
+    let (kernel, initrd) = linux_guest();
+    let scratch = Scratch::new("linux");
+    let name = vm_name();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    cmd.args([
+        "-c",
+        "1",
+        "-m",
+        "512M",
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+    ]);
+    cmd.args(["-l", "com1,stdio"]);
+    cmd.arg("-o")
+        .arg(format!("boot.kernel={}", kernel.display()));
+    cmd.arg("-o")
+        .arg(format!("boot.initrd={}", initrd.display()));
+    cmd.args(["-o", "boot.cmdline=console=ttyS0 panic=-1"]);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    cmd.arg(&name);
+    let mut vm = Console::spawn("bhyve (linux)", cmd);
+    let boot_limit = Duration::from_secs(300);
+    vm.expect(LINUX_READY, boot_limit);
+    // 32 MiB of random data in a tmpfs, and its checksum.
+    let sum = linux_run(
+        &mut vm,
+        "mkdir -p /mnt/t && mount -t tmpfs tmpfs /mnt/t && \
+         dd if=/dev/urandom of=/mnt/t/data bs=1M count=32 2>/dev/null && md5sum /mnt/t/data",
+        COMMAND_TIMEOUT,
+    );
+    assert!(sum.contains("/mnt/t/data"), "{sum:?}");
+    // A counter loop in the background, five steps a second.
+    vm.send_line("(i=0; while true; do i=$((i+1)); echo loop-$i; sleep 0.2; done) &");
+    vm.expect("loop-5\n", COMMAND_TIMEOUT);
+
+    let file = scratch.path("linux.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let loops = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("loop-")?.parse().ok())
+            .collect()
+    };
+    let before = vm.transcript();
+    let last = loops(&before).last().copied().expect("loop lines");
+
+    let mut vm = resume(&scratch.0, &file);
+    vm.expect(&format!("loop-{}\n", last + 5), COMMAND_TIMEOUT);
+    // Both processes' output joined: a line cut by the suspend is finished after the restore,
+    // and the numbers run on without a gap or a restart.
+    let numbers = loops(&format!("{before}{}", vm.transcript()));
+    let expected: Vec<u64> = (1..).take(numbers.len()).collect();
+    assert_eq!(
+        numbers, expected,
+        "the loop did not carry on from loop-{last}"
+    );
+    assert!(!vm.transcript().contains(LINUX_READY), "the guest rebooted");
+    let again = linux_run(&mut vm, "md5sum /mnt/t/data", COMMAND_TIMEOUT);
+    let digest = |text: &str| {
+        text.lines()
+            .find(|l| l.contains("/mnt/t/data"))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        digest(&again),
+        digest(&sum),
+        "tmpfs data changed across suspend/resume"
+    );
 }

@@ -4,14 +4,16 @@
 //! `snapshot_request`/`send_message`): `{cmd = "checkpoint", filename = basename(F),
 //! suspend = <bool>, fddir = <dirname(F) opened O_DIRECTORY>}`, flags 0. FreeBSD's bhyvectl
 //! closes right after sending; this one waits for the answer: a 2025 bhyve (and bhyve-rs)
-//! replies with an nvlist holding `error` on failure, a FreeBSD 14 bhyve closes the connection
-//! without a word once the checkpoint is done, and so does any bhyve after a suspend.
+//! replies with an nvlist holding `error` on failure; a FreeBSD 14 bhyve closes the connection
+//! without a word, after a checkpoint that worked as after one that failed. Silence is also all a
+//! bhyve that crashes while saving leaves behind, so after a silent close the file itself is the
+//! answer: it must have been (re)written since the request was sent, and read as a snapshot.
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -27,7 +29,10 @@ pub enum ClientError {
     BadFilename(PathBuf),
     #[error("cannot open directory '{path}': {source}")]
     Directory { path: PathBuf, source: io::Error },
-    #[error("no such VM '{name}' (no control socket at {path})")]
+    #[error(
+        "no such VM '{name}' (no control socket at {path}; bhyve not running, or built \
+         without snapshot support)"
+    )]
     NoSuchVm { name: String, path: PathBuf },
     #[error("permission denied on control socket {path}")]
     PermissionDenied { path: PathBuf },
@@ -47,6 +52,10 @@ pub enum ClientError {
     /// bhyve carried out the request and reports this failure.
     #[error("{0}")]
     Failed(String),
+    /// bhyve closed the connection without a word and left no complete snapshot behind (it
+    /// crashed or was killed while saving, or failed in a way it does not report).
+    #[error("bhyve closed the connection without a reply and {} is not a snapshot it wrote: {why}", path.display())]
+    NotWritten { path: PathBuf, why: String },
 }
 
 /// Default directory holding one control socket per running VM.
@@ -119,8 +128,8 @@ fn connect(rundir: &Path, vmname: &str) -> Result<(UnixStream, PathBuf), ClientE
 /// Ask the bhyve running `vmname` to write a snapshot to `filename` (relative paths resolve
 /// against the caller's working directory); with `suspend`, bhyve exits once it is durable.
 ///
-/// `Ok` when bhyve reports success, or when it closes the connection without a reply as a
-/// FreeBSD 14 bhyve does after its checkpoint (it never reports failures).
+/// `Ok` when bhyve reports success, or when it closes the connection without a reply (as a
+/// FreeBSD 14 bhyve does) and a fresh, readable snapshot is at `filename`.
 pub fn request_checkpoint(
     rundir: &Path,
     vmname: &str,
@@ -129,6 +138,7 @@ pub fn request_checkpoint(
 ) -> Result<(), ClientError> {
     let (dir, _) = split_filename(filename)?;
     let (stream, path) = connect(rundir, vmname)?;
+    let before = FileStamp::of(filename);
     let request = checkpoint_request(filename, suspend, open_directory(dir)?)?;
     stream
         .set_write_timeout(Some(CLIENT_TIMEOUT))
@@ -140,13 +150,23 @@ pub fn request_checkpoint(
     // Our copy of the directory descriptor is no longer needed while bhyve works.
     drop(request);
     // No read timeout: writing guest memory out may take minutes.
-    match nvlist_recv_or_eof(&stream, RecvLimits::CONTROL).map_err(ClientError::Reply)? {
+    // A peer that dies with part of the request unread resets the connection instead of
+    // closing it; either way there is no reply, and the file has to speak for itself.
+    let reply = match nvlist_recv_or_eof(&stream, RecvLimits::CONTROL) {
+        Err(TransportError::Io(nix::errno::Errno::ECONNRESET)) => None,
+        other => other.map_err(ClientError::Reply)?,
+    };
+    match reply {
         None => {
             log::info!(
-                "bhyve closed {} without a reply; the checkpoint has ended",
-                path.display()
+                "bhyve closed {} without a reply; checking {}",
+                path.display(),
+                filename.display()
             );
-            Ok(())
+            check_written(filename, before).map_err(|why| ClientError::NotWritten {
+                path: filename.to_path_buf(),
+                why,
+            })
         }
         Some(reply) => match reply.get_string_bytes("error") {
             Some(message) => Err(ClientError::Failed(
@@ -155,4 +175,84 @@ pub fn request_checkpoint(
             None => Ok(()),
         },
     }
+}
+
+/// Identity and change time of a file, to tell a file written for this request from one that
+/// was there before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+    size: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        std::fs::metadata(path).ok().map(|m| FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+            size: m.len(),
+        })
+    }
+}
+
+/// After a silent close: `path` must exist, be new or changed since `before`, and read as a
+/// snapshot: a bhyve-rs file whose header, section table and data sections check out, or
+/// FreeBSD bhyve's three files (`F`, `F.kern`, `F.meta`) with a complete `.meta` document.
+fn check_written(path: &Path, before: Option<FileStamp>) -> Result<(), String> {
+    let now = match FileStamp::of(path) {
+        Some(stamp) => stamp,
+        None => return Err("no such file".to_string()),
+    };
+    if Some(now) == before {
+        return Err("the file is unchanged since the request".to_string());
+    }
+    let mut magic = [0u8; 8];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| io::Read::read(&mut f, &mut magic))
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if read == magic.len() && &magic == b"BHYVSNAP" {
+        return check_bhyve_rs_snapshot(path);
+    }
+    check_freebsd_checkpoint(path)
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+fn check_bhyve_rs_snapshot(path: &Path) -> Result<(), String> {
+    crate::snapshot::SnapshotReader::open(path)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "bhyve_snapshot"))]
+fn check_bhyve_rs_snapshot(_path: &Path) -> Result<(), String> {
+    Err("this build cannot read snapshots".to_string())
+}
+
+/// FreeBSD's bhyve writes RAM to `F`, device state to `F.kern` and a JSON index to `F.meta`,
+/// the index last; a save cut short leaves the index without its closing brace.
+fn check_freebsd_checkpoint(path: &Path) -> Result<(), String> {
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let meta_path = with_suffix(".meta");
+    let meta = std::fs::read(&meta_path)
+        .map_err(|_| "not a bhyve-rs snapshot, and no FreeBSD .meta file next to it".to_string())?;
+    let text = String::from_utf8_lossy(&meta);
+    let complete = text.trim_end().ends_with('}')
+        && text.contains("\"basic metadata\"")
+        && text.contains("\"devices\"");
+    if !complete {
+        return Err(format!("{} is incomplete", meta_path.display()));
+    }
+    if !with_suffix(".kern").is_file() {
+        return Err("the FreeBSD .kern file is missing".to_string());
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@
 //! [`SnapshotWriter`] builds one atomically; [`SnapshotReader`] validates one and hands out its
 //! sections and RAM.
 
+pub mod cmdline;
 mod format;
 mod inspect;
 mod ram;

@@ -14,8 +14,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::cmdline::RestoreMode;
 use super::{
-    Backend, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter, HEADER_FLAG_SUSPENDED,
+    Backend, CopyOptions, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter,
+    HEADER_FLAG_SUSPENDED,
 };
 use crate::config::Config;
 use crate::devices::{DeviceRef, Devices};
@@ -242,15 +244,29 @@ impl Restore {
         self.reader.config_tree()
     }
 
-    /// Guest RAM mapped copy-on-write from the file: nothing is read until the guest touches it.
-    pub fn memory(&self) -> Result<GuestMemory, String> {
+    /// Guest RAM as `mode` asks: mapped copy-on-write from the file (nothing is read until the
+    /// guest touches it), or read into fresh memory and checked against the `ram-index`.
+    pub fn memory(&self, mode: RestoreMode) -> Result<GuestMemory, String> {
         let mut regions = Vec::new();
         for region in self.reader.ram_regions() {
-            let mapping = self
-                .reader
-                .map_ram_private(region)
-                .map_err(|e| e.to_string())?;
-            regions.push(GuestRegion::from_mapping(region.gpa, mapping));
+            let guest_region = match mode {
+                RestoreMode::Map => {
+                    let mapping = self
+                        .reader
+                        .map_ram_private(region)
+                        .map_err(|e| e.to_string())?;
+                    GuestRegion::from_mapping(region.gpa, mapping)
+                }
+                RestoreMode::Copy => {
+                    let mut fresh = GuestRegion::anonymous(region.gpa, region.size)
+                        .map_err(|e| e.to_string())?;
+                    self.reader
+                        .restore_ram_copy(region, fresh.as_mut_slice(), CopyOptions::default())
+                        .map_err(|e| e.to_string())?;
+                    fresh
+                }
+            };
+            regions.push(guest_region);
         }
         GuestMemory::from_regions(regions).map_err(|e| e.to_string())
     }

@@ -57,6 +57,40 @@ pub fn kvm_usable() -> bool {
     }
 }
 
+/// Whether the host CPU has hardware virtualization (`vmx` or `svm` in /proc/cpuinfo). A stock
+/// Linux kernel needs it: without, KVM emulates guest kernel code and cannot run one. Without
+/// it the caller skips, and this says why.
+pub fn hardware_virtualization() -> bool {
+    let found = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !found {
+        notice(
+            "no vmx/svm flag in /proc/cpuinfo; without hardware virtualization KVM emulates \
+             guest kernel code and cannot run a stock Linux kernel",
+        );
+    }
+    found
+}
+
+/// The Debian kernel and initramfs of tests/linux-guest, built by its build.sh when missing.
+pub fn linux_guest() -> (PathBuf, PathBuf) {
+    let cache = repo_root().join("tests/guest/.cache");
+    let kernel = cache.join("vmlinuz");
+    let initrd = cache.join("initramfs.cpio.gz");
+    if !kernel.exists() || !initrd.exists() {
+        let script = repo_root().join("tests/linux-guest/build.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(status.success(), "{} failed", script.display());
+    }
+    (kernel, initrd)
+}
+
 /// Path of `qemu-system-x86_64`, if installed. Missing QEMU skips the test with a message,
 /// except under CI (`CI` or `BHYVE_RS_REQUIRE_QEMU` set), where `tests/install-deps.sh` should
 /// have installed it, so the test fails.
@@ -112,6 +146,28 @@ pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, extra: &[&str]) ->
     }
     cmd.args(extra);
     cmd.arg(vm_name());
+    cmd
+}
+
+/// `bhyve` (the binary at `bhyve`) booting the console guest with `memory`, COM1 on stdio and its
+/// control socket `rundir/name`: the command line of the snapshot tests and benchmarks.
+pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str) -> Command {
+    let mut cmd = Command::new(bhyve);
+    cmd.args([
+        "-c",
+        "1",
+        "-m",
+        memory,
+        "-s",
+        "0,hostbridge",
+        "-s",
+        "31,lpc",
+    ]);
+    cmd.args(["-l", "com1,stdio"]);
+    cmd.arg("-o")
+        .arg(format!("boot.kernel={}", guest::console_guest().display()));
+    cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
+    cmd.arg(name);
     cmd
 }
 
@@ -475,6 +531,31 @@ impl Drop for Console {
 
 fn normalize(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).replace("\r\n", "\n")
+}
+
+/// Times `ticks <ms>` on the host clock: the guest counts `ms` worth of timer interrupts
+/// between two lines.
+pub fn timed_ticks(vm: &mut Console, hz: u64, ms: u64) -> Duration {
+    vm.send_line(&format!("ticks {ms}"));
+    vm.expect(&format!("ticks start hz={hz} ms={ms}\n"), COMMAND_TIMEOUT);
+    let start = Instant::now();
+    let target = (ms * hz).div_ceil(1000);
+    vm.expect(
+        &format!("ticks done {target}\n"),
+        Duration::from_millis(ms * 3 + 30_000),
+    );
+    let elapsed = start.elapsed();
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    elapsed
+}
+
+pub fn assert_within_ten_percent(elapsed: Duration, ms: u64) {
+    let ms_f = ms as f64;
+    let got = elapsed.as_secs_f64() * 1000.0;
+    assert!(
+        (got - ms_f).abs() <= ms_f * 0.10,
+        "{ms} ms of timer ticks took {got:.0} ms of host time"
+    );
 }
 
 /// Runs a command to completion with a timeout, returning (status, stdout, stderr).

@@ -1,0 +1,265 @@
+//! What `bhyve -r FILE [options] [vmname]` does with the options: the configuration comes from
+//! the snapshot; options that only say how this bhyve process runs on the host take the given
+//! value; every option that defines the machine the guest sees must match the snapshot.
+//!
+//! FreeBSD's bhyve rebuilds the machine from the command line at restore and expects the same
+//! command line as at boot, without checking it (a different device list surfaces later as a
+//! missing section or garbage). Here the snapshot carries its configuration, so no option is
+//! needed; when some are given, they are checked against the snapshot instead.
+
+use crate::config::{parse_memsize, Config};
+
+/// How guest memory is loaded at restore (`snapshot.restore`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Map each RAM region copy-on-write from the file; pages are read when first touched.
+    Map,
+    /// Read every stored page into fresh memory before the guest runs, checking each chunk.
+    Copy,
+}
+
+/// The configuration variable choosing [`RestoreMode`].
+pub const RESTORE_MODE_KEY: &str = "snapshot.restore";
+
+impl RestoreMode {
+    pub fn from_config(config: &Config) -> Result<RestoreMode, String> {
+        match config.get(RESTORE_MODE_KEY) {
+            None | Some("map") => Ok(RestoreMode::Map),
+            Some("copy") => Ok(RestoreMode::Copy),
+            Some(other) => Err(format!(
+                "invalid {RESTORE_MODE_KEY} '{other}' (expected map or copy)"
+            )),
+        }
+    }
+}
+
+/// Variables that only concern the bhyve process on the host, not the machine the guest sees:
+/// the given value wins at restore, the saved one is kept when none is given.
+fn host_only(key: &str) -> bool {
+    matches!(
+        key,
+        "name"
+            | "rundir"
+            | "config.dump"
+            | "destroy_on_poweroff"
+            | "memory.wired"
+            | "memory.guest_in_core"
+            | RESTORE_MODE_KEY
+    ) || key.starts_with("gdb.")
+        // Read only at a cold boot: the kernel is already in the restored memory.
+        || key.starts_with("boot.")
+        // Host CPU pinning.
+        || (key.starts_with("vcpu.") && key.ends_with(".cpuset"))
+}
+
+/// Variables whose presence the guest sees (a COM port exists) while the value only picks the
+/// host side (a terminal, an nmdm device): they must be set on both sides, with any value.
+fn host_backend(key: &str) -> bool {
+    matches!(
+        key,
+        "lpc.com1.path" | "lpc.com2.path" | "lpc.com3.path" | "lpc.com4.path"
+    )
+}
+
+/// Whether two values of `key` mean the same thing.
+fn same_value(key: &str, a: &str, b: &str) -> bool {
+    if host_backend(key) || a == b {
+        return true;
+    }
+    key == "memory.size" && parse_memsize(a).is_some() && parse_memsize(a) == parse_memsize(b)
+}
+
+/// The variables of `config` that define the machine.
+fn machine_keys(config: &Config) -> impl Iterator<Item = (&str, &str)> {
+    config.iter().filter(|(key, _)| !host_only(key))
+}
+
+/// The configuration to restore with: `saved` (from the snapshot) with the host-only variables
+/// of `given` (the command line) applied. `defaults` is the tree bhyve starts from before reading
+/// options; when the command line sets no machine variable beyond those, nothing is compared.
+/// Otherwise every machine variable must be present on both sides with the same value, and the
+/// first difference is the error.
+pub fn restore_config(saved: &Config, given: &Config, defaults: &Config) -> Result<Config, String> {
+    let options_given = machine_keys(given).any(|(key, value)| defaults.get(key) != Some(value));
+    if options_given {
+        if let Some(difference) = first_difference(saved, given) {
+            return Err(difference);
+        }
+    }
+    let mut config = saved.clone();
+    for (key, value) in given.iter().filter(|(key, _)| host_only(key)) {
+        config.set(key, value);
+    }
+    for (key, value) in given.iter().filter(|(key, _)| host_backend(key)) {
+        config.set(key, value);
+    }
+    Ok(config)
+}
+
+fn first_difference(saved: &Config, given: &Config) -> Option<String> {
+    let describe = |value: Option<&str>| match value {
+        Some(value) => format!("'{value}'"),
+        None => "unset".to_string(),
+    };
+    let mismatch = |key: &str, saved: Option<&str>, given: Option<&str>| {
+        format!(
+            "the command line does not match the snapshot: {key} is {} in the snapshot but {} \
+             on the command line",
+            describe(saved),
+            describe(given)
+        )
+    };
+    // A value that differs says more than a variable missing on one side (a lone `-c 2` is
+    // about the CPU count, not about the devices it did not repeat), so it is reported first.
+    for (key, saved_value) in machine_keys(saved) {
+        if let Some(given_value) = given.get(key) {
+            if !same_value(key, saved_value, given_value) {
+                return Some(mismatch(key, Some(saved_value), Some(given_value)));
+            }
+        }
+    }
+    if let Some((key, value)) = machine_keys(saved).find(|(key, _)| given.get(key).is_none()) {
+        return Some(mismatch(key, Some(value), None));
+    }
+    machine_keys(given)
+        .find(|(key, _)| saved.get(key).is_none())
+        .map(|(key, value)| mismatch(key, None, Some(value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(pairs: &[(&str, &str)]) -> Config {
+        let mut c = crate::cli::default_config();
+        for (k, v) in pairs {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn saved() -> Config {
+        tree(&[
+            ("lpc.com1.path", "stdio"),
+            ("cpus", "1"),
+            ("pci.0.0.0.device", "hostbridge"),
+            ("pci.0.31.0.device", "lpc"),
+            ("boot.kernel", "/boot/guest"),
+            ("rundir", "/var/run/bhyve"),
+            ("name", "vm0"),
+        ])
+    }
+
+    #[test]
+    fn no_machine_option_takes_the_snapshot_and_the_given_host_options() {
+        let given = tree(&[("rundir", "/tmp/run"), ("name", "vm1")]);
+        let config = restore_config(&saved(), &given, &crate::cli::default_config()).unwrap();
+        assert_eq!(config.get("rundir"), Some("/tmp/run"));
+        assert_eq!(config.get("name"), Some("vm1"));
+        assert_eq!(config.get("pci.0.31.0.device"), Some("lpc"));
+        assert_eq!(config.get("boot.kernel"), Some("/boot/guest"));
+    }
+
+    #[test]
+    fn the_same_command_line_is_accepted_and_backends_may_change() {
+        let given = tree(&[
+            ("lpc.com1.path", "/dev/nmdm0A"),
+            ("cpus", "1"),
+            ("memory.size", "268435456"),
+            ("pci.0.0.0.device", "hostbridge"),
+            ("pci.0.31.0.device", "lpc"),
+            ("snapshot.restore", "copy"),
+        ]);
+        let config = restore_config(&saved(), &given, &crate::cli::default_config()).unwrap();
+        assert_eq!(config.get("lpc.com1.path"), Some("/dev/nmdm0A"));
+        assert_eq!(config.get("snapshot.restore"), Some("copy"));
+        assert_eq!(config.get("boot.kernel"), Some("/boot/guest"));
+    }
+
+    #[test]
+    fn the_first_difference_is_named_with_both_values() {
+        let defaults = crate::cli::default_config();
+        let base = [
+            ("lpc.com1.path", "stdio"),
+            ("cpus", "1"),
+            ("pci.0.0.0.device", "hostbridge"),
+            ("pci.0.31.0.device", "lpc"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut pairs = base.to_vec();
+            pairs.extend_from_slice(extra);
+            tree(&pairs)
+        };
+        let err = restore_config(
+            &saved(),
+            &with(&[("pci.0.3.0.device", "virtio-rnd")]),
+            &defaults,
+        )
+        .unwrap_err();
+        assert!(
+            err.ends_with(
+                "pci.0.3.0.device is unset in the snapshot but 'virtio-rnd' on the command line"
+            ),
+            "{err}"
+        );
+        let err =
+            restore_config(&saved(), &with(&[("memory.size", "512M")]), &defaults).unwrap_err();
+        assert!(
+            err.ends_with("memory.size is '256M' in the snapshot but '512M' on the command line"),
+            "{err}"
+        );
+        let mut no_lpc = with(&[]);
+        no_lpc = {
+            let mut c = Config::new();
+            for (k, v) in no_lpc.iter().filter(|(k, _)| !k.starts_with("pci.0.31")) {
+                c.set(k, v);
+            }
+            c
+        };
+        let err = restore_config(&saved(), &no_lpc, &defaults).unwrap_err();
+        assert!(
+            err.ends_with(
+                "pci.0.31.0.device is 'lpc' in the snapshot but unset on the command line"
+            ),
+            "{err}"
+        );
+        // A COM port must exist on both sides, whatever its backend.
+        let mut no_com = Config::new();
+        for (k, v) in with(&[]).iter().filter(|(k, _)| !k.starts_with("lpc.com1")) {
+            no_com.set(k, v);
+        }
+        let err = restore_config(&saved(), &no_com, &defaults).unwrap_err();
+        assert!(
+            err.contains("lpc.com1.path is 'stdio' in the snapshot but unset"),
+            "{err}"
+        );
+        // A lone -c 2 is refused for its CPU count; a lone -c 1 for what it leaves out.
+        let err = restore_config(&saved(), &tree(&[("cpus", "2")]), &defaults).unwrap_err();
+        assert!(
+            err.ends_with("cpus is '1' in the snapshot but '2' on the command line"),
+            "{err}"
+        );
+        let err = restore_config(&saved(), &tree(&[("cpus", "1")]), &defaults).unwrap_err();
+        assert!(
+            err.contains("lpc.com1.path is 'stdio' in the snapshot but unset"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn restore_mode_is_map_unless_copy_is_asked_for() {
+        assert_eq!(
+            RestoreMode::from_config(&Config::new()),
+            Ok(RestoreMode::Map)
+        );
+        assert_eq!(
+            RestoreMode::from_config(&tree(&[("snapshot.restore", "copy")])),
+            Ok(RestoreMode::Copy)
+        );
+        let err = RestoreMode::from_config(&tree(&[("snapshot.restore", "fast")])).unwrap_err();
+        assert_eq!(
+            err,
+            "invalid snapshot.restore 'fast' (expected map or copy)"
+        );
+    }
+}
