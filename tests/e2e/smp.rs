@@ -7,8 +7,8 @@
 mod common;
 
 use common::{
-    bhyve_command_with, boot_bhyve_with, guest, qemu_binary, qemu_command, run_to_exit, Console,
-    BOOT_TIMEOUT, COMMAND_TIMEOUT,
+    bhyve_command_with, boot_bhyve_with, guest, qemu_binary, qemu_command, run_to_exit,
+    work_counts, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT,
 };
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -178,25 +178,6 @@ fn two_threads_per_core_reach_cpuid() {
         return;
     };
     check_topology(&cpus(&mut vm, 4), 4, 2, 2);
-}
-
-/// `work` output: the state line, then `cpu <n> apic <id> work <count>` per CPU.
-fn work_counts(vm: &mut Console) -> Vec<(u32, u64)> {
-    let lines = vm.command("work", COMMAND_TIMEOUT);
-    lines
-        .iter()
-        .skip(1)
-        .map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            match words[..] {
-                ["cpu", _, "apic", apic, "work", n] => (
-                    apic.parse().expect("numeric APIC id"),
-                    n.parse().expect("numeric count"),
-                ),
-                _ => panic!("bad work line {l:?} in {lines:?}"),
-            }
-        })
-        .collect()
 }
 
 fn every_cpu_advances(vm: &mut Console, cpus: usize) {

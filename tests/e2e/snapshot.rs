@@ -8,8 +8,8 @@ mod common;
 use common::guest;
 use common::{
     assert_within_ten_percent, console_vm_command, hardware_virtualization, kvm_usable,
-    linux_guest, notice, repo_root, run_to_exit, timed_ticks, vm_name, Console, BOOT_TIMEOUT,
-    COMMAND_TIMEOUT,
+    linux_guest, notice, repo_root, run_to_exit, timed_ticks, vm_name, work_counts, Console,
+    BOOT_TIMEOUT, COMMAND_TIMEOUT,
 };
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -142,6 +142,77 @@ fn checkpoint_keeps_running_and_suspend_resume_cycles_continue_the_guest() {
         "{lines:?}"
     );
     vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// Work counts of every CPU, waiting until each has moved past `floor` (same APIC order).
+fn counts_beyond(vm: &mut Console, floor: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        let now = work_counts(vm);
+        let apics: Vec<u32> = now.iter().map(|&(apic, _)| apic).collect();
+        let floor_apics: Vec<u32> = floor.iter().map(|&(apic, _)| apic).collect();
+        assert_eq!(apics, floor_apics, "the set of CPUs changed");
+        if now.iter().zip(floor).all(|(n, f)| n.1 > f.1) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a CPU stopped counting: {floor:?} then {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_vcpus_keep_their_work_across_checkpoint_and_suspend_cycles() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("smp");
+    let rundir = format!("rundir={}", scratch.0.display());
+    let cmd = common::bhyve_command_with(guest::console_guest(), "", &["-c", "2", "-o", &rundir]);
+    let name = cmd
+        .get_args()
+        .last()
+        .and_then(|n| n.to_str())
+        .expect("the VM name ends the command line")
+        .to_string();
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect("cpus 2 online\n", BOOT_TIMEOUT);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    assert_eq!(vm.command_line("work on"), "work on");
+    let mut last = counts_beyond(&mut vm, &[(0, 0), (1, 0)]);
+
+    let checkpoint = scratch.path("running.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", checkpoint.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    last = counts_beyond(&mut vm, &last);
+
+    for cycle in 0..3 {
+        let file = scratch.path(&format!("suspend-{cycle}.snap"));
+        let (code, err) = ctl(
+            &scratch.0,
+            &name,
+            &[format!("--suspend={}", file.display())],
+        );
+        assert_eq!(code, 0, "cycle {cycle}: bhyvectl --suspend failed: {err}");
+        assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0), "cycle {cycle}");
+        vm = resume(&scratch.0, &file);
+        // Both CPUs carry on from at least where they were seen last: no reboot, no restart.
+        last = counts_beyond(&mut vm, &last);
+        assert!(
+            !vm.transcript().contains(guest::READY),
+            "cycle {cycle}: the guest rebooted"
+        );
+    }
+    vm.send_line("halt");
+    vm.expect("halting\n", COMMAND_TIMEOUT);
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 

@@ -171,6 +171,26 @@ pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str)
     cmd
 }
 
+/// The console guest's `work` output: the state line, then `cpu <n> apic <id> work <count>`
+/// per CPU, returned as (APIC id, count) pairs.
+pub fn work_counts(vm: &mut Console) -> Vec<(u32, u64)> {
+    let lines = vm.command("work", COMMAND_TIMEOUT);
+    lines
+        .iter()
+        .skip(1)
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            match words[..] {
+                ["cpu", _, "apic", apic, "work", n] => (
+                    apic.parse().expect("numeric APIC id"),
+                    n.parse().expect("numeric count"),
+                ),
+                _ => panic!("bad work line {l:?} in {lines:?}"),
+            }
+        })
+        .collect()
+}
+
 /// QEMU command line booting the same guest through its PVH entry, COM1 on stdio. TCG, not
 /// KVM: without hardware virtualization QEMU's KVM mode emulates the firmware's real-mode code
 /// instruction by instruction and is far slower.
