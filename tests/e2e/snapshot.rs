@@ -240,11 +240,48 @@ fn snapshot_of_a_large_guest_stores_only_the_memory_it_touched() {
         allocated < 100 << 20,
         "a 1 GiB guest that touched 64 MiB used {allocated} bytes on disk"
     );
+    // Restored by mapping, the guest answers before its 64 MiB are read: resident memory
+    // stays well below them until the guest touches them itself.
     let mut vm = resume(&scratch.0, &file);
+    assert_eq!(counter(&mut vm), 1);
+    let mapped = resident_bytes(&vm);
+    assert!(
+        mapped < 32 << 20,
+        "a mapped restore made {mapped} bytes resident before the guest read its memory"
+    );
     assert_eq!(
         vm.command_line("memsum 64"),
         guest::memfill_line(64, 99).replace("memfill 64 MiB seed 99", "memsum 64 MiB")
     );
+    assert!(resident_bytes(&vm) > 64 << 20, "memsum read the memory");
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+
+    // The eager restore reads everything stored before the guest runs: the contrast shows the
+    // measure above means something.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    cmd.arg("-r").arg(&file);
+    cmd.args(["-o", "snapshot.restore=copy"]);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    let mut vm = Console::spawn("bhyve -r (copy)", cmd);
+    assert_eq!(counter(&mut vm), 1);
+    let copied = resident_bytes(&vm);
+    assert!(
+        copied > 64 << 20,
+        "a copying restore left only {copied} bytes resident"
+    );
+}
+
+/// Resident memory of the VM's process (VmRSS), in bytes.
+fn resident_bytes(vm: &Console) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid()))
+        .expect("the VM's /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
 }
 
 #[test]
