@@ -40,8 +40,9 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct CheckpointRequest {
     /// Directory the snapshot files go into (the client's `fddir`).
     pub dir: OwnedFd,
-    /// File name relative to `dir` (bhyvectl sends a basename); the snapshot is `filename`,
-    /// `filename.kern` and `filename.meta` in FreeBSD's layout.
+    /// File name relative to `dir` (bhyvectl sends a basename). FreeBSD's bhyve writes
+    /// `filename`, `filename.kern` and `filename.meta`; bhyve-rs writes the one file
+    /// `filename` (bhyve_snapshot(5)).
     pub filename: String,
     /// Stop the VM once the snapshot is written.
     pub suspend: bool,
