@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod interrupts;
+pub mod logging;
 pub mod machine;
 pub mod memory;
 pub mod mptable;

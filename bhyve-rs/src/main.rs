@@ -1,3 +1,4 @@
 fn main() {
+    bhyve::logging::init();
     std::process::exit(bhyve::cli::main());
 }
