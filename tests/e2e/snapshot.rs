@@ -42,8 +42,48 @@ impl Drop for Scratch {
     }
 }
 
+/// The bhyvectl of this build, with snapshot support. Cargo builds only this package's
+/// binaries for its tests, so a test run on its own builds bhyvectl (a no-op when
+/// `make test` has already built the workspace).
 fn bhyvectl() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_bhyve")).with_file_name("bhyvectl")
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_bhyve"))
+        .parent()
+        .expect("bhyve lives in a directory");
+    let target_dir = bin_dir
+        .parent()
+        .expect("the profile directory lives in the target directory");
+    let built = BUILT.get_or_init(|| {
+        cargo_build(
+            &["-p", "bhyvectl-rs", "--bin", "bhyvectl", "--features"],
+            &["bhyvectl-rs/bhyve_snapshot"],
+            target_dir,
+        )?;
+        Ok(bin_dir.join("bhyvectl"))
+    });
+    match built {
+        Ok(path) => path.clone(),
+        Err(why) => panic!("building bhyvectl: {why}"),
+    }
+}
+
+/// `cargo build --quiet ARGS EXTRA --target-dir DIR` in the repository.
+fn cargo_build(args: &[&str], extra: &[&str], target_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["build", "--quiet"])
+        .args(args)
+        .args(extra)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 fn boot(rundir: &Path, name: &str, memory: &str) -> Console {
@@ -505,17 +545,7 @@ fn bhyve_without_snapshots() -> &'static Path {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let target_dir = repo_root().join("target/e2e-without-snapshot");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .current_dir(repo_root())
-            .args(["build", "--quiet", "-p", "bhyve-rs", "--bin", "bhyve"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
+        cargo_build(&["-p", "bhyve-rs", "--bin", "bhyve"], &[], &target_dir)?;
         Ok(target_dir.join("debug/bhyve"))
     });
     match built {
