@@ -432,7 +432,8 @@ impl Rtc {
     fn curtime(&self) -> Option<i64> {
         let base = self.base_rtctime?;
         if self.update_enabled() {
-            Some(base + self.elapsed_whole_seconds())
+            // A restored time comes from a file: never let it overflow.
+            base.checked_add(self.elapsed_whole_seconds())
         } else {
             Some(base)
         }
@@ -448,7 +449,7 @@ impl Rtc {
         if whole > 0 {
             if let Some(base) = self.base_rtctime {
                 let uptime = self.base_uptime + Duration::from_secs(whole as u64);
-                let _ = self.time_update(Some(base + whole), uptime);
+                let _ = self.time_update(base.checked_add(whole), uptime);
             }
         }
     }
@@ -1075,6 +1076,27 @@ mod tests {
         g.rtc.lock().unwrap().restore(&saved);
         assert_eq!(g.read(0x20), 0xab);
         assert_eq!(g.guest_time(), 1_700_000_000);
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn a_forged_saved_time_at_the_edge_of_the_range_does_not_panic() {
+        for forged in [i64::MAX, i64::MAX - 1, i64::MIN, -1] {
+            let (f, _clock) = fake_fixture(1_700_000_000);
+            // The clock runs, so time passes on the forged base.
+            f.write(RTC_STATUSA as u8, RTCSA_DIVIDER_RUN | 6);
+            f.write(RTC_STATUSB as u8, RTCSB_24HR);
+            let mut saved = f.rtc.lock().unwrap().state();
+            saved.rtc_time = Some(forged);
+            let (g, clock) = fake_fixture(1_700_000_000);
+            g.rtc.lock().unwrap().restore(&saved);
+            clock.lock().unwrap().1 += Duration::from_secs(5);
+            for reg in 0..RTC_SIZE as u8 {
+                g.read(reg);
+            }
+            g.rtc.lock().unwrap().poll();
+            let _ = g.rtc.lock().unwrap().state();
+        }
     }
 
     #[test]

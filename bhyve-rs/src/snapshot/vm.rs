@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cmdline::RestoreMode;
 use super::{
-    Backend, CopyOptions, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter,
+    Arch, Backend, CopyOptions, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter,
     HEADER_FLAG_SUSPENDED,
 };
 use crate::config::Config;
@@ -230,10 +230,19 @@ pub struct Restore {
 impl Restore {
     pub fn open(path: &Path) -> Result<Self, String> {
         let reader = SnapshotReader::open(path).map_err(|e| e.to_string())?;
-        if reader.header().backend != Backend::Kvm {
+        let header = reader.header();
+        if header.arch != Arch::host() {
             return Err(format!(
-                "snapshot was written by the {:?} backend; this bhyve runs on KVM",
-                reader.header().backend
+                "snapshot was taken on {}; this host is {}",
+                header.arch,
+                Arch::host()
+            ));
+        }
+        if header.backend != Backend::Kvm {
+            return Err(format!(
+                "snapshot was written by the {} backend; this bhyve runs on {}",
+                header.backend,
+                Backend::Kvm
             ));
         }
         Ok(Self { reader })
