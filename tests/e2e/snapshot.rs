@@ -383,15 +383,42 @@ fn corrupted_or_truncated_snapshots_are_refused_with_one_line() {
     assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
 
     let bytes = std::fs::read(&file).expect("read snapshot");
-    let truncated = scratch.path("truncated.snap");
-    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
-    let mut flipped = bytes.clone();
-    let last = flipped.len() - 200;
-    flipped[last] ^= 0x55;
-    let corrupted = scratch.path("corrupted.snap");
-    std::fs::write(&corrupted, &flipped).expect("write");
+    // Where the vCPU state lies, from the file's own section table.
+    let vcpu = bhyve::snapshot::SnapshotReader::open(&file)
+        .expect("the good snapshot opens")
+        .sections()
+        .iter()
+        .find(|e| e.name == "vcpu")
+        .map(|e| (e.offset, e.length))
+        .expect("a vcpu section");
+    let variant = |name: &str, change: &dyn Fn(&mut Vec<u8>)| {
+        let mut copy = bytes.clone();
+        change(&mut copy);
+        let path = scratch.path(name);
+        std::fs::write(&path, &copy).expect("write");
+        path
+    };
+    // (file, what the one-line error must mention)
+    let cases = [
+        (variant("truncated.snap", &|b| b.truncate(b.len() / 2)), ""),
+        (variant("header.snap", &|b| b[24] ^= 0x01), "header"),
+        (
+            variant("table.snap", &|b| {
+                let at = b.len() - 200;
+                b[at] ^= 0x55
+            }),
+            "",
+        ),
+        (
+            variant("vcpu.snap", &|b| b[(vcpu.0 + vcpu.1 / 2) as usize] ^= 0x01),
+            "vcpu",
+        ),
+        (scratch.path("missing.snap"), "missing.snap"),
+    ];
 
-    for bad in [&truncated, &corrupted, &scratch.path("missing.snap")] {
+    // A VM of the same name runs meanwhile: refused restores must leave it alone.
+    let mut bystander = boot(&scratch.0, &name, "256M");
+    for (bad, mentions) in &cases {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
         cmd.arg("-r").arg(bad);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
@@ -399,7 +426,22 @@ fn corrupted_or_truncated_snapshots_are_refused_with_one_line() {
         assert_ne!(status.code(), Some(0), "{}: {err}", bad.display());
         assert_eq!(err.trim().lines().count(), 1, "{}: {err}", bad.display());
         assert!(err.starts_with("bhyve: "), "{err}");
+        assert!(
+            err.contains(mentions),
+            "{}: {err:?} should mention {mentions:?}",
+            bad.display()
+        );
+        assert_eq!(counter(&mut bystander), 1 + counter_offset(bad, &cases));
     }
+    assert!(
+        scratch.path(&name).exists(),
+        "the running VM lost its control socket"
+    );
+}
+
+/// How many times the bystander's counter ran before the case `bad`.
+fn counter_offset(bad: &Path, cases: &[(PathBuf, &str)]) -> u64 {
+    cases.iter().position(|(p, _)| p == bad).unwrap_or(0) as u64
 }
 
 /// The numbers of every complete `count N` line in `text`, in order.
