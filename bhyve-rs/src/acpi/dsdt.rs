@@ -30,8 +30,8 @@
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName, Else, Equal, Field,
     FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, Name,
-    OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Return, Scope, ShiftLeft, Store, IO,
-    ONE, ZERO,
+    Memory32Fixed, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Return, Scope,
+    ShiftLeft, Store, IO, ONE, ZERO,
 };
 use acpi_tables::{Aml, AmlSink};
 
@@ -254,12 +254,16 @@ fn lpc_device(layout: &AcpiLayout, lpc: &LpcLayout) -> Vec<u8> {
         .iter()
         .map(|&(base, len)| fixed_io(base, len))
         .collect();
-    let sio = Raw(isa_device(
-        "SIO",
-        "PNP0C02",
-        None,
-        sysres_io.iter().map(|r| r as &dyn Aml).collect(),
-    ));
+    // The ECAM window is a motherboard resource, as bhyve declares it (SYSRES_MEM in
+    // pci_emul.c): an OS only trusts MMCONFIG space that the firmware reserves.
+    let ecam = Memory32Fixed::new(
+        true,
+        crate::devices::pci::PCI_EMUL_ECFG_BASE as u32,
+        crate::devices::pci::PCI_EMUL_ECFG_SIZE as u32,
+    );
+    let mut sysres: Vec<&dyn Aml> = sysres_io.iter().map(|r| r as &dyn Aml).collect();
+    sysres.push(&ecam);
+    let sio = Raw(isa_device("SIO", "PNP0C02", None, sysres));
 
     let mut coms = Vec::new();
     for com in &lpc.com_ports {

@@ -289,6 +289,8 @@ fn iasl_disassembles_the_dsdt_with_the_expected_devices() {
         "IRQNoFlags ()\n",
         "PNP0B00",
         "PNP0C02",
+        // ECAM reserved as a motherboard resource: Memory32Fixed (ReadWrite, base, length).
+        "Memory32Fixed (ReadWrite,\n                            0xE0000000,         // Address Base\n                            0x10000000,         // Address Length",
         "WordBusNumber",
         "QWordMemory",
         "0xC0000000",
