@@ -6,7 +6,9 @@
 mod common;
 
 use common::guest;
-use common::{assert_within_ten_percent, boot_bhyve, timed_ticks, COMMAND_TIMEOUT};
+use common::{
+    assert_within_ten_percent, boot_bhyve, timed_ticks, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT,
+};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -229,17 +231,22 @@ fn sigterm_before_the_guest_enables_acpi_ends_the_vm_by_that_signal() {
 
 #[test]
 fn ps_shows_the_vm_as_bhyve_colon_name() {
-    let Some(vm) = boot_bhyve("") else {
+    if !common::kvm_usable() {
         return;
-    };
+    }
+    let cmd = common::bhyve_command_with(guest::console_guest(), "", &[]);
+    let name = common::vm_name_of(&cmd);
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
     let out = std::process::Command::new("ps")
         .args(["-o", "args=", "-p", &vm.pid().to_string()])
         .output()
         .expect("run ps");
     let args = String::from_utf8_lossy(&out.stdout);
-    // Names come from common::vm_name(): e2e-<pid>-<n>.
-    assert!(args.trim().starts_with("bhyve: e2e-"), "{args:?}");
-    assert!(!args.contains("boot.kernel"), "{args:?}");
+    assert_eq!(args.trim(), format!("bhyve: {name}"));
+    // The command name stays bhyve, as pgrep and service scripts look for it.
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", vm.pid())).expect("comm");
+    assert_eq!(comm.trim(), "bhyve");
 }
 
 #[test]

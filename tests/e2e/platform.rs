@@ -204,7 +204,7 @@ fn ecam_and_port_configuration_access_show_the_same_bus() {
         return;
     };
     let pci = pci_and_ecam_agree(&mut vm);
-    // bhyve's ids: pci_hostbridge.c (1275:1275, Apple's id) and pci_lpc.c (Intel 82371SB).
+    // bhyve's ids: pci_hostbridge.c (1275:1275, NetApp's id) and pci_lpc.c (Intel 82371SB).
     assert!(
         pci.contains(&"pci 00:00.0 1275:1275 class 060000".to_string()),
         "{pci:?}"
@@ -314,20 +314,31 @@ fn pm_timer_runs_at_3_579545_mhz() {
 
 #[test]
 fn rtc_in_utc_with_dash_u_matches_the_host_clock() {
-    let Some(mut vm) = boot_bhyve_with(&["-u"], "") else {
-        return;
-    };
-    let line = vm.command_line("cmos");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let guest = guest::parse_cmos_line(&line).unwrap_or_else(|| panic!("{line:?}"));
-    // The RTC counts whole seconds: up to one second behind, plus the command's round trip.
-    assert!(
-        (now - guest).abs() <= 2,
-        "guest RTC {line:?} is {} s off the host's UTC clock",
-        guest - now
-    );
+    // A zone 5:30 east of UTC (a POSIX TZ string: no time zone database needed), so UTC and
+    // local time cannot be mistaken for each other.
+    const ZONE: &str = "IST-5:30";
+    const OFFSET: i64 = 5 * 3600 + 30 * 60;
+    for (options, expected_offset) in [(&["-u"][..], 0), (&[][..], OFFSET)] {
+        if !common::kvm_usable() {
+            return;
+        }
+        let mut cmd = common::bhyve_command_with(guest::console_guest(), "", options);
+        cmd.env("TZ", ZONE);
+        let mut vm = common::Console::spawn("bhyve", cmd);
+        vm.expect(guest::READY, common::BOOT_TIMEOUT);
+        vm.expect_prompt(COMMAND_TIMEOUT);
+        let line = vm.command_line("cmos");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let guest = guest::parse_cmos_line(&line).unwrap_or_else(|| panic!("{line:?}"));
+        // The RTC counts whole seconds: up to one second behind, plus the command's round trip.
+        let skew = guest - expected_offset - now;
+        assert!(
+            skew.abs() <= 2,
+            "{options:?} with TZ={ZONE}: guest RTC {line:?} is {skew} s off the expected time"
+        );
+    }
 }
 
 /// Runs `command`, waits for the guest to print `line` and bhyve to exit; returns its status.

@@ -212,12 +212,7 @@ fn two_vcpus_keep_their_work_across_checkpoint_and_suspend_cycles() {
     let scratch = Scratch::new("smp");
     let rundir = format!("rundir={}", scratch.0.display());
     let cmd = common::bhyve_command_with(guest::console_guest(), "", &["-c", "2", "-o", &rundir]);
-    let name = cmd
-        .get_args()
-        .last()
-        .and_then(|n| n.to_str())
-        .expect("the VM name ends the command line")
-        .to_string();
+    let name = common::vm_name_of(&cmd);
     let mut vm = Console::spawn("bhyve", cmd);
     vm.expect("cpus 2 online\n", BOOT_TIMEOUT);
     vm.expect(guest::READY, BOOT_TIMEOUT);

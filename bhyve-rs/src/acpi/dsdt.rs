@@ -29,9 +29,9 @@
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, And, Arg, Device, EISAName, Else, Equal, Field,
-    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, Name,
-    Memory32Fixed, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Return, Scope,
-    ShiftLeft, Store, IO, ONE, ZERO,
+    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local,
+    Memory32Fixed, Method, Name, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate, Return,
+    Scope, ShiftLeft, Store, IO, ONE, ZERO,
 };
 use acpi_tables::{Aml, AmlSink};
 

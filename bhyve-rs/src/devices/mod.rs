@@ -116,6 +116,8 @@ struct Plan {
     enable_bars: bool,
     bootrom: bool,
     highmem_end: u64,
+    /// Settings that have no effect, for one warning each when the devices are made.
+    ignored: Vec<String>,
 }
 
 fn parse_slot(bus: &str, slot: &str, function: &str) -> Option<PciAddress> {
@@ -244,13 +246,16 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
         functions.push((slot, planned));
     }
 
+    let mut ignored = Vec::new();
     let mut uarts = Vec::new();
     let mut stdio_user: Option<&'static str> = None;
     for (index, (name, _, _)) in LEGACY_PORTS.iter().enumerate() {
         let path = config.get(&format!("lpc.{name}.path"));
         if !lpc_seen {
             if let Some(path) = path {
-                log::warn!("lpc.{name}.path={path} ignored: no lpc device is configured");
+                ignored.push(format!(
+                    "lpc.{name}.path={path} ignored: no lpc device is configured"
+                ));
             }
             continue;
         }
@@ -281,7 +286,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
         .map_err(|_| invalid("lpc.pc-testdev"))?
         .unwrap_or(false);
     if pctestdev && !lpc_seen {
-        log::warn!("lpc.pc-testdev ignored: no lpc device is configured");
+        ignored.push("lpc.pc-testdev ignored: no lpc device is configured".to_string());
     }
     let pctestdev = pctestdev && lpc_seen;
 
@@ -312,6 +317,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
         enable_bars,
         bootrom,
         highmem_end,
+        ignored,
     })
 }
 
@@ -489,6 +495,9 @@ pub fn attach(
     memory: Arc<GuestMemory>,
 ) -> Result<Devices, DeviceError> {
     let plan = plan(config)?;
+    for warning in &plan.ignored {
+        log::warn!("{warning}");
+    }
     let mut devices = Devices::default();
 
     let router = Arc::new(PirqRouter::new(interrupts.clone(), plan.bootrom));

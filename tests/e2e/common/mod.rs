@@ -119,6 +119,15 @@ pub fn vm_name() -> String {
     )
 }
 
+/// The VM name that ends a command line from [`bhyve_command_with`].
+pub fn vm_name_of(cmd: &Command) -> String {
+    cmd.get_args()
+        .last()
+        .and_then(|n| n.to_str())
+        .expect("the VM name ends the command line")
+        .to_string()
+}
+
 /// `bhyve` command line booting `kernel` with COM1 on stdio, as the tests (and users) run it.
 pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
     bhyve_command_with(kernel, guest_cmdline, &[])
