@@ -303,8 +303,21 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
     }
     let hypervisor = crate::vmm::open_hypervisor()?;
     let memory = GuestMemory::new(size)?;
+    let flag = |key: &str| {
+        config
+            .get_bool(key)
+            .map_err(MachineError::Config)
+            .map(|v| v.unwrap_or(false))
+    };
+    // -C: guest memory goes into core dumps only when asked for, as in bhyve.
     #[cfg(target_os = "linux")]
-    memory.advise_dontdump();
+    if !flag("memory.guest_in_core")? {
+        memory.advise_dontdump();
+    }
+    // -S: wired before the guest runs.
+    if flag("memory.wired")? {
+        memory.wire()?;
+    }
     let mut machine = Machine::new(hypervisor.as_ref(), memory, &topology)?;
     machine.attach_devices(config)?;
     if let Some(rom) = bootrom {

@@ -27,6 +27,8 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64 },
     #[error("region at {gpa:#x} of {len:#x} bytes does not match the memory layout")]
     LayoutMismatch { gpa: u64, len: u64 },
+    #[error("cannot wire {size:#x} bytes of guest memory: {reason}")]
+    Wire { size: u64, reason: String },
 }
 
 /// Where each RAM segment of a VM with `size` bytes of memory goes: `(gpa, length)` pairs,
@@ -236,6 +238,22 @@ impl GuestMemory {
 
     pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), MemoryError> {
         self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Keep all guest memory resident (`-S`, `memory.wired`), as bhyve wires it.
+    pub fn wire(&self) -> Result<(), MemoryError> {
+        for region in &self.regions {
+            // SAFETY: the range is exactly one live mapping owned by `region`; mlock only
+            // changes how the kernel pages it.
+            let rc = unsafe { libc::mlock(region.host_address().cast(), region.len() as usize) };
+            if rc != 0 {
+                return Err(MemoryError::Wire {
+                    size: region.len(),
+                    reason: std::io::Error::last_os_error().to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Mark the memory as not wanted in core dumps and merge-able as the host sees fit; failures

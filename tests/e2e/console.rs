@@ -326,3 +326,59 @@ fn a_tcp_console_exchanges_lines_with_the_guest() {
     assert_eq!(refusal, "Socket already connected\n");
     assert_eq!(vm.transcript(), "", "nothing on stdout with a TCP console");
 }
+
+/// The `VmFlags` of the largest mapping of process `pid` (the guest's low memory).
+fn largest_mapping_flags(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut best = (0u64, String::new());
+    let mut size = 0u64;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Size:") {
+            size = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if size > best.0 {
+                best = (size, flags.trim().to_string());
+            }
+        }
+    }
+    best.1
+}
+
+#[test]
+fn dash_s_wires_guest_memory_and_dash_c_keeps_it_in_core_dumps() {
+    let Some(plain) = boot_bhyve("") else {
+        return;
+    };
+    let flags = largest_mapping_flags(plain.pid());
+    assert!(flags.split(' ').any(|f| f == "dd"), "{flags}");
+    assert!(!flags.split(' ').any(|f| f == "lo"), "{flags}");
+    drop(plain);
+
+    let Some(vm) = common::boot_bhyve_with(&["-S", "-C"], "") else {
+        return;
+    };
+    let flags = largest_mapping_flags(vm.pid());
+    assert!(
+        flags.split(' ').any(|f| f == "lo"),
+        "-S: not locked: {flags}"
+    );
+    assert!(
+        !flags.split(' ').any(|f| f == "dd"),
+        "-C: excluded from dumps: {flags}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).expect("status");
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        locked_kib >= 256 * 1024,
+        "VmLck {locked_kib} kB for 256 MiB of RAM"
+    );
+}
