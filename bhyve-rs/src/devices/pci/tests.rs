@@ -713,3 +713,47 @@ fn msix_table_is_programmed_through_its_bar_and_gates_vectors() {
     assert!(buses.mmio.write(base + 0x1800, &[1]));
     assert_eq!(log.lock().unwrap().as_slice(), &[(1, 0x1800, vec![1])]);
 }
+
+#[test]
+fn large_64_bit_bars_go_above_guest_memory_and_small_ones_below_4_gib() {
+    for (highmem_end, window) in [(6u64 << 30, 32u64 << 30), (40 << 30, 64 << 30)] {
+        let buses = Arc::new(Buses::default());
+        let mut builder = PciRootBuilder::new(highmem_end);
+        let mut cfg = ConfigSpace::new(true);
+        cfg.write16(PCIR_VENDOR, 0x10dd);
+        cfg.request_bar(0, BarKind::Mem64, 256 << 20);
+        cfg.request_bar(2, BarKind::Mem64, 64 << 20);
+        cfg.request_bar(4, BarKind::Mem64, 512 << 20);
+        builder
+            .add(
+                PciAddress::new(0, 5, 0).unwrap(),
+                "wide",
+                cfg,
+                Box::new(Probe::default()),
+            )
+            .unwrap();
+        let root = builder.build(&buses).unwrap();
+        let f = root.function(PciAddress::new(0, 5, 0).unwrap()).unwrap();
+        let f = f.lock().unwrap();
+        let (big, small, bigger) = (f.config().bar(0), f.config().bar(2), f.config().bar(4));
+        // Largest first, each aligned to its size, in the window at the next 32 GiB boundary.
+        assert_eq!(bigger.addr, window, "512 MiB BAR");
+        assert_eq!(big.addr, window + (512 << 20), "256 MiB BAR");
+        // 128 MiB and less stays in the 32-bit window, as bhyve does for old drivers.
+        assert!(
+            (0xc000_0000..PCI_EMUL_ECFG_BASE).contains(&small.addr),
+            "64 MiB BAR at {:#x}",
+            small.addr
+        );
+        assert_eq!(small.addr % (64 << 20), 0);
+        // The high half of each 64-bit BAR register holds the upper address bits.
+        assert_eq!(
+            u64::from(f.config().read32(PCIR_BAR0 + 4)) << 32
+                | u64::from(f.config().read32(PCIR_BAR0) & !0xf),
+            big.addr
+        );
+        let windows = root.bus_windows(0).expect("bus 0 has windows");
+        assert_eq!(windows.mem64.0, window);
+        assert!(windows.mem64.1 >= bigger.addr + (512 << 20) - 1);
+    }
+}
