@@ -24,11 +24,22 @@
 //! * DSDT: `\_SB.PC00` (PNP0A03) with its bus range and windows, `_PRT`, the LPC devices
 //!   (COM ports, RTC, PIC, PIT, motherboard resources) and `_S5` = 5 (see `dsdt.rs`).
 //! * No HPET table: no HPET is emulated.
+//!
+//! Construction: the FADT, MCFG, XSDT and FACS come from the typed builders of rust-vmm's
+//! `acpi_tables`, the MADT's local APIC and I/O APIC entries from its structures, the DSDT
+//! from its AML types. Where the crate has no builder, or its builder cannot express what bhyve
+//! writes (RSDT, RSDP, SPCR, the MADT header and its override/NMI entries), the table is
+//! assembled on the crate's [`Sdt`] header, which still keeps length and checksum.
 
 mod dsdt;
 
 use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlags, FADT};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 use crate::config::Config;
@@ -56,6 +67,7 @@ pub const PCI_EMUL_ECFG_SIZE: u64 = 256 << 20;
 pub const PCI_EMUL_MEMSIZE64: u64 = 32 << 30;
 
 const OEM_ID: [u8; 6] = *b"BHYVE ";
+const OEM_REVISION: u32 = 1;
 const TABLE_ALIGNMENT: usize = 0x10;
 const FACS_ALIGNMENT: usize = 0x40;
 const HEADER_LEN: usize = 36;
@@ -288,6 +300,7 @@ fn oem_table_id(signature: &[u8; 4]) -> [u8; 8] {
     id
 }
 
+/// A bhyve table header on the crate's [`Sdt`], for the tables without a fitting typed builder.
 fn new_sdt(signature: &[u8; 4], revision: u8) -> Sdt {
     Sdt::new(
         *signature,
@@ -295,159 +308,105 @@ fn new_sdt(signature: &[u8; 4], revision: u8) -> Sdt {
         revision,
         OEM_ID,
         oem_table_id(signature),
-        1,
+        OEM_REVISION,
     )
 }
 
-/// A Generic Address Structure in system I/O space.
-fn gas_io(bit_width: u8, access_size: u8, address: u64) -> [u8; 12] {
-    let mut g = [0u8; 12];
-    g[0] = 1; // SystemIO
-    g[1] = bit_width;
-    g[3] = access_size;
-    g[4..].copy_from_slice(&address.to_le_bytes());
-    g
+/// The bytes a crate structure serializes to.
+fn aml_bytes(item: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    item.to_aml_bytes(&mut bytes);
+    bytes
 }
 
-// FADT field offsets (ACPI 6.x).
-mod fadt {
-    pub const FIRMWARE_CTRL: usize = 36;
-    pub const DSDT: usize = 40;
-    pub const SCI_INT: usize = 46;
-    pub const SMI_CMD: usize = 48;
-    pub const ACPI_ENABLE: usize = 52;
-    pub const ACPI_DISABLE: usize = 53;
-    pub const PM1A_EVT_BLK: usize = 56;
-    pub const PM1A_CNT_BLK: usize = 64;
-    pub const PM_TMR_BLK: usize = 76;
-    pub const GPE0_BLK: usize = 80;
-    pub const PM1_EVT_LEN: usize = 88;
-    pub const PM1_CNT_LEN: usize = 89;
-    pub const PM_TMR_LEN: usize = 91;
-    pub const GPE0_BLK_LEN: usize = 92;
-    pub const CENTURY: usize = 108;
-    pub const IAPC_BOOT_ARCH: usize = 109;
-    pub const FLAGS: usize = 112;
-    pub const RESET_REG: usize = 116;
-    pub const RESET_VALUE: usize = 128;
-    pub const MINOR_REVISION: usize = 131;
-    pub const X_FIRMWARE_CTRL: usize = 132;
-    pub const X_DSDT: usize = 140;
-    pub const X_PM1A_EVT_BLK: usize = 148;
-    pub const X_PM1B_EVT_BLK: usize = 160;
-    pub const X_PM1A_CNT_BLK: usize = 172;
-    pub const X_PM1B_CNT_BLK: usize = 184;
-    pub const X_PM2_CNT_BLK: usize = 196;
-    pub const X_PM_TMR_BLK: usize = 208;
-    pub const X_GPE0_BLK: usize = 220;
-    pub const X_GPE1_BLK: usize = 232;
-    pub const SLEEP_CONTROL: usize = 244;
-    pub const SLEEP_STATUS: usize = 256;
-    pub const LEN: usize = 276;
-
-    pub const FLAG_WBINVD: u32 = 1 << 0;
-    pub const FLAG_C1_SUPPORTED: u32 = 1 << 2;
-    pub const FLAG_SLEEP_BUTTON: u32 = 1 << 5;
-    pub const FLAG_32BIT_TIMER: u32 = 1 << 8;
-    pub const FLAG_RESET_REGISTER: u32 = 1 << 10;
-    pub const FLAG_HEADLESS: u32 = 1 << 12;
-    pub const FLAG_APIC_PHYSICAL: u32 = 1 << 19;
-    pub const BOOT_NO_VGA: u16 = 1 << 2;
-    pub const BOOT_NO_ASPM: u16 = 1 << 4;
+fn gas_io(bit_width: u8, access_size: AccessSize, port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        bit_width,
+        0,
+        access_size,
+        port.into(),
+    )
 }
 
-const GAS_ACCESS_UNDEFINED: u8 = 0;
-const GAS_ACCESS_BYTE: u8 = 1;
-const GAS_ACCESS_WORD: u8 = 2;
-const GAS_ACCESS_DWORD: u8 = 3;
-
-fn build_fadt(layout: &AcpiLayout, facs: u64, dsdt: u64) -> Sdt {
-    use fadt::*;
-    let mut t = new_sdt(b"FACP", 5);
-    t.append_slice(&[0u8; LEN - HEADER_LEN]);
-    t.write_u32(FIRMWARE_CTRL, facs as u32);
-    t.write_u32(DSDT, dsdt as u32);
-    t.write_u16(SCI_INT, layout.sci_irq.into());
-    t.write_u32(SMI_CMD, layout.smi_cmd.into());
-    t.write_u8(ACPI_ENABLE, layout.acpi_enable);
-    t.write_u8(ACPI_DISABLE, layout.acpi_disable);
-    t.write_u32(PM1A_EVT_BLK, layout.pm1a_evt.into());
-    t.write_u32(PM1A_CNT_BLK, layout.pm1a_cnt.into());
-    t.write_u32(PM_TMR_BLK, layout.pm_timer.into());
-    t.write_u32(GPE0_BLK, layout.gpe0.into());
-    t.write_u8(PM1_EVT_LEN, 4);
-    t.write_u8(PM1_CNT_LEN, 2);
-    t.write_u8(PM_TMR_LEN, 4);
-    t.write_u8(GPE0_BLK_LEN, layout.gpe0_len);
-    t.write_u8(CENTURY, layout.rtc_century);
-    t.write_u16(IAPC_BOOT_ARCH, BOOT_NO_VGA | BOOT_NO_ASPM);
-    t.write_u32(
-        FLAGS,
-        FLAG_WBINVD
-            | FLAG_C1_SUPPORTED
-            | FLAG_SLEEP_BUTTON
-            | FLAG_32BIT_TIMER
-            | FLAG_RESET_REGISTER
-            | FLAG_HEADLESS
-            | FLAG_APIC_PHYSICAL,
-    );
-    t.write_bytes(
-        RESET_REG,
-        &gas_io(8, GAS_ACCESS_BYTE, layout.reset_port.into()),
-    );
-    t.write_u8(RESET_VALUE, layout.reset_value);
-    t.write_u8(MINOR_REVISION, 1);
-    t.write_u64(X_FIRMWARE_CTRL, facs);
-    t.write_u64(X_DSDT, dsdt);
-    t.write_bytes(
-        X_PM1A_EVT_BLK,
-        &gas_io(32, GAS_ACCESS_WORD, layout.pm1a_evt.into()),
-    );
-    t.write_bytes(X_PM1B_EVT_BLK, &gas_io(0, GAS_ACCESS_UNDEFINED, 0));
-    t.write_bytes(
-        X_PM1A_CNT_BLK,
-        &gas_io(16, GAS_ACCESS_WORD, layout.pm1a_cnt.into()),
-    );
-    t.write_bytes(X_PM1B_CNT_BLK, &gas_io(0, GAS_ACCESS_UNDEFINED, 0));
-    t.write_bytes(X_PM2_CNT_BLK, &gas_io(8, GAS_ACCESS_UNDEFINED, 0));
-    t.write_bytes(
-        X_PM_TMR_BLK,
-        &gas_io(32, GAS_ACCESS_DWORD, layout.pm_timer.into()),
-    );
-    t.write_bytes(
-        X_GPE0_BLK,
-        &gas_io(layout.gpe0_len * 8, GAS_ACCESS_BYTE, layout.gpe0.into()),
-    );
-    t.write_bytes(X_GPE1_BLK, &gas_io(0, GAS_ACCESS_UNDEFINED, 0));
-    t.write_bytes(SLEEP_CONTROL, &gas_io(8, GAS_ACCESS_BYTE, 0));
-    t.write_bytes(SLEEP_STATUS, &gas_io(8, GAS_ACCESS_BYTE, 0));
-    t
+fn build_fadt(layout: &AcpiLayout, facs: u64, dsdt: u64) -> FADT {
+    let mut f = FADTBuilder::new(OEM_ID, oem_table_id(b"FACP"), OEM_REVISION)
+        .flag(FadtFlags::Wbinvd)
+        .flag(FadtFlags::ProcC1)
+        .flag(FadtFlags::SlpButton)
+        .flag(FadtFlags::TmrValExt)
+        .flag(FadtFlags::ResetRegSup)
+        .flag(FadtFlags::Headless)
+        .flag(FadtFlags::ForceApicPhysicalDestinationMode)
+        .gpe_info(layout.gpe0.into(), 0, layout.gpe0_len, 0, 0);
+    // Revision 5.1, as bhyve; the builder defaults to 6.5.
+    f.major_version = 5;
+    f.fadt_minor_version = 1;
+    // bhyve fills both the 32- and the 64-bit pointers; the builder's setters keep only one.
+    f.firmware_ctrl = (facs as u32).into();
+    f.x_firmware_ctrl = facs.into();
+    f.dsdt = (dsdt as u32).into();
+    f.x_dsdt = dsdt.into();
+    f.sci_int = u16::from(layout.sci_irq).into();
+    f.smi_cmd = u32::from(layout.smi_cmd).into();
+    // The builder's acpi_enable()/acpi_disable() write 1/0; bhyve's SMI values differ.
+    f.acpi_enable = layout.acpi_enable;
+    f.acpi_disable = layout.acpi_disable;
+    f.pm1a_evt_blk = u32::from(layout.pm1a_evt).into();
+    f.pm1a_cnt_blk = u32::from(layout.pm1a_cnt).into();
+    f.pm_tmr_blk = u32::from(layout.pm_timer).into();
+    f.pm1_evt_len = 4;
+    f.pm1_cnt_len = 2;
+    f.pm_tmr_len = 4;
+    f.century = layout.rtc_century;
+    f.iapc_boot_arch = (IAPC_BOOT_NO_VGA | IAPC_BOOT_NO_ASPM).into();
+    f.reset_reg = gas_io(8, AccessSize::ByteAccess, layout.reset_port);
+    f.reset_value = layout.reset_value;
+    f.x_pm1a_evt_blk = gas_io(32, AccessSize::WordAccess, layout.pm1a_evt);
+    f.x_pm1b_evt_blk = gas_io(0, AccessSize::Undefined, 0);
+    f.x_pm1a_cnt_blk = gas_io(16, AccessSize::WordAccess, layout.pm1a_cnt);
+    f.x_pm1b_cnt_blk = gas_io(0, AccessSize::Undefined, 0);
+    f.x_pm2_cnt_blk = gas_io(8, AccessSize::Undefined, 0);
+    f.x_pm_tmr_blk = gas_io(32, AccessSize::DwordAccess, layout.pm_timer);
+    f.x_gpe0_blk = gas_io(layout.gpe0_len * 8, AccessSize::ByteAccess, layout.gpe0);
+    f.x_gpe1_blk = gas_io(0, AccessSize::Undefined, 0);
+    f.sleep_control_reg = gas_io(8, AccessSize::ByteAccess, 0);
+    f.sleep_status_reg = gas_io(8, AccessSize::ByteAccess, 0);
+    f.finalize()
 }
 
-const MADT_TYPE_LOCAL_APIC: u8 = 0;
-const MADT_TYPE_IO_APIC: u8 = 1;
+const IAPC_BOOT_NO_VGA: u16 = 1 << 2;
+const IAPC_BOOT_NO_ASPM: u16 = 1 << 4;
+
 const MADT_TYPE_INTERRUPT_OVERRIDE: u8 = 2;
 const MADT_TYPE_LOCAL_APIC_NMI: u8 = 4;
 const MADT_PCAT_COMPAT: u32 = 1;
-const MADT_ENABLED: u32 = 1;
 const MPS_ACTIVE_HIGH_EDGE: u16 = 0x1 | (0x1 << 2);
 const MPS_ACTIVE_LOW_LEVEL: u16 = 0x3 | (0x3 << 2);
 
+/// The MADT's header stays on [`Sdt`]: the crate's `madt::MADT` always writes 0 in the flags
+/// field, and bhyve sets PC-AT compatible there (the guest has 8259 PICs to mask). The crate
+/// has no interrupt source override or local APIC NMI structure either, so those two are
+/// written here; the local APIC and I/O APIC entries are the crate's.
 fn build_madt(layout: &AcpiLayout) -> Result<Sdt, AcpiError> {
+    let mut t = new_sdt(b"APIC", 1);
     let mut body = Vec::new();
     body.extend_from_slice(&BHYVE_ADDRESS_LAPIC.to_le_bytes());
     body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
-    for (i, &apic_id) in layout.apic_ids.iter().enumerate() {
+    for (uid, &apic_id) in layout.apic_ids.iter().enumerate() {
         let id = u8::try_from(apic_id)
             .ok()
             .filter(|&id| id != 0xff)
             .ok_or(AcpiError::ApicId(apic_id))?;
-        body.extend_from_slice(&[MADT_TYPE_LOCAL_APIC, 8, i as u8, id]);
-        body.extend_from_slice(&MADT_ENABLED.to_le_bytes());
+        let lapic = ProcessorLocalApic::new(uid as u8, id, EnabledStatus::Enabled);
+        body.extend(aml_bytes(&lapic));
     }
-    body.extend_from_slice(&[MADT_TYPE_IO_APIC, 12, layout.ioapic_id, 0]);
-    body.extend_from_slice(&layout.ioapic_address.to_le_bytes());
-    body.extend_from_slice(&layout.ioapic_gsi_base.to_le_bytes());
+    let ioapic = IoApic::new(
+        layout.ioapic_id,
+        layout.ioapic_address,
+        layout.ioapic_gsi_base,
+    );
+    body.extend(aml_bytes(&ioapic));
     for (source, gsi, flags) in [
         (0u8, 2u32, MPS_ACTIVE_HIGH_EDGE),
         (
@@ -456,6 +415,7 @@ fn build_madt(layout: &AcpiLayout) -> Result<Sdt, AcpiError> {
             MPS_ACTIVE_LOW_LEVEL,
         ),
     ] {
+        // Bus 0 (ISA), source IRQ, GSI, MPS INTI flags.
         body.extend_from_slice(&[MADT_TYPE_INTERRUPT_OVERRIDE, 10, 0, source]);
         body.extend_from_slice(&gsi.to_le_bytes());
         body.extend_from_slice(&flags.to_le_bytes());
@@ -464,27 +424,24 @@ fn build_madt(layout: &AcpiLayout) -> Result<Sdt, AcpiError> {
     body.extend_from_slice(&[MADT_TYPE_LOCAL_APIC_NMI, 6, 0xff]);
     body.extend_from_slice(&MPS_ACTIVE_HIGH_EDGE.to_le_bytes());
     body.push(1);
-    let mut t = new_sdt(b"APIC", 1);
     t.append_slice(&body);
     Ok(t)
 }
 
-fn build_mcfg(layout: &AcpiLayout) -> Sdt {
-    let mut t = new_sdt(b"MCFG", 1);
-    let mut body = vec![0u8; 8];
-    body.extend_from_slice(&layout.ecam_base.to_le_bytes());
-    body.extend_from_slice(&0u16.to_le_bytes());
-    body.extend_from_slice(&[layout.ecam_bus_range.0, layout.ecam_bus_range.1]);
-    body.extend_from_slice(&[0u8; 4]);
-    t.append_slice(&body);
+fn build_mcfg(layout: &AcpiLayout) -> MCFG {
+    let mut t = MCFG::new(OEM_ID, oem_table_id(b"MCFG"), OEM_REVISION);
+    let (start_bus, end_bus) = layout.ecam_bus_range;
+    t.add_ecam(layout.ecam_base, 0, start_bus, end_bus);
     t
 }
 
+/// Hand-built on [`Sdt`]: the crate's `spcr::SPCR` only describes a RISC-V SBI console
+/// (revision 4, no base address, IRQ or line settings), not bhyve's 16550 in I/O space.
 fn build_spcr(com: &ComPort) -> Sdt {
     let mut t = new_sdt(b"SPCR", 1);
     let mut body = vec![0u8; 80 - HEADER_LEN];
     body[0] = 0; // 16550 compatible
-    body[4..16].copy_from_slice(&gas_io(8, 0, com.io_base.into()));
+    body[4..16].copy_from_slice(&aml_bytes(&gas_io(8, AccessSize::Undefined, com.io_base)));
     body[16] = 1; // interrupt type: 8259
     body[17] = com.irq;
     body[22] = 7; // 115200 baud
@@ -499,9 +456,7 @@ fn build_spcr(com: &ComPort) -> Sdt {
 fn build_facs() -> Vec<u8> {
     let mut facs = FACS::new();
     facs.version = 2;
-    let mut bytes = Vec::new();
-    facs.to_aml_bytes(&mut bytes);
-    bytes
+    aml_bytes(&facs)
 }
 
 fn build_dsdt(layout: &AcpiLayout) -> Sdt {
@@ -510,6 +465,25 @@ fn build_dsdt(layout: &AcpiLayout) -> Sdt {
     t
 }
 
+/// The crate has no RSDT builder; bhyve still lists every table there for ACPI 1.0 guests.
+fn build_rsdt(pointed: &[u64]) -> Sdt {
+    let mut t = new_sdt(b"RSDT", 1);
+    for &p in pointed {
+        t.append_slice(&(p as u32).to_le_bytes());
+    }
+    t
+}
+
+fn build_xsdt(pointed: &[u64]) -> XSDT {
+    let mut t = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
+    for &p in pointed {
+        t.add_entry(p);
+    }
+    t
+}
+
+/// Hand-built: the crate's `rsdp::Rsdp` always leaves the RSDT address 0, and bhyve points
+/// it at the RSDT as well as at the XSDT.
 fn build_rsdp(rsdt: u64, xsdt: u64) -> [u8; RSDP_LEN] {
     let mut r = [0u8; RSDP_LEN];
     r[..8].copy_from_slice(b"RSD PTR ");
@@ -564,7 +538,7 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     validate(layout)?;
 
     let madt = build_madt(layout)?;
-    let mcfg = build_mcfg(layout);
+    let mcfg = aml_bytes(&build_mcfg(layout));
     let spcr = layout.spcr.as_ref().map(build_spcr);
     let facs = build_facs();
     let dsdt = build_dsdt(layout);
@@ -578,7 +552,7 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     let xsdt_off = align(rsdt_off + rsdt_len, TABLE_ALIGNMENT);
     let xsdt_len = HEADER_LEN + 8 * listed;
     let fadt_off = align(xsdt_off + xsdt_len, TABLE_ALIGNMENT);
-    let madt_off = align(fadt_off + fadt::LEN, TABLE_ALIGNMENT);
+    let madt_off = align(fadt_off + FADT::len(), TABLE_ALIGNMENT);
     let mcfg_off = align(madt_off + madt.len(), TABLE_ALIGNMENT);
     let facs_off = align(mcfg_off + mcfg.len(), FACS_ALIGNMENT);
     let spcr_off = align(facs_off + facs.len(), TABLE_ALIGNMENT);
@@ -597,18 +571,14 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     }
     let gpa = |off: usize| base + off as u64;
 
-    let fadt = build_fadt(layout, gpa(facs_off), gpa(dsdt_off));
+    let fadt = aml_bytes(&build_fadt(layout, gpa(facs_off), gpa(dsdt_off)));
 
     let mut pointed = vec![gpa(fadt_off), gpa(madt_off), gpa(mcfg_off)];
     if spcr.is_some() {
         pointed.push(gpa(spcr_off));
     }
-    let mut rsdt = new_sdt(b"RSDT", 1);
-    let mut xsdt = new_sdt(b"XSDT", 1);
-    for &p in &pointed {
-        rsdt.append_slice(&(p as u32).to_le_bytes());
-        xsdt.append_slice(&p.to_le_bytes());
-    }
+    let rsdt = build_rsdt(&pointed);
+    let xsdt = aml_bytes(&build_xsdt(&pointed));
     let rsdp = build_rsdp(gpa(rsdt_off), gpa(xsdt_off));
 
     let mut bytes = vec![0u8; total];
@@ -619,15 +589,20 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     };
     place(*b"RSD ", rsdp_off, &rsdp);
     place(*b"RSDT", rsdt_off, rsdt.as_slice());
-    place(*b"XSDT", xsdt_off, xsdt.as_slice());
-    place(*b"FACP", fadt_off, fadt.as_slice());
+    place(*b"XSDT", xsdt_off, &xsdt);
+    place(*b"FACP", fadt_off, &fadt);
     place(*b"APIC", madt_off, madt.as_slice());
-    place(*b"MCFG", mcfg_off, mcfg.as_slice());
+    place(*b"MCFG", mcfg_off, &mcfg);
     place(*b"FACS", facs_off, &facs);
     if let Some(spcr) = &spcr {
         place(*b"SPCR", spcr_off, spcr.as_slice());
     }
     place(*b"DSDT", dsdt_off, dsdt.as_slice());
+    debug_assert_eq!(
+        (rsdt.len(), xsdt.len()),
+        (rsdt_len, xsdt_len),
+        "root tables laid out at their real size"
+    );
 
     Ok(AcpiBlob {
         gpa: base,

@@ -309,6 +309,7 @@ fn iasl_accepts_every_other_table() {
         (b"SPCR", "spcr"),
         (b"FACS", "facs"),
         (b"XSDT", "xsdt"),
+        (b"RSDT", "rsdt"),
     ] {
         let Some(dsl) = iasl_disassemble(name, blob.table(sig).unwrap()) else {
             return;
