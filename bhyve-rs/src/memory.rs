@@ -58,6 +58,8 @@ pub fn layout(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
 pub struct GuestRegion {
     gpa: u64,
     mapping: MmapMut,
+    /// Fresh anonymous memory: a page the host never populated reads as zero.
+    anonymous: bool,
 }
 
 impl GuestRegion {
@@ -74,13 +76,33 @@ impl GuestRegion {
                 size: len,
                 reason: e.to_string(),
             })?;
-        Ok(Self { gpa, mapping })
+        Ok(Self {
+            gpa,
+            mapping,
+            anonymous: true,
+        })
     }
 
     /// A region backed by a mapping made elsewhere, e.g. `MmapOptions::map_copy` of a saved RAM
     /// image for a restore.
     pub fn from_mapping(gpa: u64, mapping: MmapMut) -> Self {
-        Self { gpa, mapping }
+        Self {
+            gpa,
+            mapping,
+            anonymous: false,
+        }
+    }
+
+    /// Which 4 KiB pages of the region may hold data, so a reader can skip the others without
+    /// touching them (reading an untouched page would make the host populate it). `None` when
+    /// that is not known: every page must then be read. Only anonymous memory can say: a page
+    /// that is neither present nor swapped out was never written and reads as zero. Pages of a
+    /// file mapping hold file data whether present or not.
+    pub fn populated_pages(&self) -> Option<Vec<bool>> {
+        if !self.anonymous {
+            return None;
+        }
+        populated_pages(self.host_address(), self.mapping.len())
     }
 
     /// First guest physical address of the region.
@@ -119,6 +141,41 @@ impl GuestRegion {
                 .checked_add(len)
                 .is_some_and(|end| end <= self.gpa + self.len())
     }
+}
+
+/// `/proc/self/pagemap` flags of the pages at `address` (page aligned, `len` bytes): present
+/// (bit 63) or swapped (bit 62). `None` when the kernel does not say.
+#[cfg(target_os = "linux")]
+fn populated_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    const PRESENT_OR_SWAPPED: u64 = 0b11 << 62;
+    if address as usize % PAGE != 0 || len % PAGE != 0 {
+        return None;
+    }
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let pages = len / PAGE;
+    let mut populated = Vec::with_capacity(pages);
+    let mut entries = vec![0u8; 8 * 4096];
+    let first = (address as usize / PAGE) as u64;
+    let mut done = 0usize;
+    while done < pages {
+        let count = (pages - done).min(entries.len() / 8);
+        let buf = &mut entries[..count * 8];
+        pagemap.read_exact_at(buf, (first + done as u64) * 8).ok()?;
+        populated.extend(buf.chunks_exact(8).map(|e| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(e);
+            u64::from_ne_bytes(word) & PRESENT_OR_SWAPPED != 0
+        }));
+        done += count;
+    }
+    Some(populated)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn populated_pages(_address: *mut u8, _len: usize) -> Option<Vec<bool>> {
+    None
 }
 
 /// All RAM of one VM.
@@ -276,6 +333,21 @@ impl GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn fresh_anonymous_memory_reports_only_the_pages_written() {
+        let mut region = GuestRegion::anonymous(0, 64 * 4096).unwrap();
+        assert_eq!(region.populated_pages(), Some(vec![false; 64]));
+        region.as_mut_slice()[5 * 4096 + 17] = 1;
+        region.as_mut_slice()[40 * 4096] = 2;
+        let populated = region.populated_pages().unwrap();
+        let written: Vec<usize> = (0..64).filter(|&p| populated[p]).collect();
+        assert_eq!(written, [5, 40]);
+        // A file mapping cannot tell: its absent pages still hold file data.
+        let file = GuestRegion::from_mapping(0, MmapOptions::new().len(4096).map_anon().unwrap());
+        assert_eq!(file.populated_pages(), None);
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

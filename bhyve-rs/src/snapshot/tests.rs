@@ -362,6 +362,49 @@ fn sparse_file_allocates_only_touched_pages() {
 }
 
 #[test]
+fn pages_marked_untouched_are_saved_as_zero_without_being_read() {
+    let dir = TempDir::new("populated");
+    let path = dir.path("snap");
+    let size = 4 * MIB;
+    let pages = size / 4096;
+    // Data everywhere, but only every 4th page is marked as possibly holding data: the others
+    // must be stored as holes, proving they were not read.
+    let ram: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+    let populated: Vec<bool> = (0..pages).map(|p| p % 4 == 0).collect();
+    let mut writer = SnapshotWriter::create(&path, info()).expect("create");
+    writer.add_config(CONFIG).expect("config");
+    let stats = writer
+        .add_ram_region_populated(0, &ram, Some(&populated))
+        .expect("ram");
+    writer.commit().expect("commit");
+    assert_eq!(stats.written, (pages / 4 * 4096) as u64);
+
+    let reader = SnapshotReader::open(&path).expect("open");
+    let region = &reader.ram_regions()[0];
+    // The chunk checksums describe what was stored (zeros for the skipped pages).
+    reader
+        .verify_ram(region)
+        .expect("checksums match the stored pages");
+    let mut restored = vec![0u8; size];
+    reader
+        .restore_ram_copy(region, &mut restored, CopyOptions::default())
+        .expect("restore");
+    for (page, bytes) in restored.chunks(4096).enumerate() {
+        if populated[page] {
+            assert_eq!(bytes, &ram[page * 4096..(page + 1) * 4096], "page {page}");
+        } else {
+            assert!(bytes.iter().all(|&b| b == 0), "page {page} not zero");
+        }
+    }
+
+    let short = vec![true; pages - 1];
+    let mut writer = SnapshotWriter::create(&dir.path("short"), info()).expect("create");
+    assert!(writer
+        .add_ram_region_populated(0, &ram, Some(&short))
+        .is_err());
+}
+
+#[test]
 fn mapped_restore_returns_saved_bytes_and_does_not_read_the_region() {
     let dir = TempDir::new("mmap");
     let path = dir.path("huge");

@@ -154,8 +154,9 @@ pub fn save(
             .memory
             .slice(region.gpa(), region.len())
             .map_err(|e| e.to_string())?;
+        let populated = region.populated_pages();
         writer
-            .add_ram_region(region.gpa(), data)
+            .add_ram_region_populated(region.gpa(), data, populated.as_deref())
             .map_err(|e| e.to_string())?;
     }
     add_state(&mut writer, "vm", "", &BackendStatePayload::from(&vm_state))?;

@@ -26,6 +26,9 @@ use super::format::{
     SECTION_FLAG_MANDATORY,
 };
 use super::ram::is_zero;
+
+/// What an untouched page of guest memory reads as.
+static ZERO_PAGE: [u8; FORMAT_PAGE_SIZE as usize] = [0; FORMAT_PAGE_SIZE as usize];
 use super::{encode_section, SnapshotError};
 
 /// Longest file name most file systems accept (NAME_MAX).
@@ -215,7 +218,28 @@ impl SnapshotWriter {
         gpa: u64,
         data: &[u8],
     ) -> Result<RamWriteStats, SnapshotError> {
+        self.add_ram_region_populated(gpa, data, None)
+    }
+
+    /// [`SnapshotWriter::add_ram_region`], told which pages may hold data (one flag per 4 KiB
+    /// page, see [`crate::memory::GuestRegion::populated_pages`]): the others are taken as zero
+    /// without being read, so saving a large guest that touched little memory neither scans
+    /// nor populates the rest.
+    pub fn add_ram_region_populated(
+        &mut self,
+        gpa: u64,
+        data: &[u8],
+        populated: Option<&[bool]>,
+    ) -> Result<RamWriteStats, SnapshotError> {
         self.check_not_poisoned()?;
+        let page_count = data.len() / FORMAT_PAGE_SIZE as usize;
+        if populated.is_some_and(|p| p.len() != page_count) {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "RAM region at {gpa:#x}: page map does not cover its {page_count} pages"
+            )));
+        }
+        let may_hold_data =
+            |page: usize| populated.is_none_or(|p| p.get(page).copied().unwrap_or(true));
         let page = u64::from(FORMAT_PAGE_SIZE);
         let size = data.len() as u64;
         if size == 0 || size % page != 0 || gpa % page != 0 {
@@ -251,9 +275,11 @@ impl SnapshotWriter {
             // Runs of non-zero pages are written with one call each.
             let mut run: Option<usize> = None;
             let pages = chunk.len() / FORMAT_PAGE_SIZE as usize;
+            let first_page = chunk_start / FORMAT_PAGE_SIZE as usize;
             for index in 0..=pages {
                 let page_start = index * FORMAT_PAGE_SIZE as usize;
                 let nonzero = index < pages
+                    && may_hold_data(first_page + index)
                     && !is_zero(&chunk[page_start..page_start + FORMAT_PAGE_SIZE as usize]);
                 match (nonzero, run) {
                     (true, None) => run = Some(page_start),
@@ -275,7 +301,17 @@ impl SnapshotWriter {
                 }
             }
             let crc = if dirty {
-                crc32c::crc32c(chunk)
+                // Untouched pages count as the zeros they read as, without reading them.
+                chunk
+                    .chunks(FORMAT_PAGE_SIZE as usize)
+                    .enumerate()
+                    .fold(0, |crc, (index, page)| {
+                        if may_hold_data(first_page + index) {
+                            crc32c::crc32c_append(crc, page)
+                        } else {
+                            crc32c::crc32c_append(crc, &ZERO_PAGE[..page.len()])
+                        }
+                    })
             } else {
                 self.zero_crc(chunk.len())
             };
