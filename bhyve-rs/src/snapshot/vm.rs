@@ -4,7 +4,8 @@
 //! written otherwise) → pause every vCPU → tell each vCPU's guest clock it was stopped → pause
 //! the devices (background threads stop touching device state and interrupts) → VM (in-kernel
 //! devices, clock) and each vCPU, read at once → configuration → guest RAM → each device →
-//! commit (fsync, rename) → resume the devices, then the vCPUs; or, for a suspend, stay stopped.
+//! resume the devices, then the vCPUs → commit (fsync, rename); for a suspend, commit and stay
+//! stopped (resuming only if the commit fails).
 //! Restore mirrors it ([`Restore::apply`]): configuration → RAM mapped privately from the file
 //! (lazy) → devices created paused → VM state → vCPU states → device states → starting the
 //! machine resumes the devices, then starts the vCPUs last.
@@ -95,15 +96,33 @@ pub fn checkpoint(
         .vcpus
         .pause_all()
         .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
-    let result = notify_paused(target.vcpus).and_then(|()| {
-        target.devices.pause();
-        save(target, dir, name, suspend)
-    });
-    if !(suspend && result.is_ok()) {
+    let resume = || {
         target.devices.resume();
         target.vcpus.resume_all();
+    };
+    let written = notify_paused(target.vcpus).and_then(|()| {
+        target.devices.pause();
+        write_state(target, dir, name, suspend)
+    });
+    let writer = match written {
+        Ok(writer) => writer,
+        Err(e) => {
+            resume();
+            return Err(e);
+        }
+    };
+    if suspend {
+        let result = writer.commit().map_err(|e| e.to_string());
+        if result.is_err() {
+            resume();
+        }
+        result
+    } else {
+        // Every byte of state is in the file already: the guest runs on while the file is made
+        // durable (fsync) and renamed, which is most of a checkpoint's time on a disk.
+        resume();
+        writer.commit().map_err(|e| e.to_string())
     }
-    result
 }
 
 /// Tell each vCPU's guest that it was stopped (kvm-clock's flag, set at its next entry).
@@ -117,14 +136,15 @@ fn notify_paused(vcpus: &VcpuSet) -> Result<(), String> {
     Ok(())
 }
 
-/// Write the machine's state to `name` in `dir`; `suspended` marks the header for a snapshot
-/// after which the VM stops. The vCPUs and devices must be paused.
-pub fn save(
+/// Write the machine's state into a new snapshot of `name` in `dir`, to be committed by the
+/// caller; `suspended` marks the header for a snapshot after which the VM stops. The vCPUs and
+/// devices must be paused until this returns.
+pub fn write_state(
     target: &SaveTarget<'_>,
     dir: impl AsFd,
     name: &str,
     suspended: bool,
-) -> Result<(), String> {
+) -> Result<SnapshotWriter, String> {
     let mut info = HeaderInfo::this_build(Backend::Kvm);
     if suspended {
         info.flags |= HEADER_FLAG_SUSPENDED;
@@ -194,7 +214,7 @@ pub fn save(
     if let Some(testdev) = target.devices.pctestdev() {
         add_state(&mut writer, "pctestdev", "", &testdev.state())?;
     }
-    writer.commit().map_err(|e| e.to_string())
+    Ok(writer)
 }
 
 /// The payload version this module writes for section `name`.
