@@ -18,6 +18,8 @@
 //!   element headers (libnv creates the missing elements empty, so nested arrays in a few
 //!   kilobytes could make it build millions of lists).
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// Names compare case-insensitively (ASCII, as `strcasecmp` in the C locale).
@@ -655,10 +657,55 @@ enum Slot {
     },
 }
 
-struct Frame {
+struct Frame<'a> {
     list: NvList,
     slot: Slot,
+    /// Names in `list` so far, for the uniqueness check: a scan per pair would make a
+    /// list of n pairs cost n² comparisons (hours for a list of `MAX_PACKED_SIZE`).
+    names: HashSet<NameKey<'a>>,
 }
+
+impl<'a> Frame<'a> {
+    fn new(list: NvList, slot: Slot) -> Frame<'a> {
+        Frame {
+            list,
+            slot,
+            names: HashSet::new(),
+        }
+    }
+}
+
+/// A decoded name as its list compares names: ASCII case folded under
+/// [`NV_FLAG_IGNORE_CASE`].
+struct NameKey<'a> {
+    name: &'a [u8],
+    fold_case: bool,
+}
+
+impl Hash for NameKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(self.name.len());
+        if self.fold_case {
+            self.name
+                .iter()
+                .for_each(|b| state.write_u8(b.to_ascii_lowercase()));
+        } else {
+            state.write(self.name);
+        }
+    }
+}
+
+impl PartialEq for NameKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        if self.fold_case {
+            self.name.eq_ignore_ascii_case(other.name)
+        } else {
+            self.name == other.name
+        }
+    }
+}
+
+impl Eq for NameKey<'_> {}
 
 struct PairHeader<'a> {
     type_code: u8,
@@ -928,13 +975,13 @@ impl<'a> Reader<'a> {
                 expected: expected_flags,
             });
         }
-        let mut stack = vec![Frame {
-            list: NvList {
+        let mut stack = vec![Frame::new(
+            NvList {
                 flags,
                 ..NvList::default()
             },
-            slot: Slot::Top,
-        }];
+            Slot::Top,
+        )];
 
         while self.left() > 0 {
             let header = self.pair_header()?;
@@ -963,13 +1010,13 @@ impl<'a> Reader<'a> {
                     if let Some(index) = more {
                         let (flags, big_endian) = self.list_header()?;
                         self.big_endian = big_endian;
-                        stack.push(Frame {
-                            list: NvList {
+                        stack.push(Frame::new(
+                            NvList {
                                 flags,
                                 ..NvList::default()
                             },
-                            slot: Slot::ArrayElement { index },
-                        });
+                            Slot::ArrayElement { index },
+                        ));
                     }
                     continue;
                 }
@@ -1031,15 +1078,19 @@ impl<'a> Reader<'a> {
 }
 
 /// Append a decoded pair to the list being filled, with libnv's uniqueness rule.
-fn add_decoded(stack: &mut [Frame], name: &[u8], value: NvValue) -> Result<(), NvError> {
-    let list = match stack.last_mut() {
-        Some(frame) => &mut frame.list,
-        None => return Err(NvError::UnbalancedMarker),
-    };
-    if list.flags & NV_FLAG_NO_UNIQUE == 0 && list.position(name, None).is_some() {
-        return Err(NvError::Duplicate(
-            String::from_utf8_lossy(name).into_owned(),
-        ));
+fn add_decoded<'a>(stack: &mut [Frame<'a>], name: &'a [u8], value: NvValue) -> Result<(), NvError> {
+    let frame = stack.last_mut().ok_or(NvError::UnbalancedMarker)?;
+    let list = &mut frame.list;
+    if list.flags & NV_FLAG_NO_UNIQUE == 0 {
+        let key = NameKey {
+            name,
+            fold_case: list.flags & NV_FLAG_IGNORE_CASE != 0,
+        };
+        if !frame.names.insert(key) {
+            return Err(NvError::Duplicate(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
+        }
     }
     list.pairs.push(NvPair {
         name: name.to_vec(),
@@ -1048,17 +1099,17 @@ fn add_decoded(stack: &mut [Frame], name: &[u8], value: NvValue) -> Result<(), N
     Ok(())
 }
 
-fn push_frame(stack: &mut Vec<Frame>, list: NvList, slot: Slot) -> Result<(), NvError> {
+fn push_frame(stack: &mut Vec<Frame<'_>>, list: NvList, slot: Slot) -> Result<(), NvError> {
     // The top frame is level 0.
     if stack.len() > MAX_NESTING_DEPTH {
         return Err(NvError::TooDeep);
     }
-    stack.push(Frame { list, slot });
+    stack.push(Frame::new(list, slot));
     Ok(())
 }
 
 /// Finish the innermost open list and store it in its parent's last pair.
-fn close_frame(stack: &mut Vec<Frame>) -> Result<(), NvError> {
+fn close_frame(stack: &mut Vec<Frame<'_>>) -> Result<(), NvError> {
     if stack.len() < 2 {
         return Err(NvError::UnbalancedMarker);
     }
@@ -1232,6 +1283,32 @@ mod tests {
                 "type {type_code} datasize {datasize:#x} nitems {nitems:#x} accepted"
             );
         }
+    }
+
+    #[test]
+    fn uniqueness_holds_across_a_list_of_many_names() {
+        // 100 000 distinct names, then one repeated in another case: checking each name
+        // against all earlier ones would take minutes here.
+        let mut body = Vec::new();
+        for i in 0..100_000u32 {
+            body.extend_from_slice(&raw_pair(TYPE_NULL, &format!("k{i:x}"), 0, 0));
+        }
+        let bytes = raw_list(&body, 0);
+        assert_eq!(NvList::unpack(&bytes, Vec::new()).unwrap().len(), 100_000);
+        body.extend_from_slice(&raw_pair(TYPE_NULL, "K1A2B", 0, 0));
+        let bytes = raw_list(&body, 0);
+        assert_eq!(NvList::unpack(&bytes, Vec::new()).unwrap().len(), 100_001);
+        let mut ignore_case = bytes.clone();
+        ignore_case[2] = NV_FLAG_IGNORE_CASE;
+        assert_eq!(
+            NvList::unpack_with_flags(&ignore_case, Vec::new(), NV_FLAG_IGNORE_CASE).err(),
+            Some(NvError::Duplicate("K1A2B".into()))
+        );
+        body.extend_from_slice(&raw_pair(TYPE_NULL, "k0", 0, 0));
+        assert_eq!(
+            NvList::unpack(&raw_list(&body, 0), Vec::new()).err(),
+            Some(NvError::Duplicate("k0".into()))
+        );
     }
 
     #[test]
