@@ -587,3 +587,53 @@ fn server_replies_are_nvlists_a_libnv_client_can_read() {
     assert_eq!(reply.get_string("error"), Some("boom"));
     assert_eq!(reply.len(), 1);
 }
+
+/// Whether the server has closed `stream` (or answered on it) yet; false while it waits.
+fn closed_or_answered(stream: &UnixStream) -> bool {
+    stream.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8];
+    let result = (&*stream).read(&mut byte);
+    stream.set_nonblocking(false).expect("blocking");
+    !matches!(result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn silent_clients_hold_up_no_one() {
+    let scratch = Scratch::new("silent");
+    let rundir = scratch.path("run");
+    let snapdir = scratch.path("snaps");
+    std::fs::create_dir(&snapdir).unwrap();
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    // Connected before the real request, and saying nothing.
+    let mut silent: Vec<UnixStream> = (0..15)
+        .map(|_| UnixStream::connect(server.path()).expect("connect"))
+        .collect();
+    request_checkpoint(&rundir, "vm0", &snapdir.join("snap"), false).expect("checkpoint");
+    assert_eq!(mock.seen().len(), 1);
+    // The request was served while the silent clients still waited: the server had not
+    // given up on them first.
+    assert!(silent.iter().all(|s| !closed_or_answered(s)));
+    // Past 16 silent clients, the oldest is let go.
+    silent.extend((0..2).map(|_| UnixStream::connect(server.path()).expect("connect")));
+    silent[0]
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        (&silent[0]).read(&mut [0u8]).ok(),
+        Some(0),
+        "oldest not closed"
+    );
+    assert!(silent[1..].iter().all(|s| !closed_or_answered(s)));
+    // A silent client that finally speaks is still served.
+    let mut late = &silent[16];
+    late.write_all(&vector("req-unknown-cmd.bin")).unwrap();
+    late.shutdown(std::net::Shutdown::Write).ok();
+    let mut reply = Vec::new();
+    late.read_to_end(&mut reply).unwrap();
+    assert!(reply_error(&reply).is_some_and(|e| e.contains("not found")));
+    // One that hangs up unheard costs nothing either.
+    drop(silent);
+    request_checkpoint(&rundir, "vm0", &snapdir.join("again"), false).expect("checkpoint");
+    assert_eq!(mock.seen().len(), 2);
+}

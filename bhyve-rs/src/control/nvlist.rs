@@ -13,8 +13,13 @@
 //!   refuses every foreign-endian array);
 //! * a received descriptor may be referenced by one pair only (libnv hands the same fd number
 //!   to every pair naming it, which ends in a double close);
-//! * bool-array bytes other than 0 and 1 are read as `true` (libnv keeps the raw byte).
+//! * bool-array bytes other than 0 and 1 are read as `true` (libnv keeps the raw byte);
+//! * all list arrays together may announce no more elements than the buffer has room for
+//!   element headers (libnv creates the missing elements empty, so nested arrays in a few
+//!   kilobytes could make it build millions of lists).
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// Names compare case-insensitively (ASCII, as `strcasecmp` in the C locale).
@@ -652,10 +657,55 @@ enum Slot {
     },
 }
 
-struct Frame {
+struct Frame<'a> {
     list: NvList,
     slot: Slot,
+    /// Names in `list` so far, for the uniqueness check: a scan per pair would make a
+    /// list of n pairs cost n² comparisons (hours for a list of `MAX_PACKED_SIZE`).
+    names: HashSet<NameKey<'a>>,
 }
+
+impl<'a> Frame<'a> {
+    fn new(list: NvList, slot: Slot) -> Frame<'a> {
+        Frame {
+            list,
+            slot,
+            names: HashSet::new(),
+        }
+    }
+}
+
+/// A decoded name as its list compares names: ASCII case folded under
+/// [`NV_FLAG_IGNORE_CASE`].
+struct NameKey<'a> {
+    name: &'a [u8],
+    fold_case: bool,
+}
+
+impl Hash for NameKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(self.name.len());
+        if self.fold_case {
+            self.name
+                .iter()
+                .for_each(|b| state.write_u8(b.to_ascii_lowercase()));
+        } else {
+            state.write(self.name);
+        }
+    }
+}
+
+impl PartialEq for NameKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        if self.fold_case {
+            self.name.eq_ignore_ascii_case(other.name)
+        } else {
+            self.name == other.name
+        }
+    }
+}
+
+impl Eq for NameKey<'_> {}
 
 struct PairHeader<'a> {
     type_code: u8,
@@ -670,6 +720,8 @@ struct Reader<'a> {
     /// Byte order of pair fields, set by the top header and each array element header.
     big_endian: bool,
     fds: Vec<Option<OwnedFd>>,
+    /// Elements all NVLIST_ARRAY pairs so far have announced; each needs a header of its own.
+    array_elements: u64,
 }
 
 impl<'a> Reader<'a> {
@@ -679,6 +731,7 @@ impl<'a> Reader<'a> {
             pos: 0,
             big_endian: HOST_IS_BIG_ENDIAN,
             fds: fds.into_iter().map(Some).collect(),
+            array_elements: 0,
         }
     }
 
@@ -922,13 +975,13 @@ impl<'a> Reader<'a> {
                 expected: expected_flags,
             });
         }
-        let mut stack = vec![Frame {
-            list: NvList {
+        let mut stack = vec![Frame::new(
+            NvList {
                 flags,
                 ..NvList::default()
             },
-            slot: Slot::Top,
-        }];
+            Slot::Top,
+        )];
 
         while self.left() > 0 {
             let header = self.pair_header()?;
@@ -957,13 +1010,13 @@ impl<'a> Reader<'a> {
                     if let Some(index) = more {
                         let (flags, big_endian) = self.list_header()?;
                         self.big_endian = big_endian;
-                        stack.push(Frame {
-                            list: NvList {
+                        stack.push(Frame::new(
+                            NvList {
                                 flags,
                                 ..NvList::default()
                             },
-                            slot: Slot::ArrayElement { index },
-                        });
+                            Slot::ArrayElement { index },
+                        ));
                     }
                     continue;
                 }
@@ -987,6 +1040,15 @@ impl<'a> Reader<'a> {
                         .is_some_and(|need| need <= self.left() as u64);
                     if count == 0 || !fits {
                         return Err(NvError::Invalid("bad NVLIST ARRAY count"));
+                    }
+                    // Each array's count is checked against the bytes left, but those bytes
+                    // are shared by the arrays nested in its first element: without a total,
+                    // nested arrays would allocate quadratically in the buffer's size.
+                    self.array_elements = self.array_elements.saturating_add(count);
+                    if self.array_elements > (self.buf.len() / HEADER_SIZE) as u64 {
+                        return Err(NvError::Invalid(
+                            "NVLIST ARRAY elements do not fit in the buffer",
+                        ));
                     }
                     let elements = (0..count).map(|_| NvList::default()).collect();
                     let (flags, big_endian) = self.list_header()?;
@@ -1016,15 +1078,19 @@ impl<'a> Reader<'a> {
 }
 
 /// Append a decoded pair to the list being filled, with libnv's uniqueness rule.
-fn add_decoded(stack: &mut [Frame], name: &[u8], value: NvValue) -> Result<(), NvError> {
-    let list = match stack.last_mut() {
-        Some(frame) => &mut frame.list,
-        None => return Err(NvError::UnbalancedMarker),
-    };
-    if list.flags & NV_FLAG_NO_UNIQUE == 0 && list.position(name, None).is_some() {
-        return Err(NvError::Duplicate(
-            String::from_utf8_lossy(name).into_owned(),
-        ));
+fn add_decoded<'a>(stack: &mut [Frame<'a>], name: &'a [u8], value: NvValue) -> Result<(), NvError> {
+    let frame = stack.last_mut().ok_or(NvError::UnbalancedMarker)?;
+    let list = &mut frame.list;
+    if list.flags & NV_FLAG_NO_UNIQUE == 0 {
+        let key = NameKey {
+            name,
+            fold_case: list.flags & NV_FLAG_IGNORE_CASE != 0,
+        };
+        if !frame.names.insert(key) {
+            return Err(NvError::Duplicate(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
+        }
     }
     list.pairs.push(NvPair {
         name: name.to_vec(),
@@ -1033,17 +1099,17 @@ fn add_decoded(stack: &mut [Frame], name: &[u8], value: NvValue) -> Result<(), N
     Ok(())
 }
 
-fn push_frame(stack: &mut Vec<Frame>, list: NvList, slot: Slot) -> Result<(), NvError> {
+fn push_frame(stack: &mut Vec<Frame<'_>>, list: NvList, slot: Slot) -> Result<(), NvError> {
     // The top frame is level 0.
     if stack.len() > MAX_NESTING_DEPTH {
         return Err(NvError::TooDeep);
     }
-    stack.push(Frame { list, slot });
+    stack.push(Frame::new(list, slot));
     Ok(())
 }
 
 /// Finish the innermost open list and store it in its parent's last pair.
-fn close_frame(stack: &mut Vec<Frame>) -> Result<(), NvError> {
+fn close_frame(stack: &mut Vec<Frame<'_>>) -> Result<(), NvError> {
     if stack.len() < 2 {
         return Err(NvError::UnbalancedMarker);
     }
@@ -1127,6 +1193,163 @@ mod tests {
         }
         let mut parent = NvList::new();
         assert_eq!(parent.add_nvlist("n", list), Err(NvError::TooDeep));
+    }
+
+    /// A little-endian list header announcing `size` bytes and `descriptors` descriptors.
+    fn raw_header(size: u64, descriptors: u64) -> Vec<u8> {
+        let mut out = vec![NVLIST_MAGIC, NVLIST_VERSION, 0];
+        out.extend_from_slice(&descriptors.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out
+    }
+
+    /// A little-endian pair header and name.
+    fn raw_pair(type_code: u8, name: &str, datasize: u64, nitems: u64) -> Vec<u8> {
+        let mut out = vec![type_code];
+        out.extend_from_slice(&((name.len() + 1) as u16).to_le_bytes());
+        out.extend_from_slice(&datasize.to_le_bytes());
+        out.extend_from_slice(&nitems.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out
+    }
+
+    /// A top-level list of `body` with a header whose size matches it.
+    fn raw_list(body: &[u8], descriptors: u64) -> Vec<u8> {
+        let mut out = raw_header(body.len() as u64, descriptors);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn null_fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null")))
+            .collect()
+    }
+
+    #[test]
+    fn sizes_and_counts_beyond_the_message_are_refused_before_allocating() {
+        // Each of these would ask for gigabytes or more if believed.
+        for size in [u64::MAX, u64::MAX - 18, 1 << 63, 1 << 32, 20] {
+            let mut bytes = raw_header(size, 0);
+            bytes.push(0);
+            assert!(
+                NvList::unpack(&bytes, Vec::new()).is_err(),
+                "size {size:#x}"
+            );
+        }
+        let header: [u8; HEADER_SIZE] = raw_header(u64::MAX, 0).try_into().unwrap();
+        assert!(ListHeader::parse(&header).is_err());
+        let header: [u8; HEADER_SIZE] = raw_header(0, 1 << 32).try_into().unwrap();
+        assert_eq!(ListHeader::parse(&header).unwrap().descriptors, 1 << 32);
+        assert!(NvList::unpack(&header, null_fds(1)).is_err());
+
+        let huge = 1u64 << 32;
+        let mut cases = Vec::new();
+        for (type_code, payload) in [
+            (TYPE_BOOL_ARRAY, vec![1u8; 8]),
+            (TYPE_NUMBER_ARRAY, vec![7u8; 8]),
+            (TYPE_STRING_ARRAY, b"a\0b\0".to_vec()),
+            (TYPE_DESCRIPTOR_ARRAY, vec![0u8; 8]),
+            (TYPE_NVLIST_ARRAY, raw_header(0, 0)),
+        ] {
+            for (datasize, nitems) in [
+                (payload.len() as u64, huge),
+                (payload.len() as u64, u64::MAX),
+                (huge * 8, huge),
+                (u64::MAX, 1),
+            ] {
+                // An NVLIST ARRAY has no data of its own: only its count can lie.
+                if type_code == TYPE_NVLIST_ARRAY && nitems == 1 {
+                    continue;
+                }
+                let datasize = if type_code == TYPE_NVLIST_ARRAY {
+                    0
+                } else {
+                    datasize
+                };
+                let mut body = raw_pair(type_code, "v", datasize, nitems);
+                body.extend_from_slice(&payload);
+                cases.push((type_code, datasize, nitems, raw_list(&body, 0)));
+            }
+        }
+        // A string whose datasize claims far more than the message holds.
+        let mut body = raw_pair(TYPE_STRING, "s", u64::MAX, 0);
+        body.extend_from_slice(b"abc");
+        cases.push((TYPE_STRING, u64::MAX, 0, raw_list(&body, 0)));
+        for (type_code, datasize, nitems, bytes) in cases {
+            assert!(
+                NvList::unpack(&bytes, null_fds(1)).is_err(),
+                "type {type_code} datasize {datasize:#x} nitems {nitems:#x} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn uniqueness_holds_across_a_list_of_many_names() {
+        // 100 000 distinct names, then one repeated in another case: checking each name
+        // against all earlier ones would take minutes here.
+        let mut body = Vec::new();
+        for i in 0..100_000u32 {
+            body.extend_from_slice(&raw_pair(TYPE_NULL, &format!("k{i:x}"), 0, 0));
+        }
+        let bytes = raw_list(&body, 0);
+        assert_eq!(NvList::unpack(&bytes, Vec::new()).unwrap().len(), 100_000);
+        body.extend_from_slice(&raw_pair(TYPE_NULL, "K1A2B", 0, 0));
+        let bytes = raw_list(&body, 0);
+        assert_eq!(NvList::unpack(&bytes, Vec::new()).unwrap().len(), 100_001);
+        let mut ignore_case = bytes.clone();
+        ignore_case[2] = NV_FLAG_IGNORE_CASE;
+        assert_eq!(
+            NvList::unpack_with_flags(&ignore_case, Vec::new(), NV_FLAG_IGNORE_CASE).err(),
+            Some(NvError::Duplicate("K1A2B".into()))
+        );
+        body.extend_from_slice(&raw_pair(TYPE_NULL, "k0", 0, 0));
+        assert_eq!(
+            NvList::unpack(&raw_list(&body, 0), Vec::new()).err(),
+            Some(NvError::Duplicate("k0".into()))
+        );
+    }
+
+    #[test]
+    fn nested_list_arrays_cannot_announce_more_elements_than_fit() {
+        // Arrays nested in each other's first element, each announcing as many elements as
+        // the bytes after it could hold: every one passes the per-array check, yet together
+        // 1000 levels in 40 KB would announce about a million lists.
+        let mut body = Vec::new();
+        let mut element_headers = Vec::new();
+        for _ in 0..1000 {
+            body.extend_from_slice(&raw_pair(TYPE_NVLIST_ARRAY, "a", 0, 0));
+            element_headers.push(HEADER_SIZE + body.len());
+            body.extend_from_slice(&raw_header(0, 0));
+        }
+        let mut bytes = raw_list(&body, 0);
+        let len = bytes.len();
+        for at in element_headers {
+            let left = (len - at) as u64;
+            bytes[at + 11..at + 19].copy_from_slice(&(left - HEADER_SIZE as u64).to_le_bytes());
+            // The pair's nitems, just before its two-byte name.
+            let nitems = at - 2 - 8;
+            bytes[nitems..nitems + 8].copy_from_slice(&(left / HEADER_SIZE as u64).to_le_bytes());
+        }
+        assert_eq!(
+            NvList::unpack(&bytes, Vec::new()).err(),
+            Some(NvError::Invalid(
+                "NVLIST ARRAY elements do not fit in the buffer"
+            ))
+        );
+        // Arrays whose elements are all there still decode, however they nest.
+        let mut inner = NvList::new();
+        inner.add_number("n", 1).unwrap();
+        let mut element = NvList::new();
+        element
+            .add("inner", NvValue::NvListArray(vec![inner, NvList::new()]))
+            .unwrap();
+        let mut list = NvList::new();
+        list.add("outer", NvValue::NvListArray(vec![element, NvList::new()]))
+            .unwrap();
+        let (bytes, _) = list.pack();
+        assert!(NvList::unpack(&bytes, Vec::new()).is_ok());
     }
 
     #[test]

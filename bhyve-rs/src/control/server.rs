@@ -12,6 +12,9 @@
 //! serving: a request without a string `cmd` (bhyve aborts), a request that does not decode
 //! (bhyve logs and closes), a checkpoint missing an argument (bhyve drops it silently).
 //! A client that closes early (FreeBSD 14's bhyvectl never reads the reply) costs nothing.
+//! Requests are carried out one at a time, but a connection waits for its first byte without
+//! holding up the others: a client that connects and stays silent delays nobody, and one
+//! that has started must finish its request within [`CLIENT_TIMEOUT`] of connecting.
 //! Unlike FreeBSD, which exits inside the handler, a successful suspend is answered first;
 //! then the socket is removed and [`ControlHandler::after_checkpoint_reply`] may exit.
 
@@ -24,16 +27,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::nvlist::NvList;
-use super::transport::{nvlist_recv_or_eof, nvlist_send, RecvLimits};
+use super::transport::{nvlist_recv_or_eof_before, nvlist_send, RecvLimits};
 
-/// How long a connected client may take to send its request, or to take the reply.
+/// How long a client may take from connecting to the end of its request, and to take each
+/// part of the reply.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections still silent that are kept; past that, the oldest is closed.
+const MAX_SILENT_CLIENTS: usize = 16;
 
 /// A `checkpoint` request as received.
 #[derive(Debug)]
@@ -239,6 +246,13 @@ enum Flow {
     Stop,
 }
 
+/// A connection that has not sent anything yet.
+struct Silent {
+    stream: UnixStream,
+    /// When its whole request must be in.
+    deadline: Instant,
+}
+
 fn serve(
     listener: UnixListener,
     mut wake: UnixStream,
@@ -246,46 +260,98 @@ fn serve(
     path: PathBuf,
     identity: SocketIdentity,
 ) {
+    let mut silent: Vec<Silent> = Vec::new();
     loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                log::error!("control socket {}: poll: {e}", path.display());
-                return;
+        let now = Instant::now();
+        silent.retain(|client| {
+            let waiting = client.deadline > now;
+            if !waiting {
+                log::debug!("control: client sent nothing within {CLIENT_TIMEOUT:?}");
             }
-        }
-        let woken = fds[1].revents().is_some_and(|r| !r.is_empty());
+            waiting
+        });
+        let timeout = match silent.iter().map(|c| c.deadline).min() {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let ms = deadline.saturating_duration_since(now).as_millis() + 1;
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let (accept_ready, woken, ready) = {
+            let mut fds = vec![
+                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            fds.extend(
+                silent
+                    .iter()
+                    .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("control socket {}: poll: {e}", path.display());
+                    return;
+                }
+            }
+            let fired: Vec<bool> = fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            (fired[0], fired[1], fired[2..].to_vec())
+        };
         if woken {
             let mut byte = [0u8];
             let _ = wake.read(&mut byte);
             return;
         }
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
+        // Serve, in the order they connected, the clients that have sent something (or
+        // closed): a request is on its way and takes no more than its deadline.
+        let (talking, still): (Vec<_>, Vec<_>) = std::mem::take(&mut silent)
+            .into_iter()
+            .zip(ready)
+            .partition(|(_, ready)| *ready);
+        silent = still.into_iter().map(|(client, _)| client).collect();
+        for (client, _) in talking {
+            let flow = handle_connection(client, handler.as_ref(), &path, identity);
+            if let Flow::Stop = flow {
+                return;
+            }
+        }
+        if accept_ready {
+            accept_waiting(&listener, &mut silent, &path);
+        }
+    }
+}
+
+/// Take the connections waiting in the listen queue; each may stay silent until its deadline.
+fn accept_waiting(listener: &UnixListener, silent: &mut Vec<Silent>, path: &Path) {
+    // Bounded, so a flood of connections cannot keep the others from being served.
+    for _ in 0..MAX_SILENT_CLIENTS {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if silent.len() >= MAX_SILENT_CLIENTS {
+                    log::warn!("control: too many silent clients; closing the oldest");
+                    silent.remove(0);
+                }
+                silent.push(Silent {
+                    stream,
+                    deadline: Instant::now() + CLIENT_TIMEOUT,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                continue
-            }
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
             Err(e) => {
                 // Out of descriptors or similar: back off instead of spinning.
                 log::warn!("control socket {}: accept: {e}", path.display());
                 std::thread::sleep(Duration::from_millis(100));
-                continue;
+                return;
             }
-        };
-        if let Flow::Stop = handle_connection(stream, handler.as_ref(), &path, identity) {
-            return;
         }
     }
 }
@@ -325,21 +391,21 @@ fn discard_input(mut stream: UnixStream) {
 }
 
 fn handle_connection(
-    stream: UnixStream,
+    client: Silent,
     handler: &dyn ControlHandler,
     path: &Path,
     identity: SocketIdentity,
 ) -> Flow {
+    let Silent { stream, deadline } = client;
     // Accepted sockets inherit O_NONBLOCK from the listener on FreeBSD.
     let setup = stream
         .set_nonblocking(false)
-        .and_then(|()| stream.set_read_timeout(Some(CLIENT_TIMEOUT)))
         .and_then(|()| stream.set_write_timeout(Some(CLIENT_TIMEOUT)));
     if let Err(e) = setup {
         log::warn!("control: cannot set up connection: {e}");
         return Flow::Continue;
     }
-    let mut request = match nvlist_recv_or_eof(&stream, RecvLimits::CONTROL) {
+    let mut request = match nvlist_recv_or_eof_before(&stream, RecvLimits::CONTROL, deadline) {
         Ok(Some(request)) => request,
         Ok(None) => {
             log::debug!("control: connection closed without a request");

@@ -11,7 +11,7 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -78,8 +78,14 @@ pub fn set_timeouts(
     recv: Option<Duration>,
     send: Option<Duration>,
 ) -> Result<(), Errno> {
+    setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(recv))?;
+    setsockopt(&sock, sockopt::SendTimeout, &timeval(send))?;
+    Ok(())
+}
+
+fn timeval(timeout: Option<Duration>) -> TimeVal {
     // A zero timeval means "no timeout" to the kernel, so a requested one is at least 1 µs.
-    let tv = |d: Option<Duration>| match d {
+    match timeout {
         None => TimeVal::new(0, 0),
         Some(d) => {
             let d = d.max(Duration::from_micros(1));
@@ -88,9 +94,20 @@ pub fn set_timeouts(
                 d.subsec_micros() as _,
             )
         }
+    }
+}
+
+/// Before a blocking receive: let it wait until `deadline` at most, so a peer that sends a
+/// byte now and then cannot stretch the exchange beyond it.
+fn arm_deadline(sock: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<(), TransportError> {
+    let Some(deadline) = deadline else {
+        return Ok(());
     };
-    setsockopt(&sock, sockopt::ReceiveTimeout, &tv(recv))?;
-    setsockopt(&sock, sockopt::SendTimeout, &tv(send))?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(TransportError::Timeout);
+    }
+    setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(Some(left)))?;
     Ok(())
 }
 
@@ -134,10 +151,15 @@ pub fn nvlist_send(sock: impl AsFd, list: &NvList) -> Result<(), TransportError>
 }
 
 /// Fill `buf` exactly. Returns how many bytes arrived before EOF (== len on success).
-fn recv_exact(sock: RawFd, buf: &mut [u8]) -> Result<usize, TransportError> {
+fn recv_exact(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> Result<usize, TransportError> {
     let mut filled = 0;
     while filled < buf.len() {
-        match recv(sock, &mut buf[filled..], MsgFlags::empty()) {
+        arm_deadline(sock, deadline)?;
+        match recv(sock.as_raw_fd(), &mut buf[filled..], MsgFlags::empty()) {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(Errno::EINTR) => {}
@@ -148,14 +170,21 @@ fn recv_exact(sock: RawFd, buf: &mut [u8]) -> Result<usize, TransportError> {
 }
 
 /// Receive one package of exactly `count` descriptors (msgio's `fd_package_recv`).
-fn recv_package(sock: RawFd, count: usize, out: &mut Vec<OwnedFd>) -> Result<(), TransportError> {
+fn recv_package(
+    sock: BorrowedFd<'_>,
+    count: usize,
+    out: &mut Vec<OwnedFd>,
+    deadline: Option<Instant>,
+) -> Result<(), TransportError> {
     let mut dummy = [0u8];
     let mut iov = [IoSliceMut::new(&mut dummy)];
     // Room for one control message per descriptor, the way libnv sends them; a merged
     // message with all of them needs less.
     let mut space = vec![0u8; count * cmsg_space::<RawFd>()];
     let msg = loop {
-        match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        arm_deadline(sock, deadline)?;
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags) {
             Err(Errno::EINTR) => {}
             other => break other?,
         }
@@ -195,9 +224,27 @@ pub fn nvlist_recv_or_eof(
     sock: impl AsFd,
     limits: RecvLimits,
 ) -> Result<Option<NvList>, TransportError> {
-    let sock = sock.as_fd().as_raw_fd();
+    receive(sock.as_fd(), limits, None)
+}
+
+/// [`nvlist_recv_or_eof`] that gives up with [`TransportError::Timeout`] once `deadline`
+/// has passed, however the peer spaces out its bytes (it changes the socket's receive
+/// timeout).
+pub fn nvlist_recv_or_eof_before(
+    sock: impl AsFd,
+    limits: RecvLimits,
+    deadline: Instant,
+) -> Result<Option<NvList>, TransportError> {
+    receive(sock.as_fd(), limits, Some(deadline))
+}
+
+fn receive(
+    sock: BorrowedFd<'_>,
+    limits: RecvLimits,
+    deadline: Option<Instant>,
+) -> Result<Option<NvList>, TransportError> {
     let mut raw = [0u8; HEADER_SIZE];
-    match recv_exact(sock, &mut raw)? {
+    match recv_exact(sock, &mut raw, deadline)? {
         0 => return Ok(None),
         HEADER_SIZE => {}
         received => {
@@ -225,7 +272,7 @@ pub fn nvlist_recv_or_eof(
     let total = total as usize;
     let mut buf = vec![0u8; total];
     buf[..HEADER_SIZE].copy_from_slice(&raw);
-    let received = recv_exact(sock, &mut buf[HEADER_SIZE..])?;
+    let received = recv_exact(sock, &mut buf[HEADER_SIZE..], deadline)?;
     if received != total - HEADER_SIZE {
         return Err(TransportError::Truncated {
             received: HEADER_SIZE + received,
@@ -237,7 +284,7 @@ pub fn nvlist_recv_or_eof(
     while fds.len() < wanted {
         let count = (wanted - fds.len()).min(FDS_PER_PACKAGE);
         // On failure `fds` is dropped, closing what did arrive.
-        recv_package(sock, count, &mut fds)?;
+        recv_package(sock, count, &mut fds, deadline)?;
     }
     Ok(Some(NvList::unpack(&buf, fds)?))
 }
@@ -394,6 +441,38 @@ mod tests {
         set_timeouts(b.as_fd(), Some(Duration::from_millis(50)), None).unwrap();
         let err = nvlist_recv(&b, RecvLimits::CONTROL).unwrap_err();
         assert!(matches!(err, TransportError::Timeout), "{err}");
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_peer_that_trickles_its_bytes() {
+        // One byte every 20 ms: each wait is short, the whole list would take ~0.8 s.
+        let (a, b) = UnixStream::pair().unwrap();
+        let bytes = vector("string.bin");
+        let trickle = std::thread::spawn(move || {
+            for byte in bytes {
+                std::thread::sleep(Duration::from_millis(20));
+                if (&a).write_all(&[byte]).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let err = nvlist_recv_or_eof_before(&b, RecvLimits::CONTROL, deadline).unwrap_err();
+        assert!(matches!(err, TransportError::Timeout), "{err}");
+        assert!(Instant::now() >= deadline);
+        drop(b);
+        trickle.join().unwrap();
+        // A deadline already past fails at once, before reading anything.
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&vector("string.bin")).unwrap();
+        let err = nvlist_recv_or_eof_before(&b, RecvLimits::CONTROL, Instant::now()).unwrap_err();
+        assert!(matches!(err, TransportError::Timeout), "{err}");
+        let got = nvlist_recv_or_eof_before(
+            &b,
+            RecvLimits::CONTROL,
+            Instant::now() + Duration::from_secs(5),
+        );
+        assert!(got.unwrap().is_some());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! never leaves a VM behind.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod control;
 pub mod guest;
 
 use std::io::{Read, Write};
