@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use bhyve::devices::rtc::RtcState;
 use bhyve::snapshot::vm::decode_backend_state;
 use bhyve::snapshot::{SnapshotReader, HEADER_FLAG_SUSPENDED};
 use bhyve::vmm::BackendState;
+use common::control::{bhyvectl, Scratch};
 use common::guest;
 use common::{kvm_usable, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
 use kvm_bindings::{kvm_clock_data, kvm_lapic_state, kvm_pit_state2};
@@ -33,26 +34,6 @@ const SUSPENDED_FOR: Duration = Duration::from_secs(3);
 const MSR_IA32_TSC: u32 = 0x10;
 /// LAPIC register offsets: timer current count, interrupt request and in-service registers.
 const APIC_TMCCT: usize = 0x390;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("bhyve-rs-state-{}", vm_name()));
-        std::fs::create_dir_all(&dir).expect("create scratch directory");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn bhyvectl() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_bhyve")).with_file_name("bhyvectl")
-}
 
 fn ctl(rundir: &Path, name: &str, arg: String) -> (i32, String, String) {
     let out = Command::new(bhyvectl())
@@ -323,7 +304,7 @@ fn a_snapshot_of_a_restored_guest_equals_the_one_it_came_from_but_for_clocks() {
     if !kvm_usable() {
         return;
     }
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("state");
     let rundir = &scratch.0;
     let name = vm_name();
     let mut vm = boot(rundir, &name);
