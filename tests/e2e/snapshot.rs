@@ -7,9 +7,10 @@ mod common;
 
 use common::guest;
 use common::{
-    assert_within_ten_percent, console_vm_command, hardware_virtualization, kvm_usable,
-    linux_guest, notice, repo_root, run_to_exit, timed_ticks, vm_name, work_counts, Console,
-    BOOT_TIMEOUT, COMMAND_TIMEOUT,
+    assert_within_ten_percent, bhyvectl, cargo_build, console_vm_command, ctl,
+    hardware_virtualization, kvm_usable, linux_guest, notice, repo_root, run_to_exit, suspend,
+    timed_ticks, vm_name, work_counts, Console, Scratch, BOOT_TIMEOUT, COMMAND_TIMEOUT,
+    SAVE_TIMEOUT,
 };
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -19,72 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A scratch directory for control sockets and snapshot files, removed afterwards.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("bhyve-rs-{tag}-{}", vm_name()));
-        std::fs::create_dir_all(&dir).expect("create scratch directory");
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The bhyvectl of this build, with snapshot support. Cargo builds only this package's
-/// binaries for its tests, so a test run on its own builds bhyvectl (a no-op when
-/// `make test` has already built the workspace).
-fn bhyvectl() -> PathBuf {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_bhyve"))
-        .parent()
-        .expect("bhyve lives in a directory");
-    let target_dir = bin_dir
-        .parent()
-        .expect("the profile directory lives in the target directory");
-    let built = BUILT.get_or_init(|| {
-        cargo_build(
-            &["-p", "bhyvectl-rs", "--bin", "bhyvectl", "--features"],
-            &["bhyvectl-rs/bhyve_snapshot"],
-            target_dir,
-        )?;
-        Ok(bin_dir.join("bhyvectl"))
-    });
-    match built {
-        Ok(path) => path.clone(),
-        Err(why) => panic!("building bhyvectl: {why}"),
-    }
-}
-
-/// `cargo build --quiet ARGS EXTRA --target-dir DIR` in the repository.
-fn cargo_build(args: &[&str], extra: &[&str], target_dir: &Path) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(repo_root())
-        .args(["build", "--quiet"])
-        .args(args)
-        .args(extra)
-        .arg("--target-dir")
-        .arg(target_dir)
-        .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 fn boot(rundir: &Path, name: &str, memory: &str) -> Console {
     let cmd = console_vm_command(Path::new(env!("CARGO_BIN_EXE_bhyve")), memory, rundir, name);
@@ -99,20 +34,6 @@ fn resume(rundir: &Path, file: &Path) -> Console {
     cmd.arg("-r").arg(file);
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
     Console::spawn("bhyve -r", cmd)
-}
-
-/// Run bhyvectl with `args` against VM `name`; returns (exit code, stderr).
-fn ctl(rundir: &Path, name: &str, args: &[String]) -> (i32, String) {
-    let out = Command::new(bhyvectl())
-        .arg(format!("--vm={name}"))
-        .arg(format!("--rundir={}", rundir.display()))
-        .args(args)
-        .output()
-        .expect("run bhyvectl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn counter(vm: &mut Console) -> u64 {
@@ -444,12 +365,6 @@ fn count_numbers(text: &str) -> Vec<u64> {
     text.lines()
         .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
         .collect()
-}
-
-fn suspend(scratch: &Scratch, name: &str, vm: &mut Console, file: &Path) {
-    let (code, err) = ctl(&scratch.0, name, &[format!("--suspend={}", file.display())]);
-    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
-    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,6 +20,9 @@ use std::time::{Duration, Instant};
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a simple command may take to answer.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a checkpoint or suspend may take.
+pub const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Root of the source tree.
 pub fn repo_root() -> &'static Path {
@@ -161,6 +165,18 @@ pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, extra: &[&str]) ->
 /// `bhyve` (the binary at `bhyve`) booting the console guest with `memory`, COM1 on stdio and its
 /// control socket `rundir/name`: the command line of the snapshot tests and benchmarks.
 pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str) -> Command {
+    console_vm_command_with(bhyve, memory, rundir, name, &[])
+}
+
+/// [`console_vm_command`] with more options before the VM name; a later `-c` replaces the single
+/// vCPU.
+pub fn console_vm_command_with(
+    bhyve: &Path,
+    memory: &str,
+    rundir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(bhyve);
     cmd.args([
         "-c",
@@ -176,8 +192,95 @@ pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str)
     cmd.arg("-o")
         .arg(format!("boot.kernel={}", guest::console_guest().display()));
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
+    cmd.args(extra);
     cmd.arg(name);
     cmd
+}
+
+/// A scratch directory for control sockets and snapshot files, removed afterwards.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("bhyve-rs-{tag}-{}", vm_name()));
+        std::fs::create_dir_all(&dir).expect("create scratch directory");
+        Scratch(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The bhyvectl of this build, with snapshot support. Cargo builds only this package's
+/// binaries for its tests, so a test run on its own builds bhyvectl (a no-op when
+/// `make test` has already built the workspace).
+pub fn bhyvectl() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_bhyve"))
+        .parent()
+        .expect("bhyve lives in a directory");
+    let target_dir = bin_dir
+        .parent()
+        .expect("the profile directory lives in the target directory");
+    let built = BUILT.get_or_init(|| {
+        cargo_build(
+            &["-p", "bhyvectl-rs", "--bin", "bhyvectl", "--features"],
+            &["bhyvectl-rs/bhyve_snapshot"],
+            target_dir,
+        )?;
+        Ok(bin_dir.join("bhyvectl"))
+    });
+    match built {
+        Ok(path) => path.clone(),
+        Err(why) => panic!("building bhyvectl: {why}"),
+    }
+}
+
+/// `cargo build --quiet ARGS EXTRA --target-dir DIR` in the repository.
+pub fn cargo_build(args: &[&str], extra: &[&str], target_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["build", "--quiet"])
+        .args(args)
+        .args(extra)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Run bhyvectl with `args` against VM `name`; returns (exit code, stderr).
+pub fn ctl(rundir: &Path, name: &str, args: &[String]) -> (i32, String) {
+    let out = Command::new(bhyvectl())
+        .arg(format!("--vm={name}"))
+        .arg(format!("--rundir={}", rundir.display()))
+        .args(args)
+        .output()
+        .expect("run bhyvectl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `bhyvectl --suspend=FILE` against VM `name` (its control socket in `scratch`), which must
+/// succeed and end the VM.
+pub fn suspend(scratch: &Scratch, name: &str, vm: &mut Console, file: &Path) {
+    let (code, err) = ctl(&scratch.0, name, &[format!("--suspend={}", file.display())]);
+    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
+    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
 }
 
 /// The console guest's `work` output: the state line, then `cpu <n> apic <id> work <count>`
@@ -495,13 +598,22 @@ impl Console {
 
     /// Waits for the process to exit; fails the test (killing it) on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.try_wait_exit(timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) => self.failure(format!("still running after {timeout:?}")),
+            Err(err) => self.failure(format!("cannot wait for the process: {err}")),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn try_wait_exit(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
         if let Some(status) = self.exit {
-            return status;
+            return Ok(Some(status));
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
+            match self.child.try_wait()? {
+                Some(status) => {
                     self.exit = Some(status);
                     // The pipes may still hold the last words: wait until both readers saw
                     // end-of-file (bounded, in case a grandchild inherited a pipe).
@@ -510,13 +622,21 @@ impl Console {
                     while !drained(&self.shared.lock()) && Instant::now() < until {
                         thread::sleep(Duration::from_millis(10));
                     }
-                    return status;
+                    return Ok(Some(status));
                 }
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                Ok(None) => self.failure(format!("still running after {timeout:?}")),
-                Err(err) => self.failure(format!("cannot wait for the process: {err}")),
+                None if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                None => return Ok(None),
             }
         }
+    }
+
+    /// Sends SIGKILL and reaps the process; returns how it ended.
+    pub fn kill(&mut self) -> std::io::Result<ExitStatus> {
+        if self.exit.is_none() {
+            self.child.kill()?;
+        }
+        self.try_wait_exit(Duration::from_secs(10))?
+            .ok_or_else(|| std::io::Error::other("still running after SIGKILL"))
     }
 
     /// The process id of the VM's process.

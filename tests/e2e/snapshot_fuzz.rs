@@ -1,0 +1,392 @@
+//! Forged snapshots end to end: a real snapshot of the console guest (two vCPUs, host bridge,
+//! LPC with the COM ports, the `dummy` PCI device) is edited section by section — bits flipped,
+//! payloads cut, extended, zeroed, length prefixes made huge, RAM regions moved or resized — and
+//! every checksum renewed, so each forged file passes the integrity checks and reaches the
+//! decoders and the restore. `bhyve -r` must then refuse it in one line, or restore it and run:
+//! never panic, never hang. Needs /dev/kvm (skips with a message without it, fails if
+//! BHYVE_RS_REQUIRE_KVM=1).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bhyve::snapshot::{reseal, SectionEntry, SectionKind, SnapshotReader, FORMAT_PAGE_SIZE};
+use common::guest::{self, splitmix64};
+use common::{console_vm_command_with, kvm_usable, suspend, vm_name, Console, Scratch};
+use common::{BOOT_TIMEOUT, COMMAND_TIMEOUT};
+
+/// Restores run this many at a time: enough to keep two cores busy while some wait.
+const RESTORES_AT_ONCE: usize = 3;
+/// How long a restore may take to either fail or have the VM running.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an accepted variant runs before it is killed: a restored machine whose state makes
+/// bhyve fall over usually does so at once.
+const RUN_FOR: Duration = Duration::from_millis(500);
+/// Guest memory: small, so each forged file is written in full quickly.
+const MEMORY: &str = "8M";
+
+/// bincode 2 varint markers: the next 2, 4 or 8 bytes hold the value.
+const VARINT_U16: u8 = 251;
+const VARINT_U32: u8 = 252;
+const VARINT_U64: u8 = 253;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        splitmix64(&mut self.0)
+    }
+
+    /// Uniform enough in `0..n`; 0 when `n` is 0.
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+}
+
+/// One forged file: which section was edited, how, and the edited table.
+struct Variant {
+    section: usize,
+    what: &'static str,
+    entries: Vec<SectionEntry>,
+    /// The edited section's new bytes, placed at the end of the file (data sections).
+    payload: Option<Vec<u8>>,
+    /// RAM bytes to flip, as (file offset, mask).
+    ram_flips: Vec<(usize, u8)>,
+}
+
+impl Variant {
+    /// The forged file: the original with the edits applied and every checksum renewed.
+    fn image(&self, original: &[u8]) -> Vec<u8> {
+        let mut image = original.to_vec();
+        let mut entries = self.entries.clone();
+        if let Some(payload) = &self.payload {
+            let entry = &mut entries[self.section];
+            entry.offset = image.len() as u64;
+            entry.length = payload.len() as u64;
+            image.extend_from_slice(payload);
+        }
+        for &(at, mask) in &self.ram_flips {
+            image[at] ^= mask;
+        }
+        reseal(&mut image, &entries).expect("the original's table can be resealed");
+        image
+    }
+}
+
+/// Where bincode length prefixes probably are: the first byte, and for every string with its
+/// one-byte length in front (a field or sub-section name), that length and the varint after
+/// the string (a sub-section's byte count follows its name).
+fn count_positions(payload: &[u8]) -> Vec<usize> {
+    let mut positions = vec![0];
+    for (at, &len) in payload.iter().enumerate() {
+        let len = usize::from(len);
+        if !(2..usize::from(VARINT_U16)).contains(&len) {
+            continue;
+        }
+        let Some(text) = payload.get(at + 1..at + 1 + len) else {
+            continue;
+        };
+        if text.iter().all(|b| b.is_ascii_graphic()) {
+            positions.push(at);
+            if at + 1 + len < payload.len() {
+                positions.push(at + 1 + len);
+            }
+        }
+    }
+    positions
+}
+
+/// Replace the varint at `at` with `marker` followed by `width` bytes of 0xff: a huge count.
+fn huge_count(payload: &[u8], at: usize, marker: u8, width: usize) -> Vec<u8> {
+    let mut forged = payload[..at.min(payload.len())].to_vec();
+    forged.push(marker);
+    forged.extend(vec![0xff; width]);
+    forged.extend_from_slice(payload.get(at + 1..).unwrap_or(&[]));
+    forged
+}
+
+fn data_variants(payload: &[u8], rng: &mut Rng) -> Vec<(&'static str, Vec<u8>)> {
+    let n = payload.len();
+    let mut flipped = payload.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        if n > 0 {
+            let at = rng.below(n);
+            flipped[at] ^= 1 << rng.below(8);
+        }
+    }
+    let mut head = payload.to_vec();
+    if n > 0 {
+        let at = rng.below(n.min(8));
+        head[at] ^= 1 << rng.below(8);
+    }
+    let mut extended = payload.to_vec();
+    for _ in 0..1 + rng.below(64) {
+        extended.push(rng.next() as u8);
+    }
+    let positions = count_positions(payload);
+    let mut pick = || positions[rng.below(positions.len())];
+    let (at16, at32, at64) = (pick(), pick(), pick());
+    vec![
+        ("flipped bits", flipped),
+        ("flipped bit in the first bytes", head),
+        ("truncated", payload[..rng.below(n)].to_vec()),
+        ("extended with garbage", extended),
+        ("u16 count", huge_count(payload, at16, VARINT_U16, 2)),
+        ("u32 count", huge_count(payload, at32, VARINT_U32, 4)),
+        ("u64 count", huge_count(payload, at64, VARINT_U64, 8)),
+        ("zeroed", vec![0; n]),
+        ("emptied", Vec::new()),
+    ]
+}
+
+fn ram_variants(
+    entries: &[SectionEntry],
+    section: usize,
+    rng: &mut Rng,
+) -> Vec<(&'static str, Vec<SectionEntry>, Vec<(usize, u8)>)> {
+    let page = u64::from(FORMAT_PAGE_SIZE);
+    let region = &entries[section];
+    let edit = |change: &dyn Fn(&mut SectionEntry)| {
+        let mut edited = entries.to_vec();
+        change(&mut edited[section]);
+        edited
+    };
+    let flips = (0..8)
+        .map(|_| {
+            let at = region.offset as usize + rng.below(region.length as usize);
+            (at, 1u8 << rng.below(8))
+        })
+        .collect();
+    vec![
+        ("RAM bits flipped", entries.to_vec(), flips),
+        ("one page shorter", edit(&|e| e.length -= page), Vec::new()),
+        ("empty", edit(&|e| e.length = 0), Vec::new()),
+        ("twice as long", edit(&|e| e.length *= 2), Vec::new()),
+        ("moved up a page", edit(&|e| e.gpa += page), Vec::new()),
+        ("moved to 4 GiB", edit(&|e| e.gpa = 4 << 30), Vec::new()),
+        (
+            "at the top of the address space",
+            edit(&|e| e.gpa = 0u64.wrapping_sub(e.length)),
+            Vec::new(),
+        ),
+        (
+            "read from the file's start",
+            edit(&|e| e.offset = 0),
+            Vec::new(),
+        ),
+    ]
+}
+
+fn variants(original: &[u8], entries: &[SectionEntry]) -> Vec<Variant> {
+    let mut all = Vec::new();
+    for (section, entry) in entries.iter().enumerate() {
+        let mut rng = Rng(0x5eed_f022_0000_0000 ^ (section as u64) << 16);
+        match entry.kind {
+            SectionKind::Ram => {
+                for (what, edited, ram_flips) in ram_variants(entries, section, &mut rng) {
+                    all.push(Variant {
+                        section,
+                        what,
+                        entries: edited,
+                        payload: None,
+                        ram_flips,
+                    });
+                }
+            }
+            _ => {
+                let start = entry.offset as usize;
+                let payload = &original[start..start + entry.length as usize];
+                for (what, forged) in data_variants(payload, &mut rng) {
+                    all.push(Variant {
+                        section,
+                        what,
+                        entries: entries.to_vec(),
+                        payload: Some(forged),
+                        ram_flips: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+    all
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    Refused,
+    /// Restored; the guest ran until the test killed it or ended on its own.
+    Accepted,
+}
+
+/// Restore `file` with its control socket in `rundir` and judge how bhyve behaved.
+fn restore(file: &Path, rundir: &Path) -> Result<Outcome, String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    cmd.arg("-r").arg(file);
+    cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
+    let mut vm = Console::spawn("bhyve -r", cmd);
+    let started = Instant::now();
+    let running = || std::fs::read_dir(rundir).is_ok_and(|mut d| d.next().is_some());
+    let mut seen_running = false;
+    let status = loop {
+        match vm.try_wait_exit(Duration::from_millis(20)) {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(format!("cannot wait for bhyve: {e}")),
+        }
+        if running() {
+            seen_running = true;
+            // The control socket is opened once the restore is complete: the VM runs.
+            match vm.try_wait_exit(RUN_FOR) {
+                Ok(Some(status)) => break status,
+                Ok(None) => {
+                    let status = vm.kill().map_err(|e| format!("cannot kill bhyve: {e}"))?;
+                    judge_end(&vm, status, Some(libc::SIGKILL))?;
+                    return Ok(Outcome::Accepted);
+                }
+                Err(e) => return Err(format!("cannot wait for bhyve: {e}")),
+            }
+        }
+        if started.elapsed() > RESTORE_TIMEOUT {
+            let _ = vm.kill();
+            return Err(format!(
+                "neither failed nor running after {RESTORE_TIMEOUT:?}; stderr: {:?}",
+                vm.stderr()
+            ));
+        }
+    };
+    judge_end(&vm, status, None)?;
+    let err = vm.stderr();
+    if seen_running || status.success() {
+        return Ok(Outcome::Accepted);
+    }
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    if lines.len() != 1 || !lines[0].starts_with("bhyve: ") {
+        return Err(format!(
+            "refused ({status}) without exactly one 'bhyve: ' line: {err:?}"
+        ));
+    }
+    Ok(Outcome::Refused)
+}
+
+/// No panic, no signal but the test's own.
+fn judge_end(vm: &Console, status: ExitStatus, own_signal: Option<i32>) -> Result<(), String> {
+    let err = vm.stderr();
+    if err.contains("panicked") || status.code() == Some(101) {
+        return Err(format!("panicked ({status}): {err}"));
+    }
+    match status.signal() {
+        Some(signal) if Some(signal) != own_signal => {
+            Err(format!("killed by signal {signal}: {err}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn boot(scratch: &Scratch, name: &str) -> Console {
+    let bhyve = Path::new(env!("CARGO_BIN_EXE_bhyve"));
+    let extra = ["-c", "2", "-s", "4:0,dummy"];
+    let cmd = console_vm_command_with(bhyve, MEMORY, &scratch.0, name, &extra);
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    vm
+}
+
+#[test]
+fn forged_snapshots_are_refused_in_one_line_or_restored_never_a_panic_or_a_hang() {
+    if !kvm_usable() {
+        return;
+    }
+    let started = Instant::now();
+    let scratch = Scratch::new("fuzz");
+    let name = vm_name();
+    let mut vm = boot(&scratch, &name);
+    let file = scratch.path("good.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+
+    let original = std::fs::read(&file).expect("read the snapshot");
+    let entries = SnapshotReader::open(&file)
+        .expect("the snapshot opens")
+        .sections()
+        .to_vec();
+    for needed in ["vm", "vcpu", "pci", "uart", "rtc", "pm", "config", "ram"] {
+        assert!(
+            entries.iter().any(|e| e.name == needed),
+            "no {needed} section in {entries:?}"
+        );
+    }
+    assert_eq!(entries.iter().filter(|e| e.name == "vcpu").count(), 2);
+    assert!(entries.iter().any(|e| e.instance.starts_with("dummy@")));
+
+    let variants = variants(&original, &entries);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<Outcome, String>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..RESTORES_AT_ONCE {
+            s.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(variant) = variants.get(index) else {
+                    return;
+                };
+                let path = scratch.path(&format!("forged-{index}.snap"));
+                std::fs::write(&path, variant.image(&original)).expect("write a forged file");
+                let rundir = scratch.path(&format!("run-{index}"));
+                std::fs::create_dir_all(&rundir).expect("create a run directory");
+                let result = restore(&path, &rundir);
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_dir_all(&rundir);
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((index, result));
+            });
+        }
+    });
+
+    let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(results.len(), variants.len(), "every variant ran");
+    let mut counts: BTreeMap<usize, (usize, usize)> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (index, result) in &results {
+        let variant = &variants[*index];
+        let count = counts.entry(variant.section).or_default();
+        match result {
+            Ok(Outcome::Refused) => count.0 += 1,
+            Ok(Outcome::Accepted) => count.1 += 1,
+            Err(why) => failures.push(format!(
+                "{} {}: {why}",
+                entries[variant.section].label(),
+                variant.what
+            )),
+        }
+    }
+    for (section, (refused, accepted)) in &counts {
+        eprintln!(
+            "forged {:<24} refused {refused:>2}, restored {accepted:>2}",
+            entries[*section].label()
+        );
+    }
+    eprintln!(
+        "{} forged snapshots in {:.1} s",
+        variants.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} forged snapshots were mishandled:\n{}",
+        failures.len(),
+        variants.len(),
+        failures.join("\n")
+    );
+}
