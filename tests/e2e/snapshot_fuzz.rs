@@ -17,7 +17,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bhyve::snapshot::{reseal, SectionEntry, SectionKind, SnapshotReader, FORMAT_PAGE_SIZE};
+use bhyve::devices::pci::irq::IntxState;
+use bhyve::devices::pci::msix::{MsixEntry, MsixState};
+use bhyve::devices::pci::PciFunctionState;
+use bhyve::devices::pm::PmState;
+use bhyve::devices::rtc::RtcState;
+use bhyve::devices::uart::UartState;
+use bhyve::snapshot::vm::{decode_backend_state, BackendStatePayload};
+use bhyve::snapshot::{
+    decode_section, encode_section, reseal, SectionEntry, SectionKind, SnapshotReader,
+    FORMAT_PAGE_SIZE,
+};
+use bhyve::vmm::BackendState;
 use common::guest::{self, splitmix64};
 use common::{console_vm_command_with, kvm_usable, suspend, vm_name, Console, Scratch};
 use common::{BOOT_TIMEOUT, COMMAND_TIMEOUT};
@@ -28,9 +39,14 @@ const RESTORES_AT_ONCE: usize = 3;
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an accepted variant runs before it is killed: a restored machine whose state makes
 /// bhyve fall over usually does so at once.
-const RUN_FOR: Duration = Duration::from_millis(500);
+const RUN_FOR: Duration = Duration::from_millis(1000);
+/// Console guest commands an accepted variant runs, to use the restored devices.
+const WORKOUT: &str = "pci\nbars\ncmos\nsci\ncounter\n";
 /// Guest memory: small, so each forged file is written in full quickly.
 const MEMORY: &str = "8M";
+
+/// bhyve's exit status after an error, a refused restore included.
+const ERROR_STATUS: i32 = 4;
 
 /// bincode 2 varint markers: the next 2, 4 or 8 bytes hold the value.
 const VARINT_U16: u8 = 251;
@@ -57,7 +73,7 @@ impl Rng {
 /// One forged file: which section was edited, how, and the edited table.
 struct Variant {
     section: usize,
-    what: &'static str,
+    what: String,
     entries: Vec<SectionEntry>,
     /// The edited section's new bytes, placed at the end of the file (data sections).
     payload: Option<Vec<u8>>,
@@ -150,6 +166,227 @@ fn data_variants(payload: &[u8], rng: &mut Rng) -> Vec<(&'static str, Vec<u8>)> 
     ]
 }
 
+/// Edits of sections whose structure this test knows. The payload still decodes, so the
+/// hostile values reach the restore code instead of stopping in the decoder.
+fn typed_variants(entry: &SectionEntry, payload: &[u8], rng: &mut Rng) -> Vec<(String, Vec<u8>)> {
+    match entry.name.as_str() {
+        "vm" | "vcpu" => backend_variants(entry, payload, rng),
+        "pci" => pci_variants(payload, rng),
+        "uart" => {
+            let state: UartState = decode(payload);
+            let mut full = state.clone();
+            full.rx_fifo_size = 16;
+            full.rx_fifo = (0..16).map(|_| rng.next() as u8).collect();
+            let mut over = state.clone();
+            over.rx_fifo_size = 1;
+            over.rx_fifo = vec![0x41; 300];
+            let mut ones = state;
+            ones.ier = 0xff;
+            ones.lcr = 0xff;
+            ones.mcr = 0xff;
+            ones.lsr = 0xff;
+            ones.msr = 0xff;
+            ones.fcr = 0xff;
+            ones.dll = 0xff;
+            ones.dlh = 0xff;
+            vec![
+                typed("receive FIFO full", &full),
+                typed("receive FIFO over its size", &over),
+                typed("every register 0xff", &ones),
+            ]
+        }
+        "rtc" => {
+            let state: RtcState = decode(payload);
+            let edit = |change: &dyn Fn(&mut RtcState)| {
+                let mut edited = state.clone();
+                change(&mut edited);
+                edited
+            };
+            vec![
+                typed("3 registers", &edit(&|s| s.registers.truncate(3))),
+                typed("4096 registers", &edit(&|s| s.registers.resize(4096, 0xff))),
+                typed("registers 0xff", &edit(&|s| s.registers.fill(0xff))),
+                typed("clock at i64::MAX", &edit(&|s| s.rtc_time = Some(i64::MAX))),
+                typed("clock at i64::MIN", &edit(&|s| s.rtc_time = Some(i64::MIN))),
+                typed("index 0xff", &edit(&|s| s.addr = 0xff)),
+            ]
+        }
+        "pm" => {
+            let _: PmState = decode(payload);
+            let ones = PmState {
+                pm1_status: u16::MAX,
+                pm1_enable: u16::MAX,
+                pm1_control: u16::MAX,
+                gpe0_active: u8::MAX,
+                gpe0_enabled: u8::MAX,
+                reset_control: u8::MAX,
+                timer: u32::MAX,
+            };
+            vec![typed("every bit set", &ones)]
+        }
+        "config" => {
+            let state: Vec<(String, String)> = decode(payload);
+            let set = |key: &str, value: Option<&str>| {
+                let mut edited: Vec<(String, String)> =
+                    state.iter().filter(|(k, _)| k != key).cloned().collect();
+                if let Some(value) = value {
+                    edited.push((key.to_string(), value.to_string()));
+                }
+                edited
+            };
+            vec![
+                typed("memory.size=16M", &set("memory.size", Some("16M"))),
+                typed("memory.size=0", &set("memory.size", Some("0"))),
+                typed("memory.size=16E", &set("memory.size", Some("16E"))),
+                typed("cpus=0", &set("cpus", Some("0"))),
+                typed("cpus=3", &set("cpus", Some("3"))),
+                typed("cpus=65535", &set("cpus", Some("65535"))),
+                typed("no dummy device", &set("pci.0.4.0.device", None)),
+                typed("another dummy", &set("pci.0.5.0.device", Some("dummy"))),
+                typed("unknown device", &set("pci.0.4.0.device", Some("nonesuch"))),
+            ]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> T {
+    decode_section(payload).expect("the original section decodes")
+}
+
+fn typed<T: serde::Serialize>(what: &str, value: &T) -> (String, Vec<u8>) {
+    (
+        what.to_string(),
+        encode_section(value).expect("encode an edited section"),
+    )
+}
+
+/// Sub-sections of a `vm` or `vcpu` section cut, grown, repeated 300 times (lists far longer
+/// than KVM takes) or with bits flipped: all four for `vm`, two for each vCPU (the other two
+/// for the next one); and one sub-section left out.
+fn backend_variants(entry: &SectionEntry, payload: &[u8], rng: &mut Rng) -> Vec<(String, Vec<u8>)> {
+    let state = decode_backend_state(payload).expect("the original state decodes");
+    let encode = |state: &BackendState| {
+        encode_section(&BackendStatePayload::from(state)).expect("encode an edited state")
+    };
+    let kinds: &[usize] = match entry.instance.parse::<usize>() {
+        Ok(vcpu) if vcpu % 2 == 0 => &[0, 2],
+        Ok(_) => &[1, 3],
+        Err(_) => &[0, 1, 2, 3],
+    };
+    let mut out = Vec::new();
+    for (index, sub) in state.sections.iter().enumerate() {
+        for &kind in kinds {
+            let mut edited = state.clone();
+            let bytes = &mut edited.sections[index].bytes;
+            let how = match kind {
+                0 => {
+                    bytes.truncate(rng.below(sub.bytes.len()));
+                    "cut"
+                }
+                1 => {
+                    for _ in 0..1 + rng.below(64) {
+                        bytes.push(rng.next() as u8);
+                    }
+                    "grown"
+                }
+                2 => {
+                    *bytes = sub.bytes.repeat(300);
+                    "repeated 300 times"
+                }
+                _ => {
+                    for _ in 0..1 + rng.below(8) {
+                        if !bytes.is_empty() {
+                            let at = rng.below(bytes.len());
+                            bytes[at] ^= 1 << rng.below(8);
+                        }
+                    }
+                    "with bits flipped"
+                }
+            };
+            out.push((format!("{} {how}", sub.name), encode(&edited)));
+        }
+    }
+    let mut missing = state.clone();
+    let gone = missing.sections.remove(rng.below(state.sections.len()));
+    out.push((format!("{} missing", gone.name), encode(&missing)));
+    out
+}
+
+fn pci_variants(payload: &[u8], rng: &mut Rng) -> Vec<(String, Vec<u8>)> {
+    let state: PciFunctionState = decode(payload);
+    let edit = |change: &dyn Fn(&mut PciFunctionState)| {
+        let mut edited = state.clone();
+        change(&mut edited);
+        edited
+    };
+    let decoding = |s: &mut PciFunctionState| s.config[4] |= 0x03;
+    let msix_entries = 1 + rng.below(4096);
+    vec![
+        typed("config space cut", &edit(&|s| s.config.truncate(64))),
+        typed(
+            "config space of 4 KiB",
+            &edit(&|s| s.config.resize(4096, 0xff)),
+        ),
+        typed("no BARs", &edit(&|s| s.bars.clear())),
+        typed(
+            "BARs at the top of the address space, decoding",
+            &edit(&|s| {
+                decoding(s);
+                for bar in s.bars.iter_mut().filter(|b| b.size > 0) {
+                    bar.addr = 0u64.wrapping_sub(bar.size);
+                }
+            }),
+        ),
+        typed(
+            "BARs at 0, decoding",
+            &edit(&|s| {
+                decoding(s);
+                for bar in &mut s.bars {
+                    bar.addr = 0;
+                }
+            }),
+        ),
+        typed(
+            "BAR sizes doubled",
+            &edit(&|s| {
+                s.bars
+                    .iter_mut()
+                    .for_each(|b| b.size = b.size.wrapping_mul(2))
+            }),
+        ),
+        typed(
+            "capability list into the void",
+            &edit(&|s| {
+                s.config[6] |= 0x10;
+                s.config[0x34] = 0xfc;
+            }),
+        ),
+        typed(
+            "device state cut",
+            &edit(&|s| s.device.truncate(s.device.len() / 2)),
+        ),
+        typed(
+            "device state doubled",
+            &edit(&|s| s.device = s.device.repeat(2)),
+        ),
+        typed(
+            "MSI-X table added",
+            &edit(&|s| {
+                s.msix = Some(MsixState {
+                    enabled: true,
+                    function_mask: false,
+                    entries: vec![MsixEntry::default(); msix_entries],
+                })
+            }),
+        ),
+        typed(
+            "INTx asserted",
+            &edit(&|s| s.intx = Some(IntxState::Asserted)),
+        ),
+    ]
+}
+
 fn ram_variants(
     entries: &[SectionEntry],
     section: usize,
@@ -197,7 +434,7 @@ fn variants(original: &[u8], entries: &[SectionEntry]) -> Vec<Variant> {
                 for (what, edited, ram_flips) in ram_variants(entries, section, &mut rng) {
                     all.push(Variant {
                         section,
-                        what,
+                        what: what.to_string(),
                         entries: edited,
                         payload: None,
                         ram_flips,
@@ -207,7 +444,11 @@ fn variants(original: &[u8], entries: &[SectionEntry]) -> Vec<Variant> {
             _ => {
                 let start = entry.offset as usize;
                 let payload = &original[start..start + entry.length as usize];
-                for (what, forged) in data_variants(payload, &mut rng) {
+                let raw = data_variants(payload, &mut rng)
+                    .into_iter()
+                    .map(|(what, forged)| (what.to_string(), forged));
+                let typed = typed_variants(entry, payload, &mut rng);
+                for (what, forged) in raw.chain(typed) {
                     all.push(Variant {
                         section,
                         what,
@@ -246,7 +487,11 @@ fn restore(file: &Path, rundir: &Path) -> Result<Outcome, String> {
         }
         if running() {
             seen_running = true;
-            // The control socket is opened once the restore is complete: the VM runs.
+            // The control socket is opened once the restore is complete: the VM runs. Have
+            // the guest touch the restored devices: PCI configuration and BARs (sized and
+            // moved back), the RTC, the PM registers, the UART it talks through.
+            // It may have ended already; how is judged below.
+            let _ = vm.try_send(WORKOUT);
             match vm.try_wait_exit(RUN_FOR) {
                 Ok(Some(status)) => break status,
                 Ok(None) => {
@@ -267,8 +512,13 @@ fn restore(file: &Path, rundir: &Path) -> Result<Outcome, String> {
     };
     judge_end(&vm, status, None)?;
     let err = vm.stderr();
-    if seen_running || status.success() {
+    // bhyve(8)'s exit status: 0-3 say how the guest ended (reset, power-off, halt, triple
+    // fault), so the restore went through; 4 is an error.
+    if seen_running || matches!(status.code(), Some(0..=3)) {
         return Ok(Outcome::Accepted);
+    }
+    if status.code() != Some(ERROR_STATUS) {
+        return Err(format!("ended with {status}: {err:?}"));
     }
     let lines: Vec<&str> = err.trim_end().lines().collect();
     if lines.len() != 1 || !lines[0].starts_with("bhyve: ") {
@@ -279,15 +529,22 @@ fn restore(file: &Path, rundir: &Path) -> Result<Outcome, String> {
     Ok(Outcome::Refused)
 }
 
+/// The panic's location and message, without the backtrace.
+fn panic_message(stderr: &str) -> String {
+    let mut lines = stderr.lines().skip_while(|l| !l.contains("panicked"));
+    let location = lines.next().unwrap_or(stderr.trim());
+    format!("{location} {}", lines.next().unwrap_or(""))
+}
+
 /// No panic, no signal but the test's own.
 fn judge_end(vm: &Console, status: ExitStatus, own_signal: Option<i32>) -> Result<(), String> {
     let err = vm.stderr();
     if err.contains("panicked") || status.code() == Some(101) {
-        return Err(format!("panicked ({status}): {err}"));
+        return Err(format!("panicked ({status}): {}", panic_message(&err)));
     }
     match status.signal() {
         Some(signal) if Some(signal) != own_signal => {
-            Err(format!("killed by signal {signal}: {err}"))
+            Err(format!("killed by signal {signal}: {:?}", err.trim()))
         }
         _ => Ok(()),
     }
@@ -376,6 +633,9 @@ fn forged_snapshots_are_refused_in_one_line_or_restored_never_a_panic_or_a_hang(
             "forged {:<24} refused {refused:>2}, restored {accepted:>2}",
             entries[*section].label()
         );
+    }
+    for failure in &failures {
+        eprintln!("FAILED {failure}");
     }
     eprintln!(
         "{} forged snapshots in {:.1} s",

@@ -561,12 +561,17 @@ impl Console {
 
     /// Sends raw bytes to the guest console.
     pub fn send(&mut self, text: &str) {
-        let result = match self.stdin.as_mut() {
+        if let Err(err) = self.try_send(text) {
+            self.failure(format!("cannot send {text:?}: {err}"));
+        }
+    }
+
+    /// Like [`Console::send`], but reports failure (e.g. the process has ended) instead of
+    /// failing the test.
+    pub fn try_send(&mut self, text: &str) -> std::io::Result<()> {
+        match self.stdin.as_mut() {
             Some(stdin) => stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()),
             None => Err(std::io::Error::other("stdin already closed")),
-        };
-        if let Err(err) = result {
-            self.failure(format!("cannot send {text:?}: {err}"));
         }
     }
 
