@@ -244,6 +244,13 @@ fn typed_variants(entry: &SectionEntry, payload: &[u8], rng: &mut Rng) -> Vec<(S
                 typed("no dummy device", &set("pci.0.4.0.device", None)),
                 typed("another dummy", &set("pci.0.5.0.device", Some("dummy"))),
                 typed("unknown device", &set("pci.0.4.0.device", Some("nonesuch"))),
+                typed(
+                    "dummy as host bridge",
+                    &set("pci.0.4.0.device", Some("hostbridge")),
+                ),
+                typed("four sockets", &set("sockets", Some("4"))),
+                typed("name with a slash", &set("name", Some("../escape"))),
+                typed("empty name", &set("name", Some(""))),
             ]
         }
         _ => Vec::new(),
@@ -387,41 +394,40 @@ fn pci_variants(payload: &[u8], rng: &mut Rng) -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-fn ram_variants(
-    entries: &[SectionEntry],
-    section: usize,
-    rng: &mut Rng,
-) -> Vec<(&'static str, Vec<SectionEntry>, Vec<(usize, u8)>)> {
+/// A RAM region's contents changed (its chunk checksums renewed), or its table entry resized
+/// or moved.
+fn ram_variants(entries: &[SectionEntry], section: usize, rng: &mut Rng) -> Vec<Variant> {
     let page = u64::from(FORMAT_PAGE_SIZE);
     let region = &entries[section];
-    let edit = |change: &dyn Fn(&mut SectionEntry)| {
+    let edit = |what: &str, change: &dyn Fn(&mut SectionEntry)| {
         let mut edited = entries.to_vec();
         change(&mut edited[section]);
-        edited
+        Variant {
+            section,
+            what: what.to_string(),
+            entries: edited,
+            payload: None,
+            ram_flips: Vec::new(),
+        }
     };
-    let flips = (0..8)
+    let mut flipped = edit("RAM bits flipped", &|_| {});
+    flipped.ram_flips = (0..8)
         .map(|_| {
             let at = region.offset as usize + rng.below(region.length as usize);
             (at, 1u8 << rng.below(8))
         })
         .collect();
     vec![
-        ("RAM bits flipped", entries.to_vec(), flips),
-        ("one page shorter", edit(&|e| e.length -= page), Vec::new()),
-        ("empty", edit(&|e| e.length = 0), Vec::new()),
-        ("twice as long", edit(&|e| e.length *= 2), Vec::new()),
-        ("moved up a page", edit(&|e| e.gpa += page), Vec::new()),
-        ("moved to 4 GiB", edit(&|e| e.gpa = 4 << 30), Vec::new()),
-        (
-            "at the top of the address space",
-            edit(&|e| e.gpa = 0u64.wrapping_sub(e.length)),
-            Vec::new(),
-        ),
-        (
-            "read from the file's start",
-            edit(&|e| e.offset = 0),
-            Vec::new(),
-        ),
+        flipped,
+        edit("one page shorter", &|e| e.length -= page),
+        edit("empty", &|e| e.length = 0),
+        edit("twice as long", &|e| e.length *= 2),
+        edit("moved up a page", &|e| e.gpa += page),
+        edit("moved to 4 GiB", &|e| e.gpa = 4 << 30),
+        edit("at the top of the address space", &|e| {
+            e.gpa = 0u64.wrapping_sub(e.length)
+        }),
+        edit("read from the file's start", &|e| e.offset = 0),
     ]
 }
 
@@ -430,17 +436,7 @@ fn variants(original: &[u8], entries: &[SectionEntry]) -> Vec<Variant> {
     for (section, entry) in entries.iter().enumerate() {
         let mut rng = Rng(0x5eed_f022_0000_0000 ^ (section as u64) << 16);
         match entry.kind {
-            SectionKind::Ram => {
-                for (what, edited, ram_flips) in ram_variants(entries, section, &mut rng) {
-                    all.push(Variant {
-                        section,
-                        what: what.to_string(),
-                        entries: edited,
-                        payload: None,
-                        ram_flips,
-                    });
-                }
-            }
+            SectionKind::Ram => all.extend(ram_variants(entries, section, &mut rng)),
             _ => {
                 let start = entry.offset as usize;
                 let payload = &original[start..start + entry.length as usize];
