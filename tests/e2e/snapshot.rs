@@ -6,6 +6,7 @@
 mod common;
 
 use common::control::{bhyvectl, boot, cargo_build, counter, ctl, exchange, reply_error, Scratch};
+use common::control::{suspend, SAVE_TIMEOUT};
 use common::guest;
 use common::{
     assert_within_ten_percent, console_vm_command, hardware_virtualization, kvm_usable,
@@ -19,8 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn resume(rundir: &Path, file: &Path) -> Console {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
@@ -351,12 +350,6 @@ fn count_numbers(text: &str) -> Vec<u64> {
     text.lines()
         .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
         .collect()
-}
-
-fn suspend(scratch: &Scratch, name: &str, vm: &mut Console, file: &Path) {
-    let (code, err) = ctl(&scratch.0, name, &[format!("--suspend={}", file.display())]);
-    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
-    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
 }
 
 #[test]

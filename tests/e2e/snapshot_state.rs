@@ -21,7 +21,9 @@ use bhyve::snapshot::{SnapshotReader, HEADER_FLAG_SUSPENDED};
 use bhyve::vmm::BackendState;
 use common::control::{bhyvectl, Scratch};
 use common::guest;
-use common::{kvm_usable, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use common::{
+    console_vm_command_with, kvm_usable, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT,
+};
 use kvm_bindings::{kvm_clock_data, kvm_lapic_state, kvm_pit_state2};
 
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,24 +55,8 @@ fn ctl(rundir: &Path, name: &str, arg: String) -> (i32, String, String) {
 /// and the `dummy` PCI device. (pc-testdev's IRQ ports would collide with the dummy's I/O BAR
 /// at 0x2000, as in bhyve; its state is covered by the devices' unit tests.)
 fn boot(rundir: &Path, name: &str) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        "256M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
-    cmd.args(["-l", "com1,stdio"]);
-    // bhyve's -s does not offer its test device; the configuration key does.
-    cmd.args(["-o", "pci.0.4.0.device=dummy"]);
-    cmd.arg("-o")
-        .arg(format!("boot.kernel={}", guest::console_guest().display()));
-    cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
-    cmd.arg(name);
+    let bhyve = Path::new(env!("CARGO_BIN_EXE_bhyve"));
+    let cmd = console_vm_command_with(bhyve, "256M", rundir, name, &["-s", "4:0,dummy"]);
     let mut console = Console::spawn("bhyve", cmd);
     console.expect(guest::READY, BOOT_TIMEOUT);
     console.expect_prompt(COMMAND_TIMEOUT);

@@ -609,6 +609,91 @@ pub(crate) fn parse_ram_index(
     Ok((chunk_size, crcs))
 }
 
+/// Make a snapshot held in memory (`image`, the whole file) pass every integrity check again
+/// after a deliberate edit: `entries` replace its section table, then each `ram-index` section
+/// gets the CRC-32C of its region's chunks, each data section the CRC-32C of its bytes, the
+/// table its checksum and the header its own. Nothing else is checked: sections may point
+/// anywhere (those outside `image` keep the checksum given), so a forged but well-sealed file
+/// reaches the reader's structural checks and the decoders. For tools and tests that edit
+/// snapshots; saving never needs it.
+pub fn reseal(image: &mut [u8], entries: &[SectionEntry]) -> Result<(), SnapshotError> {
+    let prefix = parse_prefix(image)?;
+    let header_size = prefix.header_size as usize;
+    if image.len() < header_size {
+        return Err(SnapshotError::Truncated(
+            "image is shorter than its header".to_string(),
+        ));
+    }
+    let entry_size = get_u32(image, H_ENTRY_SIZE) as usize;
+    let table_count = get_u32(image, H_TABLE_COUNT) as usize;
+    if entry_size < ENTRY_SIZE || entries.len() != table_count {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "the image's table holds {table_count} entries of {entry_size} bytes; \
+             {} entries of {ENTRY_SIZE} bytes were given",
+            entries.len()
+        )));
+    }
+    let table_start = usize::try_from(get_u64(image, H_TABLE_OFFSET)).unwrap_or(usize::MAX);
+    let table_end = table_count
+        .checked_mul(entry_size)
+        .and_then(|len| table_start.checked_add(len))
+        .filter(|&end| end <= image.len())
+        .ok_or_else(|| {
+            SnapshotError::Truncated("the section table ends past the image".to_string())
+        })?;
+
+    let bytes_of = |image: &[u8], offset: u64, length: u64| -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(length).ok()?)?;
+        (end <= image.len()).then_some(start..end)
+    };
+    for entry in entries {
+        if entry.kind != SectionKind::Data || entry.name != RAM_INDEX_SECTION {
+            continue;
+        }
+        let region = entries
+            .iter()
+            .find(|e| e.kind == SectionKind::Ram && e.instance == entry.instance);
+        let (Some(region), Some(index_bytes)) =
+            (region, bytes_of(image, entry.offset, entry.length))
+        else {
+            continue;
+        };
+        let Some(region_bytes) = bytes_of(image, region.offset, region.length) else {
+            continue;
+        };
+        let page_size = get_u32(image, H_PAGE_SIZE);
+        let Ok((chunk_size, _)) =
+            parse_ram_index(&image[index_bytes.clone()], region.length, page_size, "")
+        else {
+            continue;
+        };
+        let crcs: Vec<u32> = image[region_bytes]
+            .chunks(chunk_size as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        image[index_bytes].copy_from_slice(&encode_ram_index(chunk_size, &crcs));
+    }
+    for (index, entry) in entries.iter().enumerate() {
+        let mut entry = entry.clone();
+        if entry.kind == SectionKind::Data {
+            if let Some(range) = bytes_of(image, entry.offset, entry.length) {
+                entry.checksum = crc32c::crc32c(&image[range]);
+            }
+        }
+        put(
+            image,
+            table_start + index * entry_size,
+            &encode_entry(&entry),
+        );
+    }
+    let table_checksum = crc32c::crc32c(&image[table_start..table_end]);
+    put(image, H_TABLE_CHECKSUM, &table_checksum.to_le_bytes());
+    let header_checksum = header_checksum(&image[..header_size]);
+    put(image, H_HEADER_CHECKSUM, &header_checksum.to_le_bytes());
+    Ok(())
+}
+
 /// Round `value` up to a multiple of the power of two `align`, or `None` on overflow.
 pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
     let mask = align - 1;

@@ -23,9 +23,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use format::{
-    Arch, Backend, Header, HeaderInfo, Requirement, SectionEntry, SectionKind, FORMAT_MAJOR,
-    FORMAT_MINOR, FORMAT_PAGE_SIZE, HEADER_FLAG_SUSPENDED, MAGIC, MAX_DATA_SECTION_LEN,
-    MAX_SECTIONS, RAM_CHUNK_SIZE,
+    reseal, Arch, Backend, Header, HeaderInfo, Requirement, SectionEntry, SectionKind,
+    FORMAT_MAJOR, FORMAT_MINOR, FORMAT_PAGE_SIZE, HEADER_FLAG_SUSPENDED, MAGIC,
+    MAX_DATA_SECTION_LEN, MAX_SECTIONS, RAM_CHUNK_SIZE,
 };
 pub use ram::is_zero;
 pub use reader::{CopyOptions, RamRegion, Section, SnapshotReader};

@@ -1044,3 +1044,53 @@ fn throughput_of_dense_256_mib_region() {
     );
     assert!(dst == ram);
 }
+
+#[test]
+fn resealed_edits_pass_every_checksum_and_read_back_as_edited() {
+    let dir = TempDir::new("reseal");
+    let path = dir.path("snap");
+    write_small(&path);
+    let reader = SnapshotReader::open(&path).expect("open");
+    let mut entries = reader.sections().to_vec();
+    let low = reader.ram_regions()[0].clone();
+    drop(reader);
+    let mut image = fs::read(&path).expect("read");
+
+    // Move uart/com1 to the end of the file with another value, and change a RAM byte.
+    let edited = UartState {
+        fifo: b"forged".to_vec(),
+        ..uart()
+    };
+    let payload = encode_section(&edited).expect("encode");
+    let moved = entries
+        .iter_mut()
+        .find(|e| e.name == "uart")
+        .expect("uart entry");
+    moved.offset = image.len() as u64;
+    moved.length = payload.len() as u64;
+    image.extend_from_slice(&payload);
+    image[(low.file_offset + 3 * 4096 + 7) as usize] ^= 0x40;
+
+    fs::write(&path, &image).expect("write unsealed");
+    let reader = SnapshotReader::open(&path).expect("the table is untouched so far");
+    let section = reader.take("uart", "com1").expect("uart section");
+    assert_eq!(section.decode::<UartState>().expect("decode"), uart());
+    let error = reader
+        .verify_ram(&low)
+        .expect_err("the RAM edit is not sealed yet");
+    assert!(one_line(&error).contains("checksum mismatch"));
+    drop(reader);
+
+    reseal(&mut image, &entries).expect("reseal");
+    fs::write(&path, &image).expect("write sealed");
+    let reader = SnapshotReader::open(&path).expect("sealed edit opens");
+    let section = reader.take("uart", "com1").expect("uart section");
+    assert_eq!(section.decode::<UartState>().expect("decode"), edited);
+    let low = reader.ram_regions()[0].clone();
+    reader
+        .verify_ram(&low)
+        .expect("RAM chunk checksums were renewed");
+
+    assert!(reseal(&mut image, &entries[1..]).is_err());
+    assert!(reseal(&mut image[..100], &entries).is_err());
+}

@@ -314,21 +314,21 @@ impl Restore {
         instance: &str,
     ) -> Result<T, String> {
         let version = version_of(name);
+        let what = super::format::label(name, instance);
         let section = self
             .reader
             .take_versioned(name, instance, version)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("section {name} {instance} is missing"))?;
+            .ok_or_else(|| format!("section {what} is missing"))?;
         if section.version < version {
             return Err(format!(
-                "section {name} {instance} has version {}, from an older bhyve; this one \
-                 restores version {version}",
+                "section {what} has version {}, from an older bhyve; this one restores \
+                 version {version}",
                 section.version
             ));
         }
-        section
-            .decode()
-            .map_err(|e| format!("section {name} {instance}: {e}"))
+        // The decoder's errors name the section already.
+        section.decode().map_err(|e| e.to_string())
     }
 
     /// Put the saved VM, vCPU and device state into a freshly built machine (not started).
@@ -355,11 +355,11 @@ impl Restore {
             match device {
                 DeviceRef::Pci(function) => {
                     let state = self.decode("pci", &instance)?;
+                    // Its errors name the function.
                     function
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .restore_state(&state)
-                        .map_err(|e| format!("{instance}: {e}"))?;
+                        .restore_state(&state)?;
                 }
                 DeviceRef::Uart(uart) => {
                     let state = self.decode("uart", &instance)?;

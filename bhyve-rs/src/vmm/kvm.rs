@@ -540,6 +540,9 @@ const APIC_LVT_TIMER_TSC_DEADLINE: u32 = 2 << 17;
 /// A TSC frequency within this many parts per million of the saved one needs no adjustment
 /// (KVM's own tolerance, `tsc_tolerance_ppm`).
 const TSC_TOLERANCE_PPM: u64 = 250;
+/// Most MSRs one KVM_GET_MSRS / KVM_SET_MSRS takes: KVM refuses a list of MAX_IO_MSRS (256,
+/// kvm-bindings' KVM_MAX_MSR_ENTRIES) or more with E2BIG.
+const MSRS_PER_IOCTL: usize = KVM_MAX_MSR_ENTRIES - 1;
 
 /// Why an MSR of KVM's save list was left out of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -638,7 +641,7 @@ impl KvmVcpu {
         let mut result = Vec::with_capacity(self.msr_indices.len());
         let mut rest: &[u32] = &self.msr_indices;
         while !rest.is_empty() {
-            let batch = &rest[..rest.len().min(KVM_MAX_MSR_ENTRIES)];
+            let batch = &rest[..rest.len().min(MSRS_PER_IOCTL)];
             let entries: Vec<kvm_msr_entry> = batch
                 .iter()
                 .map(|&index| kvm_msr_entry {
@@ -680,7 +683,7 @@ impl KvmVcpu {
 
     /// Set `msrs` in batches KVM accepts.
     fn set_msr_batches(&self, msrs: &[Msr]) -> Result<()> {
-        for batch in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+        for batch in msrs.chunks(MSRS_PER_IOCTL) {
             self.set_msrs(batch)?;
         }
         Ok(())
@@ -1438,6 +1441,38 @@ mod tests {
             .collect();
         let listed = hv.kvm.get_msr_index_list().unwrap();
         assert_eq!(saved.len() + skipped.len(), listed.as_slice().len());
+    }
+
+    #[test]
+    fn a_long_msr_list_is_restored_in_batches_kvm_accepts() {
+        let Some(hv) = kvm_or_skip() else { return };
+        let vm = hv.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0, &Topology::default()).unwrap();
+        let mut state = vcpu.save_state().unwrap();
+        let saved = msrs_from_bytes(state.section("msrs").unwrap()).unwrap();
+        // A snapshot may list more MSRs than KVM takes in one call (a forged one, any number);
+        // a batch of exactly KVM_MAX_MSR_ENTRIES is already one too many.
+        let sysenter_cs = 0x174;
+        for extra in [
+            KVM_MAX_MSR_ENTRIES - saved.len() % KVM_MAX_MSR_ENTRIES,
+            1000,
+        ] {
+            let mut msrs = saved.clone();
+            msrs.extend((0..extra).map(|i| Msr {
+                index: sysenter_cs,
+                value: i as u64,
+            }));
+            for s in &mut state.sections {
+                if s.name == "msrs" {
+                    s.bytes = msrs_to_bytes(&msrs);
+                }
+            }
+            vcpu.restore_state(&state).unwrap();
+            assert_eq!(
+                vcpu.msrs(&[sysenter_cs]).unwrap()[0].value,
+                extra as u64 - 1
+            );
+        }
     }
 
     #[test]

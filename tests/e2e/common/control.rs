@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 /// A scratch directory for control sockets and snapshot files, removed afterwards.
 pub struct Scratch(pub PathBuf);
@@ -136,4 +137,15 @@ pub fn reply_error(reply: &[u8]) -> Option<String> {
         .ok()?
         .get_string("error")
         .map(str::to_string)
+}
+
+/// How long a checkpoint or suspend may take.
+pub const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `bhyvectl --suspend=FILE` against VM `name` (its control socket in `scratch`), which must
+/// succeed and end the VM.
+pub fn suspend(scratch: &Scratch, name: &str, vm: &mut Console, file: &Path) {
+    let (code, err) = ctl(&scratch.0, name, &[format!("--suspend={}", file.display())]);
+    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
+    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
 }

@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -162,6 +163,18 @@ pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, extra: &[&str]) ->
 /// `bhyve` (the binary at `bhyve`) booting the console guest with `memory`, COM1 on stdio and its
 /// control socket `rundir/name`: the command line of the snapshot tests and benchmarks.
 pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str) -> Command {
+    console_vm_command_with(bhyve, memory, rundir, name, &[])
+}
+
+/// [`console_vm_command`] with more options before the VM name; a later `-c` replaces the single
+/// vCPU.
+pub fn console_vm_command_with(
+    bhyve: &Path,
+    memory: &str,
+    rundir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(bhyve);
     cmd.args([
         "-c",
@@ -177,6 +190,7 @@ pub fn console_vm_command(bhyve: &Path, memory: &str, rundir: &Path, name: &str)
     cmd.arg("-o")
         .arg(format!("boot.kernel={}", guest::console_guest().display()));
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
+    cmd.args(extra);
     cmd.arg(name);
     cmd
 }
@@ -459,12 +473,17 @@ impl Console {
 
     /// Sends raw bytes to the guest console.
     pub fn send(&mut self, text: &str) {
-        let result = match self.stdin.as_mut() {
+        if let Err(err) = self.try_send(text) {
+            self.failure(format!("cannot send {text:?}: {err}"));
+        }
+    }
+
+    /// Like [`Console::send`], but reports failure (e.g. the process has ended) instead of
+    /// failing the test.
+    pub fn try_send(&mut self, text: &str) -> std::io::Result<()> {
+        match self.stdin.as_mut() {
             Some(stdin) => stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()),
             None => Err(std::io::Error::other("stdin already closed")),
-        };
-        if let Err(err) = result {
-            self.failure(format!("cannot send {text:?}: {err}"));
         }
     }
 
@@ -496,13 +515,22 @@ impl Console {
 
     /// Waits for the process to exit; fails the test (killing it) on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.try_wait_exit(timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) => self.failure(format!("still running after {timeout:?}")),
+            Err(err) => self.failure(format!("cannot wait for the process: {err}")),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn try_wait_exit(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
         if let Some(status) = self.exit {
-            return status;
+            return Ok(Some(status));
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
+            match self.child.try_wait()? {
+                Some(status) => {
                     self.exit = Some(status);
                     // The pipes may still hold the last words: wait until both readers saw
                     // end-of-file (bounded, in case a grandchild inherited a pipe).
@@ -511,13 +539,21 @@ impl Console {
                     while !drained(&self.shared.lock()) && Instant::now() < until {
                         thread::sleep(Duration::from_millis(10));
                     }
-                    return status;
+                    return Ok(Some(status));
                 }
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                Ok(None) => self.failure(format!("still running after {timeout:?}")),
-                Err(err) => self.failure(format!("cannot wait for the process: {err}")),
+                None if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                None => return Ok(None),
             }
         }
+    }
+
+    /// Sends SIGKILL and reaps the process; returns how it ended.
+    pub fn kill(&mut self) -> std::io::Result<ExitStatus> {
+        if self.exit.is_none() {
+            self.child.kill()?;
+        }
+        self.try_wait_exit(Duration::from_secs(10))?
+            .ok_or_else(|| std::io::Error::other("still running after SIGKILL"))
     }
 
     /// The process id of the VM's process.
