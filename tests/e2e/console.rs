@@ -263,16 +263,7 @@ fn a_tcp_console_exchanges_lines_with_the_guest() {
         .unwrap()
         .port();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bhyve"));
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        "256M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
+    cmd.args(common::CONSOLE_MACHINE);
     cmd.arg("-l").arg(format!("com1,tcp=127.0.0.1:{port}"));
     cmd.arg("-o")
         .arg(format!("boot.kernel={}", kernel.display()));

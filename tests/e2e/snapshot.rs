@@ -610,16 +610,7 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     // accepted (shown by the restored guest answering).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
     cmd.arg("-r").arg(&good);
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        "256M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
+    cmd.args(common::CONSOLE_MACHINE);
     cmd.args(["-l", "com1,stdio", "-o", "snapshot.restore=copy"]);
     cmd.arg("-o")
         .arg(format!("rundir={}", scratch.path("run2").display()));

@@ -130,6 +130,19 @@ pub fn vm_name_of(cmd: &Command) -> String {
         .to_string()
 }
 
+/// The machine the console guest runs on in most tests: one vCPU, 256 MiB, host bridge and
+/// LPC bridge, as a user would type it.
+pub const CONSOLE_MACHINE: [&str; 8] = [
+    "-c",
+    "1",
+    "-m",
+    "256M",
+    "-s",
+    "0,hostbridge",
+    "-s",
+    "31,lpc",
+];
+
 /// `bhyve` command line booting `kernel` with COM1 on stdio, as the tests (and users) run it.
 pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
     bhyve_command_with(kernel, guest_cmdline, &[])
@@ -139,16 +152,7 @@ pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
 /// single vCPU.
 pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        "256M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
+    cmd.args(CONSOLE_MACHINE);
     cmd.args(["-l", "com1,stdio"]);
     cmd.arg("-o")
         .arg(format!("boot.kernel={}", kernel.display()));
