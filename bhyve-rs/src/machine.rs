@@ -517,6 +517,21 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let mode = RestoreMode::from_config(&config)?;
     let topology = topology(&config).map_err(|e| e.to_string())?;
     let memory = snapshot.memory(mode)?;
+    // The devices and firmware tables are built from memory.size: it must describe the RAM the
+    // file holds.
+    let configured = memory_size(&config).map_err(|e| e.to_string())?;
+    let configured_layout = crate::memory::layout(configured).map_err(|e| e.to_string())?;
+    let saved_layout: Vec<(u64, u64)> = memory
+        .regions()
+        .iter()
+        .map(|r| (r.gpa(), r.len()))
+        .collect();
+    if configured_layout != saved_layout {
+        return Err(format!(
+            "the snapshot holds {} bytes of RAM, but its memory.size is {configured}",
+            memory.size()
+        ));
+    }
     let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
     devices::check_supported(&config).map_err(|e| e.to_string())?;
     let mut machine =

@@ -617,6 +617,10 @@ fn forged_snapshots_are_refused_in_one_line_or_restored_never_a_panic_or_a_hang(
         let count = counts.entry(variant.section).or_default();
         match result {
             Ok(Outcome::Refused) => count.0 += 1,
+            // A configuration that does not describe the RAM in the file must not run.
+            Ok(Outcome::Accepted) if variant.what.starts_with("memory.size=") => failures.push(
+                format!("{}: restored with RAM it does not hold", variant.what),
+            ),
             Ok(Outcome::Accepted) => count.1 += 1,
             Err(why) => failures.push(format!(
                 "{} {}: {why}",
