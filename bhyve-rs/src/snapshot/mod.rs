@@ -101,7 +101,7 @@ pub fn encode_section<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Snaps
 /// mean the producer wrote a different structure than the one asked for.
 pub fn decode_section<T: DeserializeOwned>(payload: &[u8]) -> Result<T, SnapshotError> {
     let (value, used) = bincode::serde::decode_from_slice(payload, payload_config())
-        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        .map_err(|e| SnapshotError::Decode(describe_decode_error(&e)))?;
     if used != payload.len() {
         return Err(SnapshotError::Decode(format!(
             "{} trailing bytes",
@@ -109,6 +109,31 @@ pub fn decode_section<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Snapshot
         )));
     }
     Ok(value)
+}
+
+/// What is wrong with a payload, in words rather than the decoder's type names.
+fn describe_decode_error(error: &bincode::error::DecodeError) -> String {
+    use bincode::error::DecodeError;
+    match error {
+        DecodeError::UnexpectedEnd { additional } => {
+            format!("it ends {additional} bytes too early")
+        }
+        DecodeError::LimitExceeded => "it announces more data than a section may hold".into(),
+        DecodeError::UnexpectedVariant {
+            type_name, found, ..
+        } => {
+            format!("unknown kind {found} of {type_name}")
+        }
+        DecodeError::InvalidBooleanValue(value) => format!("{value} is not a truth value"),
+        DecodeError::Utf8 { .. } | DecodeError::InvalidCharEncoding(_) => {
+            "it holds text that is not UTF-8".into()
+        }
+        DecodeError::ArrayLengthMismatch { required, found } => {
+            format!("a list of {found} entries where {required} are required")
+        }
+        DecodeError::OutsideUsizeRange(value) => format!("a size of {value} is out of range"),
+        other => other.to_string(),
+    }
 }
 
 /// A readable description of a snapshot file: header, configuration, section table and RAM

@@ -1094,3 +1094,15 @@ fn resealed_edits_pass_every_checksum_and_read_back_as_edited() {
     assert!(reseal(&mut image, &entries[1..]).is_err());
     assert!(reseal(&mut image[..100], &entries).is_err());
 }
+
+#[test]
+fn payload_errors_are_told_in_words() {
+    let short = encode_section(&7u8).expect("encode");
+    let err = decode_section::<(u8, String)>(&short)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ends") && err.contains("too early"), "{err}");
+    let not_bool = encode_section(&5u8).expect("encode");
+    let err = decode_section::<bool>(&not_bool).unwrap_err().to_string();
+    assert!(err.contains("not a truth value"), "{err}");
+}
