@@ -495,7 +495,9 @@ fn silent_bhyve_result(
     let target = snap.to_path_buf();
     let fake = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let mut bytes = vec![0u8; 147];
+        // The request, then the one-byte package carrying its directory descriptor: a bhyve
+        // that closed before taking both would make the client's second send fail.
+        let mut bytes = vec![0u8; 147 + 1];
         (&stream).read_exact(&mut bytes).unwrap();
         write(&target);
         drop(stream);
