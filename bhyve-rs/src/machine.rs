@@ -303,21 +303,7 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
     }
     let hypervisor = crate::vmm::open_hypervisor()?;
     let memory = GuestMemory::new(size)?;
-    let flag = |key: &str| {
-        config
-            .get_bool(key)
-            .map_err(MachineError::Config)
-            .map(|v| v.unwrap_or(false))
-    };
-    // -C: guest memory goes into core dumps only when asked for, as in bhyve.
-    #[cfg(target_os = "linux")]
-    if !flag("memory.guest_in_core")? {
-        memory.advise_dontdump();
-    }
-    // -S: wired before the guest runs.
-    if flag("memory.wired")? {
-        memory.wire()?;
-    }
+    apply_memory_options(config, &memory)?;
     let mut machine = Machine::new(hypervisor.as_ref(), memory, &topology)?;
     machine.attach_devices(config)?;
     if let Some(rom) = bootrom {
@@ -327,6 +313,26 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
         machine.load_kernel(files)?;
     }
     Ok(machine)
+}
+
+/// What the host does with guest memory, for a fresh machine and a restored one alike: `-C`
+/// keeps it in core dumps (left out otherwise, as in bhyve), `-S` wires it before the guest
+/// runs.
+fn apply_memory_options(config: &Config, memory: &GuestMemory) -> Result<(), MachineError> {
+    let flag = |key: &str| {
+        config
+            .get_bool(key)
+            .map_err(MachineError::Config)
+            .map(|v| v.unwrap_or(false))
+    };
+    #[cfg(target_os = "linux")]
+    if !flag("memory.guest_in_core")? {
+        memory.advise_dontdump();
+    }
+    if flag("memory.wired")? {
+        memory.wire()?;
+    }
+    Ok(())
 }
 
 /// Build the VM `config` describes (or, with `restore`, the one saved in that snapshot file),
@@ -516,22 +522,19 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let config = restore_config(&snapshot.config(), cli, &crate::cli::default_config())?;
     let mode = RestoreMode::from_config(&config)?;
     let topology = topology(&config).map_err(|e| e.to_string())?;
-    let memory = snapshot.memory(mode)?;
     // The devices and firmware tables are built from memory.size: it must describe the RAM the
-    // file holds.
+    // file holds, which is checked before any of it is read.
     let configured = memory_size(&config).map_err(|e| e.to_string())?;
     let configured_layout = crate::memory::layout(configured).map_err(|e| e.to_string())?;
-    let saved_layout: Vec<(u64, u64)> = memory
-        .regions()
-        .iter()
-        .map(|r| (r.gpa(), r.len()))
-        .collect();
+    let saved_layout = snapshot.ram_layout();
     if configured_layout != saved_layout {
+        let saved: u64 = saved_layout.iter().map(|&(_, len)| len).sum();
         return Err(format!(
-            "the snapshot holds {} bytes of RAM, but its memory.size is {configured}",
-            memory.size()
+            "the snapshot holds {saved} bytes of RAM, but its memory.size is {configured}"
         ));
     }
+    let memory = snapshot.memory(mode)?;
+    apply_memory_options(&config, &memory).map_err(|e| e.to_string())?;
     let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
     devices::check_supported(&config).map_err(|e| e.to_string())?;
     let mut machine =

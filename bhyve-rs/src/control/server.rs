@@ -263,8 +263,10 @@ fn serve(
     let mut silent: Vec<Silent> = Vec::new();
     loop {
         let now = Instant::now();
+        // A client whose time ran out while another request was being carried out may have
+        // sent its request meanwhile: it is kept and served.
         silent.retain(|client| {
-            let waiting = client.deadline > now;
+            let waiting = client.deadline > now || readable(&client.stream);
             if !waiting {
                 log::debug!("control: client sent nothing within {CLIENT_TIMEOUT:?}");
             }
@@ -313,7 +315,10 @@ fn serve(
             .zip(ready)
             .partition(|(_, ready)| *ready);
         silent = still.into_iter().map(|(client, _)| client).collect();
-        for (client, _) in talking {
+        for (mut client, _) in talking {
+            // Requests are carried out one at a time: a client's time runs from when its turn
+            // comes, not from when it connected.
+            client.deadline = client.deadline.max(Instant::now() + CLIENT_TIMEOUT);
             let flow = handle_connection(client, handler.as_ref(), &path, identity);
             if let Flow::Stop = flow {
                 return;
@@ -323,6 +328,12 @@ fn serve(
             accept_waiting(&listener, &mut silent, &path);
         }
     }
+}
+
+/// Whether `stream` has bytes (or an end of file) to read right now.
+fn readable(stream: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Take the connections waiting in the listen queue; each may stay silent until its deadline.

@@ -276,6 +276,15 @@ impl Restore {
 
     /// Guest RAM as `mode` asks: mapped copy-on-write from the file (nothing is read until the
     /// guest touches it), or read into fresh memory and checked against the `ram-index`.
+    /// Where the saved RAM regions go: (guest-physical address, length) pairs.
+    pub fn ram_layout(&self) -> Vec<(u64, u64)> {
+        self.reader
+            .ram_regions()
+            .iter()
+            .map(|r| (r.gpa, r.size))
+            .collect()
+    }
+
     pub fn memory(&self, mode: RestoreMode) -> Result<GuestMemory, String> {
         let mut regions = Vec::new();
         for region in self.reader.ram_regions() {

@@ -26,10 +26,10 @@ use super::format::{
     SECTION_FLAG_MANDATORY,
 };
 use super::ram::is_zero;
+use super::{encode_section, SnapshotError};
 
 /// What an untouched page of guest memory reads as.
 static ZERO_PAGE: [u8; FORMAT_PAGE_SIZE as usize] = [0; FORMAT_PAGE_SIZE as usize];
-use super::{encode_section, SnapshotError};
 
 /// Longest file name most file systems accept (NAME_MAX).
 const NAME_MAX: usize = 255;

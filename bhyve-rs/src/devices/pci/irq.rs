@@ -400,8 +400,14 @@ impl IntxLine {
                 router.deassert(*route);
             }
         }
-        l.state = state;
-        if state == IntxState::Asserted {
+        // The saved state comes from a file: a line held while the function masks INTx (or uses
+        // MSI) waits as pending, as it would have in the running machine.
+        l.state = match (state, l.permitted) {
+            (IntxState::Asserted, false) => IntxState::Pending,
+            (IntxState::Pending, true) => IntxState::Asserted,
+            (other, _) => other,
+        };
+        if l.state == IntxState::Asserted {
             if let Some((router, route)) = &l.route {
                 router.assert(*route);
             }
@@ -564,5 +570,21 @@ mod tests {
         r.set_pirq(1, 8);
         a.assert();
         assert_eq!(events(), [(16, true)]);
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn a_restored_line_respects_the_functions_mask() {
+        let (lines, r) = router(false);
+        let a = line(&r, 3);
+        let events = || std::mem::take(&mut *lines.0.lock().unwrap());
+        // Saved as held, but the restored function masks INTx: nothing is driven yet.
+        a.set_permitted(false);
+        a.restore(IntxState::Asserted);
+        assert_eq!(a.state(), IntxState::Pending);
+        assert!(events().is_empty());
+        a.set_permitted(true);
+        assert_eq!(a.state(), IntxState::Asserted);
+        assert_eq!(events(), [(5, true), (16, true)]);
     }
 }

@@ -455,15 +455,28 @@ fn tcp_loop(listener: TcpListener, client: TcpClient, uart: SharedUart, stop: Ar
             }
         }
         if new_client {
-            if let Ok((mut stream, _)) = listener.accept() {
-                let mut current = client.lock().unwrap_or_else(|e| e.into_inner());
-                if current.is_some() {
-                    let _ = stream.write_all(ALREADY_CONNECTED);
-                } else if stream.set_nonblocking(true).is_ok() {
-                    reader = stream.try_clone().ok();
-                    if reader.is_some() {
-                        *current = Some(stream);
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let mut current = client.lock().unwrap_or_else(|e| e.into_inner());
+                    if current.is_some() {
+                        let _ = stream.write_all(ALREADY_CONNECTED);
+                    } else if stream.set_nonblocking(true).is_ok() {
+                        reader = stream.try_clone().ok();
+                        if reader.is_some() {
+                            *current = Some(stream);
+                        }
                     }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    // Out of descriptors or similar: the listener stays readable, so back off
+                    // instead of spinning.
+                    log::warn!("uart: tcp accept: {e}");
+                    std::thread::sleep(STOP_POLL);
                 }
             }
         }
