@@ -568,7 +568,7 @@ mod control {
     use crate::control::server::{CheckpointRequest, ControlHandler, ControlServer};
     use crate::devices::Devices;
     use crate::memory::GuestMemory;
-    use crate::snapshot::vm::{checkpoint, SaveTarget};
+    use crate::snapshot::vm::{checkpoint, resume, SaveTarget};
     use crate::vcpu::{ExitReason, VcpuSet, VmControl};
     use crate::vmm::Vm;
 
@@ -581,17 +581,29 @@ mod control {
         control: Arc<VmControl>,
     }
 
-    impl ControlHandler for Checkpointer {
-        fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
-            let target = SaveTarget {
+    impl Checkpointer {
+        /// Run `f` on the machine with its devices locked.
+        fn with_target<R>(&self, f: impl FnOnce(&SaveTarget<'_>) -> R) -> R {
+            let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+            f(&SaveTarget {
                 config: &self.config,
                 memory: &self.memory,
                 vm: self.vm.as_ref(),
                 vcpus: &self.vcpus,
-                devices: &self.devices.lock().unwrap_or_else(|e| e.into_inner()),
-            };
-            // A suspended VM stays paused until bhyve exits once the reply is out.
-            checkpoint(&target, &request.dir, &request.filename, request.suspend)
+                devices: &devices,
+            })
+        }
+    }
+
+    impl ControlHandler for Checkpointer {
+        fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
+            let written = self.with_target(|target| {
+                checkpoint(target, &request.dir, &request.filename, request.suspend)
+            })?;
+            // The devices are unlocked while the file goes to disk, so a SIGTERM meanwhile
+            // presses the power button at once. A suspended VM stays paused until bhyve exits
+            // once the reply is out.
+            written.commit(|| self.with_target(resume))
         }
 
         fn after_checkpoint_reply(&self, suspend: bool, result: &Result<(), String>) {

@@ -82,46 +82,66 @@ pub fn decode_backend_state(payload: &[u8]) -> Result<BackendState, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A checkpoint whose state is all in the file: [`Written::commit`] makes it durable and gives
+/// it its name. After a checkpoint the machine already runs again; after a suspend it stays
+/// paused.
+#[derive(Debug)]
+pub struct Written {
+    writer: SnapshotWriter,
+    suspend: bool,
+}
+
+impl Written {
+    /// fsync and rename. Needs no device: the caller may drop its locks first, so nothing waits
+    /// on the disk. When a suspend cannot be committed, `resume` is called (see [`resume`]) and
+    /// the machine runs on.
+    pub fn commit(self, resume: impl FnOnce()) -> Result<(), String> {
+        let result = self.writer.commit().map_err(|e| e.to_string());
+        if self.suspend && result.is_err() {
+            resume();
+        }
+        result
+    }
+}
+
+/// Let a paused machine run again: devices first, then the vCPUs.
+pub fn resume(target: &SaveTarget<'_>) {
+    target.devices.resume();
+    target.vcpus.resume_all();
+}
+
 /// Take a snapshot of a running machine into `name` in `dir`: see the module documentation
 /// for the order. On failure, or unless `suspend`, the machine runs on; after a successful
-/// suspend it stays paused for the caller to end it.
+/// suspend it stays paused for the caller to end it. The file is complete but not yet durable
+/// or named until [`Written::commit`].
 pub fn checkpoint(
     target: &SaveTarget<'_>,
     dir: impl AsFd,
     name: &str,
     suspend: bool,
-) -> Result<(), String> {
+) -> Result<Written, String> {
     target.devices.check_saveable()?;
     target
         .vcpus
         .pause_all()
         .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
-    let resume = || {
-        target.devices.resume();
-        target.vcpus.resume_all();
-    };
     let written = notify_paused(target.vcpus).and_then(|()| {
         target.devices.pause();
         write_state(target, dir, name, suspend)
     });
-    let writer = match written {
-        Ok(writer) => writer,
+    match written {
+        Ok(writer) => {
+            if !suspend {
+                // Every byte of state is in the file already: the guest runs on while the file
+                // is made durable and renamed, which is most of a checkpoint's time on a disk.
+                resume(target);
+            }
+            Ok(Written { writer, suspend })
+        }
         Err(e) => {
-            resume();
-            return Err(e);
+            resume(target);
+            Err(e)
         }
-    };
-    if suspend {
-        let result = writer.commit().map_err(|e| e.to_string());
-        if result.is_err() {
-            resume();
-        }
-        result
-    } else {
-        // Every byte of state is in the file already: the guest runs on while the file is made
-        // durable (fsync) and renamed, which is most of a checkpoint's time on a disk.
-        resume();
-        writer.commit().map_err(|e| e.to_string())
     }
 }
 
