@@ -1150,10 +1150,8 @@ impl Vcpu for KvmVcpu {
         // 7. MSRs, the TSC before the TSC deadline (an absolute TSC value).
         // 8. Pending events last: setting registers clears pending exceptions.
         // 9. Tell the guest it was stopped (kvm-clock), so its watchdogs do not fire.
-        restore_cpuid_section(self, state)?;
-        if let Some(bytes) = state.section("tsc_khz") {
-            self.restore_tsc_khz(bytes)?;
-        }
+        self.restore_cpuid(required(state, "cpuid")?)?;
+        self.restore_tsc_khz(required(state, "tsc_khz")?)?;
         fd.set_mp_state(from_section(state, "mp_state")?)
             .map_err(|e| ioctl("KVM_SET_MP_STATE", e))?;
         fd.set_regs(&from_section(state, "regs")?)
@@ -1216,14 +1214,6 @@ fn segment_to_kvm(s: &Segment) -> kvm_segment {
         avl: u8::from(s.avl),
         unusable: u8::from(s.unusable),
         padding: 0,
-    }
-}
-
-/// A snapshot from before CPUIDs were saved keeps the CPUID built from this host.
-fn restore_cpuid_section(vcpu: &KvmVcpu, state: &BackendState) -> Result<()> {
-    match state.section("cpuid") {
-        Some(bytes) => vcpu.restore_cpuid(bytes),
-        None => Ok(()),
     }
 }
 
