@@ -15,6 +15,7 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapMut, MmapOptions};
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::bus::{BusError, Buses};
 use crate::config::Config;
@@ -60,7 +61,8 @@ pub struct BootRom {
 }
 
 struct VarStore {
-    file: File,
+    /// Locked for as long as this VM has it mapped.
+    file: Flock<File>,
     path: String,
     size: u64,
 }
@@ -96,6 +98,15 @@ impl BootRom {
                     .write(true)
                     .open(vars_path)
                     .map_err(open_error)?;
+                // One VM at a time: the store is mapped shared and must keep its size while
+                // mapped (a shorter file would fault). The lock goes with the descriptor.
+                let file =
+                    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                        BootRomError::OpenVars {
+                            path: vars_path.to_string(),
+                            reason: format!("in use by another process ({})", e.desc()),
+                        }
+                    })?;
                 let size = file.metadata().map_err(open_error)?.len();
                 if !(PAGE_SIZE..=BOOTROM_SIZE).contains(&size) {
                     return Err(BootRomError::VarsSize(size));
@@ -144,10 +155,11 @@ impl BootRom {
         let (Some(vars), Some((gpa, size))) = (&self.vars, self.vars_range()) else {
             return Ok(());
         };
-        // SAFETY: a shared mapping of the store file, as bhyve makes; another process changing
-        // the file meanwhile only changes what the guest reads, never memory safety of ours
-        // beyond what any shared file mapping implies.
-        let mapping = unsafe { MmapOptions::new().len(size as usize).map_mut(&vars.file) }
+        // SAFETY: a shared mapping of the store file, as bhyve makes. The file is exclusively
+        // locked (flock) while this VM runs, and its size was checked, so no cooperating
+        // process truncates it under the mapping (which would fault) or writes it behind our
+        // back; the mapping is only reached through the device's bounds-checked accesses.
+        let mapping = unsafe { MmapOptions::new().len(size as usize).map_mut(&*vars.file) }
             .map_err(|e| BootRomError::MapVars {
                 path: vars.path.clone(),
                 reason: e.to_string(),
@@ -256,6 +268,11 @@ mod tests {
         assert_eq!(loaded.code().as_slice()[8192 - 16], 0xea);
         assert_eq!(loaded.vars_range(), Some((FOUR_GIB - 8192 - 4096, 4096)));
         assert!(BootRom::load(&Config::new()).unwrap().is_none());
+        // A second VM cannot take the same variable store while this one holds it.
+        let second = error(&config(rom.path(), Some(vars.path())));
+        assert!(second.contains("in use by another process"), "{second}");
+        drop(loaded);
+        assert!(BootRom::load(&config(rom.path(), Some(vars.path()))).is_ok());
     }
 
     #[test]
