@@ -175,13 +175,7 @@ fn snapshot_of_a_large_guest_stores_only_the_memory_it_touched() {
     let mut vm = boot(&scratch.0, &name, "1G");
     vm.command_line("memfill 64 99");
     let file = scratch.path("big.snap");
-    let (code, err) = ctl(
-        &scratch.0,
-        &name,
-        &[format!("--suspend={}", file.display())],
-    );
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
+    suspend(&scratch, &name, &mut vm, &file);
     let meta = std::fs::metadata(&file).expect("snapshot exists");
     assert!(meta.len() > 1 << 30, "logical size {} < 1 GiB", meta.len());
     let allocated = meta.blocks() * 512;
@@ -275,13 +269,7 @@ fn corrupted_or_truncated_snapshots_are_refused_with_one_line() {
     let name = vm_name();
     let mut vm = boot(&scratch.0, &name, "256M");
     let file = scratch.path("good.snap");
-    let (code, err) = ctl(
-        &scratch.0,
-        &name,
-        &[format!("--suspend={}", file.display())],
-    );
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(vm.wait_exit(SAVE_TIMEOUT).code(), Some(0));
+    suspend(&scratch, &name, &mut vm, &file);
 
     let bytes = std::fs::read(&file).expect("read snapshot");
     // Where the vCPU state lies, from the file's own section table.
