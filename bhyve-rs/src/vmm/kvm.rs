@@ -102,19 +102,7 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        let cpuid = supported
-            .as_slice()
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect();
+        let cpuid = cpuid_entries(supported.as_slice());
         let msr_indices: Arc<[u32]> = self
             .kvm
             .get_msr_index_list()
