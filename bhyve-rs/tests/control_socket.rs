@@ -1,6 +1,9 @@
 //! bhyvectl's client against bhyve's control server over real sockets, and each end against
 //! the bytes FreeBSD's tools exchange.
 
+#[path = "../../tests/e2e/common/mod.rs"]
+mod common;
+
 use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -115,28 +118,11 @@ fn identity(path: &Path) -> (u64, u64) {
 /// Send raw request bytes (plus `nfds` descriptors, as libnv does) and read the raw reply.
 /// The descriptors are `dir`, opened once per descriptor slot.
 fn raw_exchange(socket: &Path, request: &[u8], nfds: usize, dir: &Path) -> Vec<u8> {
-    let mut stream = UnixStream::connect(socket).expect("connect");
-    stream.write_all(request).expect("send request");
-    if nfds > 0 {
-        let dir = std::fs::File::open(dir).expect("open dir");
-        let fds: Vec<RawFd> = (0..nfds).map(|_| dir.as_raw_fd()).collect();
-        let cmsgs: Vec<_> = fds
-            .chunks(1)
-            .map(nix::sys::socket::ControlMessage::ScmRights)
-            .collect();
-        nix::sys::socket::sendmsg::<()>(
-            stream.as_raw_fd(),
-            &[std::io::IoSlice::new(&[0])],
-            &cmsgs,
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("sendmsg");
-    }
-    stream.shutdown(std::net::Shutdown::Write).ok();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).expect("read reply");
-    reply
+    let dir = std::fs::File::open(dir).expect("open dir");
+    let exchanged = common::control::send_with_fds(socket, request, &vec![dir.as_raw_fd(); nfds]);
+    exchanged.fds_sent.expect("sendmsg");
+    exchanged.read.expect("read reply");
+    exchanged.reply
 }
 
 fn reply_error(reply: &[u8]) -> Option<String> {

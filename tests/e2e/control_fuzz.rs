@@ -36,24 +36,10 @@ fn assert_unharmed(vm: &mut Console, expected_counter: &mut u64, rundir: &Path, 
     SnapshotReader::open(&file).unwrap_or_else(|e| panic!("snapshot unreadable: {e}"));
 }
 
-/// Send `bytes`, then one dummy byte carrying `fds` (as libnv does), and read the reply.
+/// Send `bytes` and `fds` as libnv does and take whatever reply comes: the server may refuse
+/// before it has read everything.
 fn send_with_fds(socket: &Path, bytes: &[u8], fds: &[RawFd]) -> Vec<u8> {
-    let mut stream = UnixStream::connect(socket).expect("connect to bhyve");
-    stream.write_all(bytes).expect("send request");
-    if !fds.is_empty() {
-        let cmsgs: Vec<_> = fds.chunks(1).map(ControlMessage::ScmRights).collect();
-        let _ = sendmsg::<()>(
-            stream.as_raw_fd(),
-            &[IoSlice::new(&[0])],
-            &cmsgs,
-            MsgFlags::empty(),
-            None,
-        );
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    reply
+    common::control::send_with_fds(socket, bytes, fds).reply
 }
 
 /// Send a well-formed list the way bhyvectl does and read the reply's error.

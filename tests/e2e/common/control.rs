@@ -2,8 +2,9 @@
 //! directory, the bhyvectl of this build, raw exchanges of nvlist bytes.
 
 use super::{guest, repo_root, vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -105,31 +106,50 @@ pub fn counter(vm: &mut Console) -> u64 {
         .unwrap_or_else(|| panic!("unexpected counter line {line:?}"))
 }
 
-/// Send `request` and `nfds` copies of `dir`'s descriptor as libnv does (one dummy byte
-/// carrying SCM_RIGHTS), then read the whole reply.
-pub fn exchange(socket: &Path, request: &[u8], nfds: usize, dir: &Path) -> Vec<u8> {
+/// What one raw request over the control socket came to.
+pub struct Exchanged {
+    /// Sending the descriptors (when there were any): a server may close before taking them.
+    pub fds_sent: nix::Result<usize>,
+    /// The reply, as far as it came.
+    pub reply: Vec<u8>,
+    /// How reading the reply ended.
+    pub read: std::io::Result<usize>,
+}
+
+/// Send `bytes`, then one dummy byte per descriptor of `fds` carrying it (SCM_RIGHTS, as libnv
+/// does), close the writing side and read the reply.
+pub fn send_with_fds(socket: &Path, bytes: &[u8], fds: &[RawFd]) -> Exchanged {
     let mut stream = UnixStream::connect(socket).expect("connect to bhyve");
-    stream.write_all(request).expect("send request");
-    if nfds > 0 {
-        let dir = std::fs::File::open(dir).expect("open directory");
-        let fds = vec![dir.as_raw_fd(); nfds];
-        let cmsgs: Vec<_> = fds
-            .chunks(1)
-            .map(nix::sys::socket::ControlMessage::ScmRights)
-            .collect();
-        nix::sys::socket::sendmsg::<()>(
+    stream.write_all(bytes).expect("send request");
+    let fds_sent = if fds.is_empty() {
+        Ok(0)
+    } else {
+        let cmsgs: Vec<_> = fds.chunks(1).map(ControlMessage::ScmRights).collect();
+        sendmsg::<()>(
             stream.as_raw_fd(),
             &[std::io::IoSlice::new(&[0])],
             &cmsgs,
-            nix::sys::socket::MsgFlags::empty(),
+            MsgFlags::empty(),
             None,
         )
-        .expect("sendmsg");
-    }
+    };
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    reply
+    let read = stream.read_to_end(&mut reply);
+    Exchanged {
+        fds_sent,
+        reply,
+        read,
+    }
+}
+
+/// Send `request` and `nfds` copies of `dir`'s descriptor as libnv does, then read the whole
+/// reply; the descriptors must go through.
+pub fn exchange(socket: &Path, request: &[u8], nfds: usize, dir: &Path) -> Vec<u8> {
+    let dir = std::fs::File::open(dir).expect("open directory");
+    let exchanged = send_with_fds(socket, request, &vec![dir.as_raw_fd(); nfds]);
+    exchanged.fds_sent.expect("sendmsg");
+    exchanged.reply
 }
 
 pub fn reply_error(reply: &[u8]) -> Option<String> {
