@@ -124,18 +124,7 @@ console_demo() {
     sleep 1
     echo "demo: the guest kept counting: count $at_checkpoint at the checkpoint, $(last_number 'count ') now"
 
-    ctl --suspend="$work/demo.snap"
-    local status=0
-    wait_exit || status=$?
-    local stopped_at
-    stopped_at=$(last_number 'count ')
-    echo
-    echo "demo: bhyve exited with status $status (0 = suspended); the guest had printed count $stopped_at"
-    [ "$status" -eq 0 ] || exit 1
-    describe_file "$work/demo.snap"
-
-    echo "demo: $bhyve -r $work/demo.snap -o rundir=$work"
-    start_vm "$bhyve" -r "$work/demo.snap" -o rundir="$work"
+    suspend_and_restore count
     wait_for "^count $((stopped_at + 10))\$" 30
     send $'\r'
     wait_for '^count stopped' 10
@@ -146,11 +135,27 @@ console_demo() {
     send 'memsum 64'$'\r'
     wait_for '^memsum 64 MiB' 30
     send 'halt'$'\r'
-    status=0
+    local status=0
     wait_exit || status=$?
     echo
     echo "demo: bhyve exited with status $status (2 = the guest halted)"
     [ "$status" -eq 2 ]
+}
+
+# Suspend the VM with bhyvectl, check that bhyve exits 0, and resume it with bhyve -r. Sets
+# stopped_at to the last "WORD N" line the guest printed before it was suspended.
+suspend_and_restore() {
+    local word=$1 status=0
+    ctl --suspend="$work/demo.snap"
+    wait_exit || status=$?
+    stopped_at=$(last_number "$word ")
+    echo
+    echo "demo: bhyve exited with status $status (0 = suspended); the guest had printed $word $stopped_at"
+    [ "$status" -eq 0 ] || exit 1
+    describe_file "$work/demo.snap"
+
+    echo "demo: $bhyve -r $work/demo.snap -o rundir=$work"
+    start_vm "$bhyve" -r "$work/demo.snap" -o rundir="$work"
 }
 
 # The Debian guest: a shell loop prints "loop N" five times a second.
@@ -171,17 +176,7 @@ linux_demo() {
 
     ctl --checkpoint="$work/live.ckp"
     describe_file "$work/live.ckp"
-    ctl --suspend="$work/demo.snap"
-    local status=0
-    wait_exit || status=$?
-    local stopped_at
-    stopped_at=$(last_number 'loop ')
-    echo
-    echo "demo: bhyve exited with status $status (0 = suspended); the loop had printed loop $stopped_at"
-    [ "$status" -eq 0 ] || exit 1
-
-    echo "demo: $bhyve -r $work/demo.snap -o rundir=$work"
-    start_vm "$bhyve" -r "$work/demo.snap" -o rundir="$work"
+    suspend_and_restore loop
     wait_for "^loop $((stopped_at + 5))\$" 30
     send 'kill %1; md5sum /mnt/t/data'$'\n'
     wait_for '^[0-9a-f]{32} +/mnt/t/data' 30
