@@ -522,6 +522,10 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let config = restore_config(&snapshot.config(), cli, &crate::cli::default_config())?;
     let mode = RestoreMode::from_config(&config)?;
     let topology = topology(&config).map_err(|e| e.to_string())?;
+    // Everything that can be refused from the configuration is, before any RAM is read. The ROM
+    // is not guest RAM: it comes from its file again, as on the first boot.
+    devices::check_supported(&config).map_err(|e| e.to_string())?;
+    let bootrom = BootRom::load(&config).map_err(|e| e.to_string())?;
     // The devices and firmware tables are built from memory.size: it must describe the RAM the
     // file holds, which is checked before any of it is read.
     let configured = memory_size(&config).map_err(|e| e.to_string())?;
@@ -536,12 +540,10 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let memory = snapshot.memory(mode)?;
     apply_memory_options(&config, &memory).map_err(|e| e.to_string())?;
     let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
-    devices::check_supported(&config).map_err(|e| e.to_string())?;
     let mut machine =
         Machine::new(hypervisor.as_ref(), memory, &topology).map_err(|e| e.to_string())?;
     machine.attach_devices(&config).map_err(|e| e.to_string())?;
-    // The ROM is not guest RAM: it comes from its file again, as on the first boot.
-    if let Some(rom) = BootRom::load(&config).map_err(|e| e.to_string())? {
+    if let Some(rom) = bootrom {
         machine.map_bootrom(rom).map_err(|e| e.to_string())?;
     }
     let devices = machine
