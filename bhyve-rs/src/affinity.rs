@@ -7,7 +7,13 @@ use crate::config::Config;
 /// Host CPUs of each vCPU below `ncpus` (`None`: not pinned), checked against the CPUs this
 /// process may run on.
 pub fn vcpu_host_cpus(config: &Config, ncpus: u16) -> Result<Vec<Option<Vec<u32>>>, String> {
-    let cpusets = crate::cli::vcpu_cpusets(config, ncpus)?;
+    check_host_cpus(&crate::description::vcpu_cpusets(config, ncpus)?)
+}
+
+/// `cpusets` (host CPUs by vCPU, as [`crate::description::MachineDescription`] holds them)
+/// checked against the CPUs this process may run on.
+pub fn check_host_cpus(cpusets: &[Option<Vec<u32>>]) -> Result<Vec<Option<Vec<u32>>>, String> {
+    let cpusets = cpusets.to_vec();
     if cpusets.iter().all(Option::is_none) {
         return Ok(cpusets);
     }

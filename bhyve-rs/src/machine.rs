@@ -3,14 +3,15 @@
 //! # Halting with interrupts disabled (exit status 2)
 //!
 //! bhyve's vmm suspends the VM with `VM_SUSPEND_HALT` when every active vCPU executes HLT with
-//! RFLAGS.IF clear. With KVM's in-kernel local APIC, HLT never reaches user space: the vCPU
-//! blocks inside `KVM_RUN`. So the main thread watches each vCPU's binary statistics
-//! (`KVM_GET_STATS_FD`: the `blocking` flag and the `halt_wakeup` counter), which it can read
-//! without disturbing the vCPUs. When every vCPU is blocked and something changed since the last
-//! look, it pauses them all, reads MP state and RFLAGS, and stops the VM with status 2 when every
-//! started vCPU is HALTED with IF clear (APs still waiting for SIPI do not count). Otherwise
-//! the vCPUs resume where they were. Without statistics it falls back to that check once a
-//! second.
+//! RFLAGS.IF clear, and a vCPU reports it as [`crate::vmm::SuspendReason::Halt`]. A backend
+//! whose kernel does not ([`crate::vmm::PlatformCaps::kernel_halt_detection`]; KVM, whose
+//! in-kernel local APIC blocks a halted vCPU inside `KVM_RUN`) is watched from here: the main
+//! thread samples each vCPU's [`crate::vmm::BlockedProbe`] (KVM: the binary statistics'
+//! `blocking` flag and `halt_wakeup` counter), which it can read without disturbing the vCPUs.
+//! When every vCPU is blocked and something changed since the last look, it pauses them all,
+//! reads MP state and RFLAGS, and stops the VM with status 2 when every started vCPU is HALTED
+//! with IF clear (APs still waiting for SIPI do not count). Otherwise the vCPUs resume where
+//! they were. Without probes it falls back to that check once a second.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -19,11 +20,12 @@ use std::time::{Duration, Instant};
 use crate::boot::{self, BootError, BootFiles};
 use crate::bootrom::{BootRom, BootRomError};
 use crate::bus::Buses;
-use crate::config::{parse_c_unsigned, parse_memsize, Config};
+use crate::config::Config;
+use crate::description::MachineDescription;
 use crate::devices::{self, Devices};
-use crate::memory::{GuestMemory, MemoryError, DEFAULT_MEMSIZE};
+use crate::memory::{GuestMemory, MemoryError};
 use crate::vcpu::{ExitContext, ExitReason, VcpuError, VcpuSet, VmControl};
-use crate::vmm::{Hypervisor, MpState, Topology, Vm, VmmError};
+use crate::vmm::{Hypervisor, MemorySpec, Vm, VmCapabilities, VmSpec, VmmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -48,54 +50,25 @@ const HALT_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the halt check stops the vCPUs when no statistics are available.
 const HALT_FALLBACK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// `memory.size`, defaulting to 256 MiB.
-pub fn memory_size(config: &Config) -> Result<u64, MachineError> {
-    match config.get("memory.size") {
-        None => Ok(DEFAULT_MEMSIZE),
-        Some(value) => parse_memsize(value)
-            .filter(|&size| size > 0)
-            .ok_or_else(|| MachineError::Config(format!("Invalid memsize '{value}'"))),
+/// The VM `description` asks for; RAM is fresh unless `prebuilt` (a restored snapshot's).
+pub fn vm_spec(description: &MachineDescription, prebuilt: Option<GuestMemory>) -> VmSpec {
+    VmSpec {
+        name: description.name.clone().unwrap_or_default(),
+        topology: description.topology,
+        memory: MemorySpec {
+            size: description.memory_size,
+            wired: description.memory_wired,
+            guest_in_core: description.guest_in_core,
+            prebuilt,
+        },
+        capabilities: VmCapabilities {
+            exit_on_hlt: description.exit_on_hlt,
+            exit_on_pause: description.exit_on_pause,
+            x2apic: description.x2apic,
+        },
+        // bhyve-rs never leaves a VM behind: it goes when the process does.
+        destroy_on_close: true,
     }
-}
-
-fn topology_value(config: &Config, key: &str) -> Result<Option<u16>, MachineError> {
-    match config.get(key) {
-        None => Ok(None),
-        Some(value) => parse_c_unsigned(value)
-            .filter(|&n| (1..=u64::from(u16::MAX)).contains(&n))
-            .map(|n| Some(n as u16))
-            .ok_or_else(|| MachineError::Config(format!("Invalid value for {key}: '{value}'"))),
-    }
-}
-
-/// The vCPU topology from `cpus`, `sockets`, `cores` and `threads`, checked as bhyve's
-/// calc_topology does: `sockets` defaults to `cpus`, and an explicit `cpus` must equal
-/// `sockets * cores * threads`.
-pub fn topology(config: &Config) -> Result<Topology, MachineError> {
-    let cpus = topology_value(config, "cpus")?;
-    let cores = topology_value(config, "cores")?.unwrap_or(1);
-    let threads = topology_value(config, "threads")?.unwrap_or(1);
-    let sockets = topology_value(config, "sockets")?.unwrap_or(cpus.unwrap_or(1));
-    let product = u64::from(sockets) * u64::from(cores) * u64::from(threads);
-    if product > u64::from(u16::MAX) {
-        return Err(MachineError::Config(format!(
-            "Computed number of vCPUs too high: {product}"
-        )));
-    }
-    if let Some(cpus) = cpus {
-        if u64::from(cpus) != product {
-            return Err(MachineError::Config(format!(
-                "Topology ({sockets} sockets, {cores} cores, {threads} threads) does not match \
-                 {cpus} vCPUs"
-            )));
-        }
-    }
-    Ok(Topology {
-        cpus: product as u16,
-        sockets,
-        cores,
-        threads,
-    })
 }
 
 /// The parts of a running VM.
@@ -106,45 +79,33 @@ pub struct Machine {
     control: Arc<VmControl>,
     buses: Arc<Buses>,
     vm: Arc<dyn Vm>,
-    memory: Arc<GuestMemory>,
     /// The boot ROM the VM reads from, mapped for as long as the VM exists.
     bootrom: Option<BootRom>,
 }
 
 impl Machine {
-    /// Create the VM, its RAM and its vCPUs (not started). vCPU 0 is runnable; the others wait
-    /// for INIT/SIPI. Every vCPU gets the boot MSR values.
-    pub fn new(
-        hypervisor: &dyn Hypervisor,
-        memory: GuestMemory,
-        topology: &Topology,
-    ) -> Result<Self, MachineError> {
-        let vm = hypervisor.create_vm()?;
-        let memory = Arc::new(memory);
-        vm.map_memory(&memory)?;
-        let mut vcpus = Vec::with_capacity(usize::from(topology.cpus));
-        for id in 0..u32::from(topology.cpus) {
-            let vcpu = vm.create_vcpu(id, topology)?;
-            vcpu.set_msrs(&boot::boot_msrs())?;
-            if id > 0 {
-                vcpu.set_mp_state(MpState::WaitForSipi)?;
-            }
-            vcpus.push(vcpu);
-        }
+    /// Create the VM, its RAM and its vCPUs (not started), in the reset state the backend
+    /// gives them: vCPU 0 runnable, the others waiting for INIT/SIPI.
+    pub fn new(hypervisor: &dyn Hypervisor, spec: VmSpec) -> Result<Self, MachineError> {
+        let cpus = spec.topology.cpus;
+        let vm = hypervisor.create_vm(spec)?;
+        let vcpus = (0..u32::from(cpus))
+            .map(|id| vm.create_vcpu(id))
+            .collect::<Result<Vec<_>, _>>()?;
         let control = VmControl::new();
+        let kernel_ap_start = vm.platform().kernel_ap_start;
         Ok(Self {
-            vcpus: Arc::new(VcpuSet::new(vcpus, control.clone())),
+            vcpus: Arc::new(VcpuSet::new(vcpus, control.clone(), kernel_ap_start)),
             devices: None,
             control,
             buses: Arc::new(Buses::default()),
             vm,
-            memory,
             bootrom: None,
         })
     }
 
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.memory
+        self.vm.memory()
     }
 
     pub fn buses(&self) -> &Arc<Buses> {
@@ -176,7 +137,7 @@ impl Machine {
             &self.buses,
             self.vm.clone().interrupt_sink(),
             self.control.clone(),
-            self.memory.clone(),
+            self.vm.memory().clone(),
         )?;
         self.devices = Some(Arc::new(Mutex::new(devices)));
         Ok(())
@@ -194,7 +155,7 @@ impl Machine {
 
     /// Load the kernel and put vCPU 0 at its 64-bit entry point.
     pub fn load_kernel(&self, files: &BootFiles) -> Result<(), MachineError> {
-        let info = boot::load(&self.memory, files)?;
+        let info = boot::load(self.vm.memory(), files)?;
         self.vcpus.with_vcpu(0, |vcpu| -> Result<(), VmmError> {
             let current = vcpu.special_regs()?;
             vcpu.set_special_regs(&boot::boot_special_regs(&current))?;
@@ -203,11 +164,13 @@ impl Machine {
         Ok(())
     }
 
-    /// Start the vCPU threads, once the devices (created paused) are running.
-    pub fn start(&self, strict_io: bool) -> Result<(), MachineError> {
+    /// Start the vCPU threads, once the devices (created paused) are running. `strict_io` and
+    /// `strict_msr` are bhyve's `x86.strictio` and `x86.strictmsr`.
+    pub fn start(&self, strict_io: bool, strict_msr: bool) -> Result<(), MachineError> {
         let context = Arc::new(ExitContext {
             buses: self.buses.clone(),
             strict_io,
+            strict_msr,
         });
         if let Some(devices) = &self.devices {
             devices.lock().unwrap_or_else(|e| e.into_inner()).resume();
@@ -219,11 +182,15 @@ impl Machine {
     /// Wait until something ends the VM (a vCPU exit, a device, the halt check), stop every
     /// vCPU thread and return why.
     pub fn wait(&self) -> ExitReason {
-        let mut monitor = HaltMonitor::new(&self.vcpus);
+        let mut monitor =
+            (!self.vm.platform().kernel_halt_detection).then(|| HaltMonitor::new(&self.vcpus));
         let reason = loop {
             if let Some(reason) = self.control.wait_for_exit(HALT_SAMPLE_INTERVAL) {
                 break reason;
             }
+            let Some(monitor) = monitor.as_mut() else {
+                continue;
+            };
             match monitor.check(&self.vcpus) {
                 Ok(true) => self.control.request_exit(ExitReason::Halt),
                 Ok(false) => {}
@@ -289,10 +256,10 @@ impl HaltMonitor {
 
 fn build(config: &Config) -> Result<Machine, MachineError> {
     devices::check_supported(config)?;
-    let size = memory_size(config)?;
-    let topology = topology(config)?;
+    let description =
+        MachineDescription::from_config(config).map_err(|e| MachineError::Config(e.to_string()))?;
     // Read the kernel and the boot ROM before creating anything, so a bad path costs nothing.
-    let files = boot::read_boot_files(config, size)?;
+    let files = boot::read_boot_files(config, description.memory_size)?;
     let bootrom = BootRom::load(config)?;
     if files.is_none() && bootrom.is_none() {
         return Err(MachineError::Config(
@@ -302,9 +269,7 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
         ));
     }
     let hypervisor = crate::vmm::open_hypervisor()?;
-    let memory = GuestMemory::new(size)?;
-    apply_memory_options(config, &memory)?;
-    let mut machine = Machine::new(hypervisor.as_ref(), memory, &topology)?;
+    let mut machine = Machine::new(hypervisor.as_ref(), vm_spec(&description, None))?;
     machine.attach_devices(config)?;
     if let Some(rom) = bootrom {
         machine.map_bootrom(rom)?;
@@ -313,26 +278,6 @@ fn build(config: &Config) -> Result<Machine, MachineError> {
         machine.load_kernel(files)?;
     }
     Ok(machine)
-}
-
-/// What the host does with guest memory, for a fresh machine and a restored one alike: `-C`
-/// keeps it in core dumps (left out otherwise, as in bhyve), `-S` wires it before the guest
-/// runs.
-fn apply_memory_options(config: &Config, memory: &GuestMemory) -> Result<(), MachineError> {
-    let flag = |key: &str| {
-        config
-            .get_bool(key)
-            .map_err(MachineError::Config)
-            .map(|v| v.unwrap_or(false))
-    };
-    #[cfg(target_os = "linux")]
-    if !flag("memory.guest_in_core")? {
-        memory.advise_dontdump();
-    }
-    if flag("memory.wired")? {
-        memory.wire()?;
-    }
-    Ok(())
 }
 
 /// Build the VM `config` describes (or, with `restore`, the one saved in that snapshot file),
@@ -389,18 +334,15 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
     if let Some(name) = config.get("name") {
         crate::proctitle::set(&format!("bhyve: {name}"));
     }
-    let strict_io = match config.get_bool("x86.strictio") {
-        Ok(value) => value.unwrap_or(false),
+    let description = match MachineDescription::from_config(config) {
+        Ok(description) => description,
         Err(e) => {
             eprintln!("bhyve: {e}");
             return FAILED;
         }
     };
     // Pinning is checked before the VM runs: a host CPU that does not exist is a usage error.
-    let host_cpus = match topology(config)
-        .map_err(|e| e.to_string())
-        .and_then(|t| crate::affinity::vcpu_host_cpus(config, t.cpus))
-    {
+    let host_cpus = match crate::affinity::check_host_cpus(&description.vcpu_host_cpus) {
         Ok(host_cpus) => host_cpus,
         Err(e) => {
             eprintln!("bhyve: {e}");
@@ -430,7 +372,7 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
         }
     };
     machine.vcpus().pin_to_host_cpus(host_cpus);
-    if let Err(e) = machine.start(strict_io) {
+    if let Err(e) = machine.start(description.strict_io, description.strict_msr) {
         eprintln!("bhyve: {e}");
         return FAILED;
     }
@@ -521,14 +463,14 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let snapshot = crate::snapshot::vm::Restore::open(path)?;
     let config = restore_config(&snapshot.config(), cli, &crate::cli::default_config())?;
     let mode = RestoreMode::from_config(&config)?;
-    let topology = topology(&config).map_err(|e| e.to_string())?;
+    let description = MachineDescription::from_config(&config).map_err(|e| e.to_string())?;
     // Everything that can be refused from the configuration is, before any RAM is read. The ROM
     // is not guest RAM: it comes from its file again, as on the first boot.
     devices::check_supported(&config).map_err(|e| e.to_string())?;
     let bootrom = BootRom::load(&config).map_err(|e| e.to_string())?;
     // The devices and firmware tables are built from memory.size: it must describe the RAM the
     // file holds, which is checked before any of it is read.
-    let configured = memory_size(&config).map_err(|e| e.to_string())?;
+    let configured = description.memory_size;
     let configured_layout = crate::memory::layout(configured).map_err(|e| e.to_string())?;
     let saved_layout = snapshot.ram_layout();
     if configured_layout != saved_layout {
@@ -537,11 +479,13 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
             "the snapshot holds {saved} bytes of RAM, but its memory.size is {configured}"
         ));
     }
-    let memory = snapshot.memory(mode)?;
-    apply_memory_options(&config, &memory).map_err(|e| e.to_string())?;
     let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
-    let mut machine =
-        Machine::new(hypervisor.as_ref(), memory, &topology).map_err(|e| e.to_string())?;
+    if !hypervisor.platform().prebuilt_ram {
+        return Err("this backend cannot take RAM from a snapshot".into());
+    }
+    let memory = snapshot.memory(mode)?;
+    let mut machine = Machine::new(hypervisor.as_ref(), vm_spec(&description, Some(memory)))
+        .map_err(|e| e.to_string())?;
     machine.attach_devices(&config).map_err(|e| e.to_string())?;
     if let Some(rom) = bootrom {
         machine.map_bootrom(rom).map_err(|e| e.to_string())?;
@@ -555,6 +499,10 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
         machine.vcpus(),
         &devices.lock().unwrap_or_else(|e| e.into_inner()),
     )?;
+    machine
+        .vm()
+        .finish_restore()
+        .map_err(|e| format!("VM state: {e}"))?;
     Ok((config, machine))
 }
 
@@ -646,37 +594,6 @@ mod tests {
             c.set(k, v);
         }
         c
-    }
-
-    #[test]
-    fn memory_size_defaults_to_256m_and_rejects_garbage() {
-        assert_eq!(memory_size(&Config::new()).unwrap(), 256 << 20);
-        assert_eq!(
-            memory_size(&config(&[("memory.size", "5G")])).unwrap(),
-            5 << 30
-        );
-        let err = memory_size(&config(&[("memory.size", "lots")])).unwrap_err();
-        assert_eq!(err.to_string(), "Invalid memsize 'lots'");
-        assert!(memory_size(&config(&[("memory.size", "0")])).is_err());
-    }
-
-    #[test]
-    fn topology_follows_bhyve_defaults_and_checks() {
-        assert_eq!(topology(&Config::new()).unwrap(), Topology::default());
-        let t = topology(&config(&[("cpus", "4")])).unwrap();
-        assert_eq!((t.cpus, t.sockets, t.cores, t.threads), (4, 4, 1, 1));
-        let t = topology(&config(&[
-            ("sockets", "2"),
-            ("cores", "2"),
-            ("threads", "2"),
-        ]))
-        .unwrap();
-        assert_eq!(t.cpus, 8);
-        let err = topology(&config(&[("cpus", "3"), ("cores", "2")])).unwrap_err();
-        assert!(err.to_string().contains("does not match 3 vCPUs"), "{err}");
-        assert!(topology(&config(&[("cpus", "0")])).is_err());
-        assert!(topology(&config(&[("cpus", "x")])).is_err());
-        assert!(topology(&config(&[("sockets", "300"), ("cores", "300")])).is_err());
     }
 
     #[test]

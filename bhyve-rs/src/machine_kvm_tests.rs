@@ -10,7 +10,25 @@ use crate::boot::linux::tests::synthetic_elf;
 use crate::boot::{BootFiles, KernelImage};
 use crate::bus::{BusDevice, SharedDevice};
 use crate::devices::pci::PciAddress;
-use crate::vmm::Segment;
+use crate::vmm::{MpState, Segment, Topology};
+
+/// A VM of `size` bytes of fresh RAM with `topology`, as `bhyve` would ask for it.
+fn spec(size: u64, topology: Topology, prebuilt: Option<GuestMemory>) -> crate::vmm::VmSpec {
+    let description = MachineDescription {
+        name: Some("test".into()),
+        topology,
+        memory_size: size,
+        vcpu_host_cpus: vec![None; usize::from(topology.cpus)],
+        memory_wired: false,
+        guest_in_core: false,
+        strict_io: false,
+        strict_msr: true,
+        exit_on_hlt: false,
+        exit_on_pause: false,
+        x2apic: false,
+    };
+    vm_spec(&description, prebuilt)
+}
 
 fn hypervisor() -> Option<Box<dyn Hypervisor>> {
     match crate::vmm::open_hypervisor() {
@@ -67,7 +85,7 @@ fn long_mode_machine(hv: &dyn Hypervisor, code: &[u8], cpus: u16) -> Machine {
 }
 
 fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology) -> Machine {
-    let machine = Machine::new(hv, GuestMemory::new(16 << 20).unwrap(), topology).unwrap();
+    let machine = Machine::new(hv, spec(16 << 20, *topology, None)).unwrap();
     let files = BootFiles {
         kernel_path: PathBuf::from("test-guest"),
         kernel: KernelImage::parse(synthetic_elf(GUEST_BASE, code, 0)).unwrap(),
@@ -80,7 +98,7 @@ fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology)
 
 /// Run until the VM stops, giving up after `limit`.
 fn run_to_end(machine: &Machine, strict_io: bool, limit: Duration) -> ExitReason {
-    machine.start(strict_io).unwrap();
+    machine.start(strict_io, true).unwrap();
     let control = machine.control().clone();
     std::thread::spawn(move || {
         std::thread::sleep(limit);
@@ -224,7 +242,7 @@ fn a_triple_fault_ends_with_status_3() {
 fn halt_with_interrupts_enabled_keeps_the_vm_alive() {
     let Some(hv) = hypervisor() else { return };
     let machine = long_mode_machine(hv.as_ref(), &[0xfb, 0xf4, 0xeb, 0xfc], 1); // sti; hlt; jmp
-    machine.start(false).unwrap();
+    machine.start(false, true).unwrap();
     let control = machine.control().clone();
     let vcpus = machine.vcpus().clone();
     // Another thread pauses and inspects the vCPU while the main thread waits in `wait`.
@@ -250,12 +268,7 @@ fn halt_with_interrupts_enabled_keeps_the_vm_alive() {
 #[test]
 fn real_mode_port_output_reaches_the_bus() {
     let Some(hv) = hypervisor() else { return };
-    let machine = Machine::new(
-        hv.as_ref(),
-        GuestMemory::new(1 << 20).unwrap(),
-        &Topology::default(),
-    )
-    .unwrap();
+    let machine = Machine::new(hv.as_ref(), spec(1 << 20, Topology::default(), None)).unwrap();
     // mov dx, 0x3f8; mov al, 'A'; out dx, al; cli; hlt
     let code = [0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xfa, 0xf4];
     machine.memory().write(0x1000, &code).unwrap();
@@ -292,7 +305,7 @@ fn pause_stops_spinning_vcpus_and_resume_restarts_them() {
     let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
     // Two vCPUs: vCPU 0 spins, vCPU 1 sits in wait-for-SIPI inside KVM_RUN; both must park.
     let machine = long_mode_machine(hv.as_ref(), &code, 2);
-    machine.start(false).unwrap();
+    machine.start(false, true).unwrap();
     let counter = || machine.memory().read_u64(COUNTER).unwrap();
 
     std::thread::sleep(Duration::from_millis(200));
@@ -358,7 +371,7 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
     const COUNTER: u64 = 0x30_0000;
     let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xeb, 0xf6];
     let original = long_mode_machine(hv.as_ref(), &code, 2);
-    original.start(false).unwrap();
+    original.start(false, true).unwrap();
     std::thread::sleep(Duration::from_millis(100));
 
     original.vcpus().pause_all().unwrap();
@@ -396,7 +409,7 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
         cores: 1,
         threads: 1,
     };
-    let restored = Machine::new(hv.as_ref(), memory, &topology).unwrap();
+    let restored = Machine::new(hv.as_ref(), spec(16 << 20, topology, Some(memory))).unwrap();
     restored.vm().restore_state(&vm_state).unwrap();
     for (i, state) in vcpu_states.iter().enumerate() {
         restored
@@ -421,7 +434,7 @@ fn saved_vm_and_vcpu_state_resumes_in_a_new_vm() {
         .unwrap();
     assert_eq!(ap, MpState::WaitForSipi);
 
-    restored.start(false).unwrap();
+    restored.start(false, true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while restored.memory().read_u64(COUNTER).unwrap() == saved_count && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -511,7 +524,7 @@ fn msi_and_ioapic_lines_interrupt_a_halted_guest() {
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
     let vm = machine.vm().clone();
-    machine.start(false).unwrap();
+    machine.start(false, true).unwrap();
 
     let wait_for = |expected: &[u8]| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -649,7 +662,7 @@ fn a_device_that_cannot_be_saved_fails_the_checkpoint_before_anything_is_written
         .add(slot, "nosave", ConfigSpace::new(true), Box::new(Unsaveable))
         .unwrap();
     let devices = Devices::with_pci_root(builder.build(machine.buses()).unwrap());
-    machine.start(false).unwrap();
+    machine.start(false, true).unwrap();
 
     let dir = std::env::temp_dir().join(format!("bhyve-rs-nosave-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -677,4 +690,101 @@ fn a_device_that_cannot_be_saved_fails_the_checkpoint_before_anything_is_written
     assert!(machine.memory().read_u64(COUNTER).unwrap() > before);
     machine.control().request_exit(ExitReason::PowerOff);
     assert_eq!(machine.wait(), ExitReason::PowerOff);
+}
+
+#[test]
+fn string_port_io_reaches_the_device_one_access_at_a_time() {
+    let Some(hv) = hypervisor() else { return };
+    const INPUT: u32 = 0x30_0000;
+    let mut code = vec![0x48, 0x8d, 0x35, 0, 0, 0, 0]; // lea rsi, [rip + text], patched below
+    code.extend([0xb9, 0x03, 0x00, 0x00, 0x00]); // mov ecx, 3
+    code.extend(MOV_DX_COM1);
+    code.extend([0xf3, 0x6e]); // rep outsb
+    code.push(0xbf); // mov edi, INPUT
+    code.extend(INPUT.to_le_bytes());
+    code.extend([0xb9, 0x03, 0x00, 0x00, 0x00]); // mov ecx, 3
+    code.extend([0xf3, 0x6c]); // rep insb
+    code.extend(CLI_HLT);
+    let text_at = code.len();
+    code.extend(b"abc");
+    let lea_end = 7u32;
+    code[3..7].copy_from_slice(&(text_at as u32 - lea_end).to_le_bytes());
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    assert_eq!(
+        run_to_end(&machine, true, Duration::from_secs(30)),
+        ExitReason::Halt
+    );
+    let writes = com1.lock().unwrap().writes.clone();
+    assert_eq!(
+        writes,
+        vec![(0, b"a".to_vec()), (0, b"b".to_vec()), (0, b"c".to_vec())],
+        "rep outsb: one single-byte write per element"
+    );
+    let mut input = [0u8; 4];
+    machine.memory().read(u64::from(INPUT), &mut input).unwrap();
+    assert_eq!(
+        input,
+        [0x42, 0x42, 0x42, 0],
+        "rep insb: one read per element"
+    );
+}
+
+/// wrmsr then rdmsr of an MSR nobody emulates (eax holds 'M' before the read), then 'Z'.
+fn unknown_msr_guest() -> Vec<u8> {
+    const UNKNOWN_MSR: [u8; 4] = [0x45, 0x23, 0x01, 0x00]; // 0x12345
+    let mut code = vec![0xb9];
+    code.extend(UNKNOWN_MSR); // mov ecx, 0x12345
+    code.extend([0x31, 0xc0, 0x31, 0xd2, 0x0f, 0x30]); // xor eax, eax; xor edx, edx; wrmsr
+    code.extend([0xb0, b'M', 0x0f, 0x32]); // mov al, 'M'; rdmsr
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend([0xb0, b'Z', OUT_DX_AL]);
+    code.extend(CLI_HLT);
+    code
+}
+
+#[test]
+fn an_unknown_msr_raises_gp_under_strictmsr() {
+    let Some(hv) = hypervisor() else { return };
+    let machine = long_mode_machine(hv.as_ref(), &unknown_msr_guest(), 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    machine.start(true, true).unwrap();
+    // No IDT: the #GP becomes a triple fault before the guest writes anything.
+    assert_eq!(machine.wait(), ExitReason::TripleFault);
+    assert_eq!(bytes_written(&com1), b"");
+}
+
+#[test]
+fn without_strictmsr_an_unknown_msr_reads_zero_and_takes_writes() {
+    let Some(hv) = hypervisor() else { return };
+    let machine = long_mode_machine(hv.as_ref(), &unknown_msr_guest(), 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    machine.start(true, false).unwrap();
+    assert_eq!(machine.wait(), ExitReason::Halt);
+    assert_eq!(bytes_written(&com1), [0, b'Z']);
+}
+
+#[test]
+fn an_injected_exception_is_delivered_before_the_next_instruction() {
+    let Some(hv) = hypervisor() else { return };
+    let mut code = vec![0xb0, b'K'];
+    code.extend(MOV_DX_COM1);
+    code.push(OUT_DX_AL);
+    code.extend(CLI_HLT);
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let (com1, device) = recorder();
+    machine.buses().pio.insert(0x3f8, 8, device).unwrap();
+    machine
+        .vcpus()
+        .with_vcpu(0, |vcpu| vcpu.inject_exception(13, Some(0)))
+        .unwrap()
+        .unwrap();
+    machine.start(true, true).unwrap();
+    // The guest has no IDT, so the #GP is a triple fault before its first `out`.
+    assert_eq!(machine.wait(), ExitReason::TripleFault);
+    assert_eq!(bytes_written(&com1), b"");
 }

@@ -1,10 +1,12 @@
 //! vCPU threads: one per vCPU, each running the exit loop, and one mechanism to stop them.
 //!
-//! Stopping uses a kick: the controller sets a flag ("attention"), then sends [`kick_signal`] to
-//! every vCPU thread. The signal handler does nothing but ask the backend to cut the current or
-//! next `run` short ([`crate::vmm::Vcpu::arm_kick`]; KVM: `immediate_exit`), so there is no
-//! window in which a kick is lost and no polling. A kicked thread sees the flag and either parks
-//! (pause) or leaves its loop (exit).
+//! Stopping uses a kick: the controller sets a flag ("attention"), then kicks every vCPU through
+//! the backend's [`VcpuKick`], which cuts the current or next `run` short (KVM: a signal and
+//! `immediate_exit`), so there is no window in which a kick is lost and no polling. A kicked
+//! thread sees the flag and either parks (pause) or leaves its loop (exit).
+//!
+//! Where the backend's kernel leaves AP start to user space, only vCPU 0 runs at first: the
+//! other threads wait, counted as parked, until a vCPU reports [`VmExit::StartAp`] for them.
 //!
 //! [`VmControl`] is the handle devices and the control socket hold: `request_exit` ends the VM
 //! with a bhyve exit status. [`VcpuSet`] (shared as `Arc<VcpuSet>`, so a control thread can
@@ -17,13 +19,16 @@
 //! vCPU thread (that is refused).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::bus::Buses;
-use crate::vmm::{BlockedProbe, MpState, Vcpu, VmExit, VmmError, RFLAGS_IF};
+use crate::vmm::{
+    AccessFault, BlockedProbe, ExitHandler, MpState, SuspendReason, Vcpu, VcpuKick, VmExit,
+    VmmError, RFLAGS_IF,
+};
 
 /// Why the VM stopped, and so bhyve's exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,8 +87,9 @@ struct ControlState {
     parked: usize,
     /// vCPU threads started and not yet finished.
     live: usize,
-    /// Each running vCPU thread, by vCPU index, for kicks.
-    threads: Vec<Option<libc::pthread_t>>,
+    /// Which vCPUs may run: all of them where the kernel starts APs, else vCPU 0 and every AP
+    /// a [`VmExit::StartAp`] named.
+    started: Vec<bool>,
 }
 
 /// Shared stop/exit control of one VM; devices keep an `Arc<VmControl>` to end the VM.
@@ -93,6 +99,8 @@ pub struct VmControl {
     changed: Condvar,
     /// Set whenever vCPU threads must look at `state` before entering the guest again.
     attention: AtomicBool,
+    /// One per vCPU, from the backend.
+    kickers: Mutex<Vec<Arc<dyn VcpuKick>>>,
 }
 
 thread_local! {
@@ -119,8 +127,19 @@ impl VmControl {
         log::debug!("exit requested: {reason:?}");
         state.exit = Some(reason);
         self.attention.store(true, Ordering::SeqCst);
-        kick_all(&state);
+        self.kick_all();
         self.changed.notify_all();
+    }
+
+    fn kick_all(&self) {
+        for kicker in self
+            .kickers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            kicker.kick();
+        }
     }
 
     /// The exit requested so far, if any.
@@ -139,67 +158,57 @@ impl VmControl {
     }
 }
 
-fn kick_all(state: &ControlState) {
-    for thread in state.threads.iter().flatten() {
-        // SAFETY: a thread id is listed only while its thread runs the vCPU loop; it removes
-        // itself under the same lock before it ends, so the id is live here.
-        let rc = unsafe { libc::pthread_kill(*thread, kick_signal()) };
-        if rc != 0 {
-            log::warn!(
-                "cannot kick a vCPU thread: {}",
-                io::Error::from_raw_os_error(rc)
-            );
-        }
-    }
-}
-
-/// The signal used to kick vCPU threads out of the hypervisor.
-pub fn kick_signal() -> libc::c_int {
-    #[cfg(target_os = "linux")]
-    {
-        libc::SIGRTMIN()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        libc::SIGUSR2
-    }
-}
-
-extern "C" fn on_kick(_signal: libc::c_int) {
-    #[cfg(target_os = "linux")]
-    crate::vmm::kvm::on_kick_signal();
-}
-
-/// Install the kick handler once per process, without SA_RESTART so a blocking `run` returns.
-fn install_kick_handler() -> io::Result<()> {
-    static INSTALL: Once = Once::new();
-    static ERRNO: AtomicI32 = AtomicI32::new(0);
-    INSTALL.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid starting point and the handler is an
-        // async-signal-safe extern "C" function.
-        let rc = unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = 0;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(kick_signal(), &action, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            let errno = io::Error::last_os_error().raw_os_error();
-            ERRNO.store(errno.unwrap_or(libc::EINVAL), Ordering::SeqCst);
-        }
-    });
-    match ERRNO.load(Ordering::SeqCst) {
-        0 => Ok(()),
-        errno => Err(io::Error::from_raw_os_error(errno)),
-    }
-}
-
-/// What a vCPU thread needs to handle exits.
+/// What a vCPU thread needs to serve accesses: the buses and bhyve's strictness switches.
 pub struct ExitContext {
     pub buses: Arc<Buses>,
     /// `x86.strictio`: an access to a port no device owns is fatal.
     pub strict_io: bool,
+    /// `x86.strictmsr`: an access to an MSR nothing emulates raises #GP; otherwise reads give
+    /// 0 and writes are dropped (bhyve's vmexit_rdmsr / vmexit_wrmsr).
+    pub strict_msr: bool,
+}
+
+impl ExitHandler for ExitContext {
+    fn port_read(&self, port: u16, data: &mut [u8]) -> Result<(), AccessFault> {
+        io_in(&self.buses, self.strict_io, port, data)
+    }
+
+    fn port_write(&self, port: u16, data: &[u8]) -> Result<(), AccessFault> {
+        io_out(&self.buses, self.strict_io, port, data)
+    }
+
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), AccessFault> {
+        if !self.buses.mmio.read(gpa, data) {
+            log::debug!("unhandled MMIO read of {} bytes at {gpa:#x}", data.len());
+            data.fill(0xff);
+        }
+        Ok(())
+    }
+
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<(), AccessFault> {
+        if !self.buses.mmio.write(gpa, data) {
+            log::debug!("unhandled MMIO write of {} bytes at {gpa:#x}", data.len());
+        }
+        Ok(())
+    }
+
+    fn msr_read(&self, vcpu: u32, index: u32) -> Result<Option<u64>, AccessFault> {
+        if self.strict_msr {
+            log::debug!("vCPU {vcpu}: rdmsr of unknown MSR {index:#x}: #GP");
+            return Ok(None);
+        }
+        log::debug!("vCPU {vcpu}: rdmsr of unknown MSR {index:#x} reads 0");
+        Ok(Some(0))
+    }
+
+    fn msr_write(&self, vcpu: u32, index: u32, value: u64) -> Result<bool, AccessFault> {
+        if self.strict_msr {
+            log::debug!("vCPU {vcpu}: wrmsr of unknown MSR {index:#x}: #GP");
+            return Ok(false);
+        }
+        log::debug!("vCPU {vcpu}: wrmsr {value:#x} to unknown MSR {index:#x} ignored");
+        Ok(true)
+    }
 }
 
 type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
@@ -207,7 +216,9 @@ type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
 /// The vCPUs of one VM and their threads.
 pub struct VcpuSet {
     control: Arc<VmControl>,
-    vcpus: Vec<SharedVcpu>,
+    vcpus: Arc<[SharedVcpu]>,
+    /// The kernel starts APs itself (see the module documentation).
+    kernel_ap_start: bool,
     handles: Mutex<Vec<JoinHandle<()>>>,
     started: AtomicBool,
     /// Opened before the threads start: a running thread holds its vCPU's lock.
@@ -217,9 +228,14 @@ pub struct VcpuSet {
 }
 
 impl VcpuSet {
-    pub fn new(vcpus: Vec<Box<dyn Vcpu>>, control: Arc<VmControl>) -> Self {
+    /// The vCPUs of a VM; `kernel_ap_start` says whether the backend's kernel starts APs
+    /// ([`crate::vmm::PlatformCaps::kernel_ap_start`]).
+    pub fn new(vcpus: Vec<Box<dyn Vcpu>>, control: Arc<VmControl>, kernel_ap_start: bool) -> Self {
+        *control.kickers.lock().unwrap_or_else(|e| e.into_inner()) =
+            vcpus.iter().map(|v| v.kicker()).collect();
         Self {
             control,
+            kernel_ap_start,
             probes: vcpus.iter().map(|v| v.blocked_probe()).collect(),
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             handles: Mutex::new(Vec::new()),
@@ -245,18 +261,20 @@ impl VcpuSet {
         self.vcpus.is_empty()
     }
 
-    /// Start one thread per vCPU (once).
+    /// Start one thread per vCPU (once). Where user space starts APs, the AP threads wait for
+    /// their [`VmExit::StartAp`].
     pub fn start(&self, context: Arc<ExitContext>) -> Result<(), VcpuError> {
-        install_kick_handler().map_err(VcpuError::Spawn)?;
         if self.started.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         {
             let mut state = self.control.lock();
-            state.threads = vec![None; self.vcpus.len()];
+            state.started = (0..self.vcpus.len())
+                .map(|index| index == 0 || self.kernel_ap_start)
+                .collect();
         }
-        for (index, vcpu) in self.vcpus.iter().enumerate() {
-            let vcpu = vcpu.clone();
+        for index in 0..self.vcpus.len() {
+            let vcpus = self.vcpus.clone();
             let control = self.control.clone();
             let context = context.clone();
             let host_cpus = self
@@ -270,7 +288,7 @@ impl VcpuSet {
             // The name shows in ps and top (Linux keeps its first 15 bytes).
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu {index}"))
-                .spawn(move || vcpu_thread(index, vcpu, control, context, host_cpus));
+                .spawn(move || vcpu_thread(index, vcpus, control, context, host_cpus));
             match spawned {
                 Ok(handle) => self.lock_handles().push(handle),
                 Err(e) => {
@@ -292,7 +310,7 @@ impl VcpuSet {
         let mut state = self.control.lock();
         state.pause_depth += 1;
         self.control.attention.store(true, Ordering::SeqCst);
-        kick_all(&state);
+        self.control.kick_all();
         while state.parked < state.live {
             state = self
                 .control
@@ -390,7 +408,7 @@ impl Drop for VcpuSet {
 
 fn vcpu_thread(
     index: usize,
-    vcpu: SharedVcpu,
+    vcpus: Arc<[SharedVcpu]>,
     control: Arc<VmControl>,
     context: Arc<ExitContext>,
     host_cpus: Option<Vec<u32>>,
@@ -403,14 +421,16 @@ fn vcpu_thread(
             )));
         }
     }
+    let vcpu = &vcpus[index];
+    if let Err(e) = vcpu
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .enter_thread()
     {
-        let mut state = control.lock();
-        // SAFETY: pthread_self has no preconditions.
-        state.threads[index] = Some(unsafe { libc::pthread_self() });
+        control.request_exit(ExitReason::Error(format!("vCPU {index}: {e}")));
     }
-    vcpu.lock().unwrap_or_else(|e| e.into_inner()).arm_kick();
 
-    loop {
+    while wait_until_started(index, &control) {
         if control.attention.load(Ordering::SeqCst) && !park_if_needed(&control) {
             break;
         }
@@ -418,20 +438,37 @@ fn vcpu_thread(
         // Run until something needs the control state; the vCPU lock is dropped in between so
         // a paused set can hand the vCPU to `with_vcpu`.
         while !control.attention.load(Ordering::SeqCst) {
-            if let Some(reason) = run_once(index, guard.as_mut(), &context) {
+            if let Some(reason) = run_once(index, guard.as_mut(), &context, &vcpus, &control) {
                 control.request_exit(reason);
             }
         }
         drop(guard);
     }
 
-    let mut guard = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-    guard.disarm_kick();
-    drop(guard);
+    vcpu.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .leave_thread();
     let mut state = control.lock();
-    state.threads[index] = None;
     state.live -= 1;
     control.changed.notify_all();
+}
+
+/// Wait, counted as parked, until vCPU `index` may run; false when the VM ends first.
+fn wait_until_started(index: usize, control: &VmControl) -> bool {
+    let mut state = control.lock();
+    if state.started.get(index).copied().unwrap_or(true) {
+        return state.exit.is_none();
+    }
+    state.parked += 1;
+    control.changed.notify_all();
+    while !state.started[index] && state.exit.is_none() {
+        state = control
+            .changed
+            .wait(state)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+    state.parked -= 1;
+    state.exit.is_none()
 }
 
 /// Park while a pause is outstanding; returns false when the thread must leave its loop.
@@ -455,70 +492,63 @@ fn park_if_needed(control: &VmControl) -> bool {
     state.exit.is_none()
 }
 
-/// Enter the guest once and handle the exit; returns a reason when the VM must stop.
-fn run_once(index: usize, vcpu: &mut dyn Vcpu, context: &ExitContext) -> Option<ExitReason> {
-    let exit = match vcpu.run() {
+/// Put AP `ap` at `rip` and let its thread run (user-space AP start).
+fn start_ap(vcpus: &[SharedVcpu], control: &VmControl, ap: u32, rip: u64) -> Result<(), String> {
+    let index = usize::try_from(ap).map_err(|_| format!("no vCPU {ap}"))?;
+    let vcpu = vcpus.get(index).ok_or_else(|| format!("no vCPU {ap}"))?;
+    let mut state = control.lock();
+    if state.started.get(index).copied().unwrap_or(true) {
+        // bhyve ignores a second SIPI to a running AP, as hardware does.
+        log::debug!("vCPU {ap} is already running; start at {rip:#x} ignored");
+        return Ok(());
+    }
+    // Its thread waits in `wait_until_started` without holding the vCPU's lock.
+    vcpu.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .start_ap(rip)
+        .map_err(|e| format!("vCPU {ap}: cannot start it at {rip:#x}: {e}"))?;
+    state.started[index] = true;
+    control.changed.notify_all();
+    Ok(())
+}
+
+/// Enter the guest once and handle what ended the run; returns a reason when the VM must stop.
+fn run_once(
+    index: usize,
+    vcpu: &mut dyn Vcpu,
+    context: &ExitContext,
+    vcpus: &[SharedVcpu],
+    control: &VmControl,
+) -> Option<ExitReason> {
+    let exit = match vcpu.run(context) {
         Ok(exit) => exit,
         Err(e) => return Some(ExitReason::Error(format!("vCPU {index}: {e}"))),
     };
-    let unhandled_port = match exit {
-        VmExit::IoIn { port, size, data } => {
-            io_in(&context.buses, context.strict_io, port, size, data)
-        }
-        VmExit::IoOut { port, size, data } => {
-            io_out(&context.buses, context.strict_io, port, size, data)
-        }
-        VmExit::MmioRead { gpa, data } => {
-            if !context.buses.mmio.read(gpa, data) {
-                log::debug!("unhandled MMIO read of {} bytes at {gpa:#x}", data.len());
-                data.fill(0xff);
-            }
-            None
-        }
-        VmExit::MmioWrite { gpa, data } => {
-            if !context.buses.mmio.write(gpa, data) {
-                log::debug!("unhandled MMIO write of {} bytes at {gpa:#x}", data.len());
-            }
-            None
-        }
+    match exit {
         // bhyve treats a HLT exit as a hint to yield; halting for good is detected elsewhere.
-        VmExit::Halt | VmExit::Interrupted => None,
-        VmExit::Shutdown => return Some(ExitReason::TripleFault),
-        VmExit::SystemEvent(crate::vmm::SystemEvent::Reset) => return Some(ExitReason::Reset),
-        VmExit::SystemEvent(crate::vmm::SystemEvent::Shutdown) => {
-            return Some(ExitReason::PowerOff)
-        }
-        VmExit::SystemEvent(crate::vmm::SystemEvent::Crash) => {
-            return Some(ExitReason::Error(format!(
-                "vCPU {index}: the guest reported a crash"
-            )))
-        }
-        VmExit::InternalError { suberror, detail } => {
+        VmExit::Halted | VmExit::Interrupted => None,
+        VmExit::StartAp { vcpu: ap, rip } => start_ap(vcpus, control, ap, rip)
+            .err()
+            .map(ExitReason::Error),
+        VmExit::Suspended(SuspendReason::Reset) => Some(ExitReason::Reset),
+        VmExit::Suspended(SuspendReason::PowerOff) => Some(ExitReason::PowerOff),
+        VmExit::Suspended(SuspendReason::Halt) => Some(ExitReason::Halt),
+        VmExit::Suspended(SuspendReason::TripleFault) => Some(ExitReason::TripleFault),
+        VmExit::GuestCrash => Some(ExitReason::Error(format!(
+            "vCPU {index}: the guest reported a crash"
+        ))),
+        // Name the instruction's address, as bhyve does ("Unhandled outb 0x0080 at 0x...").
+        VmExit::AccessFault(what) => {
             let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
-            return Some(ExitReason::Error(format!(
-                "vCPU {index}: the hypervisor cannot continue (internal error {suberror}, \
-                 data {detail:x?}) at rip {rip:#x}"
-            )));
+            Some(ExitReason::Error(format!("{what} at {rip:#x}")))
         }
-        VmExit::FailEntry { reason } => {
-            return Some(ExitReason::Error(format!(
-                "vCPU {index}: entering the guest failed (reason {reason:#x})"
-            )))
-        }
-        VmExit::Unknown(what) => {
-            return Some(ExitReason::Error(format!(
-                "vCPU {index}: unexpected exit {what}"
-            )))
-        }
-    };
-    // Name the instruction's address, as bhyve does ("Unhandled outb 0x0080 at 0x...").
-    unhandled_port.map(|reason| match reason {
-        ExitReason::Error(message) => {
+        VmExit::Failed(why) => {
             let rip = vcpu.regs().map(|r| r.rip).unwrap_or_default();
-            ExitReason::Error(format!("{message} at {rip:#x}"))
+            Some(ExitReason::Error(format!(
+                "vCPU {index} at rip {rip:#x}: {why}"
+            )))
         }
-        other => other,
-    })
+    }
 }
 
 fn access_name(input: bool, size: u8) -> String {
@@ -530,35 +560,29 @@ fn access_name(input: bool, size: u8) -> String {
     format!("{}{suffix}", if input { "in" } else { "out" })
 }
 
-/// Port input: each access of `size` bytes goes to the owning device; unowned ports read as
-/// all-ones, or stop the VM under `x86.strictio` (bhyve's inout.c and vmexit_inout).
-fn io_in(buses: &Buses, strict: bool, port: u16, size: u8, data: &mut [u8]) -> Option<ExitReason> {
-    let size = usize::from(size.max(1));
-    for chunk in data.chunks_mut(size) {
-        if !buses.pio.read(u64::from(port), chunk) {
-            if strict {
-                return Some(ExitReason::Error(format!(
-                    "Unhandled {} 0x{port:04x}",
-                    access_name(true, size as u8)
-                )));
-            }
-            chunk.fill(0xff);
-        }
-    }
-    None
-}
-
-fn io_out(buses: &Buses, strict: bool, port: u16, size: u8, data: &[u8]) -> Option<ExitReason> {
-    let size = usize::from(size.max(1));
-    for chunk in data.chunks(size) {
-        if !buses.pio.write(u64::from(port), chunk) && strict {
-            return Some(ExitReason::Error(format!(
+/// Port input of one access: the owning device fills `data`; an unowned port reads as
+/// all-ones, or stops the VM under `x86.strictio` (bhyve's inout.c and vmexit_inout).
+fn io_in(buses: &Buses, strict: bool, port: u16, data: &mut [u8]) -> Result<(), AccessFault> {
+    if !buses.pio.read(u64::from(port), data) {
+        if strict {
+            return Err(AccessFault(format!(
                 "Unhandled {} 0x{port:04x}",
-                access_name(false, size as u8)
+                access_name(true, data.len() as u8)
             )));
         }
+        data.fill(0xff);
     }
-    None
+    Ok(())
+}
+
+fn io_out(buses: &Buses, strict: bool, port: u16, data: &[u8]) -> Result<(), AccessFault> {
+    if !buses.pio.write(u64::from(port), data) && strict {
+        return Err(AccessFault(format!(
+            "Unhandled {} 0x{port:04x}",
+            access_name(false, data.len() as u8)
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -576,39 +600,59 @@ mod tests {
         }
     }
 
+    fn context(strict_io: bool, strict_msr: bool) -> ExitContext {
+        ExitContext {
+            buses: Arc::new(Buses::default()),
+            strict_io,
+            strict_msr,
+        }
+    }
+
     #[test]
     fn unhandled_port_reads_return_all_ones_and_writes_are_dropped() {
-        let buses = Buses::default();
+        let lax = context(false, true);
         let mut word = [0u8; 2];
-        assert_eq!(io_in(&buses, false, 0x80, 2, &mut word), None);
+        assert_eq!(lax.port_read(0x80, &mut word), Ok(()));
         assert_eq!(word, [0xff, 0xff]);
-        assert_eq!(io_out(&buses, false, 0x80, 1, &[1]), None);
+        assert_eq!(lax.port_write(0x80, &[1]), Ok(()));
     }
 
     #[test]
     fn strictio_makes_unhandled_ports_fatal_and_names_them() {
-        let buses = Buses::default();
+        let strict = context(true, true);
         let mut byte = [0u8; 1];
         assert_eq!(
-            io_in(&buses, true, 0x2f8, 1, &mut byte),
-            Some(ExitReason::Error("Unhandled inb 0x02f8".into()))
+            strict.port_read(0x2f8, &mut byte),
+            Err(AccessFault("Unhandled inb 0x02f8".into()))
         );
         assert_eq!(
-            io_out(&buses, true, 0x80, 4, &[0; 4]),
-            Some(ExitReason::Error("Unhandled outl 0x0080".into()))
+            strict.port_write(0x80, &[0; 4]),
+            Err(AccessFault("Unhandled outl 0x0080".into()))
         );
     }
 
     #[test]
-    fn string_io_is_split_into_single_accesses() {
-        let buses = Buses::default();
+    fn each_access_reaches_the_device_that_owns_the_port() {
+        let ctx = context(true, true);
         let latch = Arc::new(Mutex::new(Latch(Vec::new())));
-        buses.pio.insert(0x3f8, 1, latch.clone()).unwrap();
-        assert_eq!(io_out(&buses, true, 0x3f8, 1, b"abc"), None);
+        ctx.buses.pio.insert(0x3f8, 1, latch.clone()).unwrap();
+        for byte in b"abc" {
+            assert_eq!(ctx.port_write(0x3f8, &[*byte]), Ok(()));
+        }
         assert_eq!(latch.lock().unwrap().0, b"abc");
-        let mut three = [0u8; 3];
-        assert_eq!(io_in(&buses, true, 0x3f8, 1, &mut three), None);
-        assert_eq!(three, [0x5a; 3]);
+        let mut one = [0u8; 1];
+        assert_eq!(ctx.port_read(0x3f8, &mut one), Ok(()));
+        assert_eq!(one, [0x5a]);
+    }
+
+    #[test]
+    fn strictmsr_raises_gp_and_lax_mode_reads_zero_and_drops_writes() {
+        let strict = context(false, true);
+        assert_eq!(strict.msr_read(0, 0x1234_5678), Ok(None));
+        assert_eq!(strict.msr_write(0, 0x1234_5678, 1), Ok(false));
+        let lax = context(false, false);
+        assert_eq!(lax.msr_read(0, 0x1234_5678), Ok(Some(0)));
+        assert_eq!(lax.msr_write(0, 0x1234_5678, 1), Ok(true));
     }
 
     #[test]
@@ -631,5 +675,171 @@ mod tests {
             control.wait_for_exit(Duration::from_secs(1)),
             Some(ExitReason::PowerOff)
         );
+    }
+
+    /// A backend that plays back a list of exits, for the parts of the seam KVM never uses.
+    mod fake {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        use crate::vmm::{
+            BackendState, BlockedProbe, ExitHandler, MpState, Msr, Regs, Result, SpecialRegs, Vcpu,
+            VcpuKick, VmExit, VmmError,
+        };
+
+        #[derive(Default)]
+        pub struct Kick(AtomicBool);
+
+        impl VcpuKick for Kick {
+            fn kick(&self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+
+        pub struct FakeVcpu {
+            pub id: u32,
+            pub script: Vec<VmExit>,
+            pub kick: Arc<Kick>,
+            /// `start_ap` calls, and whether `run` came before its vCPU was started.
+            pub starts: Arc<Mutex<Vec<(u32, u64)>>>,
+            pub ran_unstarted: Arc<AtomicBool>,
+            pub started: bool,
+        }
+
+        impl Vcpu for FakeVcpu {
+            fn id(&self) -> u32 {
+                self.id
+            }
+            fn run(&mut self, _handler: &dyn ExitHandler) -> Result<VmExit> {
+                if !self.started {
+                    self.ran_unstarted.store(true, Ordering::SeqCst);
+                }
+                loop {
+                    if self.kick.0.swap(false, Ordering::SeqCst) {
+                        return Ok(VmExit::Interrupted);
+                    }
+                    if !self.script.is_empty() {
+                        return Ok(self.script.remove(0));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            fn kicker(&self) -> Arc<dyn VcpuKick> {
+                self.kick.clone()
+            }
+            fn enter_thread(&mut self) -> Result<()> {
+                Ok(())
+            }
+            fn leave_thread(&mut self) {}
+            fn start_ap(&mut self, rip: u64) -> Result<()> {
+                self.started = true;
+                self.starts.lock().unwrap().push((self.id, rip));
+                Ok(())
+            }
+            fn inject_exception(&self, _vector: u8, _error_code: Option<u32>) -> Result<()> {
+                Err(VmmError::Unsupported("exceptions in the fake backend"))
+            }
+            fn regs(&self) -> Result<Regs> {
+                Ok(Regs::default())
+            }
+            fn set_regs(&self, _regs: &Regs) -> Result<()> {
+                Ok(())
+            }
+            fn special_regs(&self) -> Result<SpecialRegs> {
+                Ok(SpecialRegs::default())
+            }
+            fn set_special_regs(&self, _sregs: &SpecialRegs) -> Result<()> {
+                Ok(())
+            }
+            fn msrs(&self, _indices: &[u32]) -> Result<Vec<Msr>> {
+                Ok(Vec::new())
+            }
+            fn set_msrs(&self, _msrs: &[Msr]) -> Result<()> {
+                Ok(())
+            }
+            fn mp_state(&self) -> Result<MpState> {
+                Ok(MpState::Runnable)
+            }
+            fn set_mp_state(&self, _state: MpState) -> Result<()> {
+                Ok(())
+            }
+            fn blocked_probe(&self) -> Option<Box<dyn BlockedProbe>> {
+                None
+            }
+            fn save_state(&self) -> Result<BackendState> {
+                Err(VmmError::Unsupported("snapshots of the fake backend"))
+            }
+            fn restore_state(&self, _state: &BackendState) -> Result<()> {
+                Err(VmmError::Unsupported("snapshots of the fake backend"))
+            }
+            fn notify_paused(&self) -> Result<()> {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn where_user_space_starts_aps_an_ap_runs_only_after_its_start_exit() {
+        use crate::vmm::{SuspendReason, VmExit};
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let ran_unstarted = Arc::new(AtomicBool::new(false));
+        let vcpu = |id: u32, script: Vec<VmExit>| -> Box<dyn Vcpu> {
+            Box::new(fake::FakeVcpu {
+                id,
+                script,
+                kick: Arc::default(),
+                starts: starts.clone(),
+                ran_unstarted: ran_unstarted.clone(),
+                started: id == 0,
+            })
+        };
+        let bsp = vcpu(
+            0,
+            vec![
+                VmExit::Halted,
+                VmExit::StartAp {
+                    vcpu: 1,
+                    rip: 0x9000,
+                },
+            ],
+        );
+        let ap = vcpu(1, vec![VmExit::Suspended(SuspendReason::PowerOff)]);
+        let control = VmControl::new();
+        let set = VcpuSet::new(vec![bsp, ap], control.clone(), false);
+        set.start(Arc::new(context(true, true))).unwrap();
+        assert_eq!(
+            control.wait_for_exit(Duration::from_secs(10)),
+            Some(ExitReason::PowerOff)
+        );
+        set.join();
+        assert_eq!(*starts.lock().unwrap(), vec![(1, 0x9000)]);
+        assert!(
+            !ran_unstarted.load(Ordering::SeqCst),
+            "the AP ran before its start"
+        );
+    }
+
+    #[test]
+    fn a_paused_set_counts_aps_still_waiting_for_their_start() {
+        let kick = Arc::new(fake::Kick::default());
+        let vcpu = |id: u32| -> Box<dyn Vcpu> {
+            Box::new(fake::FakeVcpu {
+                id,
+                script: Vec::new(),
+                kick: kick.clone(),
+                starts: Arc::default(),
+                ran_unstarted: Arc::default(),
+                started: id == 0,
+            })
+        };
+        let control = VmControl::new();
+        let set = VcpuSet::new(vec![vcpu(0), vcpu(1)], control.clone(), false);
+        set.start(Arc::new(context(true, true))).unwrap();
+        set.pause_all().unwrap();
+        // Both paused: the AP's state can be read although it never ran.
+        assert!(set.with_vcpu(1, |v| v.id()).is_ok());
+        set.resume_all();
+        control.request_exit(ExitReason::PowerOff);
+        set.join();
     }
 }

@@ -45,7 +45,7 @@ pub use linux::{
 
 use crate::config::Config;
 use crate::memory::{GuestMemory, MemoryError};
-use crate::vmm::{describe_io_error, DescriptorTable, Msr, Regs, Segment, SpecialRegs};
+use crate::vmm::{describe_io_error, DescriptorTable, Regs, Segment, SpecialRegs};
 
 pub const GDT_ADDR: u64 = 0x500;
 pub const BOOT_PARAMS_ADDR: u64 = 0x7000;
@@ -325,39 +325,6 @@ pub fn boot_special_regs(current: &SpecialRegs) -> SpecialRegs {
         efer: EFER_LME | EFER_LMA,
         apic_base: current.apic_base,
     }
-}
-
-pub const MSR_IA32_TSC: u32 = 0x10;
-pub const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-pub const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-pub const MSR_STAR: u32 = 0xc000_0081;
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-pub const MSR_CSTAR: u32 = 0xc000_0083;
-pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-
-/// MSR values every vCPU starts with: syscall MSRs clear, fast strings on, MTRRs enabled with
-/// write-back as the default type (what firmware leaves behind).
-pub fn boot_msrs() -> Vec<Msr> {
-    [
-        (MSR_IA32_SYSENTER_CS, 0),
-        (MSR_IA32_SYSENTER_ESP, 0),
-        (MSR_IA32_SYSENTER_EIP, 0),
-        (MSR_STAR, 0),
-        (MSR_LSTAR, 0),
-        (MSR_CSTAR, 0),
-        (MSR_SYSCALL_MASK, 0),
-        (MSR_KERNEL_GS_BASE, 0),
-        (MSR_IA32_TSC, 0),
-        (MSR_IA32_MISC_ENABLE, 1),
-        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
-    ]
-    .into_iter()
-    .map(|(index, value)| Msr { index, value })
-    .collect()
 }
 
 #[cfg(test)]

@@ -5,21 +5,20 @@
 //! the operand, `config.dump`, and the checks of topology, CPU pinning and memory size. It never
 //! prints; [`main`] prints and runs the machine.
 
-pub mod cnum;
 mod getopt;
 mod lpc;
 mod pci;
 
 use std::path::PathBuf;
 
+use crate::cnum;
 use crate::config::{Config, ConfigError};
+use crate::description::{DescriptionError, MachineDescription, CPU_SETSIZE};
 pub use getopt::{Getopt, GetoptItem};
 pub use pci::emulation_names;
 
 /// sysexits(3) `EX_USAGE`.
 pub const EX_USAGE: i32 = 64;
-/// FreeBSD's `CPU_SETSIZE` (amd64), the bound of host CPU numbers.
-pub const CPU_SETSIZE: i64 = 1024;
 /// Bound on a `-k` file, far above any real configuration.
 const MAX_CONFIG_FILE: u64 = 16 << 20;
 
@@ -87,15 +86,6 @@ pub enum Invocation {
         stderr: String,
         status: i32,
     },
-}
-
-/// The CPU topology bhyve derives from `cpus`, `sockets`, `cores` and `threads`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Topology {
-    pub cpus: u16,
-    pub sockets: u16,
-    pub cores: u16,
-    pub threads: u16,
 }
 
 /// The usage text bhyve prints on stderr (`-h`, bad options, wrong operands).
@@ -539,116 +529,19 @@ pub fn parse_bhyve_args(args: &[String]) -> Result<Invocation, CliError> {
     if p.get_bool("config.dump", Some(false))? {
         return Ok(exit_stdout(p.config.dump(), 1));
     }
-    let topology = cpu_topology(&p.config).map_err(|m| p.err(4, m))?;
-    vcpu_cpusets(&p.config, topology.cpus).map_err(|m| p.err(4, m))?;
-    memory_size(&p.config).map_err(|m| p.err(EX_USAGE, m))?;
+    // The machine is described once here and again, from the same tree, when it is built.
+    MachineDescription::from_config(&p.config).map_err(|e| {
+        let status = match e {
+            DescriptionError::MemorySize(_) => EX_USAGE,
+            DescriptionError::Topology(_) | DescriptionError::Setting(_) => 4,
+        };
+        p.err(status, e.to_string())
+    })?;
     Ok(Invocation::Run {
         config: p.config,
         restore: p.restore,
         fwcfg: p.fwcfg,
     })
-}
-
-/// The topology from the tree with FreeBSD's checks (`calc_topology`); the error is the message.
-pub fn cpu_topology(config: &Config) -> Result<Topology, String> {
-    let int = |key: &str| -> Result<Option<u16>, String> {
-        match config.get_expanded(key) {
-            None => Ok(None),
-            Some(v) => cnum::strtol_whole(&v)
-                .filter(|n| (1..=i64::from(u16::MAX)).contains(n))
-                .map(|n| Some(n as u16))
-                .ok_or_else(|| format!("Invalid value for {key}: '{v}'")),
-        }
-    };
-    let explicit = int("cpus")?;
-    let cores = int("cores")?.unwrap_or(1);
-    let threads = int("threads")?.unwrap_or(1);
-    let sockets = int("sockets")?.unwrap_or(explicit.unwrap_or(1));
-    let product = u64::from(sockets) * u64::from(cores) * u64::from(threads);
-    if product > u64::from(u16::MAX) {
-        return Err(format!("Computed number of vCPUs too high: {product}"));
-    }
-    let cpus = match explicit {
-        Some(n) if u64::from(n) != product => {
-            return Err(format!(
-                "Topology ({sockets} sockets, {cores} cores, {threads} threads) does not match {n} vCPUs"
-            ))
-        }
-        Some(n) => n,
-        None => product as u16,
-    };
-    Ok(Topology {
-        cpus,
-        sockets,
-        cores,
-        threads,
-    })
-}
-
-/// Host CPUs each vCPU below `ncpus` is pinned to (`vcpu.N.cpuset`, lists and `a-b` ranges),
-/// with FreeBSD's checks (`build_vcpumaps`); `None` for an unpinned vCPU.
-pub fn vcpu_cpusets(config: &Config, ncpus: u16) -> Result<Vec<Option<Vec<u32>>>, String> {
-    (0..ncpus)
-        .map(|vcpu| {
-            let mut key = format!("vcpu.{vcpu}.cpuset");
-            key.truncate(15);
-            config
-                .get_expanded(&key)
-                .map(|list| parse_cpuset(vcpu, &list))
-                .transpose()
-        })
-        .collect()
-}
-
-fn parse_cpuset(vcpu: u16, list: &str) -> Result<Vec<u32>, String> {
-    let invalid = || format!("invalid cpuset for vcpu {vcpu}: '{list}'");
-    let mut set = std::collections::BTreeSet::new();
-    let mut start: Option<i64> = None;
-    let mut token = list;
-    loop {
-        let (pcpu, rest) = strtoul_prefix(token).ok_or_else(invalid)?;
-        if !(0..CPU_SETSIZE).contains(&pcpu) {
-            return Err(format!(
-                "hostcpu '{pcpu}' outside valid range from 0 to {}",
-                CPU_SETSIZE - 1
-            ));
-        }
-        match rest.as_bytes().first() {
-            None | Some(b',') => {
-                if let Some(s) = start.take() {
-                    if s > pcpu {
-                        return Err(format!("Invalid hostcpu range {s}-{pcpu}"));
-                    }
-                    set.extend((s..pcpu).map(|c| c as u32));
-                }
-                set.insert(pcpu as u32);
-            }
-            Some(b'-') => {
-                if start.is_some() {
-                    return Err(invalid());
-                }
-                start = Some(pcpu);
-            }
-            Some(_) => return Err(invalid()),
-        }
-        if rest.is_empty() {
-            break;
-        }
-        token = &rest[1..];
-    }
-    Ok(set.into_iter().collect())
-}
-
-/// `strtoul(token, &end, 0)` assigned to an `int`: the value (negative for `-N` or wrapped huge
-/// numbers) and the rest, or `None` when nothing converts.
-fn strtoul_prefix(token: &str) -> Option<(i64, &str)> {
-    cnum::strtoul(token).map(|(value, rest)| (i64::from(value as i32), rest))
-}
-
-/// Guest memory size in bytes from `memory.size`; the error is FreeBSD's message.
-pub fn memory_size(config: &Config) -> Result<u64, String> {
-    let value = config.get_expanded("memory.size").unwrap_or_default();
-    crate::config::parse_memsize(&value).ok_or_else(|| format!("invalid memsize '{value}'"))
 }
 
 /// Entry point of the `bhyve` binary; returns the process exit status.
@@ -681,6 +574,7 @@ pub fn main() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::description::{topology as cpu_topology, vcpu_cpusets};
 
     fn args(line: &[&str]) -> Vec<String> {
         std::iter::once("bhyve")
@@ -801,6 +695,10 @@ mod tests {
         );
         let e = fail(&["-c", "0", "vm"]);
         assert_eq!(e.lines, vec!["bhyve: Invalid value for cpus: '0'"]);
+        // strtol takes a sign, so FreeBSD's bhyve runs two vCPUs for `cpus=+2`.
+        assert_eq!(t(&["-o", "cpus=+2", "vm"]).cpus, 2);
+        let e = fail(&["-o", "cpus=-2", "vm"]);
+        assert_eq!(e.lines, vec!["bhyve: Invalid value for cpus: '-2'"]);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! `-s slot,emulation[,conf]`: FreeBSD's `pci_parse_slot` and the per-emulation "legacy config"
 //! parsers that turn the `conf` string into keys under `pci.B.S.F`.
 
-use super::cnum::scan_ints;
 use super::{config_error, CliError};
+use crate::cnum::scan_ints;
 use crate::config::Config;
 
 /// PCI limits of FreeBSD's pci_emul.c.

@@ -660,7 +660,7 @@ fn attach_platform(
     devices.pm = Some(power);
 
     let cpus = u32::from(
-        crate::cli::cpu_topology(config)
+        crate::description::topology(config)
             .map_err(DeviceError::Platform)?
             .cpus,
     );

@@ -6,35 +6,40 @@
 //! hypervisor leaves (0x4000_0000 "KVMKVMKVM", 0x4000_0001 features) are kept, so the guest can use
 //! kvm-clock. The TSC frequency is left as KVM sets it (no TSC scaling is needed or assumed).
 //!
-//! Kicking a vCPU: the thread running it registers its `kvm_run.immediate_exit` byte
-//! ([`KvmVcpu::arm_kick`]); the kick signal handler sets that byte on the signalled thread.
+//! Kicking a vCPU: the thread running it registers its `kvm_run.immediate_exit` byte and its
+//! thread id (`Vcpu::enter_thread`); the kick signals that thread, whose handler sets the byte.
 //! A signal that arrives while the thread is inside `KVM_RUN` makes it return `EINTR`; one that
 //! arrives just before makes the next `KVM_RUN` return at once. Either way the vCPU reports
 //! [`VmExit::Interrupted`] and the flag is cleared again.
+//!
+//! Port I/O, MMIO and unknown MSRs (`KVM_CAP_X86_USER_SPACE_MSR`) are served inside
+//! `Vcpu::run`, which enters the guest again until a lifecycle event or a kick.
 
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_run,
-    kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, Xsave, KVM_CLOCK_TSC_STABLE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
-    KVM_MEM_READONLY, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_dtable, kvm_enable_cap, kvm_irqchip,
+    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
+    kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_CAP_X86_USER_SPACE_MSR, KVM_CLOCK_TSC_STABLE,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MEM_READONLY, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuExit, VcpuFd, VmFd};
 
 use super::cpuid::{apply_topology, check_features_available, CpuidEntry};
 use super::{
-    BackendState, BlockedProbe, DescriptorTable, Hypervisor, MpState, Msr, Regs, Result, Segment,
-    SpecialRegs, StateSection, SystemEvent, Topology, Vcpu, VmExit, VmmError,
+    AccessFault, BackendState, BlockedProbe, DescriptorTable, ExitHandler, Hypervisor, MpState,
+    Msr, PlatformCaps, Regs, Result, Segment, SpecialRegs, StateSection, SuspendReason, Topology,
+    Vcpu, VcpuKick, VmExit, VmSpec, VmmError,
 };
 use crate::interrupts::InterruptSink;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -79,8 +84,49 @@ impl KvmHypervisor {
     }
 }
 
+/// What KVM's kernel provides: the interrupt controllers and the PIT, but not the RTC, the PM
+/// timer or the HPET, which user space emulates; a 24-pin I/O APIC; APs started by the in-kernel
+/// local APIC; halts seen only by watching the vCPUs.
+const KVM_PLATFORM: PlatformCaps = PlatformCaps {
+    kernel_rtc: false,
+    kernel_pm_timer: false,
+    kernel_hpet: false,
+    ioapic_pins: 24,
+    kernel_halt_detection: false,
+    kernel_ap_start: true,
+    prebuilt_ram: true,
+    snapshots: true,
+};
+
 impl Hypervisor for KvmHypervisor {
-    fn create_vm(&self) -> Result<Arc<dyn super::Vm>> {
+    fn platform(&self) -> PlatformCaps {
+        KVM_PLATFORM
+    }
+
+    fn create_vm(&self, spec: VmSpec) -> Result<Arc<dyn super::Vm>> {
+        install_kick_handler()?;
+        let memory = match spec.memory.prebuilt {
+            Some(memory) => memory,
+            None => GuestMemory::new(spec.memory.size)
+                .map_err(|e| VmmError::Invalid(format!("guest memory: {e}")))?,
+        };
+        if !spec.memory.guest_in_core {
+            memory.advise_dontdump();
+        }
+        if spec.memory.wired {
+            memory
+                .wire()
+                .map_err(|e| VmmError::Invalid(format!("guest memory: {e}")))?;
+        }
+        // HLT and PAUSE are handled in the kernel (the in-kernel local APIC blocks a halted
+        // vCPU; PAUSE-loop exits are KVM's own), and x2APIC mode is the guest's choice through
+        // CPUID, so `spec.capabilities` asks for nothing KVM does not already do.
+        log::debug!(
+            "creating VM {:?} ({:?}, {:?})",
+            spec.name,
+            spec.topology,
+            spec.capabilities
+        );
         let fd = self
             .kvm
             .create_vm()
@@ -98,6 +144,19 @@ impl Hypervisor for KvmHypervisor {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmmError::ioctl("KVM_CREATE_PIT2", e))?;
+        // MSRs KVM does not know leave to user space, which applies x86.strictmsr as bhyve
+        // does; without the capability KVM raises #GP itself, which is the strict behaviour.
+        let user_space_msrs = fd.check_extension(Cap::X86UserSpaceMsr)
+            && fd
+                .enable_cap(&kvm_enable_cap {
+                    cap: KVM_CAP_X86_USER_SPACE_MSR,
+                    args: [u64::from(MsrExitReason::Unknown.bits()), 0, 0, 0],
+                    ..Default::default()
+                })
+                .is_ok();
+        if !user_space_msrs {
+            log::debug!("KVM_CAP_X86_USER_SPACE_MSR unavailable: unknown MSRs always raise #GP");
+        }
         let supported = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -110,19 +169,28 @@ impl Hypervisor for KvmHypervisor {
             .as_slice()
             .into();
         let xsave_size = fd.check_extension_int(Cap::Xsave2).max(0) as usize;
-        Ok(Arc::new(KvmVm {
+        let vm = KvmVm {
             fd,
+            memory: Arc::new(memory),
+            topology: spec.topology,
             cpuid,
             msr_indices,
             xsave_size,
             next_slot: std::sync::atomic::AtomicU32::new(0),
             tsc_warned: Arc::new(AtomicBool::new(false)),
-        }))
+        };
+        for region in vm.memory.regions() {
+            vm.add_slot(region, 0)?;
+        }
+        Ok(Arc::new(vm))
     }
 }
 
 pub struct KvmVm {
     fd: VmFd,
+    /// Guest RAM, registered as memory slots for the VM's whole life.
+    memory: Arc<GuestMemory>,
+    topology: Topology,
     cpuid: Vec<CpuidEntry>,
     /// Every MSR KVM can save and restore.
     msr_indices: Arc<[u32]>,
@@ -152,19 +220,21 @@ impl KvmVm {
             memory_size: region.len(),
             userspace_addr: region.host_address() as u64,
         };
-        // SAFETY: the region is a live mapping of exactly `memory_size` bytes; the caller keeps
-        // it alive while the VM exists (documented on the trait methods).
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes that stays alive
+        // while the VM exists: guest RAM is owned by the VM, a ROM by the caller (documented on
+        // `Vm::map_rom`).
         unsafe { self.fd.set_user_memory_region(description) }
             .map_err(|e| VmmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
     }
 }
 
 impl super::Vm for KvmVm {
-    fn map_memory(&self, memory: &GuestMemory) -> Result<()> {
-        for region in memory.regions() {
-            self.add_slot(region, 0)?;
-        }
-        Ok(())
+    fn platform(&self) -> &PlatformCaps {
+        &KVM_PLATFORM
+    }
+
+    fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
     }
 
     fn map_rom(&self, rom: &GuestRegion) -> Result<()> {
@@ -176,13 +246,13 @@ impl super::Vm for KvmVm {
         self.add_slot(rom, KVM_MEM_READONLY)
     }
 
-    fn create_vcpu(&self, id: u32, topology: &Topology) -> Result<Box<dyn Vcpu>> {
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
         let mut fd = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| VmmError::ioctl("KVM_CREATE_VCPU", e))?;
         let mut entries = self.cpuid.clone();
-        apply_topology(&mut entries, id, topology);
+        apply_topology(&mut entries, id, &self.topology);
         let kvm_entries: Vec<kvm_cpuid_entry2> = entries
             .iter()
             .map(|e| kvm_cpuid_entry2 {
@@ -201,14 +271,21 @@ impl super::Vm for KvmVm {
         fd.set_cpuid2(&cpuid)
             .map_err(|e| VmmError::ioctl("KVM_SET_CPUID2", e))?;
         let run: *mut kvm_run = fd.get_kvm_run();
-        Ok(Box::new(KvmVcpu {
+        let vcpu = KvmVcpu {
             id,
             fd,
             run,
+            kick: Arc::new(KvmKick::default()),
             msr_indices: self.msr_indices.clone(),
             xsave_size: self.xsave_size,
             tsc_warned: self.tsc_warned.clone(),
-        }))
+        };
+        vcpu.set_msrs(&reset_msrs())?;
+        // KVM makes every vCPU runnable; an AP waits for the BSP's INIT/SIPI, as on hardware.
+        if id > 0 {
+            vcpu.set_mp_state(MpState::WaitForSipi)?;
+        }
+        Ok(Box::new(vcpu))
     }
 
     fn interrupt_sink(self: Arc<Self>) -> Arc<dyn InterruptSink> {
@@ -287,6 +364,45 @@ impl super::Vm for KvmVm {
         }
         Ok(())
     }
+
+    fn finish_restore(&self) -> Result<()> {
+        // kvm-clock went back with the VM state; the PIT and the local APIC timers count from
+        // their restored state on their own.
+        Ok(())
+    }
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// MSR values every vCPU starts with: syscall MSRs clear, fast strings on, MTRRs enabled with
+/// write-back as the default type (what firmware leaves behind; FreeBSD's vmm sets its own on
+/// vCPU reset).
+fn reset_msrs() -> Vec<Msr> {
+    [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_LSTAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, 1),
+        (MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
+    ]
+    .into_iter()
+    .map(|(index, value)| Msr { index, value })
+    .collect()
 }
 
 const BACKEND: &str = "kvm";
@@ -497,14 +613,75 @@ thread_local! {
     static KICK_TARGET: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Called from the kick signal handler on the signalled thread. Async-signal-safe: it touches
-/// only a const-initialised thread-local and one byte of the kvm_run page.
-pub(crate) fn on_kick_signal() {
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Runs on the signalled thread. Async-signal-safe: it touches only a const-initialised
+/// thread-local and one byte of the kvm_run page.
+extern "C" fn on_kick_signal(_signal: libc::c_int) {
     let target = KICK_TARGET.with(Cell::get);
     if !target.is_null() {
-        // SAFETY: a non-null target was registered by `arm_kick` on this thread and is cleared
-        // by `disarm_kick` before the vCPU (and its kvm_run mapping) leaves the thread.
+        // SAFETY: a non-null target was registered by `enter_thread` on this thread and is
+        // cleared by `leave_thread` before the vCPU (and its kvm_run mapping) leaves the thread.
         unsafe { std::ptr::write_volatile(target, 1) };
+    }
+}
+
+/// Install the kick handler once per process, without SA_RESTART so a blocking `KVM_RUN`
+/// returns.
+fn install_kick_handler() -> Result<()> {
+    static INSTALL: Once = Once::new();
+    static ERRNO: AtomicI32 = AtomicI32::new(0);
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid starting point and the handler is an
+        // async-signal-safe extern "C" function.
+        let rc = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_kick_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = 0;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(kick_signal(), &action, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            let errno = io::Error::last_os_error().raw_os_error();
+            ERRNO.store(errno.unwrap_or(libc::EINVAL), Ordering::SeqCst);
+        }
+    });
+    match ERRNO.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        errno => Err(VmmError::Ioctl {
+            what: "sigaction (vCPU kick signal)",
+            source: io::Error::from_raw_os_error(errno),
+        }),
+    }
+}
+
+/// Kicks one vCPU: signals the thread that runs it, whose handler sets its `immediate_exit`.
+/// A signal that arrives while the thread is inside `KVM_RUN` makes it return `EINTR`; one that
+/// arrives just before makes the next `KVM_RUN` return at once.
+#[derive(Default)]
+struct KvmKick {
+    /// The thread running the vCPU; set and cleared under the lock, so a listed thread is live
+    /// while a kick signals it.
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+impl VcpuKick for KvmKick {
+    fn kick(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(thread) = *thread {
+            // SAFETY: the thread id is listed only between `enter_thread` and `leave_thread`,
+            // both on that thread and under this lock, so the thread is alive here.
+            let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
+            if rc != 0 {
+                log::warn!(
+                    "cannot kick a vCPU thread: {}",
+                    io::Error::from_raw_os_error(rc)
+                );
+            }
+        }
     }
 }
 
@@ -513,6 +690,7 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     /// The vCPU's kvm_run page, mapped by `fd` for its whole life.
     run: *mut kvm_run,
+    kick: Arc<KvmKick>,
     msr_indices: Arc<[u32]>,
     xsave_size: usize,
     tsc_warned: Arc<AtomicBool>,
@@ -760,6 +938,78 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// Enter the guest once. Accesses are served through `handler` and give `None`, so the
+    /// caller enters again; anything else is the lifecycle event to report.
+    fn run_once(&mut self, handler: &dyn ExitHandler) -> Result<Option<VmExit>> {
+        let run = self.run;
+        let immediate_exit = self.immediate_exit();
+        let id = self.id;
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // SAFETY: the byte belongs to this vCPU's kvm_run page (see `immediate_exit`).
+                unsafe { std::ptr::write_volatile(immediate_exit, 0) };
+                return Ok(Some(VmExit::Interrupted));
+            }
+            Err(e) => return Err(VmmError::ioctl("KVM_RUN", e)),
+        };
+        let served = match exit {
+            VcpuExit::IoIn(port, data) => {
+                let size = usize::from(Self::io_shape(run).0.max(1));
+                // String I/O arrives as `count` accesses in one buffer.
+                data.chunks_mut(size)
+                    .try_for_each(|access| handler.port_read(port, access))
+            }
+            VcpuExit::IoOut(port, data) => {
+                let size = usize::from(Self::io_shape(run).0.max(1));
+                data.chunks(size)
+                    .try_for_each(|access| handler.port_write(port, access))
+            }
+            VcpuExit::MmioRead(gpa, data) => handler.mmio_read(gpa, data),
+            VcpuExit::MmioWrite(gpa, data) => handler.mmio_write(gpa, data),
+            VcpuExit::X86Rdmsr(exit) => handler.msr_read(id, exit.index).map(|value| match value {
+                Some(value) => *exit.data = value,
+                None => *exit.error = 1,
+            }),
+            VcpuExit::X86Wrmsr(exit) => handler
+                .msr_write(id, exit.index, exit.data)
+                .map(|taken| *exit.error = u8::from(!taken)),
+            VcpuExit::Hlt => return Ok(Some(VmExit::Halted)),
+            VcpuExit::Intr => return Ok(Some(VmExit::Interrupted)),
+            VcpuExit::Shutdown => return Ok(Some(VmExit::Suspended(SuspendReason::TripleFault))),
+            VcpuExit::SystemEvent(kind, _) => {
+                return Ok(Some(match kind {
+                    KVM_SYSTEM_EVENT_RESET => VmExit::Suspended(SuspendReason::Reset),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Suspended(SuspendReason::PowerOff),
+                    KVM_SYSTEM_EVENT_CRASH => VmExit::GuestCrash,
+                    other => VmExit::Failed(format!("unknown KVM system event {other}")),
+                }))
+            }
+            VcpuExit::InternalError => {
+                let (suberror, detail) = Self::internal_error(run);
+                return Ok(Some(VmExit::Failed(describe_internal_error(
+                    suberror,
+                    &detail,
+                    host_has_hardware_virtualization(),
+                ))));
+            }
+            VcpuExit::FailEntry(reason, _) => {
+                return Ok(Some(VmExit::Failed(format!(
+                    "the hardware refused to enter the guest (invalid guest state, reason \
+                     {reason:#x})"
+                ))))
+            }
+            other => {
+                return Ok(Some(VmExit::Failed(format!(
+                    "unexpected KVM exit {other:?}"
+                ))))
+            }
+        };
+        Ok(served
+            .err()
+            .map(|AccessFault(what)| VmExit::AccessFault(what)))
+    }
+
     /// `(size, count)` of the port access the last exit describes.
     fn io_shape(run: *mut kvm_run) -> (u8, u32) {
         // SAFETY: called right after KVM_RUN reported KVM_EXIT_IO, so the `io` member of the
@@ -781,61 +1031,54 @@ impl Vcpu for KvmVcpu {
         self.id
     }
 
-    fn run(&mut self) -> Result<VmExit<'_>> {
-        let run = self.run;
-        let immediate_exit = self.immediate_exit();
-        let exit = match self.fd.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // SAFETY: the byte belongs to this vCPU's kvm_run page (see `immediate_exit`).
-                unsafe { std::ptr::write_volatile(immediate_exit, 0) };
-                return Ok(VmExit::Interrupted);
+    fn run(&mut self, handler: &dyn ExitHandler) -> Result<VmExit> {
+        loop {
+            if let Some(exit) = self.run_once(handler)? {
+                return Ok(exit);
             }
-            Err(e) => return Err(VmmError::ioctl("KVM_RUN", e)),
-        };
-        Ok(match exit {
-            VcpuExit::IoIn(port, data) => VmExit::IoIn {
-                port,
-                size: Self::io_shape(run).0,
-                data,
-            },
-            VcpuExit::IoOut(port, data) => VmExit::IoOut {
-                port,
-                size: Self::io_shape(run).0,
-                data,
-            },
-            VcpuExit::MmioRead(gpa, data) => VmExit::MmioRead { gpa, data },
-            VcpuExit::MmioWrite(gpa, data) => VmExit::MmioWrite { gpa, data },
-            VcpuExit::Hlt => VmExit::Halt,
-            VcpuExit::Shutdown => VmExit::Shutdown,
-            VcpuExit::Intr => VmExit::Interrupted,
-            VcpuExit::SystemEvent(kind, _) => match kind {
-                KVM_SYSTEM_EVENT_RESET => VmExit::SystemEvent(SystemEvent::Reset),
-                KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::SystemEvent(SystemEvent::Shutdown),
-                KVM_SYSTEM_EVENT_CRASH => VmExit::SystemEvent(SystemEvent::Crash),
-                other => VmExit::Unknown(format!("system event {other}")),
-            },
-            VcpuExit::InternalError => {
-                let (suberror, detail) = Self::internal_error(run);
-                VmExit::InternalError { suberror, detail }
-            }
-            VcpuExit::FailEntry(reason, _) => VmExit::FailEntry { reason },
-            other => VmExit::Unknown(format!("{other:?}")),
-        })
+        }
     }
 
-    fn arm_kick(&mut self) {
+    fn kicker(&self) -> Arc<dyn VcpuKick> {
+        self.kick.clone()
+    }
+
+    fn enter_thread(&mut self) -> Result<()> {
         let target = self.immediate_exit();
         KICK_TARGET.with(|t| t.set(target));
+        // SAFETY: pthread_self has no preconditions.
+        *self.kick.thread.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(unsafe { libc::pthread_self() });
+        Ok(())
     }
 
-    fn disarm_kick(&mut self) {
+    fn leave_thread(&mut self) {
+        *self.kick.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let target = self.immediate_exit();
         KICK_TARGET.with(|t| {
             if t.get() == target {
                 t.set(std::ptr::null_mut());
             }
         });
+    }
+
+    fn start_ap(&mut self, _rip: u64) -> Result<()> {
+        // The in-kernel local APIC starts APs on INIT/SIPI; no AP start reaches user space.
+        Err(VmmError::Unsupported("starting an AP from user space"))
+    }
+
+    fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| VmmError::ioctl("KVM_GET_VCPU_EVENTS", e))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(|e| VmmError::ioctl("KVM_SET_VCPU_EVENTS", e))
     }
 
     fn regs(&self) -> Result<Regs> {
@@ -1170,6 +1413,38 @@ impl Vcpu for KvmVcpu {
     }
 }
 
+/// A KVM internal error in words. On a host without VT-x/AMD-V, KVM emulates guest kernel code
+/// and real mode instruction by instruction and stops on instructions its emulator lacks
+/// (`xrstor`, `int3`, `cmpxchg16b`): the reason every UEFI firmware stops early there.
+fn describe_internal_error(suberror: u32, detail: &[u64], hardware_virtualization: bool) -> String {
+    let what = match suberror {
+        1 => "the hypervisor cannot emulate the instruction the guest stopped on",
+        2 => "an exception occurred while the hypervisor delivered another one",
+        3 => "the hypervisor could not deliver an event to the guest",
+        4 => "the hardware left the guest for a reason the hypervisor does not know",
+        _ => "the hypervisor stopped the guest on an internal error",
+    };
+    let mut text = format!("{what} (KVM internal error {suberror}, data {detail:x?})");
+    if suberror == 1 && !hardware_virtualization {
+        text.push_str(
+            "; this host has no hardware virtualization (no vmx or svm flag in /proc/cpuinfo), \
+             so KVM emulates guest kernel code and cannot run every instruction: firmware and \
+             unmodified kernels need a host with VT-x or AMD-V",
+        );
+    }
+    text
+}
+
+/// Whether the host CPU offers VT-x or AMD-V (`vmx` or `svm` in /proc/cpuinfo's flags).
+fn host_has_hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|line| line.starts_with("flags"))
+            .flat_map(str::split_whitespace)
+            .any(|flag| flag == "vmx" || flag == "svm")
+    })
+}
+
 fn segment_from_kvm(s: &kvm_segment) -> Segment {
     Segment {
         base: s.base,
@@ -1342,6 +1617,22 @@ mod tests {
     }
 
     /// The KVM backend, or `None` (with a message) where /dev/kvm cannot be used.
+    /// One vCPU and 2 MiB of RAM.
+    fn small_vm() -> VmSpec {
+        VmSpec {
+            name: "test".into(),
+            topology: Topology::default(),
+            memory: super::super::MemorySpec {
+                size: 2 << 20,
+                wired: false,
+                guest_in_core: false,
+                prebuilt: None,
+            },
+            capabilities: Default::default(),
+            destroy_on_close: true,
+        }
+    }
+
     fn kvm_or_skip() -> Option<KvmHypervisor> {
         match KvmHypervisor::open() {
             Ok(hv) => Some(hv),
@@ -1375,8 +1666,8 @@ mod tests {
                 .copied()
                 .unwrap_or_default()
         };
-        let vm = hv.create_vm().unwrap();
-        let vcpu = vm.create_vcpu(0, &Topology::default()).unwrap();
+        let vm = hv.create_vm(small_vm()).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let state = vcpu.save_state().unwrap();
 
         let cpuid = cpuid_from_bytes(state.section("cpuid").unwrap()).unwrap();
@@ -1424,8 +1715,8 @@ mod tests {
     #[test]
     fn a_long_msr_list_is_restored_in_batches_kvm_accepts() {
         let Some(hv) = kvm_or_skip() else { return };
-        let vm = hv.create_vm().unwrap();
-        let vcpu = vm.create_vcpu(0, &Topology::default()).unwrap();
+        let vm = hv.create_vm(small_vm()).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let mut state = vcpu.save_state().unwrap();
         let saved = msrs_from_bytes(state.section("msrs").unwrap()).unwrap();
         // A snapshot may list more MSRs than KVM takes in one call (a forged one, any number);
@@ -1465,8 +1756,8 @@ mod tests {
             eprintln!("skipped: KVM offers no TSC-deadline timer");
             return;
         }
-        let vm = hv.create_vm().unwrap();
-        let vcpu = vm.create_vcpu(0, &Topology::default()).unwrap();
+        let vm = hv.create_vm(small_vm()).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let mut state = vcpu.save_state().unwrap();
         // Edit the saved state: LAPIC timer in TSC-deadline mode, a deadline far ahead.
         let mut lapic: kvm_lapic_state = from_section(&state, "lapic").unwrap();
@@ -1495,8 +1786,8 @@ mod tests {
             }
         }
 
-        let other = hv.create_vm().unwrap();
-        let restored = other.create_vcpu(0, &Topology::default()).unwrap();
+        let other = hv.create_vm(small_vm()).unwrap();
+        let restored = other.create_vcpu(0).unwrap();
         other.restore_state(&vm.save_state().unwrap()).unwrap();
         restored.restore_state(&state).unwrap();
         assert_eq!(
@@ -1520,6 +1811,24 @@ mod tests {
         assert_eq!(tsc_deadline_to_restore(0, &lapic, Some(&tsc)), 5000);
         assert_eq!(tsc_deadline_to_restore(7000, &lapic, Some(&tsc)), 7000);
         assert_eq!(tsc_deadline_to_restore(0, &lapic, None), 0);
+    }
+
+    #[test]
+    fn an_emulation_failure_says_what_happened_and_blames_missing_vtx_or_amdv_only_then() {
+        let without = describe_internal_error(1, &[0x0f, 0xae], false);
+        assert!(
+            without.starts_with("the hypervisor cannot emulate the instruction"),
+            "{without}"
+        );
+        assert!(without.contains("no hardware virtualization"), "{without}");
+        let with = describe_internal_error(1, &[], true);
+        assert!(!with.contains("hardware virtualization"), "{with}");
+        let delivery = describe_internal_error(3, &[], false);
+        assert!(
+            delivery.contains("could not deliver an event"),
+            "{delivery}"
+        );
+        assert!(!delivery.contains("hardware virtualization"), "{delivery}");
     }
 
     #[test]

@@ -1,21 +1,31 @@
-//! The backend seam: one trait family, implemented by KVM (Linux) and, later, vmm (FreeBSD).
+//! The backend seam: one trait family, shaped by FreeBSD's vmm and implemented by KVM (Linux)
+//! and, on FreeBSD, by `/dev/vmm`.
 //!
-//! - [`Hypervisor`] opens the facility and creates a VM with its in-kernel interrupt controllers
-//!   and timer (KVM: PIC + IOAPIC + LAPIC and PIT; FreeBSD: vatpic, vioapic, vlapic, vatpit).
-//! - [`Vm`] registers guest memory, creates vCPUs and raises interrupts (it is the
-//!   [`InterruptSink`] devices use).
-//! - [`Vcpu`] runs until the next exit and reads or writes registers.
+//! - [`Hypervisor`] opens the facility, says which platform its kernel provides
+//!   ([`PlatformCaps`]) and creates a VM from a [`VmSpec`]: name, topology, memory and
+//!   capabilities, everything both kernels need up front.
+//! - [`Vm`] owns guest memory (FreeBSD allocates it in memory segments; KVM's backend maps it and
+//!   registers it) and the boot ROM mapping, creates vCPUs, raises interrupts (it is the
+//!   [`InterruptSink`] devices use) and saves the state its kernel holds.
+//! - [`Vcpu`] runs the guest. Port I/O, MMIO and MSR accesses are served while it runs, through
+//!   the [`ExitHandler`] it is given, so each backend decodes them its own way (KVM decodes MMIO
+//!   itself; FreeBSD hands userland the instruction to emulate). What `run` returns is a
+//!   lifecycle event only ([`VmExit`]). A vCPU is kicked out of the guest through the
+//!   [`VcpuKick`] its backend provides.
 //!
 //! Nothing outside this module names `kvm_ioctls`; exits and registers cross the seam in the
 //! backend-neutral types below. For snapshots, [`Vm::save_state`] and [`Vcpu::save_state`] hand
 //! out the hypervisor-held state as [`BackendState`]: named byte sections tagged with the
-//! backend, listed in restore order, restored by the matching `restore_state`.
+//! backend, listed in restore order, restored by the matching `restore_state`, and
+//! [`Vm::finish_restore`] ends a restore (FreeBSD's `VM_RESTORE_TIME`).
 
 use std::io;
 use std::sync::Arc;
 
 use crate::interrupts::InterruptSink;
 use crate::memory::{GuestMemory, GuestRegion};
+
+pub use crate::description::Topology;
 
 pub mod cpuid;
 #[cfg(target_os = "linux")]
@@ -63,78 +73,127 @@ pub fn describe_io_error(e: &io::Error) -> String {
     }
 }
 
-/// CPU topology as `-c cpus=N,sockets=S,cores=C,threads=T` describes it. vCPU `i` has APIC id `i`,
-/// as in bhyve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Topology {
-    pub cpus: u16,
-    pub sockets: u16,
-    pub cores: u16,
-    pub threads: u16,
-}
-
-impl Default for Topology {
-    fn default() -> Self {
-        Topology {
-            cpus: 1,
-            sockets: 1,
-            cores: 1,
-            threads: 1,
-        }
-    }
-}
-
-/// What made a vCPU leave the guest. Data slices point into the vCPU's exit area: fill an
-/// `IoIn`/`MmioRead` buffer before the next [`Vcpu::run`].
-#[derive(Debug)]
-pub enum VmExit<'a> {
-    /// `in` from `port`: `data` holds `count` accesses of `size` bytes each (string I/O gives
-    /// `count > 1`).
-    IoIn {
-        port: u16,
-        size: u8,
-        data: &'a mut [u8],
-    },
-    /// `out` to `port`, laid out like `IoIn`.
-    IoOut {
-        port: u16,
-        size: u8,
-        data: &'a [u8],
-    },
-    MmioRead {
-        gpa: u64,
-        data: &'a mut [u8],
-    },
-    MmioWrite {
-        gpa: u64,
-        data: &'a [u8],
-    },
-    /// HLT reached user space (only without an in-kernel local APIC).
-    Halt,
-    /// The vCPU shut down: a triple fault.
-    Shutdown,
-    /// The hypervisor reports a platform event (reset, power-off, crash).
-    SystemEvent(SystemEvent),
-    /// The run was cut short by a kick (signal or immediate-exit request); nothing happened.
+/// What ended a [`Vcpu::run`]: lifecycle events only. Device accesses never come back here;
+/// they are served through the [`ExitHandler`] while the vCPU runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The run was cut short by a kick ([`VcpuKick`]); nothing happened.
     Interrupted,
-    /// The hypervisor could not continue (e.g. an instruction it cannot emulate).
-    InternalError {
-        suberror: u32,
-        detail: Vec<u64>,
-    },
-    /// Entering the guest failed (invalid guest state).
-    FailEntry {
-        reason: u64,
-    },
-    /// Anything else, named for the log.
-    Unknown(String),
+    /// HLT reached user space (FreeBSD with `-H`): a hint to yield the host CPU.
+    Halted,
+    /// The guest started application processor `vcpu` at `rip` with INIT/SIPI, on a backend
+    /// whose kernel leaves AP start to user space (FreeBSD's `VM_EXITCODE_SPINUP_AP`).
+    StartAp { vcpu: u32, rip: u64 },
+    /// The VM is suspended: every vCPU stops, and bhyve exits with the reason's status.
+    Suspended(SuspendReason),
+    /// An access the [`ExitHandler`] refused to serve; the VM must stop. The text names it.
+    AccessFault(String),
+    /// The guest reported a crash through the hypervisor (KVM's crash system event).
+    GuestCrash,
+    /// The hypervisor cannot go on with this vCPU; the text says why in words.
+    Failed(String),
 }
 
+/// Why a VM is suspended, as FreeBSD's `enum vm_suspend_how` lists them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SystemEvent {
+pub enum SuspendReason {
     Reset,
-    Shutdown,
-    Crash,
+    PowerOff,
+    /// Every vCPU halted with interrupts disabled.
+    Halt,
+    TripleFault,
+}
+
+/// An access the [`ExitHandler`] could not serve; the text names it ("Unhandled inb 0x02f8").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessFault(pub String);
+
+/// Serves the guest's device and MSR accesses while a vCPU runs. A backend calls it once per
+/// access of an instruction (string I/O arrives split into single accesses).
+pub trait ExitHandler: Sync {
+    /// `in` from `port`: fill `data` (1, 2 or 4 bytes).
+    fn port_read(&self, port: u16, data: &mut [u8]) -> std::result::Result<(), AccessFault>;
+    /// `out` to `port`.
+    fn port_write(&self, port: u16, data: &[u8]) -> std::result::Result<(), AccessFault>;
+    fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> std::result::Result<(), AccessFault>;
+    fn mmio_write(&self, gpa: u64, data: &[u8]) -> std::result::Result<(), AccessFault>;
+    /// RDMSR of an MSR the hypervisor does not handle: `Some(value)`, or `None` to raise #GP.
+    fn msr_read(&self, vcpu: u32, index: u32) -> std::result::Result<Option<u64>, AccessFault>;
+    /// WRMSR of an MSR the hypervisor does not handle: `true` when taken, `false` to raise #GP.
+    fn msr_write(
+        &self,
+        vcpu: u32,
+        index: u32,
+        value: u64,
+    ) -> std::result::Result<bool, AccessFault>;
+}
+
+/// Makes a vCPU leave the guest soon: its current or next [`Vcpu::run`] returns
+/// [`VmExit::Interrupted`]. Callable from any thread; never lost, whether the vCPU is inside
+/// the guest or about to enter it (KVM: a signal and `immediate_exit`; FreeBSD:
+/// `VM_SUSPEND_CPU`).
+pub trait VcpuKick: Send + Sync {
+    fn kick(&self);
+}
+
+/// What a VM is, decided before it exists.
+pub struct VmSpec {
+    /// The VM's name (FreeBSD: `/dev/vmm/NAME`).
+    pub name: String,
+    pub topology: Topology,
+    pub memory: MemorySpec,
+    pub capabilities: VmCapabilities,
+    /// The VM is destroyed when this process closes it, even if it dies (FreeBSD 15's
+    /// `VMMCTL_CREATE_DESTROY_ON_CLOSE`; always so on KVM).
+    pub destroy_on_close: bool,
+}
+
+/// Guest RAM of a new VM.
+pub struct MemorySpec {
+    /// Bytes of RAM, laid out as [`crate::memory::layout`] says.
+    pub size: u64,
+    /// `-S`: wire every page before the guest runs.
+    pub wired: bool,
+    /// `-C`: keep guest memory in core dumps (left out otherwise).
+    pub guest_in_core: bool,
+    /// RAM the caller built (a snapshot's RAM, mapped or copied), used instead of fresh memory;
+    /// only where [`PlatformCaps::prebuilt_ram`] says the backend takes it.
+    pub prebuilt: Option<GuestMemory>,
+}
+
+/// vmm capabilities bhyve sets per vCPU (`VM_CAP_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmCapabilities {
+    /// `-H`: HLT exits to user space (`VM_CAP_HALT_EXIT`).
+    pub exit_on_hlt: bool,
+    /// `-P`: PAUSE exits (`VM_CAP_PAUSE_EXIT`).
+    pub exit_on_pause: bool,
+    /// `-x`: local APICs in x2APIC mode (`vm_set_x2apic_state`).
+    pub x2apic: bool,
+}
+
+/// What the backend's kernel provides and how it behaves, so user space supplies exactly the
+/// rest and a guest sees the same machine on every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformCaps {
+    /// The RTC/CMOS lives in the kernel (FreeBSD's vrtc); user space only seeds it.
+    pub kernel_rtc: bool,
+    /// The ACPI PM timer lives in the kernel (FreeBSD's vpmtmr).
+    pub kernel_pm_timer: bool,
+    /// The HPET lives in the kernel (FreeBSD's vhpet).
+    pub kernel_hpet: bool,
+    /// Input pins of the kernel's I/O APIC (FreeBSD 32, KVM 24).
+    pub ioapic_pins: u8,
+    /// The kernel suspends the VM itself when every vCPU halts with interrupts disabled
+    /// (FreeBSD's `VM_SUSPEND_HALT`); otherwise user space watches for it.
+    pub kernel_halt_detection: bool,
+    /// The kernel starts APs on INIT/SIPI itself (KVM's local APIC); otherwise a vCPU reports
+    /// [`VmExit::StartAp`] and user space starts the AP.
+    pub kernel_ap_start: bool,
+    /// [`MemorySpec::prebuilt`] is accepted, so a snapshot's RAM can be mapped copy-on-write.
+    pub prebuilt_ram: bool,
+    /// Snapshots of this backend's kernel state are supported.
+    pub snapshots: bool,
 }
 
 /// General-purpose registers.
@@ -261,20 +320,25 @@ pub trait BlockedProbe: Send + Sync {
 
 /// The virtualization facility.
 pub trait Hypervisor: Send + Sync {
-    /// Create a VM with its in-kernel interrupt controllers and timer.
-    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+    /// What every VM of this backend gets from the kernel.
+    fn platform(&self) -> PlatformCaps;
+    /// Create a VM with its guest memory, its in-kernel interrupt controllers and timers.
+    fn create_vm(&self, spec: VmSpec) -> Result<Arc<dyn Vm>>;
 }
 
 /// One VM.
 pub trait Vm: InterruptSink + Send + Sync {
-    /// Make every region of `memory` guest RAM. The caller keeps `memory` alive (and unmoved)
-    /// for as long as the VM exists.
-    fn map_memory(&self, memory: &GuestMemory) -> Result<()>;
+    /// What the kernel provides for this VM (the [`Hypervisor::platform`] it was created with).
+    fn platform(&self) -> &PlatformCaps;
+    /// Guest RAM, owned by the VM for its whole life.
+    fn memory(&self) -> &Arc<GuestMemory>;
     /// Make `rom` read-only guest memory (a boot ROM): the guest reads and executes it, its
-    /// writes leave as MMIO exits. The caller keeps `rom` alive for as long as the VM exists.
+    /// writes leave as MMIO accesses. The caller keeps `rom` alive for as long as the VM exists
+    /// (a backend may map it, as KVM does, or copy it into a memory segment, as FreeBSD does).
     fn map_rom(&self, rom: &GuestRegion) -> Result<()>;
-    /// Create vCPU `id` (its APIC id) with CPUID describing `topology`.
-    fn create_vcpu(&self, id: u32, topology: &Topology) -> Result<Box<dyn Vcpu>>;
+    /// Create vCPU `id` (its APIC id) in its reset state, with CPUID describing the VM's
+    /// topology: vCPU 0 runnable, the others waiting for INIT/SIPI.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// Upcast to the interrupt interface devices use.
     fn interrupt_sink(self: Arc<Self>) -> Arc<dyn InterruptSink>;
     /// In-kernel device and clock state (KVM: PIC pair, IOAPIC, PIT, kvm-clock). Take it with
@@ -282,19 +346,30 @@ pub trait Vm: InterruptSink + Send + Sync {
     fn save_state(&self) -> Result<BackendState>;
     /// Put back what [`Vm::save_state`] returned; before restoring any vCPU.
     fn restore_state(&self, state: &BackendState) -> Result<()>;
+    /// The last step of a restore, after every vCPU and device state is back and before any
+    /// vCPU runs (FreeBSD: `VM_RESTORE_TIME` restarts the kernel's timers from the saved time).
+    fn finish_restore(&self) -> Result<()>;
 }
 
 /// One virtual CPU. Owned by one thread at a time; the run loop and the state accessors must
 /// not overlap (the [`crate::vcpu::VcpuSet`] guarantees that).
 pub trait Vcpu: Send {
     fn id(&self) -> u32;
-    /// Enter the guest until the next exit.
-    fn run(&mut self) -> Result<VmExit<'_>>;
-    /// Let a kick signal delivered to the calling thread end this vCPU's current or next
-    /// [`Vcpu::run`] with [`VmExit::Interrupted`]. Call on the thread that runs the vCPU.
-    fn arm_kick(&mut self);
-    /// Undo [`Vcpu::arm_kick`] before the vCPU leaves the thread.
-    fn disarm_kick(&mut self);
+    /// Enter the guest and stay there, serving accesses through `handler`, until a lifecycle
+    /// event or a kick.
+    fn run(&mut self, handler: &dyn ExitHandler) -> Result<VmExit>;
+    /// The handle that kicks this vCPU out of [`Vcpu::run`] from any thread.
+    fn kicker(&self) -> Arc<dyn VcpuKick>;
+    /// Bind the vCPU to the calling thread, which will run it: kicks reach it from now on.
+    fn enter_thread(&mut self) -> Result<()>;
+    /// Undo [`Vcpu::enter_thread`] before the vCPU leaves the thread.
+    fn leave_thread(&mut self);
+    /// Put a waiting AP at `rip` in real mode and make it runnable, after
+    /// [`VmExit::StartAp`] (only where the kernel leaves AP start to user space).
+    fn start_ap(&mut self, rip: u64) -> Result<()>;
+    /// Raise exception `vector` (with `error_code` where the exception has one) before the
+    /// next guest instruction.
+    fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()>;
     fn regs(&self) -> Result<Regs>;
     fn set_regs(&self, regs: &Regs) -> Result<()>;
     fn special_regs(&self) -> Result<SpecialRegs>;
@@ -304,7 +379,8 @@ pub trait Vcpu: Send {
     fn set_msrs(&self, msrs: &[Msr]) -> Result<()>;
     fn mp_state(&self) -> Result<MpState>;
     fn set_mp_state(&self, state: MpState) -> Result<()>;
-    /// See [`BlockedProbe`]; `None` when the backend has no such view.
+    /// See [`BlockedProbe`]; `None` when the backend has no such view (or needs none, because
+    /// its kernel detects a halted VM itself).
     fn blocked_probe(&self) -> Option<Box<dyn BlockedProbe>>;
     /// The complete vCPU state (CPUID, TSC frequency, registers, FPU/XSAVE, local APIC, MSRs,
     /// pending events, MP state). The vCPU must not be running.
