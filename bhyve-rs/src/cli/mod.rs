@@ -2,8 +2,9 @@
 //!
 //! [`parse_bhyve_args`] does everything FreeBSD's `bhyve` does with its arguments before it
 //! opens the VM: option parsing (in order, so `-o` can change a device a preceding `-s` created),
-//! the operand, `config.dump`, and the checks of topology, CPU pinning and memory size. It never
-//! prints; [`main`] prints and runs the machine.
+//! the operand, `config.dump`, and the checks of the machine description
+//! ([`crate::description`]: topology, CPU pinning, memory size, switches). It never prints and
+//! never starts anything: the `bhyve` binary's `main` prints and runs the machine.
 
 mod getopt;
 mod lpc;
@@ -542,33 +543,6 @@ pub fn parse_bhyve_args(args: &[String]) -> Result<Invocation, CliError> {
         restore: p.restore,
         fwcfg: p.fwcfg,
     })
-}
-
-/// Entry point of the `bhyve` binary; returns the process exit status.
-pub fn main() -> i32 {
-    let args: Vec<String> = std::env::args_os()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    match parse_bhyve_args(&args) {
-        Err(e) => {
-            eprint!("{}", e.text());
-            e.status
-        }
-        Ok(Invocation::Exit {
-            stdout,
-            stderr,
-            status,
-        }) => {
-            use std::io::Write;
-            print!("{stdout}");
-            eprint!("{stderr}");
-            let _ = std::io::stdout().flush();
-            status
-        }
-        Ok(Invocation::Run {
-            config, restore, ..
-        }) => crate::machine::run(&config, restore.as_deref()),
-    }
 }
 
 #[cfg(test)]

@@ -38,8 +38,8 @@ use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuExit, VcpuFd, VmFd};
 use super::cpuid::{apply_topology, check_features_available, CpuidEntry};
 use super::{
     AccessFault, BackendState, BlockedProbe, DescriptorTable, ExitHandler, Hypervisor, MpState,
-    Msr, PlatformCaps, Regs, Result, Segment, SpecialRegs, StateSection, SuspendReason, Topology,
-    Vcpu, VcpuKick, VmExit, VmSpec, VmmError,
+    Msr, PlatformCaps, Regs, Result, RtcSeed, Segment, SpecialRegs, StateSection, SuspendReason,
+    Topology, Vcpu, VcpuKick, VmExit, VmSpec, VmmError,
 };
 use crate::interrupts::InterruptSink;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -244,6 +244,11 @@ impl super::Vm for KvmVm {
             ));
         }
         self.add_slot(rom, KVM_MEM_READONLY)
+    }
+
+    fn seed_rtc(&self, _seed: &RtcSeed) -> Result<()> {
+        // KVM has no RTC: user space emulates it (KVM_PLATFORM.kernel_rtc is false).
+        Err(VmmError::Unsupported("an in-kernel RTC"))
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {

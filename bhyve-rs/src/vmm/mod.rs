@@ -18,6 +18,33 @@
 //! out the hypervisor-held state as [`BackendState`]: named byte sections tagged with the
 //! backend, listed in restore order, restored by the matching `restore_state`, and
 //! [`Vm::finish_restore`] ends a restore (FreeBSD's `VM_RESTORE_TIME`).
+//!
+//! # Where FreeBSD's vmm meets the seam
+//!
+//! | `VM_EXITCODE_*` | handled by |
+//! |---|---|
+//! | `INOUT`, `INOUT_STR` | [`ExitHandler::port_read`] / [`ExitHandler::port_write`], once per access (the backend walks string I/O through guest memory) |
+//! | `INST_EMUL`, `PAGING` | the backend's instruction emulator, calling [`ExitHandler::mmio_read`] / [`ExitHandler::mmio_write`] per memory access; an unresolvable fault is [`VmExit::Failed`] |
+//! | `RDMSR`, `WRMSR` | [`ExitHandler::msr_read`] / [`ExitHandler::msr_write`]; `None` / `false` raise #GP (`x86.strictmsr`) |
+//! | `HLT` | [`VmExit::Halted`] (a hint to yield) |
+//! | `SPINUP_AP`, `IPI` (INIT/SIPI) | [`VmExit::StartAp`], then [`Vcpu::start_ap`] |
+//! | `SUSPENDED` | [`VmExit::Suspended`] with its [`SuspendReason`] (reset, power-off, halt, triple fault) |
+//! | `VMX`, `SVM`, `TASK_SWITCH` | [`VmExit::Failed`], said in words |
+//! | `MONITOR`, `MWAIT`, `VMINSN` | the backend raises #UD ([`Vcpu::inject_exception`]) and runs on |
+//! | `BOGUS`, `PAUSE`, `RENDEZVOUS`, `REQIDLE`, `IOAPIC_EOI`, `MTRAP`, `DEBUG`, `BPT`, `DB` | inside the backend's run loop, which enters the guest again; a kick ends it with [`VmExit::Interrupted`] |
+//!
+//! | ioctl group | handled by |
+//! |---|---|
+//! | create, destroy (`VMMCTL_VM_*`, `hw.vmm.create`), `VM_REINIT` | [`Hypervisor::create_vm`] with [`VmSpec::name`] and [`VmSpec::destroy_on_close`]; dropping the [`Vm`] |
+//! | memory (`VM_ALLOC_MEMSEG`, `VM_MMAP_MEMSEG`, `VM_MMAP_GETNEXT`, `VM_MUNMAP_MEMSEG`) | [`Hypervisor::create_vm`] ([`MemorySpec`], `-S` as `VM_MEMMAP_F_WIRED`), [`Vm::memory`], [`Vm::map_rom`] (the boot ROM memseg) |
+//! | vCPU setup (`VM_SET_TOPOLOGY`, `VM_SET_CAPABILITY`, `VM_SET_X2APIC_STATE`, `VM_ACTIVATE_CPU`) | [`VmSpec::topology`], [`VmSpec::capabilities`], [`Vm::create_vcpu`], [`Vcpu::start_ap`] |
+//! | registers (`VM_{GET,SET}_REGISTER{,_SET}`, `VM_{GET,SET}_SEGMENT_DESCRIPTOR`, `VM_{GET,SET}_INTINFO`, `VM_GLA2GPA`, `VM_RESTART_INSTRUCTION`) | [`Vcpu::regs`], [`Vcpu::special_regs`], [`Vcpu::save_state`] / [`Vcpu::restore_state`]; address translation stays inside the backend's emulator |
+//! | run (`VM_RUN`, `VM_SUSPEND_CPU`, `VM_RESUME_CPU`, `VM_GET_CPUS`, `VM_SUSPEND`) | [`Vcpu::run`], [`VcpuKick`] |
+//! | interrupts (`VM_LAPIC_MSI`, `VM_IOAPIC_{ASSERT,DEASSERT,PULSE}_IRQ`, `VM_ISA_*`, `VM_IOAPIC_PINCOUNT`, `VM_INJECT_EXCEPTION`) | [`InterruptSink`] (lines, MSI, ISA trigger mode), [`PlatformCaps::ioapic_pins`], [`Vcpu::inject_exception`] |
+//! | platform (`VM_RTC_*`, `VM_GET_HPET_CAPABILITIES`) | [`PlatformCaps`] says what the kernel holds; [`Vm::seed_rtc`] seeds a kernel RTC |
+//! | snapshots (`VM_SNAPSHOT_REQ`, `VM_RESTORE_TIME`) | [`Vm::save_state`] / [`Vm::restore_state`], [`Vm::finish_restore`] |
+//! | statistics (`VM_STATS`, `VM_STAT_DESC`) | [`BlockedProbe`] (halt detection); `bhyvectl --get-stats` reads them directly |
+//! | PCI passthrough (`VM_*_PPTDEV*`), `VM_INJECT_NMI`, `VM_LAPIC_IRQ`, `VM_*_KERNEMU_DEV` | not used by bhyve-rs yet: no passthrough device, and NMIs and LAPIC interrupts come only from the guest |
 
 use std::io;
 use std::sync::Arc;
@@ -134,6 +161,16 @@ pub trait ExitHandler: Sync {
 /// `VM_SUSPEND_CPU`).
 pub trait VcpuKick: Send + Sync {
     fn kick(&self);
+}
+
+/// What user space tells a kernel-held RTC before the guest runs (bhyve's `vrtc_init`): CMOS
+/// NVRAM bytes (the memory sizes firmware reads) and the time of day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtcSeed {
+    /// `(offset, value)` pairs for the NVRAM (`VM_RTC_WRITE`).
+    pub nvram: Vec<(u8, u8)>,
+    /// Seconds since the epoch in the RTC's time zone (`VM_RTC_SETTIME`).
+    pub time: i64,
 }
 
 /// What a VM is, decided before it exists.
@@ -336,6 +373,9 @@ pub trait Vm: InterruptSink + Send + Sync {
     /// writes leave as MMIO accesses. The caller keeps `rom` alive for as long as the VM exists
     /// (a backend may map it, as KVM does, or copy it into a memory segment, as FreeBSD does).
     fn map_rom(&self, rom: &GuestRegion) -> Result<()>;
+    /// Seed the kernel's RTC, where [`PlatformCaps::kernel_rtc`] says there is one; a backend
+    /// without one says [`VmmError::Unsupported`].
+    fn seed_rtc(&self, seed: &RtcSeed) -> Result<()>;
     /// Create vCPU `id` (its APIC id) in its reset state, with CPUID describing the VM's
     /// topology: vCPU 0 runnable, the others waiting for INIT/SIPI.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
