@@ -16,6 +16,7 @@ pub mod control;
 pub mod description;
 pub mod devices;
 pub mod interrupts;
+pub mod lifecycle;
 pub mod logging;
 pub mod machine;
 pub mod memory;

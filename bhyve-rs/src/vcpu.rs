@@ -25,44 +25,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::bus::Buses;
+pub use crate::lifecycle::{ExitReason, RequestExit};
 use crate::vmm::{
     AccessFault, BlockedProbe, ExitHandler, MpState, SuspendReason, Vcpu, VcpuKick, VmExit,
     VmmError, RFLAGS_IF,
 };
-
-/// Why the VM stopped, and so bhyve's exit status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest reset itself (bhyve exits 0).
-    Reset,
-    /// The guest powered off (exit 1).
-    PowerOff,
-    /// Every started vCPU halted with interrupts disabled (exit 2).
-    Halt,
-    /// A vCPU triple-faulted (exit 3).
-    TripleFault,
-    /// The VM was saved and stopped on request (`bhyvectl --suspend`); bhyve exits 0.
-    Suspended,
-    /// Anything fatal; the message is printed as `bhyve: <message>` (exit 4).
-    Error(String),
-    /// A signal ended the VM before the guest could be asked to shut down; bhyve tears the VM
-    /// down and then dies of the same signal, as a process killed by it would.
-    Signalled(i32),
-}
-
-impl ExitReason {
-    /// bhyve(8)'s exit status for this reason.
-    pub fn status(&self) -> i32 {
-        match self {
-            ExitReason::Reset | ExitReason::Suspended => 0,
-            ExitReason::PowerOff => 1,
-            ExitReason::Halt => 2,
-            ExitReason::TripleFault => 3,
-            ExitReason::Error(_) => 4,
-            ExitReason::Signalled(signal) => 128 + signal,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -105,6 +72,12 @@ pub struct VmControl {
 
 thread_local! {
     static ON_VCPU_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl RequestExit for VmControl {
+    fn request_exit(&self, reason: ExitReason) {
+        VmControl::request_exit(self, reason);
+    }
 }
 
 impl VmControl {
@@ -653,15 +626,6 @@ mod tests {
         let lax = context(false, false);
         assert_eq!(lax.msr_read(0, 0x1234_5678), Ok(Some(0)));
         assert_eq!(lax.msr_write(0, 0x1234_5678, 1), Ok(true));
-    }
-
-    #[test]
-    fn exit_statuses_follow_bhyve() {
-        assert_eq!(ExitReason::Reset.status(), 0);
-        assert_eq!(ExitReason::PowerOff.status(), 1);
-        assert_eq!(ExitReason::Halt.status(), 2);
-        assert_eq!(ExitReason::TripleFault.status(), 3);
-        assert_eq!(ExitReason::Error("x".into()).status(), 4);
     }
 
     #[test]
