@@ -313,15 +313,40 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
                 (op, opcode & 1 == 0, Immediate::None, None)
             }
             0x63 if long => (Operation::Movsxd, false, Immediate::None, None),
-            0x80 => (Operation::AluMemImm(AluOp::Add), true, Immediate::Byte, None),
-            0x81 => (Operation::AluMemImm(AluOp::Add), false, Immediate::Full, None),
-            0x83 => (Operation::AluMemImm(AluOp::Add), false, Immediate::Byte, None),
+            0x80 => (
+                Operation::AluMemImm(AluOp::Add),
+                true,
+                Immediate::Byte,
+                None,
+            ),
+            0x81 => (
+                Operation::AluMemImm(AluOp::Add),
+                false,
+                Immediate::Full,
+                None,
+            ),
+            0x83 => (
+                Operation::AluMemImm(AluOp::Add),
+                false,
+                Immediate::Byte,
+                None,
+            ),
             0x84 | 0x85 => (Operation::TestMemReg, opcode == 0x84, Immediate::None, None),
             0x88 | 0x89 => (Operation::MovToMem, opcode == 0x88, Immediate::None, None),
             0x8a | 0x8b => (Operation::MovFromMem, opcode == 0x8a, Immediate::None, None),
             0x8f => (Operation::Pop, false, Immediate::None, Some(0)),
-            0xa0 | 0xa1 => (Operation::MovMoffsToAcc, opcode == 0xa0, Immediate::None, None),
-            0xa2 | 0xa3 => (Operation::MovAccToMoffs, opcode == 0xa2, Immediate::None, None),
+            0xa0 | 0xa1 => (
+                Operation::MovMoffsToAcc,
+                opcode == 0xa0,
+                Immediate::None,
+                None,
+            ),
+            0xa2 | 0xa3 => (
+                Operation::MovAccToMoffs,
+                opcode == 0xa2,
+                Immediate::None,
+                None,
+            ),
             0xa4 | 0xa5 => (Operation::Movs, opcode == 0xa4, Immediate::None, None),
             0xaa | 0xab => (Operation::Stos, opcode == 0xaa, Immediate::None, None),
             0xc6 => (Operation::MovImmToMem, true, Immediate::Byte, Some(0)),
@@ -411,6 +436,11 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
         if !locks {
             return unsupported("LOCK prefix on an instruction that cannot take it");
         }
+    }
+    if operation == Operation::Movsxd && operand_size == 2 {
+        // 66 63: Intel's manual reads a 16-bit source, KVM's emulator 32 bits; a device
+        // must not see an access width that depends on who emulates it.
+        return unsupported("MOVSXD with a 16-bit operand size");
     }
     if let Operation::Clflush = operation {
         // 66 0F AE /7 is CLFLUSHOPT, the same access; F2/F3 forms are other instructions.

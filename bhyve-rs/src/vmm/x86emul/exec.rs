@@ -420,9 +420,11 @@ pub fn execute(
             let cf = if value >> bit & 1 != 0 { RFLAGS_CF } else { 0 };
             set_status(regs, RFLAGS_CF, cf);
         }
-        // The flush has no effect on an emulated device and reads nothing: a read could have
-        // side effects the guest did not ask for.
-        Operation::Clflush => {}
+        // The flush means nothing to an emulated device; it is carried out as the one-byte
+        // read that FreeBSD and KVM both make of it.
+        Operation::Clflush => {
+            mmio_read(bus, gpa, 1)?;
+        }
         Operation::Push | Operation::Pop => return stack_op(inst, gpa, paging, regs, bus),
         Operation::Movs | Operation::Stos => return string_op(inst, paging, regs, bus),
     }

@@ -1,0 +1,1011 @@
+//! KVM's in-kernel instruction emulator as the oracle for this one. One guest runs every
+//! case in turn: it loads known registers and flags, executes one instruction whose memory
+//! operand lies in an MMIO window served by a recording test device, and stores its
+//! registers and flags to RAM. The same bytes and starting state then run through
+//! [`super::execute`] with a simulated register file and a bus that answers MMIO reads as the
+//! device did; registers, flags, RAM, MMIO accesses (direction, address, size, data) and the
+//! resumed RIP must match what KVM produced.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::decode::{decode, AluOp, DecodeMode};
+use super::exec::{effective_address, execute, linear_address, Outcome, RFLAGS_STATUS};
+use super::exec::{RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF};
+use super::paging::{translate, Access};
+use super::{CpuState, GuestBus, Paging};
+use crate::bus::BusDevice;
+use crate::machine::kvm_tests::{hypervisor, long_mode_machine, run_to_end, GUEST_BASE};
+use crate::vcpu::ExitReason;
+use crate::vmm::AccessFault;
+
+/// The MMIO window (reachable RIP-relative from the code at 2 MiB).
+const MMIO_BASE: u64 = 0x4000_0000;
+const MMIO_LEN: u64 = 0x1_0000;
+/// The guest announces each case on this port.
+const MARKER_PORT: u64 = 0xe0;
+/// Per-case register dumps (17 quadwords: the 16 GPRs, then RFLAGS).
+const DUMP_BASE: u64 = 0x60_0000;
+const DUMP_STRIDE: u64 = 0x100;
+/// Per-case RAM the instruction may touch (stack, MOVS buffers), filled with a pattern.
+const SCRATCH_BASE: u64 = 0x80_0000;
+const SCRATCH_LEN: u64 = 0x100;
+/// Per-case stack for setting and reading RFLAGS, never compared.
+const FLAGS_STACK_BASE: u64 = 0xc0_0000;
+
+const RAM_SIZE: u64 = 16 << 20;
+
+/// What the test device answers at `gpa` for a read of `len` bytes in a case whose device
+/// value is `value`: the value's bytes, rotated by the address.
+fn device_bytes(value: u64, gpa: u64, len: usize) -> Vec<u8> {
+    let v = value.to_le_bytes();
+    (0..len).map(|i| v[((gpa as usize) + i) & 7]).collect()
+}
+
+fn scratch_byte(case: usize, offset: u64) -> u8 {
+    (case as u64 * 7 + offset * 13 + 0x5a) as u8
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MmioAccess {
+    Read { gpa: u64, data: Vec<u8> },
+    Write { gpa: u64, data: Vec<u8> },
+}
+
+/// The device on both buses: the marker port selects the case, the MMIO window answers and
+/// records.
+struct OracleDevice {
+    values: Vec<u64>,
+    case: usize,
+    log: Vec<(usize, MmioAccess)>,
+}
+
+impl BusDevice for OracleDevice {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        if base != MMIO_BASE {
+            data.fill(0xff);
+            return;
+        }
+        let gpa = base + offset;
+        let value = self.values.get(self.case).copied().unwrap_or(0);
+        data.copy_from_slice(&device_bytes(value, gpa, data.len()));
+        self.log.push((
+            self.case,
+            MmioAccess::Read {
+                gpa,
+                data: data.to_vec(),
+            },
+        ));
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        if base == MARKER_PORT {
+            let mut raw = [0u8; 4];
+            let n = data.len().min(4);
+            raw[..n].copy_from_slice(&data[..n]);
+            self.case = u32::from_le_bytes(raw) as usize;
+            return;
+        }
+        self.log.push((
+            self.case,
+            MmioAccess::Write {
+                gpa: base + offset,
+                data: data.to_vec(),
+            },
+        ));
+    }
+}
+
+/// One instruction to run on KVM and on the emulator.
+#[derive(Debug, Clone)]
+struct Case {
+    /// The instruction form ("81 /7"), counted for coverage.
+    form: String,
+    bytes: Vec<u8>,
+    /// `(offset of a RIP-relative disp32 in bytes, target address)`, patched at assembly.
+    rip_patch: Option<(usize, u64)>,
+    gprs: [u64; 16],
+    rflags: u64,
+    mmio_value: u64,
+    /// Flags whose value after the instruction is architecturally defined.
+    defined: u64,
+}
+
+/// How the memory operand is addressed.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Base(u8),
+    BaseDisp8(u8, i8),
+    BaseDisp32(u8, i32),
+    Sib {
+        base: u8,
+        index: u8,
+        scale_log: u8,
+        disp: i32,
+    },
+    Rip,
+    Abs32,
+}
+
+/// ModRM (+SIB, displacement) for `reg` and a memory operand at `target` addressed by
+/// `mode`, setting the addressing registers in `gprs`. Returns (REX bits X and B, bytes,
+/// offset of a RIP disp32 within the returned bytes).
+fn modrm(reg: u8, mode: Mode, target: u64, gprs: &mut [u64; 16]) -> (u8, Vec<u8>, Option<usize>) {
+    let r = (reg & 7) << 3;
+    let mut rex = 0;
+    let mut out = Vec::new();
+    let mut rip = None;
+    let base_bits = |b: u8, rex: &mut u8| {
+        if b >= 8 {
+            *rex |= 1;
+        }
+        b & 7
+    };
+    match mode {
+        Mode::Base(b) => {
+            gprs[usize::from(b)] = target;
+            let bb = base_bits(b, &mut rex);
+            if bb == 4 {
+                out.extend([r | 4, 0x24]);
+            } else if bb == 5 {
+                out.extend([0x40 | r | 5, 0]);
+            } else {
+                out.push(r | bb);
+            }
+        }
+        Mode::BaseDisp8(b, d) => {
+            gprs[usize::from(b)] = target.wrapping_sub(d as i64 as u64);
+            let bb = base_bits(b, &mut rex);
+            if bb == 4 {
+                out.extend([0x40 | r | 4, 0x24, d as u8]);
+            } else {
+                out.extend([0x40 | r | bb, d as u8]);
+            }
+        }
+        Mode::BaseDisp32(b, d) => {
+            gprs[usize::from(b)] = target.wrapping_sub(d as i64 as u64);
+            let bb = base_bits(b, &mut rex);
+            if bb == 4 {
+                out.extend([0x80 | r | 4, 0x24]);
+            } else {
+                out.push(0x80 | r | bb);
+            }
+            out.extend(d.to_le_bytes());
+        }
+        Mode::Sib {
+            base,
+            index,
+            scale_log,
+            disp,
+        } => {
+            let index_value = 0x30 + u64::from(index) * 8;
+            gprs[usize::from(index)] = index_value;
+            gprs[usize::from(base)] = target
+                .wrapping_sub(index_value << scale_log)
+                .wrapping_sub(disp as i64 as u64);
+            if index >= 8 {
+                rex |= 2;
+            }
+            let bb = base_bits(base, &mut rex);
+            let sib = (scale_log << 6) | ((index & 7) << 3) | bb;
+            if i8::try_from(disp).is_ok() {
+                out.extend([0x40 | r | 4, sib, disp as u8]);
+            } else {
+                out.extend([0x80 | r | 4, sib]);
+                out.extend(disp.to_le_bytes());
+            }
+        }
+        Mode::Rip => {
+            out.push(r | 5);
+            rip = Some(out.len());
+            out.extend([0; 4]);
+        }
+        Mode::Abs32 => {
+            out.extend([r | 4, 0x25]);
+            out.extend((target as u32).to_le_bytes());
+        }
+    }
+    (rex, out, rip)
+}
+
+/// Distinct starting register values, so a wrong register shows.
+fn pattern_gprs(seed: usize) -> [u64; 16] {
+    let mut gprs = [0u64; 16];
+    for (i, g) in gprs.iter_mut().enumerate() {
+        *g = 0x8877_6655_4433_2211u64
+            .rotate_left((i as u32 * 8 + seed as u32 * 3) % 64)
+            .wrapping_add((i as u64) << 56)
+            ^ (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    gprs
+}
+
+const ALL_STATUS: u64 = RFLAGS_STATUS;
+const LOGIC_DEFINED: u64 = RFLAGS_CF | RFLAGS_OF | RFLAGS_SF | RFLAGS_ZF | RFLAGS_PF;
+
+/// Values for the register operand and the device, chosen to give zero, sign, carry, overflow
+/// and auxiliary-carry results.
+const VALUES: [u64; 6] = [
+    0x0000_0000_0000_0000,
+    0xffff_ffff_ffff_ffff,
+    0x8000_0000_8000_8080,
+    0x7fff_ffff_7fff_7f7f,
+    0x0123_4567_89ab_cdef,
+    0x0000_0001_0000_0101,
+];
+
+/// Starting RFLAGS: all status flags clear, all set.
+const START_FLAGS: [u64; 2] = [0x2, 0x2 | RFLAGS_STATUS];
+
+/// Registers usable for addressing (RSP too: it is reloaded before RFLAGS are read back).
+const ADDRESSING: [Mode; 8] = [
+    Mode::Base(3),
+    Mode::BaseDisp8(13, -0x10),
+    Mode::BaseDisp32(4, 0x1234),
+    Mode::Sib {
+        base: 0,
+        index: 9,
+        scale_log: 3,
+        disp: 0x40,
+    },
+    Mode::Sib {
+        base: 12,
+        index: 5,
+        scale_log: 1,
+        disp: -0x5678,
+    },
+    Mode::Rip,
+    Mode::Abs32,
+    Mode::BaseDisp8(5, 0x7f),
+];
+
+/// Register operands to try: legacy, high-byte (without REX), and REX-only ones.
+const REG_OPERANDS: [u8; 5] = [1, 6, 7, 10, 4];
+
+struct Builder {
+    cases: Vec<Case>,
+    seed: usize,
+}
+
+impl Builder {
+    /// Cases for a ModRM form: `opcode` after optional `prefix` and REX.W, with `ext` as the
+    /// ModRM.reg extension or `None` for a register operand; `imm` bytes follow.
+    #[allow(clippy::too_many_arguments)]
+    fn modrm_form(
+        &mut self,
+        form: &str,
+        prefix: Option<u8>,
+        rex_w: bool,
+        opcode: &[u8],
+        ext: Option<u8>,
+        imm_len: usize,
+        defined: u64,
+        count: usize,
+    ) {
+        for k in 0..count {
+            self.seed += 1;
+            let seed = self.seed;
+            let mut gprs = pattern_gprs(seed);
+            let mode = ADDRESSING[seed % ADDRESSING.len()];
+            let reg = match ext {
+                Some(e) => e,
+                None => REG_OPERANDS[(seed / 3) % REG_OPERANDS.len()],
+            };
+            let reg = {
+                // Keep the register operand apart from the addressing registers.
+                let busy = |r: u8| match mode {
+                    Mode::Base(b) | Mode::BaseDisp8(b, _) | Mode::BaseDisp32(b, _) => r == b,
+                    Mode::Sib { base, index, .. } => r == base || r == index,
+                    _ => false,
+                };
+                if ext.is_none() && busy(reg) {
+                    (reg + 1) % 16
+                } else {
+                    reg
+                }
+            };
+            let offset = 0x100 + (seed as u64 * 0x18) % 0xe00;
+            let target = MMIO_BASE + offset;
+            let (rex_xb, mut m, rip) = modrm(reg, mode, target, &mut gprs);
+            let value = VALUES[(seed + k) % VALUES.len()];
+            if ext.is_none() {
+                gprs[usize::from(reg)] =
+                    VALUES[(seed * 5 + k + 1) % VALUES.len()] ^ (seed as u64 & 0x3);
+            }
+            // REX.R for registers 8-15; a bare REX (0x40) sometimes, so SPL..DIL are used.
+            let mut rex = rex_xb | if reg >= 8 && ext.is_none() { 4 } else { 0 };
+            if rex_w {
+                rex |= 8;
+            }
+            let force_rex = seed % 4 == 0;
+            let mut bytes = Vec::new();
+            if let Some(p) = prefix {
+                bytes.push(p);
+            }
+            if rex != 0 || force_rex {
+                bytes.push(0x40 | rex);
+            }
+            bytes.extend(opcode);
+            let modrm_at = bytes.len();
+            bytes.append(&mut m);
+            for i in 0..imm_len {
+                bytes.push(VALUES[(seed + 2) % VALUES.len()].to_le_bytes()[i] ^ (k as u8));
+            }
+            let rip_patch = rip.map(|at| (modrm_at + at, target));
+            self.cases.push(Case {
+                form: form.to_string(),
+                bytes,
+                rip_patch,
+                gprs,
+                rflags: START_FLAGS[(seed + k) % 2],
+                mmio_value: value,
+                defined,
+            });
+        }
+    }
+
+    /// A form in all its operand sizes: the byte opcode (if any) and the full-size opcode
+    /// with 66h, none and REX.W.
+    #[allow(clippy::too_many_arguments)]
+    fn sized(
+        &mut self,
+        name: &str,
+        byte_op: Option<&[u8]>,
+        full_op: Option<&[u8]>,
+        ext: Option<u8>,
+        imm: (usize, usize),
+        defined: u64,
+        count: usize,
+    ) {
+        if let Some(op) = byte_op {
+            let form = format!("{} {}", hex(op), name);
+            self.modrm_form(&form, None, false, op, ext, imm.0, defined, count);
+        }
+        if let Some(op) = full_op {
+            let form = format!("{} {}", hex(op), name);
+            let imm16 = imm.1.min(2);
+            self.modrm_form(&form, Some(0x66), false, op, ext, imm16, defined, count);
+            self.modrm_form(&form, None, false, op, ext, imm.1, defined, count);
+            self.modrm_form(&form, None, true, op, ext, imm.1, defined, count);
+        }
+    }
+
+    /// A case with hand-made bytes and registers (string, moffs and stack forms).
+    fn raw(&mut self, form: &str, bytes: Vec<u8>, gprs: [u64; 16], rflags: u64) {
+        self.seed += 1;
+        self.cases.push(Case {
+            form: form.to_string(),
+            bytes,
+            rip_patch: None,
+            gprs,
+            rflags,
+            mmio_value: VALUES[self.seed % VALUES.len()] ^ 0x0f0f,
+            defined: ALL_STATUS,
+        });
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn all_cases() -> Vec<Case> {
+    let mut b = Builder {
+        cases: Vec::new(),
+        seed: 0,
+    };
+    const N: usize = 6;
+    let ops = [
+        AluOp::Add,
+        AluOp::Or,
+        AluOp::Adc,
+        AluOp::Sbb,
+        AluOp::And,
+        AluOp::Sub,
+        AluOp::Xor,
+        AluOp::Cmp,
+    ];
+    for (i, op) in ops.iter().enumerate() {
+        let base = (i as u8) << 3;
+        let defined = match op {
+            AluOp::And | AluOp::Or | AluOp::Xor => LOGIC_DEFINED,
+            _ => ALL_STATUS,
+        };
+        let name = format!("{op:?}").to_uppercase();
+        b.sized(
+            &format!("{name} r/m, reg"),
+            Some(&[base]),
+            Some(&[base + 1]),
+            None,
+            (0, 0),
+            defined,
+            N,
+        );
+        b.sized(
+            &format!("{name} reg, r/m"),
+            Some(&[base + 2]),
+            Some(&[base + 3]),
+            None,
+            (0, 0),
+            defined,
+            N,
+        );
+        let ext = Some(i as u8);
+        b.sized(
+            &format!("/{i} {name} r/m, imm"),
+            Some(&[0x80]),
+            Some(&[0x81]),
+            ext,
+            (1, 4),
+            defined,
+            N,
+        );
+        b.sized(
+            &format!("/{i} {name} r/m, imm8"),
+            None,
+            Some(&[0x83]),
+            ext,
+            (1, 1),
+            defined,
+            N,
+        );
+    }
+    b.sized(
+        "TEST r/m, reg",
+        Some(&[0x84]),
+        Some(&[0x85]),
+        None,
+        (0, 0),
+        LOGIC_DEFINED,
+        N,
+    );
+    b.sized(
+        "/0 TEST r/m, imm",
+        Some(&[0xf6]),
+        Some(&[0xf7]),
+        Some(0),
+        (1, 4),
+        LOGIC_DEFINED,
+        N,
+    );
+    let mov_forms: [(&str, u8, u8); 2] =
+        [("MOV r/m, reg", 0x88, 0x89), ("MOV reg, r/m", 0x8a, 0x8b)];
+    for (name, byte, full) in mov_forms {
+        b.sized(
+            name,
+            Some(&[byte]),
+            Some(&[full]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            N,
+        );
+    }
+    b.sized(
+        "/0 MOV r/m, imm",
+        Some(&[0xc6]),
+        Some(&[0xc7]),
+        Some(0),
+        (1, 4),
+        ALL_STATUS,
+        N,
+    );
+    b.sized(
+        "MOVZX reg, r/m8",
+        None,
+        Some(&[0x0f, 0xb6]),
+        None,
+        (0, 0),
+        ALL_STATUS,
+        N,
+    );
+    b.sized(
+        "MOVZX reg, r/m16",
+        None,
+        Some(&[0x0f, 0xb7]),
+        None,
+        (0, 0),
+        ALL_STATUS,
+        N,
+    );
+    b.sized(
+        "MOVSX reg, r/m8",
+        None,
+        Some(&[0x0f, 0xbe]),
+        None,
+        (0, 0),
+        ALL_STATUS,
+        N,
+    );
+    b.sized(
+        "MOVSX reg, r/m16",
+        None,
+        Some(&[0x0f, 0xbf]),
+        None,
+        (0, 0),
+        ALL_STATUS,
+        N,
+    );
+    // MOVSXD without 66h (with it, the decoder refuses the instruction: see `decode`).
+    b.modrm_form(
+        "63 MOVSXD reg, r/m32",
+        None,
+        false,
+        &[0x63],
+        None,
+        0,
+        ALL_STATUS,
+        N,
+    );
+    b.modrm_form(
+        "63 MOVSXD reg, r/m32",
+        None,
+        true,
+        &[0x63],
+        None,
+        0,
+        ALL_STATUS,
+        N,
+    );
+    b.modrm_form(
+        "0F AE /7 CLFLUSH m8",
+        None,
+        false,
+        &[0x0f, 0xae],
+        Some(7),
+        0,
+        ALL_STATUS,
+        N,
+    );
+    b.modrm_form(
+        "0F AE /7 CLFLUSHOPT m8",
+        Some(0x66),
+        false,
+        &[0x0f, 0xae],
+        Some(7),
+        0,
+        ALL_STATUS,
+        N,
+    );
+    b.sized(
+        "/4 BT r/m, imm8",
+        None,
+        Some(&[0x0f, 0xba]),
+        Some(4),
+        (1, 1),
+        RFLAGS_CF | RFLAGS_ZF,
+        N,
+    );
+
+    // MOV between the accumulator and a 64-bit memory offset (the only moffs size in 64-bit
+    // mode without 67h), and with 67h a 32-bit one.
+    for (op, name) in [
+        (0xa0u8, "A0 MOV AL, moffs"),
+        (0xa1, "A1 MOV rAX, moffs"),
+        (0xa2, "A2 MOV moffs, AL"),
+        (0xa3, "A3 MOV moffs, rAX"),
+    ] {
+        for (k, prefixes) in [&[][..], &[0x66], &[0x48], &[0x67]].iter().enumerate() {
+            let gprs = pattern_gprs(b.seed + 100);
+            let offset = MMIO_BASE + 0x200 + 8 * k as u64 + u64::from(op & 1);
+            let mut bytes = prefixes.to_vec();
+            bytes.push(op);
+            if prefixes.contains(&0x67) {
+                bytes.extend((offset as u32).to_le_bytes());
+            } else {
+                bytes.extend(offset.to_le_bytes());
+            }
+            b.raw(name, bytes, gprs, START_FLAGS[k % 2]);
+        }
+    }
+
+    // String forms: every direction, element size, REP and RAM/MMIO combination.
+    for (op, name) in [
+        (0xa4u8, "A4 MOVSB"),
+        (0xa5, "A5 MOVS"),
+        (0xaa, "AA STOSB"),
+        (0xab, "AB STOS"),
+    ] {
+        let movs = op & 0xfe == 0xa4;
+        for (k, prefixes) in [
+            &[][..],
+            &[0xf3],
+            &[0xf3, 0x48],
+            &[0x66, 0xf3],
+            &[0xf2],
+            &[0x48],
+            &[0xf3, 0x67],
+        ]
+        .iter()
+        .enumerate()
+        {
+            for (src_mmio, dst_mmio, df) in [
+                (true, false, false),
+                (false, true, false),
+                (true, true, true),
+                (false, true, true),
+            ] {
+                if !movs && !dst_mmio {
+                    continue;
+                }
+                let case = b.cases.len() as u64;
+                let scratch = SCRATCH_BASE + case * SCRATCH_LEN;
+                let mut gprs = pattern_gprs(b.seed + 7);
+                // With 67h only ECX counts: keep junk in the upper half to show it.
+                gprs[1] = if prefixes.contains(&0x67) {
+                    (gprs[1] & !0xffff_ffff) | 3
+                } else {
+                    3
+                };
+                let span = if df { 0x30 } else { 0x8 };
+                gprs[6] = if src_mmio {
+                    MMIO_BASE + 0x800 + span + 8 * k as u64
+                } else {
+                    scratch + span
+                };
+                gprs[7] = if dst_mmio {
+                    MMIO_BASE + 0xa00 + span + 4 * k as u64
+                } else {
+                    scratch + 0x80 + span
+                };
+                let mut bytes = prefixes.to_vec();
+                bytes.push(op);
+                let flags = if df { 0x2 | RFLAGS_DF } else { 0x2 };
+                b.raw(name, bytes, gprs, flags | ((case & 1) * RFLAGS_ZF));
+            }
+        }
+    }
+
+    // PUSH and POP with a memory operand in MMIO and the stack in RAM.
+    for (op, ext, name) in [(0xffu8, 6u8, "FF /6 PUSH r/m"), (0x8f, 0, "8F /0 POP r/m")] {
+        for (k, prefix) in [None, Some(0x66u8)].into_iter().enumerate() {
+            for mode in [
+                Mode::Base(3),
+                Mode::Sib {
+                    base: 1,
+                    index: 2,
+                    scale_log: 2,
+                    disp: 8,
+                },
+                Mode::Rip,
+            ] {
+                let case = b.cases.len() as u64;
+                let mut gprs = pattern_gprs(b.seed + 11);
+                let target = MMIO_BASE + 0x600 + 16 * k as u64;
+                let (rex, m, rip) = modrm(ext, mode, target, &mut gprs);
+                gprs[4] = SCRATCH_BASE + case * SCRATCH_LEN + 0x80;
+                let mut bytes = Vec::new();
+                bytes.extend(prefix);
+                if rex != 0 {
+                    bytes.push(0x40 | rex);
+                }
+                bytes.push(op);
+                let at = bytes.len();
+                bytes.extend(m);
+                b.seed += 1;
+                b.cases.push(Case {
+                    form: name.to_string(),
+                    bytes,
+                    rip_patch: rip.map(|r| (at + r, target)),
+                    gprs,
+                    rflags: 0x2,
+                    mmio_value: VALUES[b.seed % VALUES.len()] ^ 0x5a5a,
+                    defined: ALL_STATUS,
+                });
+            }
+        }
+    }
+    b.cases
+}
+
+/// The guest program: for each case, announce it, load RFLAGS and the GPRs, run the
+/// instruction, dump the GPRs and RFLAGS. Returns the code and each instruction's address.
+fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>) {
+    let mut code = Vec::new();
+    let mut addresses = Vec::new();
+    for (i, case) in cases.iter_mut().enumerate() {
+        let i64_ = i as u64;
+        let flags_stack = FLAGS_STACK_BASE + i64_ * 0x40 + 0x40;
+        code.push(0xb8); // mov eax, i
+        code.extend((i as u32).to_le_bytes());
+        code.extend([0xe7, MARKER_PORT as u8]); // out MARKER_PORT, eax
+        code.extend([0x48, 0xbc]); // mov rsp, flags_stack
+        code.extend(flags_stack.to_le_bytes());
+        code.push(0x68); // push imm32
+        code.extend((case.rflags as u32).to_le_bytes());
+        code.push(0x9d); // popfq
+        for (r, value) in case.gprs.iter().enumerate() {
+            code.push(0x48 | if r >= 8 { 1 } else { 0 }); // mov r64, imm64
+            code.push(0xb8 + (r as u8 & 7));
+            code.extend(value.to_le_bytes());
+        }
+        let at = GUEST_BASE + code.len() as u64;
+        if let Some((offset, target)) = case.rip_patch {
+            let end = at + case.bytes.len() as u64;
+            let disp = target.wrapping_sub(end) as i64;
+            let disp = i32::try_from(disp).expect("RIP-relative target within 2 GiB");
+            case.bytes[offset..offset + 4].copy_from_slice(&disp.to_le_bytes());
+        }
+        addresses.push(at);
+        code.extend(&case.bytes);
+        let dump = DUMP_BASE + i64_ * DUMP_STRIDE;
+        for r in 0..16u8 {
+            // mov [dump + 8r], r64
+            code.push(0x48 | if r >= 8 { 4 } else { 0 });
+            code.extend([0x89, ((r & 7) << 3) | 4, 0x25]);
+            code.extend(((dump + 8 * u64::from(r)) as u32).to_le_bytes());
+        }
+        code.extend([0x48, 0xbc]); // mov rsp, flags_stack
+        code.extend(flags_stack.to_le_bytes());
+        code.extend([0x9c, 0x58]); // pushfq; pop rax
+        code.extend([0x48, 0x89, 0x04, 0x25]); // mov [dump + 128], rax
+        code.extend(((dump + 128) as u32).to_le_bytes());
+    }
+    code.extend([0xfa, 0xf4]); // cli; hlt
+    (code, addresses)
+}
+
+/// The emulator's view of the same machine: RAM as it was before the guest ran, with the
+/// emulator's writes on top, and the test device's answers.
+struct SimBus<'a> {
+    ram: &'a [u8],
+    written: HashMap<u64, u8>,
+    value: u64,
+    log: Vec<MmioAccess>,
+}
+
+impl GuestBus for SimBus<'_> {
+    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) -> Result<(), AccessFault> {
+        if !(MMIO_BASE..MMIO_BASE + MMIO_LEN).contains(&gpa) {
+            return Err(AccessFault(format!("unexpected MMIO read at {gpa:#x}")));
+        }
+        data.copy_from_slice(&device_bytes(self.value, gpa, data.len()));
+        self.log.push(MmioAccess::Read {
+            gpa,
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn mmio_write(&mut self, gpa: u64, data: &[u8]) -> Result<(), AccessFault> {
+        self.log.push(MmioAccess::Write {
+            gpa,
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn ram_read(&mut self, gpa: u64, data: &mut [u8]) -> bool {
+        if gpa + data.len() as u64 > self.ram.len() as u64 {
+            return false;
+        }
+        for (i, d) in data.iter_mut().enumerate() {
+            let a = gpa + i as u64;
+            *d = self
+                .written
+                .get(&a)
+                .copied()
+                .unwrap_or(self.ram[a as usize]);
+        }
+        true
+    }
+
+    fn ram_write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        if gpa + data.len() as u64 > self.ram.len() as u64 {
+            return false;
+        }
+        for (i, d) in data.iter().enumerate() {
+            self.written.insert(gpa + i as u64, *d);
+        }
+        true
+    }
+}
+
+const FLAG_NAMES: [(u64, &str); 6] = [
+    (RFLAGS_CF, "CF"),
+    (RFLAGS_PF, "PF"),
+    (RFLAGS_AF, "AF"),
+    (RFLAGS_ZF, "ZF"),
+    (RFLAGS_SF, "SF"),
+    (RFLAGS_OF, "OF"),
+];
+
+fn flag_names(mask: u64) -> String {
+    FLAG_NAMES
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn every_emulated_form_matches_kvms_emulator() {
+    let Some(hv) = hypervisor() else { return };
+    let mut cases = all_cases();
+    let (code, addresses) = assemble(&mut cases);
+    assert!(
+        GUEST_BASE + (code.len() as u64) < DUMP_BASE,
+        "guest code overlaps the dump area"
+    );
+    let machine = long_mode_machine(hv.as_ref(), &code, 1);
+    let device = Arc::new(Mutex::new(OracleDevice {
+        values: cases.iter().map(|c| c.mmio_value).collect(),
+        case: usize::MAX,
+        log: Vec::new(),
+    }));
+    machine
+        .buses()
+        .mmio
+        .insert(MMIO_BASE, MMIO_LEN, device.clone())
+        .unwrap();
+    machine
+        .buses()
+        .pio
+        .insert(MARKER_PORT, 4, device.clone())
+        .unwrap();
+    for i in 0..cases.len() as u64 {
+        let scratch: Vec<u8> = (0..SCRATCH_LEN)
+            .map(|o| scratch_byte(i as usize, o))
+            .collect();
+        machine
+            .memory()
+            .write(SCRATCH_BASE + i * SCRATCH_LEN, &scratch)
+            .unwrap();
+    }
+    let sregs = machine
+        .vcpus()
+        .with_vcpu(0, |v| v.special_regs())
+        .unwrap()
+        .unwrap();
+    let ram_before = machine.memory().slice(0, RAM_SIZE).unwrap().to_vec();
+
+    let reason = run_to_end(&machine, false, Duration::from_secs(120));
+    let log = std::mem::take(&mut device.lock().unwrap().log);
+    let last_case = device.lock().unwrap().case;
+    assert_eq!(
+        reason,
+        ExitReason::Halt,
+        "the guest stopped in case {last_case} ({:?})",
+        cases.get(last_case)
+    );
+    let mut kvm_accesses: BTreeMap<usize, Vec<MmioAccess>> = BTreeMap::new();
+    for (case, access) in log {
+        kvm_accesses.entry(case).or_default().push(access);
+    }
+
+    let paging = Paging::from_special_regs(&sregs);
+    let mut failures = Vec::new();
+    let mut undefined_differences: BTreeMap<String, u64> = BTreeMap::new();
+    let mut forms = BTreeSet::new();
+    for (i, case) in cases.iter().enumerate() {
+        forms.insert(case.form.clone());
+        let dump = machine
+            .memory()
+            .slice(DUMP_BASE + i as u64 * DUMP_STRIDE, 17 * 8)
+            .unwrap()
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<_>>();
+        let mut state = CpuState {
+            sregs,
+            ..Default::default()
+        };
+        for (r, v) in case.gprs.iter().enumerate() {
+            super::Registers::set_gpr(&mut state, r as u8, *v);
+        }
+        state.regs.rip = addresses[i];
+        state.regs.rflags = case.rflags;
+        let mut bus = SimBus {
+            ram: &ram_before,
+            written: HashMap::new(),
+            value: case.mmio_value,
+            log: Vec::new(),
+        };
+        let what = format!("case {i} {} [{}]", case.form, hex(&case.bytes));
+        let result = (|| -> Result<(), String> {
+            let inst = decode(&case.bytes, DecodeMode::LONG64).map_err(|e| e.to_string())?;
+            if usize::from(inst.length) != case.bytes.len() {
+                return Err(format!("length {} != {}", inst.length, case.bytes.len()));
+            }
+            // Iterations of a REP instruction exit one by one, as on FreeBSD.
+            for _ in 0..64 {
+                let gpa = match inst.memory {
+                    Some(mem) => {
+                        let ea = effective_address(&inst, &mem, &state, state.regs.rip);
+                        let gla = linear_address(
+                            &paging,
+                            &state,
+                            mem.segment,
+                            ea,
+                            inst.operand_size,
+                            inst.address_size,
+                            false,
+                        )
+                        .map_err(|e| format!("{e:?}"))?;
+                        translate(&paging, gla, Access::Read, &mut bus)
+                            .map_err(|e| e.to_string())?
+                    }
+                    None => 0,
+                };
+                match execute(&inst, gpa, &paging, &mut state, &mut bus)
+                    .map_err(|e| e.to_string())?
+                {
+                    Outcome::Completed => return Ok(()),
+                    Outcome::Repeat => continue,
+                    Outcome::Exception(e) => return Err(format!("exception {e:?}")),
+                }
+            }
+            Err("REP never ended".into())
+        })();
+        if let Err(e) = result {
+            failures.push(format!("{what}: emulator: {e}"));
+            continue;
+        }
+        let expected_rip = addresses[i] + case.bytes.len() as u64;
+        if state.regs.rip != expected_rip {
+            failures.push(format!(
+                "{what}: RIP {:#x}, expected {expected_rip:#x}",
+                state.regs.rip
+            ));
+        }
+        for r in 0..16u8 {
+            let ours = super::Registers::gpr(&state, r);
+            if ours != dump[usize::from(r)] {
+                failures.push(format!(
+                    "{what}: register {r}: emulator {ours:#x}, KVM {:#x}",
+                    dump[usize::from(r)]
+                ));
+            }
+        }
+        let (ours, theirs) = (state.regs.rflags, dump[16]);
+        let compared = !RFLAGS_STATUS | case.defined;
+        if ours & compared != theirs & compared {
+            failures.push(format!(
+                "{what}: RFLAGS emulator {ours:#x}, KVM {theirs:#x} (differ in {})",
+                flag_names((ours ^ theirs) & compared)
+            ));
+        }
+        let undefined = (ours ^ theirs) & RFLAGS_STATUS & !case.defined;
+        if undefined != 0 {
+            *undefined_differences
+                .entry(format!("{}: {}", case.form, flag_names(undefined)))
+                .or_default() += 1;
+        }
+        let kvm = kvm_accesses.remove(&i).unwrap_or_default();
+        if kvm != bus.log {
+            failures.push(format!(
+                "{what}: MMIO accesses: emulator {:x?}, KVM {kvm:x?}",
+                bus.log
+            ));
+        }
+        let scratch = SCRATCH_BASE + i as u64 * SCRATCH_LEN;
+        let actual = machine.memory().slice(scratch, SCRATCH_LEN).unwrap();
+        let mut expected = vec![0u8; SCRATCH_LEN as usize];
+        bus.ram_read(scratch, &mut expected);
+        if actual != expected.as_slice() {
+            failures.push(format!(
+                "{what}: RAM emulator {expected:02x?}, KVM {actual:02x?}"
+            ));
+        }
+    }
+    println!(
+        "KVM oracle: {} forms, {} cases, {} failures",
+        forms.len(),
+        cases.len(),
+        failures.len()
+    );
+    for (form, count) in &undefined_differences {
+        println!("undefined flags differ from KVM ({count} cases): {form}");
+    }
+    for f in failures.iter().take(40) {
+        println!("{f}");
+    }
+    assert!(failures.is_empty(), "{} mismatches", failures.len());
+    assert!(kvm_accesses.is_empty(), "accesses outside any case");
+}

@@ -25,14 +25,14 @@
 //! | `C6 /0`, `C7 /0` | MOV r/m, imm | yes |
 //! | `A0`, `A1`, `A2`, `A3` | MOV acc, moffs and moffs, acc | `A1`, `A3` |
 //! | `0F B6`, `0F B7`, `0F BE`, `0F BF` | MOVZX, MOVSX | not `0F BF` |
-//! | `63` (64-bit mode) | MOVSXD | no |
+//! | `63` (64-bit mode, not with 66h) | MOVSXD | no |
 //! | `00`–`3B` (`op r/m, reg`; `op reg, r/m`; byte and full size) | ADD, OR, ADC, SBB, AND, SUB, XOR, CMP | `03`, `0B`, `23`, `2B`, `39`, `3B` |
 //! | `80`, `81`, `83` /0–/7 | group 1 with an immediate | OR, AND, CMP of `81`/`83`; CMP of `80` |
 //! | `84`, `85`, `F6 /0`, `F7 /0` | TEST | `F7 /0` |
 //! | `0F BA /4` | BT r/m, imm8 | yes |
 //! | `A4`, `A5`, `AA`, `AB` with or without REP/REPNE | MOVS, STOS | yes |
 //! | `FF /6`, `8F /0` | PUSH r/m, POP r/m | yes |
-//! | `0F AE /7` | CLFLUSH, CLFLUSHOPT | yes (FreeBSD reads a byte; here no access is made) |
+//! | `0F AE /7` | CLFLUSH, CLFLUSHOPT (a one-byte read, as FreeBSD and KVM make) | yes |
 //!
 //! Flags are computed for each operation as the processor defines them (ADD, ADC, SUB, SBB,
 //! CMP: all six; AND, OR, XOR, TEST: SF, ZF, PF set, CF and OF cleared, AF cleared as FreeBSD

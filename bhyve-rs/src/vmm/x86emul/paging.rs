@@ -49,7 +49,11 @@ pub enum TranslateError {
     #[error("linear address {gla:#x} is not canonical")]
     NonCanonical { gla: u64 },
     #[error("linear address {gla:#x} is not mapped: the level-{level} entry is not present")]
-    NotPresent { gla: u64, level: u8, error_code: u32 },
+    NotPresent {
+        gla: u64,
+        level: u8,
+        error_code: u32,
+    },
     #[error("linear address {gla:#x}: the level-{level} entry forbids this {access}")]
     Protection {
         gla: u64,
@@ -58,7 +62,11 @@ pub enum TranslateError {
         error_code: u32,
     },
     #[error("linear address {gla:#x}: the level-{level} entry sets a reserved bit")]
-    Reserved { gla: u64, level: u8, error_code: u32 },
+    Reserved {
+        gla: u64,
+        level: u8,
+        error_code: u32,
+    },
     #[error("the guest page table at {gpa:#x} is not in guest RAM")]
     TableNotInRam { gpa: u64 },
 }
@@ -171,7 +179,11 @@ pub fn translate(
         PagingMode::Long4 => (4, 9, true, paging.cr3 & 0x000f_ffff_ffff_f000),
         PagingMode::Long5 => (5, 9, true, paging.cr3 & 0x000f_ffff_ffff_f000),
     };
-    let address_mask: u64 = if wide { 0x000f_ffff_ffff_f000 } else { 0xffff_f000 };
+    let address_mask: u64 = if wide {
+        0x000f_ffff_ffff_f000
+    } else {
+        0xffff_f000
+    };
     loop {
         levels -= 1;
         let shift = 12 + levels * bits;
