@@ -249,6 +249,13 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
                 true
             }
             _ => match segment_prefix(byte) {
+                // In 64-bit mode ES, CS, SS and DS prefixes are null prefixes: they leave an
+                // earlier FS or GS override in force.
+                Some(SegReg::Es | SegReg::Cs | SegReg::Ss | SegReg::Ds)
+                    if long && matches!(segment_override, Some(SegReg::Fs | SegReg::Gs)) =>
+                {
+                    true
+                }
                 Some(seg) => {
                     segment_override = Some(seg);
                     true
