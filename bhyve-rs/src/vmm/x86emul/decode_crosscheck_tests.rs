@@ -409,3 +409,79 @@ fn decoder_agrees_with_iced_x86_on_generated_encodings() {
     assert!(failures.is_empty(), "{} disagreements", failures.len());
     assert!(checked >= 5000, "only {checked} encodings checked");
 }
+
+/// The processor itself decides one rule the oracles disagree on: `64 26 8b 03`
+/// (`mov eax, fs:[rbx]` with a null ES prefix after FS). A tiny program assembled with nasm
+/// runs it on this CPU with an FS base that makes the two readings load different values.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn null_segment_prefix_leaves_fs_in_force_on_this_cpu() {
+    use std::process::Command;
+    let tools = ["nasm", "ld"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if !tools {
+        eprintln!("skipped: nasm or ld is not installed");
+        return;
+    }
+    const PROGRAM: &str = r#"
+bits 64
+global _start
+section .data
+flat: dd 0x11111111
+      times 60 db 0
+based: dd 0x22222222
+section .text
+_start:
+    lea rsi, [rel based]      ; FS base = based - flat, so fs:[flat] reads `based`
+    lea rax, [rel flat]
+    sub rsi, rax
+    mov edi, 0x1002           ; arch_prctl(ARCH_SET_FS, rsi)
+    mov eax, 158
+    syscall
+    lea rbx, [rel flat]
+    db 0x64, 0x26, 0x8b, 0x03 ; fs es mov eax, [rbx]
+    mov edi, 1
+    cmp eax, 0x22222222
+    je .exit
+    mov edi, 2
+    cmp eax, 0x11111111
+    je .exit
+    mov edi, 3
+.exit:
+    mov eax, 60
+    syscall
+"#;
+    let dir = std::env::temp_dir().join(format!("bhyve-rs-segprefix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, object, binary) = (dir.join("t.asm"), dir.join("t.o"), dir.join("t"));
+    std::fs::write(&source, PROGRAM).unwrap();
+    let assembled = Command::new("nasm")
+        .arg("-felf64")
+        .arg(&source)
+        .arg("-o")
+        .arg(&object)
+        .status()
+        .unwrap();
+    assert!(assembled.success());
+    let linked = Command::new("ld")
+        .arg(&object)
+        .arg("-o")
+        .arg(&binary)
+        .status()
+        .unwrap();
+    assert!(linked.success());
+    let status = Command::new(&binary).status().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "exit 1: the CPU used FS; 2: it used the flat ES view; 3: neither"
+    );
+    let ours = decode(&[0x64, 0x26, 0x8b, 0x03], DecodeMode::LONG64).unwrap();
+    assert_eq!(ours.memory.unwrap().segment, SegReg::Fs);
+}

@@ -36,6 +36,35 @@ const FLAGS_STACK_BASE: u64 = 0xc0_0000;
 
 const RAM_SIZE: u64 = 16 << 20;
 
+/// Linear windows above the boot identity map (PML4 entry 1 and up), mapped onto the MMIO
+/// window by page tables the test writes: 4 KiB pages in shuffled order, a 2 MiB page, and a
+/// 1 GiB page.
+const LINEAR_4K: u64 = 0x80_0000_0000;
+const LINEAR_2M: u64 = 0x80_0020_0000;
+const LINEAR_1G: u64 = 0x80_4000_0000;
+/// Where the test's page tables live (PDPT, PD, PT).
+const TABLES: u64 = 0xd0_0000;
+/// The 4 KiB page of the window that linear page `i` of `LINEAR_4K` maps to.
+fn shuffled_page(i: u64) -> u64 {
+    (i * 5 + 3) % 16
+}
+
+/// Page tables for the linear windows, hooked into the boot PML4 at `cr3`.
+fn write_page_tables(memory: &crate::memory::GuestMemory, cr3: u64) {
+    const P_RW: u64 = 0x3;
+    const PS: u64 = 0x80;
+    let (pdpt, pd, pt) = (TABLES, TABLES + 0x1000, TABLES + 0x2000);
+    memory.write_u64(cr3 + 8, pdpt | P_RW).unwrap();
+    memory.write_u64(pdpt, pd | P_RW).unwrap();
+    memory.write_u64(pdpt + 8, MMIO_BASE | PS | P_RW).unwrap();
+    memory.write_u64(pd, pt | P_RW).unwrap();
+    memory.write_u64(pd + 8, MMIO_BASE | PS | P_RW).unwrap();
+    for i in 0..16 {
+        let frame = MMIO_BASE + 0x1000 * shuffled_page(i);
+        memory.write_u64(pt + 8 * i, frame | P_RW).unwrap();
+    }
+}
+
 /// What the test device answers at `gpa` for a read of `len` bytes in a case whose device
 /// value is `value`: the value's bytes, rotated by the address.
 fn device_bytes(value: u64, gpa: u64, len: usize) -> Vec<u8> {
@@ -110,7 +139,20 @@ struct Case {
     mmio_value: u64,
     /// Flags whose value after the instruction is architecturally defined.
     defined: u64,
+    /// FS and GS bases the guest loads first (by WRMSR), if the case uses them.
+    segment_bases: Option<(u64, u64)>,
+    /// Where KVM's emulator is known to differ from the processor (and this emulator follows
+    /// the processor): its results are reported, not compared.
+    divergence: Option<&'static str>,
 }
+
+/// `64 26` / `65 26`: in 64-bit mode the processor ignores an ES, CS, SS or DS prefix, so an
+/// earlier FS or GS override stays in force (iced-x86 decodes it so, and
+/// `decode_crosscheck_tests::null_segment_prefix_leaves_fs_in_force_on_this_cpu` shows the
+/// host CPU doing it); KVM's emulator, like FreeBSD's decoder, lets the last prefix win and
+/// addresses the operand without the FS/GS base.
+const NULL_PREFIX_AFTER_FS: &str =
+    "a null segment prefix after FS/GS: KVM drops the FS/GS base, the CPU keeps it";
 
 /// How the memory operand is addressed.
 #[derive(Debug, Clone, Copy)]
@@ -266,6 +308,15 @@ const REG_OPERANDS: [u8; 5] = [1, 6, 7, 10, 4];
 struct Builder {
     cases: Vec<Case>,
     seed: usize,
+    /// The linear address of the MMIO window's first page, and how many 4 KiB pages of it
+    /// the generated operands may spread over.
+    window: u64,
+    window_pages: u64,
+    /// Addressing modes to draw from.
+    modes: &'static [Mode],
+    /// A segment prefix and the base it adds (FS or GS), for the next forms.
+    segment: Option<(u8, u64)>,
+    segment_bases: Option<(u64, u64)>,
 }
 
 impl Builder {
@@ -287,7 +338,7 @@ impl Builder {
             self.seed += 1;
             let seed = self.seed;
             let mut gprs = pattern_gprs(seed);
-            let mode = ADDRESSING[seed % ADDRESSING.len()];
+            let mode = self.modes[seed % self.modes.len()];
             let reg = match ext {
                 Some(e) => e,
                 None => REG_OPERANDS[(seed / 3) % REG_OPERANDS.len()],
@@ -305,8 +356,11 @@ impl Builder {
                     reg
                 }
             };
-            let offset = 0x100 + (seed as u64 * 0x18) % 0xe00;
-            let target = MMIO_BASE + offset;
+            let offset =
+                0x1000 * (seed as u64 % self.window_pages) + 0x100 + (seed as u64 * 0x18) % 0xe00;
+            // The effective address leaves room for the segment base added to it.
+            let segment_base = self.segment.map_or(0, |(_, base)| base);
+            let target = (self.window + offset).wrapping_sub(segment_base);
             let (rex_xb, mut m, rip) = modrm(reg, mode, target, &mut gprs);
             let value = VALUES[(seed + k) % VALUES.len()];
             if ext.is_none() {
@@ -320,6 +374,19 @@ impl Builder {
             }
             let force_rex = seed % 4 == 0;
             let mut bytes = Vec::new();
+            let mut divergence = None;
+            if let Some((p, _)) = self.segment {
+                // A null segment prefix (ES) before the override, or after it, where it
+                // must not cancel it.
+                match seed % 3 {
+                    0 => bytes.extend([0x26, p]),
+                    1 => {
+                        bytes.extend([p, 0x26]);
+                        divergence = Some(NULL_PREFIX_AFTER_FS);
+                    }
+                    _ => bytes.push(p),
+                }
+            }
             if let Some(p) = prefix {
                 bytes.push(p);
             }
@@ -341,6 +408,8 @@ impl Builder {
                 rflags: START_FLAGS[(seed + k) % 2],
                 mmio_value: value,
                 defined,
+                segment_bases: self.segment_bases,
+                divergence,
             });
         }
     }
@@ -382,6 +451,8 @@ impl Builder {
             rflags,
             mmio_value: VALUES[self.seed % VALUES.len()] ^ 0x0f0f,
             defined: ALL_STATUS,
+            segment_bases: None,
+            divergence: None,
         });
     }
 }
@@ -394,10 +465,33 @@ fn hex(bytes: &[u8]) -> String {
         .join(" ")
 }
 
-fn all_cases() -> Vec<Case> {
+/// Whether the guest's CPUID offers 1 GiB pages (CPUID 0x80000001 EDX bit 26), read from the
+/// vCPU's saved CPUID table (KVM's `kvm_cpuid_entry2` records).
+fn guest_has_1g_pages(machine: &crate::machine::Machine) -> bool {
+    let entry_size = std::mem::size_of::<kvm_bindings::kvm_cpuid_entry2>();
+    let Ok(Ok(state)) = machine.vcpus().with_vcpu(0, |v| v.save_state()) else {
+        return false;
+    };
+    let Some(table) = state.section("cpuid") else {
+        return false;
+    };
+    let word = |entry: &[u8], at: usize| {
+        u32::from_le_bytes([entry[at], entry[at + 1], entry[at + 2], entry[at + 3]])
+    };
+    table
+        .chunks_exact(entry_size)
+        .any(|e| word(e, 0) == 0x8000_0001 && word(e, 24) & (1 << 26) != 0)
+}
+
+fn all_cases(with_1g_pages: bool) -> Vec<Case> {
     let mut b = Builder {
         cases: Vec::new(),
         seed: 0,
+        window: MMIO_BASE,
+        window_pages: 1,
+        modes: &ADDRESSING,
+        segment: None,
+        segment_bases: None,
     };
     const N: usize = 6;
     let ops = [
@@ -582,6 +676,96 @@ fn all_cases() -> Vec<Case> {
         N,
     );
 
+    // Operands reached through the guest's own page tables: linear windows mapped onto the
+    // MMIO window by 4 KiB pages (shuffled), a 2 MiB page and a 1 GiB page.
+    const PAGED_MODES: [Mode; 4] = [
+        Mode::Base(3),
+        Mode::BaseDisp8(13, -0x10),
+        Mode::Sib {
+            base: 0,
+            index: 9,
+            scale_log: 3,
+            disp: 0x40,
+        },
+        Mode::BaseDisp32(4, 0x1234),
+    ];
+    b.modes = &PAGED_MODES;
+    let mut windows = vec![(LINEAR_4K, 16), (LINEAR_2M, 16)];
+    if with_1g_pages {
+        windows.push((LINEAR_1G, 16));
+    }
+    for (window, pages) in windows {
+        b.window = window;
+        b.window_pages = pages;
+        b.sized(
+            "MOV r/m, reg",
+            Some(&[0x88]),
+            Some(&[0x89]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            2,
+        );
+        b.sized(
+            "MOV reg, r/m",
+            Some(&[0x8a]),
+            Some(&[0x8b]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            2,
+        );
+        b.sized(
+            "/7 CMP r/m, imm8",
+            None,
+            Some(&[0x83]),
+            Some(7),
+            (1, 1),
+            ALL_STATUS,
+            2,
+        );
+    }
+    // FS and GS overrides add their base (also after a null ES prefix).
+    b.window = MMIO_BASE;
+    b.window_pages = 1;
+    b.modes = &ADDRESSING;
+    for (prefix, fs, gs) in [
+        (0x64u8, 0x1000_0000u64, 0x2000_0000u64),
+        (0x65, 0x1800_0000, 0x0800_0000),
+    ] {
+        b.segment = Some((prefix, if prefix == 0x64 { fs } else { gs }));
+        b.segment_bases = Some((fs, gs));
+        b.sized(
+            "MOV r/m, reg",
+            Some(&[0x88]),
+            Some(&[0x89]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            3,
+        );
+        b.sized(
+            "MOV reg, r/m",
+            Some(&[0x8a]),
+            Some(&[0x8b]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            3,
+        );
+        b.sized(
+            "ADD reg, r/m",
+            Some(&[0x02]),
+            Some(&[0x03]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            2,
+        );
+    }
+    b.segment = None;
+    b.segment_bases = None;
+
     // MOV between the accumulator and a 64-bit memory offset (the only moffs size in 64-bit
     // mode without 67h), and with 67h a 32-bit one.
     for (op, name) in [
@@ -696,6 +880,8 @@ fn all_cases() -> Vec<Case> {
                     rflags: 0x2,
                     mmio_value: VALUES[b.seed % VALUES.len()] ^ 0x5a5a,
                     defined: ALL_STATUS,
+                    segment_bases: None,
+                    divergence: None,
                 });
             }
         }
@@ -714,6 +900,17 @@ fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>) {
         code.push(0xb8); // mov eax, i
         code.extend((i as u32).to_le_bytes());
         code.extend([0xe7, MARKER_PORT as u8]); // out MARKER_PORT, eax
+        if let Some((fs, gs)) = case.segment_bases {
+            for (msr, base) in [(0xc000_0100u32, fs), (0xc000_0101, gs)] {
+                code.push(0xb9); // mov ecx, msr
+                code.extend(msr.to_le_bytes());
+                code.push(0xb8); // mov eax, low half
+                code.extend((base as u32).to_le_bytes());
+                code.push(0xba); // mov edx, high half
+                code.extend(((base >> 32) as u32).to_le_bytes());
+                code.extend([0x0f, 0x30]); // wrmsr
+            }
+        }
         code.extend([0x48, 0xbc]); // mov rsp, flags_stack
         code.extend(flags_stack.to_le_bytes());
         code.push(0x68); // push imm32
@@ -827,7 +1024,14 @@ fn flag_names(mask: u64) -> String {
 #[test]
 fn every_emulated_form_matches_kvms_emulator() {
     let Some(hv) = hypervisor() else { return };
-    let mut cases = all_cases();
+    // A first machine only to learn what the guest's CPUID offers.
+    let probe = long_mode_machine(hv.as_ref(), &[0xf4], 1);
+    let with_1g_pages = guest_has_1g_pages(&probe);
+    drop(probe);
+    if !with_1g_pages {
+        println!("the guest's CPUID has no 1 GiB pages: that window is left out");
+    }
+    let mut cases = all_cases(with_1g_pages);
     let (code, addresses) = assemble(&mut cases);
     assert!(
         GUEST_BASE + (code.len() as u64) < DUMP_BASE,
@@ -863,6 +1067,7 @@ fn every_emulated_form_matches_kvms_emulator() {
         .with_vcpu(0, |v| v.special_regs())
         .unwrap()
         .unwrap();
+    write_page_tables(machine.memory(), sregs.cr3);
     let ram_before = machine.memory().slice(0, RAM_SIZE).unwrap().to_vec();
 
     let reason = run_to_end(&machine, false, Duration::from_secs(120));
@@ -883,6 +1088,7 @@ fn every_emulated_form_matches_kvms_emulator() {
     let mut failures = Vec::new();
     let mut undefined_differences: BTreeMap<String, u64> = BTreeMap::new();
     let mut forms = BTreeSet::new();
+    let mut known_divergences: BTreeMap<(&str, bool), usize> = BTreeMap::new();
     for (i, case) in cases.iter().enumerate() {
         forms.insert(case.form.clone());
         let dump = machine
@@ -899,6 +1105,10 @@ fn every_emulated_form_matches_kvms_emulator() {
         for (r, v) in case.gprs.iter().enumerate() {
             super::Registers::set_gpr(&mut state, r as u8, *v);
         }
+        if let Some((fs, gs)) = case.segment_bases {
+            state.sregs.fs.base = fs;
+            state.sregs.gs.base = gs;
+        }
         state.regs.rip = addresses[i];
         state.regs.rflags = case.rflags;
         let mut bus = SimBus {
@@ -908,6 +1118,7 @@ fn every_emulated_form_matches_kvms_emulator() {
             log: Vec::new(),
         };
         let what = format!("case {i} {} [{}]", case.form, hex(&case.bytes));
+        let failures_before = failures.len();
         let result = (|| -> Result<(), String> {
             let inst = decode(&case.bytes, DecodeMode::LONG64).map_err(|e| e.to_string())?;
             if usize::from(inst.length) != case.bytes.len() {
@@ -993,6 +1204,11 @@ fn every_emulated_form_matches_kvms_emulator() {
                 "{what}: RAM emulator {expected:02x?}, KVM {actual:02x?}"
             ));
         }
+        if let Some(divergence) = case.divergence {
+            let differs = failures.len() > failures_before;
+            failures.truncate(failures_before);
+            *known_divergences.entry((divergence, differs)).or_default() += 1;
+        }
     }
     println!(
         "KVM oracle: {} forms, {} cases, {} failures",
@@ -1000,6 +1216,14 @@ fn every_emulated_form_matches_kvms_emulator() {
         cases.len(),
         failures.len()
     );
+    for ((divergence, differs), count) in &known_divergences {
+        let verdict = if *differs {
+            "KVM differs"
+        } else {
+            "KVM now agrees"
+        };
+        println!("known difference, {verdict} in {count} cases: {divergence}");
+    }
     for (form, count) in &undefined_differences {
         println!("undefined flags differ from KVM ({count} cases): {form}");
     }

@@ -261,3 +261,255 @@ pub fn fetch_instruction(
     }
     Ok((bytes, have))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::AccessFault;
+
+    /// 8 MiB of RAM; nothing else.
+    struct Ram(Vec<u8>);
+
+    impl Ram {
+        fn new() -> Ram {
+            Ram(vec![0; 8 << 20])
+        }
+        fn put(&mut self, gpa: u64, value: u64) {
+            self.0[gpa as usize..gpa as usize + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        fn put32(&mut self, gpa: u64, value: u32) {
+            self.0[gpa as usize..gpa as usize + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        fn get(&self, gpa: u64) -> u64 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.0[gpa as usize..gpa as usize + 8]);
+            u64::from_le_bytes(b)
+        }
+    }
+
+    impl GuestBus for Ram {
+        fn mmio_read(&mut self, gpa: u64, _: &mut [u8]) -> Result<(), AccessFault> {
+            Err(AccessFault(format!("mmio read {gpa:#x}")))
+        }
+        fn mmio_write(&mut self, gpa: u64, _: &[u8]) -> Result<(), AccessFault> {
+            Err(AccessFault(format!("mmio write {gpa:#x}")))
+        }
+        fn ram_read(&mut self, gpa: u64, data: &mut [u8]) -> bool {
+            let end = gpa as usize + data.len();
+            match self.0.get(gpa as usize..end) {
+                Some(src) => {
+                    data.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn ram_write(&mut self, gpa: u64, data: &[u8]) -> bool {
+            let end = gpa as usize + data.len();
+            match self.0.get_mut(gpa as usize..end) {
+                Some(dst) => {
+                    dst.copy_from_slice(data);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    const P: u64 = 1;
+    const RW: u64 = 2;
+    const US: u64 = 4;
+    const PS: u64 = 0x80;
+
+    fn long(cr3: u64, cpl: u8) -> Paging {
+        Paging {
+            cr3,
+            cpl,
+            cpu_mode: CpuMode::Long64,
+            paging_mode: PagingMode::Long4,
+        }
+    }
+
+    /// PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000, plus a 1 GiB page
+    /// at 2 GiB (PDPT[1]), a read-only supervisor 2 MiB page (PD[1]) and a 4 KiB page (PT[5]).
+    fn long_tables() -> Ram {
+        let mut ram = Ram::new();
+        ram.put(0x1000, 0x2000 | P | RW | US);
+        ram.put(0x2000, 0x3000 | P | RW | US);
+        ram.put(0x2008, 0x8000_0000 | PS | P | RW | US);
+        ram.put(0x3000, 0x4000 | P | RW | US);
+        ram.put(0x3008, 0x60_0000 | PS | P);
+        ram.put(0x4000 + 5 * 8, 0x7000 | P | RW | US | (1 << 63));
+        ram
+    }
+
+    #[test]
+    fn long_mode_walk_finds_4k_2m_and_1g_pages_and_sets_accessed_and_dirty() {
+        let mut ram = long_tables();
+        let paging = long(0x1000, 0);
+        assert_eq!(
+            translate(&paging, 0x5123, Access::Read, &mut ram),
+            Ok(0x7123)
+        );
+        // Accessed on every level, dirty only after a write and only on the last level.
+        for entry in [0x1000, 0x2000, 0x3000, 0x4028] {
+            assert_ne!(ram.get(entry) & PG_A, 0, "{entry:#x}");
+            assert_eq!(ram.get(entry) & PG_M, 0, "{entry:#x}");
+        }
+        assert_eq!(
+            translate(&paging, 0x5ff8, Access::Write, &mut ram),
+            Ok(0x7ff8)
+        );
+        assert_ne!(ram.get(0x4028) & PG_M, 0);
+        assert_eq!(ram.get(0x3000) & PG_M, 0);
+        assert_eq!(
+            translate(&paging, 0x20_1234, Access::Read, &mut ram),
+            Ok(0x60_1234)
+        );
+        assert_eq!(
+            translate(&paging, 0x7654_3210, Access::Read, &mut ram),
+            Ok(0xb654_3210)
+        );
+    }
+
+    #[test]
+    fn long_mode_faults_say_why_and_give_the_page_fault_error_code() {
+        let mut ram = long_tables();
+        let kernel = long(0x1000, 0);
+        let user = long(0x1000, 3);
+        let not_present = translate(&kernel, 0x6000, Access::Write, &mut ram).unwrap_err();
+        assert_eq!(
+            not_present,
+            TranslateError::NotPresent {
+                gla: 0x6000,
+                level: 1,
+                error_code: 2
+            }
+        );
+        assert_eq!(
+            not_present.exception(),
+            Some(Exception::page_fault(2, 0x6000))
+        );
+        // A write to the read-only 2 MiB page; a user read of the supervisor page.
+        assert!(matches!(
+            translate(&kernel, 0x20_0000, Access::Write, &mut ram),
+            Err(TranslateError::Protection {
+                level: 2,
+                error_code: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            translate(&user, 0x20_0000, Access::Read, &mut ram),
+            Err(TranslateError::Protection {
+                level: 2,
+                error_code: 5,
+                ..
+            })
+        ));
+        assert!(matches!(
+            translate(&user, 0x20_0000, Access::Fetch, &mut ram),
+            Err(TranslateError::Protection {
+                error_code: 0x15,
+                ..
+            })
+        ));
+        assert_eq!(
+            translate(&kernel, 0x0000_8000_0000_0000, Access::Read, &mut ram),
+            Err(TranslateError::NonCanonical {
+                gla: 0x0000_8000_0000_0000
+            })
+        );
+        // PS in a PML4 entry is reserved.
+        ram.put(0x1008, 0x8000_0000 | PS | P | RW);
+        assert!(matches!(
+            translate(&kernel, 0x80_0000_0000, Access::Read, &mut ram),
+            Err(TranslateError::Reserved {
+                level: 4,
+                error_code: 9,
+                ..
+            })
+        ));
+        // A table outside RAM is the host's problem, not a guest fault.
+        ram.put(0x1010, 0x4000_0000 | P | RW);
+        let e = translate(&kernel, 0x100_0000_0000, Access::Read, &mut ram).unwrap_err();
+        assert_eq!(e, TranslateError::TableNotInRam { gpa: 0x4000_0000 });
+        assert_eq!(e.exception(), None);
+    }
+
+    #[test]
+    fn pae_and_32_bit_walks() {
+        let mut ram = Ram::new();
+        // PAE: CR3 points at four PDPTEs (32-byte aligned).
+        ram.put(0x5020 + 8, 0x6000 | P);
+        ram.put(0x6000, 0x8000 | P | RW);
+        ram.put(0x6008, 0x40_0000 | PS | P | RW);
+        ram.put(0x8000 + 3 * 8, 0x12_3000 | P | RW);
+        let pae = Paging {
+            cr3: 0x5020,
+            cpl: 0,
+            cpu_mode: CpuMode::Protected,
+            paging_mode: PagingMode::Pae,
+        };
+        assert_eq!(
+            translate(&pae, 0x4000_3abc, Access::Read, &mut ram),
+            Ok(0x12_3abc)
+        );
+        assert_eq!(
+            translate(&pae, 0x4020_0010, Access::Read, &mut ram),
+            Ok(0x40_0010)
+        );
+        assert!(matches!(
+            translate(&pae, 0x3abc, Access::Read, &mut ram),
+            Err(TranslateError::NotPresent { level: 3, .. })
+        ));
+        // 32-bit: a 4 MiB page and a 4 KiB page, 4-byte entries.
+        ram.put32(0x9000 + 4, 0x80_0000 | (PS | P | RW) as u32);
+        ram.put32(0x9000, 0xa000 | (P | RW) as u32);
+        ram.put32(0xa000 + 2 * 4, 0x5_5000 | P as u32);
+        let bits32 = Paging {
+            cr3: 0x9000,
+            cpl: 0,
+            cpu_mode: CpuMode::Protected,
+            paging_mode: PagingMode::Bits32,
+        };
+        assert_eq!(
+            translate(&bits32, 0x41_2345, Access::Read, &mut ram),
+            Ok(0x81_2345)
+        );
+        assert_eq!(
+            translate(&bits32, 0x2010, Access::Read, &mut ram),
+            Ok(0x5_5010)
+        );
+        assert!(matches!(
+            translate(&bits32, 0x2010, Access::Write, &mut ram),
+            Err(TranslateError::Protection { level: 1, .. })
+        ));
+        let flat = Paging {
+            paging_mode: PagingMode::Flat,
+            ..bits32
+        };
+        assert_eq!(
+            translate(&flat, 0xdead_beef, Access::Write, &mut ram),
+            Ok(0xdead_beef)
+        );
+    }
+
+    #[test]
+    fn fetch_stops_at_an_unmapped_page_but_needs_the_first_byte() {
+        let mut ram = long_tables();
+        // PT[5] maps 0x5000 -> 0x7000; PT[6] is empty.
+        ram.0[0x7ffd..0x8000].copy_from_slice(&[0x8b, 0x03, 0x90]);
+        let paging = long(0x1000, 0);
+        let (bytes, len) = fetch_instruction(&paging, 0x5ffd, &mut ram).unwrap();
+        assert_eq!(len, 3);
+        assert_eq!(&bytes[..3], &[0x8b, 0x03, 0x90]);
+        assert!(matches!(
+            fetch_instruction(&paging, 0x6000, &mut ram),
+            Err(TranslateError::NotPresent {
+                error_code: 0x10,
+                ..
+            })
+        ));
+    }
+}
