@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::decode::{decode, AluOp, DecodeMode};
+use super::decode::{decode, AluOp};
 use super::exec::{effective_address, execute, linear_address, Outcome, RFLAGS_STATUS};
 use super::exec::{RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF};
 use super::paging::{translate, Access};
@@ -144,6 +144,8 @@ struct Case {
     /// Where KVM's emulator is known to differ from the processor (and this emulator follows
     /// the processor): its results are reported, not compared.
     divergence: Option<&'static str>,
+    /// Runs in a 32-bit code segment (compatibility mode) instead of 64-bit mode.
+    compat: bool,
 }
 
 /// `64 26` / `65 26`: in 64-bit mode the processor ignores an ES, CS, SS or DS prefix, so an
@@ -168,6 +170,8 @@ enum Mode {
     },
     Rip,
     Abs32,
+    /// `mod 00, r/m 101`: RIP-relative in 64-bit mode, an absolute disp32 outside it.
+    Disp32,
 }
 
 /// ModRM (+SIB, displacement) for `reg` and a memory operand at `target` addressed by
@@ -243,6 +247,10 @@ fn modrm(reg: u8, mode: Mode, target: u64, gprs: &mut [u64; 16]) -> (u8, Vec<u8>
             rip = Some(out.len());
             out.extend([0; 4]);
         }
+        Mode::Disp32 => {
+            out.push(r | 5);
+            out.extend((target as u32).to_le_bytes());
+        }
         Mode::Abs32 => {
             out.extend([r | 4, 0x25]);
             out.extend((target as u32).to_le_bytes());
@@ -304,6 +312,29 @@ const ADDRESSING: [Mode; 8] = [
 
 /// Register operands to try: legacy, high-byte (without REX), and REX-only ones.
 const REG_OPERANDS: [u8; 5] = [1, 6, 7, 10, 4];
+const COMPAT_REG_OPERANDS: [u8; 5] = [1, 6, 7, 2, 4];
+
+/// Addressing in 32-bit code: no REX registers; `mod 00, r/m 101` is an absolute address.
+const COMPAT_ADDRESSING: [Mode; 8] = [
+    Mode::Base(3),
+    Mode::BaseDisp8(5, -0x10),
+    Mode::BaseDisp32(4, 0x1234),
+    Mode::Sib {
+        base: 0,
+        index: 1,
+        scale_log: 3,
+        disp: 0x40,
+    },
+    Mode::Sib {
+        base: 6,
+        index: 5,
+        scale_log: 1,
+        disp: -0x5678,
+    },
+    Mode::Disp32,
+    Mode::Abs32,
+    Mode::BaseDisp8(7, 0x7f),
+];
 
 struct Builder {
     cases: Vec<Case>,
@@ -317,6 +348,8 @@ struct Builder {
     /// A segment prefix and the base it adds (FS or GS), for the next forms.
     segment: Option<(u8, u64)>,
     segment_bases: Option<(u64, u64)>,
+    /// Generate 32-bit code (no REX, registers 0-7, 32-bit values).
+    compat: bool,
 }
 
 impl Builder {
@@ -341,6 +374,7 @@ impl Builder {
             let mode = self.modes[seed % self.modes.len()];
             let reg = match ext {
                 Some(e) => e,
+                None if self.compat => COMPAT_REG_OPERANDS[(seed / 3) % 5],
                 None => REG_OPERANDS[(seed / 3) % REG_OPERANDS.len()],
             };
             let reg = {
@@ -351,7 +385,7 @@ impl Builder {
                     _ => false,
                 };
                 if ext.is_none() && busy(reg) {
-                    (reg + 1) % 16
+                    (reg + 1) % if self.compat { 8 } else { 16 }
                 } else {
                     reg
                 }
@@ -372,7 +406,13 @@ impl Builder {
             if rex_w {
                 rex |= 8;
             }
-            let force_rex = seed % 4 == 0;
+            let force_rex = seed % 4 == 0 && !self.compat;
+            assert!(!self.compat || rex == 0, "no REX in 32-bit code");
+            if self.compat {
+                for g in gprs.iter_mut() {
+                    *g &= 0xffff_ffff;
+                }
+            }
             let mut bytes = Vec::new();
             let mut divergence = None;
             if let Some((p, _)) = self.segment {
@@ -410,6 +450,7 @@ impl Builder {
                 defined,
                 segment_bases: self.segment_bases,
                 divergence,
+                compat: self.compat,
             });
         }
     }
@@ -436,7 +477,9 @@ impl Builder {
             let imm16 = imm.1.min(2);
             self.modrm_form(&form, Some(0x66), false, op, ext, imm16, defined, count);
             self.modrm_form(&form, None, false, op, ext, imm.1, defined, count);
-            self.modrm_form(&form, None, true, op, ext, imm.1, defined, count);
+            if !self.compat {
+                self.modrm_form(&form, None, true, op, ext, imm.1, defined, count);
+            }
         }
     }
 
@@ -453,6 +496,7 @@ impl Builder {
             defined: ALL_STATUS,
             segment_bases: None,
             divergence: None,
+            compat: self.compat,
         });
     }
 }
@@ -483,17 +527,10 @@ fn guest_has_1g_pages(machine: &crate::machine::Machine) -> bool {
         .any(|e| word(e, 0) == 0x8000_0001 && word(e, 24) & (1 << 26) != 0)
 }
 
-fn all_cases(with_1g_pages: bool) -> Vec<Case> {
-    let mut b = Builder {
-        cases: Vec::new(),
-        seed: 0,
-        window: MMIO_BASE,
-        window_pages: 1,
-        modes: &ADDRESSING,
-        segment: None,
-        segment_bases: None,
-    };
-    const N: usize = 6;
+/// The ModRM forms, each in all its operand sizes, `n` cases per size.
+fn modrm_forms(b: &mut Builder, n: usize) {
+    #[allow(non_snake_case)]
+    let N = n;
     let ops = [
         AluOp::Add,
         AluOp::Or,
@@ -626,26 +663,28 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
         N,
     );
     // MOVSXD without 66h (with it, the decoder refuses the instruction: see `decode`).
-    b.modrm_form(
-        "63 MOVSXD reg, r/m32",
-        None,
-        false,
-        &[0x63],
-        None,
-        0,
-        ALL_STATUS,
-        N,
-    );
-    b.modrm_form(
-        "63 MOVSXD reg, r/m32",
-        None,
-        true,
-        &[0x63],
-        None,
-        0,
-        ALL_STATUS,
-        N,
-    );
+    if !b.compat {
+        b.modrm_form(
+            "63 MOVSXD reg, r/m32",
+            None,
+            false,
+            &[0x63],
+            None,
+            0,
+            ALL_STATUS,
+            N,
+        );
+        b.modrm_form(
+            "63 MOVSXD reg, r/m32",
+            None,
+            true,
+            &[0x63],
+            None,
+            0,
+            ALL_STATUS,
+            N,
+        );
+    }
     b.modrm_form(
         "0F AE /7 CLFLUSH m8",
         None,
@@ -675,7 +714,20 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
         RFLAGS_CF | RFLAGS_ZF,
         N,
     );
+}
 
+fn all_cases(with_1g_pages: bool) -> Vec<Case> {
+    let mut b = Builder {
+        cases: Vec::new(),
+        seed: 0,
+        window: MMIO_BASE,
+        window_pages: 1,
+        modes: &ADDRESSING,
+        segment: None,
+        segment_bases: None,
+        compat: false,
+    };
+    modrm_forms(&mut b, 6);
     // Operands reached through the guest's own page tables: linear windows mapped onto the
     // MMIO window by 4 KiB pages (shuffled), a 2 MiB page and a 1 GiB page.
     const PAGED_MODES: [Mode; 4] = [
@@ -882,7 +934,82 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
                     defined: ALL_STATUS,
                     segment_bases: None,
                     divergence: None,
+                    compat: false,
                 });
+            }
+        }
+    }
+    // The same forms in a 32-bit code segment (compatibility mode): 32-bit operands and
+    // addresses by default, 66h for 16-bit operands, no REX; string, moffs and stack forms
+    // with ESI, EDI, ECX and ESP.
+    b.compat = true;
+    b.modes = &COMPAT_ADDRESSING;
+    modrm_forms(&mut b, 3);
+    for (op, name) in [
+        (0xa0u8, "A0 MOV AL, moffs"),
+        (0xa1, "A1 MOV rAX, moffs"),
+        (0xa2, "A2 MOV moffs, AL"),
+        (0xa3, "A3 MOV moffs, rAX"),
+    ] {
+        for (k, prefixes) in [&[][..], &[0x66]].iter().enumerate() {
+            let gprs = pattern_gprs(b.seed + 100).map(|g| g & 0xffff_ffff);
+            let offset = MMIO_BASE + 0x200 + 8 * k as u64 + u64::from(op & 1);
+            let mut bytes = prefixes.to_vec();
+            bytes.push(op);
+            bytes.extend((offset as u32).to_le_bytes());
+            b.raw(name, bytes, gprs, START_FLAGS[k % 2]);
+        }
+    }
+    for (op, name) in [
+        (0xa4u8, "A4 MOVSB"),
+        (0xa5, "A5 MOVS"),
+        (0xaa, "AA STOSB"),
+        (0xab, "AB STOS"),
+    ] {
+        let movs = op & 0xfe == 0xa4;
+        for prefixes in [&[][..], &[0xf3], &[0x66, 0xf3], &[0xf2]] {
+            for (src_mmio, dst_mmio, df) in [
+                (true, false, false),
+                (false, true, true),
+                (true, true, false),
+            ] {
+                if !movs && !dst_mmio {
+                    continue;
+                }
+                let case = b.cases.len() as u64;
+                let scratch = SCRATCH_BASE + case * SCRATCH_LEN;
+                let mut gprs = pattern_gprs(b.seed + 7).map(|g| g & 0xffff_ffff);
+                gprs[1] = 3;
+                let span = if df { 0x30 } else { 0x8 };
+                gprs[6] = if src_mmio {
+                    MMIO_BASE + 0x800 + span
+                } else {
+                    scratch + span
+                };
+                gprs[7] = if dst_mmio {
+                    MMIO_BASE + 0xa00 + span
+                } else {
+                    scratch + 0x80 + span
+                };
+                let mut bytes = prefixes.to_vec();
+                bytes.push(op);
+                let flags = if df { 0x2 | RFLAGS_DF } else { 0x2 };
+                b.raw(name, bytes, gprs, flags);
+            }
+        }
+    }
+    for (op, ext, name) in [(0xffu8, 6u8, "FF /6 PUSH r/m"), (0x8f, 0, "8F /0 POP r/m")] {
+        for prefix in [None, Some(0x66u8)] {
+            for mode in [Mode::Base(3), Mode::Disp32] {
+                let case = b.cases.len() as u64;
+                let mut gprs = pattern_gprs(b.seed + 11).map(|g| g & 0xffff_ffff);
+                let (_, m, _) = modrm(ext, mode, MMIO_BASE + 0x600, &mut gprs);
+                gprs[4] = SCRATCH_BASE + case * SCRATCH_LEN + 0x80;
+                let mut bytes = Vec::new();
+                bytes.extend(prefix);
+                bytes.push(op);
+                bytes.extend(m);
+                b.raw(name, bytes, gprs, 0x2);
             }
         }
     }
@@ -891,9 +1018,47 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
 
 /// The guest program: for each case, announce it, load RFLAGS and the GPRs, run the
 /// instruction, dump the GPRs and RFLAGS. Returns the code and each instruction's address.
-fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>) {
-    let mut code = Vec::new();
+/// Where the guest's own GDT goes (the boot GDT plus a 32-bit code segment), its GDTR, and
+/// the far pointers into 32-bit code.
+const GDT_COPY: u64 = 0xd1_0000;
+const GDTR: u64 = 0xd1_0100;
+const FAR_POINTERS: u64 = 0xd2_0000;
+/// The 32-bit code segment: base 0, 4 GiB, D = 1, L = 0, present, DPL 0, execute/read.
+const COMPAT_CS: u16 = 0x30;
+const COMPAT_CS_DESCRIPTOR: u64 = 0x00cf_9b00_0000_ffff;
+/// The boot GDT's 64-bit code segment, to come back to.
+const LONG_CS: u16 = 0x10;
+
+/// A far pointer (m16:32) to write at an address: offset, then selector.
+type FarPointer = (u64, [u8; 6]);
+
+/// The descriptor of [`COMPAT_CS`] as the vCPU holds it.
+fn compat_cs() -> crate::vmm::Segment {
+    crate::vmm::Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: COMPAT_CS,
+        type_: 0xb,
+        present: true,
+        dpl: 0,
+        db: true,
+        s: true,
+        l: false,
+        g: true,
+        avl: false,
+        unusable: false,
+    }
+}
+
+/// The guest program: load the GDT; then for each case, announce it, load RFLAGS and the
+/// GPRs, run the instruction, dump the GPRs and RFLAGS, in 64-bit mode or (far jumping
+/// there and back) in 32-bit code. Returns the code, each instruction's address, and the
+/// far pointers to write into RAM.
+fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>, Vec<FarPointer>) {
+    let mut code = vec![0x0f, 0x01, 0x14, 0x25]; // lgdt [GDTR]
+    code.extend((GDTR as u32).to_le_bytes());
     let mut addresses = Vec::new();
+    let mut far_pointers = Vec::new();
     for (i, case) in cases.iter_mut().enumerate() {
         let i64_ = i as u64;
         let flags_stack = FLAGS_STACK_BASE + i64_ * 0x40 + 0x40;
@@ -910,6 +1075,42 @@ fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>) {
                 code.extend(((base >> 32) as u32).to_le_bytes());
                 code.extend([0x0f, 0x30]); // wrmsr
             }
+        }
+        let dump = DUMP_BASE + i64_ * DUMP_STRIDE;
+        if case.compat {
+            let pointer = FAR_POINTERS + i64_ * 8;
+            code.extend([0xff, 0x2c, 0x25]); // jmp far [pointer]
+            code.extend((pointer as u32).to_le_bytes());
+            let entry = GUEST_BASE + code.len() as u64;
+            let mut far = [0u8; 6];
+            far[..4].copy_from_slice(&(entry as u32).to_le_bytes());
+            far[4..].copy_from_slice(&COMPAT_CS.to_le_bytes());
+            far_pointers.push((pointer, far));
+            code.push(0xbc); // mov esp, flags_stack
+            code.extend((flags_stack as u32).to_le_bytes());
+            code.push(0x68); // push imm32
+            code.extend((case.rflags as u32).to_le_bytes());
+            code.push(0x9d); // popfd
+            for (r, value) in case.gprs.iter().take(8).enumerate() {
+                code.push(0xb8 + r as u8); // mov r32, imm32
+                code.extend((*value as u32).to_le_bytes());
+            }
+            addresses.push(GUEST_BASE + code.len() as u64);
+            code.extend(&case.bytes);
+            for r in 0..8u8 {
+                code.extend([0x89, (r << 3) | 5]); // mov [dump + 8r], r32
+                code.extend(((dump + 8 * u64::from(r)) as u32).to_le_bytes());
+            }
+            code.push(0xbc); // mov esp, flags_stack
+            code.extend((flags_stack as u32).to_le_bytes());
+            code.extend([0x9c, 0x58]); // pushfd; pop eax
+            code.extend([0x89, 0x05]); // mov [dump + 128], eax
+            code.extend(((dump + 128) as u32).to_le_bytes());
+            let back = GUEST_BASE + code.len() as u64 + 7;
+            code.push(0xea); // jmp far LONG_CS:back
+            code.extend((back as u32).to_le_bytes());
+            code.extend(LONG_CS.to_le_bytes());
+            continue;
         }
         code.extend([0x48, 0xbc]); // mov rsp, flags_stack
         code.extend(flags_stack.to_le_bytes());
@@ -930,7 +1131,6 @@ fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>) {
         }
         addresses.push(at);
         code.extend(&case.bytes);
-        let dump = DUMP_BASE + i64_ * DUMP_STRIDE;
         for r in 0..16u8 {
             // mov [dump + 8r], r64
             code.push(0x48 | if r >= 8 { 4 } else { 0 });
@@ -944,7 +1144,7 @@ fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>) {
         code.extend(((dump + 128) as u32).to_le_bytes());
     }
     code.extend([0xfa, 0xf4]); // cli; hlt
-    (code, addresses)
+    (code, addresses, far_pointers)
 }
 
 /// The emulator's view of the same machine: RAM as it was before the guest ran, with the
@@ -1032,7 +1232,7 @@ fn every_emulated_form_matches_kvms_emulator() {
         println!("the guest's CPUID has no 1 GiB pages: that window is left out");
     }
     let mut cases = all_cases(with_1g_pages);
-    let (code, addresses) = assemble(&mut cases);
+    let (code, addresses, far_pointers) = assemble(&mut cases);
     assert!(
         GUEST_BASE + (code.len() as u64) < DUMP_BASE,
         "guest code overlaps the dump area"
@@ -1068,6 +1268,22 @@ fn every_emulated_form_matches_kvms_emulator() {
         .unwrap()
         .unwrap();
     write_page_tables(machine.memory(), sregs.cr3);
+    // The boot GDT plus the 32-bit code segment, and the far pointers into 32-bit code.
+    let boot_gdt_len = u64::from(sregs.gdt.limit) + 1;
+    let mut gdt = machine
+        .memory()
+        .slice(sregs.gdt.base, boot_gdt_len)
+        .unwrap()
+        .to_vec();
+    gdt.resize(usize::from(COMPAT_CS) + 8, 0);
+    gdt[usize::from(COMPAT_CS)..].copy_from_slice(&COMPAT_CS_DESCRIPTOR.to_le_bytes());
+    machine.memory().write(GDT_COPY, &gdt).unwrap();
+    let mut gdtr = ((gdt.len() - 1) as u16).to_le_bytes().to_vec();
+    gdtr.extend(GDT_COPY.to_le_bytes());
+    machine.memory().write(GDTR, &gdtr).unwrap();
+    for (address, pointer) in &far_pointers {
+        machine.memory().write(*address, pointer).unwrap();
+    }
     let ram_before = machine.memory().slice(0, RAM_SIZE).unwrap().to_vec();
 
     let reason = run_to_end(&machine, false, Duration::from_secs(120));
@@ -1084,7 +1300,6 @@ fn every_emulated_form_matches_kvms_emulator() {
         kvm_accesses.entry(case).or_default().push(access);
     }
 
-    let paging = Paging::from_special_regs(&sregs);
     let mut failures = Vec::new();
     let mut undefined_differences: BTreeMap<String, u64> = BTreeMap::new();
     let mut forms = BTreeSet::new();
@@ -1109,6 +1324,10 @@ fn every_emulated_form_matches_kvms_emulator() {
             state.sregs.fs.base = fs;
             state.sregs.gs.base = gs;
         }
+        if case.compat {
+            state.sregs.cs = compat_cs();
+        }
+        let paging = Paging::from_special_regs(&state.sregs);
         state.regs.rip = addresses[i];
         state.regs.rflags = case.rflags;
         let mut bus = SimBus {
@@ -1120,7 +1339,8 @@ fn every_emulated_form_matches_kvms_emulator() {
         let what = format!("case {i} {} [{}]", case.form, hex(&case.bytes));
         let failures_before = failures.len();
         let result = (|| -> Result<(), String> {
-            let inst = decode(&case.bytes, DecodeMode::LONG64).map_err(|e| e.to_string())?;
+            let inst = decode(&case.bytes, paging.decode_mode(&state.sregs.cs))
+                .map_err(|e| e.to_string())?;
             if usize::from(inst.length) != case.bytes.len() {
                 return Err(format!("length {} != {}", inst.length, case.bytes.len()));
             }
@@ -1165,7 +1385,8 @@ fn every_emulated_form_matches_kvms_emulator() {
                 state.regs.rip
             ));
         }
-        for r in 0..16u8 {
+        let dumped = if case.compat { 8 } else { 16 };
+        for r in 0..dumped {
             let ours = super::Registers::gpr(&state, r);
             if ours != dump[usize::from(r)] {
                 failures.push(format!(
@@ -1211,9 +1432,10 @@ fn every_emulated_form_matches_kvms_emulator() {
         }
     }
     println!(
-        "KVM oracle: {} forms, {} cases, {} failures",
+        "KVM oracle: {} forms, {} cases ({} in 32-bit code), {} failures",
         forms.len(),
         cases.len(),
+        cases.iter().filter(|c| c.compat).count(),
         failures.len()
     );
     for ((divergence, differs), count) in &known_divergences {
