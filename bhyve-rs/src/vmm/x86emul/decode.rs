@@ -82,6 +82,9 @@ pub enum Operation {
     BtImm,
     /// `CLFLUSH m8` / `CLFLUSHOPT m8` (`0F AE /7`).
     Clflush,
+    /// `BEXTR reg, r/m, vreg` (`VEX.LZ.0F38.W0/W1 F7 /r`): bit field of the memory operand
+    /// selected by start (bits 7:0) and length (bits 15:8) of [`Instruction::vex_reg`].
+    Bextr,
 }
 
 /// A memory operand as encoded: `segment:[base + index * scale + displacement]`.
@@ -138,6 +141,8 @@ pub struct Instruction {
     pub immediate: i64,
     pub rep: Option<Rep>,
     pub lock: bool,
+    /// VEX.vvvv: the extra register operand of a VEX instruction (0 otherwise).
+    pub vex_reg: u8,
 }
 
 /// How the CPU decodes: its mode and, outside 64-bit mode, CS.D.
@@ -170,6 +175,18 @@ impl Cursor<'_> {
         })?;
         self.pos += 1;
         Ok(byte)
+    }
+
+    fn peek(&self) -> Result<u8, EmulError> {
+        if self.pos >= MAX_INSTRUCTION_LEN {
+            return Err(EmulError::TooLong);
+        }
+        self.bytes
+            .get(self.pos)
+            .copied()
+            .ok_or(EmulError::Truncated {
+                available: self.bytes.len(),
+            })
     }
 
     /// `n` bytes, little-endian, sign-extended from `n * 8` bits.
@@ -274,10 +291,46 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
         break byte;
     };
     let rex_bits = rex.unwrap_or(0);
-    let rex_w = rex_bits & 8 != 0;
-    let rex_r = (rex_bits >> 2) & 1;
-    let rex_x = (rex_bits >> 1) & 1;
-    let rex_b = rex_bits & 1;
+    let mut rex_w = rex_bits & 8 != 0;
+    let mut rex_r = (rex_bits >> 2) & 1;
+    let mut rex_x = (rex_bits >> 1) & 1;
+    let mut rex_b = rex_bits & 1;
+
+    let unsupported = |what: &str| {
+        Err(EmulError::Unsupported {
+            bytes: bytes[..bytes.len().min(MAX_INSTRUCTION_LEN)].to_vec(),
+            what: what.to_string(),
+        })
+    };
+
+    // The three-byte VEX prefix (C4). Outside 64-bit mode C4 is LES unless the next byte
+    // looks like a register ModRM (its inverted R and X bits both set).
+    let mut vex_reg = 0;
+    let mut vex_op = None;
+    if opcode == 0xc4 && mode.cpu_mode != CpuMode::Real && (long || cur.peek()? >> 6 == 3) {
+        if rex.is_some() || opsize_override || rep.is_some() || lock {
+            return unsupported("VEX after a 66h, F2h, F3h, LOCK or REX prefix");
+        }
+        let b1 = cur.next()?;
+        let b2 = cur.next()?;
+        let op = cur.next()?;
+        let (map, pp, l) = (b1 & 0x1f, b2 & 3, (b2 >> 2) & 1);
+        if map != 2 || op != 0xf7 || pp != 0 || l != 0 {
+            return unsupported(&format!("VEX map {map}, pp {pp}, L {l}, opcode {op:02x}"));
+        }
+        // The register extensions exist in 64-bit mode only.
+        if long {
+            rex_r = (!b1 >> 7) & 1;
+            rex_x = (!b1 >> 6) & 1;
+            rex_b = (!b1 >> 5) & 1;
+            rex_w = b2 & 0x80 != 0;
+            vex_reg = (!b2 >> 3) & 0xf;
+        } else {
+            rex_w = false;
+            vex_reg = (!b2 >> 3) & 0x7;
+        }
+        vex_op = Some(op);
+    }
 
     let (full_size, address_size) = match (mode.cpu_mode, mode.cs_d) {
         (CpuMode::Long64, _) => (
@@ -300,13 +353,6 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
         ),
     };
 
-    let unsupported = |what: &str| {
-        Err(EmulError::Unsupported {
-            bytes: bytes[..bytes.len().min(MAX_INSTRUCTION_LEN)].to_vec(),
-            what: what.to_string(),
-        })
-    };
-
     // (operation, byte form, immediate, has ModRM, required ModRM.reg)
     let (operation, byte_form, immediate, required_reg): (Operation, bool, Immediate, Option<u8>) =
         match opcode {
@@ -319,6 +365,7 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
                 };
                 (op, opcode & 1 == 0, Immediate::None, None)
             }
+            0xc4 if vex_op.is_some() => (Operation::Bextr, false, Immediate::None, None),
             0x63 if long => (Operation::Movsxd, false, Immediate::None, None),
             0x80 => (
                 Operation::AluMemImm(AluOp::Add),
@@ -378,6 +425,14 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
     } else {
         match operation {
             // PUSH and POP in 64-bit mode: 64 bits, or 16 with 66h; never 32.
+            // BEXTR: 32 bits, or 64 with VEX.W in 64-bit mode.
+            Operation::Bextr => {
+                if rex_w {
+                    8
+                } else {
+                    4
+                }
+            }
             Operation::Push | Operation::Pop if long => {
                 if opsize_override && !rex_w {
                     2
@@ -471,6 +526,7 @@ pub fn decode(bytes: &[u8], mode: DecodeMode) -> Result<Instruction, EmulError> 
             _ => None,
         },
         lock,
+        vex_reg,
     })
 }
 

@@ -425,6 +425,26 @@ pub fn execute(
         Operation::Clflush => {
             mmio_read(bus, gpa, 1)?;
         }
+        Operation::Bextr => {
+            let source = mmio_read(bus, gpa, size)?;
+            let control = regs.gpr(inst.vex_reg);
+            let (start, len) = (control & 0xff, (control >> 8) & 0xff);
+            let shifted = if start >= u64::from(size) * 8 {
+                0
+            } else {
+                source >> start
+            };
+            let value = if len >= 64 {
+                shifted
+            } else {
+                shifted & ((1 << len) - 1)
+            };
+            write_reg(regs, inst.reg, value, size, true);
+            // ZF from the result, CF and OF cleared; AF, SF and PF are undefined and cleared
+            // as FreeBSD clears them.
+            let zf = if value & mask == 0 { RFLAGS_ZF } else { 0 };
+            set_status(regs, RFLAGS_STATUS, zf);
+        }
         Operation::Push | Operation::Pop => return stack_op(inst, gpa, paging, regs, bus),
         Operation::Movs | Operation::Stos => return string_op(inst, paging, regs, bus),
     }

@@ -150,7 +150,7 @@ struct Case {
 
 /// `64 26` / `65 26`: in 64-bit mode the processor ignores an ES, CS, SS or DS prefix, so an
 /// earlier FS or GS override stays in force (iced-x86 decodes it so, and
-/// `decode_crosscheck_tests::null_segment_prefix_leaves_fs_in_force_on_this_cpu` shows the
+/// `cpu_oracle_tests::null_segment_prefix_leaves_fs_in_force_on_this_cpu` shows the
 /// host CPU doing it); KVM's emulator, like FreeBSD's decoder, lets the last prefix win and
 /// addresses the operand without the FS/GS base.
 const NULL_PREFIX_AFTER_FS: &str =
@@ -567,6 +567,18 @@ fn modrm_forms(b: &mut Builder, n: usize) {
             N,
         );
         let ext = Some(i as u8);
+        if op.writes_result() {
+            // LOCK on the read-modify-write memory destinations.
+            let locked = format!("{:02X} {name} r/m, reg", base + 1);
+            b.modrm_form(&locked, Some(0xf0), false, &[base + 1], None, 0, defined, 2);
+            if !b.compat {
+                b.modrm_form(&locked, Some(0xf0), true, &[base + 1], None, 0, defined, 2);
+            }
+            let locked = format!("81 /{i} {name} r/m, imm");
+            b.modrm_form(&locked, Some(0xf0), false, &[0x81], ext, 4, defined, 2);
+            let locked = format!("80 /{i} {name} r/m, imm");
+            b.modrm_form(&locked, Some(0xf0), false, &[0x80], ext, 1, defined, 2);
+        }
         b.sized(
             &format!("/{i} {name} r/m, imm"),
             Some(&[0x80]),
