@@ -465,28 +465,10 @@ fn random_bytes_and_state_never_panic() {
             Ok(())
         }
         fn ram_read(&mut self, gpa: u64, data: &mut [u8]) -> bool {
-            let Some(end) = (gpa as usize).checked_add(data.len()) else {
-                return false;
-            };
-            match self.0.get(gpa as usize..end) {
-                Some(src) => {
-                    data.copy_from_slice(src);
-                    true
-                }
-                None => false,
-            }
+            super::test_ram::read(&self.0, gpa, data)
         }
         fn ram_write(&mut self, gpa: u64, data: &[u8]) -> bool {
-            let Some(end) = (gpa as usize).checked_add(data.len()) else {
-                return false;
-            };
-            match self.0.get_mut(gpa as usize..end) {
-                Some(dst) => {
-                    dst.copy_from_slice(data);
-                    true
-                }
-                None => false,
-            }
+            super::test_ram::write(&mut self.0, gpa, data)
         }
     }
 

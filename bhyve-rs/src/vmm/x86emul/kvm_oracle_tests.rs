@@ -483,6 +483,17 @@ impl Builder {
         }
     }
 
+    /// Starting registers for a case: [`pattern_gprs`], cut to 32 bits for 32-bit code.
+    fn start_gprs(&self, seed: usize) -> [u64; 16] {
+        let mut gprs = pattern_gprs(seed);
+        if self.compat {
+            for g in gprs.iter_mut() {
+                *g &= 0xffff_ffff;
+            }
+        }
+        gprs
+    }
+
     /// A case with hand-made bytes and registers (string, moffs and stack forms).
     fn raw(&mut self, form: &str, bytes: Vec<u8>, gprs: [u64; 16], rflags: u64) {
         self.seed += 1;
@@ -728,6 +739,111 @@ fn modrm_forms(b: &mut Builder, n: usize) {
     );
 }
 
+/// MOV between the accumulator and a memory offset: 8 offset bytes in 64-bit mode, 4 with
+/// 67h or in 32-bit code.
+fn moffs_cases(b: &mut Builder, prefix_sets: &[&[u8]]) {
+    for (op, name) in [
+        (0xa0u8, "A0 MOV AL, moffs"),
+        (0xa1, "A1 MOV rAX, moffs"),
+        (0xa2, "A2 MOV moffs, AL"),
+        (0xa3, "A3 MOV moffs, rAX"),
+    ] {
+        for (k, prefixes) in prefix_sets.iter().enumerate() {
+            let gprs = b.start_gprs(b.seed + 100);
+            let offset = MMIO_BASE + 0x200 + 8 * k as u64 + u64::from(op & 1);
+            let mut bytes = prefixes.to_vec();
+            bytes.push(op);
+            if b.compat || prefixes.contains(&0x67) {
+                bytes.extend((offset as u32).to_le_bytes());
+            } else {
+                bytes.extend(offset.to_le_bytes());
+            }
+            b.raw(name, bytes, gprs, START_FLAGS[k % 2]);
+        }
+    }
+}
+
+/// MOVS and STOS with each prefix set, for each `(source in MMIO, destination in MMIO,
+/// DF)` placement (the other side in the case's scratch RAM).
+fn string_cases(b: &mut Builder, prefix_sets: &[&[u8]], placements: &[(bool, bool, bool)]) {
+    for (op, name) in [
+        (0xa4u8, "A4 MOVSB"),
+        (0xa5, "A5 MOVS"),
+        (0xaa, "AA STOSB"),
+        (0xab, "AB STOS"),
+    ] {
+        let movs = op & 0xfe == 0xa4;
+        for (k, prefixes) in prefix_sets.iter().enumerate() {
+            for &(src_mmio, dst_mmio, df) in placements {
+                if !movs && !dst_mmio {
+                    continue;
+                }
+                let case = b.cases.len() as u64;
+                let scratch = SCRATCH_BASE + case * SCRATCH_LEN;
+                let mut gprs = b.start_gprs(b.seed + 7);
+                // With 67h only ECX counts: keep junk in the upper half to show it.
+                gprs[1] = if prefixes.contains(&0x67) {
+                    (gprs[1] & !0xffff_ffff) | 3
+                } else {
+                    3
+                };
+                let span = if df { 0x30 } else { 0x8 };
+                gprs[6] = if src_mmio {
+                    MMIO_BASE + 0x800 + span + 8 * k as u64
+                } else {
+                    scratch + span
+                };
+                gprs[7] = if dst_mmio {
+                    MMIO_BASE + 0xa00 + span + 4 * k as u64
+                } else {
+                    scratch + 0x80 + span
+                };
+                let mut bytes = prefixes.to_vec();
+                bytes.push(op);
+                let flags = if df { 0x2 | RFLAGS_DF } else { 0x2 };
+                b.raw(name, bytes, gprs, flags | ((case & 1) * RFLAGS_ZF));
+            }
+        }
+    }
+}
+
+/// PUSH and POP with a memory operand in MMIO addressed by each of `modes`, and the stack
+/// in the case's scratch RAM.
+fn stack_cases(b: &mut Builder, modes: &[Mode]) {
+    for (op, ext, name) in [(0xffu8, 6u8, "FF /6 PUSH r/m"), (0x8f, 0, "8F /0 POP r/m")] {
+        for (k, prefix) in [None, Some(0x66u8)].into_iter().enumerate() {
+            for &mode in modes {
+                let case = b.cases.len() as u64;
+                let mut gprs = b.start_gprs(b.seed + 11);
+                let target = MMIO_BASE + 0x600 + 16 * k as u64;
+                let (rex, m, rip) = modrm(ext, mode, target, &mut gprs);
+                gprs[4] = SCRATCH_BASE + case * SCRATCH_LEN + 0x80;
+                let mut bytes = Vec::new();
+                bytes.extend(prefix);
+                if rex != 0 {
+                    bytes.push(0x40 | rex);
+                }
+                bytes.push(op);
+                let at = bytes.len();
+                bytes.extend(m);
+                b.seed += 1;
+                b.cases.push(Case {
+                    form: name.to_string(),
+                    bytes,
+                    rip_patch: rip.map(|r| (at + r, target)),
+                    gprs,
+                    rflags: 0x2,
+                    mmio_value: VALUES[b.seed % VALUES.len()] ^ 0x5a5a,
+                    defined: ALL_STATUS,
+                    segment_bases: None,
+                    divergence: None,
+                    compat: b.compat,
+                });
+            }
+        }
+    }
+}
+
 fn all_cases(with_1g_pages: bool) -> Vec<Case> {
     let mut b = Builder {
         cases: Vec::new(),
@@ -830,201 +946,56 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
     b.segment = None;
     b.segment_bases = None;
 
-    // MOV between the accumulator and a 64-bit memory offset (the only moffs size in 64-bit
-    // mode without 67h), and with 67h a 32-bit one.
-    for (op, name) in [
-        (0xa0u8, "A0 MOV AL, moffs"),
-        (0xa1, "A1 MOV rAX, moffs"),
-        (0xa2, "A2 MOV moffs, AL"),
-        (0xa3, "A3 MOV moffs, rAX"),
-    ] {
-        for (k, prefixes) in [&[][..], &[0x66], &[0x48], &[0x67]].iter().enumerate() {
-            let gprs = pattern_gprs(b.seed + 100);
-            let offset = MMIO_BASE + 0x200 + 8 * k as u64 + u64::from(op & 1);
-            let mut bytes = prefixes.to_vec();
-            bytes.push(op);
-            if prefixes.contains(&0x67) {
-                bytes.extend((offset as u32).to_le_bytes());
-            } else {
-                bytes.extend(offset.to_le_bytes());
-            }
-            b.raw(name, bytes, gprs, START_FLAGS[k % 2]);
-        }
-    }
-
-    // String forms: every direction, element size, REP and RAM/MMIO combination.
-    for (op, name) in [
-        (0xa4u8, "A4 MOVSB"),
-        (0xa5, "A5 MOVS"),
-        (0xaa, "AA STOSB"),
-        (0xab, "AB STOS"),
-    ] {
-        let movs = op & 0xfe == 0xa4;
-        for (k, prefixes) in [
-            &[][..],
+    moffs_cases(&mut b, &[&[], &[0x66], &[0x48], &[0x67]]);
+    string_cases(
+        &mut b,
+        &[
+            &[],
             &[0xf3],
             &[0xf3, 0x48],
             &[0x66, 0xf3],
             &[0xf2],
             &[0x48],
             &[0xf3, 0x67],
-        ]
-        .iter()
-        .enumerate()
-        {
-            for (src_mmio, dst_mmio, df) in [
-                (true, false, false),
-                (false, true, false),
-                (true, true, true),
-                (false, true, true),
-            ] {
-                if !movs && !dst_mmio {
-                    continue;
-                }
-                let case = b.cases.len() as u64;
-                let scratch = SCRATCH_BASE + case * SCRATCH_LEN;
-                let mut gprs = pattern_gprs(b.seed + 7);
-                // With 67h only ECX counts: keep junk in the upper half to show it.
-                gprs[1] = if prefixes.contains(&0x67) {
-                    (gprs[1] & !0xffff_ffff) | 3
-                } else {
-                    3
-                };
-                let span = if df { 0x30 } else { 0x8 };
-                gprs[6] = if src_mmio {
-                    MMIO_BASE + 0x800 + span + 8 * k as u64
-                } else {
-                    scratch + span
-                };
-                gprs[7] = if dst_mmio {
-                    MMIO_BASE + 0xa00 + span + 4 * k as u64
-                } else {
-                    scratch + 0x80 + span
-                };
-                let mut bytes = prefixes.to_vec();
-                bytes.push(op);
-                let flags = if df { 0x2 | RFLAGS_DF } else { 0x2 };
-                b.raw(name, bytes, gprs, flags | ((case & 1) * RFLAGS_ZF));
-            }
-        }
-    }
+        ],
+        &[
+            (true, false, false),
+            (false, true, false),
+            (true, true, true),
+            (false, true, true),
+        ],
+    );
+    stack_cases(
+        &mut b,
+        &[
+            Mode::Base(3),
+            Mode::Sib {
+                base: 1,
+                index: 2,
+                scale_log: 2,
+                disp: 8,
+            },
+            Mode::Rip,
+        ],
+    );
 
-    // PUSH and POP with a memory operand in MMIO and the stack in RAM.
-    for (op, ext, name) in [(0xffu8, 6u8, "FF /6 PUSH r/m"), (0x8f, 0, "8F /0 POP r/m")] {
-        for (k, prefix) in [None, Some(0x66u8)].into_iter().enumerate() {
-            for mode in [
-                Mode::Base(3),
-                Mode::Sib {
-                    base: 1,
-                    index: 2,
-                    scale_log: 2,
-                    disp: 8,
-                },
-                Mode::Rip,
-            ] {
-                let case = b.cases.len() as u64;
-                let mut gprs = pattern_gprs(b.seed + 11);
-                let target = MMIO_BASE + 0x600 + 16 * k as u64;
-                let (rex, m, rip) = modrm(ext, mode, target, &mut gprs);
-                gprs[4] = SCRATCH_BASE + case * SCRATCH_LEN + 0x80;
-                let mut bytes = Vec::new();
-                bytes.extend(prefix);
-                if rex != 0 {
-                    bytes.push(0x40 | rex);
-                }
-                bytes.push(op);
-                let at = bytes.len();
-                bytes.extend(m);
-                b.seed += 1;
-                b.cases.push(Case {
-                    form: name.to_string(),
-                    bytes,
-                    rip_patch: rip.map(|r| (at + r, target)),
-                    gprs,
-                    rflags: 0x2,
-                    mmio_value: VALUES[b.seed % VALUES.len()] ^ 0x5a5a,
-                    defined: ALL_STATUS,
-                    segment_bases: None,
-                    divergence: None,
-                    compat: false,
-                });
-            }
-        }
-    }
     // The same forms in a 32-bit code segment (compatibility mode): 32-bit operands and
     // addresses by default, 66h for 16-bit operands, no REX; string, moffs and stack forms
     // with ESI, EDI, ECX and ESP.
     b.compat = true;
     b.modes = &COMPAT_ADDRESSING;
     modrm_forms(&mut b, 3);
-    for (op, name) in [
-        (0xa0u8, "A0 MOV AL, moffs"),
-        (0xa1, "A1 MOV rAX, moffs"),
-        (0xa2, "A2 MOV moffs, AL"),
-        (0xa3, "A3 MOV moffs, rAX"),
-    ] {
-        for (k, prefixes) in [&[][..], &[0x66]].iter().enumerate() {
-            let gprs = pattern_gprs(b.seed + 100).map(|g| g & 0xffff_ffff);
-            let offset = MMIO_BASE + 0x200 + 8 * k as u64 + u64::from(op & 1);
-            let mut bytes = prefixes.to_vec();
-            bytes.push(op);
-            bytes.extend((offset as u32).to_le_bytes());
-            b.raw(name, bytes, gprs, START_FLAGS[k % 2]);
-        }
-    }
-    for (op, name) in [
-        (0xa4u8, "A4 MOVSB"),
-        (0xa5, "A5 MOVS"),
-        (0xaa, "AA STOSB"),
-        (0xab, "AB STOS"),
-    ] {
-        let movs = op & 0xfe == 0xa4;
-        for prefixes in [&[][..], &[0xf3], &[0x66, 0xf3], &[0xf2]] {
-            for (src_mmio, dst_mmio, df) in [
-                (true, false, false),
-                (false, true, true),
-                (true, true, false),
-            ] {
-                if !movs && !dst_mmio {
-                    continue;
-                }
-                let case = b.cases.len() as u64;
-                let scratch = SCRATCH_BASE + case * SCRATCH_LEN;
-                let mut gprs = pattern_gprs(b.seed + 7).map(|g| g & 0xffff_ffff);
-                gprs[1] = 3;
-                let span = if df { 0x30 } else { 0x8 };
-                gprs[6] = if src_mmio {
-                    MMIO_BASE + 0x800 + span
-                } else {
-                    scratch + span
-                };
-                gprs[7] = if dst_mmio {
-                    MMIO_BASE + 0xa00 + span
-                } else {
-                    scratch + 0x80 + span
-                };
-                let mut bytes = prefixes.to_vec();
-                bytes.push(op);
-                let flags = if df { 0x2 | RFLAGS_DF } else { 0x2 };
-                b.raw(name, bytes, gprs, flags);
-            }
-        }
-    }
-    for (op, ext, name) in [(0xffu8, 6u8, "FF /6 PUSH r/m"), (0x8f, 0, "8F /0 POP r/m")] {
-        for prefix in [None, Some(0x66u8)] {
-            for mode in [Mode::Base(3), Mode::Disp32] {
-                let case = b.cases.len() as u64;
-                let mut gprs = pattern_gprs(b.seed + 11).map(|g| g & 0xffff_ffff);
-                let (_, m, _) = modrm(ext, mode, MMIO_BASE + 0x600, &mut gprs);
-                gprs[4] = SCRATCH_BASE + case * SCRATCH_LEN + 0x80;
-                let mut bytes = Vec::new();
-                bytes.extend(prefix);
-                bytes.push(op);
-                bytes.extend(m);
-                b.raw(name, bytes, gprs, 0x2);
-            }
-        }
-    }
+    moffs_cases(&mut b, &[&[], &[0x66]]);
+    string_cases(
+        &mut b,
+        &[&[], &[0xf3], &[0x66, 0xf3], &[0xf2]],
+        &[
+            (true, false, false),
+            (false, true, true),
+            (true, true, false),
+        ],
+    );
+    stack_cases(&mut b, &[Mode::Base(3), Mode::Disp32]);
     b.cases
 }
 

@@ -98,6 +98,38 @@ mod decode_crosscheck_tests;
 #[cfg(all(test, target_os = "linux"))]
 mod kvm_oracle_tests;
 
+/// A RAM image for tests' buses.
+#[cfg(test)]
+mod test_ram {
+    /// Copy out of `ram`; `false` when the range is not inside it.
+    pub fn read(ram: &[u8], gpa: u64, data: &mut [u8]) -> bool {
+        let range = usize::try_from(gpa)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(data.len())?));
+        match range.and_then(|r| ram.get(r)) {
+            Some(src) => {
+                data.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Copy into `ram`; `false` when the range is not inside it.
+    pub fn write(ram: &mut [u8], gpa: u64, data: &[u8]) -> bool {
+        let range = usize::try_from(gpa)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(data.len())?));
+        match range.and_then(|r| ram.get_mut(r)) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 pub use decode::{decode, DecodeMode, Instruction, Operation};
 pub use exec::{execute, Outcome};
 pub use paging::{translate, Access, TranslateError};

@@ -295,24 +295,10 @@ mod tests {
             Err(AccessFault(format!("mmio write {gpa:#x}")))
         }
         fn ram_read(&mut self, gpa: u64, data: &mut [u8]) -> bool {
-            let end = gpa as usize + data.len();
-            match self.0.get(gpa as usize..end) {
-                Some(src) => {
-                    data.copy_from_slice(src);
-                    true
-                }
-                None => false,
-            }
+            super::super::test_ram::read(&self.0, gpa, data)
         }
         fn ram_write(&mut self, gpa: u64, data: &[u8]) -> bool {
-            let end = gpa as usize + data.len();
-            match self.0.get_mut(gpa as usize..end) {
-                Some(dst) => {
-                    dst.copy_from_slice(data);
-                    true
-                }
-                None => false,
-            }
+            super::super::test_ram::write(&mut self.0, gpa, data)
         }
     }
 
