@@ -538,6 +538,21 @@ fn guest_has_1g_pages(machine: &crate::machine::Machine) -> bool {
         .any(|e| word(e, 0) == 0x8000_0001 && word(e, 24) & (1 << 26) != 0)
 }
 
+/// MOV to and from memory in all operand sizes, `n` cases per size.
+fn mov_forms(b: &mut Builder, n: usize) {
+    for (name, byte, full) in [("MOV r/m, reg", 0x88, 0x89), ("MOV reg, r/m", 0x8a, 0x8b)] {
+        b.sized(
+            name,
+            Some(&[byte]),
+            Some(&[full]),
+            None,
+            (0, 0),
+            ALL_STATUS,
+            n,
+        );
+    }
+}
+
 /// The ModRM forms, each in all its operand sizes, `n` cases per size.
 fn modrm_forms(b: &mut Builder, n: usize) {
     #[allow(non_snake_case)]
@@ -627,19 +642,7 @@ fn modrm_forms(b: &mut Builder, n: usize) {
         LOGIC_DEFINED,
         N,
     );
-    let mov_forms: [(&str, u8, u8); 2] =
-        [("MOV r/m, reg", 0x88, 0x89), ("MOV reg, r/m", 0x8a, 0x8b)];
-    for (name, byte, full) in mov_forms {
-        b.sized(
-            name,
-            Some(&[byte]),
-            Some(&[full]),
-            None,
-            (0, 0),
-            ALL_STATUS,
-            N,
-        );
-    }
+    mov_forms(b, N);
     b.sized(
         "/0 MOV r/m, imm",
         Some(&[0xc6]),
@@ -877,24 +880,7 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
     for (window, pages) in windows {
         b.window = window;
         b.window_pages = pages;
-        b.sized(
-            "MOV r/m, reg",
-            Some(&[0x88]),
-            Some(&[0x89]),
-            None,
-            (0, 0),
-            ALL_STATUS,
-            2,
-        );
-        b.sized(
-            "MOV reg, r/m",
-            Some(&[0x8a]),
-            Some(&[0x8b]),
-            None,
-            (0, 0),
-            ALL_STATUS,
-            2,
-        );
+        mov_forms(&mut b, 2);
         b.sized(
             "/7 CMP r/m, imm8",
             None,
@@ -915,24 +901,7 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
     ] {
         b.segment = Some((prefix, if prefix == 0x64 { fs } else { gs }));
         b.segment_bases = Some((fs, gs));
-        b.sized(
-            "MOV r/m, reg",
-            Some(&[0x88]),
-            Some(&[0x89]),
-            None,
-            (0, 0),
-            ALL_STATUS,
-            3,
-        );
-        b.sized(
-            "MOV reg, r/m",
-            Some(&[0x8a]),
-            Some(&[0x8b]),
-            None,
-            (0, 0),
-            ALL_STATUS,
-            3,
-        );
+        mov_forms(&mut b, 3);
         b.sized(
             "ADD reg, r/m",
             Some(&[0x02]),
