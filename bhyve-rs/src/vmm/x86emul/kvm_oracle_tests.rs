@@ -5,6 +5,11 @@
 //! [`super::execute`] with a simulated register file and a bus that answers MMIO reads as the
 //! device did; registers, flags, RAM, MMIO accesses (direction, address, size, data) and the
 //! resumed RIP must match what KVM produced.
+//!
+//! Cases run in 64-bit code, then in a 32-bit and a 16-bit code segment reached by far
+//! jumps (the guest loads its own GDT); memory operands reach the window directly, through
+//! page tables the test adds (4 KiB, 2 MiB and, where the guest's CPUID offers them, 1 GiB
+//! pages), through FS/GS bases, and in 16-bit code through DS and ES based at the window.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -144,8 +149,18 @@ struct Case {
     /// Where KVM's emulator is known to differ from the processor (and this emulator follows
     /// the processor): its results are reported, not compared.
     divergence: Option<&'static str>,
-    /// Runs in a 32-bit code segment (compatibility mode) instead of 64-bit mode.
-    compat: bool,
+    /// The code segment the case runs in.
+    code: Code,
+}
+
+/// Where a case runs: 64-bit code, or a 32-bit or 16-bit code segment (compatibility mode,
+/// reached by far jumps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Code {
+    Long,
+    Bits32,
+    /// With DS and ES based at the MMIO window, as 16-bit offsets cannot reach it.
+    Bits16,
 }
 
 /// `64 26` / `65 26`: in 64-bit mode the processor ignores an ES, CS, SS or DS prefix, so an
@@ -172,6 +187,12 @@ enum Mode {
     Abs32,
     /// `mod 00, r/m 101`: RIP-relative in 64-bit mode, an absolute disp32 outside it.
     Disp32,
+    /// 16-bit addressing: `r/m` (BX+SI, BX+DI, BP+SI, BP+DI, SI, DI, BP or disp16, BX) with
+    /// `mod` 0, 1 (disp8) or 2 (disp16).
+    Addr16 {
+        rm: u8,
+        md: u8,
+    },
 }
 
 /// ModRM (+SIB, displacement) for `reg` and a memory operand at `target` addressed by
@@ -251,6 +272,46 @@ fn modrm(reg: u8, mode: Mode, target: u64, gprs: &mut [u64; 16]) -> (u8, Vec<u8>
             out.push(r | 5);
             out.extend((target as u32).to_le_bytes());
         }
+        Mode::Addr16 { rm, md } => {
+            const BX: usize = 3;
+            const BP: usize = 5;
+            const SI: usize = 6;
+            const DI: usize = 7;
+            let (base, index) = match rm {
+                0 => (Some(BX), Some(SI)),
+                1 => (Some(BX), Some(DI)),
+                2 => (Some(BP), Some(SI)),
+                3 => (Some(BP), Some(DI)),
+                4 => (Some(SI), None),
+                5 => (Some(DI), None),
+                6 if md == 0 => (None, None),
+                6 => (Some(BP), None),
+                _ => (Some(BX), None),
+            };
+            let disp: u64 = match md {
+                1 => (-0x10i64) as u64,
+                2 => 0x1234,
+                _ if base.is_none() => target,
+                _ => 0,
+            };
+            // Only the low 16 bits address; the junk above them must not count.
+            let mut rest = target.wrapping_sub(disp);
+            if let Some(i) = index {
+                let value = 0x30 + 4 * i as u64;
+                gprs[i] = (gprs[i] & !0xffff) | value;
+                rest = rest.wrapping_sub(value);
+            }
+            if let Some(b) = base {
+                gprs[b] = (gprs[b] & !0xffff) | (rest & 0xffff);
+            }
+            out.push((md << 6) | r | rm);
+            match md {
+                1 => out.push(disp as u8),
+                2 => out.extend((disp as u16).to_le_bytes()),
+                _ if base.is_none() => out.extend((disp as u16).to_le_bytes()),
+                _ => {}
+            }
+        }
         Mode::Abs32 => {
             out.extend([r | 4, 0x25]);
             out.extend((target as u32).to_le_bytes());
@@ -314,6 +375,20 @@ const ADDRESSING: [Mode; 8] = [
 const REG_OPERANDS: [u8; 5] = [1, 6, 7, 10, 4];
 const COMPAT_REG_OPERANDS: [u8; 5] = [1, 6, 7, 2, 4];
 
+/// Every 16-bit addressing form: r/m 0-7 with mod 0, 1 and 2.
+const ADDRESSING_16: [Mode; 24] = {
+    let mut modes = [Mode::Addr16 { rm: 0, md: 0 }; 24];
+    let mut i = 0;
+    while i < 24 {
+        modes[i] = Mode::Addr16 {
+            rm: (i % 8) as u8,
+            md: (i / 8) as u8,
+        };
+        i += 1;
+    }
+    modes
+};
+
 /// Addressing in 32-bit code: no REX registers; `mod 00, r/m 101` is an absolute address.
 const COMPAT_ADDRESSING: [Mode; 8] = [
     Mode::Base(3),
@@ -348,8 +423,8 @@ struct Builder {
     /// A segment prefix and the base it adds (FS or GS), for the next forms.
     segment: Option<(u8, u64)>,
     segment_bases: Option<(u64, u64)>,
-    /// Generate 32-bit code (no REX, registers 0-7, 32-bit values).
-    compat: bool,
+    /// The code to generate (outside 64-bit code: no REX, registers 0-7, 32-bit values).
+    code: Code,
 }
 
 impl Builder {
@@ -374,7 +449,7 @@ impl Builder {
             let mode = self.modes[seed % self.modes.len()];
             let reg = match ext {
                 Some(e) => e,
-                None if self.compat => COMPAT_REG_OPERANDS[(seed / 3) % 5],
+                None if self.code != Code::Long => COMPAT_REG_OPERANDS[(seed / 3) % 5],
                 None => REG_OPERANDS[(seed / 3) % REG_OPERANDS.len()],
             };
             let reg = {
@@ -382,10 +457,12 @@ impl Builder {
                 let busy = |r: u8| match mode {
                     Mode::Base(b) | Mode::BaseDisp8(b, _) | Mode::BaseDisp32(b, _) => r == b,
                     Mode::Sib { base, index, .. } => r == base || r == index,
+                    // BX, BP, SI and DI may all address memory in 16-bit forms.
+                    Mode::Addr16 { .. } => (3..8).contains(&r) && r != 4,
                     _ => false,
                 };
                 if ext.is_none() && busy(reg) {
-                    (reg + 1) % if self.compat { 8 } else { 16 }
+                    [1, 2, 0][usize::from(reg) % 3]
                 } else {
                     reg
                 }
@@ -394,7 +471,12 @@ impl Builder {
                 0x1000 * (seed as u64 % self.window_pages) + 0x100 + (seed as u64 * 0x18) % 0xe00;
             // The effective address leaves room for the segment base added to it.
             let segment_base = self.segment.map_or(0, |(_, base)| base);
-            let target = (self.window + offset).wrapping_sub(segment_base);
+            let target = if self.code == Code::Bits16 {
+                // An offset in DS, which is based at the MMIO window.
+                offset
+            } else {
+                (self.window + offset).wrapping_sub(segment_base)
+            };
             let (rex_xb, mut m, rip) = modrm(reg, mode, target, &mut gprs);
             let value = VALUES[(seed + k) % VALUES.len()];
             if ext.is_none() {
@@ -406,9 +488,12 @@ impl Builder {
             if rex_w {
                 rex |= 8;
             }
-            let force_rex = seed % 4 == 0 && !self.compat;
-            assert!(!self.compat || rex == 0, "no REX in 32-bit code");
-            if self.compat {
+            let force_rex = seed % 4 == 0 && self.code == Code::Long;
+            assert!(
+                self.code == Code::Long || rex == 0,
+                "no REX outside 64-bit code"
+            );
+            if self.code != Code::Long {
                 for g in gprs.iter_mut() {
                     *g &= 0xffff_ffff;
                 }
@@ -427,6 +512,12 @@ impl Builder {
                     _ => bytes.push(p),
                 }
             }
+            if let Mode::Addr16 { rm, md } = mode {
+                // BP-based 16-bit forms default to SS (flat RAM): point them at DS.
+                if rm == 2 || rm == 3 || (rm == 6 && md != 0) {
+                    bytes.push(0x3e);
+                }
+            }
             if let Some(p) = prefix {
                 bytes.push(p);
             }
@@ -436,6 +527,9 @@ impl Builder {
             bytes.extend(opcode);
             let modrm_at = bytes.len();
             bytes.append(&mut m);
+            // A full-size immediate has 2 bytes with a 16-bit operand size.
+            let sixteen = (self.code == Code::Bits16) != (prefix == Some(0x66));
+            let imm_len = if sixteen { imm_len.min(2) } else { imm_len };
             for i in 0..imm_len {
                 bytes.push(VALUES[(seed + 2) % VALUES.len()].to_le_bytes()[i] ^ (k as u8));
             }
@@ -450,7 +544,7 @@ impl Builder {
                 defined,
                 segment_bases: self.segment_bases,
                 divergence,
-                compat: self.compat,
+                code: self.code,
             });
         }
     }
@@ -474,10 +568,9 @@ impl Builder {
         }
         if let Some(op) = full_op {
             let form = format!("{} {}", hex(op), name);
-            let imm16 = imm.1.min(2);
-            self.modrm_form(&form, Some(0x66), false, op, ext, imm16, defined, count);
+            self.modrm_form(&form, Some(0x66), false, op, ext, imm.1, defined, count);
             self.modrm_form(&form, None, false, op, ext, imm.1, defined, count);
-            if !self.compat {
+            if self.code == Code::Long {
                 self.modrm_form(&form, None, true, op, ext, imm.1, defined, count);
             }
         }
@@ -486,7 +579,7 @@ impl Builder {
     /// Starting registers for a case: [`pattern_gprs`], cut to 32 bits for 32-bit code.
     fn start_gprs(&self, seed: usize) -> [u64; 16] {
         let mut gprs = pattern_gprs(seed);
-        if self.compat {
+        if self.code != Code::Long {
             for g in gprs.iter_mut() {
                 *g &= 0xffff_ffff;
             }
@@ -507,7 +600,7 @@ impl Builder {
             defined: ALL_STATUS,
             segment_bases: None,
             divergence: None,
-            compat: self.compat,
+            code: self.code,
         });
     }
 }
@@ -597,7 +690,7 @@ fn modrm_forms(b: &mut Builder, n: usize) {
             // LOCK on the read-modify-write memory destinations.
             let locked = format!("{:02X} {name} r/m, reg", base + 1);
             b.modrm_form(&locked, Some(0xf0), false, &[base + 1], None, 0, defined, 2);
-            if !b.compat {
+            if b.code == Code::Long {
                 b.modrm_form(&locked, Some(0xf0), true, &[base + 1], None, 0, defined, 2);
             }
             let locked = format!("81 /{i} {name} r/m, imm");
@@ -689,7 +782,7 @@ fn modrm_forms(b: &mut Builder, n: usize) {
         N,
     );
     // MOVSXD without 66h (with it, the decoder refuses the instruction: see `decode`).
-    if !b.compat {
+    if b.code == Code::Long {
         b.modrm_form(
             "63 MOVSXD reg, r/m32",
             None,
@@ -753,13 +846,17 @@ fn moffs_cases(b: &mut Builder, prefix_sets: &[&[u8]]) {
     ] {
         for (k, prefixes) in prefix_sets.iter().enumerate() {
             let gprs = b.start_gprs(b.seed + 100);
-            let offset = MMIO_BASE + 0x200 + 8 * k as u64 + u64::from(op & 1);
+            let offset = 0x200 + 8 * k as u64 + u64::from(op & 1);
             let mut bytes = prefixes.to_vec();
             bytes.push(op);
-            if b.compat || prefixes.contains(&0x67) {
-                bytes.extend((offset as u32).to_le_bytes());
-            } else {
-                bytes.extend(offset.to_le_bytes());
+            match b.code {
+                // 16-bit offsets into DS, based at the MMIO window.
+                Code::Bits16 => bytes.extend((offset as u16).to_le_bytes()),
+                Code::Bits32 => bytes.extend(((MMIO_BASE + offset) as u32).to_le_bytes()),
+                Code::Long if prefixes.contains(&0x67) => {
+                    bytes.extend(((MMIO_BASE + offset) as u32).to_le_bytes())
+                }
+                Code::Long => bytes.extend((MMIO_BASE + offset).to_le_bytes()),
             }
             b.raw(name, bytes, gprs, START_FLAGS[k % 2]);
         }
@@ -791,6 +888,19 @@ fn string_cases(b: &mut Builder, prefix_sets: &[&[u8]], placements: &[(bool, boo
                     3
                 };
                 let span = if df { 0x30 } else { 0x8 };
+                if b.code == Code::Bits16 {
+                    // SI and DI are offsets in DS and ES, both based at the MMIO window;
+                    // the junk above bit 15 must not count.
+                    assert!(src_mmio && dst_mmio, "16-bit string cases are MMIO to MMIO");
+                    gprs[6] = (gprs[6] & !0xffff) | (0x800 + span + 8 * k as u64);
+                    gprs[7] = (gprs[7] & !0xffff) | (0xa00 + span + 4 * k as u64);
+                    gprs[1] = (gprs[1] & !0xffff) | 3;
+                    let mut bytes = prefixes.to_vec();
+                    bytes.push(op);
+                    let flags = if df { 0x2 | RFLAGS_DF } else { 0x2 };
+                    b.raw(name, bytes, gprs, flags);
+                    continue;
+                }
                 gprs[6] = if src_mmio {
                     MMIO_BASE + 0x800 + span + 8 * k as u64
                 } else {
@@ -818,7 +928,11 @@ fn stack_cases(b: &mut Builder, modes: &[Mode]) {
             for &mode in modes {
                 let case = b.cases.len() as u64;
                 let mut gprs = b.start_gprs(b.seed + 11);
-                let target = MMIO_BASE + 0x600 + 16 * k as u64;
+                let offset = 0x600 + 16 * k as u64;
+                let target = match b.code {
+                    Code::Bits16 => offset,
+                    _ => MMIO_BASE + offset,
+                };
                 let (rex, m, rip) = modrm(ext, mode, target, &mut gprs);
                 gprs[4] = SCRATCH_BASE + case * SCRATCH_LEN + 0x80;
                 let mut bytes = Vec::new();
@@ -840,7 +954,7 @@ fn stack_cases(b: &mut Builder, modes: &[Mode]) {
                     defined: ALL_STATUS,
                     segment_bases: None,
                     divergence: None,
-                    compat: b.compat,
+                    code: b.code,
                 });
             }
         }
@@ -856,7 +970,7 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
         modes: &ADDRESSING,
         segment: None,
         segment_bases: None,
-        compat: false,
+        code: Code::Long,
     };
     modrm_forms(&mut b, 6);
     // Operands reached through the guest's own page tables: linear windows mapped onto the
@@ -951,7 +1065,7 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
     // The same forms in a 32-bit code segment (compatibility mode): 32-bit operands and
     // addresses by default, 66h for 16-bit operands, no REX; string, moffs and stack forms
     // with ESI, EDI, ECX and ESP.
-    b.compat = true;
+    b.code = Code::Bits32;
     b.modes = &COMPAT_ADDRESSING;
     modrm_forms(&mut b, 3);
     moffs_cases(&mut b, &[&[], &[0x66]]);
@@ -965,6 +1079,23 @@ fn all_cases(with_1g_pages: bool) -> Vec<Case> {
         ],
     );
     stack_cases(&mut b, &[Mode::Base(3), Mode::Disp32]);
+
+    // And in a 16-bit code segment: 16-bit operands and addresses by default, 66h and 67h
+    // for 32-bit ones; every 16-bit addressing form. These come last: they leave DS and ES
+    // based at the MMIO window (64-bit code ignores those bases).
+    b.code = Code::Bits16;
+    b.modes = &ADDRESSING_16;
+    modrm_forms(&mut b, 2);
+    moffs_cases(&mut b, &[&[], &[0x66]]);
+    string_cases(
+        &mut b,
+        &[&[], &[0xf3], &[0x66, 0xf3], &[0xf2]],
+        &[(true, true, false), (true, true, true)],
+    );
+    stack_cases(
+        &mut b,
+        &[Mode::Addr16 { rm: 7, md: 0 }, Mode::Addr16 { rm: 6, md: 0 }],
+    );
     b.cases
 }
 
@@ -983,6 +1114,52 @@ const LONG_CS: u16 = 0x10;
 
 /// A far pointer (m16:32) to write at an address: offset, then selector.
 type FarPointer = (u64, [u8; 6]);
+
+/// The assembled guest.
+struct Program {
+    code: Vec<u8>,
+    /// Each case's instruction: its linear address, or its offset in the 16-bit code
+    /// segment.
+    addresses: Vec<u64>,
+    far_pointers: Vec<FarPointer>,
+    /// Where the 16-bit code segment starts, if there are 16-bit cases.
+    code16_base: Option<u64>,
+}
+
+/// The 16-bit code segment (based where the first 16-bit case's code starts, 64 KiB) and
+/// the 16-bit data segment based at the MMIO window, loaded into DS and ES there.
+const CODE16_CS: u16 = 0x38;
+const DATA16: u16 = 0x40;
+
+/// A GDT descriptor: `access` is P, DPL, S and type; `flags` G, D/B and L (bits 3:0 of the
+/// byte holding limit bits 19:16).
+fn descriptor(base: u64, limit: u32, access: u8, flags: u8) -> u64 {
+    let base = base & 0xffff_ffff;
+    u64::from(limit & 0xffff)
+        | (base & 0xff_ffff) << 16
+        | u64::from(access) << 40
+        | u64::from((limit >> 16) & 0xf) << 48
+        | u64::from(flags & 0xf) << 52
+        | (base >> 24) << 56
+}
+
+/// A present DPL-0 segment as the vCPU holds it.
+fn segment(selector: u16, base: u64, limit: u32, type_: u8, db: bool) -> crate::vmm::Segment {
+    crate::vmm::Segment {
+        base,
+        limit,
+        selector,
+        type_,
+        present: true,
+        dpl: 0,
+        db,
+        s: true,
+        l: false,
+        g: limit > 0xf_ffff,
+        avl: false,
+        unusable: false,
+    }
+}
 
 /// The descriptor of [`COMPAT_CS`] as the vCPU holds it.
 fn compat_cs() -> crate::vmm::Segment {
@@ -1006,11 +1183,12 @@ fn compat_cs() -> crate::vmm::Segment {
 /// GPRs, run the instruction, dump the GPRs and RFLAGS, in 64-bit mode or (far jumping
 /// there and back) in 32-bit code. Returns the code, each instruction's address, and the
 /// far pointers to write into RAM.
-fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>, Vec<FarPointer>) {
+fn assemble(cases: &mut [Case]) -> Program {
     let mut code = vec![0x0f, 0x01, 0x14, 0x25]; // lgdt [GDTR]
     code.extend((GDTR as u32).to_le_bytes());
     let mut addresses = Vec::new();
     let mut far_pointers = Vec::new();
+    let mut code16_base = None;
     for (i, case) in cases.iter_mut().enumerate() {
         let i64_ = i as u64;
         let flags_stack = FLAGS_STACK_BASE + i64_ * 0x40 + 0x40;
@@ -1029,7 +1207,52 @@ fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>, Vec<FarPointer>) {
             }
         }
         let dump = DUMP_BASE + i64_ * DUMP_STRIDE;
-        if case.compat {
+        if case.code == Code::Bits16 {
+            let pointer = FAR_POINTERS + i64_ * 8;
+            code.extend([0xff, 0x2c, 0x25]); // jmp far [pointer]
+            code.extend((pointer as u32).to_le_bytes());
+            let entry = GUEST_BASE + code.len() as u64;
+            let base = *code16_base.get_or_insert(entry);
+            let ip = |code: &Vec<u8>| GUEST_BASE + code.len() as u64 - base;
+            let mut far = [0u8; 6];
+            far[..4].copy_from_slice(&(ip(&code) as u32).to_le_bytes());
+            far[4..].copy_from_slice(&CODE16_CS.to_le_bytes());
+            far_pointers.push((pointer, far));
+            code.extend([0x66, 0xbc]); // mov esp, flags_stack
+            code.extend((flags_stack as u32).to_le_bytes());
+            code.extend([0x66, 0x68]); // push dword
+            code.extend((case.rflags as u32).to_le_bytes());
+            code.extend([0x66, 0x9d]); // popfd
+            code.push(0xb8); // mov ax, DATA16; mov ds, ax; mov es, ax
+            code.extend(DATA16.to_le_bytes());
+            code.extend([0x8e, 0xd8, 0x8e, 0xc0]);
+            for (r, value) in case.gprs.iter().take(8).enumerate() {
+                code.extend([0x66, 0xb8 + r as u8]); // mov r32, imm32
+                code.extend((*value as u32).to_le_bytes());
+            }
+            addresses.push(ip(&code));
+            code.extend(&case.bytes);
+            for r in 0..8u8 {
+                // mov ss:[dump + 8r], r32 (SS is flat)
+                code.extend([0x36, 0x66, 0x67, 0x89, (r << 3) | 5]);
+                code.extend(((dump + 8 * u64::from(r)) as u32).to_le_bytes());
+            }
+            code.extend([0x66, 0xbc]); // mov esp, flags_stack
+            code.extend((flags_stack as u32).to_le_bytes());
+            code.extend([0x66, 0x9c, 0x66, 0x58]); // pushfd; pop eax
+            code.extend([0x36, 0x66, 0x67, 0x89, 0x05]); // mov ss:[dump + 128], eax
+            code.extend(((dump + 128) as u32).to_le_bytes());
+            let back = GUEST_BASE + code.len() as u64 + 8;
+            code.extend([0x66, 0xea]); // jmp far LONG_CS:back (a 32-bit offset)
+            code.extend((back as u32).to_le_bytes());
+            code.extend(LONG_CS.to_le_bytes());
+            assert!(
+                ip(&code) <= 0xffff,
+                "16-bit cases exceed their 64 KiB segment"
+            );
+            continue;
+        }
+        if case.code == Code::Bits32 {
             let pointer = FAR_POINTERS + i64_ * 8;
             code.extend([0xff, 0x2c, 0x25]); // jmp far [pointer]
             code.extend((pointer as u32).to_le_bytes());
@@ -1096,7 +1319,12 @@ fn assemble(cases: &mut [Case]) -> (Vec<u8>, Vec<u64>, Vec<FarPointer>) {
         code.extend(((dump + 128) as u32).to_le_bytes());
     }
     code.extend([0xfa, 0xf4]); // cli; hlt
-    (code, addresses, far_pointers)
+    Program {
+        code,
+        addresses,
+        far_pointers,
+        code16_base,
+    }
 }
 
 /// The emulator's view of the same machine: RAM as it was before the guest ran, with the
@@ -1184,7 +1412,13 @@ fn every_emulated_form_matches_kvms_emulator() {
         println!("the guest's CPUID has no 1 GiB pages: that window is left out");
     }
     let mut cases = all_cases(with_1g_pages);
-    let (code, addresses, far_pointers) = assemble(&mut cases);
+    let Program {
+        code,
+        addresses,
+        far_pointers,
+        code16_base,
+    } = assemble(&mut cases);
+    let code16_base = code16_base.unwrap_or(0);
     assert!(
         GUEST_BASE + (code.len() as u64) < DUMP_BASE,
         "guest code overlaps the dump area"
@@ -1227,8 +1461,15 @@ fn every_emulated_form_matches_kvms_emulator() {
         .slice(sregs.gdt.base, boot_gdt_len)
         .unwrap()
         .to_vec();
-    gdt.resize(usize::from(COMPAT_CS) + 8, 0);
-    gdt[usize::from(COMPAT_CS)..].copy_from_slice(&COMPAT_CS_DESCRIPTOR.to_le_bytes());
+    gdt.resize(usize::from(DATA16) + 8, 0);
+    for (selector, descriptor) in [
+        (COMPAT_CS, COMPAT_CS_DESCRIPTOR),
+        (CODE16_CS, descriptor(code16_base, 0xffff, 0x9b, 0)),
+        (DATA16, descriptor(MMIO_BASE, 0xffff, 0x93, 0)),
+    ] {
+        let at = usize::from(selector);
+        gdt[at..at + 8].copy_from_slice(&descriptor.to_le_bytes());
+    }
     machine.memory().write(GDT_COPY, &gdt).unwrap();
     let mut gdtr = ((gdt.len() - 1) as u16).to_le_bytes().to_vec();
     gdtr.extend(GDT_COPY.to_le_bytes());
@@ -1276,8 +1517,14 @@ fn every_emulated_form_matches_kvms_emulator() {
             state.sregs.fs.base = fs;
             state.sregs.gs.base = gs;
         }
-        if case.compat {
-            state.sregs.cs = compat_cs();
+        match case.code {
+            Code::Long => {}
+            Code::Bits32 => state.sregs.cs = compat_cs(),
+            Code::Bits16 => {
+                state.sregs.cs = segment(CODE16_CS, code16_base, 0xffff, 0xb, false);
+                state.sregs.ds = segment(DATA16, MMIO_BASE, 0xffff, 0x3, false);
+                state.sregs.es = state.sregs.ds;
+            }
         }
         let paging = Paging::from_special_regs(&state.sregs);
         state.regs.rip = addresses[i];
@@ -1337,7 +1584,7 @@ fn every_emulated_form_matches_kvms_emulator() {
                 state.regs.rip
             ));
         }
-        let dumped = if case.compat { 8 } else { 16 };
+        let dumped = if case.code == Code::Long { 16 } else { 8 };
         for r in 0..dumped {
             let ours = super::Registers::gpr(&state, r);
             if ours != dump[usize::from(r)] {
@@ -1384,10 +1631,11 @@ fn every_emulated_form_matches_kvms_emulator() {
         }
     }
     println!(
-        "KVM oracle: {} forms, {} cases ({} in 32-bit code), {} failures",
+        "KVM oracle: {} forms, {} cases ({} in 32-bit code, {} in 16-bit code), {} failures",
         forms.len(),
         cases.len(),
-        cases.iter().filter(|c| c.compat).count(),
+        cases.iter().filter(|c| c.code == Code::Bits32).count(),
+        cases.iter().filter(|c| c.code == Code::Bits16).count(),
         failures.len()
     );
     for ((divergence, differs), count) in &known_divergences {

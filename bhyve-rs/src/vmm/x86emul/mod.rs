@@ -54,9 +54,10 @@
 //! # How it is proved
 //!
 //! - `kvm_oracle_tests::every_emulated_form_matches_kvms_emulator`: every form above but
-//!   BEXTR (84 forms) runs in a guest on KVM against an MMIO test device, in 64-bit mode and in a 32-bit code
-//!   segment, with several operand sizes, registers (high-byte, REX-only), addressing modes
-//!   (base, disp8/disp32, SIB, RIP-relative, absolute, moffs), values and starting flags;
+//!   BEXTR (84 forms) runs in a guest on KVM against an MMIO test device, in 64-bit code and
+//!   in 32- and 16-bit code segments, with several operand sizes, registers (high-byte,
+//!   REX-only), addressing modes (base, disp8/disp32, SIB, RIP-relative, absolute, moffs,
+//!   every 16-bit form), LOCK, values and starting flags;
 //!   operands also reach MMIO through the guest's own 4 KiB and 2 MiB pages (and 1 GiB
 //!   pages where the guest's CPUID offers them) and through FS/GS bases. KVM's own emulator
 //!   decides the registers, flags, RAM and MMIO accesses; the same bytes and starting
@@ -84,8 +85,8 @@
 //!
 //! The other group 3/5/8 members (NOT, NEG, INC, DEC, BTS/BTR/BTC); XCHG, CMPXCHG;
 //! LODS/SCAS/CMPS; CR0.WP, CR4.PSE and NX in the page walk (FreeBSD ignores them too).
-//! The KVM oracle covers 64-bit and 32-bit code; 16-bit code is checked against iced-x86
-//! only.
+//! Real mode and virtual-8086 mode are decoded as 16-bit code but not run on the KVM oracle
+//! (its cases run in 16-bit protected-mode code segments).
 
 pub mod decode;
 pub mod exec;
