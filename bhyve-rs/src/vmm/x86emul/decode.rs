@@ -145,6 +145,18 @@ pub struct Instruction {
     pub vex_reg: u8,
 }
 
+impl Instruction {
+    /// Bytes read or written at the memory operand (each element, for MOVS and STOS).
+    pub fn access_size(&self) -> u8 {
+        match self.operation {
+            Operation::Movzx { source } | Operation::Movsx { source } => source,
+            Operation::Movsxd => self.operand_size.min(4),
+            Operation::Clflush => 1,
+            _ => self.operand_size,
+        }
+    }
+}
+
 /// How the CPU decodes: its mode and, outside 64-bit mode, CS.D.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeMode {

@@ -122,16 +122,6 @@ fn prefixes(rng: &mut Rng, form: &Form, variant: usize) -> Vec<u8> {
     }
 }
 
-/// The bytes the instruction reads or writes at its memory operand.
-fn access_size(inst: &Instruction) -> u8 {
-    match inst.operation {
-        Operation::Movzx { source } | Operation::Movsx { source } => source,
-        Operation::Movsxd => inst.operand_size.min(4),
-        Operation::Clflush => 1,
-        _ => inst.operand_size,
-    }
-}
-
 fn segment_register(seg: SegReg) -> Register {
     match seg {
         SegReg::Es => Register::ES,
@@ -191,8 +181,8 @@ fn compare(ours: &Instruction, iced: &Iced) -> Result<(), String> {
         return Err(format!("length {} vs {}", ours.length, iced.len()));
     }
     let size = iced.memory_size().size();
-    if usize::from(access_size(ours)) != size {
-        return Err(format!("access size {} vs {size}", access_size(ours)));
+    if usize::from(ours.access_size()) != size {
+        return Err(format!("access size {} vs {size}", ours.access_size()));
     }
     let amask = size_mask(ours.address_size);
     if let Some(mem) = ours.memory {

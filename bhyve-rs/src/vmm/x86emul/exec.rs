@@ -261,6 +261,35 @@ pub fn linear_address(
     Ok(gla)
 }
 
+/// The linear address of the instruction's ModRM or moffs memory operand, checked as the
+/// processor checks it (`None` for MOVS and STOS, whose operands are implicit). A backend
+/// compares it with the exit's guest-linear address, as FreeBSD's `verify_gla` does, or
+/// translates it when the exit gave none.
+pub fn operand_linear_address(
+    inst: &Instruction,
+    paging: &Paging,
+    regs: &(impl Registers + ?Sized),
+) -> Option<Result<u64, Exception>> {
+    let mem = inst.memory?;
+    let ea = effective_address(inst, &mem, regs, regs.rip());
+    let write = matches!(
+        inst.operation,
+        Operation::AluMemReg(op) | Operation::AluMemImm(op) if op.writes_result()
+    ) || matches!(
+        inst.operation,
+        Operation::MovToMem | Operation::MovImmToMem | Operation::MovAccToMoffs | Operation::Pop
+    );
+    Some(linear_address(
+        paging,
+        regs,
+        mem.segment,
+        ea,
+        inst.access_size(),
+        inst.address_size,
+        write,
+    ))
+}
+
 /// Where an implicit string or stack operand lives.
 enum Place {
     Ram(u64),

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::decode::{decode, AluOp};
-use super::exec::{effective_address, execute, linear_address, Outcome, RFLAGS_STATUS};
+use super::exec::{execute, operand_linear_address, Outcome, RFLAGS_STATUS};
 use super::exec::{RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF};
 use super::paging::{translate, Access};
 use super::{CpuState, GuestBus, Paging};
@@ -1545,19 +1545,9 @@ fn every_emulated_form_matches_kvms_emulator() {
             }
             // Iterations of a REP instruction exit one by one, as on FreeBSD.
             for _ in 0..64 {
-                let gpa = match inst.memory {
-                    Some(mem) => {
-                        let ea = effective_address(&inst, &mem, &state, state.regs.rip);
-                        let gla = linear_address(
-                            &paging,
-                            &state,
-                            mem.segment,
-                            ea,
-                            inst.operand_size,
-                            inst.address_size,
-                            false,
-                        )
-                        .map_err(|e| format!("{e:?}"))?;
+                let gpa = match operand_linear_address(&inst, &paging, &state) {
+                    Some(gla) => {
+                        let gla = gla.map_err(|e| format!("{e:?}"))?;
                         translate(&paging, gla, Access::Read, &mut bus)
                             .map_err(|e| e.to_string())?
                     }

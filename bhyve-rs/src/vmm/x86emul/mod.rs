@@ -463,3 +463,174 @@ pub fn emulate(
     let inst = decode(bytes, paging.decode_mode(&cs))?;
     execute(&inst, gpa, paging, regs, bus)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::memory::GuestMemory;
+    use crate::vmm::ExitHandler;
+
+    /// A device behind the exit handler: reads give 0x11, 0x22, ...; writes are recorded.
+    #[derive(Default)]
+    struct Device {
+        writes: Mutex<Vec<(u64, Vec<u8>)>>,
+    }
+
+    impl ExitHandler for Device {
+        fn port_read(&self, port: u16, _: &mut [u8]) -> Result<(), AccessFault> {
+            Err(AccessFault(format!("port {port:#x}")))
+        }
+        fn port_write(&self, port: u16, _: &[u8]) -> Result<(), AccessFault> {
+            Err(AccessFault(format!("port {port:#x}")))
+        }
+        fn mmio_read(&self, _: u64, data: &mut [u8]) -> Result<(), AccessFault> {
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = 0x11 * (i as u8 + 1);
+            }
+            Ok(())
+        }
+        fn mmio_write(&self, gpa: u64, data: &[u8]) -> Result<(), AccessFault> {
+            self.writes.lock().unwrap().push((gpa, data.to_vec()));
+            Ok(())
+        }
+        fn msr_read(&self, _: u32, _: u32) -> Result<Option<u64>, AccessFault> {
+            Ok(None)
+        }
+        fn msr_write(&self, _: u32, _: u32, _: u64) -> Result<bool, AccessFault> {
+            Ok(false)
+        }
+    }
+
+    fn flat(code: bool) -> Segment {
+        Segment {
+            limit: 0xffff_ffff,
+            type_: if code { 0xb } else { 0x3 },
+            present: true,
+            db: true,
+            s: true,
+            g: true,
+            ..Default::default()
+        }
+    }
+
+    /// 32-bit protected mode without paging, flat segments.
+    fn protected_cpu() -> CpuState {
+        let mut cpu = CpuState::default();
+        cpu.sregs.cr0 = CR0_PE;
+        cpu.sregs.cs = flat(true);
+        for seg in [
+            &mut cpu.sregs.ds,
+            &mut cpu.sregs.es,
+            &mut cpu.sregs.ss,
+            &mut cpu.sregs.fs,
+            &mut cpu.sregs.gs,
+        ] {
+            *seg = flat(false);
+        }
+        cpu
+    }
+
+    #[test]
+    fn emulate_drives_the_exit_handler_and_guest_ram() {
+        let memory = GuestMemory::new(2 << 20).unwrap();
+        let device = Device::default();
+        let mut bus = ExitBus {
+            memory: &memory,
+            handler: &device,
+        };
+        let mut cpu = protected_cpu();
+        let paging = Paging::from_special_regs(&cpu.sregs);
+        assert_eq!(paging.cpu_mode, CpuMode::Protected);
+        assert_eq!(paging.paging_mode, PagingMode::Flat);
+        cpu.regs.rip = 0x1000;
+        cpu.regs.rax = 0xdead_beef;
+        cpu.regs.rbx = 0xfee0_0030;
+        cpu.regs.rsp = 0x8000;
+
+        // mov [ebx], eax
+        let outcome = emulate(&[0x89, 0x03], 0xfee0_0030, &paging, &mut cpu, &mut bus);
+        assert_eq!(outcome, Ok(Outcome::Completed));
+        assert_eq!(cpu.regs.rip, 0x1002);
+        assert_eq!(
+            *device.writes.lock().unwrap(),
+            vec![(0xfee0_0030, vec![0xef, 0xbe, 0xad, 0xde])]
+        );
+
+        // push dword [ebx]: the device's bytes land on the stack in RAM.
+        let outcome = emulate(&[0xff, 0x33], 0xfee0_0030, &paging, &mut cpu, &mut bus);
+        assert_eq!(outcome, Ok(Outcome::Completed));
+        assert_eq!(cpu.regs.rsp, 0x7ffc);
+        assert_eq!(memory.slice(0x7ffc, 4).unwrap(), &[0x11, 0x22, 0x33, 0x44]);
+
+        // An instruction it does not cover is an error naming the bytes.
+        let err = emulate(&[0x0f, 0x05], 0, &paging, &mut cpu, &mut bus).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unsupported instruction (opcode 0f 05): 0f 05"
+        );
+        // A device that refuses the access stops the instruction with its reason.
+        let refusing = Refusing;
+        let mut bus = ExitBus {
+            memory: &memory,
+            handler: &refusing,
+        };
+        let err = emulate(&[0x8b, 0x03], 0xfee0_0030, &paging, &mut cpu, &mut bus).unwrap_err();
+        assert_eq!(err.to_string(), "Unhandled MMIO read at 0xfee00030");
+        assert_eq!(cpu.regs.rip, 0x1004, "RIP stays on the failed instruction");
+    }
+
+    struct Refusing;
+
+    impl ExitHandler for Refusing {
+        fn port_read(&self, _: u16, _: &mut [u8]) -> Result<(), AccessFault> {
+            Err(AccessFault("port".into()))
+        }
+        fn port_write(&self, _: u16, _: &[u8]) -> Result<(), AccessFault> {
+            Err(AccessFault("port".into()))
+        }
+        fn mmio_read(&self, gpa: u64, _: &mut [u8]) -> Result<(), AccessFault> {
+            Err(AccessFault(format!("Unhandled MMIO read at {gpa:#x}")))
+        }
+        fn mmio_write(&self, gpa: u64, _: &[u8]) -> Result<(), AccessFault> {
+            Err(AccessFault(format!("Unhandled MMIO write at {gpa:#x}")))
+        }
+        fn msr_read(&self, _: u32, _: u32) -> Result<Option<u64>, AccessFault> {
+            Ok(None)
+        }
+        fn msr_write(&self, _: u32, _: u32, _: u64) -> Result<bool, AccessFault> {
+            Ok(false)
+        }
+    }
+
+    #[test]
+    fn paging_mode_follows_the_control_registers() {
+        let mut sregs = SpecialRegs::default();
+        assert_eq!(Paging::from_special_regs(&sregs).cpu_mode, CpuMode::Real);
+        sregs.cr0 = CR0_PE | CR0_PG;
+        sregs.ss.dpl = 3;
+        let p = Paging::from_special_regs(&sregs);
+        assert_eq!(
+            (p.cpu_mode, p.paging_mode, p.cpl),
+            (CpuMode::Protected, PagingMode::Bits32, 3)
+        );
+        sregs.cr4 = CR4_PAE;
+        assert_eq!(
+            Paging::from_special_regs(&sregs).paging_mode,
+            PagingMode::Pae
+        );
+        sregs.efer = EFER_LMA;
+        assert_eq!(
+            Paging::from_special_regs(&sregs).cpu_mode,
+            CpuMode::Compatibility
+        );
+        sregs.cs.l = true;
+        sregs.cr4 |= CR4_LA57;
+        let p = Paging::from_special_regs(&sregs);
+        assert_eq!(
+            (p.cpu_mode, p.paging_mode),
+            (CpuMode::Long64, PagingMode::Long5)
+        );
+    }
+}
