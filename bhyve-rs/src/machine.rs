@@ -610,4 +610,4 @@ mod tests {
 
 #[cfg(all(test, target_os = "linux"))]
 #[path = "machine_kvm_tests.rs"]
-mod kvm_tests;
+pub(crate) mod kvm_tests;

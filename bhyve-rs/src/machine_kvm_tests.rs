@@ -30,7 +30,7 @@ fn spec(size: u64, topology: Topology, prebuilt: Option<GuestMemory>) -> crate::
     vm_spec(&description, prebuilt)
 }
 
-fn hypervisor() -> Option<Box<dyn Hypervisor>> {
+pub(crate) fn hypervisor() -> Option<Box<dyn Hypervisor>> {
     match crate::vmm::open_hypervisor() {
         Ok(h) => Some(h),
         Err(e) => {
@@ -71,10 +71,10 @@ fn bytes_written(r: &Arc<Mutex<Recorder>>) -> Vec<u8> {
         .collect()
 }
 
-const GUEST_BASE: u64 = 0x20_0000;
+pub(crate) const GUEST_BASE: u64 = 0x20_0000;
 
 /// A machine with `code` loaded as a 64-bit ELF kernel at 2 MiB, entered in long mode.
-fn long_mode_machine(hv: &dyn Hypervisor, code: &[u8], cpus: u16) -> Machine {
+pub(crate) fn long_mode_machine(hv: &dyn Hypervisor, code: &[u8], cpus: u16) -> Machine {
     let topology = Topology {
         cpus,
         sockets: cpus,
@@ -97,7 +97,7 @@ fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology)
 }
 
 /// Run until the VM stops, giving up after `limit`.
-fn run_to_end(machine: &Machine, strict_io: bool, limit: Duration) -> ExitReason {
+pub(crate) fn run_to_end(machine: &Machine, strict_io: bool, limit: Duration) -> ExitReason {
     machine.start(strict_io, true).unwrap();
     let control = machine.control().clone();
     std::thread::spawn(move || {

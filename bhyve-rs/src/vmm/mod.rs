@@ -57,6 +57,7 @@ pub use crate::description::Topology;
 pub mod cpuid;
 #[cfg(target_os = "linux")]
 pub mod kvm;
+pub mod x86emul;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
