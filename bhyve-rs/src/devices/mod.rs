@@ -27,7 +27,6 @@ use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
 use pci::irq::PirqRouter;
 use pci::lpc::{LpcBridge, LpcIds};
 use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
-use pctestdev::ExitRequest;
 use uart::backend::{Backend, BackendError, BackendSpec};
 use uart::{IsaIrq, LegacyUart, SharedUart, Uart, LEGACY_PORTS, UART_IO_SIZE};
 
@@ -358,7 +357,6 @@ pub enum DeviceRef<'a> {
 pub struct Devices {
     pci: Option<Arc<PciRoot>>,
     uarts: Vec<UartInstance>,
-    exit: Arc<ExitRequest>,
     rtc: Option<Arc<Mutex<rtc::Rtc>>>,
     pm: Option<Arc<Mutex<pm::PowerManagement>>>,
     pctestdev: Option<pctestdev::PcTestDev>,
@@ -475,12 +473,6 @@ impl Devices {
             rtc.lock().unwrap_or_else(|e| e.into_inner()).resume();
         }
     }
-
-    /// Set when a device (pc-testdev's `isa-debug-exit`) asks for the VM to end; the run loop
-    /// should check it after port-I/O exits and stop the VM with that exit status.
-    pub fn exit_request(&self) -> &Arc<ExitRequest> {
-        &self.exit
-    }
 }
 
 /// Create every device the configuration names and register its ranges on `buses`. The
@@ -574,7 +566,7 @@ pub fn attach(
     }
 
     if plan.pctestdev {
-        let testdev = pctestdev::attach(buses, interrupts.clone(), devices.exit.clone())
+        let testdev = pctestdev::attach(buses, interrupts.clone(), control.clone())
             .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
         devices.pctestdev = Some(testdev);
     }

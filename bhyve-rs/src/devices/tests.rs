@@ -309,7 +309,8 @@ fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
     let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
     let buses = Arc::new(Buses::default());
     let sink = Arc::new(FakeSink::default());
-    let devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
+    let control = VmControl::new();
+    let _devices = attach_with_control(&cfg, &buses, sink.clone(), control.clone()).unwrap();
 
     assert!(buses.pio.write(0xe1, &[0xab, 0xcd]));
     let mut dword = [0u8; 4];
@@ -328,12 +329,13 @@ fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
     assert!(buses.mmio.read(0xff00_fff0, &mut qword));
     assert_eq!(qword, [1, 2, 3, 4, 5, 6, 7, 8]);
 
-    assert_eq!(devices.exit_request().status(), None);
+    assert_eq!(control.exit_reason(), None);
     assert!(buses.pio.write(0xf4, &[0x10]));
-    assert_eq!(devices.exit_request().status(), Some(0x21));
+    assert_eq!(control.exit_reason(), Some(ExitReason::DebugExit(0x21)));
+    assert_eq!(ExitReason::DebugExit(0x21).status(), 0x21);
     // The first request stands.
     assert!(buses.pio.write(0xf4, &[0x00]));
-    assert_eq!(devices.exit_request().status(), Some(0x21));
+    assert_eq!(control.exit_reason(), Some(ExitReason::DebugExit(0x21)));
 }
 
 #[cfg(feature = "bhyve_snapshot")]
@@ -487,14 +489,18 @@ fn attach_for_test(
     buses: &Arc<crate::bus::Buses>,
     interrupts: Arc<dyn crate::interrupts::InterruptSink>,
 ) -> Result<Devices, DeviceError> {
+    attach_with_control(config, buses, interrupts, VmControl::new())
+}
+
+/// [`attach_for_test`] with the VM control the devices end the VM through.
+fn attach_with_control(
+    config: &Config,
+    buses: &Arc<crate::bus::Buses>,
+    interrupts: Arc<dyn crate::interrupts::InterruptSink>,
+    control: Arc<VmControl>,
+) -> Result<Devices, DeviceError> {
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
-    let devices = attach(
-        config,
-        buses,
-        interrupts,
-        crate::vcpu::VmControl::new(),
-        memory,
-    )?;
+    let devices = attach(config, buses, interrupts, control, memory)?;
     devices.resume();
     Ok(devices)
 }
