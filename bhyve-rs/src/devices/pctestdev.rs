@@ -11,8 +11,45 @@
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, BusError, Buses};
+use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
+use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
 use crate::vcpu::{ExitReason, VmControl};
+
+pub const DEVICE: PlatformDevice = PlatformDevice {
+    name: "pc-testdev",
+    plan,
+};
+
+/// `lpc.pc-testdev`, behind an LPC bridge.
+fn plan(plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
+    const KEY: &str = "lpc.pc-testdev";
+    let wanted = plan
+        .config
+        .get_bool(KEY)
+        .map_err(|_| DeviceError::InvalidValue {
+            key: KEY.into(),
+            value: plan.config.get(KEY).unwrap_or_default().into(),
+        })?
+        .unwrap_or(false);
+    if !wanted {
+        return Ok(None);
+    }
+    if plan.lpc.is_none() {
+        plan.ignored
+            .push(format!("{KEY} ignored: no lpc device is configured"));
+        return Ok(None);
+    }
+    Ok(Some(Box::new(|create| {
+        let testdev = attach(
+            create.buses,
+            create.interrupts.clone(),
+            create.control.clone(),
+        )
+        .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
+        Ok(vec![Arc::new(testdev) as Arc<dyn Stateful>])
+    })))
+}
 
 pub const DEBUGEXIT_BASE: u64 = 0xf4;
 pub const DEBUGEXIT_LEN: u64 = 4;
@@ -161,6 +198,28 @@ impl PcTestDev {
             .buffer
             .copy_from_slice(&state.memory);
         Ok(())
+    }
+}
+
+/// Its ranges need no pause: only the guest writes them.
+impl Stateful for PcTestDev {
+    fn id(&self) -> StateId {
+        StateId::single("pctestdev")
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl crate::devices::Persist for PcTestDev {
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self) -> Result<Vec<u8>, String> {
+        crate::snapshot::encode_section(&self.state()).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, section: &crate::snapshot::Section<'_>) -> Result<(), String> {
+        PcTestDev::restore(self, &section.decode().map_err(|e| e.to_string())?)
     }
 }
 
