@@ -2,11 +2,15 @@
 //!
 //! [`attach`] reads the configuration tree and puts every configured device on the buses;
 //! [`check_supported`] performs the same validation without creating anything, so a VM is never
-//! built for a configuration that names a device this program cannot emulate.
+//! built for a configuration that names a device this program cannot emulate. Both go through
+//! the emulation [`registry`]: each device's module holds its entry, which plans the device
+//! from the configuration and makes it.
 //!
 //! As in bhyve, PCI functions come from `pci.B.S.F.device`; the COM ports hang off the LPC
 //! bridge and exist only when an `lpc` function is configured. All four exist then (the guest
 //! sees four 16550s, as with bhyve); `lpc.comN.path` connects one to a backend.
+//!
+//! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
 pub mod pci;
 pub mod pctestdev;
