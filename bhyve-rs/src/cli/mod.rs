@@ -5,7 +5,8 @@
 //! the operand, `config.dump`, and the checks of topology, CPU pinning and memory size. It never
 //! prints; [`main`] prints and runs the machine.
 
-pub mod cnum;
+// The C number conversions live with the configuration; their old path stays for callers.
+pub use crate::config::cnum;
 mod getopt;
 mod lpc;
 mod pci;

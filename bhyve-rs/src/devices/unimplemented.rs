@@ -5,7 +5,7 @@
 //! with its device and its entry there, and moving its parser along.
 
 use super::registry::PciEmulation;
-use crate::cli::cnum::scan_ints;
+use crate::config::cnum::scan_ints;
 use crate::config::legacy::{generic, LegacyError, LegacyParser, LegacyWriter};
 
 /// AHCI ports per controller (pci_ahci.c `MAX_PORTS`).
