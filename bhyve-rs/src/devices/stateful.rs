@@ -70,6 +70,14 @@ pub trait Persist {
     /// Load the state [`Persist::save`] wrote into a part created from the same configuration.
     /// `section` decodes the payload with errors that name it.
     fn restore(&self, section: &crate::snapshot::Section<'_>) -> Result<(), String>;
+
+    /// Whether a snapshot without this part's section restores, the part staying as created.
+    /// For a device every VM gained after snapshots of VMs without it were written, whose
+    /// guests never saw it (their firmware tables, in their RAM, do not list it). Otherwise a
+    /// missing section fails the restore.
+    fn accepts_missing_state(&self) -> bool {
+        false
+    }
 }
 
 /// Without snapshots, nothing to implement.

@@ -1111,6 +1111,8 @@ fn payload_errors_are_told_in_words() {
 struct CounterPart {
     instance: &'static str,
     version: u32,
+    /// Restores from a snapshot written before it existed.
+    added_later: bool,
     value: std::sync::Mutex<u64>,
     events: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -1124,6 +1126,7 @@ impl CounterPart {
         std::sync::Arc::new(Self {
             instance,
             version: 3,
+            added_later: false,
             value: std::sync::Mutex::new(value),
             events: events.clone(),
         })
@@ -1165,6 +1168,10 @@ impl crate::devices::Persist for CounterPart {
     fn restore(&self, section: &Section<'_>) -> Result<(), String> {
         *self.value.lock().unwrap() = section.decode().map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    fn accepts_missing_state(&self) -> bool {
+        self.added_later
     }
 }
 

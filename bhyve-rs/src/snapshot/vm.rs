@@ -321,12 +321,30 @@ impl Restore {
     /// Take section `name`/`instance`, which must have `version`, the one this bhyve writes:
     /// a newer one holds state this bhyve does not know, an older one lacks state.
     fn take(&self, name: &str, instance: &str, version: u32) -> Result<Section<'_>, String> {
+        self.take_if_present(name, instance, version)?
+            .ok_or_else(|| {
+                format!(
+                    "section {} is missing",
+                    super::format::label(name, instance)
+                )
+            })
+    }
+
+    /// [`Restore::take`], for a section the snapshot may not have.
+    fn take_if_present(
+        &self,
+        name: &str,
+        instance: &str,
+        version: u32,
+    ) -> Result<Option<Section<'_>>, String> {
         let what = super::format::label(name, instance);
-        let section = self
+        let Some(section) = self
             .reader
             .take_versioned(name, instance, version)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("section {what} is missing"))?;
+        else {
+            return Ok(None);
+        };
         if section.version < version {
             return Err(format!(
                 "section {what} has version {}, from an older bhyve; this one restores \
@@ -334,7 +352,7 @@ impl Restore {
                 section.version
             ));
         }
-        Ok(section)
+        Ok(Some(section))
     }
 
     /// Put the saved VM, vCPU and device state into a freshly built machine (not started).
@@ -363,13 +381,27 @@ impl Restore {
             .map_err(|e| e.to_string())
     }
 
-    /// Load each stateful part of `devices` from the section its id names; every part must
-    /// find one of the version it writes.
+    /// Load each stateful part of `devices` from the section its id names, which must have the
+    /// version the part writes. A part added to bhyve after the snapshot was written may accept
+    /// that it has no section ([`crate::devices::Persist::accepts_missing_state`]) and stays as
+    /// it was created.
     pub(crate) fn restore_device_states(&self, devices: &Devices) -> Result<(), String> {
         for part in devices.parts() {
             let id = part.id();
-            let section = self.take(id.section, &id.instance, part.state_version())?;
-            part.restore(&section)?;
+            match self.take_if_present(id.section, &id.instance, part.state_version())? {
+                Some(section) => part.restore(&section)?,
+                None if part.accepts_missing_state() => log::info!(
+                    "snapshot has no section {}: {} starts as created",
+                    super::format::label(id.section, &id.instance),
+                    id.name()
+                ),
+                None => {
+                    return Err(format!(
+                        "section {} is missing",
+                        super::format::label(id.section, &id.instance)
+                    ))
+                }
+            }
         }
         Ok(())
     }
