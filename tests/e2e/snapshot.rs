@@ -967,7 +967,8 @@ fn host_cpu_vendor() -> &'static str {
 }
 
 /// A snapshot taken by an earlier bhyve (see tests/fixtures/README.md) restores, and the guest
-/// goes on from where it was: its counter stood at 1, its timer and console still work.
+/// goes on from where it was: its counter stood at 1, its timer and console still work. Saved
+/// again, the file has the sections the earlier bhyve wrote.
 #[test]
 fn a_snapshot_written_by_an_earlier_bhyve_restores_and_the_guest_continues() {
     if !kvm_usable() {
@@ -1025,7 +1026,55 @@ fn a_snapshot_written_by_an_earlier_bhyve_restores_and_the_guest_continues() {
         lines.iter().any(|l| l.starts_with("ticks done ")),
         "{lines:?}"
     );
+
+    // Saved again by this bhyve, the machine has the same sections, in the same order, with
+    // the same versions; the device sections have the same sizes.
+    let again = scratch.path("again.snap");
+    suspend(&scratch, "fixture", &mut vm, &again);
+    let (old, new) = (section_table(&file), section_table(&again));
+    let shape = |table: &[(String, String, String, String)]| -> Vec<(String, String, String)> {
+        table
+            .iter()
+            .map(|(name, instance, version, _)| (name.clone(), instance.clone(), version.clone()))
+            .collect()
+    };
+    assert_eq!(shape(&old), shape(&new));
+    let device_sizes = |table: &[(String, String, String, String)]| -> Vec<String> {
+        table
+            .iter()
+            .filter(|(name, ..)| ["pci", "uart", "rtc", "pm", "pctestdev"].contains(&name.as_str()))
+            .map(|(name, instance, _, length)| format!("{name}/{instance} {length}"))
+            .collect()
+    };
+    assert_eq!(device_sizes(&old), device_sizes(&new));
+
+    let mut vm = resume(&scratch.0, &again);
+    assert_eq!(counter(&mut vm), 3);
     vm.send_line("halt");
     vm.expect("halting\n", COMMAND_TIMEOUT);
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// The section table `bhyvectl --inspect-snapshot` prints: (name, instance, version, length).
+fn section_table(file: &Path) -> Vec<(String, String, String, String)> {
+    let out = Command::new(bhyvectl())
+        .arg(format!("--inspect-snapshot={}", file.display()))
+        .output()
+        .expect("run bhyvectl --inspect-snapshot");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: Vec<(String, String, String, String)> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("sections ("))
+        .skip(2)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            assert!(words.len() >= 7, "bad section line {l:?}");
+            let word = |i: usize| words[i].to_string();
+            (word(0), word(1), word(2), word(6))
+        })
+        .collect();
+    assert!(!rows.is_empty(), "no sections in {text}");
+    rows
 }
