@@ -2,7 +2,7 @@
 # Installs the host tools the build and the tests use. Safe to run again; needs root for apt.
 set -euo pipefail
 
-packages=(mandoc nasm qemu-system-x86 acpica-tools)
+packages=(mandoc nasm qemu-system-x86 acpica-tools xz-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -5,6 +5,9 @@
 //! their insertion order, and re-setting a variable moves it to the end of its node, so
 //! [`Config::dump`] prints exactly what `-o config.dump=1` prints on FreeBSD.
 
+pub mod cnum;
+pub mod legacy;
+
 use std::collections::BTreeMap;
 
 /// A refusal of the tree to take a value, with FreeBSD's wording.

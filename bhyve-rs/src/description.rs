@@ -3,7 +3,7 @@
 //! this description, and the machine is built from the same value, so an option cannot pass one
 //! check and fail another (`-o cpus=+2` is two vCPUs for both, as FreeBSD's strtol says).
 
-use crate::cnum;
+use crate::config::cnum;
 use crate::config::Config;
 use crate::memory::DEFAULT_MEMSIZE;
 

@@ -16,6 +16,9 @@ pub enum ExitReason {
     Suspended,
     /// Anything fatal; the message is printed as `bhyve: <message>` (exit 4).
     Error(String),
+    /// The guest wrote V to pc-testdev's `isa-debug-exit` port; bhyve and QEMU exit with
+    /// `(V << 1) | 1`, carried here.
+    DebugExit(i32),
     /// A signal ended the VM before the guest could be asked to shut down; bhyve tears the VM
     /// down and then dies of the same signal, as a process killed by it would.
     Signalled(i32),
@@ -30,6 +33,7 @@ impl ExitReason {
             ExitReason::Halt => 2,
             ExitReason::TripleFault => 3,
             ExitReason::Error(_) => 4,
+            ExitReason::DebugExit(status) => *status,
             ExitReason::Signalled(signal) => 128 + signal,
         }
     }

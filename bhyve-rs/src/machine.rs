@@ -41,8 +41,19 @@ pub enum MachineError {
     Vmm(#[from] VmmError),
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
-    #[error("devices: {0}")]
+    /// One `devices: ` line per problem (several emulations not supported yet, say).
+    #[error("{}", prefixed_lines("devices: ", .0))]
     Devices(#[from] devices::DeviceError),
+}
+
+/// `error`'s text with `prefix` before each of its lines.
+fn prefixed_lines(prefix: &str, error: &impl std::fmt::Display) -> String {
+    let lines: Vec<String> = error
+        .to_string()
+        .lines()
+        .map(|line| format!("{prefix}{line}"))
+        .collect();
+    lines.join("\n")
 }
 
 /// How often the halt check samples the vCPUs' statistics.
@@ -359,7 +370,9 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
     let machine = match built {
         Ok(machine) => machine,
         Err(e) => {
-            eprintln!("bhyve: {e}");
+            for line in e.to_string().lines() {
+                eprintln!("bhyve: {line}");
+            }
             return FAILED;
         }
     };

@@ -391,7 +391,7 @@ pub struct UsageError {
 
 /// `strtoul(s, NULL, 0)`: leading blanks, optional sign, base prefix; garbage ends the number.
 pub fn strtoul_lenient(s: &str) -> u64 {
-    bhyve::cnum::strtoul(s).map_or(0, |(value, _)| value)
+    bhyve::config::cnum::strtoul(s).map_or(0, |(value, _)| value)
 }
 
 /// Parse bhyvectl's arguments (`args[0]` is the program name) as FreeBSD does.
@@ -418,10 +418,10 @@ pub fn parse_args(
         };
         match opt.name {
             "vm" => a.vm = Some(value.to_string()),
-            "cpu" => a.cpu = bhyve::cnum::atoi(value),
+            "cpu" => a.cpu = bhyve::config::cnum::atoi(value),
             "set-mem" => {
                 const MB: u64 = 1 << 20;
-                let mib = i64::from(bhyve::cnum::atoi(value));
+                let mib = i64::from(bhyve::config::cnum::atoi(value));
                 // atoi(…) * MB is computed in unsigned long arithmetic on FreeBSD.
                 let bytes = (mib as u64).wrapping_mul(MB);
                 a.set_mem = bytes.wrapping_add(2 * MB - 1) & !(2 * MB - 1);
@@ -440,7 +440,7 @@ pub fn parse_args(
             "rundir" => a.rundir = Some(PathBuf::from(value)),
             "inspect-snapshot" => a.inspect_snapshot = Some(PathBuf::from(value)),
             "unassign-pptdev" => {
-                if bhyve::cnum::scan_ints(value, "%d/%d/%d").len() != 3 {
+                if bhyve::config::cnum::scan_ints(value, "%d/%d/%d").len() != 3 {
                     return Err(usage(None));
                 }
                 a.options.push((opt.name, Some(value.to_string())));

@@ -478,3 +478,60 @@ fn reset_restarts_the_guest_under_qemu() {
     assert_eq!(vm.command_line("counter"), "counter 1");
     assert!(vm.running());
 }
+
+/// Has the guest write `value` to the isa-debug-exit port and returns the exit status.
+fn debug_exit_status(mut vm: Console, value: u32) -> i32 {
+    vm.send_line(&format!("debugexit {value:#x}"));
+    vm.expect(
+        &format!("debugexit port 0xf4 value {value:#x}\n"),
+        COMMAND_TIMEOUT,
+    );
+    let status = vm.wait_exit(EXIT_TIMEOUT);
+    assert!(
+        !vm.transcript().contains("debugexit: still running"),
+        "{}",
+        vm.transcript()
+    );
+    status
+        .code()
+        .unwrap_or_else(|| panic!("ended by a signal: {status:?}: {}", vm.stderr()))
+}
+
+#[test]
+fn isa_debug_exit_ends_bhyve_with_the_status_qemu_gives() {
+    // (V << 1) | 1 keeps its low byte as the exit status: 0x21, 0xff, and 0x01 for a value
+    // whose shifted form only fits in 32 bits.
+    for value in [0x10, 0x7f, 0x1234_5680] {
+        let Some(bhyve) = boot_bhyve_with(&["-l", "pc-testdev"], "") else {
+            return;
+        };
+        let bhyve_status = debug_exit_status(bhyve, value);
+        assert_eq!(
+            bhyve_status,
+            (((value << 1) | 1) & 0xff) as i32,
+            "value {value:#x}"
+        );
+        let qemu_device = ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"];
+        if let Some(qemu) = boot_qemu_with(&qemu_device, "") {
+            assert_eq!(
+                debug_exit_status(qemu, value),
+                bhyve_status,
+                "value {value:#x}: QEMU and bhyve disagree"
+            );
+        }
+    }
+}
+
+#[test]
+fn without_pc_testdev_the_debug_exit_port_does_nothing() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let lines = vm.command("debugexit 0x10", COMMAND_TIMEOUT);
+    assert_eq!(
+        lines,
+        ["debugexit port 0xf4 value 0x10", "debugexit: still running"]
+    );
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(EXIT_TIMEOUT).code(), Some(2));
+}

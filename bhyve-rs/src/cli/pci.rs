@@ -1,113 +1,34 @@
-//! `-s slot,emulation[,conf]`: FreeBSD's `pci_parse_slot` and the per-emulation "legacy config"
-//! parsers that turn the `conf` string into keys under `pci.B.S.F`.
+//! `-s slot,emulation[,conf]`: FreeBSD's `pci_parse_slot`. The emulation names and each one's
+//! "legacy config" parser, which turns `conf` into keys under `pci.B.S.F`, come from the
+//! emulation registry ([`crate::devices::registry`]).
 
 use super::{config_error, CliError};
-use crate::cnum::scan_ints;
+use crate::config::cnum::scan_ints;
+use crate::config::legacy::{LegacyError, LegacyWriter};
 use crate::config::Config;
+use crate::devices::registry::{pci_emulation, supported_pci_emulations};
 
 /// PCI limits of FreeBSD's pci_emul.c.
 const MAXBUSES: i32 = 256;
 const MAXSLOTS: i32 = 32;
 const MAXFUNCS: i32 = 8;
-/// AHCI ports per controller (pci_ahci.c `MAX_PORTS`).
-const AHCI_MAX_PORTS: usize = 32;
-/// virtio-console ports per controller (`VTCON_MAXPORTS`).
-const VTCON_MAXPORTS: usize = 16;
 
-/// How an emulation turns its configuration string into keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConfigSyntax {
-    /// Comma-separated `name[=value]`; a bare name becomes `true`.
-    Generic,
-    /// First token is `path`, the rest generic (block_if.c).
-    Block,
-    /// `ram=N` or a block device (pci_nvme.c).
-    Nvme,
-    /// First token is `backend`, the rest generic (net_backends.c).
-    Net,
-    /// `hd:PATH[,opts],cd:PATH[,opts]…` ports (pci_ahci.c).
-    Ahci,
-    /// One port of the given type, block syntax (`ahci-hd`, `ahci-cd`).
-    AhciPort(&'static str),
-    /// Fixed AMD vendor/device ids; the string is ignored.
-    AmdHostbridge,
-    /// `name=path` ports (pci_virtio_console.c).
-    Console,
-    /// `sharename=path` plus flags (pci_virtio_9p.c).
-    NineP,
-    /// First token is `dev`, the rest generic (pci_virtio_scsi.c).
-    Scsi,
-    /// First token is `path`, the rest generic; required (pci_virtio_input.c).
-    Input,
-    /// `pptN`, `pci0:B:S:F`, `pciB:S:F` or `B/S/F`, then generic (pci_passthru.c).
-    Passthru,
-    /// The whole string is `path` (pci_uart.c).
-    Uart,
-    /// USB devices, one per slot starting at 1 (pci_xhci.c).
-    Xhci,
-}
-
-/// One `-s` emulation name FreeBSD ships, with the device name it stores.
-struct Emulation {
-    name: &'static str,
-    alias: Option<&'static str>,
-    syntax: ConfigSyntax,
-}
-
-const fn emu(name: &'static str, syntax: ConfigSyntax) -> Emulation {
-    Emulation {
-        name,
-        alias: None,
-        syntax,
-    }
-}
-
-const fn alias(name: &'static str, target: &'static str, syntax: ConfigSyntax) -> Emulation {
-    Emulation {
-        name,
-        alias: Some(target),
-        syntax,
-    }
-}
-
-/// Every PCI emulation of FreeBSD's bhyve (amd64), as `-s help` lists them, plus `dummy`, the
-/// test device pci_emul.c registers when built with PCI_EMUL_TEST.
-const EMULATIONS: &[Emulation] = &[
-    emu("ahci", ConfigSyntax::Ahci),
-    alias("ahci-cd", "ahci", ConfigSyntax::AhciPort("cd")),
-    alias("ahci-hd", "ahci", ConfigSyntax::AhciPort("hd")),
-    alias("amd_hostbridge", "hostbridge", ConfigSyntax::AmdHostbridge),
-    emu("dummy", ConfigSyntax::Generic),
-    emu("e1000", ConfigSyntax::Net),
-    emu("fbuf", ConfigSyntax::Generic),
-    emu("hda", ConfigSyntax::Generic),
-    emu("hostbridge", ConfigSyntax::Generic),
-    emu("lpc", ConfigSyntax::Generic),
-    emu("nvme", ConfigSyntax::Nvme),
-    emu("passthru", ConfigSyntax::Passthru),
-    emu("uart", ConfigSyntax::Uart),
-    emu("virtio-9p", ConfigSyntax::NineP),
-    emu("virtio-blk", ConfigSyntax::Block),
-    emu("virtio-console", ConfigSyntax::Console),
-    emu("virtio-input", ConfigSyntax::Input),
-    emu("virtio-net", ConfigSyntax::Net),
-    emu("virtio-rnd", ConfigSyntax::Generic),
-    emu("virtio-scsi", ConfigSyntax::Scsi),
-    emu("xhci", ConfigSyntax::Xhci),
-];
-
-/// The `-s help` listing: one emulation name per line.
+/// The `-s help` listing: one emulation name per line, those this build implements.
 pub fn supported_devices() -> String {
-    EMULATIONS.iter().map(|e| format!("{}\n", e.name)).collect()
-}
-
-/// Every emulation name `-s` accepts.
-pub fn emulation_names() -> impl Iterator<Item = &'static str> {
-    EMULATIONS.iter().map(|e| e.name)
+    supported_pci_emulations()
 }
 
 fn fail(line: String) -> CliError {
     CliError::new(4, vec![line])
+}
+
+/// A legacy parser's refusal as FreeBSD prints it (exit 4).
+fn legacy_error(progname: &str, e: LegacyError) -> CliError {
+    match e {
+        LegacyError::Tree(e) => config_error(progname, &e),
+        LegacyError::Invalid(line) => fail(line),
+        LegacyError::Silent => CliError::new(4, Vec::new()),
+    }
 }
 
 /// Parse one `-s` value into `config`, as FreeBSD's `pci_parse_slot` does (failures exit 4).
@@ -142,7 +63,7 @@ pub fn parse_slot(config: &mut Config, opt: &str, progname: &str) -> Result<(), 
         return Err(usage());
     }
 
-    let Some(emulation) = EMULATIONS.iter().find(|e| e.name == emul) else {
+    let Some(emulation) = pci_emulation(emul) else {
         return Err(fail(format!(
             "pci slot {bus}:{slotnum}:{func}: unknown device \"{emul}\""
         )));
@@ -156,262 +77,43 @@ pub fn parse_slot(config: &mut Config, opt: &str, progname: &str) -> Result<(), 
     }
     let cfg = |r: Result<(), crate::config::ConfigError>| r.map_err(|e| config_error(progname, &e));
     cfg(config.create_node(&node))?;
-    cfg(config.set_in_node(&node, "device", emulation.alias.unwrap_or(emulation.name)))?;
-    parse_device_config(config, &node, emulation.syntax, conf, progname)
+    cfg(config.set_in_node(
+        &node,
+        "device",
+        emulation.alias_of.unwrap_or(emulation.name),
+    ))?;
+    let mut writer = LegacyWriter { config };
+    (emulation.legacy_config)(&mut writer, &node, conf).map_err(|e| legacy_error(progname, e))
 }
 
-fn parse_device_config(
-    config: &mut Config,
-    node: &str,
-    syntax: ConfigSyntax,
-    conf: Option<&str>,
-    progname: &str,
-) -> Result<(), CliError> {
-    let mut ctx = NodeWriter { config, progname };
-    match syntax {
-        ConfigSyntax::Generic => ctx.generic(node, conf),
-        ConfigSyntax::Block => ctx.first_token_then_generic(node, "path", conf),
-        ConfigSyntax::Net => ctx.first_token_then_generic(node, "backend", conf),
-        ConfigSyntax::Scsi => ctx.first_token_then_generic(node, "dev", conf),
-        ConfigSyntax::Input => match conf {
-            // FreeBSD refuses a missing device path without printing anything.
-            None => Err(CliError::new(4, Vec::new())),
-            Some(_) => ctx.first_token_then_generic(node, "path", conf),
-        },
-        ConfigSyntax::Uart => match conf {
-            Some(path) => ctx.set(node, "path", path),
-            None => Ok(()),
-        },
-        ConfigSyntax::Nvme => match conf {
-            Some(c) if c.starts_with("ram=") => {
-                let (ram, rest) = match c.split_once(',') {
-                    Some((r, rest)) => (r, Some(rest)),
-                    None => (c, None),
-                };
-                ctx.set(node, "ram", &ram[4..])?;
-                ctx.generic(node, rest)
-            }
-            _ => ctx.first_token_then_generic(node, "path", conf),
-        },
-        ConfigSyntax::AmdHostbridge => {
-            ctx.set(node, "vendor", "0x1022")?;
-            ctx.set(node, "devid", "0x7432")
-        }
-        ConfigSyntax::Ahci => ctx.ahci(node, conf),
-        ConfigSyntax::AhciPort(kind) => {
-            let ports = format!("{node}.port");
-            ctx.create(&ports)?;
-            ctx.ahci_port(&ports, 0, kind, conf)
-        }
-        ConfigSyntax::Console => ctx.console(node, conf),
-        ConfigSyntax::NineP => ctx.nine_p(node, conf),
-        ConfigSyntax::Passthru => ctx.passthru(node, conf),
-        ConfigSyntax::Xhci => ctx.xhci(node, conf),
-    }
-}
-
-/// Writes keys below one node, turning tree refusals into FreeBSD's exit-4 errors.
+/// Writes keys below one node for `-l`, turning tree refusals into FreeBSD's exit-4 errors.
 pub(super) struct NodeWriter<'a> {
     pub(super) config: &'a mut Config,
     pub(super) progname: &'a str,
 }
 
 impl NodeWriter<'_> {
+    fn legacy<R>(
+        &mut self,
+        f: impl FnOnce(&mut LegacyWriter<'_>) -> Result<R, LegacyError>,
+    ) -> Result<R, CliError> {
+        let mut writer = LegacyWriter {
+            config: self.config,
+        };
+        f(&mut writer).map_err(|e| legacy_error(self.progname, e))
+    }
+
     pub(super) fn set(&mut self, node: &str, name: &str, value: &str) -> Result<(), CliError> {
-        self.config
-            .set_in_node(node, name, value)
-            .map_err(|e| config_error(self.progname, &e))
+        self.legacy(|w| w.set(node, name, value))
     }
 
     pub(super) fn create(&mut self, node: &str) -> Result<(), CliError> {
-        self.config
-            .create_node(node)
-            .map_err(|e| config_error(self.progname, &e))
+        self.legacy(|w| w.create(node))
     }
 
     /// `pci_parse_legacy_config`: `name=value` pairs, bare names become `true`.
     pub(super) fn generic(&mut self, node: &str, conf: Option<&str>) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        for token in conf.split(',') {
-            match token.split_once('=') {
-                Some((name, value)) => self.set(node, name, value)?,
-                None => self.set(node, token, "true")?,
-            }
-        }
-        Ok(())
-    }
-
-    fn first_token_then_generic(
-        &mut self,
-        node: &str,
-        key: &str,
-        conf: Option<&str>,
-    ) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        match conf.split_once(',') {
-            None => self.set(node, key, conf),
-            Some((first, rest)) => {
-                self.set(node, key, first)?;
-                self.generic(node, Some(rest))
-            }
-        }
-    }
-
-    fn ahci_port(
-        &mut self,
-        ports: &str,
-        port: usize,
-        kind: &str,
-        conf: Option<&str>,
-    ) -> Result<(), CliError> {
-        let port_node = format!("{ports}.{port}");
-        self.create(&port_node)?;
-        self.set(&port_node, "type", kind)?;
-        self.first_token_then_generic(&port_node, "path", conf)
-    }
-
-    fn ahci(&mut self, node: &str, conf: Option<&str>) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        let ports = format!("{node}.port");
-        self.create(&ports)?;
-        let mut rest = Some(conf);
-        let mut port = 0;
-        while port < AHCI_MAX_PORTS {
-            let Some(mut s) = rest else {
-                break;
-            };
-            let kind = if let Some(p) = s.strip_prefix("hd:") {
-                s = p;
-                Some("hd")
-            } else if let Some(p) = s.strip_prefix("cd:") {
-                s = p;
-                Some("cd")
-            } else {
-                None
-            };
-            // The port's options end where the next ",hd:" or ",cd:" begins.
-            let next = [s.find(",hd:"), s.find(",cd:")].into_iter().flatten().min();
-            let current = match next {
-                Some(i) => {
-                    rest = Some(&s[i + 1..]);
-                    &s[..i]
-                }
-                None => {
-                    rest = None;
-                    s
-                }
-            };
-            if !current.is_empty() {
-                let Some(kind) = kind else {
-                    return Err(fail(format!(
-                        "Missing or invalid type for port {port}: \"{current}\""
-                    )));
-                };
-                self.ahci_port(&ports, port, kind, Some(current))?;
-            }
-            port += 1;
-        }
-        Ok(())
-    }
-
-    fn console(&mut self, node: &str, conf: Option<&str>) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        let ports = format!("{node}.port");
-        self.create(&ports)?;
-        for (port, opt) in conf.split(',').enumerate() {
-            let Some((name, path)) = opt.split_once('=') else {
-                return Err(fail(format!("vtcon: port {opt} requires a path")));
-            };
-            if port >= VTCON_MAXPORTS {
-                return Err(fail("vtcon: too many ports".to_string()));
-            }
-            let port_node = format!("{ports}.{port}");
-            self.create(&port_node)?;
-            self.set(&port_node, "name", name)?;
-            self.set(&port_node, "path", path)?;
-        }
-        Ok(())
-    }
-
-    fn nine_p(&mut self, node: &str, conf: Option<&str>) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        let mut have_share = false;
-        for token in conf.split(',') {
-            match token.split_once('=') {
-                Some((share, path)) => {
-                    if have_share {
-                        return Err(fail(
-                            "virtio-9p: more than one share name given".to_string(),
-                        ));
-                    }
-                    have_share = true;
-                    self.set(node, "sharename", share)?;
-                    self.set(node, "path", path)?;
-                }
-                None => self.set(node, token, "true")?,
-            }
-        }
-        Ok(())
-    }
-
-    fn passthru(&mut self, node: &str, conf: Option<&str>) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        let (first, rest) = match conf.split_once(',') {
-            Some((f, r)) => (f, Some(r)),
-            None => (conf, None),
-        };
-        if conf.starts_with("ppt") {
-            self.set(node, "pptdev", first)?;
-        } else {
-            // sscanf reads the whole string; trailing options after the three numbers are fine.
-            let bsf = [
-                scan_ints(conf, "pci0:%d:%d:%d"),
-                scan_ints(conf, "pci%d:%d:%d"),
-                scan_ints(conf, "%d/%d/%d"),
-            ]
-            .into_iter()
-            .find(|v| v.len() == 3);
-            let Some(bsf) = bsf else {
-                return Err(fail(format!("passthru: invalid options \"{conf}\"")));
-            };
-            self.set(node, "bus", &bsf[0].to_string())?;
-            self.set(node, "slot", &bsf[1].to_string())?;
-            self.set(node, "func", &bsf[2].to_string())?;
-        }
-        self.generic(node, rest)
-    }
-
-    fn xhci(&mut self, node: &str, conf: Option<&str>) -> Result<(), CliError> {
-        let Some(conf) = conf else {
-            return Ok(());
-        };
-        let slots = format!("{node}.slot");
-        self.create(&slots)?;
-        for (i, opt) in conf.split(',').enumerate() {
-            let (device, dev_conf) = match opt.split_once('=') {
-                Some((d, c)) => (d, Some(c)),
-                None => (opt, None),
-            };
-            let slot_node = format!("{slots}.{}", i + 1);
-            self.create(&slot_node)?;
-            self.set(&slot_node, "device", device)?;
-            if let Some(c) = dev_conf.filter(|c| !c.is_empty()) {
-                self.generic(&slot_node, Some(c))?;
-            }
-        }
-        Ok(())
+        self.legacy(|w| w.generic(node, conf))
     }
 }
 

@@ -2,41 +2,51 @@
 //!
 //! [`attach`] reads the configuration tree and puts every configured device on the buses;
 //! [`check_supported`] performs the same validation without creating anything, so a VM is never
-//! built for a configuration that names a device this program cannot emulate.
+//! built for a configuration that names a device this program cannot emulate. Both go through
+//! the emulation [`registry`]: each device's module holds its entry, which plans the device
+//! from the configuration and makes it.
 //!
 //! As in bhyve, PCI functions come from `pci.B.S.F.device`; the COM ports hang off the LPC
 //! bridge and exist only when an `lpc` function is configured. All four exist then (the guest
 //! sees four 16550s, as with bhyve); `lpc.comN.path` connects one to a backend.
+//!
+//! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;
+pub mod registry;
 pub mod rtc;
+mod stateful;
 pub mod uart;
+mod unimplemented;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::bus::{BusError, Buses};
 use crate::config::{parse_c_unsigned, parse_memsize, Config};
 use crate::interrupts::InterruptSink;
 use crate::memory::GuestMemory;
-use crate::vcpu::{ExitReason, VmControl};
+use crate::vcpu::VmControl;
 
-use pci::dummy::Dummy;
-use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
 use pci::irq::PirqRouter;
-use pci::lpc::{LpcBridge, LpcIds};
-use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
-use pctestdev::ExitRequest;
-use uart::backend::{Backend, BackendError, BackendSpec};
-use uart::{IsaIrq, LegacyUart, SharedUart, Uart, LEGACY_PORTS, UART_IO_SIZE};
+use pci::{ConfigSpace, PciAddress, PciError, PciRoot, PciRootBuilder};
+use registry::{
+    pci_emulation, CreatePci, CreatePlatform, PciCreate, PciPlan, PlatformCreate, PlatformPlan,
+    PLATFORM_DEVICES,
+};
+use uart::backend::BackendError;
 
+#[cfg(feature = "bhyve_snapshot")]
+pub use stateful::Persist;
+pub use stateful::{AsAny, StateId, Stateful};
 pub use uart::backend::restore_terminal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("pci slot {slot}: device emulation \"{emulation}\" is not supported yet")]
-    Unsupported { slot: PciAddress, emulation: String },
+    /// Every slot whose emulation this build does not implement, one line each.
+    #[error("{}", unsupported_lines(.0))]
+    Unsupported(Vec<(PciAddress, String)>),
     #[error("pci slot {slot}: unknown device \"{emulation}\"")]
     Unknown { slot: PciAddress, emulation: String },
     #[error("pci slot {0}: missing \"device\" value")]
@@ -77,42 +87,11 @@ pub enum DeviceError {
     Platform(String),
 }
 
-/// One emulation bhyve knows, as far as this program implements it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Emulation {
-    HostBridge { vendor: u16, device: u16 },
-    Lpc(LpcIds),
-    Dummy,
-}
-
-/// Emulations bhyve offers that are not implemented here (yet).
-const NOT_YET_SUPPORTED: &[&str] = &[
-    "ahci",
-    "ahci-cd",
-    "ahci-hd",
-    "e1000",
-    "fbuf",
-    "hda",
-    "nvme",
-    "passthru",
-    "uart",
-    "virtio-9p",
-    "virtio-blk",
-    "virtio-console",
-    "virtio-input",
-    "virtio-net",
-    "virtio-rnd",
-    "virtio-scsi",
-    "xhci",
-];
-
 /// Everything [`attach`] will create, worked out from the configuration alone.
-#[derive(Debug)]
 struct Plan {
-    functions: Vec<(PciAddress, Emulation)>,
-    /// One entry per COM port when an LPC bridge exists.
-    uarts: Vec<(usize, Option<BackendSpec>)>,
-    pctestdev: bool,
+    functions: Vec<(PciAddress, &'static str, CreatePci)>,
+    platform: Vec<CreatePlatform>,
+    lpc: Option<PciAddress>,
     enable_bars: bool,
     bootrom: bool,
     highmem_end: u64,
@@ -152,7 +131,7 @@ fn pci_nodes(config: &Config) -> Result<Vec<(PciAddress, Option<String>)>, Devic
     Ok(nodes.into_iter().collect())
 }
 
-fn parse_u16(key: &str, value: &str, hex_only: bool) -> Result<u16, DeviceError> {
+pub(crate) fn parse_u16(key: &str, value: &str, hex_only: bool) -> Result<u16, DeviceError> {
     let parsed = if hex_only {
         // bhyve reads pcireg.* with strtol base 16: "8086" and "0x8086" mean the same.
         let digits = value
@@ -172,7 +151,7 @@ fn parse_u16(key: &str, value: &str, hex_only: bool) -> Result<u16, DeviceError>
 }
 
 /// `pcireg.<name>` override of an LPC identity register.
-fn pcireg(
+pub(crate) fn pcireg(
     config: &Config,
     node: &str,
     name: &str,
@@ -196,100 +175,62 @@ fn pcireg(
     }
 }
 
+fn unsupported_lines(slots: &[(PciAddress, String)]) -> String {
+    let lines: Vec<String> = slots
+        .iter()
+        .map(|(slot, emulation)| {
+            format!("pci slot {slot}: device emulation \"{emulation}\" is not supported yet")
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// Every device the configuration names, checked and ready to be made: the PCI functions
+/// through the registry's emulations, then the platform devices in registry order. All the
+/// emulations this build does not implement are named at once.
 fn plan(config: &Config) -> Result<Plan, DeviceError> {
     let mut functions = Vec::new();
-    let mut lpc_seen = false;
+    let mut unsupported = Vec::new();
+    let mut pci_plan = PciPlan { config, lpc: None };
     for (slot, device) in pci_nodes(config)? {
-        let node = slot.config_node();
         let emulation = device.ok_or(DeviceError::MissingDevice(slot))?;
-        let planned = match emulation.as_str() {
-            "hostbridge" => {
-                let get = |name: &str, default: u16| match config.get(&format!("{node}.{name}")) {
-                    Some(v) => parse_u16(&format!("{node}.{name}"), v, false),
-                    None => Ok(default),
-                };
-                Emulation::HostBridge {
-                    vendor: get("vendor", HOSTBRIDGE_VENDOR)?,
-                    device: get("devid", HOSTBRIDGE_DEVICE)?,
-                }
-            }
-            "amd_hostbridge" => {
-                return Err(DeviceError::Legacy {
-                    slot,
-                    emulation,
-                    alias: "hostbridge",
-                })
-            }
-            "lpc" => {
-                if lpc_seen {
-                    return Err(DeviceError::SecondLpc(slot));
-                }
-                if slot.bus != 0 {
-                    return Err(DeviceError::LpcNotOnBusZero(slot));
-                }
-                lpc_seen = true;
-                let d = LpcIds::default();
-                Emulation::Lpc(LpcIds {
-                    vendor: pcireg(config, &node, "vendor", d.vendor, u16::MAX)?,
-                    device: pcireg(config, &node, "device", d.device, u16::MAX)?,
-                    revid: pcireg(config, &node, "revid", d.revid.into(), 0xff)? as u8,
-                    subvendor: pcireg(config, &node, "subvendor", d.subvendor, u16::MAX)?,
-                    subdevice: pcireg(config, &node, "subdevice", d.subdevice, u16::MAX)?,
-                })
-            }
-            "dummy" => Emulation::Dummy,
-            other if NOT_YET_SUPPORTED.contains(&other) => {
-                return Err(DeviceError::Unsupported { slot, emulation })
-            }
-            _ => return Err(DeviceError::Unknown { slot, emulation }),
+        let Some(entry) = pci_emulation(&emulation) else {
+            return Err(DeviceError::Unknown { slot, emulation });
         };
-        functions.push((slot, planned));
+        if let Some(alias) = entry.alias_of {
+            return Err(DeviceError::Legacy {
+                slot,
+                emulation,
+                alias,
+            });
+        }
+        match entry.plan {
+            Some(plan) => functions.push((slot, entry.name, plan(&mut pci_plan, slot)?)),
+            None => unsupported.push((slot, emulation)),
+        }
     }
+    if !unsupported.is_empty() {
+        return Err(DeviceError::Unsupported(unsupported));
+    }
+    let lpc = pci_plan.lpc;
 
     let mut ignored = Vec::new();
-    let mut uarts = Vec::new();
-    let mut stdio_user: Option<&'static str> = None;
-    for (index, (name, _, _)) in LEGACY_PORTS.iter().enumerate() {
-        let path = config.get(&format!("lpc.{name}.path"));
-        if !lpc_seen {
-            if let Some(path) = path {
-                ignored.push(format!(
-                    "lpc.{name}.path={path} ignored: no lpc device is configured"
-                ));
-            }
-            continue;
+    let mut platform = Vec::new();
+    for device in PLATFORM_DEVICES {
+        let mut plan = PlatformPlan {
+            config,
+            lpc,
+            ignored: &mut ignored,
+        };
+        if let Some(create) = (device.plan)(&mut plan)? {
+            platform.push(create);
         }
-        let spec = path.map(BackendSpec::parse);
-        if let Some(spec) = &spec {
-            let fail = |source| DeviceError::Backend {
-                device: name,
-                path: path.unwrap_or_default().to_string(),
-                source,
-            };
-            spec.check_supported().map_err(fail)?;
-            if *spec == BackendSpec::Stdio {
-                if stdio_user.is_some() {
-                    return Err(fail(BackendError::StdioInUse));
-                }
-                stdio_user = Some(name);
-            }
-        }
-        uarts.push((index, spec));
     }
 
     let invalid = |key: &str| DeviceError::InvalidValue {
         key: key.into(),
         value: config.get(key).unwrap_or_default().into(),
     };
-    let pctestdev = config
-        .get_bool("lpc.pc-testdev")
-        .map_err(|_| invalid("lpc.pc-testdev"))?
-        .unwrap_or(false);
-    if pctestdev && !lpc_seen {
-        ignored.push("lpc.pc-testdev ignored: no lpc device is configured".to_string());
-    }
-    let pctestdev = pctestdev && lpc_seen;
-
     let bootrom = config.get("lpc.bootrom").is_some() || config.get("bootrom").is_some();
     let enable_bars = config
         .get_bool("pci.enable_bars")
@@ -312,8 +253,8 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
 
     Ok(Plan {
         functions,
-        uarts,
-        pctestdev,
+        platform,
+        lpc,
         enable_bars,
         bootrom,
         highmem_end,
@@ -326,70 +267,53 @@ pub fn check_supported(config: &Config) -> Result<(), DeviceError> {
     plan(config).map(|_| ())
 }
 
-/// A COM port and what keeps its backend alive.
-struct UartInstance {
-    name: &'static str,
-    uart: SharedUart,
-    /// Dropped after nothing else needs it: stops the input thread, restores the terminal.
-    _backend: Option<Backend>,
-}
-
-impl Drop for Devices {
-    fn drop(&mut self) {
-        self.rtc_stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        // Tell every input thread to stop before any backend waits for its own thread.
-        for u in &self.uarts {
-            if let Some(backend) = &u._backend {
-                backend.request_stop();
-            }
-        }
-    }
-}
-
-/// A device as the snapshot code and tests reach it.
-pub enum DeviceRef<'a> {
-    Pci(&'a Arc<Mutex<PciFunction>>),
-    Uart(&'a SharedUart),
-}
-
 /// The devices of one VM, kept alive for its lifetime.
 #[derive(Default)]
 pub struct Devices {
     pci: Option<Arc<PciRoot>>,
-    uarts: Vec<UartInstance>,
-    exit: Arc<ExitRequest>,
-    rtc: Option<Arc<Mutex<rtc::Rtc>>>,
-    pm: Option<Arc<Mutex<pm::PowerManagement>>>,
-    pctestdev: Option<pctestdev::PcTestDev>,
-    /// Tells the RTC's interrupt thread to stop when the devices go away.
-    rtc_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Every stateful part: the PCI functions by address, then the platform devices in
+    /// registry order.
+    parts: Vec<Arc<dyn Stateful>>,
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        // Tell every background thread to stop before any part waits for its own thread.
+        for part in &self.parts {
+            part.stop();
+        }
+    }
 }
 
 impl Devices {
-    /// Every device with its stable instance name, in a fixed order: PCI functions by address
-    /// (`hostbridge@pci.0.0.0`, `lpc@pci.0.31.0`, …), then the COM ports (`com1`…`com4`).
-    pub fn instances(&self) -> Vec<(String, DeviceRef<'_>)> {
-        let mut all = Vec::new();
-        if let Some(root) = &self.pci {
-            for (_, function) in root.functions() {
-                let name = function
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .name()
-                    .to_string();
-                all.push((name, DeviceRef::Pci(function)));
-            }
-        }
-        for u in &self.uarts {
-            all.push((u.name.to_string(), DeviceRef::Uart(&u.uart)));
-        }
-        all
+    /// Every stateful part, in a fixed order: PCI functions by address
+    /// (`hostbridge@pci.0.0.0`, `lpc@pci.0.31.0`, …), then the platform devices in the order
+    /// of [`registry::PLATFORM_DEVICES`] (`com1`…`com4`, `rtc`, `pm`, …). Snapshots are
+    /// written in this order.
+    pub fn parts(&self) -> &[Arc<dyn Stateful>] {
+        &self.parts
+    }
+
+    /// The parts' names ([`StateId::name`]), in [`Devices::parts`] order.
+    pub fn instances(&self) -> Vec<(String, &Arc<dyn Stateful>)> {
+        self.parts
+            .iter()
+            .map(|part| (part.id().name().to_string(), part))
+            .collect()
+    }
+
+    /// The parts of concrete type `T`.
+    pub fn find<T: Stateful + 'static>(&self) -> impl Iterator<Item = &T> {
+        self.parts
+            .iter()
+            .filter_map(|part| part.as_ref().as_any().downcast_ref::<T>())
     }
 
     /// The COM port called `name` (`com1`…`com4`), if it exists.
-    pub fn uart(&self, name: &str) -> Option<&SharedUart> {
-        self.uarts.iter().find(|u| u.name == name).map(|u| &u.uart)
+    pub fn uart(&self, name: &str) -> Option<&uart::SharedUart> {
+        self.find::<uart::ports::ComPort>()
+            .find(|port| port.name() == name)
+            .map(|port| port.uart())
     }
 
     /// The PCI functions, if any are configured.
@@ -397,89 +321,52 @@ impl Devices {
         self.pci.as_ref()
     }
 
-    /// The RTC/CMOS device.
-    pub fn rtc(&self) -> Option<&Arc<Mutex<rtc::Rtc>>> {
-        self.rtc.as_ref()
-    }
-
     /// The ACPI power-management registers (power button, S5, reset).
-    pub fn power_management(&self) -> Option<&Arc<Mutex<pm::PowerManagement>>> {
-        self.pm.as_ref()
+    pub fn power_management(&self) -> Option<&std::sync::Mutex<pm::PowerManagement>> {
+        self.find::<std::sync::Mutex<pm::PowerManagement>>().next()
     }
 
-    /// Whether a snapshot can hold every device; the error names the first that cannot.
+    /// Whether a snapshot can hold every part; the error names the first that cannot.
     #[cfg(feature = "bhyve_snapshot")]
     pub fn check_saveable(&self) -> Result<(), String> {
-        if let Some(root) = &self.pci {
-            for (_, function) in root.functions() {
-                function
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .check_saveable()?;
-            }
-        }
-        Ok(())
+        self.parts.iter().try_for_each(|part| part.check_saveable())
     }
 
     /// Devices holding only the PCI functions of `root`, for tests of PCI models.
     #[cfg(all(test, feature = "bhyve_snapshot", target_os = "linux"))]
     pub(crate) fn with_pci_root(root: Arc<PciRoot>) -> Self {
         let mut devices = Devices::default();
-        devices.pci = Some(root);
+        devices.add_pci(root);
         devices
     }
 
-    /// pc-testdev's stateful parts, when `lpc.pc-testdev` is on.
-    pub fn pctestdev(&self) -> Option<&pctestdev::PcTestDev> {
-        self.pctestdev.as_ref()
+    /// Devices made of `parts` alone, for tests of the code that walks them.
+    #[cfg(test)]
+    pub(crate) fn from_parts(parts: Vec<Arc<dyn Stateful>>) -> Self {
+        Self { pci: None, parts }
     }
 
-    /// Before a snapshot, with the vCPUs paused: stop every device's background work (the
-    /// RTC's timer thread, the COM ports' input threads, PCI devices' I/O) from changing device
-    /// state or raising interrupts, so the state saved is the state the guest left. The ACPI
-    /// registers need nothing: their only writer besides the guest (SIGTERM's power button)
-    /// goes through the lock on these devices that a save holds.
+    fn add_pci(&mut self, root: Arc<PciRoot>) {
+        for (_, function) in root.functions() {
+            self.parts.push(function.clone());
+        }
+        self.pci = Some(root);
+    }
+
+    /// Before a snapshot, with the vCPUs paused: stop every part's background work (timer
+    /// threads, input threads, device I/O) from changing device state or raising interrupts,
+    /// so the state saved is the state the guest left. In reverse order: PCI functions last.
     pub fn pause(&self) {
-        if let Some(rtc) = &self.rtc {
-            rtc.lock().unwrap_or_else(|e| e.into_inner()).pause();
-        }
-        for u in &self.uarts {
-            u.uart
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .uart
-                .pause_input();
-        }
-        if let Some(root) = &self.pci {
-            for (_, function) in root.functions() {
-                function.lock().unwrap_or_else(|e| e.into_inner()).pause();
-            }
+        for part in self.parts.iter().rev() {
+            part.pause();
         }
     }
 
     /// Undo [`Devices::pause`], before the vCPUs run (again).
     pub fn resume(&self) {
-        if let Some(root) = &self.pci {
-            for (_, function) in root.functions() {
-                function.lock().unwrap_or_else(|e| e.into_inner()).resume();
-            }
+        for part in &self.parts {
+            part.resume();
         }
-        for u in &self.uarts {
-            u.uart
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .uart
-                .resume_input();
-        }
-        if let Some(rtc) = &self.rtc {
-            rtc.lock().unwrap_or_else(|e| e.into_inner()).resume();
-        }
-    }
-
-    /// Set when a device (pc-testdev's `isa-debug-exit`) asks for the VM to end; the run loop
-    /// should check it after port-I/O exits and stop the VM with that exit status.
-    pub fn exit_request(&self) -> &Arc<ExitRequest> {
-        &self.exit
     }
 }
 
@@ -506,159 +393,45 @@ pub fn attach(
     if !plan.functions.is_empty() {
         let mut builder = PciRootBuilder::new(plan.highmem_end);
         builder.set_intx_router(router.clone());
-        for (slot, emulation) in &plan.functions {
-            let mut cfg = ConfigSpace::new(plan.enable_bars);
-            match emulation {
-                Emulation::HostBridge { vendor, device } => {
-                    let bridge = HostBridge::init(&mut cfg, slot.bus, *vendor, *device)?;
-                    builder.add(*slot, "hostbridge", cfg, Box::new(bridge))?;
-                }
-                Emulation::Lpc(ids) => {
-                    let bridge = LpcBridge::init(&mut cfg, *ids, router.clone());
-                    builder.add(*slot, "lpc", cfg, Box::new(bridge))?;
-                }
-                Emulation::Dummy => {
-                    let dummy = Dummy::init(&mut cfg, interrupts.clone())?;
-                    builder.add(*slot, "dummy", cfg, Box::new(dummy))?;
-                }
-            }
-        }
-        devices.pci = Some(builder.build(buses)?);
-    }
-
-    for (index, spec) in plan.uarts {
-        let (name, base, irq) = LEGACY_PORTS[index];
-        let mut backend = match &spec {
-            Some(spec) => Some(Backend::open(spec).map_err(|source| {
-                DeviceError::Backend {
-                    device: name,
-                    path: config
-                        .get(&format!("lpc.{name}.path"))
-                        .unwrap_or_default()
-                        .to_string(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-        let output = backend.as_mut().and_then(Backend::take_output);
-        let mut uart = Uart::new(output, Box::new(IsaIrq::new(interrupts.clone(), irq)));
-        // Paused before its input thread exists (see the end of `attach`).
-        uart.pause_input();
-        let shared: SharedUart = Arc::new(Mutex::new(LegacyUart { uart }));
-        buses
-            .pio
-            .insert(u64::from(base), UART_IO_SIZE, shared.clone())
-            .map_err(|source| DeviceError::Ports {
-                device: name,
-                base: u64::from(base),
-                source,
+        for (slot, name, create) in plan.functions {
+            let mut config_space = ConfigSpace::new(plan.enable_bars);
+            let device = create(PciCreate {
+                slot,
+                config_space: &mut config_space,
+                interrupts: &interrupts,
+                router: &router,
             })?;
-        if let Some(backend) = backend.as_mut() {
-            backend
-                .start_input(name, shared.clone())
-                .map_err(|e| DeviceError::Backend {
-                    device: name,
-                    path: config
-                        .get(&format!("lpc.{name}.path"))
-                        .unwrap_or_default()
-                        .to_string(),
-                    source: e.into(),
-                })?;
+            builder.add(slot, name, config_space, device)?;
         }
-        devices.uarts.push(UartInstance {
-            name,
-            uart: shared,
-            _backend: backend,
-        });
+        devices.add_pci(builder.build(buses)?);
     }
 
-    if plan.pctestdev {
-        let testdev = pctestdev::attach(buses, interrupts.clone(), devices.exit.clone())
-            .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
-        devices.pctestdev = Some(testdev);
-    }
-
-    let lpc = plan
-        .functions
-        .iter()
-        .find(|(_, emulation)| matches!(emulation, Emulation::Lpc(_)))
-        .map(|(address, _)| *address);
-    attach_platform(
+    let create = PlatformCreate {
         config,
         buses,
-        interrupts,
-        control,
-        &memory,
-        lpc,
-        &mut devices,
-    )?;
+        interrupts: &interrupts,
+        control: &control,
+        memory: &memory,
+    };
+    for make in plan.platform {
+        // Pushed one by one, so the parts made so far are stopped if a later one fails.
+        let parts = make(&create)?;
+        devices.parts.extend(parts);
+    }
     // Nothing reaches device state from outside before the machine starts (or, for a
     // restore, before the saved state is loaded over it): see `Devices::resume`.
     devices.pause();
+    write_firmware_tables(config, &memory, plan.lpc, &devices)?;
     Ok(devices)
 }
 
-/// The devices every bhyve VM has whatever its command line: the RTC/CMOS, the ACPI PM
-/// registers with the reset register, and the firmware tables in guest memory.
-fn attach_platform(
+/// The firmware tables in guest memory (ACPI, MP table), built from the devices.
+fn write_firmware_tables(
     config: &Config,
-    buses: &Arc<Buses>,
-    interrupts: Arc<dyn InterruptSink>,
-    control: Arc<VmControl>,
     memory: &GuestMemory,
     lpc: Option<PciAddress>,
-    devices: &mut Devices,
+    devices: &Devices,
 ) -> Result<(), DeviceError> {
-    let use_localtime = rtc::use_localtime(config).map_err(DeviceError::Platform)?;
-    let mut clock = rtc::Rtc::new(
-        Box::new(rtc::HostClock::new()),
-        use_localtime,
-        memory.lowmem_end(),
-        memory.highmem_size(),
-        interrupts.clone(),
-    );
-    // Paused before its timer thread exists (see the end of `attach`).
-    clock.pause();
-    let clock = Arc::new(Mutex::new(clock));
-    buses
-        .pio
-        .insert(
-            u64::from(rtc::IO_RTC),
-            u64::from(rtc::IO_RTC_LEN),
-            clock.clone(),
-        )
-        .map_err(|source| DeviceError::Ports {
-            device: "rtc",
-            base: u64::from(rtc::IO_RTC),
-            source,
-        })?;
-    rtc::spawn_ticker(clock.clone(), devices.rtc_stop.clone())
-        .map_err(|e| DeviceError::Platform(format!("rtc: cannot start its timer thread: {e}")))?;
-    devices.rtc = Some(clock);
-
-    let on_event: pm::PowerEventHandler = Arc::new(move |event| {
-        control.request_exit(match event {
-            pm::PowerEvent::PowerOff => ExitReason::PowerOff,
-            pm::PowerEvent::Reset => ExitReason::Reset,
-        })
-    });
-    // The SCI is level triggered (bhyve's sci_init marks it so in the ELCR).
-    interrupts
-        .set_isa_irq_trigger(pm::SCI_INT as u8, true)
-        .map_err(|e| {
-            DeviceError::Platform(format!("pm: cannot make the SCI level triggered: {e}"))
-        })?;
-    let power = Arc::new(Mutex::new(pm::PowerManagement::new(interrupts, on_event)));
-    pm::PowerManagement::register(power.clone(), &buses.pio).map_err(|source| {
-        DeviceError::Ports {
-            device: "pm",
-            base: u64::from(pm::PM1A_EVT_ADDR),
-            source,
-        }
-    })?;
-    devices.pm = Some(power);
-
     let cpus = u32::from(
         crate::description::topology(config)
             .map_err(DeviceError::Platform)?

@@ -2,17 +2,54 @@
 //! kvm-unit-tests expects, as bhyve's `pctestdev.c` provides them:
 //!
 //! - `isa-debug-exit` at ports 0xF4-0xF7: writing V ends the VM with exit status `(V << 1) | 1`
-//!   (read: 0). bhyve calls `exit()` from the device; here the device records an
-//!   [`ExitRequest`] that the run loop acts on.
+//!   (read: 0), as QEMU's `isa-debug-exit` does. bhyve calls `exit()` from the device; here the
+//!   device asks the VM to end ([`ExitReason::DebugExit`]), so the machine is torn down first.
 //! - a 32-bit scratch register at ports 0xE0-0xE3, accessible at any width and offset;
 //! - IRQ lines at ports 0x2000 + N (one per I/O APIC pin): a byte write drives line N;
 //! - 64 KiB of scratch memory at 0xFF00_0000.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, BusError, Buses};
+use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
+use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
+use crate::vcpu::{ExitReason, VmControl};
+
+pub const DEVICE: PlatformDevice = PlatformDevice {
+    name: "pc-testdev",
+    plan,
+};
+
+/// `lpc.pc-testdev`, behind an LPC bridge.
+fn plan(plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
+    const KEY: &str = "lpc.pc-testdev";
+    let wanted = plan
+        .config
+        .get_bool(KEY)
+        .map_err(|_| DeviceError::InvalidValue {
+            key: KEY.into(),
+            value: plan.config.get(KEY).unwrap_or_default().into(),
+        })?
+        .unwrap_or(false);
+    if !wanted {
+        return Ok(None);
+    }
+    if plan.lpc.is_none() {
+        plan.ignored
+            .push(format!("{KEY} ignored: no lpc device is configured"));
+        return Ok(None);
+    }
+    Ok(Some(Box::new(|create| {
+        let testdev = attach(
+            create.buses,
+            create.interrupts.clone(),
+            create.control.clone(),
+        )
+        .map_err(|(base, source)| DeviceError::PcTestDev { base, source })?;
+        Ok(vec![Arc::new(testdev) as Arc<dyn Stateful>])
+    })))
+}
 
 pub const DEBUGEXIT_BASE: u64 = 0xf4;
 pub const DEBUGEXIT_LEN: u64 = 4;
@@ -24,29 +61,6 @@ pub const IOAPIC_PINS: u64 = 24;
 pub const IOMEM_BASE: u64 = 0xff00_0000;
 pub const IOMEM_LEN: u64 = 0x10000;
 
-/// A request from the guest, made through a device, to end the VM with an exit status.
-#[derive(Debug, Default)]
-pub struct ExitRequest {
-    requested: AtomicBool,
-    status: AtomicI32,
-}
-
-impl ExitRequest {
-    /// Ask for the VM to end with `status`; the first request wins.
-    pub fn request(&self, status: i32) {
-        if !self.requested.swap(true, Ordering::SeqCst) {
-            self.status.store(status, Ordering::SeqCst);
-        }
-    }
-
-    /// The requested exit status, once a device asked for one.
-    pub fn status(&self) -> Option<i32> {
-        self.requested
-            .load(Ordering::SeqCst)
-            .then(|| self.status.load(Ordering::SeqCst))
-    }
-}
-
 fn read_le(data: &[u8]) -> u32 {
     let mut bytes = [0u8; 4];
     for (dst, src) in bytes.iter_mut().zip(data) {
@@ -56,7 +70,7 @@ fn read_le(data: &[u8]) -> u32 {
 }
 
 struct DebugExit {
-    exit: Arc<ExitRequest>,
+    control: Arc<VmControl>,
 }
 
 impl BusDevice for DebugExit {
@@ -67,7 +81,10 @@ impl BusDevice for DebugExit {
     fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
         let value = read_le(data);
         log::info!("pc-testdev: guest requested exit with value {value:#x}");
-        self.exit.request(((value << 1) | 1) as i32);
+        // The status wraps as QEMU's `exit((val << 1) | 1)` does; the OS keeps its low byte.
+        let status = (value << 1) | 1;
+        self.control
+            .request_exit(ExitReason::DebugExit(status as i32));
     }
 }
 
@@ -137,7 +154,7 @@ impl BusDevice for IoMem {
 }
 
 /// The parts of pc-testdev that remember what the guest wrote: the scratch register and the
-/// scratch memory. (The exit request ends the VM; the IRQ lines keep no state of their own,
+/// scratch memory. (The debug exit ends the VM; the IRQ lines keep no state of their own,
 /// their level lives in the interrupt controllers.)
 #[cfg_attr(not(feature = "bhyve_snapshot"), allow(dead_code))] // read by snapshots only
 pub struct PcTestDev {
@@ -184,11 +201,33 @@ impl PcTestDev {
     }
 }
 
+/// Its ranges need no pause: only the guest writes them.
+impl Stateful for PcTestDev {
+    fn id(&self) -> StateId {
+        StateId::single("pctestdev")
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl crate::devices::Persist for PcTestDev {
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self) -> Result<Vec<u8>, String> {
+        crate::snapshot::encode_section(&self.state()).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, section: &crate::snapshot::Section<'_>) -> Result<(), String> {
+        PcTestDev::restore(self, &section.decode().map_err(|e| e.to_string())?)
+    }
+}
+
 /// Put the pc-testdev ranges on `buses`.
 pub fn attach(
     buses: &Buses,
     interrupts: Arc<dyn InterruptSink>,
-    exit: Arc<ExitRequest>,
+    control: Arc<VmControl>,
 ) -> Result<PcTestDev, (u64, BusError)> {
     let scratch = Arc::new(Mutex::new(IoPort { data: 0 }));
     let memory = Arc::new(Mutex::new(IoMem {
@@ -200,7 +239,7 @@ pub fn attach(
         .insert(
             DEBUGEXIT_BASE,
             DEBUGEXIT_LEN,
-            Arc::new(Mutex::new(DebugExit { exit })),
+            Arc::new(Mutex::new(DebugExit { control })),
         )
         .map_err(at(DEBUGEXIT_BASE))?;
     buses

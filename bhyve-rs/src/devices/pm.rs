@@ -30,7 +30,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bus::{Bus, BusDevice, BusError, SharedDevice};
+use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
+use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
+use crate::vcpu::ExitReason;
 
 /// PM1a event block (status at +0, enable at +2).
 pub const PM1A_EVT_ADDR: u16 = 0x400;
@@ -313,6 +316,68 @@ impl PowerManagement {
         // Force the line to be driven to the restored level.
         self.sci_active = !self.sci_needed();
         self.sci_update();
+    }
+}
+
+pub const DEVICE: PlatformDevice = PlatformDevice { name: "pm", plan };
+
+/// Every VM has the ACPI registers; power-off and reset end the VM.
+fn plan(_plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
+    Ok(Some(Box::new(|create| {
+        let control = create.control.clone();
+        let on_event: PowerEventHandler = Arc::new(move |event| {
+            control.request_exit(match event {
+                PowerEvent::PowerOff => ExitReason::PowerOff,
+                PowerEvent::Reset => ExitReason::Reset,
+            })
+        });
+        // The SCI is level triggered (bhyve's sci_init marks it so in the ELCR).
+        create
+            .interrupts
+            .set_isa_irq_trigger(SCI_INT as u8, true)
+            .map_err(|e| {
+                DeviceError::Platform(format!("pm: cannot make the SCI level triggered: {e}"))
+            })?;
+        let power = Arc::new(std::sync::Mutex::new(PowerManagement::new(
+            create.interrupts.clone(),
+            on_event,
+        )));
+        PowerManagement::register(power.clone(), &create.buses.pio).map_err(|source| {
+            DeviceError::Ports {
+                device: "pm",
+                base: u64::from(PM1A_EVT_ADDR),
+                source,
+            }
+        })?;
+        Ok(vec![power as Arc<dyn Stateful>])
+    })))
+}
+
+/// The ACPI registers need no pause: their only writer besides the guest (SIGTERM's power
+/// button) goes through the lock on the VM's devices that a save holds.
+impl Stateful for std::sync::Mutex<PowerManagement> {
+    fn id(&self) -> StateId {
+        StateId::single("pm")
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl crate::devices::Persist for std::sync::Mutex<PowerManagement> {
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self) -> Result<Vec<u8>, String> {
+        let state = self.lock().unwrap_or_else(|e| e.into_inner()).state();
+        crate::snapshot::encode_section(&state).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, section: &crate::snapshot::Section<'_>) -> Result<(), String> {
+        let state: PmState = section.decode().map_err(|e| e.to_string())?;
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state);
+        Ok(())
     }
 }
 

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::bus::BusDevice;
 use crate::config::Config;
+use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
+use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
 
 /// First port: the index register; the data register follows.
@@ -752,6 +754,91 @@ impl BusDevice for Rtc {
         } else {
             self.data_write(*value);
         }
+    }
+}
+
+pub const DEVICE: PlatformDevice = PlatformDevice { name: "rtc", plan };
+
+/// Every VM has one; `rtc.use_localtime` must be a truth value.
+fn plan(plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
+    let use_localtime = use_localtime(plan.config).map_err(DeviceError::Platform)?;
+    Ok(Some(Box::new(move |create| {
+        let memory = create.memory;
+        let mut clock = Rtc::new(
+            Box::new(HostClock::new()),
+            use_localtime,
+            memory.lowmem_end(),
+            memory.highmem_size(),
+            create.interrupts.clone(),
+        );
+        // Paused before its timer thread exists: parts come back from their constructor paused.
+        clock.pause();
+        let rtc = Arc::new(Mutex::new(clock));
+        create
+            .buses
+            .pio
+            .insert(u64::from(IO_RTC), u64::from(IO_RTC_LEN), rtc.clone())
+            .map_err(|source| DeviceError::Ports {
+                device: "rtc",
+                base: u64::from(IO_RTC),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_ticker(rtc.clone(), stop.clone()).map_err(|e| {
+            DeviceError::Platform(format!("rtc: cannot start its timer thread: {e}"))
+        })?;
+        Ok(vec![Arc::new(RtcDevice { rtc, stop }) as Arc<dyn Stateful>])
+    })))
+}
+
+/// The RTC as the VM's device list holds it: the clock and its timer thread's stop flag.
+pub struct RtcDevice {
+    rtc: Arc<Mutex<Rtc>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RtcDevice {
+    pub fn rtc(&self) -> &Arc<Mutex<Rtc>> {
+        &self.rtc
+    }
+}
+
+impl Stateful for RtcDevice {
+    fn id(&self) -> StateId {
+        StateId::single("rtc")
+    }
+
+    fn pause(&self) {
+        self.rtc.lock().unwrap_or_else(|e| e.into_inner()).pause();
+    }
+
+    fn resume(&self) {
+        self.rtc.lock().unwrap_or_else(|e| e.into_inner()).resume();
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl crate::devices::Persist for RtcDevice {
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self) -> Result<Vec<u8>, String> {
+        let state = self.rtc.lock().unwrap_or_else(|e| e.into_inner()).state();
+        crate::snapshot::encode_section(&state).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, section: &crate::snapshot::Section<'_>) -> Result<(), String> {
+        let state: RtcState = section.decode().map_err(|e| e.to_string())?;
+        self.rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state);
+        Ok(())
     }
 }
 

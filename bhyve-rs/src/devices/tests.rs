@@ -1,6 +1,9 @@
 use super::*;
+use crate::vcpu::ExitReason;
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use uart::LEGACY_PORTS;
 
 /// Records every IRQ line change.
 #[derive(Default)]
@@ -87,7 +90,9 @@ fn attach_builds_hostbridge_lpc_and_com_ports() {
             "com1",
             "com2",
             "com3",
-            "com4"
+            "com4",
+            "rtc",
+            "pm"
         ]
     );
 
@@ -171,7 +176,9 @@ fn the_sci_is_made_level_triggered_as_bhyve_does() {
 fn an_empty_configuration_creates_nothing() {
     let buses = Arc::new(Buses::default());
     let devices = attach_for_test(&Config::new(), &buses, Arc::new(FakeSink::default())).unwrap();
-    assert!(devices.instances().is_empty());
+    // Only the devices every VM has.
+    let names: Vec<String> = devices.instances().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["rtc", "pm"]);
     let mut data = [0u8; 4];
     assert!(!buses.pio.read(0xcf8, &mut data));
 }
@@ -224,6 +231,28 @@ fn unsupported_emulation_is_named_with_its_slot() {
     assert_eq!(
         err,
         "pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet"
+    );
+}
+
+#[test]
+fn every_emulation_not_implemented_yet_is_named_one_per_line() {
+    let err = check_error(&[
+        ("pci.0.0.0.device", "hostbridge"),
+        ("pci.0.2.0.device", "virtio-blk"),
+        ("pci.0.3.0.device", "virtio-net"),
+        ("pci.0.31.0.device", "lpc"),
+        ("pci.1.0.0.device", "nvme"),
+    ]);
+    assert_eq!(
+        err,
+        "pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet\n\
+         pci slot 0:3:0: device emulation \"virtio-net\" is not supported yet\n\
+         pci slot 1:0:0: device emulation \"nvme\" is not supported yet"
+    );
+    // A legacy name of an emulation not implemented is pointed at its new name first.
+    assert_eq!(
+        check_error(&[("pci.0.4.0.device", "ahci-hd")]),
+        "pci slot 0:4:0: legacy device \"ahci-hd\", use \"ahci\" instead"
     );
 }
 
@@ -309,7 +338,8 @@ fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
     let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
     let buses = Arc::new(Buses::default());
     let sink = Arc::new(FakeSink::default());
-    let devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
+    let control = VmControl::new();
+    let _devices = attach_with_control(&cfg, &buses, sink.clone(), control.clone()).unwrap();
 
     assert!(buses.pio.write(0xe1, &[0xab, 0xcd]));
     let mut dword = [0u8; 4];
@@ -328,12 +358,18 @@ fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
     assert!(buses.mmio.read(0xff00_fff0, &mut qword));
     assert_eq!(qword, [1, 2, 3, 4, 5, 6, 7, 8]);
 
-    assert_eq!(devices.exit_request().status(), None);
+    assert_eq!(control.exit_reason(), None);
     assert!(buses.pio.write(0xf4, &[0x10]));
-    assert_eq!(devices.exit_request().status(), Some(0x21));
+    assert_eq!(control.exit_reason(), Some(ExitReason::DebugExit(0x21)));
+    assert_eq!(ExitReason::DebugExit(0x21).status(), 0x21);
     // The first request stands.
     assert!(buses.pio.write(0xf4, &[0x00]));
-    assert_eq!(devices.exit_request().status(), Some(0x21));
+    assert_eq!(control.exit_reason(), Some(ExitReason::DebugExit(0x21)));
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+fn pctestdev_of(devices: &Devices) -> &pctestdev::PcTestDev {
+    devices.find::<pctestdev::PcTestDev>().next().unwrap()
 }
 
 #[cfg(feature = "bhyve_snapshot")]
@@ -344,11 +380,11 @@ fn pc_testdev_scratch_register_and_memory_survive_a_snapshot() {
     let devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
     assert!(buses.pio.write(0xe0, &0x1234_5678u32.to_le_bytes()));
     assert!(buses.mmio.write(0xff00_8000, &[9, 8, 7]));
-    let saved = devices.pctestdev().unwrap().state();
+    let saved = pctestdev_of(&devices).state();
 
     let buses2 = Arc::new(Buses::default());
     let devices2 = attach_for_test(&cfg, &buses2, Arc::new(FakeSink::default())).unwrap();
-    devices2.pctestdev().unwrap().restore(&saved).unwrap();
+    pctestdev_of(&devices2).restore(&saved).unwrap();
     let mut dword = [0u8; 4];
     assert!(buses2.pio.read(0xe0, &mut dword));
     assert_eq!(u32::from_le_bytes(dword), 0x1234_5678);
@@ -358,7 +394,7 @@ fn pc_testdev_scratch_register_and_memory_survive_a_snapshot() {
 
     let mut torn = saved;
     torn.memory.pop();
-    assert!(devices2.pctestdev().unwrap().restore(&torn).is_err());
+    assert!(pctestdev_of(&devices2).restore(&torn).is_err());
 }
 
 #[cfg(feature = "bhyve_snapshot")]
@@ -487,14 +523,18 @@ fn attach_for_test(
     buses: &Arc<crate::bus::Buses>,
     interrupts: Arc<dyn crate::interrupts::InterruptSink>,
 ) -> Result<Devices, DeviceError> {
+    attach_with_control(config, buses, interrupts, VmControl::new())
+}
+
+/// [`attach_for_test`] with the VM control the devices end the VM through.
+fn attach_with_control(
+    config: &Config,
+    buses: &Arc<crate::bus::Buses>,
+    interrupts: Arc<dyn crate::interrupts::InterruptSink>,
+    control: Arc<VmControl>,
+) -> Result<Devices, DeviceError> {
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
-    let devices = attach(
-        config,
-        buses,
-        interrupts,
-        crate::vcpu::VmControl::new(),
-        memory,
-    )?;
+    let devices = attach(config, buses, interrupts, control, memory)?;
     devices.resume();
     Ok(devices)
 }
@@ -553,5 +593,89 @@ fn the_mp_table_lists_the_routed_intx_pins_and_the_dummy_drives_its_line() {
     assert_eq!(
         *sink.lines.lock().unwrap(),
         [(5, true), (16, true), (5, false), (16, false)]
+    );
+}
+
+/// Records what the device list asks of it.
+struct RecordingPart {
+    name: &'static str,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl RecordingPart {
+    fn record(&self, what: &str) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("{what} {}", self.name));
+    }
+}
+
+impl Drop for RecordingPart {
+    fn drop(&mut self) {
+        self.record("drop");
+    }
+}
+
+impl Stateful for RecordingPart {
+    fn id(&self) -> StateId {
+        StateId {
+            section: "recording",
+            instance: self.name.to_string(),
+        }
+    }
+    fn pause(&self) {
+        self.record("pause");
+    }
+    fn resume(&self) {
+        self.record("resume");
+    }
+    fn stop(&self) {
+        self.record("stop");
+    }
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+impl Persist for RecordingPart {
+    fn state_version(&self) -> u32 {
+        1
+    }
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    fn restore(&self, _section: &crate::snapshot::Section<'_>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn parts_are_paused_in_reverse_resumed_in_order_and_all_stopped_before_any_is_dropped() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let part = |name| -> Arc<dyn Stateful> {
+        Arc::new(RecordingPart {
+            name,
+            events: events.clone(),
+        })
+    };
+    let devices = Devices::from_parts(vec![part("pci"), part("com1"), part("rtc")]);
+    devices.pause();
+    devices.resume();
+    drop(devices);
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            "pause rtc",
+            "pause com1",
+            "pause pci",
+            "resume pci",
+            "resume com1",
+            "resume rtc",
+            "stop pci",
+            "stop com1",
+            "stop rtc",
+            "drop pci",
+            "drop com1",
+            "drop rtc"
+        ]
     );
 }

@@ -17,20 +17,18 @@ use serde::{Deserialize, Serialize};
 
 use super::cmdline::RestoreMode;
 use super::{
-    Arch, Backend, CopyOptions, HeaderInfo, Requirement, SnapshotReader, SnapshotWriter,
+    Arch, Backend, CopyOptions, HeaderInfo, Requirement, Section, SnapshotReader, SnapshotWriter,
     HEADER_FLAG_SUSPENDED,
 };
 use crate::config::Config;
-use crate::devices::{DeviceRef, Devices};
+use crate::devices::Devices;
 use crate::memory::{GuestMemory, GuestRegion};
 use crate::vcpu::VcpuSet;
 use crate::vmm::{BackendState, StateSection, Vm};
 
-/// Payload versions of the sections this module writes. Version 2 of `vm`/`vcpu` added the
-/// vCPU's CPUID and TSC rate; of `pci`, the device model's own state.
+/// Payload version of the `vm` and `vcpu` sections. Version 2 added the vCPU's CPUID and TSC
+/// rate. Each device part has its own ([`crate::devices::Persist::state_version`]).
 const BACKEND_STATE_VERSION: u32 = 2;
-const DEVICE_STATE_VERSION: u32 = 1;
-const PCI_STATE_VERSION: u32 = 2;
 
 /// The hypervisor-held state of the VM or of one vCPU, as the `vm` and `vcpu` sections hold
 /// it: the backend's name and its named sub-sections in restore order.
@@ -199,66 +197,49 @@ pub fn write_state(
             .add_ram_region_populated(region.gpa(), data, populated.as_deref())
             .map_err(|e| e.to_string())?;
     }
-    add_state(&mut writer, "vm", "", &BackendStatePayload::from(&vm_state))?;
+    add_backend_state(&mut writer, "vm", "", &vm_state)?;
     for (index, state) in vcpu_states.iter().enumerate() {
-        add_state(
-            &mut writer,
-            "vcpu",
-            &index.to_string(),
-            &BackendStatePayload::from(state),
-        )?;
+        add_backend_state(&mut writer, "vcpu", &index.to_string(), state)?;
     }
-    for (instance, device) in target.devices.instances() {
-        match device {
-            DeviceRef::Pci(function) => {
-                let state = function
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .save_state()?;
-                add_state(&mut writer, "pci", &instance, &state)?;
-            }
-            DeviceRef::Uart(uart) => {
-                let state = uart.lock().unwrap_or_else(|e| e.into_inner()).uart.state();
-                add_state(&mut writer, "uart", &instance, &state)?;
-            }
-        }
-    }
-    if let Some(rtc) = target.devices.rtc() {
-        let state = rtc.lock().unwrap_or_else(|e| e.into_inner()).state();
-        add_state(&mut writer, "rtc", "", &state)?;
-    }
-    if let Some(pm) = target.devices.power_management() {
-        let state = pm.lock().unwrap_or_else(|e| e.into_inner()).state();
-        add_state(&mut writer, "pm", "", &state)?;
-    }
-    if let Some(testdev) = target.devices.pctestdev() {
-        add_state(&mut writer, "pctestdev", "", &testdev.state())?;
-    }
+    add_device_states(&mut writer, target.devices)?;
     Ok(writer)
 }
 
-/// The payload version this module writes for section `name`.
-fn version_of(name: &str) -> u32 {
-    match name {
-        "vm" | "vcpu" => BACKEND_STATE_VERSION,
-        "pci" => PCI_STATE_VERSION,
-        _ => DEVICE_STATE_VERSION,
+/// Each stateful part of the devices in a section of its own, named by its id and versioned by
+/// the part, in the order of [`Devices::parts`].
+pub(crate) fn add_device_states(
+    writer: &mut SnapshotWriter,
+    devices: &Devices,
+) -> Result<(), String> {
+    for part in devices.parts() {
+        let id = part.id();
+        let payload = part.save()?;
+        writer
+            .add_section(
+                id.section,
+                &id.instance,
+                part.state_version(),
+                Requirement::Mandatory,
+                &payload,
+            )
+            .map_err(|e| format!("{} {}: {e}", id.section, id.instance))?;
     }
+    Ok(())
 }
 
-fn add_state<T: Serialize>(
+fn add_backend_state(
     writer: &mut SnapshotWriter,
     name: &str,
     instance: &str,
-    value: &T,
+    state: &BackendState,
 ) -> Result<(), String> {
     writer
         .add_encoded(
             name,
             instance,
-            version_of(name),
+            BACKEND_STATE_VERSION,
             Requirement::Mandatory,
-            value,
+            &BackendStatePayload::from(state),
         )
         .map_err(|e| format!("{name} {instance}: {e}"))
 }
@@ -331,24 +312,39 @@ impl Restore {
     }
 
     fn backend_state(&self, name: &str, instance: &str) -> Result<BackendState, String> {
-        let payload: BackendStatePayload = self.decode(name, instance)?;
+        let section = self.take(name, instance, BACKEND_STATE_VERSION)?;
+        // The decoder's errors name the section already.
+        let payload: BackendStatePayload = section.decode().map_err(|e| e.to_string())?;
         Ok(payload.into())
     }
 
-    /// Take and decode section `name`/`instance`, which must have the version this bhyve
-    /// writes: a newer one holds state this bhyve does not know, an older one lacks state.
-    fn decode<T: serde::de::DeserializeOwned>(
+    /// Take section `name`/`instance`, which must have `version`, the one this bhyve writes:
+    /// a newer one holds state this bhyve does not know, an older one lacks state.
+    fn take(&self, name: &str, instance: &str, version: u32) -> Result<Section<'_>, String> {
+        self.take_if_present(name, instance, version)?
+            .ok_or_else(|| {
+                format!(
+                    "section {} is missing",
+                    super::format::label(name, instance)
+                )
+            })
+    }
+
+    /// [`Restore::take`], for a section the snapshot may not have.
+    fn take_if_present(
         &self,
         name: &str,
         instance: &str,
-    ) -> Result<T, String> {
-        let version = version_of(name);
+        version: u32,
+    ) -> Result<Option<Section<'_>>, String> {
         let what = super::format::label(name, instance);
-        let section = self
+        let Some(section) = self
             .reader
             .take_versioned(name, instance, version)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("section {what} is missing"))?;
+        else {
+            return Ok(None);
+        };
         if section.version < version {
             return Err(format!(
                 "section {what} has version {}, from an older bhyve; this one restores \
@@ -356,8 +352,7 @@ impl Restore {
                 section.version
             ));
         }
-        // The decoder's errors name the section already.
-        section.decode().map_err(|e| e.to_string())
+        Ok(Some(section))
     }
 
     /// Put the saved VM, vCPU and device state into a freshly built machine (not started).
@@ -380,42 +375,34 @@ impl Restore {
                 .map_err(|e| format!("vCPU {index}: {e}"))?
                 .map_err(|e| format!("vCPU {index}: {e}"))?;
         }
-        for (instance, device) in devices.instances() {
-            match device {
-                DeviceRef::Pci(function) => {
-                    let state = self.decode("pci", &instance)?;
-                    // Its errors name the function.
-                    function
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .restore_state(&state)?;
-                }
-                DeviceRef::Uart(uart) => {
-                    let state = self.decode("uart", &instance)?;
-                    uart.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .uart
-                        .set_state(&state)
-                        .map_err(|e| format!("{instance}: {e}"))?;
-                }
-            }
-        }
-        if let Some(rtc) = devices.rtc() {
-            let state = self.decode("rtc", "")?;
-            rtc.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .restore(&state);
-        }
-        if let Some(pm) = devices.power_management() {
-            let state = self.decode("pm", "")?;
-            pm.lock().unwrap_or_else(|e| e.into_inner()).restore(&state);
-        }
-        if let Some(testdev) = devices.pctestdev() {
-            let state = self.decode("pctestdev", "")?;
-            testdev.restore(&state)?;
-        }
+        self.restore_device_states(devices)?;
         self.reader
             .finish_check_unconsumed()
             .map_err(|e| e.to_string())
+    }
+
+    /// Load each stateful part of `devices` from the section its id names, which must have the
+    /// version the part writes. A part added to bhyve after the snapshot was written may accept
+    /// that it has no section ([`crate::devices::Persist::accepts_missing_state`]) and stays as
+    /// it was created.
+    pub(crate) fn restore_device_states(&self, devices: &Devices) -> Result<(), String> {
+        for part in devices.parts() {
+            let id = part.id();
+            match self.take_if_present(id.section, &id.instance, part.state_version())? {
+                Some(section) => part.restore(&section)?,
+                None if part.accepts_missing_state() => log::info!(
+                    "snapshot has no section {}: {} starts as created",
+                    super::format::label(id.section, &id.instance),
+                    id.name()
+                ),
+                None => {
+                    return Err(format!(
+                        "section {} is missing",
+                        super::format::label(id.section, &id.instance)
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 }

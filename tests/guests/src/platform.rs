@@ -18,6 +18,10 @@ pub fn run(command: &str, arg: Option<&str>, hz: u64) -> bool {
         "reset" => power::reset(),
         "powerbutton" => power::powerbutton(hz),
         "sci" => power::sci_counts(),
+        "debugexit" => match arg.and_then(parse_u64).and_then(|v| u32::try_from(v).ok()) {
+            Some(value) => power::debug_exit(value),
+            None => println!("usage: debugexit <value>  (32 bits)"),
+        },
         _ => return false,
     }
     true
@@ -33,4 +37,5 @@ pub fn help() {
     println!("  reset                 reset through the FADT reset register");
     println!("  powerbutton           wait for an ACPI power-button press, then power off");
     println!("  sci                   SCIs and power-button presses taken");
+    println!("  debugexit <value>     write <value> to the isa-debug-exit port 0xf4");
 }

@@ -188,6 +188,17 @@ pub fn reset() {
     println!("reset: still running");
 }
 
+/// `debugexit <value>`: a 32-bit write of `value` to the isa-debug-exit port (pc-testdev under
+/// bhyve, `-device isa-debug-exit,iobase=0xf4,iosize=0x04` under QEMU), which ends the VM with
+/// exit status `(value << 1) | 1`.
+pub fn debug_exit(value: u32) {
+    const DEBUG_EXIT_PORT: u16 = 0xf4;
+    println!("debugexit port {DEBUG_EXIT_PORT:#x} value {value:#x}");
+    svc::outl(DEBUG_EXIT_PORT, value);
+    sleep_ticks(100);
+    println!("debugexit: still running");
+}
+
 /// `sci`: "sci <n> pwrbtn <m>", the SCIs taken and how many found the power button pressed.
 pub fn sci_counts() {
     println!(

@@ -8,8 +8,28 @@
 use std::sync::Arc;
 
 use super::irq::IntxLine;
-use super::{BarKind, ConfigSpace, PciDevice, PciError, PCIR_CLASS, PCIR_DEVICE, PCIR_VENDOR};
+use super::{
+    BarKind, ConfigSpace, PciAddress, PciDevice, PciError, PCIR_CLASS, PCIR_DEVICE, PCIR_VENDOR,
+};
+use crate::config::legacy::generic;
+use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
+use crate::devices::DeviceError;
 use crate::interrupts::InterruptSink;
+
+pub const EMULATION: PciEmulation = PciEmulation {
+    name: "dummy",
+    alias_of: None,
+    legacy_config: generic,
+    plan: Some(plan),
+};
+
+/// No settings.
+fn plan(_plan: &mut PciPlan<'_>, _slot: PciAddress) -> Result<CreatePci, DeviceError> {
+    Ok(Box::new(|create| {
+        let dummy = Dummy::init(create.config_space, create.interrupts.clone())?;
+        Ok(Box::new(dummy) as Box<dyn PciDevice>)
+    }))
+}
 
 pub const DUMMY_VENDOR: u16 = 0x10dd;
 pub const DUMMY_DEVICE: u16 = 0x0001;

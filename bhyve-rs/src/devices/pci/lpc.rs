@@ -7,9 +7,44 @@ use std::sync::Arc;
 
 use super::irq::{PirqRouter, NPIRQS, PIRQ_DIS, PIRQ_IRQ};
 use super::{
-    ConfigSpace, PciDevice, PCIC_BRIDGE, PCIR_CLASS, PCIR_DEVICE, PCIR_REVID, PCIR_SUBCLASS,
-    PCIR_SUBDEV_0, PCIR_SUBVEND_0, PCIR_VENDOR, PCIS_BRIDGE_ISA,
+    ConfigSpace, PciAddress, PciDevice, PCIC_BRIDGE, PCIR_CLASS, PCIR_DEVICE, PCIR_REVID,
+    PCIR_SUBCLASS, PCIR_SUBDEV_0, PCIR_SUBVEND_0, PCIR_VENDOR, PCIS_BRIDGE_ISA,
 };
+use crate::config::legacy::generic;
+use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
+use crate::devices::{pcireg, DeviceError};
+
+pub const EMULATION: PciEmulation = PciEmulation {
+    name: "lpc",
+    alias_of: None,
+    legacy_config: generic,
+    plan: Some(plan),
+};
+
+/// One bridge, on bus 0; its identity from `pcireg.*`.
+fn plan(plan: &mut PciPlan<'_>, slot: PciAddress) -> Result<CreatePci, DeviceError> {
+    if plan.lpc.is_some() {
+        return Err(DeviceError::SecondLpc(slot));
+    }
+    if slot.bus != 0 {
+        return Err(DeviceError::LpcNotOnBusZero(slot));
+    }
+    plan.lpc = Some(slot);
+    let node = slot.config_node();
+    let config = plan.config;
+    let d = LpcIds::default();
+    let ids = LpcIds {
+        vendor: pcireg(config, &node, "vendor", d.vendor, u16::MAX)?,
+        device: pcireg(config, &node, "device", d.device, u16::MAX)?,
+        revid: pcireg(config, &node, "revid", d.revid.into(), 0xff)? as u8,
+        subvendor: pcireg(config, &node, "subvendor", d.subvendor, u16::MAX)?,
+        subdevice: pcireg(config, &node, "subdevice", d.subdevice, u16::MAX)?,
+    };
+    Ok(Box::new(move |create| {
+        let bridge = LpcBridge::init(create.config_space, ids, create.router.clone());
+        Ok(Box::new(bridge) as Box<dyn PciDevice>)
+    }))
+}
 
 pub const LPC_VENDOR: u16 = 0x8086;
 pub const LPC_DEVICE: u16 = 0x7000;

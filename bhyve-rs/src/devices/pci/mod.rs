@@ -928,6 +928,55 @@ impl PciFunction {
     }
 }
 
+/// A PCI function in the VM's device list; the PCI layer saves its configuration space, BARs,
+/// MSI-X and INTx, the device model the rest ([`PciDevice::save_device_state`]).
+impl crate::devices::Stateful for Mutex<PciFunction> {
+    fn id(&self) -> crate::devices::StateId {
+        crate::devices::StateId {
+            section: "pci",
+            instance: self.lock().unwrap_or_else(|e| e.into_inner()).name.clone(),
+        }
+    }
+
+    fn pause(&self) {
+        self.lock().unwrap_or_else(|e| e.into_inner()).pause();
+    }
+
+    fn resume(&self) {
+        self.lock().unwrap_or_else(|e| e.into_inner()).resume();
+    }
+}
+
+/// Version 2 added the device model's own state.
+#[cfg(feature = "bhyve_snapshot")]
+impl crate::devices::Persist for Mutex<PciFunction> {
+    fn state_version(&self) -> u32 {
+        2
+    }
+
+    fn check_saveable(&self) -> Result<(), String> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_saveable()
+    }
+
+    fn save(&self) -> Result<Vec<u8>, String> {
+        let state = self
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save_state()?;
+        crate::snapshot::encode_section(&state).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, section: &crate::snapshot::Section<'_>) -> Result<(), String> {
+        let state: PciFunctionState = section.decode().map_err(|e| e.to_string())?;
+        // Its errors name the function.
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(&state)
+    }
+}
+
 /// The generic PCI state of a function: its configuration space and BAR table (bhyve's
 /// `pci_snapshot_pci_dev` saves the same, plus MSI fields that live in the capability bytes here).
 #[cfg(feature = "bhyve_snapshot")]

@@ -8,6 +8,7 @@
 //! [`backend`] connects it to stdio, a terminal, a FIFO or a file.
 
 pub mod backend;
+pub mod ports;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

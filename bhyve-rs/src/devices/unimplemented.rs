@@ -1,0 +1,270 @@
+//! PCI emulations FreeBSD's bhyve has and this build does not implement yet. They stay in the
+//! registry so that `-s` parses their option strings into the keys FreeBSD would store (a
+//! configuration can be dumped and checked), and so that a VM naming one is refused with
+//! "not supported yet" rather than "unknown device". Implementing one means giving it a module
+//! with its device and its entry there, and moving its parser along.
+
+use super::registry::PciEmulation;
+use crate::config::cnum::scan_ints;
+use crate::config::legacy::{generic, LegacyError, LegacyParser, LegacyWriter};
+
+/// AHCI ports per controller (pci_ahci.c `MAX_PORTS`).
+const AHCI_MAX_PORTS: usize = 32;
+/// virtio-console ports per controller (`VTCON_MAXPORTS`).
+const VTCON_MAXPORTS: usize = 16;
+
+const fn known(name: &'static str, legacy_config: LegacyParser) -> PciEmulation {
+    PciEmulation {
+        name,
+        alias_of: None,
+        legacy_config,
+        plan: None,
+    }
+}
+
+pub const AHCI: PciEmulation = known("ahci", ahci);
+pub const AHCI_CD: PciEmulation = PciEmulation {
+    alias_of: Some("ahci"),
+    ..known("ahci-cd", ahci_cd)
+};
+pub const AHCI_HD: PciEmulation = PciEmulation {
+    alias_of: Some("ahci"),
+    ..known("ahci-hd", ahci_hd)
+};
+pub const E1000: PciEmulation = known("e1000", net);
+pub const FBUF: PciEmulation = known("fbuf", generic);
+pub const HDA: PciEmulation = known("hda", generic);
+pub const NVME: PciEmulation = known("nvme", nvme);
+pub const PASSTHRU: PciEmulation = known("passthru", passthru);
+pub const UART: PciEmulation = known("uart", uart);
+pub const VIRTIO_9P: PciEmulation = known("virtio-9p", nine_p);
+pub const VIRTIO_BLK: PciEmulation = known("virtio-blk", block);
+pub const VIRTIO_CONSOLE: PciEmulation = known("virtio-console", console);
+pub const VIRTIO_INPUT: PciEmulation = known("virtio-input", input);
+pub const VIRTIO_NET: PciEmulation = known("virtio-net", net);
+pub const VIRTIO_RND: PciEmulation = known("virtio-rnd", generic);
+pub const VIRTIO_SCSI: PciEmulation = known("virtio-scsi", scsi);
+pub const XHCI: PciEmulation = known("xhci", xhci);
+
+/// block_if.c: the first token is `path`.
+fn block(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    w.first_token_then_generic(node, "path", conf)
+}
+
+/// net_backends.c: the first token is `backend`.
+fn net(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    w.first_token_then_generic(node, "backend", conf)
+}
+
+/// pci_virtio_scsi.c: the first token is `dev`.
+fn scsi(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    w.first_token_then_generic(node, "dev", conf)
+}
+
+/// pci_virtio_input.c: the first token is `path`, and required.
+fn input(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    match conf {
+        // FreeBSD refuses a missing device path without printing anything.
+        None => Err(LegacyError::Silent),
+        Some(_) => w.first_token_then_generic(node, "path", conf),
+    }
+}
+
+/// pci_uart.c: the whole string is `path`.
+fn uart(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    match conf {
+        Some(path) => w.set(node, "path", path),
+        None => Ok(()),
+    }
+}
+
+/// pci_nvme.c: `ram=N` or a block device.
+fn nvme(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    match conf {
+        Some(c) if c.starts_with("ram=") => {
+            let (ram, rest) = match c.split_once(',') {
+                Some((r, rest)) => (r, Some(rest)),
+                None => (c, None),
+            };
+            w.set(node, "ram", &ram[4..])?;
+            w.generic(node, rest)
+        }
+        _ => w.first_token_then_generic(node, "path", conf),
+    }
+}
+
+fn ahci_port(
+    w: &mut LegacyWriter<'_>,
+    ports: &str,
+    port: usize,
+    kind: &str,
+    conf: Option<&str>,
+) -> Result<(), LegacyError> {
+    let port_node = format!("{ports}.{port}");
+    w.create(&port_node)?;
+    w.set(&port_node, "type", kind)?;
+    w.first_token_then_generic(&port_node, "path", conf)
+}
+
+/// `ahci-cd`: one CD port, block syntax.
+fn ahci_cd(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let ports = format!("{node}.port");
+    w.create(&ports)?;
+    ahci_port(w, &ports, 0, "cd", conf)
+}
+
+/// `ahci-hd`: one disk port, block syntax.
+fn ahci_hd(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let ports = format!("{node}.port");
+    w.create(&ports)?;
+    ahci_port(w, &ports, 0, "hd", conf)
+}
+
+/// pci_ahci.c: `hd:PATH[,opts],cd:PATH[,opts]…`, one port each.
+fn ahci(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let Some(conf) = conf else {
+        return Ok(());
+    };
+    let ports = format!("{node}.port");
+    w.create(&ports)?;
+    let mut rest = Some(conf);
+    let mut port = 0;
+    while port < AHCI_MAX_PORTS {
+        let Some(mut s) = rest else {
+            break;
+        };
+        let kind = if let Some(p) = s.strip_prefix("hd:") {
+            s = p;
+            Some("hd")
+        } else if let Some(p) = s.strip_prefix("cd:") {
+            s = p;
+            Some("cd")
+        } else {
+            None
+        };
+        // The port's options end where the next ",hd:" or ",cd:" begins.
+        let next = [s.find(",hd:"), s.find(",cd:")].into_iter().flatten().min();
+        let current = match next {
+            Some(i) => {
+                rest = Some(&s[i + 1..]);
+                &s[..i]
+            }
+            None => {
+                rest = None;
+                s
+            }
+        };
+        if !current.is_empty() {
+            let Some(kind) = kind else {
+                return Err(LegacyError::Invalid(format!(
+                    "Missing or invalid type for port {port}: \"{current}\""
+                )));
+            };
+            ahci_port(w, &ports, port, kind, Some(current))?;
+        }
+        port += 1;
+    }
+    Ok(())
+}
+
+/// pci_virtio_console.c: `name=path` ports.
+fn console(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let Some(conf) = conf else {
+        return Ok(());
+    };
+    let ports = format!("{node}.port");
+    w.create(&ports)?;
+    for (port, opt) in conf.split(',').enumerate() {
+        let Some((name, path)) = opt.split_once('=') else {
+            return Err(LegacyError::Invalid(format!(
+                "vtcon: port {opt} requires a path"
+            )));
+        };
+        if port >= VTCON_MAXPORTS {
+            return Err(LegacyError::Invalid("vtcon: too many ports".to_string()));
+        }
+        let port_node = format!("{ports}.{port}");
+        w.create(&port_node)?;
+        w.set(&port_node, "name", name)?;
+        w.set(&port_node, "path", path)?;
+    }
+    Ok(())
+}
+
+/// pci_virtio_9p.c: `sharename=path` plus flags.
+fn nine_p(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let Some(conf) = conf else {
+        return Ok(());
+    };
+    let mut have_share = false;
+    for token in conf.split(',') {
+        match token.split_once('=') {
+            Some((share, path)) => {
+                if have_share {
+                    return Err(LegacyError::Invalid(
+                        "virtio-9p: more than one share name given".to_string(),
+                    ));
+                }
+                have_share = true;
+                w.set(node, "sharename", share)?;
+                w.set(node, "path", path)?;
+            }
+            None => w.set(node, token, "true")?,
+        }
+    }
+    Ok(())
+}
+
+/// pci_passthru.c: `pptN`, `pci0:B:S:F`, `pciB:S:F` or `B/S/F`, then generic.
+fn passthru(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let Some(conf) = conf else {
+        return Ok(());
+    };
+    let (first, rest) = match conf.split_once(',') {
+        Some((f, r)) => (f, Some(r)),
+        None => (conf, None),
+    };
+    if conf.starts_with("ppt") {
+        w.set(node, "pptdev", first)?;
+    } else {
+        // sscanf reads the whole string; trailing options after the three numbers are fine.
+        let bsf = [
+            scan_ints(conf, "pci0:%d:%d:%d"),
+            scan_ints(conf, "pci%d:%d:%d"),
+            scan_ints(conf, "%d/%d/%d"),
+        ]
+        .into_iter()
+        .find(|v| v.len() == 3);
+        let Some(bsf) = bsf else {
+            return Err(LegacyError::Invalid(format!(
+                "passthru: invalid options \"{conf}\""
+            )));
+        };
+        w.set(node, "bus", &bsf[0].to_string())?;
+        w.set(node, "slot", &bsf[1].to_string())?;
+        w.set(node, "func", &bsf[2].to_string())?;
+    }
+    w.generic(node, rest)
+}
+
+/// pci_xhci.c: USB devices, one per slot starting at 1.
+fn xhci(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
+    let Some(conf) = conf else {
+        return Ok(());
+    };
+    let slots = format!("{node}.slot");
+    w.create(&slots)?;
+    for (i, opt) in conf.split(',').enumerate() {
+        let (device, dev_conf) = match opt.split_once('=') {
+            Some((d, c)) => (d, Some(c)),
+            None => (opt, None),
+        };
+        let slot_node = format!("{slots}.{}", i + 1);
+        w.create(&slot_node)?;
+        w.set(&slot_node, "device", device)?;
+        if let Some(c) = dev_conf.filter(|c| !c.is_empty()) {
+            w.generic(&slot_node, Some(c))?;
+        }
+    }
+    Ok(())
+}
