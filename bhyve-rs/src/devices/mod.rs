@@ -8,10 +8,12 @@
 //! bridge and exist only when an `lpc` function is configured. All four exist then (the guest
 //! sees four 16550s, as with bhyve); `lpc.comN.path` connects one to a backend.
 
+pub mod hpet;
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;
 pub mod rtc;
+pub mod ticker;
 pub mod uart;
 
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,7 @@ use crate::vcpu::{ExitReason, VmControl};
 
 use pci::dummy::Dummy;
 use pci::hostbridge::{HostBridge, HOSTBRIDGE_DEVICE, HOSTBRIDGE_VENDOR};
-use pci::irq::PirqRouter;
+use pci::irq::{PirqRouter, IOAPIC_PINS};
 use pci::lpc::{LpcBridge, LpcIds};
 use pci::{ConfigSpace, PciAddress, PciError, PciFunction, PciRoot, PciRootBuilder};
 use pctestdev::ExitRequest;
@@ -361,6 +363,7 @@ pub struct Devices {
     exit: Arc<ExitRequest>,
     rtc: Option<Arc<Mutex<rtc::Rtc>>>,
     pm: Option<Arc<Mutex<pm::PowerManagement>>>,
+    hpet: Option<hpet::HpetDevice>,
     pctestdev: Option<pctestdev::PcTestDev>,
     /// Tells the RTC's interrupt thread to stop when the devices go away.
     rtc_stop: Arc<std::sync::atomic::AtomicBool>,
@@ -407,6 +410,11 @@ impl Devices {
         self.pm.as_ref()
     }
 
+    /// The HPET.
+    pub fn hpet(&self) -> Option<&hpet::HpetDevice> {
+        self.hpet.as_ref()
+    }
+
     /// Whether a snapshot can hold every device; the error names the first that cannot.
     #[cfg(feature = "bhyve_snapshot")]
     pub fn check_saveable(&self) -> Result<(), String> {
@@ -443,6 +451,7 @@ impl Devices {
         if let Some(rtc) = &self.rtc {
             rtc.lock().unwrap_or_else(|e| e.into_inner()).pause();
         }
+        self.hpet.iter().for_each(hpet::HpetDevice::pause);
         for u in &self.uarts {
             u.uart
                 .lock()
@@ -474,6 +483,7 @@ impl Devices {
         if let Some(rtc) = &self.rtc {
             rtc.lock().unwrap_or_else(|e| e.into_inner()).resume();
         }
+        self.hpet.iter().for_each(hpet::HpetDevice::resume);
     }
 
     /// Set when a device (pc-testdev's `isa-debug-exit`) asks for the VM to end; the run loop
@@ -599,8 +609,8 @@ pub fn attach(
     Ok(devices)
 }
 
-/// The devices every bhyve VM has whatever its command line: the RTC/CMOS, the ACPI PM
-/// registers with the reset register, and the firmware tables in guest memory.
+/// The devices every bhyve VM has whatever its command line: the RTC/CMOS, the HPET, the ACPI
+/// PM registers with the reset register, and the firmware tables in guest memory.
 fn attach_platform(
     config: &Config,
     buses: &Arc<Buses>,
@@ -636,6 +646,10 @@ fn attach_platform(
     rtc::spawn_ticker(clock.clone(), devices.rtc_stop.clone())
         .map_err(|e| DeviceError::Platform(format!("rtc: cannot start its timer thread: {e}")))?;
     devices.rtc = Some(clock);
+    devices.hpet = Some(
+        hpet::HpetDevice::attach(&buses.mmio, interrupts.clone(), IOAPIC_PINS.into())
+            .map_err(DeviceError::Platform)?,
+    );
 
     let on_event: pm::PowerEventHandler = Arc::new(move |event| {
         control.request_exit(match event {

@@ -23,7 +23,7 @@
 //! * Memory size bytes, as bhyve's `rtc_init` writes them for UEFI, little endian, in 64 KiB
 //!   units: 0x34/0x35 = low memory above 16 MiB, 0x5B/0x5C/0x5D = memory above 4 GiB.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -755,21 +755,19 @@ impl BusDevice for Rtc {
     }
 }
 
+impl super::ticker::Ticking for Rtc {
+    fn poll(&mut self) -> Option<Duration> {
+        Rtc::poll(self)
+    }
+}
+
 /// Run [`Rtc::poll`] on a thread until `stop` is set, so periodic, alarm and update
 /// interrupts arrive without guest accesses.
 pub fn spawn_ticker(
     rtc: Arc<Mutex<Rtc>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    const IDLE: Duration = Duration::from_millis(100);
-    std::thread::Builder::new()
-        .name("rtc".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let wait = rtc.lock().unwrap_or_else(|e| e.into_inner()).poll();
-                std::thread::sleep(wait.unwrap_or(IDLE).clamp(Duration::from_micros(100), IDLE));
-            }
-        })
+    super::ticker::spawn("rtc", rtc, super::ticker::TickerWake::default(), stop)
 }
 
 #[cfg(test)]
@@ -777,6 +775,7 @@ mod tests {
     use super::*;
     use crate::bus::Bus;
     use std::io;
+    use std::sync::atomic::Ordering;
 
     #[derive(Default)]
     struct Pulses(Mutex<Vec<(u32, bool)>>);

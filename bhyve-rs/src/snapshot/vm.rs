@@ -231,6 +231,9 @@ pub fn write_state(
         let state = pm.lock().unwrap_or_else(|e| e.into_inner()).state();
         add_state(&mut writer, "pm", "", &state)?;
     }
+    if let Some(hpet) = target.devices.hpet() {
+        add_state(&mut writer, "hpet", "", &hpet.save_state())?;
+    }
     if let Some(testdev) = target.devices.pctestdev() {
         add_state(&mut writer, "pctestdev", "", &testdev.state())?;
     }
@@ -342,13 +345,30 @@ impl Restore {
         name: &str,
         instance: &str,
     ) -> Result<T, String> {
+        self.decode_if_present(name, instance)?.ok_or_else(|| {
+            format!(
+                "section {} is missing",
+                super::format::label(name, instance)
+            )
+        })
+    }
+
+    /// [`Restore::decode`] for a section that snapshots from before it existed lack: `None`
+    /// when the file has no such section.
+    fn decode_if_present<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        instance: &str,
+    ) -> Result<Option<T>, String> {
         let version = version_of(name);
         let what = super::format::label(name, instance);
-        let section = self
+        let Some(section) = self
             .reader
             .take_versioned(name, instance, version)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("section {what} is missing"))?;
+        else {
+            return Ok(None);
+        };
         if section.version < version {
             return Err(format!(
                 "section {what} has version {}, from an older bhyve; this one restores \
@@ -357,7 +377,7 @@ impl Restore {
             ));
         }
         // The decoder's errors name the section already.
-        section.decode().map_err(|e| e.to_string())
+        section.decode().map(Some).map_err(|e| e.to_string())
     }
 
     /// Put the saved VM, vCPU and device state into a freshly built machine (not started).
@@ -409,6 +429,12 @@ impl Restore {
         if let Some(pm) = devices.power_management() {
             let state = self.decode("pm", "")?;
             pm.lock().unwrap_or_else(|e| e.into_inner()).restore(&state);
+        }
+        // Snapshots from before the HPET existed restore it in its reset state.
+        if let Some(hpet) = devices.hpet() {
+            if let Some(state) = self.decode_if_present("hpet", "")? {
+                hpet.restore_state(&state)?;
+            }
         }
         if let Some(testdev) = devices.pctestdev() {
             let state = self.decode("pctestdev", "")?;
