@@ -95,6 +95,44 @@ fn assert_qemu_rate(elapsed: Duration, expected_ms: f64) {
     );
 }
 
+/// The oracle for the HPET test in platform.rs: QEMU's own HPET (on by default for pc), found
+/// the same way through its ACPI tables and measured the same way, must count at the rate its
+/// capabilities advertise. Against the PM timer, which QEMU derives from the same virtual
+/// clock, TCG's load does not matter; against the PIT's late ticks only a factor-off rate fails.
+#[test]
+fn hpet_from_the_acpi_tables_counts_at_its_advertised_rate_under_qemu() {
+    let Some(mut vm) = boot_qemu("") else {
+        return;
+    };
+    let lines = vm.command("hpet 2000", Duration::from_secs(60));
+    let report = guest::parse_hpet_report(&lines).unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(report.base, 0xfed0_0000, "{lines:?}");
+    assert_eq!(report.vendor, 0x8086, "{lines:?}");
+    assert_eq!(report.table_id >> 16, report.vendor, "{lines:?}");
+    assert!((3..=32).contains(&report.timers), "{lines:?}");
+    assert!(report.period_fs > 0, "{lines:?}");
+    assert_eq!(
+        report.advertised_hz,
+        (1_000_000_000_000_000 / report.period_fs) as f64
+    );
+    assert!(
+        (report.by_pmtimer_hz - report.advertised_hz).abs() <= report.advertised_hz * 0.25,
+        "HPET at {} Hz against the PM timer, advertised {} Hz",
+        report.by_pmtimer_hz,
+        report.advertised_hz
+    );
+    assert!(
+        (report.advertised_hz * 0.5..=report.advertised_hz * 1.6).contains(&report.by_pit_hz),
+        "HPET at {} Hz against the PIT, advertised {} Hz",
+        report.by_pit_hz,
+        report.advertised_hz
+    );
+    eprintln!(
+        "QEMU HPET: advertised {} Hz, {} Hz by the PM timer, {} Hz by the PIT",
+        report.advertised_hz, report.by_pmtimer_hz, report.by_pit_hz
+    );
+}
+
 #[test]
 fn triple_fault_stops_qemu() {
     let Some(mut vm) = boot_qemu("") else {
