@@ -60,7 +60,7 @@ impl AcpiReport {
             .iter()
             .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
             .collect();
-        for needed in ["FACP", "APIC", "MCFG", "DSDT"] {
+        for needed in ["FACP", "APIC", "HPET", "MCFG", "DSDT"] {
             assert!(
                 signatures.iter().any(|s| s == needed),
                 "{needed} missing: {lines:?}"
