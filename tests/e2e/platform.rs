@@ -359,6 +359,26 @@ fn hpet_from_the_acpi_tables_counts_at_its_advertised_rate() {
     );
 }
 
+/// HPET timer 0 routed to the top I/O APIC input vhpet allows with 24 pins (23): a one-shot
+/// comparator 10 ms ahead raises exactly one interrupt, a 10 ms period fifty in half a second.
+#[test]
+fn hpet_timer_interrupts_arrive_through_the_io_apic() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let line = vm.command_line("hpet irq");
+    let (pin, one_shot, periodic, ticks, hz) =
+        guest::parse_hpet_irq(&line).unwrap_or_else(|| panic!("{line:?}"));
+    eprintln!("bhyve: {line}");
+    assert_eq!(pin, 23, "{line}");
+    assert_eq!(one_shot, 1, "{line}");
+    let expected = (ticks * 100 / hz) as f64;
+    assert!(
+        (periodic as f64 - expected).abs() <= expected * 0.10,
+        "{periodic} periodic interrupts, {expected} expected: {line}"
+    );
+}
+
 #[test]
 fn rtc_in_utc_with_dash_u_matches_the_host_clock() {
     // A zone 5:30 east of UTC (a POSIX TZ string: no time zone database needed), so UTC and

@@ -133,6 +133,32 @@ fn hpet_from_the_acpi_tables_counts_at_its_advertised_rate_under_qemu() {
     );
 }
 
+/// The oracle for the interrupt test in platform.rs: the same guest code takes QEMU's HPET
+/// timer 0 interrupts through the I/O APIC, once one-shot, every 10 ms periodic. q35, whose
+/// HPET offers I/O APIC inputs 16-23 (pc's offers only input 2, the PIT's).
+#[test]
+fn hpet_timer_interrupts_arrive_through_the_io_apic_under_qemu() {
+    let Some(mut vm) = common::boot_qemu_with(&["-machine", "q35"], "") else {
+        return;
+    };
+    let line = vm
+        .command("hpet irq", Duration::from_secs(60))
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let (pin, one_shot, periodic, ticks, hz) =
+        guest::parse_hpet_irq(&line).unwrap_or_else(|| panic!("{line:?}"));
+    eprintln!("QEMU: {line}");
+    assert!((16..24).contains(&pin), "{line}");
+    assert_eq!(one_shot, 1, "{line}");
+    // TCG's late PIT ticks stretch the window: only a factor-off count fails.
+    let expected = (ticks * 100 / hz) as f64;
+    assert!(
+        (expected * 0.5..=expected * 1.6).contains(&(periodic as f64)),
+        "{periodic} periodic interrupts, {expected} expected: {line}"
+    );
+}
+
 #[test]
 fn triple_fault_stops_qemu() {
     let Some(mut vm) = boot_qemu("") else {

@@ -193,6 +193,23 @@ pub fn parse_hpet_report(lines: &[String]) -> Option<HpetReport> {
     })
 }
 
+/// What `hpet irq` printed: (I/O APIC pin, one-shot interrupts, periodic interrupts, PIT ticks
+/// the periodic timer ran, PIT rate).
+pub fn parse_hpet_irq(line: &str) -> Option<(u64, u64, u64, u64, u64)> {
+    let words: Vec<&str> = line.strip_prefix("hpet irq ")?.split_whitespace().collect();
+    let after = |key: &str| {
+        let at = words.iter().position(|w| *w == key)?;
+        words.get(at + 1)?.parse().ok()
+    };
+    Some((
+        after("pin")?,
+        after("one-shot")?,
+        after("periodic")?,
+        after("in")?,
+        after("of")?,
+    ))
+}
+
 /// Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
@@ -250,5 +267,12 @@ mod tests {
         assert_eq!(report.by_pmtimer_hz, 16_777_000.0);
         assert_eq!(report.by_pit_hz, 16_770_000.0);
         assert_eq!(parse_hpet_report(&lines[..2]), None);
+        assert_eq!(
+            parse_hpet_irq(
+                "hpet irq pin 23 one-shot 1 after 2 ticks periodic 50 in 50 ticks of 100 Hz"
+            ),
+            Some((23, 1, 50, 50, 100))
+        );
+        assert_eq!(parse_hpet_irq("hpet irq: no route"), None);
     }
 }

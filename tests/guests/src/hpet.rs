@@ -1,12 +1,44 @@
 //! The HPET from the guest's side: found through the ACPI HPET table (RSDP → XSDT → HPET),
 //! its registers read and written from ring 3 (the block lies in the uncached, user-accessible
-//! top GiB of the identity map), and its main counter measured against the ACPI PM timer and
-//! the PIT.
+//! top GiB of the identity map), its main counter measured against the ACPI PM timer and the
+//! PIT, and its timer 0 interrupt taken through the I/O APIC by a short ring-0 handler (below).
 
 use crate::acpi::{Acpi, Gas};
 use crate::boot::TICKS;
 use crate::svc;
-use core::sync::atomic::Ordering;
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The vector the I/O APIC delivers HPET timer 0's interrupt on.
+pub const HPET_VECTOR: u8 = 0x50;
+/// HPET interrupts taken.
+#[no_mangle]
+pub static HPET_IRQS: AtomicU64 = AtomicU64::new(0);
+
+// Count the interrupt and end it at the local APIC (EOI register at 0xfee000b0).
+global_asm!(
+    r#"
+    .section .text, "ax"
+    .global irq_hpet
+irq_hpet:
+    pushq %rax
+    lock incq HPET_IRQS(%rip)
+    movabsq $0xfee000b0, %rax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+    "#,
+    options(att_syntax)
+);
+
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+const IOAPIC_WINDOW: u64 = 0x10;
+const IOAPIC_MASKED: u32 = 1 << 16;
+const LAPIC_ID: u64 = 0x20;
+const TCNF_INT_ENB: u32 = 1 << 2;
+const TCNF_TYPE: u32 = 1 << 3;
+const TCNF_VAL_SET: u32 = 1 << 6;
+const TCNF_ROUTE_SHIFT: u32 = 9;
 
 const GAS_SYSTEM_MEMORY: u8 = 0;
 const CAPABILITIES: u64 = 0x00;
@@ -132,6 +164,86 @@ pub fn measure(hz: u64, ms: u64) {
     println!(
         "hpet advertised {} Hz, {by_pm} Hz by pmtimer {by_pit} Hz by pit over {n} ticks of {hz} Hz",
         FS_PER_S / period
+    );
+}
+
+fn ioapic_write(register: u32, value: u32) {
+    // SAFETY: the I/O APIC's index and data registers at its architectural address, identity
+    // mapped, user accessible and uncached.
+    unsafe {
+        (IOAPIC_BASE as *mut u32).write_volatile(register);
+        ((IOAPIC_BASE + IOAPIC_WINDOW) as *mut u32).write_volatile(value);
+    }
+}
+
+/// Route I/O APIC input `pin` to [`HPET_VECTOR`] on this CPU, edge triggered, or mask it.
+fn ioapic_route(pin: u32, on: bool) {
+    let apic_id = crate::smp::lapic_read(LAPIC_ID) >> 24;
+    ioapic_write(0x11 + 2 * pin, apic_id << 24);
+    let masked = if on { 0 } else { IOAPIC_MASKED };
+    ioapic_write(0x10 + 2 * pin, u32::from(HPET_VECTOR) | masked);
+}
+
+/// Sleeps until `n` timer ticks have passed or `done` holds; returns the ticks waited.
+fn wait_ticks(n: u64, done: impl Fn() -> bool) -> u64 {
+    let start = ticks();
+    while ticks() - start < n && !done() {
+        svc::wait_for_interrupt();
+    }
+    ticks() - start
+}
+
+/// `hpet irq`: routes timer 0 to the highest I/O APIC input its capabilities allow, as an edge
+/// interrupt on [`HPET_VECTOR`]; arms it one-shot 10 ms ahead and waits (up to 1 s) for the
+/// interrupt, then periodic every 10 ms for half a second of PIT ticks, printing
+/// `hpet irq pin <n> one-shot <irqs> after <ticks> ticks periodic <irqs> in <ticks> ticks of
+/// <hz> Hz`. The timer and the I/O APIC input are switched off again afterwards.
+pub fn irq(hz: u64) {
+    let Some(hpet) = Acpi::discover().and_then(|acpi| find(&acpi, false)) else {
+        return;
+    };
+    let period = hpet.read64(CAPABILITIES) >> 32;
+    let allowed = hpet.read(TIMER0_CONFIG + 4);
+    let Some(pin) = (16..32).rev().find(|pin| allowed & (1 << pin) != 0) else {
+        println!("hpet irq: timer 0 has no I/O APIC input at 16 or above ({allowed:#x})");
+        return;
+    };
+    if period == 0 || period > 100_000_000 {
+        println!("hpet irq: invalid period");
+        return;
+    }
+    // Counter ticks in 10 ms.
+    let ticks_10ms = (10_000_000_000_000 / period) as u32;
+    let config = hpet.read(CONFIG);
+    hpet.write(CONFIG, config | CNF_ENABLE);
+    ioapic_route(pin, true);
+    let route = pin << TCNF_ROUTE_SHIFT | TCNF_INT_ENB;
+
+    let before = HPET_IRQS.load(Ordering::Relaxed);
+    hpet.write(TIMER0_CONFIG, route);
+    hpet.write(TIMER0_COMPARATOR, hpet.counter().wrapping_add(ticks_10ms));
+    let one_shot_ticks = wait_ticks(hz, || HPET_IRQS.load(Ordering::Relaxed) != before);
+    // Let a second, wrong, interrupt show up if there is one.
+    wait_ticks(hz / 20 + 1, || false);
+    let one_shot = HPET_IRQS.load(Ordering::Relaxed) - before;
+
+    // Periodic: the comparator first (VAL_SET), then the period.
+    hpet.write(TIMER0_CONFIG, route | TCNF_TYPE | TCNF_VAL_SET);
+    let edge = ticks();
+    while ticks() == edge {
+        svc::wait_for_interrupt();
+    }
+    let before = HPET_IRQS.load(Ordering::Relaxed);
+    hpet.write(TIMER0_COMPARATOR, hpet.counter().wrapping_add(ticks_10ms));
+    hpet.write(TIMER0_COMPARATOR, ticks_10ms);
+    let n = (hz / 2).max(1);
+    let waited = wait_ticks(n, || false);
+    let periodic = HPET_IRQS.load(Ordering::Relaxed) - before;
+
+    hpet.write(TIMER0_CONFIG, 0);
+    ioapic_route(pin, false);
+    println!(
+        "hpet irq pin {pin} one-shot {one_shot} after {one_shot_ticks} ticks periodic {periodic} in {waited} ticks of {hz} Hz"
     );
 }
 

@@ -16,6 +16,7 @@ pub fn run(command: &str, arg: Option<&str>, hz: u64) -> bool {
         },
         "hpet" => match arg {
             Some("state") => hpet::state(),
+            Some("irq") => hpet::irq(hz),
             Some(word) if word.starts_with("comparator=") => {
                 match parse_u64(&word["comparator=".len()..]).and_then(|v| u32::try_from(v).ok()) {
                     Some(value) => hpet::set_comparator(value),
@@ -24,7 +25,7 @@ pub fn run(command: &str, arg: Option<&str>, hz: u64) -> bool {
             }
             _ => match arg.map_or(Some(2000), parse_u64) {
                 Some(ms) if (10..=60_000).contains(&ms) => hpet::measure(hz, ms),
-                _ => println!("usage: hpet [ms] | hpet state | hpet comparator=<u32>"),
+                _ => println!("usage: hpet [ms] | hpet state | hpet irq | hpet comparator=<u32>"),
             },
         },
         "poweroff" => power::poweroff(),
@@ -44,6 +45,7 @@ pub fn help() {
     println!("  pmtimer [ms]          measure the ACPI PM timer against the PIT");
     println!("  hpet [ms]             enable the HPET and measure it against the PM timer");
     println!("  hpet state            HPET configuration, counter and timer 0");
+    println!("  hpet irq              HPET timer 0 interrupts through the I/O APIC");
     println!("  hpet comparator=<n>   set HPET timer 0's comparator");
     println!("  poweroff              ACPI S5 soft-off");
     println!("  reset                 reset through the FADT reset register");
