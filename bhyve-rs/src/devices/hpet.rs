@@ -18,7 +18,9 @@
 //!   ones re-arm by their period, missed periods collapsing into one interrupt. As in vhpet,
 //!   (re)starting a periodic timer moves its comparator by whole periods, modulo 2^32, to the
 //!   first value past the counter, so a comparator set ahead of the counter may read back
-//!   smaller; the first interrupt still comes within one period. Edge interrupts
+//!   smaller; the first interrupt still comes within one period. One departure from vhpet: a
+//!   one-shot timer served on the very tick it matched waits for the counter to wrap, where
+//!   vhpet's handler re-arms it for "now" and interrupts a second time. Edge interrupts
 //!   are pulsed; level ones set the timer's bit in the interrupt status register and hold the
 //!   line high until the guest writes that bit back as 1 or reconfigures the timer.
 //! * Timers fire from a [`Ticker`] thread ([`HpetDevice`]), which [`Hpet::pause`] stops from
