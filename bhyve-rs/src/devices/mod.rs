@@ -445,9 +445,8 @@ impl Devices {
     /// Before a snapshot, with the vCPUs paused: stop every device's background work (the
     /// RTC's and HPET's timer threads, the COM ports' input threads, PCI devices' I/O) from
     /// changing device state or raising interrupts, so the state saved is the state the guest
-    /// left. The ACPI
-    /// registers need nothing: their only writer besides the guest (SIGTERM's power button)
-    /// goes through the lock on these devices that a save holds.
+    /// left. The ACPI registers need nothing: their only writer besides the guest (SIGTERM's
+    /// power button) goes through the lock on these devices that a save holds.
     pub fn pause(&self) {
         if let Some(rtc) = &self.rtc {
             rtc.lock().unwrap_or_else(|e| e.into_inner()).pause();
