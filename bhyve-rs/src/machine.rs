@@ -145,6 +145,7 @@ impl Machine {
     pub fn attach_devices(&mut self, config: &Config) -> Result<(), MachineError> {
         let devices = devices::attach(
             config,
+            self.vm.platform(),
             &self.buses,
             self.vm.clone().interrupt_sink(),
             self.control.clone(),
@@ -266,7 +267,7 @@ impl HaltMonitor {
 }
 
 fn build(config: &Config) -> Result<Machine, MachineError> {
-    devices::check_supported(config)?;
+    devices::check_supported(config, &crate::vmm::host_platform())?;
     let description =
         MachineDescription::from_config(config).map_err(|e| MachineError::Config(e.to_string()))?;
     // Read the kernel and the boot ROM before creating anything, so a bad path costs nothing.
@@ -479,7 +480,7 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     let description = MachineDescription::from_config(&config).map_err(|e| e.to_string())?;
     // Everything that can be refused from the configuration is, before any RAM is read. The ROM
     // is not guest RAM: it comes from its file again, as on the first boot.
-    devices::check_supported(&config).map_err(|e| e.to_string())?;
+    devices::check_supported(&config, &crate::vmm::host_platform()).map_err(|e| e.to_string())?;
     let bootrom = BootRom::load(&config).map_err(|e| e.to_string())?;
     // The devices and firmware tables are built from memory.size: it must describe the RAM the
     // file holds, which is checked before any of it is read.

@@ -1,6 +1,6 @@
 //! The platform as the guest sees it, through the real `bhyve` binary: the ACPI tables (every
 //! checksum, the FADT's registers, the MADT's CPUs, the MCFG), PCI through both configuration
-//! mechanisms, BAR placement, the PM timer, the RTC in UTC, and the power controls (S5, reset,
+//! mechanisms, BAR placement, the PM timer, the HPET, the RTC in UTC, and the power controls (S5, reset,
 //! the power button bhyve presses on SIGTERM). Where QEMU (TCG, q35) implements the same
 //! standard, the same guest-visible properties are checked there too.
 
@@ -60,7 +60,7 @@ impl AcpiReport {
             .iter()
             .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
             .collect();
-        for needed in ["FACP", "APIC", "MCFG", "DSDT"] {
+        for needed in ["FACP", "APIC", "HPET", "MCFG", "DSDT"] {
             assert!(
                 signatures.iter().any(|s| s == needed),
                 "{needed} missing: {lines:?}"
@@ -309,6 +309,73 @@ fn pm_timer_runs_at_3_579545_mhz() {
     assert!(
         (hz - PMTMR_HZ).abs() <= PMTMR_HZ * 0.05,
         "PM timer at {hz} Hz ({line})"
+    );
+}
+
+/// The HPET a FreeBSD guest sees (vhpet): found through RSDP → XSDT → HPET table, with
+/// vhpet's capabilities, and counting at the rate it advertises, measured against the PM timer
+/// and the PIT.
+#[test]
+fn hpet_from_the_acpi_tables_counts_at_its_advertised_rate() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let lines = vm.command("hpet 2000", COMMAND_TIMEOUT);
+    let report = guest::parse_hpet_report(&lines).unwrap_or_else(|| panic!("{lines:?}"));
+    // vhpet_capabilities(): vendor 8086, 8 timers, revision 1, 32-bit counter, no legacy
+    // replacement, period 10^15 / 2^24 fs; bhyve's table carries the low half at 0xFED00000.
+    assert_eq!(report.table_id, 0x8086_0701, "{lines:?}");
+    assert_eq!(report.base, 0xfed0_0000, "{lines:?}");
+    assert_eq!(
+        (
+            report.vendor,
+            report.timers,
+            report.counter_bits,
+            report.legacy
+        ),
+        (0x8086, 8, 32, false),
+        "{lines:?}"
+    );
+    assert_eq!(report.period_fs, 59_604_644, "{lines:?}");
+    assert_eq!(report.advertised_hz, 16_777_216.0, "{lines:?}");
+    for (clock, hz) in [
+        ("PM timer", report.by_pmtimer_hz),
+        ("PIT", report.by_pit_hz),
+    ] {
+        assert!(
+            (hz - report.advertised_hz).abs() <= report.advertised_hz * 0.10,
+            "HPET at {hz} Hz against the {clock}, advertised {} Hz: {lines:?}",
+            report.advertised_hz
+        );
+    }
+    eprintln!(
+        "bhyve HPET: advertised {} Hz, {} Hz by the PM timer, {} Hz by the PIT",
+        report.advertised_hz, report.by_pmtimer_hz, report.by_pit_hz
+    );
+    let state = vm.command_line("hpet state");
+    assert!(
+        state.starts_with("hpet config 0x0000000000000001 "),
+        "{state}"
+    );
+}
+
+/// HPET timer 0 routed to the top I/O APIC input vhpet allows with 24 pins (23): a one-shot
+/// comparator 10 ms ahead raises exactly one interrupt, a 10 ms period fifty in half a second.
+#[test]
+fn hpet_timer_interrupts_arrive_through_the_io_apic() {
+    let Some(mut vm) = boot_bhyve("") else {
+        return;
+    };
+    let line = vm.command_line("hpet irq");
+    let (pin, one_shot, periodic, ticks, hz) =
+        guest::parse_hpet_irq(&line).unwrap_or_else(|| panic!("{line:?}"));
+    eprintln!("bhyve: {line}");
+    assert_eq!(pin, 23, "{line}");
+    assert_eq!(one_shot, 1, "{line}");
+    let expected = (ticks * 100 / hz) as f64;
+    assert!(
+        (periodic as f64 - expected).abs() <= expected * 0.10,
+        "{periodic} periodic interrupts, {expected} expected: {line}"
     );
 }
 

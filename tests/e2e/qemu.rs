@@ -95,6 +95,70 @@ fn assert_qemu_rate(elapsed: Duration, expected_ms: f64) {
     );
 }
 
+/// The oracle for the HPET test in platform.rs: QEMU's own HPET (on by default for pc), found
+/// the same way through its ACPI tables and measured the same way, must count at the rate its
+/// capabilities advertise. Against the PM timer, which QEMU derives from the same virtual
+/// clock, TCG's load does not matter; against the PIT's late ticks only a factor-off rate fails.
+#[test]
+fn hpet_from_the_acpi_tables_counts_at_its_advertised_rate_under_qemu() {
+    let Some(mut vm) = boot_qemu("") else {
+        return;
+    };
+    let lines = vm.command("hpet 2000", Duration::from_secs(60));
+    let report = guest::parse_hpet_report(&lines).unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(report.base, 0xfed0_0000, "{lines:?}");
+    assert_eq!(report.vendor, 0x8086, "{lines:?}");
+    assert_eq!(report.table_id >> 16, report.vendor, "{lines:?}");
+    assert!((3..=32).contains(&report.timers), "{lines:?}");
+    assert!(report.period_fs > 0, "{lines:?}");
+    assert_eq!(
+        report.advertised_hz,
+        (1_000_000_000_000_000 / report.period_fs) as f64
+    );
+    assert!(
+        (report.by_pmtimer_hz - report.advertised_hz).abs() <= report.advertised_hz * 0.25,
+        "HPET at {} Hz against the PM timer, advertised {} Hz",
+        report.by_pmtimer_hz,
+        report.advertised_hz
+    );
+    assert!(
+        (report.advertised_hz * 0.5..=report.advertised_hz * 1.6).contains(&report.by_pit_hz),
+        "HPET at {} Hz against the PIT, advertised {} Hz",
+        report.by_pit_hz,
+        report.advertised_hz
+    );
+    eprintln!(
+        "QEMU HPET: advertised {} Hz, {} Hz by the PM timer, {} Hz by the PIT",
+        report.advertised_hz, report.by_pmtimer_hz, report.by_pit_hz
+    );
+}
+
+/// The oracle for the interrupt test in platform.rs: the same guest code takes QEMU's HPET
+/// timer 0 interrupts through the I/O APIC, once one-shot, every 10 ms periodic. q35, whose
+/// HPET offers I/O APIC inputs 16-23 (pc's offers only input 2, the PIT's).
+#[test]
+fn hpet_timer_interrupts_arrive_through_the_io_apic_under_qemu() {
+    let Some(mut vm) = common::boot_qemu_with(&["-machine", "q35"], "") else {
+        return;
+    };
+    let line = vm
+        .command("hpet irq", Duration::from_secs(60))
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let (pin, one_shot, periodic, ticks, hz) =
+        guest::parse_hpet_irq(&line).unwrap_or_else(|| panic!("{line:?}"));
+    eprintln!("QEMU: {line}");
+    assert!((16..24).contains(&pin), "{line}");
+    assert_eq!(one_shot, 1, "{line}");
+    // TCG's late PIT ticks stretch the window: only a factor-off count fails.
+    let expected = (ticks * 100 / hz) as f64;
+    assert!(
+        (expected * 0.5..=expected * 1.6).contains(&(periodic as f64)),
+        "{periodic} periodic interrupts, {expected} expected: {line}"
+    );
+}
+
 #[test]
 fn triple_fault_stops_qemu() {
     let Some(mut vm) = boot_qemu("") else {

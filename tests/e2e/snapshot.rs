@@ -5,6 +5,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use bhyve::snapshot::{reseal, SnapshotReader, SECTION_FLAG_MANDATORY};
 use common::control::{bhyvectl, boot, cargo_build, counter, ctl, exchange, reply_error, Scratch};
 use common::control::{suspend, SAVE_TIMEOUT};
 use common::guest;
@@ -374,6 +375,146 @@ fn timer_keeps_its_rate_and_the_cmos_clock_does_not_go_back_after_a_restore() {
         after - before
     );
     assert_within_ten_percent(timed_ticks(&mut vm, 100, 3000), 3000);
+}
+
+/// `hpet state`: (configuration, counter, timer 0 configuration, timer 0 comparator).
+fn hpet_state(vm: &mut Console) -> (u64, u32, u64, u64) {
+    let line = vm.command_line("hpet state");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let hex = |at: usize, key: &str| {
+        (words.get(at - 1) == Some(&key))
+            .then(|| words.get(at)?.strip_prefix("0x"))
+            .flatten()
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or_else(|| panic!("no {key} at word {at} of {line:?}"))
+    };
+    (
+        hex(2, "config"),
+        hex(4, "counter") as u32,
+        hex(7, "config"),
+        hex(9, "comparator"),
+    )
+}
+
+/// The HPET's state is in the snapshot (as vhpet_snapshot saves it): after a checkpoint and a
+/// suspend/resume its configuration and timer registers are as the guest left them and its
+/// counter counts on from its saved value, at its rate; the seconds spent suspended do not pass
+/// for it, as they do not for the RTC.
+#[test]
+fn hpet_counts_on_with_its_configuration_across_checkpoint_and_restore() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("hpet");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    let lines = vm.command("hpet 200", COMMAND_TIMEOUT);
+    guest::parse_hpet_report(&lines).unwrap_or_else(|| panic!("{lines:?}"));
+    const COMPARATOR: u64 = 0x1234_5678;
+    vm.command_line(&format!("hpet comparator={COMPARATOR:#x}"));
+
+    let checkpoint = scratch.path("running.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", checkpoint.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    let before = hpet_state(&mut vm);
+    let host_before = Instant::now();
+    assert_eq!(before.0, 1, "counter enabled before the suspend");
+    assert_eq!(before.3, COMPARATOR);
+
+    let file = scratch.path("hpet.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    const SUSPENDED: Duration = Duration::from_secs(4);
+    std::thread::sleep(SUSPENDED);
+    let mut vm = resume(&scratch.0, &file);
+    let after = hpet_state(&mut vm);
+    let host_elapsed = host_before.elapsed().as_secs_f64();
+    assert_eq!(
+        (after.0, after.2, after.3),
+        (before.0, before.2, before.3),
+        "configuration changed across the restore"
+    );
+    // Counting on, not from 0 and not from host time: over 100 s worth of ticks would mean a
+    // wrap or a reset.
+    let counted = after.1.wrapping_sub(before.1);
+    let counted_secs = f64::from(counted) / f64::from(1u32 << 24);
+    assert!(
+        counted > 0 && counted_secs < 100.0,
+        "counter {:#x} before, {:#x} after",
+        before.1,
+        after.1
+    );
+    let lost = host_elapsed - counted_secs;
+    assert!(
+        lost >= SUSPENDED.as_secs_f64() - 0.5,
+        "the HPET advanced {counted_secs:.2} s over {host_elapsed:.2} s of which {SUSPENDED:?} \
+         suspended"
+    );
+    let lines = vm.command("hpet 1000", COMMAND_TIMEOUT);
+    let report = guest::parse_hpet_report(&lines).unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(
+        (report.by_pmtimer_hz - report.advertised_hz).abs() <= report.advertised_hz * 0.10,
+        "HPET at {} Hz after the restore: {lines:?}",
+        report.by_pmtimer_hz
+    );
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+
+    // The checkpoint taken while the VM ran restores with the same configuration.
+    let mut vm = resume(&scratch.0, &checkpoint);
+    let restored = hpet_state(&mut vm);
+    assert_eq!(
+        (restored.0, restored.2, restored.3),
+        (before.0, before.2, before.3)
+    );
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// A snapshot written before the HPET existed has no `hpet` section: it restores, with the
+/// HPET in its reset state. Made here from a new snapshot whose `hpet` section is renamed to
+/// a name no bhyve knows and marked optional, which a restore skips.
+#[test]
+fn a_snapshot_without_an_hpet_section_restores_the_hpet_in_its_reset_state() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("hpet-old");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    vm.command("hpet 100", COMMAND_TIMEOUT);
+    vm.command_line("hpet comparator=0x1000");
+    assert_eq!(counter(&mut vm), 1);
+    let file = scratch.path("new.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+
+    let mut image = std::fs::read(&file).expect("read the snapshot");
+    let mut entries = SnapshotReader::open(&file)
+        .expect("the snapshot opens")
+        .sections()
+        .to_vec();
+    let hpet = entries
+        .iter_mut()
+        .find(|e| e.name == "hpet")
+        .expect("an hpet section");
+    hpet.name = "xpet".to_string();
+    hpet.flags &= !SECTION_FLAG_MANDATORY;
+    reseal(&mut image, &entries).expect("reseal");
+    let old = scratch.path("old.snap");
+    std::fs::write(&old, &image).expect("write the edited snapshot");
+
+    let mut vm = resume(&scratch.0, &old);
+    assert_eq!(counter(&mut vm), 2, "the guest runs on from where it was");
+    let (config, count, timer0, comparator) = hpet_state(&mut vm);
+    assert_eq!((config, count), (0, 0), "counter stopped at 0");
+    // vhpet_init: the upper four pins of a 24-pin I/O APIC, FSB and periodic capable.
+    assert_eq!(timer0, 0x00f0_0000_0000_8010);
+    assert_eq!(comparator, 0xffff_ffff);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 
 #[test]

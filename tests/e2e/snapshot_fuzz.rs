@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bhyve::devices::hpet::{HpetState, HpetTimerState};
 use bhyve::devices::pci::irq::IntxState;
 use bhyve::devices::pci::msix::{MsixEntry, MsixState};
 use bhyve::devices::pci::PciFunctionState;
@@ -210,6 +211,32 @@ fn typed_variants(entry: &SectionEntry, payload: &[u8], rng: &mut Rng) -> Vec<(S
                 typed("clock at i64::MAX", &edit(&|s| s.rtc_time = Some(i64::MAX))),
                 typed("clock at i64::MIN", &edit(&|s| s.rtc_time = Some(i64::MIN))),
                 typed("index 0xff", &edit(&|s| s.addr = 0xff)),
+            ]
+        }
+        "hpet" => {
+            let state: HpetState = decode(payload);
+            let mut none = state.clone();
+            none.timers.clear();
+            let mut many = state.clone();
+            many.timers = vec![state.timers[0].clone(); 100];
+            let ones = HpetState {
+                config: u64::MAX,
+                isr: u64::MAX,
+                counter: u32::MAX,
+                timers: vec![
+                    HpetTimerState {
+                        cap_config: u64::MAX,
+                        msireg: u64::MAX,
+                        comparator: u32::MAX,
+                        period: u32::MAX,
+                    };
+                    state.timers.len()
+                ],
+            };
+            vec![
+                typed("no timers", &none),
+                typed("100 timers", &many),
+                typed("every bit set", &ones),
             ]
         }
         "pm" => {
@@ -574,7 +601,9 @@ fn forged_snapshots_are_refused_in_one_line_or_restored_never_a_panic_or_a_hang(
         .expect("the snapshot opens")
         .sections()
         .to_vec();
-    for needed in ["vm", "vcpu", "pci", "uart", "rtc", "pm", "config", "ram"] {
+    for needed in [
+        "vm", "vcpu", "pci", "uart", "rtc", "pm", "hpet", "config", "ram",
+    ] {
         assert!(
             entries.iter().any(|e| e.name == needed),
             "no {needed} section in {entries:?}"

@@ -372,6 +372,7 @@ fn a_snapshot_of_a_restored_guest_equals_the_one_it_came_from_but_for_clocks() {
         ("uart", "com1"),
         ("rtc", ""),
         ("pm", ""),
+        ("hpet", ""),
         ("vm", ""),
         ("vcpu", "0"),
     ] {

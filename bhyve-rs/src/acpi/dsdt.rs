@@ -21,9 +21,12 @@
 //!     }
 //!   }
 //! }
+//! Scope (_SB.PC00) {                    // only with an HPET (basl_fwrite_dsdt)
+//!   Device (HPET) PNP0103, _UID 0, _CRS: Memory32Fixed 0xFED00000/0x400
+//! }
 //! ```
 //!
-//! Not included: the HPET device (no HPET is emulated) and a PNP0C0C device: bhyve's power
+//! Not included: a PNP0C0C device: bhyve's power
 //! button is the ACPI fixed-feature button (PWRBTN_STS in PM1), which is what
 //! `PowerManagement::press_power_button` drives.
 
@@ -431,5 +434,14 @@ pub(super) fn dsdt_body(layout: &AcpiLayout) -> Vec<u8> {
     Method::new("_PIC".into(), 1, false, vec![&Store::new(&picm, &Arg(0))]).to_aml_bytes(&mut out);
     let root = Raw(pci_root(layout));
     Scope::new("_SB_".into(), vec![&root]).to_aml_bytes(&mut out);
+    if layout.hpet_id.is_some() {
+        let block = Memory32Fixed::new(
+            true,
+            super::BHYVE_ADDRESS_HPET,
+            crate::devices::hpet::HPET_SIZE as u32,
+        );
+        let hpet = Raw(isa_device("HPET", "PNP0103", Some(0), vec![&block]));
+        Scope::new("_SB_.PC00".into(), vec![&hpet]).to_aml_bytes(&mut out);
+    }
     out
 }

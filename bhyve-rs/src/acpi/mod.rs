@@ -3,13 +3,13 @@
 //!
 //! Placement: bhyve writes the tables at [`BHYVE_ACPI_BASE`] (0xF2400, `basl.h`), each table
 //! aligned to 16 bytes and the FACS to 64, in bhyve's order: RSDP, RSDT, XSDT, FADT, MADT,
-//! MCFG, FACS, SPCR, DSDT. The RSDP comes first, so a guest that scans 0xE0000–0xFFFFF on
+//! HPET, MCFG, FACS, SPCR, DSDT. The RSDP comes first, so a guest that scans 0xE0000–0xFFFFF on
 //! 16-byte boundaries for `RSD PTR ` finds it. The caller copies [`AcpiBlob::bytes`] to
 //! [`AcpiBlob::gpa`] and keeps that range out of usable RAM in the e820 map. When
 //! `acpi_tables` is false bhyve builds none of this.
 //!
 //! Contents, all following `acpi.c`:
-//! * RSDT and XSDT list FADT, MADT, MCFG and SPCR (FADT first, as UEFI wants).
+//! * RSDT and XSDT list FADT, MADT, HPET, MCFG and SPCR (FADT first, as UEFI wants).
 //! * FADT revision 5.1: SCI on IRQ 9, SMI_CMD 0xB2 with enable 0xA0 / disable 0xA1, PM1a event
 //!   block 0x400 (4 bytes), PM1a control 0x404 (2), PM timer 0x408 (4, 32 bits), GPE0 0x40C
 //!   (2), century at CMOS 0x32, boot flags "no VGA" and "no ASPM", flags WBINVD, C1, sleep
@@ -19,16 +19,20 @@
 //! * MADT: local APIC at 0xFEE00000, PC-AT compatible; one enabled local APIC per vCPU, one
 //!   I/O APIC, overrides ISA IRQ 0 → GSI 2 (edge, high) and SCI 9 → GSI 9 (level, low), and
 //!   a local APIC NMI on LINT1 of every processor.
+//! * HPET (revision 1, as `build_hpet`): the hardware block id (the low half of the HPET's
+//!   capabilities register, as `vm_get_hpet_capabilities` reports it), the register block at
+//!   0xFED00000 in system memory (GAS width, offset and access size 0), sequence number 0,
+//!   minimum tick 0, page protection "4 KiB protected".
 //! * MCFG: one ECAM range for segment 0.
 //! * FACS version 2; SPCR for the first serial port (16550, 115200 8N1, RTS/CTS, VT-UTF8).
 //! * DSDT: `\_SB.PC00` (PNP0A03) with its bus range and windows, `_PRT`, the LPC devices
-//!   (COM ports, RTC, PIC, PIT, motherboard resources) and `_S5` = 5 (see `dsdt.rs`).
-//! * No HPET table: no HPET is emulated.
+//!   (COM ports, RTC, PIC, PIT, motherboard resources), the HPET (PNP0103) and `_S5` = 5 (see
+//!   `dsdt.rs`).
 //!
 //! Construction: the FADT, MCFG, XSDT and FACS come from the typed builders of rust-vmm's
 //! `acpi_tables`, the MADT's local APIC and I/O APIC entries from its structures, the DSDT
 //! from its AML types. Where the crate has no builder, or its builder cannot express what bhyve
-//! writes (RSDT, RSDP, SPCR, the MADT header and its override/NMI entries), the table is
+//! writes (RSDT, RSDP, SPCR, HPET, the MADT header and its override/NMI entries), the table is
 //! assembled on the crate's [`Sdt`] header, which still keeps length and checksum.
 
 mod dsdt;
@@ -56,6 +60,8 @@ pub const BHYVE_ACPI_BASE: u64 = 0xf2400;
 pub const BHYVE_ADDRESS_LAPIC: u32 = 0xfee0_0000;
 /// I/O APIC base.
 pub const BHYVE_ADDRESS_IOAPIC: u32 = 0xfec0_0000;
+/// HPET register block (the size is [`crate::devices::hpet::HPET_SIZE`]).
+pub const BHYVE_ADDRESS_HPET: u32 = crate::devices::hpet::HPET_BASE as u32;
 /// PCI resources as `pci_emul.c` lays them out: I/O BARs from 0x2000, 32-bit BARs in
 /// 0xC0000000..0xE0000000, ECAM at 0xE0000000 (256 buses, 256 MiB), 64-bit BARs in 32 GiB
 /// above high memory.
@@ -173,6 +179,9 @@ pub struct AcpiLayout {
     /// Serial port described by the SPCR table, if any.
     pub spcr: Option<ComPort>,
     pub pci_intx: Vec<PciIntxRoute>,
+    /// The HPET's hardware block id (low half of its capabilities register), when the VM has
+    /// one at [`BHYVE_ADDRESS_HPET`]: it gets an HPET table and a DSDT device.
+    pub hpet_id: Option<u32>,
     pub sci_irq: u8,
     pub smi_cmd: u16,
     pub acpi_enable: u8,
@@ -237,6 +246,7 @@ impl AcpiLayout {
             ],
             spcr: Some(ComPort::BHYVE[0]),
             pci_intx: Vec::new(),
+            hpet_id: Some(crate::devices::hpet::capabilities() as u32),
             sci_irq: pm::SCI_INT as u8,
             smi_cmd: pm::SMI_CMD,
             acpi_enable: pm::BHYVE_ACPI_ENABLE,
@@ -428,6 +438,27 @@ fn build_madt(layout: &AcpiLayout) -> Result<Sdt, AcpiError> {
     Ok(t)
 }
 
+/// ACPI_HPET_PAGE_PROTECT4: no other registers in the HPET's 4 KiB page.
+const HPET_PAGE_PROTECT4: u8 = 1;
+
+/// Hand-built on [`Sdt`]: the crate has no HPET table. The GAS is the crate's.
+fn build_hpet(hardware_id: u32) -> Sdt {
+    let mut t = new_sdt(b"HPET", 1);
+    t.append_slice(&hardware_id.to_le_bytes());
+    let block = GAS::new(
+        AddressSpace::SystemMemory,
+        0,
+        0,
+        AccessSize::Undefined,
+        BHYVE_ADDRESS_HPET.into(),
+    );
+    t.append_slice(&aml_bytes(&block));
+    t.append_slice(&[0]); // HPET sequence number
+    t.append_slice(&0u16.to_le_bytes()); // minimum clock tick in periodic mode
+    t.append_slice(&[HPET_PAGE_PROTECT4]);
+    t
+}
+
 fn build_mcfg(layout: &AcpiLayout) -> MCFG {
     let mut t = MCFG::new(OEM_ID, oem_table_id(b"MCFG"), OEM_REVISION);
     let (start_bus, end_bus) = layout.ecam_bus_range;
@@ -538,6 +569,7 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     validate(layout)?;
 
     let madt = build_madt(layout)?;
+    let hpet = layout.hpet_id.map(build_hpet);
     let mcfg = aml_bytes(&build_mcfg(layout));
     let spcr = layout.spcr.as_ref().map(build_spcr);
     let facs = build_facs();
@@ -545,7 +577,7 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
 
     // Offsets in bhyve's order; every size is known before any pointer is written.
     let align = |at: usize, to: usize| at.next_multiple_of(to);
-    let listed = 3 + usize::from(spcr.is_some());
+    let listed = 3 + usize::from(hpet.is_some()) + usize::from(spcr.is_some());
     let rsdp_off = 0;
     let rsdt_off = align(rsdp_off + RSDP_LEN, TABLE_ALIGNMENT);
     let rsdt_len = HEADER_LEN + 4 * listed;
@@ -553,7 +585,11 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     let xsdt_len = HEADER_LEN + 8 * listed;
     let fadt_off = align(xsdt_off + xsdt_len, TABLE_ALIGNMENT);
     let madt_off = align(fadt_off + FADT::len(), TABLE_ALIGNMENT);
-    let mcfg_off = align(madt_off + madt.len(), TABLE_ALIGNMENT);
+    let hpet_off = align(madt_off + madt.len(), TABLE_ALIGNMENT);
+    let mcfg_off = align(
+        hpet_off + hpet.as_ref().map_or(0, Sdt::len),
+        TABLE_ALIGNMENT,
+    );
     let facs_off = align(mcfg_off + mcfg.len(), FACS_ALIGNMENT);
     let spcr_off = align(facs_off + facs.len(), TABLE_ALIGNMENT);
     let dsdt_off = align(
@@ -573,7 +609,11 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
 
     let fadt = aml_bytes(&build_fadt(layout, gpa(facs_off), gpa(dsdt_off)));
 
-    let mut pointed = vec![gpa(fadt_off), gpa(madt_off), gpa(mcfg_off)];
+    let mut pointed = vec![gpa(fadt_off), gpa(madt_off)];
+    if hpet.is_some() {
+        pointed.push(gpa(hpet_off));
+    }
+    pointed.push(gpa(mcfg_off));
     if spcr.is_some() {
         pointed.push(gpa(spcr_off));
     }
@@ -592,6 +632,9 @@ pub fn build_tables(layout: &AcpiLayout) -> Result<AcpiBlob, AcpiError> {
     place(*b"XSDT", xsdt_off, &xsdt);
     place(*b"FACP", fadt_off, &fadt);
     place(*b"APIC", madt_off, madt.as_slice());
+    if let Some(hpet) = &hpet {
+        place(*b"HPET", hpet_off, hpet.as_slice());
+    }
     place(*b"MCFG", mcfg_off, &mcfg);
     place(*b"FACS", facs_off, &facs);
     if let Some(spcr) = &spcr {

@@ -92,7 +92,10 @@ fn guest_finds_every_table_with_valid_checksums() {
     assert_eq!(blob.gpa, BHYVE_ACPI_BASE);
     let parsed = parse(&blob);
     let sigs: Vec<&[u8]> = parsed.tables.iter().map(|(t, _)| &t[..4]).collect();
-    assert_eq!(sigs, vec![&b"FACP"[..], b"APIC", b"MCFG", b"SPCR", b"DSDT"]);
+    assert_eq!(
+        sigs,
+        vec![&b"FACP"[..], b"APIC", b"HPET", b"MCFG", b"SPCR", b"DSDT"]
+    );
     for (_, gpa) in &parsed.tables {
         assert_eq!(gpa % 16, 0, "table at {gpa:#x} aligned");
     }
@@ -305,6 +308,7 @@ fn iasl_accepts_every_other_table() {
     for (sig, name) in [
         (b"FACP", "facp"),
         (b"APIC", "apic"),
+        (b"HPET", "hpet"),
         (b"MCFG", "mcfg"),
         (b"SPCR", "spcr"),
         (b"FACS", "facs"),
@@ -351,6 +355,7 @@ fn dsdt_of_attached_vm(pairs: &[(&str, &str)]) -> Vec<u8> {
     let buses = std::sync::Arc::new(crate::bus::Buses::default());
     let _devices = crate::devices::attach(
         &config,
+        &crate::vmm::PlatformCaps::KVM,
         &buses,
         std::sync::Arc::new(NoInterrupts),
         crate::vcpu::VmControl::new(),
@@ -402,5 +407,71 @@ fn the_dsdt_routes_the_pins_the_pci_bus_assigned_and_decodes_its_windows() {
         "0xC0000000, // Range Minimum 0xC01FFFFF, // Range Maximum",
     ] {
         assert!(squeezed.contains(needle), "DSDT lacks {needle:?}:\n{dsl}");
+    }
+}
+
+#[test]
+fn the_hpet_table_is_bhyves_and_iasl_reads_it() {
+    let blob = default_blob(1);
+    let hpet = blob.table(b"HPET").unwrap();
+    // Header, hardware id, GAS, sequence, minimum tick, flags: 56 bytes, revision 1.
+    assert_eq!(hpet.len(), 56);
+    assert_eq!(u32_at(hpet, 4), 56);
+    assert_eq!(hpet[8], 1);
+    assert_eq!(&hpet[16..24], b"BVHPET  ");
+    assert_eq!(sum(hpet), 0);
+    // The low half of the capabilities register: vendor 8086, 8 timers, revision 1.
+    assert_eq!(u32_at(hpet, 36), 0x8086_0701);
+    assert_eq!(
+        u32_at(hpet, 36),
+        crate::devices::hpet::capabilities() as u32
+    );
+    assert_eq!(&hpet[40..44], &[0, 0, 0, 0], "system memory, widths 0");
+    assert_eq!(u64_at(hpet, 44), 0xfed0_0000);
+    assert_eq!(hpet[52], 0);
+    assert_eq!(u16::from_le_bytes([hpet[53], hpet[54]]), 0);
+    assert_eq!(hpet[55], 1, "4 KiB page protected");
+    // Without an HPET there is neither table nor DSDT device.
+    let mut layout = AcpiLayout::bhyve(1, 256 << 20, 0);
+    layout.hpet_id = None;
+    let without = build_tables(&layout).unwrap();
+    assert!(without.table(b"HPET").is_none());
+    assert_eq!(parse(&without).tables.len(), 5);
+
+    let Some(dsl) = iasl_disassemble("hpet", hpet) else {
+        return;
+    };
+    for needle in [
+        "Signature : \"HPET\"",
+        "Hardware Block ID : 80860701",
+        "Address : 00000000FED00000",
+        "Sequence Number : 00",
+        "Minimum Clock Ticks : 0000",
+        "Flags (decoded below) : 01",
+        "4K Page Protect : 1",
+    ] {
+        assert!(
+            dsl.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .contains(needle),
+            "HPET lacks {needle:?}:\n{dsl}"
+        );
+    }
+}
+
+#[test]
+fn iasl_finds_the_hpet_device_in_the_dsdt() {
+    let blob = default_blob(1);
+    let Some(dsl) = iasl_disassemble("dsdt", blob.table(b"DSDT").unwrap()) else {
+        return;
+    };
+    let flat = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in [
+        "Scope (_SB.PC00) { Device (HPET) { Name (_HID, EisaId (\"PNP0103\")",
+        "Name (_UID, Zero)",
+        "Memory32Fixed (ReadWrite, 0xFED00000, // Address Base 0x00000400, // Address Length )",
+    ] {
+        assert!(flat.contains(needle), "DSDT lacks {needle:?}:\n{dsl}");
     }
 }

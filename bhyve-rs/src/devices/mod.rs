@@ -12,12 +12,14 @@
 //!
 //! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
+pub mod hpet;
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;
 pub mod registry;
 pub mod rtc;
 mod stateful;
+pub mod ticker;
 pub mod uart;
 mod unimplemented;
 
@@ -28,6 +30,7 @@ use crate::config::{parse_c_unsigned, parse_memsize, Config};
 use crate::interrupts::InterruptSink;
 use crate::memory::GuestMemory;
 use crate::vcpu::VmControl;
+use crate::vmm::PlatformCaps;
 
 use pci::irq::PirqRouter;
 use pci::{ConfigSpace, PciAddress, PciError, PciRoot, PciRootBuilder};
@@ -188,7 +191,7 @@ fn unsupported_lines(slots: &[(PciAddress, String)]) -> String {
 /// Every device the configuration names, checked and ready to be made: the PCI functions
 /// through the registry's emulations, then the platform devices in registry order. All the
 /// emulations this build does not implement are named at once.
-fn plan(config: &Config) -> Result<Plan, DeviceError> {
+fn plan(config: &Config, platform: &PlatformCaps) -> Result<Plan, DeviceError> {
     let mut functions = Vec::new();
     let mut unsupported = Vec::new();
     let mut pci_plan = PciPlan { config, lpc: None };
@@ -215,15 +218,16 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
     let lpc = pci_plan.lpc;
 
     let mut ignored = Vec::new();
-    let mut platform = Vec::new();
+    let mut platform_devices = Vec::new();
     for device in PLATFORM_DEVICES {
         let mut plan = PlatformPlan {
             config,
+            platform,
             lpc,
             ignored: &mut ignored,
         };
         if let Some(create) = (device.plan)(&mut plan)? {
-            platform.push(create);
+            platform_devices.push(create);
         }
     }
 
@@ -253,7 +257,7 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
 
     Ok(Plan {
         functions,
-        platform,
+        platform: platform_devices,
         lpc,
         enable_bars,
         bootrom,
@@ -263,8 +267,8 @@ fn plan(config: &Config) -> Result<Plan, DeviceError> {
 }
 
 /// Check that every device the configuration names can be created, without creating any.
-pub fn check_supported(config: &Config) -> Result<(), DeviceError> {
-    plan(config).map(|_| ())
+pub fn check_supported(config: &Config, platform: &PlatformCaps) -> Result<(), DeviceError> {
+    plan(config, platform).map(|_| ())
 }
 
 /// The devices of one VM, kept alive for its lifetime.
@@ -376,12 +380,13 @@ impl Devices {
 /// `buses` is shared because the PCI layer moves BAR ranges when the guest reprograms a BAR.
 pub fn attach(
     config: &Config,
+    platform: &PlatformCaps,
     buses: &Arc<Buses>,
     interrupts: Arc<dyn InterruptSink>,
     control: Arc<VmControl>,
     memory: Arc<GuestMemory>,
 ) -> Result<Devices, DeviceError> {
-    let plan = plan(config)?;
+    let plan = plan(config, platform)?;
     for warning in &plan.ignored {
         log::warn!("{warning}");
     }

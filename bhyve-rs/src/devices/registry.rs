@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::interrupts::InterruptSink;
 use crate::memory::GuestMemory;
 use crate::vcpu::VmControl;
+use crate::vmm::PlatformCaps;
 
 /// What a PCI emulation's plan sees: the configuration, and what earlier slots planned.
 pub struct PciPlan<'a> {
@@ -78,6 +79,8 @@ impl PciEmulation {
 /// What a platform device's plan sees.
 pub struct PlatformPlan<'a> {
     pub config: &'a Config,
+    /// What the backend's kernel provides: a device it holds is not made here.
+    pub platform: &'a PlatformCaps,
     /// The LPC bridge, if one is configured: the COM ports and pc-testdev hang off it.
     pub lpc: Option<PciAddress>,
     /// Settings that have no effect, for one warning each when the devices are made.
@@ -139,6 +142,7 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
 pub const PLATFORM_DEVICES: &[PlatformDevice] = &[
     super::uart::ports::COM_PORTS,
     super::rtc::DEVICE,
+    super::hpet::DEVICE,
     super::pm::DEVICE,
     super::pctestdev::DEVICE,
 ];

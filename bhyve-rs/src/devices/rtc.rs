@@ -842,21 +842,19 @@ impl crate::devices::Persist for RtcDevice {
     }
 }
 
+impl super::ticker::Ticking for Rtc {
+    fn poll(&mut self) -> Option<Duration> {
+        Rtc::poll(self)
+    }
+}
+
 /// Run [`Rtc::poll`] on a thread until `stop` is set, so periodic, alarm and update
 /// interrupts arrive without guest accesses.
 pub fn spawn_ticker(
     rtc: Arc<Mutex<Rtc>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    const IDLE: Duration = Duration::from_millis(100);
-    std::thread::Builder::new()
-        .name("rtc".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let wait = rtc.lock().unwrap_or_else(|e| e.into_inner()).poll();
-                std::thread::sleep(wait.unwrap_or(IDLE).clamp(Duration::from_micros(100), IDLE));
-            }
-        })
+    super::ticker::spawn("rtc", rtc, super::ticker::TickerWake::default(), stop)
 }
 
 #[cfg(test)]
@@ -864,6 +862,7 @@ mod tests {
     use super::*;
     use crate::bus::Bus;
     use std::io;
+    use std::sync::atomic::Ordering;
 
     #[derive(Default)]
     struct Pulses(Mutex<Vec<(u32, bool)>>);

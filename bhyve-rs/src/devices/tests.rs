@@ -210,7 +210,9 @@ fn lpc_identity_can_be_overridden_with_pcireg() {
 
 fn check_error(pairs: &[(&str, &str)]) -> String {
     let cfg = config(pairs);
-    let err = check_supported(&cfg).unwrap_err().to_string();
+    let err = check_supported(&cfg, &crate::vmm::PlatformCaps::KVM)
+        .unwrap_err()
+        .to_string();
     // attach refuses the same configuration with the same message.
     let buses = Arc::new(Buses::default());
     let attach_err = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default()))
@@ -318,7 +320,7 @@ fn check_supported_accepts_what_attach_builds() {
         ("memory.size", "4G"),
     ]);
     // Only emulations are checked: a backend path is opened by attach, not here.
-    check_supported(&cfg).unwrap();
+    check_supported(&cfg, &crate::vmm::PlatformCaps::KVM).unwrap();
     let err = attach_for_test(
         &cfg,
         &Arc::new(Buses::default()),
@@ -534,7 +536,14 @@ fn attach_with_control(
     control: Arc<VmControl>,
 ) -> Result<Devices, DeviceError> {
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
-    let devices = attach(config, buses, interrupts, control, memory)?;
+    let devices = attach(
+        config,
+        &crate::vmm::PlatformCaps::KVM,
+        buses,
+        interrupts,
+        control,
+        memory,
+    )?;
     devices.resume();
     Ok(devices)
 }
@@ -551,6 +560,7 @@ fn the_mp_table_lists_the_routed_intx_pins_and_the_dummy_drives_its_line() {
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
     let _devices = attach(
         &cfg,
+        &crate::vmm::PlatformCaps::KVM,
         &buses,
         sink.clone(),
         crate::vcpu::VmControl::new(),

@@ -25,7 +25,7 @@ use serde::Serialize;
 pub use format::{
     reseal, Arch, Backend, Header, HeaderInfo, Requirement, SectionEntry, SectionKind,
     FORMAT_MAJOR, FORMAT_MINOR, FORMAT_PAGE_SIZE, HEADER_FLAG_SUSPENDED, MAGIC,
-    MAX_DATA_SECTION_LEN, MAX_SECTIONS, RAM_CHUNK_SIZE,
+    MAX_DATA_SECTION_LEN, MAX_SECTIONS, RAM_CHUNK_SIZE, SECTION_FLAG_MANDATORY,
 };
 pub use ram::is_zero;
 pub use reader::{CopyOptions, RamRegion, Section, SnapshotReader};

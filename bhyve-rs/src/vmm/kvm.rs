@@ -84,23 +84,9 @@ impl KvmHypervisor {
     }
 }
 
-/// What KVM's kernel provides: the interrupt controllers and the PIT, but not the RTC, the PM
-/// timer or the HPET, which user space emulates; a 24-pin I/O APIC; APs started by the in-kernel
-/// local APIC; halts seen only by watching the vCPUs.
-const KVM_PLATFORM: PlatformCaps = PlatformCaps {
-    kernel_rtc: false,
-    kernel_pm_timer: false,
-    kernel_hpet: false,
-    ioapic_pins: 24,
-    kernel_halt_detection: false,
-    kernel_ap_start: true,
-    prebuilt_ram: true,
-    snapshots: true,
-};
-
 impl Hypervisor for KvmHypervisor {
     fn platform(&self) -> PlatformCaps {
-        KVM_PLATFORM
+        PlatformCaps::KVM
     }
 
     fn create_vm(&self, spec: VmSpec) -> Result<Arc<dyn super::Vm>> {
@@ -230,7 +216,8 @@ impl KvmVm {
 
 impl super::Vm for KvmVm {
     fn platform(&self) -> &PlatformCaps {
-        &KVM_PLATFORM
+        const KVM: &PlatformCaps = &PlatformCaps::KVM;
+        KVM
     }
 
     fn memory(&self) -> &Arc<GuestMemory> {
@@ -247,7 +234,7 @@ impl super::Vm for KvmVm {
     }
 
     fn seed_rtc(&self, _seed: &RtcSeed) -> Result<()> {
-        // KVM has no RTC: user space emulates it (KVM_PLATFORM.kernel_rtc is false).
+        // KVM has no RTC: user space emulates it (PlatformCaps::KVM.kernel_rtc is false).
         Err(VmmError::Unsupported("an in-kernel RTC"))
     }
 

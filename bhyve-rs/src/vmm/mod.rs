@@ -234,6 +234,48 @@ pub struct PlatformCaps {
     pub snapshots: bool,
 }
 
+impl PlatformCaps {
+    /// KVM's: the interrupt controllers and the PIT in the kernel, but not the RTC, the PM timer
+    /// or the HPET, which user space emulates; a 24-pin I/O APIC; APs started by the in-kernel
+    /// local APIC; halts seen only by watching the vCPUs.
+    pub const KVM: PlatformCaps = PlatformCaps {
+        kernel_rtc: false,
+        kernel_pm_timer: false,
+        kernel_hpet: false,
+        ioapic_pins: 24,
+        kernel_halt_detection: false,
+        kernel_ap_start: true,
+        prebuilt_ram: true,
+        snapshots: true,
+    };
+
+    /// FreeBSD vmm's: RTC (vrtc), PM timer (vpmtmr) and HPET (vhpet) in the kernel besides the
+    /// interrupt controllers and the PIT; a 32-pin I/O APIC; halts detected by the kernel
+    /// (`VM_SUSPEND_HALT`); APs started by user space (`VM_EXITCODE_SPINUP_AP`); RAM in the
+    /// kernel's memory segments, so a restore copies into them; snapshots where the kernel has
+    /// `options BHYVE_SNAPSHOT`.
+    pub const FREEBSD: PlatformCaps = PlatformCaps {
+        kernel_rtc: true,
+        kernel_pm_timer: true,
+        kernel_hpet: true,
+        ioapic_pins: 32,
+        kernel_halt_detection: true,
+        kernel_ap_start: false,
+        prebuilt_ram: false,
+        snapshots: true,
+    };
+}
+
+/// What the backend this host uses gives every VM, known before any is created, so a
+/// configuration is checked against it without opening the hypervisor.
+pub fn host_platform() -> PlatformCaps {
+    if cfg!(target_os = "linux") {
+        PlatformCaps::KVM
+    } else {
+        PlatformCaps::FREEBSD
+    }
+}
+
 /// General-purpose registers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Regs {

@@ -11,7 +11,7 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 21] = [
+pub const COMMANDS: [&str; 22] = [
     "help",
     "info",
     "counter",
@@ -25,6 +25,7 @@ pub const COMMANDS: [&str; 21] = [
     "bars",
     "acpi",
     "pmtimer",
+    "hpet",
     "poweroff",
     "reset",
     "powerbutton",
@@ -140,6 +141,75 @@ fn local_utc_offset(now: i64) -> i64 {
     tm.tm_gmtoff
 }
 
+/// What `hpet [ms]` printed: the table, the capabilities and the measured rates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HpetReport {
+    /// Hardware block id from the ACPI HPET table.
+    pub table_id: u64,
+    pub base: u64,
+    pub vendor: u64,
+    pub timers: u64,
+    pub counter_bits: u64,
+    pub legacy: bool,
+    /// Counter period in femtoseconds, from the capabilities register.
+    pub period_fs: u64,
+    /// 10^15 / period, as the guest computed it.
+    pub advertised_hz: f64,
+    /// The counter's rate measured against the ACPI PM timer and against the PIT's ticks.
+    pub by_pmtimer_hz: f64,
+    pub by_pit_hz: f64,
+}
+
+/// Parses the lines of `hpet [ms]`; `None` if any is missing or malformed.
+pub fn parse_hpet_report(lines: &[String]) -> Option<HpetReport> {
+    let line = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix));
+    let words = |text: &str| {
+        text.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let after = |words: &[String], key: &str| {
+        let at = words.iter().position(|w| w == key)?;
+        words.get(at + 1).cloned()
+    };
+    let number = |text: &str| match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    };
+    let table = words(line("hpet table ")?);
+    let caps = words(line("hpet caps ")?);
+    let rates = words(line("hpet advertised ")?);
+    Some(HpetReport {
+        table_id: number(&after(&table, "id")?)?,
+        base: number(&after(&table, "base")?)?,
+        vendor: number(&after(&caps, "vendor")?)?,
+        timers: number(&after(&caps, "timers")?)?,
+        counter_bits: number(after(&caps, "counter")?.strip_suffix("-bit")?)?,
+        legacy: after(&caps, "legacy")? == "yes",
+        period_fs: number(&after(&caps, "period")?)?,
+        advertised_hz: rates.first()?.parse().ok()?,
+        by_pmtimer_hz: rates.get(2)?.parse().ok()?,
+        by_pit_hz: rates.get(6)?.parse().ok()?,
+    })
+}
+
+/// What `hpet irq` printed: (I/O APIC pin, one-shot interrupts, periodic interrupts, PIT ticks
+/// the periodic timer ran, PIT rate).
+pub fn parse_hpet_irq(line: &str) -> Option<(u64, u64, u64, u64, u64)> {
+    let words: Vec<&str> = line.strip_prefix("hpet irq ")?.split_whitespace().collect();
+    let after = |key: &str| {
+        let at = words.iter().position(|w| *w == key)?;
+        words.get(at + 1)?.parse().ok()
+    };
+    Some((
+        after("pin")?,
+        after("one-shot")?,
+        after("periodic")?,
+        after("in")?,
+        after("of")?,
+    ))
+}
+
 /// Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
 fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
@@ -172,5 +242,37 @@ mod tests {
         );
         assert_eq!(parse_cmos_line("cmos 2000-13-01 12:34:56"), None);
         assert_eq!(parse_cmos_line("cmos 2000-3-1 12:34:56"), None);
+    }
+
+    #[test]
+    fn hpet_reports_parse() {
+        let lines: Vec<String> = [
+            "hpet table id 0x80860701 base 0xfed00000 space 0 flags 0x1",
+            "hpet caps vendor 0x8086 revision 1 timers 8 counter 32-bit legacy no period 59604644 fs",
+            "hpet enabled, config 0x0 -> 0x1",
+            "hpet advertised 16777216 Hz, 16777000 Hz by pmtimer 16770000 Hz by pit over 200 ticks of 100 Hz",
+        ]
+        .map(String::from)
+        .to_vec();
+        let report = parse_hpet_report(&lines).unwrap();
+        assert_eq!(report.table_id, 0x8086_0701);
+        assert_eq!(report.base, 0xfed0_0000);
+        assert_eq!(
+            (report.vendor, report.timers, report.counter_bits),
+            (0x8086, 8, 32)
+        );
+        assert!(!report.legacy);
+        assert_eq!(report.period_fs, 59_604_644);
+        assert_eq!(report.advertised_hz, 16_777_216.0);
+        assert_eq!(report.by_pmtimer_hz, 16_777_000.0);
+        assert_eq!(report.by_pit_hz, 16_770_000.0);
+        assert_eq!(parse_hpet_report(&lines[..2]), None);
+        assert_eq!(
+            parse_hpet_irq(
+                "hpet irq pin 23 one-shot 1 after 2 ticks periodic 50 in 50 ticks of 100 Hz"
+            ),
+            Some((23, 1, 50, 50, 100))
+        );
+        assert_eq!(parse_hpet_irq("hpet irq: no route"), None);
     }
 }

@@ -302,6 +302,17 @@ impl Acpi {
         Some((t.u64_at(44)?, t.u16_at(52)?, t.u8_at(54)?, t.u8_at(55)?))
     }
 
+    /// The HPET table: hardware block id, the register block's address space and address,
+    /// and the page-protection flags.
+    pub fn hpet(&self) -> Option<(u32, Gas, u8)> {
+        let t = self.table(b"HPET")?;
+        let block = Gas {
+            space: t.u8_at(40)?,
+            address: t.u64_at(44)?,
+        };
+        Some((t.u32_at(36)?, block, t.u8_at(55)?))
+    }
+
     /// SLP_TYPa for S5 from the DSDT's `\_S5` package.
     pub fn s5_slp_typ(&self) -> Option<u8> {
         s5_from_dsdt(&self.dsdt?)

@@ -373,6 +373,7 @@ extern "C" {
     static irq_com1: u8;
     static irq_ignore: u8;
     static irq_sci: u8;
+    static irq_hpet: u8;
     static mut boot_gdt_tss: [u64; 2];
     static kernel_stack_top: u8;
     static user_stack_top: u8;
@@ -436,6 +437,8 @@ extern "C" fn kernel_main(info: u64, kind: u32) -> ! {
         idt.0[usize::from(PIC_VECTOR_BASE) + 4] = gate(core::ptr::addr_of!(irq_com1) as u64, 0);
         idt.0[usize::from(PIC_VECTOR_BASE + crate::power::SCI_IRQ)] =
             gate(core::ptr::addr_of!(irq_sci) as u64, 0);
+        idt.0[usize::from(crate::hpet::HPET_VECTOR)] =
+            gate(core::ptr::addr_of!(irq_hpet) as u64, 0);
         idt.0[SVC_VECTOR] = gate(core::ptr::addr_of!(svc_entry) as u64, 3);
         let idtr: [u16; 5] = {
             let base = core::ptr::addr_of!(IDT) as u64;

@@ -8,6 +8,7 @@ mod bootinfo;
 #[macro_use]
 mod console;
 mod acpi;
+mod hpet;
 mod pcicfg;
 mod platform;
 mod power;

@@ -1,8 +1,8 @@
-//! The platform commands: ACPI tables, PCI through ECAM and BAR sizing, the PM timer and the
-//! power controls. `run` returns false for a command that is not one of them.
+//! The platform commands: ACPI tables, PCI through ECAM and BAR sizing, the PM timer, the
+//! HPET and the power controls. `run` returns false for a command that is not one of them.
 
 use crate::pcicfg::{self, Access};
-use crate::{acpi, parse_u64, power};
+use crate::{acpi, hpet, parse_u64, power};
 
 pub fn run(command: &str, arg: Option<&str>, hz: u64) -> bool {
     match command {
@@ -13,6 +13,20 @@ pub fn run(command: &str, arg: Option<&str>, hz: u64) -> bool {
         "pmtimer" => match arg.map_or(Some(2000), parse_u64) {
             Some(ms) if (10..=60_000).contains(&ms) => power::pmtimer(hz, ms),
             _ => println!("usage: pmtimer [ms]  (10..60000, default 2000)"),
+        },
+        "hpet" => match arg {
+            Some("state") => hpet::state(),
+            Some("irq") => hpet::irq(hz),
+            Some(word) if word.starts_with("comparator=") => {
+                match parse_u64(&word["comparator=".len()..]).and_then(|v| u32::try_from(v).ok()) {
+                    Some(value) => hpet::set_comparator(value),
+                    None => println!("usage: hpet comparator=<u32>"),
+                }
+            }
+            _ => match arg.map_or(Some(2000), parse_u64) {
+                Some(ms) if (10..=60_000).contains(&ms) => hpet::measure(hz, ms),
+                _ => println!("usage: hpet [ms] | hpet state | hpet irq | hpet comparator=<u32>"),
+            },
         },
         "poweroff" => power::poweroff(),
         "reset" => power::reset(),
@@ -33,6 +47,10 @@ pub fn help() {
     println!("  bars                  size every BAR of every function on bus 0");
     println!("  acpi                  ACPI tables, checksums, FADT, DSDT, MADT, MCFG");
     println!("  pmtimer [ms]          measure the ACPI PM timer against the PIT");
+    println!("  hpet [ms]             enable the HPET and measure it against the PM timer");
+    println!("  hpet state            HPET configuration, counter and timer 0");
+    println!("  hpet irq              HPET timer 0 interrupts through the I/O APIC");
+    println!("  hpet comparator=<n>   set HPET timer 0's comparator");
     println!("  poweroff              ACPI S5 soft-off");
     println!("  reset                 reset through the FADT reset register");
     println!("  powerbutton           wait for an ACPI power-button press, then power off");

@@ -210,7 +210,7 @@ static WORK: AtomicBool = AtomicBool::new(false);
 /// APs halt (`cli; hlt`) when they see this: the `halt` command stops every CPU.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-fn lapic_read(reg: u64) -> u32 {
+pub fn lapic_read(reg: u64) -> u32 {
     // SAFETY: the LAPIC page is identity mapped, user accessible and uncached; `reg` is an
     // architectural register offset. Each CPU sees its own LAPIC at this address.
     unsafe { ((LAPIC_BASE + reg) as *const u32).read_volatile() }
