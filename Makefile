@@ -30,16 +30,17 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --workspace --all-targets $(SNAPSHOT_FEATURES) -- -D warnings
 
+# --no-fail-fast: one failing test binary does not hide the others; cargo still exits non-zero.
 test-default:
 	$(CARGO) build --workspace
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 test-snapshot:
 	$(CARGO) build --workspace $(SNAPSHOT_FEATURES)
 	# The snapshot tests also talk to a bhyve built without snapshots; build it before they run
 	# rather than while they run.
 	$(CARGO) build -p bhyve-rs --bin bhyve --target-dir target/e2e-without-snapshot
-	$(CARGO) test --workspace $(SNAPSHOT_FEATURES)
+	$(CARGO) test --workspace --no-fail-fast $(SNAPSHOT_FEATURES)
 
 check-freebsd:
 	rustup target add $(FREEBSD_TARGET)
