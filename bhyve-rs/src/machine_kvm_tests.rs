@@ -366,9 +366,12 @@ fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
     config.set("cpus", "2");
     // With snapshot support the VM listens on <rundir>/<name>.
     config.set("name", &format!("run-test-{}", std::process::id()));
-    config.set("rundir", std::env::temp_dir().to_str().unwrap());
+    // A run directory of its own: never the host's /var/run/bhyve or a shared one.
+    let rundir = std::env::temp_dir().join(format!("bhyve-rs-run-{}", std::process::id()));
+    config.set("rundir", rundir.to_str().unwrap());
     let status = run(&config, None);
     std::fs::remove_file(&path).ok();
+    std::fs::remove_dir_all(&rundir).ok();
     assert_eq!(status, 2);
 }
 

@@ -178,7 +178,7 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
 
     let mut restores = Vec::new();
     for (what, extra) in [("mapped", None), ("copied", Some("snapshot.restore=copy"))] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        let mut cmd = common::bhyve();
         cmd.arg("-r").arg(&file);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
         if let Some(option) = extra {

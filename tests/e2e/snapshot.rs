@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn resume(rundir: &Path, file: &Path) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(file);
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
     Console::spawn("bhyve -r", cmd)
@@ -202,7 +202,7 @@ fn snapshot_of_a_large_guest_stores_only_the_memory_it_touched() {
 
     // The eager restore reads everything stored before the guest runs: the contrast shows the
     // measure above means something.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(&file);
     cmd.args(["-o", "snapshot.restore=copy"]);
     cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
@@ -308,7 +308,7 @@ fn corrupted_or_truncated_snapshots_are_refused_with_one_line() {
     // A VM of the same name runs meanwhile: refused restores must leave it alone.
     let mut bystander = boot(&scratch.0, &name, "256M");
     for (bad, mentions) in &cases {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        let mut cmd = common::bhyve();
         cmd.arg("-r").arg(bad);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
         let (status, _out, err) = run_to_exit(cmd, COMMAND_TIMEOUT);
@@ -580,7 +580,7 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     ];
     for (what, file, args, expected) in restore_cases {
         let restored_name = format!("{name}-r");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        let mut cmd = common::bhyve();
         cmd.arg("-r").arg(file).args(args);
         cmd.args(["-l", "com1,stdio"]);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
@@ -596,7 +596,7 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     }
     // The same command line as at boot, with another console backend and a copy restore, is
     // accepted (shown by the restored guest answering).
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(&good);
     cmd.args(common::CONSOLE_MACHINE);
     cmd.args(["-l", "com1,stdio", "-o", "snapshot.restore=copy"]);
@@ -651,7 +651,7 @@ fn bhyvectl_says_clearly_that_a_bhyve_without_snapshots_does_not_answer() {
     assert_eq!(counter(&mut vm), 1);
 
     // Like FreeBSD's bhyve built without BHYVE_SNAPSHOT, it does not know -r.
-    let mut cmd = Command::new(bhyve_without_snapshots());
+    let mut cmd = common::bhyve_at(bhyve_without_snapshots());
     cmd.arg("-r").arg(&file).arg("other");
     let (status, _out, err) = run_to_exit(cmd, COMMAND_TIMEOUT);
     assert_ne!(status.code(), Some(0));
@@ -881,7 +881,7 @@ fn linux_guest_suspends_and_resumes_with_its_loop_and_tmpfs_data() {
     let (kernel, initrd) = linux_guest();
     let scratch = Scratch::new("linux");
     let name = vm_name();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args([
         "-c",
         "1",

@@ -149,7 +149,7 @@ fn at_rest(path: &Path) -> bool {
 }
 
 fn resume(rundir: &Path, name: &str, file: &Path) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(file);
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
     let console = Console::spawn("bhyve -r", cmd);
