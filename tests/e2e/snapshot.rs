@@ -255,6 +255,51 @@ fn failed_checkpoints_leave_the_vm_running_and_no_file_behind() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!scratch.path("x.snap").exists());
 
+    // Targets that are not regular files stay what they are.
+    use std::os::unix::fs::FileTypeExt;
+    let fifo = scratch.path("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let device = scratch.path("null");
+    let have_device = Command::new("mknod")
+        .arg(&device)
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    std::fs::write(scratch.path("notes.txt"), "notes").expect("notes");
+    let mut refused = vec![
+        (fifo.display().to_string(), "is a FIFO"),
+        (
+            format!("{}/.", scratch.path("notes.txt").display()),
+            "Not a directory",
+        ),
+        (
+            format!("{}/", scratch.path("notes.txt").display()),
+            "Not a directory",
+        ),
+    ];
+    if have_device {
+        refused.push((device.display().to_string(), "is a character device"));
+    }
+    for (target, why) in &refused {
+        let (code, err) = ctl(&scratch.0, &name, &[format!("--checkpoint={target}")]);
+        assert_ne!(code, 0, "{target}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(why), "{target}: {err}");
+    }
+    assert!(std::fs::symlink_metadata(&fifo)
+        .expect("FIFO kept")
+        .file_type()
+        .is_fifo());
+    if have_device {
+        let meta = std::fs::symlink_metadata(&device).expect("device kept");
+        assert!(meta.file_type().is_char_device());
+    }
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("notes.txt")).unwrap(),
+        "notes"
+    );
+
     assert_eq!(counter(&mut vm), 1);
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));

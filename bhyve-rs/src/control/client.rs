@@ -27,6 +27,12 @@ pub enum ClientError {
     BadVmName(String),
     #[error("'{0}' does not name a file")]
     BadFilename(PathBuf),
+    /// A target ending in `/` or `/.`: path resolution wants a directory there.
+    #[error("'{}': {}", path.display(), errno.desc())]
+    NotAFileName {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
     #[error("cannot open directory '{path}': {source}")]
     Directory { path: PathBuf, source: io::Error },
     #[error(
@@ -63,7 +69,24 @@ pub const DEFAULT_RUNDIR: &str = "/var/run/bhyve";
 
 /// Split `filename` as bhyvectl does with dirname(3)/basename(3): a bare name lives in the
 /// current directory.
+///
+/// A name ending in `/` or `/.` (which `Path` would quietly drop) names a directory, as POSIX
+/// path resolution reads it: ENOTDIR when what comes before is not one, EISDIR when it is.
 fn split_filename(filename: &Path) -> Result<(&Path, &std::ffi::OsStr), ClientError> {
+    let bytes = filename.as_os_str().as_bytes();
+    if bytes.ends_with(b"/") || bytes.ends_with(b"/.") {
+        let errno = match std::fs::metadata(filename) {
+            Ok(meta) if meta.is_dir() => nix::errno::Errno::EISDIR,
+            Ok(_) => nix::errno::Errno::ENOTDIR,
+            Err(e) => e
+                .raw_os_error()
+                .map_or(nix::errno::Errno::ENOTDIR, nix::errno::Errno::from_raw),
+        };
+        return Err(ClientError::NotAFileName {
+            path: filename.to_path_buf(),
+            errno,
+        });
+    }
     let base = filename
         .file_name()
         .ok_or_else(|| ClientError::BadFilename(filename.to_path_buf()))?;
@@ -255,4 +278,43 @@ fn check_freebsd_checkpoint(path: &Path) -> Result<(), String> {
         return Err("the FreeBSD .kern file is missing".to_string());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_ending_in_slash_or_slash_dot_names_a_directory() {
+        let dir = std::env::temp_dir().join(format!("bhyve-rs-client-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("notes.txt"), "notes").unwrap();
+        let refused = |name: &str| match split_filename(&dir.join(name)) {
+            Err(ClientError::NotAFileName { errno, .. }) => errno,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(refused("notes.txt/."), nix::errno::Errno::ENOTDIR);
+        assert_eq!(refused("notes.txt/"), nix::errno::Errno::ENOTDIR);
+        assert_eq!(refused("sub/."), nix::errno::Errno::EISDIR);
+        assert_eq!(refused("sub/"), nix::errno::Errno::EISDIR);
+        assert_eq!(refused("missing/."), nix::errno::Errno::ENOENT);
+        let message = split_filename(Path::new("/nonexistent-dir/notes.txt/."))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "'/nonexistent-dir/notes.txt/.': No such file or directory"
+        );
+        let notes = dir.join("notes.txt");
+        let (parent, base) = split_filename(&notes).unwrap();
+        assert_eq!(
+            (parent, base),
+            (dir.as_path(), std::ffi::OsStr::new("notes.txt"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "notes"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -3,7 +3,8 @@
 //! The file is written under a temporary name in the target directory and renamed to its final
 //! name only when complete and fsynced; the directory is fsynced after the rename. Until then an
 //! existing file with the final name is untouched, and on any error (or if the writer is dropped
-//! without `commit`) the temporary file is removed.
+//! without `commit`) the temporary file is removed. The rename only ever replaces a regular file:
+//! a device node, FIFO, socket, directory or symbolic link under the final name is refused.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,8 +14,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::AtFlags;
 use nix::fcntl::{open, openat, renameat, OFlag};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{fstatat, Mode, SFlag};
 use nix::unistd::{fsync, unlinkat, UnlinkatFlags};
 use serde::Serialize;
 
@@ -92,6 +94,7 @@ impl SnapshotWriter {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| SnapshotError::io("duplicate directory descriptor", e))?;
+        check_target(&dir, name)?;
         let pid = std::process::id();
         let mut last_error = None;
         // A stale temporary file of an earlier process with the same pid is not ours to remove;
@@ -402,6 +405,8 @@ impl SnapshotWriter {
             ));
         }
 
+        // Checked again: the target may have appeared while the file was written.
+        check_target(&self.dir, &self.name)?;
         renameat(
             &self.dir,
             self.temp_name.as_str(),
@@ -523,6 +528,36 @@ impl Drop for SnapshotWriter {
     }
 }
 
+/// The file `name` in `dir` must be absent or a regular file, looked at without following a
+/// final symbolic link: renaming the snapshot over anything else would replace a device node,
+/// FIFO, socket or link (or fail on a directory) instead of writing a snapshot.
+fn check_target(dir: &OwnedFd, name: &str) -> Result<(), SnapshotError> {
+    let stat = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(stat) => stat,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(errno) => {
+            return Err(SnapshotError::io(
+                &format!("look at '{}'", name.escape_default()),
+                errno.into(),
+            ))
+        }
+    };
+    let kind = match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => return Ok(()),
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFLNK => "a symbolic link",
+        _ => "not a regular file",
+    };
+    Err(SnapshotError::InvalidArgument(format!(
+        "'{}' exists and is {kind}; a snapshot only replaces a regular file",
+        name.escape_default()
+    )))
+}
+
 /// A snapshot name must be a single path component.
 fn check_file_name(name: &str) -> Result<(), SnapshotError> {
     if name.is_empty()
@@ -562,6 +597,106 @@ mod tests {
         let temp = temp_name_for(&long, u32::MAX, u32::MAX);
         assert!(temp.len() <= NAME_MAX);
         assert!(temp.starts_with('.'));
+    }
+
+    /// A directory under /tmp for one test, removed when it ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let path =
+                std::env::temp_dir().join(format!("bhyve-rs-writer-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).expect("scratch directory");
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn info() -> HeaderInfo {
+        HeaderInfo::this_build(super::super::Backend::Kvm)
+    }
+
+    /// A character device with /dev/null's numbers (Linux's 1, 3) at `path`.
+    #[cfg(target_os = "linux")]
+    fn make_null_device(path: &Path) -> nix::Result<()> {
+        let null = nix::sys::stat::makedev(1, 3);
+        nix::sys::stat::mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), null)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn make_null_device(_path: &Path) -> nix::Result<()> {
+        Err(nix::errno::Errno::EOPNOTSUPP)
+    }
+
+    fn finish(mut writer: SnapshotWriter) -> Result<(), SnapshotError> {
+        writer.add_config([("name", "vm1")]).expect("config");
+        writer.commit()
+    }
+
+    #[test]
+    fn only_a_regular_file_or_nothing_is_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let scratch = Scratch::new("targets");
+        let at = |name: &str| scratch.0.join(name);
+        nix::unistd::mkfifo(&at("fifo"), Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        std::fs::create_dir(at("dir")).expect("mkdir");
+        std::fs::write(at("notes.txt"), "notes").expect("regular file");
+        std::os::unix::fs::symlink(at("notes.txt"), at("link")).expect("symlink");
+        let mut refused = vec![
+            ("fifo", "a FIFO"),
+            ("dir", "a directory"),
+            ("link", "a symbolic link"),
+        ];
+        // The node of the report, where this process may make one.
+        let char_device = make_null_device(&at("null"));
+        if char_device.is_ok() {
+            refused.push(("null", "a character device"));
+        }
+        for &(name, kind) in &refused {
+            let err = SnapshotWriter::create(&at(name), info()).expect_err(name);
+            assert_eq!(
+                err.to_string(),
+                format!("'{name}' exists and is {kind}; a snapshot only replaces a regular file")
+            );
+        }
+        let meta = std::fs::symlink_metadata(at("fifo")).expect("FIFO still there");
+        assert!(meta.file_type().is_fifo());
+        assert!(std::fs::symlink_metadata(at("link")).unwrap().is_symlink());
+        if char_device.is_ok() {
+            let meta = std::fs::symlink_metadata(at("null")).unwrap();
+            assert!(meta.file_type().is_char_device());
+            assert_eq!(meta.len(), 0);
+        }
+        assert_eq!(std::fs::read_to_string(at("notes.txt")).unwrap(), "notes");
+        // Absent, or a regular file: written.
+        finish(SnapshotWriter::create(&at("new.snap"), info()).unwrap()).expect("absent target");
+        finish(SnapshotWriter::create(&at("notes.txt"), info()).unwrap()).expect("regular file");
+        assert!(std::fs::read(at("notes.txt"))
+            .unwrap()
+            .starts_with(b"BHYVSNAP"));
+    }
+
+    #[test]
+    fn a_node_that_appears_while_writing_is_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let scratch = Scratch::new("race");
+        let target = scratch.0.join("vm.snap");
+        let writer = SnapshotWriter::create(&target, info()).unwrap();
+        nix::unistd::mkfifo(&target, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let err = finish(writer).expect_err("FIFO replaced");
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        assert!(std::fs::symlink_metadata(&target)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // The temporary file went with the failed commit.
+        assert_eq!(std::fs::read_dir(&scratch.0).unwrap().count(), 1);
     }
 
     #[test]
