@@ -38,6 +38,7 @@ impl Scratch {
     fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("bhyve-rs-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create scratch directory");
+        common::writable_by_owner_only(&dir);
         Scratch(dir)
     }
     fn path(&self, name: &str) -> PathBuf {

@@ -597,6 +597,7 @@ fn forged_snapshots_are_refused_in_one_line_or_restored_never_a_panic_or_a_hang(
                 std::fs::write(&path, variant.image(&original)).expect("write a forged file");
                 let rundir = scratch.path(&format!("run-{index}"));
                 std::fs::create_dir_all(&rundir).expect("create a run directory");
+                common::writable_by_owner_only(&rundir);
                 let result = restore(&path, &rundir);
                 let _ = std::fs::remove_file(&path);
                 let _ = std::fs::remove_dir_all(&rundir);

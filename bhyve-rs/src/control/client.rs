@@ -49,6 +49,12 @@ pub enum ClientError {
     NotListening { name: String, path: PathBuf },
     #[error("cannot connect to {path}: {source}")]
     Connect { path: PathBuf, source: io::Error },
+    /// The listener is neither root nor the caller: not a bhyve to trust with a descriptor.
+    #[error(
+        "control socket {path} is served by uid {peer}, neither root nor this user \
+         (uid {user}): not sending it the directory"
+    )]
+    UntrustedPeer { path: PathBuf, peer: u32, user: u32 },
     #[error("cannot build the request: {0}")]
     Request(NvError),
     #[error("sending the request: {0}")]
@@ -148,6 +154,38 @@ fn connect(rundir: &Path, vmname: &str) -> Result<(UnixStream, PathBuf), ClientE
     }
 }
 
+/// User id of the process that listens at the other end of `stream`.
+#[cfg(target_os = "linux")]
+fn peer_uid(stream: &UnixStream) -> nix::Result<u32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|credentials| credentials.uid())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_uid(stream: &UnixStream) -> nix::Result<u32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::LocalPeerCred)
+        .map(|credentials| credentials.uid())
+}
+
+/// The directory descriptor gives whoever receives it the caller's access to the directory, so
+/// it goes only to a bhyve running as root or as the caller: a socket planted by someone else
+/// gets nothing.
+fn check_peer(stream: &UnixStream, path: &Path) -> Result<(), ClientError> {
+    let peer = peer_uid(stream).map_err(|errno| ClientError::Connect {
+        path: path.to_path_buf(),
+        source: errno.into(),
+    })?;
+    let user = nix::unistd::geteuid().as_raw();
+    if peer == 0 || peer == user {
+        return Ok(());
+    }
+    Err(ClientError::UntrustedPeer {
+        path: path.to_path_buf(),
+        peer,
+        user,
+    })
+}
+
 /// Ask the bhyve running `vmname` to write a snapshot to `filename` (relative paths resolve
 /// against the caller's working directory); with `suspend`, bhyve exits once it is durable.
 ///
@@ -161,6 +199,7 @@ pub fn request_checkpoint(
 ) -> Result<(), ClientError> {
     let (dir, _) = split_filename(filename)?;
     let (stream, path) = connect(rundir, vmname)?;
+    check_peer(&stream, &path)?;
     let before = FileStamp::of(filename);
     let request = checkpoint_request(filename, suspend, open_directory(dir)?)?;
     stream

@@ -30,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::nvlist::NvList;
@@ -72,6 +73,20 @@ pub enum ServerError {
     BadName(String),
     #[error("cannot create run directory {path}: {source}")]
     RunDir { path: PathBuf, source: io::Error },
+    #[error(
+        "run directory {path} belongs to uid {owner}, not to this user (uid {user}): \
+         refusing to put a control socket there"
+    )]
+    RunDirOwner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
+    #[error(
+        "run directory {path} can be written by other users (mode {mode:04o}): \
+         refusing to put a control socket there"
+    )]
+    RunDirWritable { path: PathBuf, mode: u32 },
     #[error("control socket path {0} is too long")]
     PathTooLong(PathBuf),
     #[error("another bhyve is already serving {0}")]
@@ -131,6 +146,45 @@ fn socket_error(path: &Path) -> impl FnOnce(io::Error) -> ServerError + '_ {
     }
 }
 
+/// The run directory must belong to this user and be writable by no one else: whoever can
+/// write it can move the socket away and plant a listener of their own, which bhyvectl would
+/// then hand a directory descriptor. A sticky bit does not help (the planter owns the entry).
+fn check_rundir(rundir: &Path) -> Result<(), ServerError> {
+    let meta = fs::metadata(rundir).map_err(|source| ServerError::RunDir {
+        path: rundir.to_path_buf(),
+        source,
+    })?;
+    let user = nix::unistd::geteuid().as_raw();
+    if meta.uid() != user {
+        return Err(ServerError::RunDirOwner {
+            path: rundir.to_path_buf(),
+            owner: meta.uid(),
+            user,
+        });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(ServerError::RunDirWritable {
+            path: rundir.to_path_buf(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// An exclusive lock on the run directory while a server checks for a live socket and puts its
+/// own in place: of bhyve processes starting together with one VM name, exactly one wins and
+/// the others find it answering.
+fn lock_rundir(rundir: &Path) -> Result<Flock<fs::File>, ServerError> {
+    let dir = fs::File::open(rundir).map_err(|source| ServerError::RunDir {
+        path: rundir.to_path_buf(),
+        source,
+    })?;
+    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, errno)| ServerError::RunDir {
+        path: rundir.to_path_buf(),
+        source: errno.into(),
+    })
+}
+
 /// Fail if a live server answers on `path`; a stale socket is left for the rename to replace.
 fn check_existing(path: &Path) -> Result<(), ServerError> {
     let meta = match fs::symlink_metadata(path) {
@@ -179,7 +233,8 @@ fn bind_private(rundir: &Path, path: &Path) -> Result<UnixListener, ServerError>
 
 impl ControlServer {
     /// Create `<rundir>/<vmname>` (and `rundir`, mode 0755, if missing) and serve it on a
-    /// thread. Refuses to take over the socket of a bhyve that still answers.
+    /// thread. Refuses a run directory another user owns or can write, and to take over the
+    /// socket of a bhyve that still answers.
     pub fn start(
         rundir: &Path,
         vmname: &str,
@@ -200,10 +255,14 @@ impl ControlServer {
         if path.as_os_str().len() > max_socket_path() {
             return Err(ServerError::PathTooLong(path));
         }
+        check_rundir(rundir)?;
+        let lock = lock_rundir(rundir)?;
         check_existing(&path)?;
         let listener = bind_private(rundir, &path)?;
         let identity = SocketIdentity::of(&path)
             .ok_or_else(|| socket_error(&path)(io::Error::from(io::ErrorKind::NotFound)))?;
+        // The socket listens: a later start sees it answer.
+        drop(lock);
         listener
             .set_nonblocking(true)
             .map_err(socket_error(&path))?;

@@ -151,8 +151,17 @@ pub fn own_rundir() -> &'static Path {
         let dir =
             Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("run-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("the test run directory");
+        writable_by_owner_only(&dir);
         dir
     })
+}
+
+/// bhyve refuses a run directory that others can write: a test's run directories are made
+/// 0755 whatever the umask.
+pub fn writable_by_owner_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the run directory");
 }
 
 /// The `bhyve` at `binary`, keeping its control socket in [`own_rundir`]; a later
