@@ -778,3 +778,55 @@ print("bytes", len(data), "fds", fds, flush=True)
     assert_eq!(line, "bytes 0 fds 0\n");
     assert!(planted.wait().unwrap().success());
 }
+
+#[test]
+fn requests_queued_behind_a_suspend_are_told_the_vm_is_suspending() {
+    let scratch = Scratch::new("queued");
+    let rundir = scratch.path("run");
+    let (tx, after) = channel();
+    let mock = Arc::new(MockBhyve {
+        result: Ok(()),
+        delay: Duration::from_millis(500),
+        seen: Mutex::new(Vec::new()),
+        after: Mutex::new(tx),
+    });
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    let suspend = {
+        let (rundir, file) = (rundir.clone(), scratch.path("suspended"));
+        std::thread::spawn(move || request_checkpoint(&rundir, "vm0", &file, true))
+    };
+    // Both connect while the suspend is being written; one never says anything.
+    std::thread::sleep(Duration::from_millis(150));
+    let silent = UnixStream::connect(server.path()).unwrap();
+    let queued: Vec<_> = (0..2)
+        .map(|n| {
+            let (rundir, file) = (rundir.clone(), scratch.path(&format!("queued{n}")));
+            std::thread::spawn(move || request_checkpoint(&rundir, "vm0", &file, false))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    suspend.join().unwrap().expect("the suspend succeeds");
+    for client in queued {
+        let err = client.join().unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "the VM is suspending");
+    }
+    let (suspended, result) = after
+        .recv_timeout(Duration::from_secs(5))
+        .expect("called back");
+    assert!(suspended && result.is_ok());
+    assert_eq!(mock.seen().len(), 1, "only the suspend was carried out");
+    assert!(!scratch.path("queued0").exists() && !scratch.path("queued1").exists());
+    // The silent connection is answered the same and closed, not kept.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let reply = nvlist_recv(&silent, RecvLimits::CONTROL).expect("a reply");
+    assert_eq!(
+        reply.get_string_bytes("error"),
+        Some(&b"the VM is suspending"[..])
+    );
+    let mut rest = Vec::new();
+    (&silent).read_to_end(&mut rest).expect("closed");
+    assert!(rest.is_empty());
+    drop(server);
+}

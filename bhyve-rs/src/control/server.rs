@@ -16,7 +16,8 @@
 //! holding up the others: a client that connects and stays silent delays nobody, and one
 //! that has started must finish its request within [`CLIENT_TIMEOUT`] of connecting.
 //! Unlike FreeBSD, which exits inside the handler, a successful suspend is answered first;
-//! then the socket is removed and [`ControlHandler::after_checkpoint_reply`] may exit.
+//! then the socket is removed, every request still queued is answered [`SUSPENDING`], and
+//! [`ControlHandler::after_checkpoint_reply`] may exit.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -39,6 +40,9 @@ use super::transport::{nvlist_recv_or_eof_before, nvlist_send, RecvLimits};
 /// How long a client may take from connecting to the end of its request, and to take each
 /// part of the reply.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The answer to requests that were queued behind a suspend that succeeded.
+pub const SUSPENDING: &str = "the VM is suspending";
 
 /// Connections still silent that are kept; past that, the oldest is closed.
 const MAX_SILENT_CLIENTS: usize = 16;
@@ -302,7 +306,9 @@ impl Drop for ControlServer {
 
 enum Flow {
     Continue,
-    Stop,
+    /// A suspend succeeded and its socket is gone: answer whoever still waits, then call
+    /// [`ControlHandler::after_checkpoint_reply`] and stop.
+    Suspended,
 }
 
 /// A connection that has not sent anything yet.
@@ -374,12 +380,20 @@ fn serve(
             .zip(ready)
             .partition(|(_, ready)| *ready);
         silent = still.into_iter().map(|(client, _)| client).collect();
-        for (mut client, _) in talking {
+        let mut talking = talking.into_iter().map(|(client, _)| client);
+        while let Some(mut client) = talking.next() {
             // Requests are carried out one at a time: a client's time runs from when its turn
             // comes, not from when it connected.
             client.deadline = client.deadline.max(Instant::now() + CLIENT_TIMEOUT);
             let flow = handle_connection(client, handler.as_ref(), &path, identity);
-            if let Flow::Stop = flow {
+            if let Flow::Suspended = flow {
+                let mut queued: Vec<Silent> = talking.collect();
+                queued.append(&mut silent);
+                accept_waiting(&listener, &mut queued, &path);
+                for client in queued {
+                    refuse_while_suspending(client);
+                }
+                handler.after_checkpoint_reply(true, &Ok(()));
                 return;
             }
         }
@@ -460,6 +474,25 @@ fn discard_input(mut stream: UnixStream) {
     }
 }
 
+/// Answer a connection that was waiting when the VM suspended: its request (if any arrives in
+/// time) is read and answered [`SUSPENDING`], so its client does not take the silence for a
+/// crash.
+fn refuse_while_suspending(client: Silent) {
+    let Silent { stream, deadline } = client;
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    // A client that has not sent its request yet gets a moment, not its full time.
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(1));
+    if let Ok(None) = nvlist_recv_or_eof_before(&stream, RecvLimits::CONTROL, deadline) {
+        return;
+    }
+    log::info!("control: refusing a request queued behind the suspend");
+    send_reply(&stream, &error_reply(SUSPENDING));
+    discard_input(stream);
+}
+
 fn handle_connection(
     client: Silent,
     handler: &dyn ControlHandler,
@@ -527,8 +560,7 @@ fn handle_connection(
     if suspend && result.is_ok() {
         // The VM is gone: nothing more to serve.
         identity.remove_if_ours(path);
-        handler.after_checkpoint_reply(suspend, &result);
-        return Flow::Stop;
+        return Flow::Suspended;
     }
     handler.after_checkpoint_reply(suspend, &result);
     Flow::Continue
