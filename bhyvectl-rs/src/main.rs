@@ -110,7 +110,11 @@ fn checkpoint(rundir: &Path, vm: &str, file: &Path, suspend: bool, progname: &st
     match bhyve::control::client::request_checkpoint(rundir, vm, file, suspend) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("{progname}: {e}");
+            // The message carries the file name and bhyve's words: one line whatever they hold.
+            eprintln!(
+                "{progname}: {}",
+                bhyve::logging::escape_controls(&e.to_string())
+            );
             1
         }
     }
@@ -124,7 +128,8 @@ fn inspect_snapshot(path: &Path, progname: &str) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("{progname}: {}: {e}", path.display());
+            let message = format!("{}: {e}", path.display());
+            eprintln!("{progname}: {}", bhyve::logging::escape_controls(&message));
             1
         }
     }

@@ -66,3 +66,18 @@ fn checkpoint_request_failure_is_reported() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("bhyvectl: "));
 }
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_file_name_with_a_newline_stays_on_one_error_line() {
+    let dir = std::env::temp_dir().join("bhyvectl-no-such-rundir");
+    let rundir = format!("--rundir={}", dir.display());
+    let forged = "/nonexistent-bhyvectl-dir/x\nbhyvectl: checkpoint done/.";
+    let out = bhyvectl(&["--vm=x", &rundir, &format!("--checkpoint={forged}")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "bhyvectl: '/nonexistent-bhyvectl-dir/x\\nbhyvectl: checkpoint done/.': \
+         No such file or directory\n"
+    );
+}

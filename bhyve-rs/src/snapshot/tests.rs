@@ -1106,3 +1106,37 @@ fn payload_errors_are_told_in_words() {
     let err = decode_section::<bool>(&not_bool).unwrap_err().to_string();
     assert!(err.contains("not a truth value"), "{err}");
 }
+
+#[test]
+fn every_damaged_payload_is_told_in_words_without_type_names() {
+    // The case of the report: the marker byte 255 where a 32-bit integer belongs.
+    let err = decode_section::<u32>(&[255]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "cannot decode section payload: a reserved integer marker where a 32-bit unsigned \
+         integer belongs"
+    );
+    // Every single-byte change and every cut of a real device state: whatever fails, fails
+    // in words, never in the decoder's Debug text.
+    let payload = encode_section(&uart()).expect("encode");
+    let mut damaged: Vec<Vec<u8>> = (0..payload.len()).map(|n| payload[..n].to_vec()).collect();
+    for at in 0..payload.len() {
+        for byte in [0, 1, 0x7f, 0x80, 0xfb, 0xfc, 0xfd, 0xfe, 0xff] {
+            let mut copy = payload.clone();
+            copy[at] = byte;
+            damaged.push(copy);
+        }
+    }
+    let mut errors = 0;
+    for bytes in &damaged {
+        if let Err(e) = decode_section::<UartState>(bytes) {
+            errors += 1;
+            let text = e.to_string();
+            assert!(
+                !text.contains(['{', '}', '(', ')']) && !text.contains("::"),
+                "{bytes:?}: {text}"
+            );
+        }
+    }
+    assert!(errors > payload.len(), "only {errors} errors");
+}
