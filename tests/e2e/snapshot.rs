@@ -659,6 +659,19 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     copy.send_line("halt");
     assert_eq!(copy.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 
+    // Only host-side settings (the console's backend, the run directory): the snapshot
+    // supplies the machine.
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&good);
+    cmd.args(["-l", "com1,stdio"]);
+    cmd.arg("-o")
+        .arg(format!("rundir={}", scratch.path("run3").display()));
+    cmd.arg(format!("{name}-host"));
+    let mut host_side = Console::spawn("bhyve -r -l", cmd);
+    assert_eq!(counter(&mut host_side), 3, "{}", host_side.stderr());
+    host_side.send_line("halt");
+    assert_eq!(host_side.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+
     // The original VM took none of it amiss.
     assert_eq!(counter(&mut vm), 3);
     let stray: Vec<String> = listing(&scratch.0)
