@@ -736,13 +736,22 @@ fn bhyvectl_fails_when_bhyve_dies_while_saving() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run bhyvectl");
-    // Kill bhyve as soon as its temporary file appears.
+    // Kill bhyve as soon as it has a file open in the directory: the snapshot being written,
+    // unnamed (shown as "#inode (deleted)") or under a temporary name.
     let deadline = Instant::now() + SAVE_TIMEOUT;
-    while !listing(&scratch.0)
-        .iter()
-        .any(|n| n.starts_with(".big.snap.tmp"))
-    {
-        assert!(Instant::now() < deadline, "no temporary file appeared");
+    let fds = format!("/proc/{}/fd", vm.pid());
+    let writing = || {
+        std::fs::read_dir(&fds).into_iter().flatten().any(|fd| {
+            fd.ok()
+                .and_then(|fd| std::fs::read_link(fd.path()).ok())
+                .is_some_and(|target| target.starts_with(&scratch.0) && target != scratch.0)
+        })
+    };
+    while !writing() {
+        assert!(
+            Instant::now() < deadline,
+            "bhyve never opened a file to save into"
+        );
         assert!(
             !file.exists(),
             "the save finished before it could be interrupted"
@@ -761,6 +770,13 @@ fn bhyvectl_fails_when_bhyve_dies_while_saving() {
     assert_one_line_failure("bhyve killed mid-save", status.code().unwrap_or(-1), &err);
     assert!(err.contains("without a reply"), "{err}");
     assert!(!file.exists());
+    // Nothing of the unfinished snapshot is left: it never had a name (or a later writer of
+    // the same file removes the dead one's temporary file).
+    let left: Vec<String> = listing(&scratch.0)
+        .into_iter()
+        .filter(|n| n.contains("big.snap"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// One line of the vendored libnv vector manifest.
@@ -1006,4 +1022,30 @@ fn linux_guest_suspends_and_resumes_with_its_loop_and_tmpfs_data() {
         digest(&sum),
         "tmpfs data changed across suspend/resume"
     );
+}
+
+#[test]
+fn sigint_and_sighup_end_bhyve_without_leaving_its_socket() {
+    use std::os::unix::process::ExitStatusExt;
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("signals");
+    for (signal, number) in [("INT", libc::SIGINT), ("HUP", libc::SIGHUP)] {
+        let name = vm_name();
+        let mut vm = boot(&scratch.0, &name, "256M");
+        assert!(scratch.path(&name).exists(), "control socket");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &vm.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let status = vm.wait_exit(COMMAND_TIMEOUT);
+        // As FreeBSD's bhyve: it dies of the signal.
+        assert_eq!(status.signal(), Some(number), "SIG{signal}: {status}");
+        assert!(
+            !scratch.path(&name).exists(),
+            "SIG{signal} left the control socket behind"
+        );
+    }
 }

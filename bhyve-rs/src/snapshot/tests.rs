@@ -875,7 +875,10 @@ fn failed_commit_leaves_existing_file_untouched_and_no_temporary_file() {
 #[test]
 fn abandoned_writer_removes_its_temporary_file() {
     let dir = TempDir::new("abandon");
-    let mut writer = SnapshotWriter::create(&dir.path("vm.ckp"), info()).expect("create");
+    // The named temporary file of systems without O_TMPFILE.
+    let dir_file = File::open(&dir.0).expect("open directory");
+    let mut writer =
+        SnapshotWriter::create_in_with(&dir_file, "vm.ckp", info(), false).expect("create");
     writer.add_config(CONFIG).expect("config");
     assert_eq!(
         dir.entries().len(),
