@@ -441,6 +441,14 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
         }
     }
     let reason = machine.wait();
+    // A guest whose mapped snapshot file was cut short under it stops on the first page it
+    // cannot have: say so rather than report a triple fault.
+    #[cfg(feature = "bhyve_snapshot")]
+    if matches!(reason, ExitReason::TripleFault | ExitReason::Error(_))
+        && crate::snapshot::mapped::report_damage()
+    {
+        return FAILED;
+    }
     if let ExitReason::Error(message) = &reason {
         eprintln!("bhyve: {message}");
     }

@@ -1049,3 +1049,59 @@ fn sigint_and_sighup_end_bhyve_without_leaving_its_socket() {
         );
     }
 }
+
+#[test]
+fn a_mapped_snapshot_cut_short_under_the_running_guest_stops_it_with_one_line() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("cut");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    let fill = vm.command_line("memfill 16 77");
+    let file = scratch.path("vm.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let mut restored = resume(&scratch.0, &file);
+    assert_eq!(counter(&mut restored), 1);
+    // The file the guest's memory is mapped from loses its RAM.
+    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    cut.set_len(4096).unwrap();
+    // The guest may stop on its own first (its timer touches memory too).
+    let _ = restored.try_send("memsum 16\n");
+    let status = restored.wait_exit(COMMAND_TIMEOUT);
+    let err = restored.stderr();
+    assert_eq!(status.code(), Some(4), "{status}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("bhyve: guest memory") && err.contains(&file.display().to_string()),
+        "{err}"
+    );
+
+    // bhyve's own access to such a page (a checkpoint reads all guest memory) takes SIGBUS:
+    // the same one line and status 4, not death by the signal.
+    let file = scratch.path("vm2.snap");
+    let mut vm = boot(&scratch.0, &name, "256M");
+    assert_eq!(vm.command_line("memfill 16 78").len(), fill.len());
+    suspend(&scratch, &name, &mut vm, &file);
+    let mut restored = resume(&scratch.0, &file);
+    assert_eq!(counter(&mut restored), 1);
+    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    cut.set_len(4096).unwrap();
+    let (code, ctl_err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!(
+            "--checkpoint={}",
+            scratch.path("again.snap").display()
+        )],
+    );
+    assert_ne!(code, 0, "{ctl_err}");
+    let status = restored.wait_exit(COMMAND_TIMEOUT);
+    let err = restored.stderr();
+    assert_eq!(status.code(), Some(4), "{status}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("bhyve: guest memory is mapped from"),
+        "{err}"
+    );
+}

@@ -9,6 +9,7 @@
 pub mod cmdline;
 mod format;
 mod inspect;
+pub mod mapped;
 mod ram;
 mod reader;
 pub mod vm;

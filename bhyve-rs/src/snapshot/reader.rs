@@ -417,6 +417,11 @@ impl SnapshotReader {
     }
 
     /// Logical size of the file.
+    /// The open snapshot file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
