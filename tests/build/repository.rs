@@ -116,3 +116,77 @@ fn every_bhyve_a_test_starts_has_a_run_directory_of_its_own() {
         offenders.join("\n")
     );
 }
+
+/// The commands `make -n` prints for `args`.
+fn dry_run(args: &[&str]) -> Vec<String> {
+    let out = Command::new("make")
+        .arg("-n")
+        .arg("-C")
+        .arg(repo_root())
+        .args(args)
+        .output()
+        .expect("make runs");
+    assert!(out.status.success(), "make -n {args:?} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A release build without snapshots after `make demo` (or `make WITH_BHYVE_SNAPSHOT=yes`)
+/// used to overwrite the snapshot-enabled binaries, turning `bhyve -r` into an illegal option:
+/// every release build with snapshots goes to its own target directory, every one without
+/// stays out of it, and the demo and install take the binaries from where they were built.
+#[test]
+fn release_builds_with_and_without_snapshots_never_share_binaries() {
+    if Command::new("make").arg("--version").output().is_err() {
+        eprintln!("NOTICE: skipped, no make on this host");
+        return;
+    }
+    let snapshot_dir = "--target-dir target/snapshot";
+    let release_builds = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l.contains(" build --release") || l.contains(" test --release"))
+            .cloned()
+            .collect()
+    };
+    for args in [
+        &["demo"][..],
+        &["bench"],
+        &["build", "WITH_BHYVE_SNAPSHOT=yes"],
+    ] {
+        let builds = release_builds(&dry_run(args));
+        assert!(!builds.is_empty(), "make {args:?} builds nothing");
+        for build in builds {
+            assert!(build.contains("bhyve_snapshot"), "make {args:?}: {build}");
+            assert!(build.contains(snapshot_dir), "make {args:?}: {build}");
+        }
+    }
+    for build in release_builds(&dry_run(&["build"])) {
+        assert!(!build.contains("target/snapshot"), "make build: {build}");
+        assert!(!build.contains("bhyve_snapshot"), "make build: {build}");
+    }
+    let demo = dry_run(&["demo"]);
+    assert!(
+        demo.iter()
+            .any(|l| l.contains("BHYVE_BIN_DIR=target/snapshot/release") && l.contains("demo.sh")),
+        "{demo:?}"
+    );
+    let demo_script = std::fs::read_to_string(repo_root().join("tests/demo.sh")).unwrap();
+    assert!(demo_script.contains("${BHYVE_BIN_DIR:-target/snapshot/release}"));
+    let install = dry_run(&["install", "WITH_BHYVE_SNAPSHOT=yes", "DESTDIR=/nonexistent"]);
+    assert!(
+        install
+            .iter()
+            .any(|l| l.contains("target/snapshot/release/bhyve target/snapshot/release/bhyvectl")),
+        "{install:?}"
+    );
+    let install = dry_run(&["install", "DESTDIR=/nonexistent"]);
+    assert!(
+        install
+            .iter()
+            .any(|l| l.contains("target/release/bhyve target/release/bhyvectl")),
+        "{install:?}"
+    );
+}
