@@ -401,3 +401,52 @@ fn cpu_lines_parse() {
     assert_eq!(report.source, "leaf 0x8000001e");
     assert_eq!(parse_cpu_line("cpus 4 online"), None);
 }
+
+/// Runs the console guest under QEMU with CPU model `cpu` and `-smp smp`, returning `cpus`.
+fn qemu_cpus(cpu: &str, smp: &str, expected: usize) -> Option<Vec<CpuReport>> {
+    let qemu = qemu_binary()?;
+    let mut cmd = qemu_command(&qemu, guest::console_guest(), "");
+    cmd.args(["-cpu", cpu, "-smp", smp]);
+    let mut vm = Console::spawn("qemu", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    Some(cpus(&mut vm, expected))
+}
+
+/// QEMU as the reference for the guest's reading of AMD's topology leaves, whatever this host's
+/// vendor is: an EPYC with leaf 0xB turned off, so the guest must take the cores from NC of
+/// 0x8000_0008. (QEMU's TCG offers no TopoExt, so 0x8000_001E is checked on AMD hosts only.)
+#[test]
+fn qemu_amd_topology_leaves_read_as_qemu_defines_them() {
+    let Some(reports) = qemu_cpus("EPYC,cpuid-0xb=off", "4,sockets=2,cores=2,threads=1", 4) else {
+        return;
+    };
+    let seen: BTreeSet<_> = reports
+        .iter()
+        .map(|r| (r.apic, r.package, r.core, r.thread))
+        .collect();
+    assert_eq!(seen, expected_topology(4, 2, 1), "{reports:?}");
+    for r in &reports {
+        assert_eq!(r.source, "leaf 0x80000008", "{r:?}");
+        assert_eq!(r.amd_nc.map(|(nc, _)| nc), Some(1), "{r:?}");
+        assert_eq!(r.leaf1_logical, 2, "{r:?}");
+    }
+}
+
+/// The same for Intel's leaves: 0xB for the ids, leaf 4 for the cores.
+#[test]
+fn qemu_intel_topology_leaves_read_as_qemu_defines_them() {
+    let Some(reports) = qemu_cpus("Skylake-Client", "4,sockets=1,cores=2,threads=2", 4) else {
+        return;
+    };
+    let seen: BTreeSet<_> = reports
+        .iter()
+        .map(|r| (r.apic, r.package, r.core, r.thread))
+        .collect();
+    assert_eq!(seen, expected_topology(4, 2, 2), "{reports:?}");
+    for r in &reports {
+        assert_eq!(r.source, "leaf 0xb", "{r:?}");
+        assert_eq!((r.leaf4_cores, r.leaf1_logical), (2, 4), "{r:?}");
+        assert_eq!(r.amd_nc, None, "{r:?}");
+    }
+}

@@ -484,6 +484,19 @@ fn topology(cpu: &Cpu) -> (u32, u32, u32, &'static str) {
             package_shift,
             "leaf 0x8000001e",
         )
+    } else if cpu.amd.load(Ordering::Relaxed) {
+        // AMD without TopoExt: NC + 1 cores per package, each of them one logical CPU.
+        let ecx = cpu.amd_ecx_8.load(Ordering::Relaxed);
+        let package_shift = match (ecx >> 12) & 0xf {
+            0 => log2_ceil((ecx & 0xff) + 1),
+            size => size,
+        };
+        (
+            cpu.leaf1_ebx.load(Ordering::Relaxed) >> 24,
+            0,
+            package_shift,
+            "leaf 0x80000008",
+        )
     } else {
         // Leaf 1 gives the logical processors per package (with HTT), leaf 4 the cores.
         let ebx = cpu.leaf1_ebx.load(Ordering::Relaxed);
