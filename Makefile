@@ -8,8 +8,15 @@ MANDIR   ?= $(PREFIX)/share/man
 FREEBSD_TARGET := x86_64-unknown-freebsd
 
 SNAPSHOT_FEATURES := --features bhyve-rs/bhyve_snapshot,bhyvectl-rs/bhyve_snapshot
+# Release binaries with snapshots live in their own target directory, so a build without them
+# (`make`, `cargo build --release`) never replaces the ones `make demo` or
+# `make WITH_BHYVE_SNAPSHOT=yes` made, and `bhyve -r` does not become an illegal option.
+SNAPSHOT_TARGET_DIR := target/snapshot
 ifneq ($(filter yes YES true 1,$(WITH_BHYVE_SNAPSHOT)),)
-FEATURES := $(SNAPSHOT_FEATURES)
+FEATURES := $(SNAPSHOT_FEATURES) --target-dir $(SNAPSHOT_TARGET_DIR)
+RELEASE_DIR := $(SNAPSHOT_TARGET_DIR)/release
+else
+RELEASE_DIR := target/release
 endif
 
 MANPAGES := $(wildcard man/*.[1-9])
@@ -30,16 +37,17 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --workspace --all-targets $(SNAPSHOT_FEATURES) -- -D warnings
 
+# --no-fail-fast: one failing test binary does not hide the others; cargo still exits non-zero.
 test-default:
 	$(CARGO) build --workspace
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 test-snapshot:
 	$(CARGO) build --workspace $(SNAPSHOT_FEATURES)
 	# The snapshot tests also talk to a bhyve built without snapshots; build it before they run
 	# rather than while they run.
 	$(CARGO) build -p bhyve-rs --bin bhyve --target-dir target/e2e-without-snapshot
-	$(CARGO) test --workspace $(SNAPSHOT_FEATURES)
+	$(CARGO) test --workspace --no-fail-fast $(SNAPSHOT_FEATURES)
 
 check-freebsd:
 	rustup target add $(FREEBSD_TARGET)
@@ -51,7 +59,7 @@ lint-man:
 
 install: build
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8
-	install -m 0755 target/release/bhyve target/release/bhyvectl $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(RELEASE_DIR)/bhyve $(RELEASE_DIR)/bhyvectl $(DESTDIR)$(BINDIR)/
 	for page in $(MANPAGES); do \
 		section=$${page##*.}; \
 		install -m 0644 $$page $(DESTDIR)$(MANDIR)/man$$section/; \
@@ -59,14 +67,15 @@ install: build
 
 # The demo shows snapshots, so it always builds them in.
 demo:
-	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES)
-	bash tests/demo.sh
+	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES) --target-dir $(SNAPSHOT_TARGET_DIR)
+	BHYVE_BIN_DIR=$(SNAPSHOT_TARGET_DIR)/release bash tests/demo.sh
 
 # Snapshot save/restore figures, bhyve-rs and QEMU on the same guest; an ignored test, so
 # `make test` never runs it. The table is also left in target/bench/snapshot.txt.
 bench:
-	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES)
-	$(CARGO) test --release -p bhyve-rs --features bhyve_snapshot --test e2e_bench -- \
+	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES) --target-dir $(SNAPSHOT_TARGET_DIR)
+	$(CARGO) test --release -p bhyve-rs --features bhyve_snapshot --target-dir $(SNAPSHOT_TARGET_DIR) \
+		--test e2e_bench -- \
 		--ignored --nocapture --test-threads=1
 
 clean:

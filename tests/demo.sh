@@ -7,8 +7,10 @@
 # used instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bhyve=target/release/bhyve
-bhyvectl=target/release/bhyvectl
+# The Makefile keeps release binaries with snapshots apart from those without.
+bin_dir=${BHYVE_BIN_DIR:-target/snapshot/release}
+bhyve=$bin_dir/bhyve
+bhyvectl=$bin_dir/bhyvectl
 for tool in "$bhyve" "$bhyvectl"; do
     [ -x "$tool" ] || { echo "demo: $tool is missing; run make demo" >&2; exit 1; }
 done

@@ -397,6 +397,14 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
         }
     }
     let reason = machine.wait();
+    // A guest whose mapped snapshot file was cut short under it stops on the first page it
+    // cannot have: say so rather than report a triple fault.
+    #[cfg(feature = "bhyve_snapshot")]
+    if matches!(reason, ExitReason::TripleFault | ExitReason::Error(_))
+        && crate::snapshot::mapped::report_damage()
+    {
+        return FAILED;
+    }
     if let ExitReason::Error(message) = &reason {
         eprintln!("bhyve: {message}");
     }
@@ -406,7 +414,8 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
 
 /// SIGTERM as bhyve handles it: once the guest has switched ACPI on, it presses the power
 /// button so the guest shuts down cleanly (and bhyve exits 1 when it powers off); before that,
-/// it ends the VM.
+/// it ends the VM. SIGINT and SIGHUP end bhyve as they end FreeBSD's, but only once the VM is
+/// torn down, so the terminal and the control socket are not left behind.
 mod termination {
     use std::sync::{Arc, Mutex};
 
@@ -418,6 +427,8 @@ mod termination {
     fn sigterm() -> SigSet {
         let mut set = SigSet::empty();
         set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set.add(Signal::SIGHUP);
         set
     }
 
@@ -435,6 +446,10 @@ mod termination {
                 let set = sigterm();
                 // Each SIGTERM is one press; repeated ones are harmless.
                 while let Ok(signal) = set.wait() {
+                    if signal != Signal::SIGTERM {
+                        control.request_exit(ExitReason::Signalled(signal as i32));
+                        continue;
+                    }
                     let devices = devices.lock().unwrap_or_else(|e| e.into_inner());
                     match devices.power_management() {
                         Some(pm) => {

@@ -147,9 +147,17 @@ fn guest_cpuid_reports_topology_and_kvm_signature() {
     code.extend(MOV_DX_COM1);
     code.extend([0xc1, 0xe8, 0x10, OUT_DX_AL]); // shr eax, 16; out (logical CPUs per package)
     code.extend([0xc1, 0xe8, 0x08, OUT_DX_AL]); // shr eax, 8; out (APIC id)
-    code.extend([0xb8, 0x0b, 0x00, 0x00, 0x00]); // mov eax, 0xb
-    code.extend([0xb9, 0x01, 0x00, 0x00, 0x00]); // mov ecx, 1
-    code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+                                                // The package's logical CPUs in the topology leaf of the host's vendor: leaf 0xB subleaf 1
+                                                // EBX on Intel, 0x8000_0008 ECX (NC, one less) on AMD, where leaf 0xB reads as zero.
+    let amd = host_is_amd();
+    if amd {
+        code.extend([0xb8, 0x08, 0x00, 0x00, 0x80]); // mov eax, 0x80000008
+        code.extend([0x0f, 0xa2, 0x89, 0xc8]); // cpuid; mov eax, ecx
+    } else {
+        code.extend([0xb8, 0x0b, 0x00, 0x00, 0x00]); // mov eax, 0xb
+        code.extend([0xb9, 0x01, 0x00, 0x00, 0x00]); // mov ecx, 1
+        code.extend([0x0f, 0xa2, 0x89, 0xd8]); // cpuid; mov eax, ebx
+    }
     code.extend(MOV_DX_COM1);
     code.push(OUT_DX_AL);
     code.extend([0xb8, 0x00, 0x00, 0x00, 0x40]); // mov eax, 0x40000000
@@ -170,7 +178,19 @@ fn guest_cpuid_reports_topology_and_kvm_signature() {
         run_to_end(&machine, false, Duration::from_secs(30)),
         ExitReason::Halt
     );
-    assert_eq!(bytes_written(&com1), [4, 0, 4, b'K', b'V', b'M', b'K']);
+    let package = if amd { 3 } else { 4 };
+    assert_eq!(
+        bytes_written(&com1),
+        [4, 0, package, b'K', b'V', b'M', b'K']
+    );
+}
+
+/// Whether this host's CPU is AMD's (or Hygon's): its topology leaves are AMD's.
+fn host_is_amd() -> bool {
+    #[allow(unused_unsafe)] // `__cpuid` is safe in newer compilers
+    // SAFETY: CPUID exists on every x86-64 CPU.
+    let leaf0 = unsafe { std::arch::x86_64::__cpuid(0) };
+    [*b"Auth", *b"Hygo"].contains(&leaf0.ebx.to_le_bytes())
 }
 
 #[test]
@@ -359,9 +379,12 @@ fn run_boots_an_elf_kernel_file_and_returns_bhyve_status() {
     config.set("cpus", "2");
     // With snapshot support the VM listens on <rundir>/<name>.
     config.set("name", &format!("run-test-{}", std::process::id()));
-    config.set("rundir", std::env::temp_dir().to_str().unwrap());
+    // A run directory of its own: never the host's /var/run/bhyve or a shared one.
+    let rundir = std::env::temp_dir().join(format!("bhyve-rs-run-{}", std::process::id()));
+    config.set("rundir", rundir.to_str().unwrap());
     let status = run(&config, None);
     std::fs::remove_file(&path).ok();
+    std::fs::remove_dir_all(&rundir).ok();
     assert_eq!(status, 2);
 }
 

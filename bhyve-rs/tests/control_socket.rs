@@ -34,6 +34,7 @@ impl Scratch {
         let dir = std::env::temp_dir().join(format!("bhyve-ctl-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
+        common::writable_by_owner_only(&dir);
         Scratch(dir)
     }
 
@@ -370,6 +371,7 @@ fn client_errors_say_what_is_wrong() {
     let scratch = Scratch::new("clienterr");
     let rundir = scratch.path("run");
     std::fs::create_dir(&rundir).unwrap();
+    common::writable_by_owner_only(&rundir);
     let err = request_checkpoint(&rundir, "ghost", &scratch.path("snap"), false).unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -387,10 +389,9 @@ fn client_errors_say_what_is_wrong() {
     let _server = ControlServer::start(&rundir, "vm0", mock).expect("start");
     let err = request_checkpoint(&rundir, "vm0", &scratch.path("missing/snap"), false).unwrap_err();
     assert!(matches!(err, ClientError::Directory { .. }), "{err}");
-    assert!(matches!(
-        request_checkpoint(&rundir, "vm0", Path::new("/"), false),
-        Err(ClientError::BadFilename(_))
-    ));
+    // "/" (like anything ending in "/") names a directory, never a snapshot file.
+    let err = request_checkpoint(&rundir, "vm0", Path::new("/"), false).unwrap_err();
+    assert_eq!(err.to_string(), "'/': Is a directory");
 }
 
 /// A fake FreeBSD bhyve: accept one connection, capture every byte and descriptor the client
@@ -624,4 +625,208 @@ fn silent_clients_hold_up_no_one() {
     drop(silent);
     request_checkpoint(&rundir, "vm0", &snapdir.join("again"), false).expect("checkpoint");
     assert_eq!(mock.seen().len(), 2);
+}
+
+#[test]
+fn of_servers_started_together_for_one_name_exactly_one_wins() {
+    const TRIALS: usize = 20;
+    const STARTERS: usize = 6;
+    let scratch = Scratch::new("race");
+    let rundir = scratch.path("run");
+    std::fs::create_dir_all(&rundir).unwrap();
+    common::writable_by_owner_only(&rundir);
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    for trial in 0..TRIALS {
+        let name = format!("vm{trial}");
+        let start = Arc::new(std::sync::Barrier::new(STARTERS));
+        let starters: Vec<_> = (0..STARTERS)
+            .map(|_| {
+                let (rundir, name, mock, start) =
+                    (rundir.clone(), name.clone(), mock.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    ControlServer::start(&rundir, &name, mock)
+                })
+            })
+            .collect();
+        let results: Vec<_> = starters.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(
+            winners, 1,
+            "trial {trial}: {winners} servers run for {name}"
+        );
+        for result in &results {
+            if let Err(err) = result {
+                assert!(matches!(err, ServerError::AlreadyRunning(_)), "{err}");
+            }
+        }
+        // The winner is the one that answers.
+        request_checkpoint(&rundir, &name, &scratch.path("snap"), false).expect("winner serves");
+    }
+}
+
+#[test]
+fn a_run_directory_another_user_owns_or_can_write_is_refused() {
+    let scratch = Scratch::new("rundir");
+    let (mock, _after) = MockBhyve::new(Ok(()));
+    for mode in [0o777, 0o1777, 0o775, 0o757] {
+        let rundir = scratch.path(&format!("run{mode:o}"));
+        std::fs::create_dir(&rundir).unwrap();
+        std::fs::set_permissions(&rundir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = ControlServer::start(&rundir, "vm0", mock.clone())
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "run directory {} can be written by other users (mode {mode:04o}): \
+                 refusing to put a control socket there",
+                rundir.display()
+            )
+        );
+        assert!(!rundir.join("vm0").exists());
+    }
+    let own = scratch.path("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let server = ControlServer::start(&own, "vm0", mock.clone()).expect("own 0700 directory");
+    drop(server);
+
+    if !nix::unistd::geteuid().is_root() {
+        common::notice("not root: cannot give a run directory to another user");
+        return;
+    }
+    let theirs = scratch.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = ControlServer::start(&theirs, "vm0", mock)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            ServerError::RunDirOwner {
+                owner: 65534,
+                user: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// bhyvectl run as root, and a listener planted by user 65534 (as the one who could write the
+/// run directory would): the request fails before any byte, descriptor included, is sent.
+#[test]
+fn bhyvectl_sends_nothing_to_a_listener_of_another_user() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        common::notice("not root: cannot start a listener as another user");
+        return;
+    }
+    let scratch = Scratch::new("planted");
+    let rundir = scratch.path("run");
+    std::fs::create_dir(&rundir).unwrap();
+    std::fs::set_permissions(&rundir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&scratch.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The planted listener reports how many bytes and descriptors reached it.
+    let script = r#"
+import array, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(1); print("ready", flush=True)
+s.settimeout(20); c, _ = s.accept(); c.settimeout(20)
+data, fds = b"", 0
+while True:
+    msg, anc, _, _ = c.recvmsg(4096, socket.CMSG_SPACE(64))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += len(payload) // 4
+    if not msg: break
+    data += msg
+print("bytes", len(data), "fds", fds, flush=True)
+"#;
+    let mut planted = match std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(rundir.join("vm0"))
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            common::notice(&format!("no python3 to plant a listener with: {e}"));
+            return;
+        }
+    };
+    let mut out = std::io::BufReader::new(planted.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let err = request_checkpoint(&rundir, "vm0", &scratch.path("private.ckp"), false).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "control socket {} is served by uid 65534, neither root nor this user (uid 0): \
+             not sending it the directory",
+            rundir.join("vm0").display()
+        )
+    );
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "bytes 0 fds 0\n");
+    assert!(planted.wait().unwrap().success());
+}
+
+#[test]
+fn requests_queued_behind_a_suspend_are_told_the_vm_is_suspending() {
+    let scratch = Scratch::new("queued");
+    let rundir = scratch.path("run");
+    let (tx, after) = channel();
+    let mock = Arc::new(MockBhyve {
+        result: Ok(()),
+        delay: Duration::from_millis(500),
+        seen: Mutex::new(Vec::new()),
+        after: Mutex::new(tx),
+    });
+    let server = ControlServer::start(&rundir, "vm0", mock.clone()).expect("start");
+    let suspend = {
+        let (rundir, file) = (rundir.clone(), scratch.path("suspended"));
+        std::thread::spawn(move || request_checkpoint(&rundir, "vm0", &file, true))
+    };
+    // Both connect while the suspend is being written; one never says anything.
+    std::thread::sleep(Duration::from_millis(150));
+    let silent = UnixStream::connect(server.path()).unwrap();
+    let queued: Vec<_> = (0..2)
+        .map(|n| {
+            let (rundir, file) = (rundir.clone(), scratch.path(&format!("queued{n}")));
+            std::thread::spawn(move || request_checkpoint(&rundir, "vm0", &file, false))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    suspend.join().unwrap().expect("the suspend succeeds");
+    for client in queued {
+        let err = client.join().unwrap().unwrap_err();
+        assert_eq!(err.to_string(), "the VM is suspending");
+    }
+    let (suspended, result) = after
+        .recv_timeout(Duration::from_secs(5))
+        .expect("called back");
+    assert!(suspended && result.is_ok());
+    assert_eq!(mock.seen().len(), 1, "only the suspend was carried out");
+    assert!(!scratch.path("queued0").exists() && !scratch.path("queued1").exists());
+    // The silent connection is answered the same and closed, not kept.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let reply = nvlist_recv(&silent, RecvLimits::CONTROL).expect("a reply");
+    assert_eq!(
+        reply.get_string_bytes("error"),
+        Some(&b"the VM is suspending"[..])
+    );
+    let mut rest = Vec::new();
+    (&silent).read_to_end(&mut rest).expect("closed");
+    assert!(rest.is_empty());
+    drop(server);
 }

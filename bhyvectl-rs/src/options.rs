@@ -77,7 +77,11 @@ const SNAPSHOT_OPTS: &[LongOpt] = &[];
 
 /// Options of this implementation that FreeBSD's bhyvectl does not have.
 #[cfg(feature = "bhyve_snapshot")]
-const EXTENSION_OPTS: &[LongOpt] = &[ext_req("rundir"), ext_req("inspect-snapshot")];
+const EXTENSION_OPTS: &[LongOpt] = &[
+    ext_req("rundir"),
+    ext_req("inspect-snapshot"),
+    ext_req("verify-snapshot"),
+];
 #[cfg(not(feature = "bhyve_snapshot"))]
 const EXTENSION_OPTS: &[LongOpt] = &[ext_req("rundir")];
 
@@ -267,7 +271,7 @@ fn value_description(name: &str) -> &'static str {
         "set-mem" => "memory in units of MB",
         "setcap" => "0|1",
         "capname" => "capname",
-        "checkpoint" | "suspend" | "inspect-snapshot" => "filename",
+        "checkpoint" | "suspend" | "inspect-snapshot" | "verify-snapshot" => "filename",
         "rundir" => "directory",
         "desc-base" => "BASE",
         "desc-limit" => "LIMIT",
@@ -363,6 +367,8 @@ pub struct Args {
     pub rundir: Option<PathBuf>,
     /// Describe a snapshot file and exit (extension, feature `bhyve_snapshot`).
     pub inspect_snapshot: Option<PathBuf>,
+    /// Check every checksum of a snapshot file and exit (extension, feature `bhyve_snapshot`).
+    pub verify_snapshot: Option<PathBuf>,
     /// Operands; bhyvectl ignores them.
     pub operands: Vec<String>,
 }
@@ -439,6 +445,7 @@ pub fn parse_args(
             }
             "rundir" => a.rundir = Some(PathBuf::from(value)),
             "inspect-snapshot" => a.inspect_snapshot = Some(PathBuf::from(value)),
+            "verify-snapshot" => a.verify_snapshot = Some(PathBuf::from(value)),
             "unassign-pptdev" => {
                 if bhyve::config::cnum::scan_ints(value, "%d/%d/%d").len() != 3 {
                     return Err(usage(None));
@@ -451,7 +458,7 @@ pub fn parse_args(
             )),
         }
     }
-    if a.vm.is_none() && a.inspect_snapshot.is_none() {
+    if a.vm.is_none() && a.inspect_snapshot.is_none() && a.verify_snapshot.is_none() {
         return Err(usage(None));
     }
     Ok(a)
@@ -553,6 +560,17 @@ mod tests {
         assert_eq!(a.inspect_snapshot, Some(PathBuf::from("/snap")));
         let a = parse(&["--vm=x", "--in"]).unwrap();
         assert_eq!(a.options, vec![("inject-nmi", None)]);
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn verify_snapshot_needs_no_vm_and_abbreviates() {
+        let a = parse(&["--verify-snapshot=/snap"]).unwrap();
+        assert_eq!(a.verify_snapshot, Some(PathBuf::from("/snap")));
+        let a = parse(&["--verify", "/snap"]).unwrap();
+        assert_eq!(a.verify_snapshot, Some(PathBuf::from("/snap")));
+        // FreeBSD's --vm keeps its prefix.
+        assert_eq!(parse(&["--v=x"]).unwrap().vm.as_deref(), Some("x"));
     }
 
     #[test]

@@ -38,6 +38,7 @@ impl Scratch {
     fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("bhyve-rs-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create scratch directory");
+        common::writable_by_owner_only(&dir);
         Scratch(dir)
     }
     fn path(&self, name: &str) -> PathBuf {
@@ -178,7 +179,7 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
 
     let mut restores = Vec::new();
     for (what, extra) in [("mapped", None), ("copied", Some("snapshot.restore=copy"))] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        let mut cmd = common::bhyve();
         cmd.arg("-r").arg(&file);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
         if let Some(option) = extra {

@@ -22,7 +22,7 @@ fn assert_one_line_error(stderr: &str, mentions: &str) {
 
 #[test]
 fn bad_memory_size_is_a_usage_error_exit_64() {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args([
         "-c",
         "1",
@@ -42,7 +42,7 @@ fn bad_memory_size_is_a_usage_error_exit_64() {
 
 #[test]
 fn unknown_option_prints_usage_and_exits_1() {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args(["-Z", "vm0"]);
     let (status, stdout, stderr) = run_to_exit(cmd, TIMEOUT);
     assert_eq!(status.code(), Some(1), "{status}: {stderr}");
@@ -128,7 +128,7 @@ fn assemble_rom(dir: &Path, byte: u8) -> std::path::PathBuf {
 }
 
 fn bootrom_command(rom: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args(["-c", "1", "-m", "64M", "-s", "0,hostbridge", "-s", "31,lpc"]);
     cmd.args(["-l", "com1,stdio", "-l"]);
     cmd.arg(format!("bootrom,{}", rom.display()));

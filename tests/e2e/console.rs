@@ -262,7 +262,7 @@ fn a_tcp_console_exchanges_lines_with_the_guest() {
         .local_addr()
         .unwrap()
         .port();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args(common::CONSOLE_MACHINE);
     cmd.arg("-l").arg(format!("com1,tcp=127.0.0.1:{port}"));
     cmd.arg("-o")

@@ -14,7 +14,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 /// One line of `cpus`: `cpu <n> apic <id> package <p> core <c> thread <t> (leaf 1 apic <id>
-/// logical <n>, leaf 4 cores <n>, <source>)`.
+/// logical <n>, leaf 4 cores <n>, [leaf 0x80000008 nc <n> idsize <n>, ][leaf 0x8000001e extapic
+/// <id> unit <n> threads <n>, ]<source>)`; the AMD leaves only where leaf 0 names AMD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct CpuReport {
     slot: u32,
@@ -25,6 +26,13 @@ struct CpuReport {
     leaf1_apic: u32,
     leaf1_logical: u32,
     leaf4_cores: u32,
+    /// 0x8000_0008 ECX: NC and ApicIdCoreIdSize.
+    amd_nc: Option<(u32, u32)>,
+    /// 0x8000_001E: extended APIC id, compute unit id, threads per compute unit.
+    amd_unit: Option<(u32, u32, u32)>,
+    /// The leaves the guest took package, core and thread from: `leaf 0xb`, `leaf 0x8000001e`
+    /// or `leaf 1/4`.
+    source: String,
 }
 
 fn parse_cpu_line(line: &str) -> Option<CpuReport> {
@@ -51,6 +59,17 @@ fn parse_cpu_line(line: &str) -> Option<CpuReport> {
         leaf1_apic: after("apic", 1)?,
         leaf1_logical: after("logical", 0)?,
         leaf4_cores: after("cores", 0)?,
+        amd_nc: after("nc", 0).zip(after("idsize", 0)),
+        amd_unit: after("extapic", 0)
+            .zip(after("unit", 0))
+            .zip(after("threads", 0))
+            .map(|((a, u), t)| (a, u, t)),
+        source: line
+            .trim_end()
+            .strip_suffix(')')?
+            .rsplit(", ")
+            .next()?
+            .to_string(),
     })
 }
 
@@ -127,16 +146,73 @@ fn expected_topology(cpus: u32, cores: u32, threads: u32) -> BTreeSet<(u32, u32,
         .collect()
 }
 
+/// The host's CPU, whose vendor the guest sees (KVM passes leaf 0 through).
+struct HostCpu {
+    amd: bool,
+    /// AMD's TopoExt (0x8000_0001 ECX bit 22) from family 16h on: bhyve fills 0x8000_001E.
+    amd_topology: bool,
+}
+
+fn host_cpu() -> HostCpu {
+    use std::arch::x86_64::{__cpuid, CpuidResult};
+    #[allow(unused_unsafe)] // `__cpuid` is safe in newer compilers
+    // SAFETY: CPUID exists on every x86-64 CPU; leaves above the maximum read as another leaf,
+    // so each is asked only when the maximum allows it.
+    let cpuid = |leaf: u32| -> CpuidResult { unsafe { __cpuid(leaf) } };
+    let leaf0 = cpuid(0);
+    let amd = [*b"Auth", *b"Hygo"].contains(&leaf0.ebx.to_le_bytes());
+    let eax = cpuid(1).eax;
+    let family = ((eax >> 8) & 0xf)
+        + if (eax >> 8) & 0xf == 0xf {
+            (eax >> 20) & 0xff
+        } else {
+            0
+        };
+    let topoext = cpuid(0x8000_0000).eax >= 0x8000_001e && cpuid(0x8000_0001).ecx & (1 << 22) != 0;
+    HostCpu {
+        amd,
+        amd_topology: amd && topoext && family >= 0x16,
+    }
+}
+
+fn log2_ceil(x: u32) -> u32 {
+    x.next_power_of_two().trailing_zeros()
+}
+
+/// The topology the guest derived from CPUID is bhyve's, and each leaf the host's vendor
+/// defines says so: leaf 4 and 0xB on Intel, 0x8000_0008 and 0x8000_001E on AMD.
 fn check_topology(reports: &[CpuReport], cpus: u32, cores: u32, threads: u32) {
     let seen: BTreeSet<_> = reports
         .iter()
         .map(|r| (r.apic, r.package, r.core, r.thread))
         .collect();
     assert_eq!(seen, expected_topology(cpus, cores, threads), "{reports:?}");
+    let host = host_cpu();
+    let per_package = cores * threads;
     for r in reports {
         assert_eq!(r.leaf1_apic, r.apic, "initial APIC id in leaf 1: {r:?}");
-        assert_eq!(r.leaf1_logical, cores * threads, "leaf 1 count: {r:?}");
-        assert_eq!(r.leaf4_cores, cores, "leaf 4 cores: {r:?}");
+        assert_eq!(r.leaf1_logical, per_package, "leaf 1 count: {r:?}");
+        if host.amd {
+            let core_id_size = Some(log2_ceil(per_package)).filter(|&w| w >= 4);
+            assert_eq!(
+                r.amd_nc,
+                Some((per_package - 1, core_id_size.unwrap_or(0))),
+                "0x8000_0008 NC and ApicIdCoreIdSize: {r:?}"
+            );
+            if host.amd_topology {
+                assert_eq!(
+                    r.amd_unit,
+                    Some((r.apic, r.apic >> log2_ceil(threads), threads)),
+                    "0x8000_001E: {r:?}"
+                );
+                // bhyve leaves leaf 0xB empty on AMD, so the guest used AMD's leaves.
+                assert_eq!(r.source, "leaf 0x8000001e", "{r:?}");
+            }
+        } else {
+            assert_eq!(r.leaf4_cores, cores, "leaf 4 cores: {r:?}");
+            assert_eq!(r.amd_nc, None, "{r:?}");
+            assert_eq!(r.source, "leaf 0xb", "{r:?}");
+        }
     }
 }
 
@@ -311,7 +387,66 @@ fn cpu_lines_parse() {
             leaf1_apic: 5,
             leaf1_logical: 4,
             leaf4_cores: 2,
+            amd_nc: None,
+            amd_unit: None,
+            source: "leaf 0xb".to_string(),
         })
     );
+    let amd = "cpu 1 apic 1 package 0 core 0 thread 1 (leaf 1 apic 1 logical 4, \
+               leaf 4 cores 1, leaf 0x80000008 nc 3 idsize 0, \
+               leaf 0x8000001e extapic 1 unit 0 threads 2, leaf 0x8000001e)";
+    let report = parse_cpu_line(amd).expect("AMD line");
+    assert_eq!(report.amd_nc, Some((3, 0)));
+    assert_eq!(report.amd_unit, Some((1, 0, 2)));
+    assert_eq!(report.source, "leaf 0x8000001e");
     assert_eq!(parse_cpu_line("cpus 4 online"), None);
+}
+
+/// Runs the console guest under QEMU with CPU model `cpu` and `-smp smp`, returning `cpus`.
+fn qemu_cpus(cpu: &str, smp: &str, expected: usize) -> Option<Vec<CpuReport>> {
+    let qemu = qemu_binary()?;
+    let mut cmd = qemu_command(&qemu, guest::console_guest(), "");
+    cmd.args(["-cpu", cpu, "-smp", smp]);
+    let mut vm = Console::spawn("qemu", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    Some(cpus(&mut vm, expected))
+}
+
+/// QEMU as the reference for the guest's reading of AMD's topology leaves, whatever this host's
+/// vendor is: an EPYC with leaf 0xB turned off, so the guest must take the cores from NC of
+/// 0x8000_0008. (QEMU's TCG offers no TopoExt, so 0x8000_001E is checked on AMD hosts only.)
+#[test]
+fn qemu_amd_topology_leaves_read_as_qemu_defines_them() {
+    let Some(reports) = qemu_cpus("EPYC,cpuid-0xb=off", "4,sockets=2,cores=2,threads=1", 4) else {
+        return;
+    };
+    let seen: BTreeSet<_> = reports
+        .iter()
+        .map(|r| (r.apic, r.package, r.core, r.thread))
+        .collect();
+    assert_eq!(seen, expected_topology(4, 2, 1), "{reports:?}");
+    for r in &reports {
+        assert_eq!(r.source, "leaf 0x80000008", "{r:?}");
+        assert_eq!(r.amd_nc.map(|(nc, _)| nc), Some(1), "{r:?}");
+        assert_eq!(r.leaf1_logical, 2, "{r:?}");
+    }
+}
+
+/// The same for Intel's leaves: 0xB for the ids, leaf 4 for the cores.
+#[test]
+fn qemu_intel_topology_leaves_read_as_qemu_defines_them() {
+    let Some(reports) = qemu_cpus("Skylake-Client", "4,sockets=1,cores=2,threads=2", 4) else {
+        return;
+    };
+    let seen: BTreeSet<_> = reports
+        .iter()
+        .map(|r| (r.apic, r.package, r.core, r.thread))
+        .collect();
+    assert_eq!(seen, expected_topology(4, 2, 2), "{reports:?}");
+    for r in &reports {
+        assert_eq!(r.source, "leaf 0xb", "{r:?}");
+        assert_eq!((r.leaf4_cores, r.leaf1_logical), (2, 4), "{r:?}");
+        assert_eq!(r.amd_nc, None, "{r:?}");
+    }
 }

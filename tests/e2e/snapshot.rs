@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn resume(rundir: &Path, file: &Path) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(file);
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
     Console::spawn("bhyve -r", cmd)
@@ -203,7 +203,7 @@ fn snapshot_of_a_large_guest_stores_only_the_memory_it_touched() {
 
     // The eager restore reads everything stored before the guest runs: the contrast shows the
     // measure above means something.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(&file);
     cmd.args(["-o", "snapshot.restore=copy"]);
     cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
@@ -255,6 +255,51 @@ fn failed_checkpoints_leave_the_vm_running_and_no_file_behind() {
     assert!(err.contains("no-such-vm"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!scratch.path("x.snap").exists());
+
+    // Targets that are not regular files stay what they are.
+    use std::os::unix::fs::FileTypeExt;
+    let fifo = scratch.path("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let device = scratch.path("null");
+    let have_device = Command::new("mknod")
+        .arg(&device)
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    std::fs::write(scratch.path("notes.txt"), "notes").expect("notes");
+    let mut refused = vec![
+        (fifo.display().to_string(), "is a FIFO"),
+        (
+            format!("{}/.", scratch.path("notes.txt").display()),
+            "Not a directory",
+        ),
+        (
+            format!("{}/", scratch.path("notes.txt").display()),
+            "Not a directory",
+        ),
+    ];
+    if have_device {
+        refused.push((device.display().to_string(), "is a character device"));
+    }
+    for (target, why) in &refused {
+        let (code, err) = ctl(&scratch.0, &name, &[format!("--checkpoint={target}")]);
+        assert_ne!(code, 0, "{target}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(why), "{target}: {err}");
+    }
+    assert!(std::fs::symlink_metadata(&fifo)
+        .expect("FIFO kept")
+        .file_type()
+        .is_fifo());
+    if have_device {
+        let meta = std::fs::symlink_metadata(&device).expect("device kept");
+        assert!(meta.file_type().is_char_device());
+    }
+    assert_eq!(
+        std::fs::read_to_string(scratch.path("notes.txt")).unwrap(),
+        "notes"
+    );
 
     assert_eq!(counter(&mut vm), 1);
     vm.send_line("halt");
@@ -309,7 +354,7 @@ fn corrupted_or_truncated_snapshots_are_refused_with_one_line() {
     // A VM of the same name runs meanwhile: refused restores must leave it alone.
     let mut bystander = boot(&scratch.0, &name, "256M");
     for (bad, mentions) in &cases {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        let mut cmd = common::bhyve();
         cmd.arg("-r").arg(bad);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
         let (status, _out, err) = run_to_exit(cmd, COMMAND_TIMEOUT);
@@ -721,7 +766,7 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     ];
     for (what, file, args, expected) in restore_cases {
         let restored_name = format!("{name}-r");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+        let mut cmd = common::bhyve();
         cmd.arg("-r").arg(file).args(args);
         cmd.args(["-l", "com1,stdio"]);
         cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
@@ -737,7 +782,7 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     }
     // The same command line as at boot, with another console backend and a copy restore, is
     // accepted (shown by the restored guest answering).
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(&good);
     cmd.args(common::CONSOLE_MACHINE);
     cmd.args(["-l", "com1,stdio", "-o", "snapshot.restore=copy"]);
@@ -754,6 +799,19 @@ fn refused_snapshots_and_restores_say_why_in_one_line_and_harm_nothing() {
     );
     copy.send_line("halt");
     assert_eq!(copy.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+
+    // Only host-side settings (the console's backend, the run directory): the snapshot
+    // supplies the machine.
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&good);
+    cmd.args(["-l", "com1,stdio"]);
+    cmd.arg("-o")
+        .arg(format!("rundir={}", scratch.path("run3").display()));
+    cmd.arg(format!("{name}-host"));
+    let mut host_side = Console::spawn("bhyve -r -l", cmd);
+    assert_eq!(counter(&mut host_side), 3, "{}", host_side.stderr());
+    host_side.send_line("halt");
+    assert_eq!(host_side.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 
     // The original VM took none of it amiss.
     assert_eq!(counter(&mut vm), 3);
@@ -792,7 +850,7 @@ fn bhyvectl_says_clearly_that_a_bhyve_without_snapshots_does_not_answer() {
     assert_eq!(counter(&mut vm), 1);
 
     // Like FreeBSD's bhyve built without BHYVE_SNAPSHOT, it does not know -r.
-    let mut cmd = Command::new(bhyve_without_snapshots());
+    let mut cmd = common::bhyve_at(bhyve_without_snapshots());
     cmd.arg("-r").arg(&file).arg("other");
     let (status, _out, err) = run_to_exit(cmd, COMMAND_TIMEOUT);
     assert_ne!(status.code(), Some(0));
@@ -819,13 +877,22 @@ fn bhyvectl_fails_when_bhyve_dies_while_saving() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run bhyvectl");
-    // Kill bhyve as soon as its temporary file appears.
+    // Kill bhyve as soon as it has a file open in the directory: the snapshot being written,
+    // unnamed (shown as "#inode (deleted)") or under a temporary name.
     let deadline = Instant::now() + SAVE_TIMEOUT;
-    while !listing(&scratch.0)
-        .iter()
-        .any(|n| n.starts_with(".big.snap.tmp"))
-    {
-        assert!(Instant::now() < deadline, "no temporary file appeared");
+    let fds = format!("/proc/{}/fd", vm.pid());
+    let writing = || {
+        std::fs::read_dir(&fds).into_iter().flatten().any(|fd| {
+            fd.ok()
+                .and_then(|fd| std::fs::read_link(fd.path()).ok())
+                .is_some_and(|target| target.starts_with(&scratch.0) && target != scratch.0)
+        })
+    };
+    while !writing() {
+        assert!(
+            Instant::now() < deadline,
+            "bhyve never opened a file to save into"
+        );
         assert!(
             !file.exists(),
             "the save finished before it could be interrupted"
@@ -844,6 +911,13 @@ fn bhyvectl_fails_when_bhyve_dies_while_saving() {
     assert_one_line_failure("bhyve killed mid-save", status.code().unwrap_or(-1), &err);
     assert!(err.contains("without a reply"), "{err}");
     assert!(!file.exists());
+    // Nothing of the unfinished snapshot is left: it never had a name (or a later writer of
+    // the same file removes the dead one's temporary file).
+    let left: Vec<String> = listing(&scratch.0)
+        .into_iter()
+        .filter(|n| n.contains("big.snap"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// One line of the vendored libnv vector manifest.
@@ -1022,7 +1096,7 @@ fn linux_guest_suspends_and_resumes_with_its_loop_and_tmpfs_data() {
     let (kernel, initrd) = linux_guest();
     let scratch = Scratch::new("linux");
     let name = vm_name();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args([
         "-c",
         "1",
@@ -1218,4 +1292,86 @@ fn section_table(file: &Path) -> Vec<(String, String, String, String)> {
         .collect();
     assert!(!rows.is_empty(), "no sections in {text}");
     rows
+}
+
+#[test]
+fn sigint_and_sighup_end_bhyve_without_leaving_its_socket() {
+    use std::os::unix::process::ExitStatusExt;
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("signals");
+    for (signal, number) in [("INT", libc::SIGINT), ("HUP", libc::SIGHUP)] {
+        let name = vm_name();
+        let mut vm = boot(&scratch.0, &name, "256M");
+        assert!(scratch.path(&name).exists(), "control socket");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &vm.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let status = vm.wait_exit(COMMAND_TIMEOUT);
+        // As FreeBSD's bhyve: it dies of the signal.
+        assert_eq!(status.signal(), Some(number), "SIG{signal}: {status}");
+        assert!(
+            !scratch.path(&name).exists(),
+            "SIG{signal} left the control socket behind"
+        );
+    }
+}
+
+#[test]
+fn a_mapped_snapshot_cut_short_under_the_running_guest_stops_it_with_one_line() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("cut");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    let fill = vm.command_line("memfill 16 77");
+    let file = scratch.path("vm.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let mut restored = resume(&scratch.0, &file);
+    assert_eq!(counter(&mut restored), 1);
+    // The file the guest's memory is mapped from loses its RAM.
+    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    cut.set_len(4096).unwrap();
+    // The guest may stop on its own first (its timer touches memory too).
+    let _ = restored.try_send("memsum 16\n");
+    let status = restored.wait_exit(COMMAND_TIMEOUT);
+    let err = restored.stderr();
+    assert_eq!(status.code(), Some(4), "{status}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("bhyve: guest memory") && err.contains(&file.display().to_string()),
+        "{err}"
+    );
+
+    // bhyve's own access to such a page (a checkpoint reads all guest memory) takes SIGBUS:
+    // the same one line and status 4, not death by the signal.
+    let file = scratch.path("vm2.snap");
+    let mut vm = boot(&scratch.0, &name, "256M");
+    assert_eq!(vm.command_line("memfill 16 78").len(), fill.len());
+    suspend(&scratch, &name, &mut vm, &file);
+    let mut restored = resume(&scratch.0, &file);
+    assert_eq!(counter(&mut restored), 1);
+    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    cut.set_len(4096).unwrap();
+    let (code, ctl_err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!(
+            "--checkpoint={}",
+            scratch.path("again.snap").display()
+        )],
+    );
+    assert_ne!(code, 0, "{ctl_err}");
+    let status = restored.wait_exit(COMMAND_TIMEOUT);
+    let err = restored.stderr();
+    assert_eq!(status.code(), Some(4), "{status}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("bhyve: guest memory is mapped from"),
+        "{err}"
+    );
 }

@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -496,7 +496,7 @@ enum Outcome {
 
 /// Restore `file` with its control socket in `rundir` and judge how bhyve behaved.
 fn restore(file: &Path, rundir: &Path) -> Result<Outcome, String> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(file);
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
     let mut vm = Console::spawn("bhyve -r", cmd);
@@ -626,6 +626,7 @@ fn forged_snapshots_are_refused_in_one_line_or_restored_never_a_panic_or_a_hang(
                 std::fs::write(&path, variant.image(&original)).expect("write a forged file");
                 let rundir = scratch.path(&format!("run-{index}"));
                 std::fs::create_dir_all(&rundir).expect("create a run directory");
+                common::writable_by_owner_only(&rundir);
                 let result = restore(&path, &rundir);
                 let _ = std::fs::remove_file(&path);
                 let _ = std::fs::remove_dir_all(&rundir);

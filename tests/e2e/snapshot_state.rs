@@ -149,7 +149,7 @@ fn at_rest(path: &Path) -> bool {
 }
 
 fn resume(rundir: &Path, name: &str, file: &Path) -> Console {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r").arg(file);
     cmd.arg("-o").arg(format!("rundir={}", rundir.display()));
     let console = Console::spawn("bhyve -r", cmd);
@@ -160,6 +160,71 @@ fn resume(rundir: &Path, name: &str, file: &Path) -> Console {
         std::thread::sleep(Duration::from_millis(10));
     }
     console
+}
+
+/// Fails with a short account of where `a` and `b` differ (sizes, the number of differing bytes
+/// and the first few offsets) rather than both arrays in full.
+fn assert_same_bytes(a: &[u8], b: &[u8], what: &str) {
+    if a == b {
+        return;
+    }
+    let differing: Vec<usize> = (0..a.len().min(b.len()))
+        .filter(|&i| a[i] != b[i])
+        .collect();
+    let first: Vec<String> = differing
+        .iter()
+        .take(8)
+        .map(|&i| format!("{i:#x}: {:#04x} vs {:#04x}", a[i], b[i]))
+        .collect();
+    panic!(
+        "{what}: {} and {} bytes, {} differ; first at {}",
+        a.len(),
+        b.len(),
+        differing.len(),
+        if first.is_empty() {
+            "the end of the shorter".to_string()
+        } else {
+            first.join(", ")
+        }
+    );
+}
+
+/// XSAVE header: XSTATE_BV, the state components that are not in their initial configuration.
+const XSTATE_BV: usize = 512;
+
+/// An XSAVE area (standard format, as KVM_GET_XSAVE gives it) with every component's value
+/// spelled out: a component whose XSTATE_BV bit is clear holds its initial value, whatever the
+/// bytes say, and the bit itself is dropped. The processor may clear the bit of a component
+/// that is back in its initial configuration (or keep it set) as it likes, so only this form
+/// says whether two areas hold the same state.
+fn xsave_values(area: &[u8]) -> Vec<u8> {
+    let mut values = area.to_vec();
+    let present = u64::from_le_bytes(area[XSTATE_BV..XSTATE_BV + 8].try_into().unwrap());
+    values[XSTATE_BV..XSTATE_BV + 8].fill(0);
+    if present & 1 == 0 {
+        // x87: FCW 0x037F, everything else up to FDP zero (MXCSR at 24 is SSE's), ST0-ST7 zero.
+        values[..24].fill(0);
+        values[..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        values[32..160].fill(0);
+    }
+    if present & 2 == 0 {
+        values[160..416].fill(0); // XMM0-XMM15
+    }
+    for component in 2..63 {
+        if present & (1 << component) != 0 {
+            continue;
+        }
+        #[allow(unused_unsafe)] // `__cpuid_count` is safe in newer compilers
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 0xD describes the host's (and so the
+        // guest's) XSAVE layout, and an unknown component reads as size 0.
+        let leaf = unsafe { std::arch::x86_64::__cpuid_count(0xd, component) };
+        let (size, offset) = (leaf.eax as usize, leaf.ebx as usize);
+        // Supervisor components (offset 0) are not in the standard-format area.
+        if size != 0 && offset != 0 && offset + size <= values.len() {
+            values[offset..offset + size].fill(0);
+        }
+    }
+    values
 }
 
 /// Tries before giving up on catching the guest at rest.
@@ -176,10 +241,10 @@ fn compare_vm(a: &BackendState, b: &BackendState) -> u64 {
     };
     assert_eq!(names(a), names(b));
     for chip in ["pic_master", "pic_slave", "ioapic"] {
-        assert_eq!(
-            without_timer_edges(chip, sub(a, chip)),
-            without_timer_edges(chip, sub(b, chip)),
-            "vm/{chip} changed"
+        assert_same_bytes(
+            &without_timer_edges(chip, sub(a, chip)),
+            &without_timer_edges(chip, sub(b, chip)),
+            &format!("vm/{chip} changed"),
         );
     }
     // kvm-clock: guest nanoseconds. It went on counting while B's VM ran, never back.
@@ -245,9 +310,22 @@ fn compare_vcpu(a: &BackendState, b: &BackendState) {
                 // The timer's current count counts down with time (0 while it is unused).
                 la.regs[APIC_TMCCT..APIC_TMCCT + 4].fill(0);
                 lb.regs[APIC_TMCCT..APIC_TMCCT + 4].fill(0);
-                assert_eq!(la.regs, lb.regs, "LAPIC registers changed");
+                assert_same_bytes(
+                    &la.regs.map(|r| r as u8),
+                    &lb.regs.map(|r| r as u8),
+                    "LAPIC registers changed",
+                );
             }
-            other => assert_eq!(sub(a, other), sub(b, other), "vcpu/{other} changed"),
+            "xsave" => assert_same_bytes(
+                &xsave_values(sub(a, "xsave")),
+                &xsave_values(sub(b, "xsave")),
+                "vcpu/xsave changed (values, initial state spelled out)",
+            ),
+            other => assert_same_bytes(
+                sub(a, other),
+                sub(b, other),
+                &format!("vcpu/{other} changed"),
+            ),
         }
     }
 }
@@ -408,7 +486,11 @@ fn a_snapshot_of_a_restored_guest_equals_the_one_it_came_from_but_for_clocks() {
             ),
             "rtc" => compare_rtc(&sa.decode().unwrap(), &sb.decode().unwrap()),
             "pm" => compare_pm(&sa.decode().unwrap(), &sb.decode().unwrap(), restore_to_b),
-            _ => assert_eq!(sa.payload, sb.payload, "{name}/{instance} changed"),
+            _ => assert_same_bytes(
+                sa.payload,
+                sb.payload,
+                &format!("{name}/{instance} changed"),
+            ),
         }
         compared += 1;
     }
@@ -425,5 +507,66 @@ fn a_snapshot_of_a_restored_guest_equals_the_one_it_came_from_but_for_clocks() {
     assert!(
         fill_a == fill_b,
         "the filled memory differs between A and B"
+    );
+}
+
+/// A vCPU state of one `xsave` section.
+fn with_xsave(area: Vec<u8>) -> BackendState {
+    BackendState {
+        backend: "kvm".to_string(),
+        sections: vec![bhyve::vmm::StateSection {
+            name: "xsave".to_string(),
+            bytes: area,
+        }],
+    }
+}
+
+/// The area as it was when the comparison failed: SSE marked in use in A and not in B, with
+/// the same (initial) register values in both.
+fn sse_in_use(in_use: bool) -> Vec<u8> {
+    let mut area = vec![0u8; 4096];
+    area[..2].copy_from_slice(&0x037fu16.to_le_bytes());
+    area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    area[XSTATE_BV] = 1 | if in_use { 2 } else { 0 };
+    area
+}
+
+#[test]
+fn xsave_areas_with_the_same_values_compare_equal_however_the_cpu_marked_them() {
+    compare_vcpu(
+        &with_xsave(sse_in_use(true)),
+        &with_xsave(sse_in_use(false)),
+    );
+    // x87 in its initial configuration with the bit clear, as XSAVEOPT may leave it.
+    let mut untouched = sse_in_use(false);
+    untouched[..2].fill(0);
+    untouched[XSTATE_BV] = 0;
+    compare_vcpu(&with_xsave(sse_in_use(false)), &with_xsave(untouched));
+}
+
+#[test]
+#[should_panic(expected = "vcpu/xsave changed")]
+fn xsave_area_that_lost_an_sse_register_compares_different() {
+    let mut a = sse_in_use(true);
+    a[160] = 0x2a; // XMM0
+    let mut b = a.clone();
+    b[XSTATE_BV] = 1; // XMM0 back to its initial value: lost
+    compare_vcpu(&with_xsave(a), &with_xsave(b));
+}
+
+#[test]
+fn a_byte_difference_is_told_in_a_line() {
+    let a = vec![0u8; 25 << 10];
+    let mut b = a.clone();
+    b[512] = 2;
+    b[9000] = 1;
+    let message = std::panic::catch_unwind(|| assert_same_bytes(&a, &b, "vcpu/xsave changed"))
+        .expect_err("different")
+        .downcast::<String>()
+        .expect("a formatted message");
+    assert_eq!(
+        *message,
+        "vcpu/xsave changed: 25600 and 25600 bytes, 2 differ; first at 0x200: 0x00 vs 0x02, \
+         0x2328: 0x00 vs 0x01"
     );
 }

@@ -65,7 +65,7 @@ fn boot_linux(cpus: u32) -> Option<Console> {
         return None;
     }
     let (kernel, initrd) = guest_files();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.args(["-c", &cpus.to_string(), "-m", "512M", "-A", "-H", "-P"])
         .args(["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"])
         .arg("-o")

@@ -27,6 +27,12 @@ pub enum ClientError {
     BadVmName(String),
     #[error("'{0}' does not name a file")]
     BadFilename(PathBuf),
+    /// A target ending in `/` or `/.`: path resolution wants a directory there.
+    #[error("'{}': {}", path.display(), errno.desc())]
+    NotAFileName {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
     #[error("cannot open directory '{path}': {source}")]
     Directory { path: PathBuf, source: io::Error },
     #[error(
@@ -43,6 +49,12 @@ pub enum ClientError {
     NotListening { name: String, path: PathBuf },
     #[error("cannot connect to {path}: {source}")]
     Connect { path: PathBuf, source: io::Error },
+    /// The listener is neither root nor the caller: not a bhyve to trust with a descriptor.
+    #[error(
+        "control socket {path} is served by uid {peer}, neither root nor this user \
+         (uid {user}): not sending it the directory"
+    )]
+    UntrustedPeer { path: PathBuf, peer: u32, user: u32 },
     #[error("cannot build the request: {0}")]
     Request(NvError),
     #[error("sending the request: {0}")]
@@ -63,7 +75,24 @@ pub const DEFAULT_RUNDIR: &str = "/var/run/bhyve";
 
 /// Split `filename` as bhyvectl does with dirname(3)/basename(3): a bare name lives in the
 /// current directory.
+///
+/// A name ending in `/` or `/.` (which `Path` would quietly drop) names a directory, as POSIX
+/// path resolution reads it: ENOTDIR when what comes before is not one, EISDIR when it is.
 fn split_filename(filename: &Path) -> Result<(&Path, &std::ffi::OsStr), ClientError> {
+    let bytes = filename.as_os_str().as_bytes();
+    if bytes.ends_with(b"/") || bytes.ends_with(b"/.") {
+        let errno = match std::fs::metadata(filename) {
+            Ok(meta) if meta.is_dir() => nix::errno::Errno::EISDIR,
+            Ok(_) => nix::errno::Errno::ENOTDIR,
+            Err(e) => e
+                .raw_os_error()
+                .map_or(nix::errno::Errno::ENOTDIR, nix::errno::Errno::from_raw),
+        };
+        return Err(ClientError::NotAFileName {
+            path: filename.to_path_buf(),
+            errno,
+        });
+    }
     let base = filename
         .file_name()
         .ok_or_else(|| ClientError::BadFilename(filename.to_path_buf()))?;
@@ -125,6 +154,38 @@ fn connect(rundir: &Path, vmname: &str) -> Result<(UnixStream, PathBuf), ClientE
     }
 }
 
+/// User id of the process that listens at the other end of `stream`.
+#[cfg(target_os = "linux")]
+fn peer_uid(stream: &UnixStream) -> nix::Result<u32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|credentials| credentials.uid())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_uid(stream: &UnixStream) -> nix::Result<u32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::LocalPeerCred)
+        .map(|credentials| credentials.uid())
+}
+
+/// The directory descriptor gives whoever receives it the caller's access to the directory, so
+/// it goes only to a bhyve running as root or as the caller: a socket planted by someone else
+/// gets nothing.
+fn check_peer(stream: &UnixStream, path: &Path) -> Result<(), ClientError> {
+    let peer = peer_uid(stream).map_err(|errno| ClientError::Connect {
+        path: path.to_path_buf(),
+        source: errno.into(),
+    })?;
+    let user = nix::unistd::geteuid().as_raw();
+    if peer == 0 || peer == user {
+        return Ok(());
+    }
+    Err(ClientError::UntrustedPeer {
+        path: path.to_path_buf(),
+        peer,
+        user,
+    })
+}
+
 /// Ask the bhyve running `vmname` to write a snapshot to `filename` (relative paths resolve
 /// against the caller's working directory); with `suspend`, bhyve exits once it is durable.
 ///
@@ -138,6 +199,7 @@ pub fn request_checkpoint(
 ) -> Result<(), ClientError> {
     let (dir, _) = split_filename(filename)?;
     let (stream, path) = connect(rundir, vmname)?;
+    check_peer(&stream, &path)?;
     let before = FileStamp::of(filename);
     let request = checkpoint_request(filename, suspend, open_directory(dir)?)?;
     stream
@@ -255,4 +317,43 @@ fn check_freebsd_checkpoint(path: &Path) -> Result<(), String> {
         return Err("the FreeBSD .kern file is missing".to_string());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_ending_in_slash_or_slash_dot_names_a_directory() {
+        let dir = std::env::temp_dir().join(format!("bhyve-rs-client-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("notes.txt"), "notes").unwrap();
+        let refused = |name: &str| match split_filename(&dir.join(name)) {
+            Err(ClientError::NotAFileName { errno, .. }) => errno,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(refused("notes.txt/."), nix::errno::Errno::ENOTDIR);
+        assert_eq!(refused("notes.txt/"), nix::errno::Errno::ENOTDIR);
+        assert_eq!(refused("sub/."), nix::errno::Errno::EISDIR);
+        assert_eq!(refused("sub/"), nix::errno::Errno::EISDIR);
+        assert_eq!(refused("missing/."), nix::errno::Errno::ENOENT);
+        let message = split_filename(Path::new("/nonexistent-dir/notes.txt/."))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "'/nonexistent-dir/notes.txt/.': No such file or directory"
+        );
+        let notes = dir.join("notes.txt");
+        let (parent, base) = split_filename(&notes).unwrap();
+        assert_eq!(
+            (parent, base),
+            (dir.as_path(), std::ffi::OsStr::new("notes.txt"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "notes"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -16,7 +16,8 @@
 //! holding up the others: a client that connects and stays silent delays nobody, and one
 //! that has started must finish its request within [`CLIENT_TIMEOUT`] of connecting.
 //! Unlike FreeBSD, which exits inside the handler, a successful suspend is answered first;
-//! then the socket is removed and [`ControlHandler::after_checkpoint_reply`] may exit.
+//! then the socket is removed, every request still queued is answered [`SUSPENDING`], and
+//! [`ControlHandler::after_checkpoint_reply`] may exit.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -30,6 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::nvlist::NvList;
@@ -38,6 +40,9 @@ use super::transport::{nvlist_recv_or_eof_before, nvlist_send, RecvLimits};
 /// How long a client may take from connecting to the end of its request, and to take each
 /// part of the reply.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The answer to requests that were queued behind a suspend that succeeded.
+pub const SUSPENDING: &str = "the VM is suspending";
 
 /// Connections still silent that are kept; past that, the oldest is closed.
 const MAX_SILENT_CLIENTS: usize = 16;
@@ -72,6 +77,20 @@ pub enum ServerError {
     BadName(String),
     #[error("cannot create run directory {path}: {source}")]
     RunDir { path: PathBuf, source: io::Error },
+    #[error(
+        "run directory {path} belongs to uid {owner}, not to this user (uid {user}): \
+         refusing to put a control socket there"
+    )]
+    RunDirOwner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
+    #[error(
+        "run directory {path} can be written by other users (mode {mode:04o}): \
+         refusing to put a control socket there"
+    )]
+    RunDirWritable { path: PathBuf, mode: u32 },
     #[error("control socket path {0} is too long")]
     PathTooLong(PathBuf),
     #[error("another bhyve is already serving {0}")]
@@ -131,6 +150,45 @@ fn socket_error(path: &Path) -> impl FnOnce(io::Error) -> ServerError + '_ {
     }
 }
 
+/// The run directory must belong to this user and be writable by no one else: whoever can
+/// write it can move the socket away and plant a listener of their own, which bhyvectl would
+/// then hand a directory descriptor. A sticky bit does not help (the planter owns the entry).
+fn check_rundir(rundir: &Path) -> Result<(), ServerError> {
+    let meta = fs::metadata(rundir).map_err(|source| ServerError::RunDir {
+        path: rundir.to_path_buf(),
+        source,
+    })?;
+    let user = nix::unistd::geteuid().as_raw();
+    if meta.uid() != user {
+        return Err(ServerError::RunDirOwner {
+            path: rundir.to_path_buf(),
+            owner: meta.uid(),
+            user,
+        });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(ServerError::RunDirWritable {
+            path: rundir.to_path_buf(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// An exclusive lock on the run directory while a server checks for a live socket and puts its
+/// own in place: of bhyve processes starting together with one VM name, exactly one wins and
+/// the others find it answering.
+fn lock_rundir(rundir: &Path) -> Result<Flock<fs::File>, ServerError> {
+    let dir = fs::File::open(rundir).map_err(|source| ServerError::RunDir {
+        path: rundir.to_path_buf(),
+        source,
+    })?;
+    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, errno)| ServerError::RunDir {
+        path: rundir.to_path_buf(),
+        source: errno.into(),
+    })
+}
+
 /// Fail if a live server answers on `path`; a stale socket is left for the rename to replace.
 fn check_existing(path: &Path) -> Result<(), ServerError> {
     let meta = match fs::symlink_metadata(path) {
@@ -179,7 +237,8 @@ fn bind_private(rundir: &Path, path: &Path) -> Result<UnixListener, ServerError>
 
 impl ControlServer {
     /// Create `<rundir>/<vmname>` (and `rundir`, mode 0755, if missing) and serve it on a
-    /// thread. Refuses to take over the socket of a bhyve that still answers.
+    /// thread. Refuses a run directory another user owns or can write, and to take over the
+    /// socket of a bhyve that still answers.
     pub fn start(
         rundir: &Path,
         vmname: &str,
@@ -200,10 +259,14 @@ impl ControlServer {
         if path.as_os_str().len() > max_socket_path() {
             return Err(ServerError::PathTooLong(path));
         }
+        check_rundir(rundir)?;
+        let lock = lock_rundir(rundir)?;
         check_existing(&path)?;
         let listener = bind_private(rundir, &path)?;
         let identity = SocketIdentity::of(&path)
             .ok_or_else(|| socket_error(&path)(io::Error::from(io::ErrorKind::NotFound)))?;
+        // The socket listens: a later start sees it answer.
+        drop(lock);
         listener
             .set_nonblocking(true)
             .map_err(socket_error(&path))?;
@@ -243,7 +306,9 @@ impl Drop for ControlServer {
 
 enum Flow {
     Continue,
-    Stop,
+    /// A suspend succeeded and its socket is gone: answer whoever still waits, then call
+    /// [`ControlHandler::after_checkpoint_reply`] and stop.
+    Suspended,
 }
 
 /// A connection that has not sent anything yet.
@@ -315,12 +380,20 @@ fn serve(
             .zip(ready)
             .partition(|(_, ready)| *ready);
         silent = still.into_iter().map(|(client, _)| client).collect();
-        for (mut client, _) in talking {
+        let mut talking = talking.into_iter().map(|(client, _)| client);
+        while let Some(mut client) = talking.next() {
             // Requests are carried out one at a time: a client's time runs from when its turn
             // comes, not from when it connected.
             client.deadline = client.deadline.max(Instant::now() + CLIENT_TIMEOUT);
             let flow = handle_connection(client, handler.as_ref(), &path, identity);
-            if let Flow::Stop = flow {
+            if let Flow::Suspended = flow {
+                let mut queued: Vec<Silent> = talking.collect();
+                queued.append(&mut silent);
+                accept_waiting(&listener, &mut queued, &path);
+                for client in queued {
+                    refuse_while_suspending(client);
+                }
+                handler.after_checkpoint_reply(true, &Ok(()));
                 return;
             }
         }
@@ -401,6 +474,25 @@ fn discard_input(mut stream: UnixStream) {
     }
 }
 
+/// Answer a connection that was waiting when the VM suspended: its request (if any arrives in
+/// time) is read and answered [`SUSPENDING`], so its client does not take the silence for a
+/// crash.
+fn refuse_while_suspending(client: Silent) {
+    let Silent { stream, deadline } = client;
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    // A client that has not sent its request yet gets a moment, not its full time.
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(1));
+    if let Ok(None) = nvlist_recv_or_eof_before(&stream, RecvLimits::CONTROL, deadline) {
+        return;
+    }
+    log::info!("control: refusing a request queued behind the suspend");
+    send_reply(&stream, &error_reply(SUSPENDING));
+    discard_input(stream);
+}
+
 fn handle_connection(
     client: Silent,
     handler: &dyn ControlHandler,
@@ -468,8 +560,7 @@ fn handle_connection(
     if suspend && result.is_ok() {
         // The VM is gone: nothing more to serve.
         identity.remove_if_ours(path);
-        handler.after_checkpoint_reply(suspend, &result);
-        return Flow::Stop;
+        return Flow::Suspended;
     }
     handler.after_checkpoint_reply(suspend, &result);
     Flow::Continue

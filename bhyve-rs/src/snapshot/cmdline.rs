@@ -5,7 +5,9 @@
 //! FreeBSD's bhyve rebuilds the machine from the command line at restore and expects the same
 //! command line as at boot, without checking it (a different device list surfaces later as a
 //! missing section or garbage). Here the snapshot carries its configuration, so no option is
-//! needed; when some are given, they are checked against the snapshot instead.
+//! needed; when some are given, they are checked against the snapshot instead, and a difference
+//! names the option that set the variable. Host-side settings alone (`-l com1,/dev/nmdm1A`,
+//! `-p`, `-o rundir=`) apply on top of the stored configuration.
 
 use crate::config::{parse_memsize, Config};
 
@@ -74,17 +76,59 @@ fn machine_keys(config: &Config) -> impl Iterator<Item = (&str, &str)> {
     config.iter().filter(|(key, _)| !host_only(key))
 }
 
+/// The option of the command line that sets `key`, as an error names it: `-c`, `-m`,
+/// `-s 3`, `-l com1`, `-o key`.
+fn option_for(key: &str) -> String {
+    let flag = match key {
+        "cpus" | "sockets" | "cores" | "threads" => "-c",
+        "memory.size" => "-m",
+        "keyboard.layout" => "-K",
+        "x86.x2apic" => "-x",
+        "x86.vmexit_on_hlt" => "-H",
+        "x86.vmexit_on_pause" => "-P",
+        "x86.strictio" => "-e",
+        "x86.strictmsr" => "-w",
+        "x86.mptable" => "-Y",
+        "rtc.use_localtime" => "-u",
+        "uuid" => "-U",
+        "virtio_msix" => "-W",
+        "monitor" => "-M",
+        _ => "",
+    };
+    if !flag.is_empty() {
+        return flag.to_string();
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    match parts[..] {
+        ["pci", bus, slot, function, ..] => match (bus, function) {
+            ("0", "0") => format!("-s {slot}"),
+            ("0", _) => format!("-s {slot}:{function}"),
+            _ => format!("-s {bus}:{slot}:{function}"),
+        },
+        ["lpc", device, ..] => format!("-l {device}"),
+        _ => format!("-o {key}"),
+    }
+}
+
 /// The configuration to restore with: `saved` (from the snapshot) with the host-only variables
-/// of `given` (the command line) applied. `defaults` is the tree bhyve starts from before reading
-/// options; when the command line sets no machine variable beyond those, nothing is compared.
-/// Otherwise every machine variable must be present on both sides with the same value, and the
-/// first difference is the error.
+/// and console backends of `given` (the command line) applied. `defaults` is the tree bhyve
+/// starts from before reading options; when the command line sets no machine variable beyond
+/// those and the backends, nothing else is compared. Otherwise every machine variable must be
+/// present on both sides with the same value, and the first difference is the error.
 pub fn restore_config(saved: &Config, given: &Config, defaults: &Config) -> Result<Config, String> {
-    let options_given = machine_keys(given).any(|(key, value)| defaults.get(key) != Some(value));
-    if options_given {
-        if let Some(difference) = first_difference(saved, given) {
-            return Err(difference);
-        }
+    let options_given = machine_keys(given)
+        .any(|(key, value)| !host_backend(key) && defaults.get(key) != Some(value));
+    let difference = if options_given {
+        first_difference(saved, given)
+    } else {
+        // A backend alone may only point a port the guest has somewhere else.
+        given
+            .iter()
+            .find(|(key, _)| host_backend(key) && saved.get(key).is_none())
+            .map(|(key, value)| mismatch(key, None, Some(value)))
+    };
+    if let Some(difference) = difference {
+        return Err(difference);
     }
     let mut config = saved.clone();
     for (key, value) in given.iter().filter(|(key, _)| host_only(key)) {
@@ -96,19 +140,21 @@ pub fn restore_config(saved: &Config, given: &Config, defaults: &Config) -> Resu
     Ok(config)
 }
 
-fn first_difference(saved: &Config, given: &Config) -> Option<String> {
-    let describe = |value: Option<&str>| match value {
+/// `key` differs between the snapshot and the command line, in words that name the option.
+fn mismatch(key: &str, saved: Option<&str>, given: Option<&str>) -> String {
+    let option = option_for(key);
+    let saved = match saved {
         Some(value) => format!("'{value}'"),
         None => "unset".to_string(),
     };
-    let mismatch = |key: &str, saved: Option<&str>, given: Option<&str>| {
-        format!(
-            "the command line does not match the snapshot: {key} is {} in the snapshot but {} \
-             on the command line",
-            describe(saved),
-            describe(given)
-        )
+    let given = match given {
+        Some(value) => format!("'{value}' on the command line ({option})"),
+        None => format!("not set on the command line (no {option})"),
     };
+    format!("the command line does not match the snapshot: {key} is {saved} in the snapshot but {given}")
+}
+
+fn first_difference(saved: &Config, given: &Config) -> Option<String> {
     // A value that differs says more than a variable missing on one side (a lone `-c 2` is
     // about the CPU count, not about the devices it did not repeat), so it is reported first.
     for (key, saved_value) in machine_keys(saved) {
@@ -198,14 +244,17 @@ mod tests {
         .unwrap_err();
         assert!(
             err.ends_with(
-                "pci.0.3.0.device is unset in the snapshot but 'virtio-rnd' on the command line"
+                "pci.0.3.0.device is unset in the snapshot but 'virtio-rnd' on the command \
+                 line (-s 3)"
             ),
             "{err}"
         );
         let err =
             restore_config(&saved(), &with(&[("memory.size", "512M")]), &defaults).unwrap_err();
         assert!(
-            err.ends_with("memory.size is '256M' in the snapshot but '512M' on the command line"),
+            err.ends_with(
+                "memory.size is '256M' in the snapshot but '512M' on the command line (-m)"
+            ),
             "{err}"
         );
         let mut no_lpc = with(&[]);
@@ -219,7 +268,8 @@ mod tests {
         let err = restore_config(&saved(), &no_lpc, &defaults).unwrap_err();
         assert!(
             err.ends_with(
-                "pci.0.31.0.device is 'lpc' in the snapshot but unset on the command line"
+                "pci.0.31.0.device is 'lpc' in the snapshot but not set on the command line \
+                 (no -s 31)"
             ),
             "{err}"
         );
@@ -230,20 +280,64 @@ mod tests {
         }
         let err = restore_config(&saved(), &no_com, &defaults).unwrap_err();
         assert!(
-            err.contains("lpc.com1.path is 'stdio' in the snapshot but unset"),
+            err.contains(
+                "lpc.com1.path is 'stdio' in the snapshot but not set on the command \
+                          line (no -l com1)"
+            ),
             "{err}"
         );
         // A lone -c 2 is refused for its CPU count; a lone -c 1 for what it leaves out.
         let err = restore_config(&saved(), &tree(&[("cpus", "2")]), &defaults).unwrap_err();
         assert!(
-            err.ends_with("cpus is '1' in the snapshot but '2' on the command line"),
+            err.ends_with("cpus is '1' in the snapshot but '2' on the command line (-c)"),
             "{err}"
         );
         let err = restore_config(&saved(), &tree(&[("cpus", "1")]), &defaults).unwrap_err();
         assert!(
-            err.contains("lpc.com1.path is 'stdio' in the snapshot but unset"),
+            err.contains("lpc.com1.path is 'stdio' in the snapshot but not set"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn host_side_options_alone_change_only_the_host_side() {
+        let defaults = crate::cli::default_config();
+        // bhyve -r FILE -l com1,/dev/nmdm1A -p 0:3 -o rundir=/tmp/run vm1
+        let given = tree(&[
+            ("lpc.com1.path", "/dev/nmdm1A"),
+            ("vcpu.0.cpuset", "3"),
+            ("rundir", "/tmp/run"),
+            ("name", "vm1"),
+        ]);
+        let config = restore_config(&saved(), &given, &defaults).unwrap();
+        assert_eq!(config.get("lpc.com1.path"), Some("/dev/nmdm1A"));
+        assert_eq!(config.get("vcpu.0.cpuset"), Some("3"));
+        assert_eq!(config.get("cpus"), Some("1"));
+        assert_eq!(config.get("pci.0.31.0.device"), Some("lpc"));
+        // A console the guest never had is not a host-side setting.
+        let err = restore_config(
+            &saved(),
+            &tree(&[("lpc.com2.path", "/dev/nmdm2A")]),
+            &defaults,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "the command line does not match the snapshot: lpc.com2.path is unset in the \
+             snapshot but '/dev/nmdm2A' on the command line (-l com2)"
+        );
+    }
+
+    #[test]
+    fn a_difference_names_the_option_that_set_it() {
+        assert_eq!(option_for("sockets"), "-c");
+        assert_eq!(option_for("memory.size"), "-m");
+        assert_eq!(option_for("pci.0.4.0.device"), "-s 4");
+        assert_eq!(option_for("pci.0.4.2.path"), "-s 4:2");
+        assert_eq!(option_for("pci.1.4.0.device"), "-s 1:4:0");
+        assert_eq!(option_for("lpc.bootrom"), "-l bootrom");
+        assert_eq!(option_for("x86.x2apic"), "-x");
+        assert_eq!(option_for("hostbridge.vendor"), "-o hostbridge.vendor");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod cmdline;
 mod format;
 mod inspect;
+pub mod mapped;
 mod ram;
 mod reader;
 pub mod vm;
@@ -111,7 +112,8 @@ pub fn decode_section<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Snapshot
     Ok(value)
 }
 
-/// What is wrong with a payload, in words rather than the decoder's type names.
+/// What is wrong with a payload, in words rather than the decoder's type names (bincode's own
+/// text for its errors is their `Debug` form).
 fn describe_decode_error(error: &bincode::error::DecodeError) -> String {
     use bincode::error::DecodeError;
     match error {
@@ -119,21 +121,82 @@ fn describe_decode_error(error: &bincode::error::DecodeError) -> String {
             format!("it ends {additional} bytes too early")
         }
         DecodeError::LimitExceeded => "it announces more data than a section may hold".into(),
+        DecodeError::InvalidIntegerType { expected, found } => format!(
+            "{} where {} belongs",
+            integer_in_words(found),
+            integer_in_words(expected)
+        ),
+        DecodeError::NonZeroTypeIsZero { .. } => "a zero where zero is not allowed".into(),
         DecodeError::UnexpectedVariant {
             type_name, found, ..
         } => {
             format!("unknown kind {found} of {type_name}")
         }
+        DecodeError::EmptyEnum { type_name } => format!("a value of {type_name}, which has none"),
         DecodeError::InvalidBooleanValue(value) => format!("{value} is not a truth value"),
         DecodeError::Utf8 { .. } | DecodeError::InvalidCharEncoding(_) => {
             "it holds text that is not UTF-8".into()
         }
+        DecodeError::CStringNulError { .. } => "it holds text with a NUL byte inside".into(),
         DecodeError::ArrayLengthMismatch { required, found } => {
             format!("a list of {found} entries where {required} are required")
         }
         DecodeError::OutsideUsizeRange(value) => format!("a size of {value} is out of range"),
-        other => other.to_string(),
+        DecodeError::InvalidDuration { .. } | DecodeError::InvalidSystemTime { .. } => {
+            "a time that cannot be represented".into()
+        }
+        DecodeError::Io { inner, .. } => format!("reading it failed: {inner}"),
+        // Messages of the state types' own checks, already in words.
+        DecodeError::Other(message) => (*message).into(),
+        DecodeError::OtherString(message) => message.clone(),
+        DecodeError::Serde(_) => "it holds a kind of value this format does not store".into(),
+        _ => "it does not decode".into(),
     }
+}
+
+/// An integer kind of the encoding, in words; `Reserved` is the marker byte 255, which no
+/// integer uses.
+fn integer_in_words(kind: &bincode::error::IntegerType) -> &'static str {
+    use bincode::error::IntegerType;
+    match kind {
+        IntegerType::U8 => "an 8-bit unsigned integer",
+        IntegerType::U16 => "a 16-bit unsigned integer",
+        IntegerType::U32 => "a 32-bit unsigned integer",
+        IntegerType::U64 => "a 64-bit unsigned integer",
+        IntegerType::U128 => "a 128-bit unsigned integer",
+        IntegerType::Usize => "an unsigned size",
+        IntegerType::I8 => "an 8-bit signed integer",
+        IntegerType::I16 => "a 16-bit signed integer",
+        IntegerType::I32 => "a 32-bit signed integer",
+        IntegerType::I64 => "a 64-bit signed integer",
+        IntegerType::I128 => "a 128-bit signed integer",
+        IntegerType::Isize => "a signed size",
+        IntegerType::Reserved => "a reserved integer marker",
+        _ => "an integer of unknown width",
+    }
+}
+
+/// Check a snapshot file completely: header, section table and every data section (as any
+/// open does), then every RAM chunk against its `ram-index` checksum (which a mapped restore
+/// and `inspect` do not read). The summary when all is intact; the first damage otherwise,
+/// naming its section or guest address.
+pub fn verify(path: &Path) -> Result<String, SnapshotError> {
+    let reader = SnapshotReader::open(path)?;
+    let mut bytes = 0u64;
+    for region in reader.ram_regions() {
+        reader.verify_ram(region)?;
+        bytes += region.size;
+    }
+    let memory = if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    };
+    Ok(format!(
+        "intact: {} sections, {} RAM regions ({memory} of guest memory) checked",
+        reader.sections().len(),
+        reader.ram_regions().len(),
+    ))
 }
 
 /// A readable description of a snapshot file: header, configuration, section table and RAM

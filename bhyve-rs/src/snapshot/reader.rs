@@ -417,6 +417,11 @@ impl SnapshotReader {
     }
 
     /// Logical size of the file.
+    /// The open snapshot file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
@@ -694,9 +699,11 @@ fn check_chunk(
     if expected == actual {
         return Ok(());
     }
-    let gpa = region.gpa + index as u64 * u64::from(region.chunk_size);
+    // A checksum covers one chunk: the damage is somewhere in its range.
+    let start = region.gpa + index as u64 * u64::from(region.chunk_size);
+    let end = (start + u64::from(region.chunk_size)).min(region.gpa + region.size) - 1;
     Err(SnapshotError::Checksum(format!(
-        "RAM region {} at guest address {gpa:#x}",
+        "RAM region {} at guest addresses {start:#x}-{end:#x}",
         region.instance
     )))
 }

@@ -247,6 +247,7 @@ fn add_backend_state(
 /// An open snapshot with its configuration, ready to build a machine from.
 pub struct Restore {
     reader: SnapshotReader,
+    path: std::path::PathBuf,
 }
 
 impl Restore {
@@ -267,7 +268,10 @@ impl Restore {
                 Backend::Kvm
             ));
         }
-        Ok(Self { reader })
+        Ok(Self {
+            reader,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The configuration the VM was saved with.
@@ -307,6 +311,20 @@ impl Restore {
                 }
             };
             regions.push(guest_region);
+        }
+        if mode == RestoreMode::Map {
+            let needed = self
+                .reader
+                .ram_regions()
+                .iter()
+                .map(|r| r.file_offset + r.size)
+                .max()
+                .unwrap_or(0);
+            let ranges = regions
+                .iter()
+                .map(|r| (r.host_address() as usize, r.len() as usize))
+                .collect();
+            super::mapped::watch(&self.path, self.reader.file(), needed, ranges);
         }
         GuestMemory::from_regions(regions).map_err(|e| e.to_string())
     }

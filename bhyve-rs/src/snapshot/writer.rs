@@ -1,9 +1,12 @@
 //! Writing a snapshot file: sections, sparse RAM, then table and header, atomically.
 //!
-//! The file is written under a temporary name in the target directory and renamed to its final
-//! name only when complete and fsynced; the directory is fsynced after the rename. Until then an
-//! existing file with the final name is untouched, and on any error (or if the writer is dropped
-//! without `commit`) the temporary file is removed.
+//! The file is written without a name (`O_TMPFILE`) where the file system allows it, so a writer
+//! killed part way leaves nothing behind; elsewhere under a hidden temporary name, which a later
+//! writer of the same target removes once its process is gone. Only when complete and fsynced
+//! does the file get a temporary name and is renamed to its final one; the directory is fsynced
+//! after the rename. Until then an existing file with the final name is untouched, and on any
+//! error (or if the writer is dropped without `commit`) the temporary file is removed. The rename only ever replaces a regular file:
+//! a device node, FIFO, socket, directory or symbolic link under the final name is refused.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,8 +16,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::AtFlags;
 use nix::fcntl::{open, openat, renameat, OFlag};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{fstatat, Mode, SFlag};
 use nix::unistd::{fsync, unlinkat, UnlinkatFlags};
 use serde::Serialize;
 
@@ -70,8 +74,11 @@ pub struct SnapshotWriter {
     has_config: bool,
     /// A write failed part way: the file may hold bytes no section accounts for.
     poisoned: bool,
-    /// The temporary file no longer exists under `temp_name` (renamed or removed).
+    /// The temporary file no longer exists under `temp_name` (renamed or removed), or never
+    /// had that name.
     temp_gone: bool,
+    /// The file has no name yet (`O_TMPFILE`): commit links it in under `temp_name` first.
+    unnamed: bool,
     /// CRC-32C of an all-zero chunk, by chunk length.
     zero_chunk_crc: HashMap<usize, u32>,
     #[cfg(test)]
@@ -86,56 +93,49 @@ impl SnapshotWriter {
         name: &str,
         info: HeaderInfo,
     ) -> Result<SnapshotWriter, SnapshotError> {
+        SnapshotWriter::create_in_with(dir, name, info, true)
+    }
+
+    /// [`create_in`](SnapshotWriter::create_in); `allow_unnamed: false` takes the named
+    /// temporary file even where `O_TMPFILE` works (for tests of that path).
+    pub(crate) fn create_in_with<D: AsFd>(
+        dir: D,
+        name: &str,
+        info: HeaderInfo,
+        allow_unnamed: bool,
+    ) -> Result<SnapshotWriter, SnapshotError> {
         check_file_name(name)?;
         info.validate()?;
         let dir = dir
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| SnapshotError::io("duplicate directory descriptor", e))?;
-        let pid = std::process::id();
-        let mut last_error = None;
-        // A stale temporary file of an earlier process with the same pid is not ours to remove;
-        // pick another name instead.
-        for _ in 0..16 {
-            let serial = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let temp_name = temp_name_for(name, pid, serial);
-            match openat(
-                &dir,
-                temp_name.as_str(),
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
-                // Guest memory can hold secrets: owner only.
-                Mode::from_bits_truncate(0o600),
-            ) {
-                Ok(fd) => {
-                    return Ok(SnapshotWriter {
-                        dir,
-                        name: name.to_string(),
-                        temp_name,
-                        file: File::from(fd),
-                        info,
-                        entries: Vec::new(),
-                        ram_index: Vec::new(),
-                        cursor: DATA_START,
-                        has_config: false,
-                        poisoned: false,
-                        temp_gone: false,
-                        zero_chunk_crc: HashMap::new(),
-                        #[cfg(test)]
-                        fail_at: None,
-                    });
-                }
-                Err(nix::errno::Errno::EEXIST) => continue,
-                Err(errno) => {
-                    last_error = Some(errno);
-                    break;
-                }
+        check_target(&dir, name)?;
+        remove_dead_writers_files(&dir, name);
+        let (file, temp_name, unnamed) = match create_unnamed(&dir).filter(|_| allow_unnamed) {
+            Some(file) => (file, String::new(), true),
+            None => {
+                let (file, temp_name) = create_named(&dir, name)?;
+                (file, temp_name, false)
             }
-        }
-        let errno = last_error.unwrap_or(nix::errno::Errno::EEXIST);
-        Err(SnapshotError::io(
-            &format!("create temporary file for {name}"),
-            errno.into(),
-        ))
+        };
+        Ok(SnapshotWriter {
+            dir,
+            name: name.to_string(),
+            temp_name,
+            file: File::from(file),
+            info,
+            entries: Vec::new(),
+            ram_index: Vec::new(),
+            cursor: DATA_START,
+            has_config: false,
+            poisoned: false,
+            temp_gone: unnamed,
+            unnamed,
+            zero_chunk_crc: HashMap::new(),
+            #[cfg(test)]
+            fail_at: None,
+        })
     }
 
     /// Convenience for callers with a path: opens the parent directory and calls
@@ -402,6 +402,11 @@ impl SnapshotWriter {
             ));
         }
 
+        // Checked again: the target may have appeared while the file was written.
+        check_target(&self.dir, &self.name)?;
+        if self.unnamed {
+            self.link_unnamed()?;
+        }
         renameat(
             &self.dir,
             self.temp_name.as_str(),
@@ -479,6 +484,27 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Give the complete unnamed file a temporary name, for the rename into place.
+    fn link_unnamed(&mut self) -> Result<(), SnapshotError> {
+        let pid = std::process::id();
+        let mut result = Err(nix::errno::Errno::EEXIST);
+        for _ in 0..16 {
+            let serial = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let temp_name = temp_name_for(&self.name, pid, serial);
+            result = link_unnamed(&self.file, &self.dir, &temp_name);
+            if result.is_ok() {
+                self.temp_name = temp_name;
+                self.temp_gone = false;
+                self.unnamed = false;
+                break;
+            }
+            if result != Err(nix::errno::Errno::EEXIST) {
+                break;
+            }
+        }
+        result.map_err(|errno| SnapshotError::io(&format!("link {}", self.name), errno.into()))
+    }
+
     fn check_not_poisoned(&self) -> Result<(), SnapshotError> {
         if self.poisoned {
             return Err(SnapshotError::InvalidArgument(
@@ -523,6 +549,156 @@ impl Drop for SnapshotWriter {
     }
 }
 
+/// A new file in `dir` under a fresh temporary name for `name`, and that name.
+fn create_named(dir: &OwnedFd, name: &str) -> Result<(OwnedFd, String), SnapshotError> {
+    let pid = std::process::id();
+    let mut last_error = None;
+    // A stale temporary file of an earlier process with the same pid is not ours to remove;
+    // pick another name instead.
+    for _ in 0..16 {
+        let serial = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp_name = temp_name_for(name, pid, serial);
+        match openat(
+            dir,
+            temp_name.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            // Guest memory can hold secrets: owner only.
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(fd) => return Ok((fd, temp_name)),
+            Err(nix::errno::Errno::EEXIST) => continue,
+            Err(errno) => {
+                last_error = Some(errno);
+                break;
+            }
+        }
+    }
+    let errno = last_error.unwrap_or(nix::errno::Errno::EEXIST);
+    Err(SnapshotError::io(
+        &format!("create temporary file for {name}"),
+        errno.into(),
+    ))
+}
+
+/// A new file without a name in `dir`, where the system and file system offer `O_TMPFILE`.
+#[cfg(target_os = "linux")]
+fn create_unnamed(dir: &OwnedFd) -> Option<OwnedFd> {
+    // Guest memory can hold secrets: owner only.
+    openat(
+        dir,
+        ".",
+        OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn create_unnamed(_dir: &OwnedFd) -> Option<OwnedFd> {
+    None
+}
+
+/// Link the unnamed `file` into `dir` as `name`: through /proc (no privilege needed), or by
+/// the descriptor itself where /proc is missing (which needs CAP_DAC_READ_SEARCH).
+#[cfg(target_os = "linux")]
+fn link_unnamed(file: &File, dir: &OwnedFd, name: &str) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let by_proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match nix::unistd::linkat(
+        nix::fcntl::AT_FDCWD,
+        by_proc.as_str(),
+        dir,
+        name,
+        AtFlags::AT_SYMLINK_FOLLOW,
+    ) {
+        Err(nix::errno::Errno::ENOENT) => {
+            nix::unistd::linkat(file, "", dir, name, AtFlags::AT_EMPTY_PATH)
+        }
+        other => other,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn link_unnamed(_file: &File, _dir: &OwnedFd, _name: &str) -> nix::Result<()> {
+    Err(nix::errno::Errno::EOPNOTSUPP)
+}
+
+/// Remove the temporary files of earlier writers of `name` in `dir` whose process is gone (a
+/// save killed part way where no unnamed file could be used). A file of a live process, of
+/// another user, or of a pid this process cannot probe is left alone.
+fn remove_dead_writers_files(dir: &OwnedFd, name: &str) {
+    let Ok(dup) = dir.try_clone() else { return };
+    let Ok(mut listing) = nix::dir::Dir::from_fd(dup) else {
+        return;
+    };
+    let user = nix::unistd::geteuid().as_raw();
+    let own = std::process::id();
+    let stale: Vec<String> = listing
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str().ok().map(str::to_string))
+        .filter(|entry| {
+            writer_pid(entry, name).is_some_and(|pid| {
+                pid != own
+                    && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None)
+                        == Err(nix::errno::Errno::ESRCH)
+            })
+        })
+        .collect();
+    for entry in stale {
+        let owned_regular_file = fstatat(dir, entry.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| {
+                st.st_uid == user
+                    && SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+            });
+        if owned_regular_file && unlinkat(dir, entry.as_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+            log::info!(
+                "removed {}, left by a writer that is gone",
+                entry.escape_default()
+            );
+        }
+    }
+}
+
+/// The pid in `entry` if it is a temporary file name of a writer of `name` (see
+/// [`temp_name_for`]).
+fn writer_pid(entry: &str, name: &str) -> Option<u32> {
+    let mut fields = entry.rsplitn(3, '.');
+    let serial: u32 = fields.next()?.parse().ok()?;
+    let pid: u32 = fields.next()?.parse().ok()?;
+    (temp_name_for(name, pid, serial) == entry).then_some(pid)
+}
+
+/// The file `name` in `dir` must be absent or a regular file, looked at without following a
+/// final symbolic link: renaming the snapshot over anything else would replace a device node,
+/// FIFO, socket or link (or fail on a directory) instead of writing a snapshot.
+fn check_target(dir: &OwnedFd, name: &str) -> Result<(), SnapshotError> {
+    let stat = match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(stat) => stat,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(errno) => {
+            return Err(SnapshotError::io(
+                &format!("look at '{}'", name.escape_default()),
+                errno.into(),
+            ))
+        }
+    };
+    let kind = match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => return Ok(()),
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFLNK => "a symbolic link",
+        _ => "not a regular file",
+    };
+    Err(SnapshotError::InvalidArgument(format!(
+        "'{}' exists and is {kind}; a snapshot only replaces a regular file",
+        name.escape_default()
+    )))
+}
+
 /// A snapshot name must be a single path component.
 fn check_file_name(name: &str) -> Result<(), SnapshotError> {
     if name.is_empty()
@@ -562,6 +738,184 @@ mod tests {
         let temp = temp_name_for(&long, u32::MAX, u32::MAX);
         assert!(temp.len() <= NAME_MAX);
         assert!(temp.starts_with('.'));
+    }
+
+    /// A directory under /tmp for one test, removed when it ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let path =
+                std::env::temp_dir().join(format!("bhyve-rs-writer-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).expect("scratch directory");
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn info() -> HeaderInfo {
+        HeaderInfo::this_build(super::super::Backend::Kvm)
+    }
+
+    /// A character device with /dev/null's numbers (Linux's 1, 3) at `path`.
+    #[cfg(target_os = "linux")]
+    fn make_null_device(path: &Path) -> nix::Result<()> {
+        let null = nix::sys::stat::makedev(1, 3);
+        nix::sys::stat::mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), null)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn make_null_device(_path: &Path) -> nix::Result<()> {
+        Err(nix::errno::Errno::EOPNOTSUPP)
+    }
+
+    fn finish(mut writer: SnapshotWriter) -> Result<(), SnapshotError> {
+        writer.add_config([("name", "vm1")]).expect("config");
+        writer.commit()
+    }
+
+    #[test]
+    fn only_a_regular_file_or_nothing_is_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let scratch = Scratch::new("targets");
+        let at = |name: &str| scratch.0.join(name);
+        nix::unistd::mkfifo(&at("fifo"), Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        std::fs::create_dir(at("dir")).expect("mkdir");
+        std::fs::write(at("notes.txt"), "notes").expect("regular file");
+        std::os::unix::fs::symlink(at("notes.txt"), at("link")).expect("symlink");
+        let mut refused = vec![
+            ("fifo", "a FIFO"),
+            ("dir", "a directory"),
+            ("link", "a symbolic link"),
+        ];
+        // The node of the report, where this process may make one.
+        let char_device = make_null_device(&at("null"));
+        if char_device.is_ok() {
+            refused.push(("null", "a character device"));
+        }
+        for &(name, kind) in &refused {
+            let err = SnapshotWriter::create(&at(name), info()).expect_err(name);
+            assert_eq!(
+                err.to_string(),
+                format!("'{name}' exists and is {kind}; a snapshot only replaces a regular file")
+            );
+        }
+        let meta = std::fs::symlink_metadata(at("fifo")).expect("FIFO still there");
+        assert!(meta.file_type().is_fifo());
+        assert!(std::fs::symlink_metadata(at("link")).unwrap().is_symlink());
+        if char_device.is_ok() {
+            let meta = std::fs::symlink_metadata(at("null")).unwrap();
+            assert!(meta.file_type().is_char_device());
+            assert_eq!(meta.len(), 0);
+        }
+        assert_eq!(std::fs::read_to_string(at("notes.txt")).unwrap(), "notes");
+        // Absent, or a regular file: written.
+        finish(SnapshotWriter::create(&at("new.snap"), info()).unwrap()).expect("absent target");
+        finish(SnapshotWriter::create(&at("notes.txt"), info()).unwrap()).expect("regular file");
+        assert!(std::fs::read(at("notes.txt"))
+            .unwrap()
+            .starts_with(b"BHYVSNAP"));
+    }
+
+    #[test]
+    fn a_node_that_appears_while_writing_is_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let scratch = Scratch::new("race");
+        let target = scratch.0.join("vm.snap");
+        let writer = SnapshotWriter::create(&target, info()).unwrap();
+        nix::unistd::mkfifo(&target, Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let err = finish(writer).expect_err("FIFO replaced");
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+        assert!(std::fs::symlink_metadata(&target)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // The temporary file went with the failed commit.
+        assert_eq!(std::fs::read_dir(&scratch.0).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_being_written_has_no_name_until_it_is_complete() {
+        let scratch = Scratch::new("unnamed");
+        let dir = std::fs::File::open(&scratch.0).unwrap();
+        if create_unnamed(&OwnedFd::from(dir.try_clone().unwrap())).is_none() {
+            eprintln!(
+                "NOTICE: no O_TMPFILE on {}: case skipped",
+                scratch.0.display()
+            );
+            return;
+        }
+        let listing = || std::fs::read_dir(&scratch.0).unwrap().count();
+        let mut writer = SnapshotWriter::create_in(&dir, "vm.snap", info()).unwrap();
+        writer.add_config([("name", "vm1")]).unwrap();
+        assert_eq!(listing(), 0, "a killed writer would leave this behind");
+        drop(writer);
+        assert_eq!(listing(), 0);
+        finish(SnapshotWriter::create_in(&dir, "vm.snap", info()).unwrap()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&scratch.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["vm.snap"]);
+        let meta = std::fs::metadata(scratch.0.join("vm.snap")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn temporary_files_of_writers_that_are_gone_are_removed() {
+        let scratch = Scratch::new("dead");
+        let gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        let mut gone = gone;
+        gone.wait().unwrap();
+        let mut alive = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let files = [
+            temp_name_for("vm.snap", gone_pid, 3),
+            temp_name_for("vm.snap", alive.id(), 1),
+            temp_name_for("other.snap", gone_pid, 1),
+            format!(".vm.snap.tmp.{gone_pid}"),
+        ];
+        for file in &files {
+            std::fs::write(scratch.0.join(file), "part of a snapshot").unwrap();
+        }
+        let dir = std::fs::File::open(&scratch.0).unwrap();
+        let writer = SnapshotWriter::create_in_with(&dir, "vm.snap", info(), false).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&scratch.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| *n != writer.temp_name)
+            .collect();
+        left.sort();
+        let mut expected = files[1..].to_vec();
+        expected.sort();
+        assert_eq!(
+            left, expected,
+            "only the dead writer's file of vm.snap goes"
+        );
+        let _ = alive.kill();
+        let _ = alive.wait();
+    }
+
+    #[test]
+    fn writer_pids_are_read_back_from_temporary_names() {
+        assert_eq!(
+            writer_pid(&temp_name_for("vm.snap", 42, 7), "vm.snap"),
+            Some(42)
+        );
+        assert_eq!(writer_pid(".vm.snap.tmp.42.7", "other"), None);
+        assert_eq!(writer_pid("vm.snap", "vm.snap"), None);
+        let long = "é".repeat(200);
+        assert_eq!(writer_pid(&temp_name_for(&long, 9, 1), &long), Some(9));
     }
 
     #[test]

@@ -38,11 +38,62 @@ fn log2_ceil(x: u32) -> u32 {
     }
 }
 
+/// The CPU vendor, from CPUID leaf 0: it decides which leaves describe the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    Intel,
+    /// AMD, and Hygon (an AMD design): bhyve's vmm treats both as SVM hosts.
+    Amd,
+    Other,
+}
+
+impl Vendor {
+    /// The vendor named by leaf 0 of `entries`.
+    pub fn of(entries: &[CpuidEntry]) -> Vendor {
+        let Some(leaf0) = entries.iter().find(|e| e.function == 0) else {
+            return Vendor::Other;
+        };
+        let mut name = [0u8; 12];
+        name[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+        name[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+        name[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+        match &name {
+            b"GenuineIntel" => Vendor::Intel,
+            b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
+            _ => Vendor::Other,
+        }
+    }
+}
+
+/// The display family of leaf 1 EAX (base family, plus the extended family when the base is 0xf).
+fn family(leaf1_eax: u32) -> u32 {
+    let base = (leaf1_eax >> 8) & 0xf;
+    if base == 0xf {
+        base + ((leaf1_eax >> 20) & 0xff)
+    } else {
+        base
+    }
+}
+
 /// Rewrite `entries` (the host's supported CPUID) for vCPU `apic_id` of a VM with `topology`.
+///
+/// Like bhyve's vmm, only the leaves of the host's vendor describe the topology: leaf 4 (when
+/// the host fills it) and the x2APIC leaves on Intel; on AMD leaves 0x8000_0008 (NC),
+/// 0x8000_001D (cache sharing) and 0x8000_001E (compute unit and threads), while leaf 0xB reads
+/// as zero there. Leaf 1 is the same for both.
 pub fn apply_topology(entries: &mut Vec<CpuidEntry>, apic_id: u32, topology: &Topology) {
     let threads = u32::from(topology.threads.max(1));
     let cores = u32::from(topology.cores.max(1));
     let per_package = threads * cores;
+    let vendor = Vendor::of(entries);
+    let leaf1_eax = entries
+        .iter()
+        .find(|e| e.function == 1)
+        .map_or(0, |e| e.eax);
+    // bhyve describes 0x8000_001E only from family 16h on, where AMD defines it.
+    let amd_extended_topology = vendor == Vendor::Amd && family(leaf1_eax) >= 0x16;
+    // L1 and L2 belong to one core, L3 and beyond to the whole package.
+    let cache_sharing = |level: u32| if level >= 3 { per_package } else { threads };
 
     for entry in entries.iter_mut() {
         match entry.function {
@@ -53,33 +104,53 @@ pub fn apply_topology(entries: &mut Vec<CpuidEntry>, apic_id: u32, topology: &To
                 entry.ecx = (entry.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_VMX;
                 entry.edx |= LEAF1_EDX_HTT;
             }
-            // Cache leaves; a zero type field ends the list and stays as it is.
+            // Cache leaves; a zero type field ends the list and stays as it is. AMD hosts leave
+            // leaf 4 empty, so this only ever changes an Intel table.
             4 if entry.eax & 0x1f != 0 => {
                 let level = (entry.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { per_package } else { threads };
                 entry.eax = (entry.eax & 0x3ff)
-                    | ((sharing - 1).min(0xfff) << 14)
+                    | ((cache_sharing(level) - 1).min(0xfff) << 14)
                     | ((cores - 1).min(0x3f) << 26);
             }
-            0xb | 0x1f => {
+            // bhyve answers 0xB only on Intel. It passes 0x1F through from the host, which
+            // would show the host's topology; it is described like 0xB here instead.
+            0xb | 0x1f if vendor == Vendor::Intel => {
                 *entry = topology_leaf(entry.function, entry.index, apic_id, threads, cores);
             }
-            0x8000_0008 => {
+            0xb | 0x1f => {
+                (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0);
+            }
+            0x8000_0008 if vendor == Vendor::Amd => {
+                // ApicIdCoreIdSize is left 0 below 4 bits: guests then use NC alone.
                 let width = log2_ceil(per_package).min(0xf);
                 let width = if width < 4 { 0 } else { width };
                 entry.ecx = (width << 12) | (per_package - 1).min(0xff);
+            }
+            // AMD's cache leaf, laid out like leaf 4's EAX. bhyve makes up the caches entirely;
+            // the host's sizes are kept here, as for leaf 4, and only the sharing changes.
+            0x8000_001d if vendor == Vendor::Amd && entry.eax & 0x1f != 0 => {
+                let level = (entry.eax >> 5) & 0x7;
+                entry.eax =
+                    (entry.eax & !(0xfff << 14)) | ((cache_sharing(level) - 1).min(0xfff) << 14);
+            }
+            0x8000_001e if amd_extended_topology => {
+                *entry = amd_topology_leaf(apic_id, threads);
             }
             _ => {}
         }
     }
 
-    // Make sure the x2APIC topology leaf answers for its first three subleaves even when the
-    // host listed fewer.
     let max_basic = entries
         .iter()
         .find(|e| e.function == 0)
         .map_or(0, |e| e.eax);
-    if max_basic >= 0xb {
+    let max_extended = entries
+        .iter()
+        .find(|e| e.function == 0x8000_0000)
+        .map_or(0, |e| e.eax);
+    // Make sure the x2APIC topology leaf answers for its first three subleaves even when the
+    // host listed fewer.
+    if vendor == Vendor::Intel && max_basic >= 0xb {
         for index in 0..3 {
             if !entries
                 .iter()
@@ -88,6 +159,26 @@ pub fn apply_topology(entries: &mut Vec<CpuidEntry>, apic_id: u32, topology: &To
                 entries.push(topology_leaf(0xb, index, apic_id, threads, cores));
             }
         }
+    }
+    if amd_extended_topology
+        && max_extended >= 0x8000_001e
+        && !entries.iter().any(|e| e.function == 0x8000_001e)
+    {
+        entries.push(amd_topology_leaf(apic_id, threads));
+    }
+}
+
+/// Leaf 0x8000_001E as bhyve describes it: the extended APIC id, the threads per compute unit
+/// and the compute unit (core) id; one node per package.
+fn amd_topology_leaf(apic_id: u32, threads: u32) -> CpuidEntry {
+    CpuidEntry {
+        function: 0x8000_001e,
+        index: 0,
+        flags: 0,
+        eax: apic_id,
+        ebx: ((threads - 1).min(0xff) << 8) | ((apic_id >> log2_ceil(threads)) & 0xff),
+        ecx: 0,
+        edx: 0,
     }
 }
 
@@ -355,6 +446,9 @@ mod tests {
             CpuidEntry {
                 function: 0,
                 eax: 0xd,
+                ebx: 0x756e_6547, // "GenuineIntel"
+                edx: 0x4965_6e69,
+                ecx: 0x6c65_746e,
                 ..Default::default()
             },
             CpuidEntry {
@@ -488,6 +582,142 @@ mod tests {
         });
         let err = check_features_available(&saved, &available).unwrap_err();
         assert!(err.contains("bit 3 (kvmclock2)"), "{err}");
+    }
+
+    /// A CPUID table in the text form of `cpuid_tables/*.txt`.
+    fn recorded(table: &str) -> Vec<CpuidEntry> {
+        table
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let v: Vec<u32> = l
+                    .split_whitespace()
+                    .map(|w| u32::from_str_radix(w.trim_start_matches("0x"), 16).unwrap())
+                    .collect();
+                CpuidEntry {
+                    function: v[0],
+                    index: v[1],
+                    flags: v[2],
+                    eax: v[3],
+                    ebx: v[4],
+                    ecx: v[5],
+                    edx: v[6],
+                }
+            })
+            .collect()
+    }
+
+    const AMD_EPYC: &str = include_str!("cpuid_tables/amd-epyc.txt");
+    const INTEL_XEON: &str = include_str!("cpuid_tables/intel-xeon.txt");
+
+    fn two_packages_of_two_cores_of_two_threads() -> Topology {
+        Topology {
+            cpus: 8,
+            sockets: 2,
+            cores: 2,
+            threads: 2,
+        }
+    }
+
+    #[test]
+    fn vendor_comes_from_leaf_0() {
+        assert_eq!(Vendor::of(&recorded(AMD_EPYC)), Vendor::Amd);
+        assert_eq!(Vendor::of(&recorded(INTEL_XEON)), Vendor::Intel);
+        assert_eq!(Vendor::of(&[]), Vendor::Other);
+        assert_eq!(family(0x00a1_0f11), 0x19);
+        assert_eq!(family(0x0005_0654), 6);
+    }
+
+    #[test]
+    fn amd_topology_is_in_the_amd_leaves() {
+        let mut e = recorded(AMD_EPYC);
+        let host = e.clone();
+        apply_topology(&mut e, 5, &two_packages_of_two_cores_of_two_threads());
+        let l1 = leaf(&e, 1, 0);
+        assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (5, 4));
+        // Leaf 4 is Intel's: empty on AMD and left so.
+        assert_eq!(leaf(&e, 4, 0), leaf(&host, 4, 0));
+        // bhyve answers leaf 0xB only on Intel.
+        let x2apic = leaf(&e, 0xb, 0);
+        assert_eq!(
+            (x2apic.eax, x2apic.ebx, x2apic.ecx, x2apic.edx),
+            (0, 0, 0, 0)
+        );
+        assert!(!e.iter().any(|x| x.function == 0xb && x.index == 1));
+        // NC = logical CPUs per package - 1; ApicIdCoreIdSize 0 below 4 bits.
+        assert_eq!(leaf(&e, 0x8000_0008, 0).ecx, 3);
+        assert_eq!(
+            leaf(&e, 0x8000_0008, 0).eax,
+            leaf(&host, 0x8000_0008, 0).eax
+        );
+        // Extended APIC id, threads per compute unit - 1, compute unit id = APIC id >> 1.
+        let ext = leaf(&e, 0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx, ext.ecx, ext.edx), (5, 0x102, 0, 0));
+        // Cache sharing: L1 (subleaves 0, 1) and L2 per core, L3 per package; sizes kept.
+        for (index, sharing) in [(0, 2), (1, 2), (2, 2), (3, 4)] {
+            let cache = leaf(&e, 0x8000_001d, index);
+            assert_eq!((cache.eax >> 14) & 0xfff, sharing - 1, "subleaf {index}");
+            let was = leaf(&host, 0x8000_001d, index);
+            assert_eq!(cache.eax & 0x3fff, was.eax & 0x3fff);
+            assert_eq!((cache.ebx, cache.ecx), (was.ebx, was.ecx));
+        }
+        assert_eq!(leaf(&e, 0x8000_001d, 4), leaf(&host, 0x8000_001d, 4));
+    }
+
+    #[test]
+    fn amd_core_id_size_counts_package_bits_from_sixteen_cpus() {
+        let mut e = recorded(AMD_EPYC);
+        let topology = Topology {
+            cpus: 32,
+            sockets: 1,
+            cores: 16,
+            threads: 2,
+        };
+        apply_topology(&mut e, 31, &topology);
+        assert_eq!(leaf(&e, 0x8000_0008, 0).ecx, (5 << 12) | 31);
+        assert_eq!(leaf(&e, 0x8000_001e, 0).ebx, 0x100 | 15);
+    }
+
+    #[test]
+    fn amd_topology_leaf_is_added_when_the_host_omits_it_and_skipped_before_family_16h() {
+        let mut e = recorded(AMD_EPYC);
+        e.retain(|x| x.function != 0x8000_001e);
+        apply_topology(&mut e, 3, &Topology::default());
+        let ext = leaf(&e, 0x8000_001e, 0);
+        assert_eq!((ext.eax, ext.ebx), (3, 3));
+
+        let mut old = recorded(AMD_EPYC);
+        // Family 15h (Bulldozer): no 0x8000_001E in bhyve.
+        old.iter_mut().find(|x| x.function == 1).unwrap().eax = 0x0060_0f12;
+        let host = old.clone();
+        apply_topology(&mut old, 3, &Topology::default());
+        assert_eq!(leaf(&old, 0x8000_001e, 0), leaf(&host, 0x8000_001e, 0));
+    }
+
+    #[test]
+    fn intel_topology_is_in_the_intel_leaves() {
+        let mut e = recorded(INTEL_XEON);
+        let host = e.clone();
+        apply_topology(&mut e, 5, &two_packages_of_two_cores_of_two_threads());
+        let l1 = leaf(&e, 1, 0);
+        assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (5, 4));
+        for (index, sharing) in [(0, 2), (1, 2), (2, 2), (3, 4)] {
+            let cache = leaf(&e, 4, index);
+            assert_eq!(cache.eax >> 26, 1, "cores - 1 in subleaf {index}");
+            assert_eq!((cache.eax >> 14) & 0xfff, sharing - 1, "subleaf {index}");
+            assert_eq!(cache.eax & 0x3ff, leaf(&host, 4, index).eax & 0x3ff);
+        }
+        assert_eq!(leaf(&e, 4, 4), leaf(&host, 4, 4));
+        let smt = leaf(&e, 0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, 5));
+        let core = leaf(&e, 0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 5));
+        // The host listed no subleaf 2; the guest still finds the end of the list.
+        let end = leaf(&e, 0xb, 2);
+        assert_eq!((end.eax, end.ebx, end.ecx, end.edx), (0, 0, 2, 5));
+        // AMD's leaves stay as the host has them: 0x8000_0008 ECX is reserved on Intel.
+        assert_eq!(leaf(&e, 0x8000_0008, 0), leaf(&host, 0x8000_0008, 0));
+        assert!(!e.iter().any(|x| x.function == 0x8000_001e));
     }
 
     #[test]

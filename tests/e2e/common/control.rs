@@ -18,6 +18,8 @@ impl Scratch {
     pub fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("bhyve-rs-{tag}-{}", vm_name()));
         std::fs::create_dir_all(&dir).expect("create scratch directory");
+        // It is bhyve's run directory too, which no one else may write, whatever the umask.
+        super::writable_by_owner_only(&dir);
         Scratch(dir)
     }
     pub fn path(&self, name: &str) -> PathBuf {

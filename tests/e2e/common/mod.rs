@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,56 @@ pub const CONSOLE_MACHINE: [&str; 8] = [
     "31,lpc",
 ];
 
+/// This test process's run directory for bhyve's control sockets, so that no test touches the
+/// host's /var/run/bhyve (or meets another process's sockets there).
+pub fn own_rundir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the test run directory");
+        writable_by_owner_only(&dir);
+        dir
+    })
+}
+
+/// bhyve refuses a run directory that others can write: a test's run directories are made
+/// 0755 whatever the umask.
+pub fn writable_by_owner_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the run directory");
+}
+
+/// The `bhyve` at `binary`, keeping its control socket in [`own_rundir`]; a later
+/// `-o rundir=` on the same command line replaces it.
+pub fn bhyve_at(binary: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("-o")
+        .arg(format!("rundir={}", own_rundir().display()));
+    cmd
+}
+
+/// This build's `bhyve`, as [`bhyve_at`] starts it.
+pub fn bhyve() -> Command {
+    bhyve_at(Path::new(env!("CARGO_BIN_EXE_bhyve")))
+}
+
+/// Refuses to start a `bhyve` that would fall back to the host's run directory.
+fn check_own_rundir(cmd: &Command) {
+    let program = Path::new(cmd.get_program());
+    if program.file_name() != Some(std::ffi::OsStr::new("bhyve")) {
+        return;
+    }
+    let has_rundir = cmd
+        .get_args()
+        .any(|a| a.to_str().is_some_and(|a| a.starts_with("rundir=")));
+    assert!(
+        has_rundir,
+        "{cmd:?} has no -o rundir=: start bhyve with common::bhyve() or common::bhyve_at()"
+    );
+}
+
 /// `bhyve` command line booting `kernel` with COM1 on stdio, as the tests (and users) run it.
 pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
     bhyve_command_with(kernel, guest_cmdline, &[])
@@ -151,7 +201,7 @@ pub fn bhyve_command(kernel: &Path, guest_cmdline: &str) -> Command {
 /// [`bhyve_command`] with more options before the VM name; a later `-c` replaces the default
 /// single vCPU.
 pub fn bhyve_command_with(kernel: &Path, guest_cmdline: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = bhyve();
     cmd.args(CONSOLE_MACHINE);
     cmd.args(["-l", "com1,stdio"]);
     cmd.arg("-o")
@@ -347,6 +397,7 @@ fn spawn_reader(mut source: impl Read + Send + 'static, shared: Arc<Shared>, is_
 impl Console {
     /// Starts `cmd` with piped stdin/stdout/stderr.
     pub fn spawn(label: &'static str, mut cmd: Command) -> Console {
+        check_own_rundir(&cmd);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -180,6 +180,15 @@ pub struct Cpu {
     x2apic_id: AtomicU32,
     smt_shift: AtomicU32,
     package_shift: AtomicU32,
+    /// Whether leaf 0 names AMD (or Hygon), whose topology leaves are 0x8000_0008 and
+    /// 0x8000_001E; `has_amd_topology` says whether 0x8000_001E exists (TopoExt).
+    amd: AtomicBool,
+    has_amd_topology: AtomicBool,
+    /// 0x8000_0008 ECX: NC (logical CPUs per package - 1) and ApicIdCoreIdSize.
+    amd_ecx_8: AtomicU32,
+    /// 0x8000_001E EAX (extended APIC id) and EBX (threads per compute unit, compute unit id).
+    amd_eax_1e: AtomicU32,
+    amd_ebx_1e: AtomicU32,
     /// Iterations of the worker loop; lives in guest RAM, so it survives a snapshot.
     work: AtomicU64,
     /// Set while the CPU is in its counting loop, so `work off` can wait until all have left.
@@ -197,6 +206,11 @@ const OFFLINE: Cpu = Cpu {
     x2apic_id: AtomicU32::new(0),
     smt_shift: AtomicU32::new(0),
     package_shift: AtomicU32::new(0),
+    amd: AtomicBool::new(false),
+    has_amd_topology: AtomicBool::new(false),
+    amd_ecx_8: AtomicU32::new(0),
+    amd_eax_1e: AtomicU32::new(0),
+    amd_ebx_1e: AtomicU32::new(0),
     work: AtomicU64::new(0),
     counting: AtomicBool::new(false),
 };
@@ -242,7 +256,8 @@ fn cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
 
 /// Records the calling CPU's APIC id and CPUID topology in `cpu` and marks it online.
 fn register(cpu: &Cpu) {
-    let max_leaf = cpuid(0, 0).eax;
+    let leaf0 = cpuid(0, 0);
+    let max_leaf = leaf0.eax;
     let leaf1 = cpuid(1, 0);
     cpu.apic_id
         .store(lapic_read(LAPIC_ID) >> 24, Ordering::Relaxed);
@@ -270,6 +285,22 @@ fn register(cpu: &Cpu) {
         cpu.package_shift
             .store(package_shift.unwrap_or(smt_shift), Ordering::Relaxed);
         cpu.has_leaf_b.store(true, Ordering::Relaxed);
+    }
+    // "AuthenticAMD" or "HygonGenuine": EBX holds the first four letters.
+    if leaf0.ebx == u32::from_le_bytes(*b"Auth") || leaf0.ebx == u32::from_le_bytes(*b"Hygo") {
+        cpu.amd.store(true, Ordering::Relaxed);
+        let max_extended = cpuid(0x8000_0000, 0).eax;
+        if max_extended >= 0x8000_0008 {
+            cpu.amd_ecx_8
+                .store(cpuid(0x8000_0008, 0).ecx, Ordering::Relaxed);
+        }
+        const TOPOEXT: u32 = 1 << 22;
+        if max_extended >= 0x8000_001e && cpuid(0x8000_0001, 0).ecx & TOPOEXT != 0 {
+            let leaf = cpuid(0x8000_001e, 0);
+            cpu.amd_eax_1e.store(leaf.eax, Ordering::Relaxed);
+            cpu.amd_ebx_1e.store(leaf.ebx, Ordering::Relaxed);
+            cpu.has_amd_topology.store(true, Ordering::Relaxed);
+        }
     }
     cpu.online.store(true, Ordering::Release);
     ONLINE.fetch_add(1, Ordering::AcqRel);
@@ -438,6 +469,34 @@ fn topology(cpu: &Cpu) -> (u32, u32, u32, &'static str) {
             cpu.package_shift.load(Ordering::Relaxed),
             "leaf 0xb",
         )
+    } else if cpu.has_amd_topology.load(Ordering::Relaxed) {
+        // AMD: threads per compute unit from 0x8000_001E; the package field starts at
+        // ApicIdCoreIdSize, or, where that is 0, at the bits NC + 1 CPUs need.
+        let ecx = cpu.amd_ecx_8.load(Ordering::Relaxed);
+        let threads = ((cpu.amd_ebx_1e.load(Ordering::Relaxed) >> 8) & 0xff) + 1;
+        let package_shift = match (ecx >> 12) & 0xf {
+            0 => log2_ceil((ecx & 0xff) + 1),
+            size => size,
+        };
+        (
+            cpu.amd_eax_1e.load(Ordering::Relaxed),
+            log2_ceil(threads),
+            package_shift,
+            "leaf 0x8000001e",
+        )
+    } else if cpu.amd.load(Ordering::Relaxed) {
+        // AMD without TopoExt: NC + 1 cores per package, each of them one logical CPU.
+        let ecx = cpu.amd_ecx_8.load(Ordering::Relaxed);
+        let package_shift = match (ecx >> 12) & 0xf {
+            0 => log2_ceil((ecx & 0xff) + 1),
+            size => size,
+        };
+        (
+            cpu.leaf1_ebx.load(Ordering::Relaxed) >> 24,
+            0,
+            package_shift,
+            "leaf 0x80000008",
+        )
     } else {
         // Leaf 1 gives the logical processors per package (with HTT), leaf 4 the cores.
         let ebx = cpu.leaf1_ebx.load(Ordering::Relaxed);
@@ -481,14 +540,32 @@ pub fn print_cpus() {
         }
         let (package, core, thread, source) = topology(cpu);
         let ebx = cpu.leaf1_ebx.load(Ordering::Relaxed);
-        println!(
+        print!(
             "cpu {n} apic {} package {package} core {core} thread {thread} \
-             (leaf 1 apic {} logical {}, leaf 4 cores {}, {source})",
+             (leaf 1 apic {} logical {}, leaf 4 cores {}, ",
             cpu.apic_id.load(Ordering::Relaxed),
             ebx >> 24,
             (ebx >> 16) & 0xff,
             (cpu.leaf4_eax.load(Ordering::Relaxed) >> 26) + 1,
         );
+        if cpu.amd.load(Ordering::Relaxed) {
+            let ecx = cpu.amd_ecx_8.load(Ordering::Relaxed);
+            print!(
+                "leaf 0x80000008 nc {} idsize {}, ",
+                ecx & 0xff,
+                (ecx >> 12) & 0xf
+            );
+        }
+        if cpu.has_amd_topology.load(Ordering::Relaxed) {
+            let ebx = cpu.amd_ebx_1e.load(Ordering::Relaxed);
+            print!(
+                "leaf 0x8000001e extapic {} unit {} threads {}, ",
+                cpu.amd_eax_1e.load(Ordering::Relaxed),
+                ebx & 0xff,
+                ((ebx >> 8) & 0xff) + 1,
+            );
+        }
+        println!("{source})");
     }
     println!("cpus {} online", ONLINE.load(Ordering::Acquire));
 }

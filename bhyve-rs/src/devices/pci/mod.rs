@@ -162,6 +162,20 @@ pub enum BarKind {
     Rom,
 }
 
+impl BarKind {
+    /// The kind as an error message names it.
+    pub fn in_words(self) -> &'static str {
+        match self {
+            BarKind::None => "unused",
+            BarKind::Io => "I/O space",
+            BarKind::Mem32 => "32-bit memory",
+            BarKind::Mem64 => "64-bit memory",
+            BarKind::Mem64High => "the upper half of a 64-bit memory BAR",
+            BarKind::Rom => "an expansion ROM",
+        }
+    }
+}
+
 /// One BAR: its kind, guest address and size (a power of two).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Bar {
@@ -1037,8 +1051,12 @@ impl PciFunction {
         for (index, (saved, current)) in state.bars.iter().zip(&self.config.bars).enumerate() {
             if saved.kind != current.kind || saved.size != current.size {
                 return Err(format!(
-                    "{}: BAR {index} was {:?} of {:#x} bytes, is {:?} of {:#x} bytes",
-                    self.name, saved.kind, saved.size, current.kind, current.size
+                    "{}: BAR {index} was {} of {:#x} bytes, is {} of {:#x} bytes",
+                    self.name,
+                    saved.kind.in_words(),
+                    saved.size,
+                    current.kind.in_words(),
+                    current.size
                 ));
             }
             if saved.size != 0 && saved.addr % saved.size != 0 {

@@ -552,6 +552,20 @@ fn restored_function_state_maps_bars_where_the_saved_guest_had_them() {
     let mut bad = saved.clone();
     bad.bars[1].size = 8192;
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
+    // A BAR of another kind is told in words.
+    bad = saved.clone();
+    let (kind, size) = (bad.bars[1].kind, bad.bars[1].size);
+    bad.bars[1].kind = BarKind::Io;
+    let err = probe2.lock().unwrap().restore_state(&bad).unwrap_err();
+    assert_eq!(
+        err,
+        format!(
+            "{}: BAR 1 was I/O space of 0x{size:x} bytes, is {} of 0x{size:x} bytes",
+            probe2.lock().unwrap().name,
+            kind.in_words()
+        )
+    );
+    assert!(!err.contains("Io") && !err.contains("Mem"), "{err}");
     bad = saved.clone();
     bad.config.truncate(64);
     assert!(probe2.lock().unwrap().restore_state(&bad).is_err());
