@@ -27,7 +27,6 @@ fn legacy_error(progname: &str, e: LegacyError) -> CliError {
     match e {
         LegacyError::Tree(e) => config_error(progname, &e),
         LegacyError::Invalid(line) => fail(line),
-        LegacyError::Silent => CliError::new(4, Vec::new()),
     }
 }
 
@@ -374,7 +373,12 @@ mod tests {
                 .get("pci.0.5.0.path"),
             Some("/dev/input/event0")
         );
-        assert_eq!(parse("5,virtio-input").unwrap_err().status, 4);
+        let missing_path = parse("5,virtio-input").unwrap_err();
+        assert_eq!(missing_path.status, 4);
+        assert_eq!(
+            missing_path.lines,
+            ["virtio-input: a device path is required (-s SLOT,virtio-input,/dev/input/eventN)"]
+        );
         assert_eq!(
             parse("5,uart,/dev/nmdm0A,x").unwrap().get("pci.0.5.0.path"),
             Some("/dev/nmdm0A,x")

@@ -12,8 +12,6 @@ pub enum LegacyError {
     Tree(ConfigError),
     /// The emulation refused the string; the line is printed as it is.
     Invalid(String),
-    /// Refused without a word, as FreeBSD does for some emulations.
-    Silent,
 }
 
 impl From<ConfigError> for LegacyError {

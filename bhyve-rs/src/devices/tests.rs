@@ -92,6 +92,7 @@ fn attach_builds_hostbridge_lpc_and_com_ports() {
             "com3",
             "com4",
             "rtc",
+            "hpet",
             "pm"
         ]
     );
@@ -178,7 +179,7 @@ fn an_empty_configuration_creates_nothing() {
     let devices = attach_for_test(&Config::new(), &buses, Arc::new(FakeSink::default())).unwrap();
     // Only the devices every VM has.
     let names: Vec<String> = devices.instances().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, ["rtc", "pm"]);
+    assert_eq!(names, ["rtc", "hpet", "pm"]);
     let mut data = [0u8; 4];
     assert!(!buses.pio.read(0xcf8, &mut data));
 }

@@ -64,8 +64,11 @@ fn scsi(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), 
 /// pci_virtio_input.c: the first token is `path`, and required.
 fn input(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
     match conf {
-        // FreeBSD refuses a missing device path without printing anything.
-        None => Err(LegacyError::Silent),
+        // FreeBSD refuses a missing device path with exit status 4 and no word; say why.
+        None => Err(LegacyError::Invalid(
+            "virtio-input: a device path is required (-s SLOT,virtio-input,/dev/input/eventN)"
+                .to_string(),
+        )),
         Some(_) => w.first_token_then_generic(node, "path", conf),
     }
 }

@@ -259,7 +259,7 @@ impl super::Vm for KvmVm {
             })
             .collect();
         let cpuid = CpuId::from_entries(&kvm_entries)
-            .map_err(|e| VmmError::Invalid(format!("CPUID table: {e:?}")))?;
+            .map_err(|_| VmmError::Invalid("CPUID table: larger than KVM allows".into()))?;
         fd.set_cpuid2(&cpuid)
             .map_err(|e| VmmError::ioctl("KVM_SET_CPUID2", e))?;
         let run: *mut kvm_run = fd.get_kvm_run();
@@ -740,7 +740,7 @@ impl KvmVcpu {
             return Ok(pod_bytes(&xsave).to_vec());
         }
         let mut xsave = Xsave::new((self.xsave_len() - legacy).div_ceil(4))
-            .map_err(|e| VmmError::Invalid(format!("XSAVE area: {e:?}")))?;
+            .map_err(|_| VmmError::Invalid("XSAVE area: larger than KVM allows".into()))?;
         // SAFETY: the area was allocated with the size KVM_CAP_XSAVE2 reported for this VM.
         unsafe { self.fd.get_xsave2(&mut xsave) }
             .map_err(|e| VmmError::ioctl("KVM_GET_XSAVE2", e))?;
@@ -775,7 +775,7 @@ impl KvmVcpu {
                 .map_err(|e| VmmError::ioctl("KVM_SET_XSAVE", e));
         }
         let mut xsave = Xsave::new((host - legacy).div_ceil(4))
-            .map_err(|e| VmmError::Invalid(format!("XSAVE area: {e:?}")))?;
+            .map_err(|_| VmmError::Invalid("XSAVE area: larger than KVM allows".into()))?;
         // SAFETY: only the fixed-size header is replaced; the length of the trailing array is
         // left as allocated.
         unsafe { xsave.as_mut_fam_struct() }.xsave = header;
@@ -808,7 +808,7 @@ impl KvmVcpu {
                 })
                 .collect();
             let mut msrs = Msrs::from_entries(&entries)
-                .map_err(|e| VmmError::Invalid(format!("MSR list: {e:?}")))?;
+                .map_err(|_| VmmError::Invalid("MSR list: larger than KVM allows".into()))?;
             let read = self
                 .fd
                 .get_msrs(&mut msrs)
@@ -866,7 +866,7 @@ impl KvmVcpu {
         check_features_available(&cpuid_entries(&saved), &cpuid_entries(fresh.as_slice()))
             .map_err(VmmError::Invalid)?;
         let cpuid = CpuId::from_entries(&saved)
-            .map_err(|e| VmmError::Invalid(format!("CPUID table: {e:?}")))?;
+            .map_err(|_| VmmError::Invalid("CPUID table: larger than KVM allows".into()))?;
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(|e| VmmError::ioctl("KVM_SET_CPUID2", e))
@@ -1203,7 +1203,7 @@ impl Vcpu for KvmVcpu {
             })
             .collect();
         let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| VmmError::Invalid(format!("MSR list: {e:?}")))?;
+            .map_err(|_| VmmError::Invalid("MSR list: larger than KVM allows".into()))?;
         let read = self
             .fd
             .get_msrs(&mut msrs)
@@ -1234,7 +1234,7 @@ impl Vcpu for KvmVcpu {
             })
             .collect();
         let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| VmmError::Invalid(format!("MSR list: {e:?}")))?;
+            .map_err(|_| VmmError::Invalid("MSR list: larger than KVM allows".into()))?;
         let written = self
             .fd
             .set_msrs(&msrs)
