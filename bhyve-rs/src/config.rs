@@ -378,6 +378,21 @@ impl Config {
     }
 }
 
+/// The defaults amd64 bhyve sets before parsing options (`bhyve_init_config`).
+pub fn default_config() -> Config {
+    let mut c = Config::new();
+    for (k, v) in [
+        ("acpi_tables", "true"),
+        ("acpi_tables_in_memory", "true"),
+        ("memory.size", "256M"),
+        ("x86.strictmsr", "true"),
+        ("lpc.fwcfg", "bhyve"),
+    ] {
+        c.set(k, v);
+    }
+    c
+}
+
 /// Parse a boolean the way bhyve_config(5) does: true/on/yes/1 and false/off/no/0, any case.
 pub fn parse_bool(value: &str) -> Option<bool> {
     match value.to_ascii_lowercase().as_str() {

@@ -45,6 +45,7 @@ pub mod config;
 pub mod control;
 pub mod description;
 pub mod devices;
+pub mod firmware;
 pub mod interrupts;
 pub mod lifecycle;
 pub mod logging;
@@ -56,3 +57,6 @@ pub mod proctitle;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;
+
+#[cfg(test)]
+mod layering_tests;

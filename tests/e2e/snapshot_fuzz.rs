@@ -24,7 +24,7 @@ use bhyve::devices::pci::PciFunctionState;
 use bhyve::devices::pm::PmState;
 use bhyve::devices::rtc::RtcState;
 use bhyve::devices::uart::UartState;
-use bhyve::snapshot::vm::{decode_backend_state, BackendStatePayload};
+use bhyve::snapshot::backend_state::{decode_backend_state, BackendStatePayload};
 use bhyve::snapshot::{
     decode_section, encode_section, reseal, SectionEntry, SectionKind, SnapshotReader,
     FORMAT_PAGE_SIZE,

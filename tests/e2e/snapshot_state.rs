@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bhyve::devices::pm::{PmState, PMTMR_FREQ};
 use bhyve::devices::rtc::RtcState;
-use bhyve::snapshot::vm::decode_backend_state;
+use bhyve::snapshot::backend_state::decode_backend_state;
 use bhyve::snapshot::{SnapshotReader, HEADER_FLAG_SUSPENDED};
 use bhyve::vmm::BackendState;
 use common::control::{bhyvectl, Scratch};

@@ -333,7 +333,8 @@ fn tables_are_on_unless_configured_off() {
     assert_eq!(acpi_tables_enabled(&config), Ok(false));
 }
 
-/// The DSDT a VM gets from `devices::attach`, found in guest memory as a guest would.
+/// The DSDT a VM gets from `devices::attach` and `firmware::write_tables`, found in guest
+/// memory as a guest would.
 fn dsdt_of_attached_vm(pairs: &[(&str, &str)]) -> Vec<u8> {
     struct NoInterrupts;
     impl crate::interrupts::InterruptSink for NoInterrupts {
@@ -353,7 +354,7 @@ fn dsdt_of_attached_vm(pairs: &[(&str, &str)]) -> Vec<u8> {
     }
     let memory = std::sync::Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
     let buses = std::sync::Arc::new(crate::bus::Buses::default());
-    let _devices = crate::devices::attach(
+    let devices = crate::devices::attach(
         &config,
         &crate::vmm::PlatformCaps::KVM,
         &buses,
@@ -362,6 +363,8 @@ fn dsdt_of_attached_vm(pairs: &[(&str, &str)]) -> Vec<u8> {
         memory.clone(),
     )
     .unwrap();
+    let topology = crate::description::topology(&config).unwrap();
+    crate::firmware::write_tables(&config, &topology, &memory, &devices).unwrap();
     let mut area = vec![0u8; (BIOS_AREA_END - BHYVE_ACPI_BASE) as usize];
     memory.read(BHYVE_ACPI_BASE, &mut area).unwrap();
     let start = (0..area.len())

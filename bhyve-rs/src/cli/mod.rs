@@ -13,7 +13,7 @@ mod pci;
 use std::path::PathBuf;
 
 use crate::config::cnum;
-use crate::config::{Config, ConfigError};
+use crate::config::{default_config, Config, ConfigError};
 use crate::description::{DescriptionError, MachineDescription, CPU_SETSIZE};
 pub use getopt::{Getopt, GetoptItem};
 
@@ -148,21 +148,6 @@ pub(crate) fn config_error(progname: &str, e: &ConfigError) -> CliError {
             .map(|l| format!("{progname}: {l}"))
             .collect(),
     )
-}
-
-/// The defaults amd64 bhyve sets before parsing options (`bhyve_init_config`).
-pub fn default_config() -> Config {
-    let mut c = Config::new();
-    for (k, v) in [
-        ("acpi_tables", "true"),
-        ("acpi_tables_in_memory", "true"),
-        ("memory.size", "256M"),
-        ("x86.strictmsr", "true"),
-        ("lpc.fwcfg", "bhyve"),
-    ] {
-        c.set(k, v);
-    }
-    c
 }
 
 struct Parser<'a> {

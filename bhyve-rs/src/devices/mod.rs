@@ -28,8 +28,8 @@ use std::sync::Arc;
 use crate::bus::{BusError, Buses};
 use crate::config::{parse_c_unsigned, parse_memsize, Config};
 use crate::interrupts::InterruptSink;
+use crate::lifecycle::RequestExit;
 use crate::memory::GuestMemory;
-use crate::vcpu::VmControl;
 use crate::vmm::PlatformCaps;
 
 use pci::irq::PirqRouter;
@@ -278,6 +278,8 @@ pub struct Devices {
     /// Every stateful part: the PCI functions by address, then the platform devices in
     /// registry order.
     parts: Vec<Arc<dyn Stateful>>,
+    /// Where the LPC bridge is, if there is one (the COM ports and the ACPI devices hang off it).
+    lpc: Option<PciAddress>,
 }
 
 impl Drop for Devices {
@@ -325,6 +327,11 @@ impl Devices {
         self.pci.as_ref()
     }
 
+    /// The LPC bridge's address, if one is configured.
+    pub fn lpc(&self) -> Option<PciAddress> {
+        self.lpc
+    }
+
     /// The ACPI power-management registers (power button, S5, reset).
     pub fn power_management(&self) -> Option<&std::sync::Mutex<pm::PowerManagement>> {
         self.find::<std::sync::Mutex<pm::PowerManagement>>().next()
@@ -347,7 +354,11 @@ impl Devices {
     /// Devices made of `parts` alone, for tests of the code that walks them.
     #[cfg(test)]
     pub(crate) fn from_parts(parts: Vec<Arc<dyn Stateful>>) -> Self {
-        Self { pci: None, parts }
+        Self {
+            pci: None,
+            parts,
+            lpc: None,
+        }
     }
 
     fn add_pci(&mut self, root: Arc<PciRoot>) {
@@ -383,7 +394,7 @@ pub fn attach(
     platform: &PlatformCaps,
     buses: &Arc<Buses>,
     interrupts: Arc<dyn InterruptSink>,
-    control: Arc<VmControl>,
+    control: Arc<dyn RequestExit>,
     memory: Arc<GuestMemory>,
 ) -> Result<Devices, DeviceError> {
     let plan = plan(config, platform)?;
@@ -426,77 +437,8 @@ pub fn attach(
     // Nothing reaches device state from outside before the machine starts (or, for a
     // restore, before the saved state is loaded over it): see `Devices::resume`.
     devices.pause();
-    write_firmware_tables(config, &memory, plan.lpc, &devices)?;
+    devices.lpc = plan.lpc;
     Ok(devices)
-}
-
-/// The firmware tables in guest memory (ACPI, MP table), built from the devices.
-fn write_firmware_tables(
-    config: &Config,
-    memory: &GuestMemory,
-    lpc: Option<PciAddress>,
-    devices: &Devices,
-) -> Result<(), DeviceError> {
-    let cpus = u32::from(
-        crate::description::topology(config)
-            .map_err(DeviceError::Platform)?
-            .cpus,
-    );
-    // Routed INTx pins, for the DSDT's _PRT and the MP table.
-    let pci_intx: Vec<crate::mptable::PciIntxRoute> = devices
-        .pci
-        .iter()
-        .flat_map(|root| root.intx_routes())
-        .map(|r| crate::mptable::PciIntxRoute {
-            bus: r.bus,
-            slot: r.slot,
-            pin: r.pin,
-            ioapic_irq: r.route.ioapic_irq,
-            pirq_pin: r.route.pirq_pin,
-        })
-        .collect();
-    if crate::acpi::acpi_tables_enabled(config).map_err(DeviceError::Platform)? {
-        let mut layout =
-            crate::acpi::AcpiLayout::bhyve(cpus, memory.lowmem_end(), memory.highmem_size());
-        layout.pci_intx = pci_intx.clone();
-        layout.lpc = lpc.map(|address| crate::acpi::LpcLayout {
-            slot: address.slot,
-            func: address.function,
-            com_ports: crate::acpi::ComPort::BHYVE.to_vec(),
-        });
-        // The windows bus 0 really decodes, as bhyve's pci_bus_write_dsdt writes them.
-        if let Some(windows) = devices.pci.as_ref().and_then(|root| root.bus_windows(0)) {
-            layout.pci_io = crate::acpi::Window {
-                base: windows.io.0 as u32,
-                end: windows.io.1 as u32,
-            };
-            layout.pci_mmio32 = crate::acpi::Window {
-                base: windows.mem32.0 as u32,
-                end: windows.mem32.1 as u32,
-            };
-            layout.pci_mmio64 = crate::acpi::Window {
-                base: windows.mem64.0,
-                end: windows.mem64.1,
-            };
-        }
-        let blob = crate::acpi::build_tables(&layout)
-            .map_err(|e| DeviceError::Platform(format!("ACPI tables: {e}")))?;
-        memory
-            .write(blob.gpa, &blob.bytes)
-            .map_err(|e| DeviceError::Platform(format!("ACPI tables: {e}")))?;
-    }
-    if crate::mptable::mptable_enabled(config).map_err(DeviceError::Platform)? {
-        let cpus = u16::try_from(cpus)
-            .map_err(|_| DeviceError::Platform(format!("MP table: {cpus} vCPUs")))?;
-        let mut layout = crate::mptable::MpTableLayout::new(cpus);
-        layout.pci_intx = pci_intx;
-        let table = crate::mptable::build_mptable(&layout, crate::mptable::MPTABLE_BASE as u32)
-            .map_err(|e| DeviceError::Platform(format!("MP table: {e}")))?;
-        memory
-            .write(crate::mptable::MPTABLE_BASE, &table)
-            .map_err(|e| DeviceError::Platform(format!("MP table: {e}")))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

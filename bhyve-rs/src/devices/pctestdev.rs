@@ -14,7 +14,7 @@ use crate::bus::{BusDevice, BusError, Buses};
 use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
 use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
-use crate::vcpu::{ExitReason, VmControl};
+use crate::lifecycle::{ExitReason, RequestExit};
 
 pub const DEVICE: PlatformDevice = PlatformDevice {
     name: "pc-testdev",
@@ -70,7 +70,7 @@ fn read_le(data: &[u8]) -> u32 {
 }
 
 struct DebugExit {
-    control: Arc<VmControl>,
+    control: Arc<dyn RequestExit>,
 }
 
 impl BusDevice for DebugExit {
@@ -227,7 +227,7 @@ impl crate::devices::Persist for PcTestDev {
 pub fn attach(
     buses: &Buses,
     interrupts: Arc<dyn InterruptSink>,
-    control: Arc<VmControl>,
+    control: Arc<dyn RequestExit>,
 ) -> Result<PcTestDev, (u64, BusError)> {
     let scratch = Arc::new(Mutex::new(IoPort { data: 0 }));
     let memory = Arc::new(Mutex::new(IoMem {

@@ -33,7 +33,7 @@ use crate::bus::{Bus, BusDevice, BusError, SharedDevice};
 use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
 use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
-use crate::vcpu::ExitReason;
+use crate::lifecycle::ExitReason;
 
 /// PM1a event block (status at +0, enable at +2).
 pub const PM1A_EVT_ADDR: u16 = 0x400;

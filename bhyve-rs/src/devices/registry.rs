@@ -26,8 +26,8 @@ use crate::bus::Buses;
 use crate::config::legacy::LegacyParser;
 use crate::config::Config;
 use crate::interrupts::InterruptSink;
+use crate::lifecycle::RequestExit;
 use crate::memory::GuestMemory;
-use crate::vcpu::VmControl;
 use crate::vmm::PlatformCaps;
 
 /// What a PCI emulation's plan sees: the configuration, and what earlier slots planned.
@@ -93,7 +93,7 @@ pub struct PlatformCreate<'a> {
     pub buses: &'a Arc<Buses>,
     pub interrupts: &'a Arc<dyn InterruptSink>,
     /// To end the VM (power off, reset, debug exit).
-    pub control: &'a Arc<VmControl>,
+    pub control: &'a Arc<dyn RequestExit>,
     pub memory: &'a GuestMemory,
 }
 

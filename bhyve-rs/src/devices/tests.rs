@@ -1,5 +1,5 @@
 use super::*;
-use crate::vcpu::ExitReason;
+use crate::vcpu::{ExitReason, VmControl};
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -559,7 +559,7 @@ fn the_mp_table_lists_the_routed_intx_pins_and_the_dummy_drives_its_line() {
     let buses = Arc::new(Buses::default());
     let sink = Arc::new(FakeSink::default());
     let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
-    let _devices = attach(
+    let devices = attach(
         &cfg,
         &crate::vmm::PlatformCaps::KVM,
         &buses,
@@ -568,6 +568,8 @@ fn the_mp_table_lists_the_routed_intx_pins_and_the_dummy_drives_its_line() {
         memory.clone(),
     )
     .unwrap();
+    let topology = crate::description::topology(&cfg).unwrap();
+    crate::firmware::write_tables(&cfg, &topology, &memory, &devices).unwrap();
     // Slot 5 INTA: pin register 1, line register IRQ 5 (PIRQ A).
     assert_eq!(pci_read32(&buses, 5, 0x3c) & 0xffff, 0x0105);
 

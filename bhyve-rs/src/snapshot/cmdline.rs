@@ -177,7 +177,7 @@ mod tests {
     use super::*;
 
     fn tree(pairs: &[(&str, &str)]) -> Config {
-        let mut c = crate::cli::default_config();
+        let mut c = crate::config::default_config();
         for (k, v) in pairs {
             c.set(k, v);
         }
@@ -199,7 +199,7 @@ mod tests {
     #[test]
     fn no_machine_option_takes_the_snapshot_and_the_given_host_options() {
         let given = tree(&[("rundir", "/tmp/run"), ("name", "vm1")]);
-        let config = restore_config(&saved(), &given, &crate::cli::default_config()).unwrap();
+        let config = restore_config(&saved(), &given, &crate::config::default_config()).unwrap();
         assert_eq!(config.get("rundir"), Some("/tmp/run"));
         assert_eq!(config.get("name"), Some("vm1"));
         assert_eq!(config.get("pci.0.31.0.device"), Some("lpc"));
@@ -216,7 +216,7 @@ mod tests {
             ("pci.0.31.0.device", "lpc"),
             ("snapshot.restore", "copy"),
         ]);
-        let config = restore_config(&saved(), &given, &crate::cli::default_config()).unwrap();
+        let config = restore_config(&saved(), &given, &crate::config::default_config()).unwrap();
         assert_eq!(config.get("lpc.com1.path"), Some("/dev/nmdm0A"));
         assert_eq!(config.get("snapshot.restore"), Some("copy"));
         assert_eq!(config.get("boot.kernel"), Some("/boot/guest"));
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn the_first_difference_is_named_with_both_values() {
-        let defaults = crate::cli::default_config();
+        let defaults = crate::config::default_config();
         let base = [
             ("lpc.com1.path", "stdio"),
             ("cpus", "1"),
@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn host_side_options_alone_change_only_the_host_side() {
-        let defaults = crate::cli::default_config();
+        let defaults = crate::config::default_config();
         // bhyve -r FILE -l com1,/dev/nmdm1A -p 0:3 -o rundir=/tmp/run vm1
         let given = tree(&[
             ("lpc.com1.path", "/dev/nmdm1A"),

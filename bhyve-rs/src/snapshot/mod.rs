@@ -6,13 +6,13 @@
 //! [`SnapshotWriter`] builds one atomically; [`SnapshotReader`] validates one and hands out its
 //! sections and RAM.
 
+pub mod backend_state;
 pub mod cmdline;
 mod format;
 mod inspect;
 pub mod mapped;
 mod ram;
 mod reader;
-pub mod vm;
 mod writer;
 
 #[cfg(test)]
@@ -23,6 +23,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub(crate) use format::label as section_label;
 pub use format::{
     reseal, Arch, Backend, Header, HeaderInfo, Requirement, SectionEntry, SectionKind,
     FORMAT_MAJOR, FORMAT_MINOR, FORMAT_PAGE_SIZE, HEADER_FLAG_SUSPENDED, MAGIC,

@@ -1194,10 +1194,10 @@ fn a_new_device_part_is_saved_and_restored_without_the_snapshot_code_naming_it()
     let dir_fd = File::open(&dir.0).unwrap();
     let mut writer = SnapshotWriter::create_in(&dir_fd, "parts.snap", info()).unwrap();
     writer.add_config([("name", "vm")]).unwrap();
-    vm::add_device_states(&mut writer, &devices).unwrap();
+    crate::machine::checkpoint::add_device_states(&mut writer, &devices).unwrap();
     writer.commit().unwrap();
 
-    let restore = vm::Restore::open(&dir.path("parts.snap")).unwrap();
+    let restore = crate::machine::checkpoint::Restore::open(&dir.path("parts.snap")).unwrap();
     let fresh_a = CounterPart::new("a", 0, &events);
     let fresh_b = CounterPart::new("b", 0, &events);
     let fresh = Devices::from_parts(vec![fresh_a.clone(), fresh_b.clone()]);
@@ -1207,7 +1207,7 @@ fn a_new_device_part_is_saved_and_restored_without_the_snapshot_code_naming_it()
 
     // A part that writes a newer version than the file holds is refused by name; one the file
     // lacks is missing.
-    let restore = vm::Restore::open(&dir.path("parts.snap")).unwrap();
+    let restore = crate::machine::checkpoint::Restore::open(&dir.path("parts.snap")).unwrap();
     let newer = Arc::new(CounterPart {
         version: 4,
         ..Arc::into_inner(CounterPart::new("a", 0, &events)).unwrap()
@@ -1219,7 +1219,7 @@ fn a_new_device_part_is_saved_and_restored_without_the_snapshot_code_naming_it()
         err.contains("counter/a") && err.contains("older bhyve"),
         "{err}"
     );
-    let restore = vm::Restore::open(&dir.path("parts.snap")).unwrap();
+    let restore = crate::machine::checkpoint::Restore::open(&dir.path("parts.snap")).unwrap();
     let err = restore
         .restore_device_states(&Devices::from_parts(vec![CounterPart::new(
             "c", 0, &events,

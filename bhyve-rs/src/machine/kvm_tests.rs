@@ -672,7 +672,7 @@ impl crate::devices::pci::PciDevice for Unsaveable {}
 #[test]
 fn a_device_that_cannot_be_saved_fails_the_checkpoint_before_anything_is_written() {
     use crate::devices::pci::{ConfigSpace, PciAddress, PciRootBuilder};
-    use crate::snapshot::vm::{checkpoint, SaveTarget};
+    use crate::machine::checkpoint::{checkpoint, SaveTarget};
 
     let Some(hv) = hypervisor() else { return };
     const COUNTER: u64 = 0x30_0000;

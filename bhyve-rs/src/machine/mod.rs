@@ -17,6 +17,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "bhyve_snapshot")]
+pub mod checkpoint;
+
 use crate::boot::{self, BootError, BootFiles};
 use crate::bootrom::{BootRom, BootRomError};
 use crate::bus::Buses;
@@ -44,6 +47,8 @@ pub enum MachineError {
     /// One `devices: ` line per problem (several emulations not supported yet, say).
     #[error("{}", prefixed_lines("devices: ", .0))]
     Devices(#[from] devices::DeviceError),
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
 }
 
 /// `error`'s text with `prefix` before each of its lines.
@@ -90,6 +95,7 @@ pub struct Machine {
     control: Arc<VmControl>,
     buses: Arc<Buses>,
     vm: Arc<dyn Vm>,
+    topology: crate::vmm::Topology,
     /// The boot ROM the VM reads from, mapped for as long as the VM exists.
     bootrom: Option<BootRom>,
 }
@@ -98,7 +104,8 @@ impl Machine {
     /// Create the VM, its RAM and its vCPUs (not started), in the reset state the backend
     /// gives them: vCPU 0 runnable, the others waiting for INIT/SIPI.
     pub fn new(hypervisor: &dyn Hypervisor, spec: VmSpec) -> Result<Self, MachineError> {
-        let cpus = spec.topology.cpus;
+        let topology = spec.topology;
+        let cpus = topology.cpus;
         let vm = hypervisor.create_vm(spec)?;
         let vcpus = (0..u32::from(cpus))
             .map(|id| vm.create_vcpu(id))
@@ -111,6 +118,7 @@ impl Machine {
             control,
             buses: Arc::new(Buses::default()),
             vm,
+            topology,
             bootrom: None,
         })
     }
@@ -141,7 +149,8 @@ impl Machine {
         &self.control
     }
 
-    /// Create the configured devices on this machine's buses.
+    /// Create the configured devices on this machine's buses, and the firmware tables that
+    /// describe them in guest memory.
     pub fn attach_devices(&mut self, config: &Config) -> Result<(), MachineError> {
         let devices = devices::attach(
             config,
@@ -151,6 +160,7 @@ impl Machine {
             self.control.clone(),
             self.vm.memory().clone(),
         )?;
+        crate::firmware::write_tables(config, &self.topology, self.vm.memory(), &devices)?;
         self.devices = Some(Arc::new(Mutex::new(devices)));
         Ok(())
     }
@@ -489,8 +499,8 @@ mod termination {
 #[cfg(feature = "bhyve_snapshot")]
 fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), String> {
     use crate::snapshot::cmdline::{restore_config, RestoreMode};
-    let snapshot = crate::snapshot::vm::Restore::open(path)?;
-    let config = restore_config(&snapshot.config(), cli, &crate::cli::default_config())?;
+    let snapshot = checkpoint::Restore::open(path)?;
+    let config = restore_config(&snapshot.config(), cli, &crate::config::default_config())?;
     let mode = RestoreMode::from_config(&config)?;
     let description = MachineDescription::from_config(&config).map_err(|e| e.to_string())?;
     // Everything that can be refused from the configuration is, before any RAM is read. The ROM
@@ -541,13 +551,13 @@ mod control {
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
 
+    use super::checkpoint::{checkpoint, resume, SaveTarget};
     use super::Machine;
     use crate::config::Config;
     use crate::control::client::DEFAULT_RUNDIR;
     use crate::control::server::{CheckpointRequest, ControlHandler, ControlServer};
     use crate::devices::Devices;
     use crate::memory::GuestMemory;
-    use crate::snapshot::vm::{checkpoint, resume, SaveTarget};
     use crate::vcpu::{ExitReason, VcpuSet, VmControl};
     use crate::vmm::Vm;
 
@@ -638,5 +648,4 @@ mod tests {
 }
 
 #[cfg(all(test, target_os = "linux"))]
-#[path = "machine_kvm_tests.rs"]
 pub(crate) mod kvm_tests;

@@ -13,56 +13,17 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
-use super::cmdline::RestoreMode;
-use super::{
-    Arch, Backend, CopyOptions, HeaderInfo, Requirement, Section, SnapshotReader, SnapshotWriter,
-    HEADER_FLAG_SUSPENDED,
-};
 use crate::config::Config;
 use crate::devices::Devices;
 use crate::memory::{GuestMemory, GuestRegion};
+use crate::snapshot::backend_state::{BackendStatePayload, BACKEND_STATE_VERSION};
+use crate::snapshot::cmdline::RestoreMode;
+use crate::snapshot::{
+    Arch, Backend, CopyOptions, HeaderInfo, Requirement, Section, SnapshotReader, SnapshotWriter,
+    HEADER_FLAG_SUSPENDED,
+};
 use crate::vcpu::VcpuSet;
-use crate::vmm::{BackendState, StateSection, Vm};
-
-/// Payload version of the `vm` and `vcpu` sections. Version 2 added the vCPU's CPUID and TSC
-/// rate. Each device part has its own ([`crate::devices::Persist::state_version`]).
-const BACKEND_STATE_VERSION: u32 = 2;
-
-/// The hypervisor-held state of the VM or of one vCPU, as the `vm` and `vcpu` sections hold
-/// it: the backend's name and its named sub-sections in restore order.
-#[derive(Serialize, Deserialize)]
-pub struct BackendStatePayload {
-    backend: String,
-    sections: Vec<(String, Vec<u8>)>,
-}
-
-impl From<&BackendState> for BackendStatePayload {
-    fn from(state: &BackendState) -> Self {
-        Self {
-            backend: state.backend.clone(),
-            sections: state
-                .sections
-                .iter()
-                .map(|s| (s.name.clone(), s.bytes.clone()))
-                .collect(),
-        }
-    }
-}
-
-impl From<BackendStatePayload> for BackendState {
-    fn from(payload: BackendStatePayload) -> Self {
-        Self {
-            backend: payload.backend,
-            sections: payload
-                .sections
-                .into_iter()
-                .map(|(name, bytes)| StateSection { name, bytes })
-                .collect(),
-        }
-    }
-}
+use crate::vmm::{BackendState, Vm};
 
 /// What a save needs to reach in a running machine.
 pub struct SaveTarget<'a> {
@@ -71,13 +32,6 @@ pub struct SaveTarget<'a> {
     pub vm: &'a dyn Vm,
     pub vcpus: &'a VcpuSet,
     pub devices: &'a Devices,
-}
-
-/// Decode a `vm` or `vcpu` section's payload, e.g. to compare two snapshots.
-pub fn decode_backend_state(payload: &[u8]) -> Result<BackendState, String> {
-    super::decode_section::<BackendStatePayload>(payload)
-        .map(BackendState::from)
-        .map_err(|e| e.to_string())
 }
 
 /// A checkpoint whose state is all in the file: [`Written::commit`] makes it durable and gives
@@ -324,7 +278,7 @@ impl Restore {
                 .iter()
                 .map(|r| (r.host_address() as usize, r.len() as usize))
                 .collect();
-            super::mapped::watch(&self.path, self.reader.file(), needed, ranges);
+            crate::snapshot::mapped::watch(&self.path, self.reader.file(), needed, ranges);
         }
         GuestMemory::from_regions(regions).map_err(|e| e.to_string())
     }
@@ -343,7 +297,7 @@ impl Restore {
             .ok_or_else(|| {
                 format!(
                     "section {} is missing",
-                    super::format::label(name, instance)
+                    crate::snapshot::section_label(name, instance)
                 )
             })
     }
@@ -355,7 +309,7 @@ impl Restore {
         instance: &str,
         version: u32,
     ) -> Result<Option<Section<'_>>, String> {
-        let what = super::format::label(name, instance);
+        let what = crate::snapshot::section_label(name, instance);
         let Some(section) = self
             .reader
             .take_versioned(name, instance, version)
@@ -410,13 +364,13 @@ impl Restore {
                 Some(section) => part.restore(&section)?,
                 None if part.accepts_missing_state() => log::info!(
                     "snapshot has no section {}: {} starts as created",
-                    super::format::label(id.section, &id.instance),
+                    crate::snapshot::section_label(id.section, &id.instance),
                     id.name()
                 ),
                 None => {
                     return Err(format!(
                         "section {} is missing",
-                        super::format::label(id.section, &id.instance)
+                        crate::snapshot::section_label(id.section, &id.instance)
                     ))
                 }
             }
