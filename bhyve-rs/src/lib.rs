@@ -1,8 +1,42 @@
 //! bhyve-rs: the library behind the `bhyve` and `bhyvectl` commands.
 //!
-//! Data flows one way: the command line becomes a configuration tree ([`config`]), the tree
-//! builds a machine (memory, vCPUs, devices on buses), vCPU threads run, and each exit is routed
-//! by a [`bus`] to the device that owns the address. Only [`vmm`] talks to the hypervisor.
+//! Data flows one way: the command line ([`cli`]) becomes a configuration tree ([`config`]),
+//! the tree is described once ([`description`]: topology, memory, pinning, switches) and
+//! builds a machine ([`machine`]): a VM from the backend ([`vmm`]), devices on buses
+//! ([`devices`]), firmware tables ([`firmware`]), vCPU threads ([`vcpu`]). While a vCPU runs,
+//! the backend hands each port, MMIO or MSR access to a [`bus`] and the device that owns the
+//! address. Only [`vmm`] talks to the hypervisor.
+//!
+//! # Layers
+//!
+//! Each module uses only the ones below it (checked by a test, `layering_tests`):
+//!
+//! 1. configuration and shared parts: [`config`] (the tree, C number parsing, the `-s` legacy
+//!    option helpers, bhyve's defaults), [`memory`], [`description`], [`bus`], [`interrupts`],
+//!    [`lifecycle`] (why a VM ends, and the one call that ends it), [`logging`], [`affinity`];
+//! 2. the backend seam, [`vmm`], with KVM in `vmm::kvm` and the userland instruction emulator
+//!    in [`vmm::x86emul`];
+//! 3. the snapshot file format (`snapshot`, feature `bhyve_snapshot`) and the control protocol
+//!    ([`control`]);
+//! 4. [`devices`]: the emulation registry, the device models, their [`devices::Stateful`]
+//!    state;
+//! 5. firmware: [`mptable`], [`acpi`], [`boot`] (direct kernel boot), [`bootrom`], and
+//!    [`firmware`], which writes the tables from the attached devices;
+//! 6. running a machine: [`vcpu`] (threads, pause, kick), [`machine`] (build, run, halt
+//!    detection, checkpoint and restore orchestration);
+//! 7. [`cli`]: argv into a tree, reading the device registry for `-s`; then each binary's `main`.
+//!
+//! # The backend seam
+//!
+//! [`vmm::Hypervisor::create_vm`] takes a [`vmm::VmSpec`] (name, topology, memory, capabilities,
+//! destroy-on-close) and returns a [`vmm::Vm`] that owns guest memory and reports
+//! [`vmm::PlatformCaps`]: which platform devices its kernel holds (FreeBSD: RTC, PM timer, HPET;
+//! KVM: none of them), its I/O APIC pins, whether it detects a halted VM or starts APs itself,
+//! whether a snapshot's RAM can be mapped in. User space makes exactly the platform devices the
+//! kernel lacks (the registry's plans read the caps), so a guest sees the same machine on
+//! every backend. [`vmm::Vcpu::run`] serves accesses through a [`vmm::ExitHandler`] and returns
+//! lifecycle events only ([`vmm::VmExit`]); the backend owns the kick ([`vmm::VcpuKick`]). The
+//! `vmm` module documentation maps every FreeBSD exit code and ioctl group onto the seam.
 //!
 //! # Devices: one registry
 //!

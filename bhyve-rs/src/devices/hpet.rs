@@ -25,7 +25,7 @@
 //!   line high until the guest writes that bit back as 1 or reconfigures the timer.
 //! * Timers fire from a [`Ticker`] thread ([`HpetDevice`]), which [`Hpet::pause`] stops from
 //!   touching state or interrupts (snapshots); the counter itself follows host time throughout.
-//! * A snapshot holds the registers and the counter's value when saved ([`HpetState`]); a
+//! * A snapshot holds the registers and the counter's value when saved (`HpetState`); a
 //!   restore counts on from that value and re-arms the timers from it, as vhpet's
 //!   `vhpet_restore_time` does.
 
