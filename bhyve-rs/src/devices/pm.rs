@@ -156,11 +156,19 @@ impl PowerManagement {
         }
     }
 
-    /// Put `device` on every range of [`PowerManagement::IO_RANGES`]. If the PCI code owns
+    /// Put `device` on every range of [`PowerManagement::IO_RANGES`], the PM timer's left out
+    /// when the backend's kernel provides it (FreeBSD's vpmtmr). If the PCI code owns
     /// 0xCF8..0xD00 as one range, leave 0xCF9 out and forward single-byte accesses there.
-    pub fn register(device: Arc<std::sync::Mutex<Self>>, pio: &Bus) -> Result<(), BusError> {
+    pub fn register(
+        device: Arc<std::sync::Mutex<Self>>,
+        pio: &Bus,
+        kernel_pm_timer: bool,
+    ) -> Result<(), BusError> {
         let shared: SharedDevice = device;
         for (base, len) in Self::IO_RANGES {
+            if kernel_pm_timer && base == IO_PMTMR {
+                continue;
+            }
             pio.insert(u64::from(base), u64::from(len), shared.clone())?;
         }
         Ok(())
@@ -322,8 +330,9 @@ impl PowerManagement {
 pub const DEVICE: PlatformDevice = PlatformDevice { name: "pm", plan };
 
 /// Every VM has the ACPI registers; power-off and reset end the VM.
-fn plan(_plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
-    Ok(Some(Box::new(|create| {
+fn plan(plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
+    let kernel_pm_timer = plan.platform.kernel_pm_timer;
+    Ok(Some(Box::new(move |create| {
         let control = create.control.clone();
         let on_event: PowerEventHandler = Arc::new(move |event| {
             control.request_exit(match event {
@@ -342,13 +351,13 @@ fn plan(_plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceEr
             create.interrupts.clone(),
             on_event,
         )));
-        PowerManagement::register(power.clone(), &create.buses.pio).map_err(|source| {
-            DeviceError::Ports {
+        PowerManagement::register(power.clone(), &create.buses.pio, kernel_pm_timer).map_err(
+            |source| DeviceError::Ports {
                 device: "pm",
                 base: u64::from(PM1A_EVT_ADDR),
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(vec![power as Arc<dyn Stateful>])
     })))
 }
@@ -466,7 +475,7 @@ mod tests {
             Arc::new(move |e| sink.lock().unwrap().push(e)),
         )));
         let pio = Bus::new();
-        PowerManagement::register(pm.clone(), &pio).unwrap();
+        PowerManagement::register(pm.clone(), &pio, false).unwrap();
         Fixture {
             pm,
             pio,

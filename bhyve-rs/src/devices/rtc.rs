@@ -32,6 +32,8 @@ use crate::config::Config;
 use crate::devices::registry::{CreatePlatform, PlatformDevice, PlatformPlan};
 use crate::devices::{DeviceError, StateId, Stateful};
 use crate::interrupts::InterruptSink;
+use crate::memory::GuestMemory;
+use crate::vmm::RtcSeed;
 
 /// First port: the index register; the data register follows.
 pub const IO_RTC: u16 = 0x70;
@@ -278,6 +280,32 @@ pub struct Rtc {
     paused: bool,
 }
 
+/// rtc_init: the CMOS bytes that give firmware (UEFI) the memory sizes, as `(offset, value)`:
+/// low memory above 16 MiB and memory above 4 GiB, in 64 KiB units. bhyve's low memory is at
+/// least 16 MiB in practice; a smaller one records zero rather than a wrapped value.
+pub fn memory_size_nvram(lowmem: u64, highmem: u64) -> [(u8, u8); 5] {
+    let lomem = lowmem.saturating_sub(MIB_16) / KIB_64;
+    let himem = highmem / KIB_64;
+    [
+        (RTC_LMEM_LSB, lomem as u8),
+        (RTC_LMEM_MSB, (lomem >> 8) as u8),
+        (RTC_HMEM_LSB, himem as u8),
+        (RTC_HMEM_SB, (himem >> 8) as u8),
+        (RTC_HMEM_MSB, (himem >> 16) as u8),
+    ]
+}
+
+/// What a kernel-held RTC (FreeBSD's vrtc) is told before the guest runs, as bhyve's rtc_init
+/// tells it: the memory sizes in NVRAM and the host's time (local time unless
+/// `rtc.use_localtime=false`).
+pub fn kernel_seed(config: &Config, memory: &GuestMemory) -> Result<RtcSeed, DeviceError> {
+    let use_localtime = use_localtime(config).map_err(DeviceError::Platform)?;
+    Ok(RtcSeed {
+        nvram: memory_size_nvram(memory.lowmem_end(), memory.highmem_size()).to_vec(),
+        time: host_rtc_time(HostClock::new().unix_time(), use_localtime),
+    })
+}
+
 impl Rtc {
     /// An RTC showing the host's time (local time when `use_localtime`), with `lowmem` bytes of
     /// guest memory below 4 GiB and `highmem` bytes above it recorded in CMOS.
@@ -308,15 +336,9 @@ impl Rtc {
         rtc.base_uptime = rtc.clock.uptime();
         rtc.secs_to_rtc(0, false);
 
-        // rtc_init: memory sizes for UEFI. bhyve's low memory is at least 16 MiB in practice;
-        // a smaller one records zero rather than a wrapped value.
-        let lomem = lowmem.saturating_sub(MIB_16) / KIB_64;
-        rtc.regs[RTC_LMEM_LSB as usize] = lomem as u8;
-        rtc.regs[RTC_LMEM_MSB as usize] = (lomem >> 8) as u8;
-        let himem = highmem / KIB_64;
-        rtc.regs[RTC_HMEM_LSB as usize] = himem as u8;
-        rtc.regs[RTC_HMEM_SB as usize] = (himem >> 8) as u8;
-        rtc.regs[RTC_HMEM_MSB as usize] = (himem >> 16) as u8;
+        for (offset, value) in memory_size_nvram(lowmem, highmem) {
+            rtc.regs[usize::from(offset)] = value;
+        }
 
         let t = host_rtc_time(rtc.clock.unix_time(), use_localtime);
         if let Err(e) = rtc.set_time(t) {
@@ -759,9 +781,13 @@ impl BusDevice for Rtc {
 
 pub const DEVICE: PlatformDevice = PlatformDevice { name: "rtc", plan };
 
-/// Every VM has one; `rtc.use_localtime` must be a truth value.
+/// Every VM has one; it lives here unless the backend's kernel holds it (then the machine
+/// seeds that one with [`kernel_seed`]). `rtc.use_localtime` must be a truth value.
 fn plan(plan: &mut PlatformPlan<'_>) -> Result<Option<CreatePlatform>, DeviceError> {
     let use_localtime = use_localtime(plan.config).map_err(DeviceError::Platform)?;
+    if plan.platform.kernel_rtc {
+        return Ok(None);
+    }
     Ok(Some(Box::new(move |create| {
         let memory = create.memory;
         let mut clock = Rtc::new(
@@ -1238,5 +1264,35 @@ mod tests {
         }
         let ct = secs_to_clocktime(951_782_400); // 2000-02-29 00:00:00, a Tuesday
         assert_eq!((ct.year, ct.mon, ct.day, ct.dow), (2000, 2, 29, 2));
+    }
+
+    #[test]
+    fn a_kernel_rtc_is_seeded_with_the_memory_sizes_and_the_host_time() {
+        let mut config = Config::new();
+        config.set("rtc.use_localtime", "false");
+        // rtc_init's units: 64 KiB above 16 MiB below 4 GiB, 64 KiB above 4 GiB.
+        let small = kernel_seed(&config, &GuestMemory::new(256 << 20).unwrap()).unwrap();
+        assert_eq!(
+            small.nvram,
+            [(0x34, 0x00), (0x35, 0x0f), (0x5b, 0), (0x5c, 0), (0x5d, 0)]
+        );
+        let large = kernel_seed(&config, &GuestMemory::new(5 << 30).unwrap()).unwrap();
+        assert_eq!(
+            large.nvram,
+            [
+                (0x34, 0x00),
+                (0x35, 0xbf),
+                (0x5b, 0x00),
+                (0x5c, 0x80),
+                (0x5d, 0x00)
+            ]
+        );
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((small.time - now).abs() <= 2, "{} vs {now}", small.time);
+        config.set("rtc.use_localtime", "maybe");
+        assert!(kernel_seed(&config, &GuestMemory::new(256 << 20).unwrap()).is_err());
     }
 }

@@ -520,6 +520,40 @@ fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
     );
 }
 
+#[test]
+fn where_the_kernel_holds_the_rtc_pm_timer_and_hpet_userland_makes_none_of_them() {
+    let buses = Arc::new(Buses::default());
+    let memory = Arc::new(crate::memory::GuestMemory::new(16 << 20).unwrap());
+    let devices = attach(
+        &Config::new(),
+        &crate::vmm::PlatformCaps::FREEBSD,
+        &buses,
+        Arc::new(FakeSink::default()),
+        VmControl::new(),
+        memory,
+    )
+    .unwrap();
+    let names: Vec<String> = devices.instances().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["pm"]);
+    let mut data = [0u8; 4];
+    assert!(!buses.pio.read(0x70, &mut data[..1]), "RTC index port");
+    assert!(
+        !buses.pio.read(u64::from(pm::IO_PMTMR), &mut data),
+        "PM timer"
+    );
+    assert!(!buses.mmio.read(hpet::HPET_BASE, &mut data), "HPET");
+    assert!(
+        buses.pio.read(u64::from(pm::PM1A_EVT_ADDR), &mut data[..2]),
+        "PM1 events"
+    );
+    // On KVM all of them are user space's.
+    let buses = Arc::new(Buses::default());
+    attach_for_test(&Config::new(), &buses, Arc::new(FakeSink::default())).unwrap();
+    assert!(buses.pio.read(0x70, &mut data[..1]));
+    assert!(buses.pio.read(u64::from(pm::IO_PMTMR), &mut data));
+    assert!(buses.mmio.read(hpet::HPET_BASE, &mut data));
+}
+
 /// `attach` with the machine-side arguments a unit test does not care about.
 fn attach_for_test(
     config: &Config,

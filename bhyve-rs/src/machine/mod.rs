@@ -161,6 +161,10 @@ impl Machine {
             self.vm.memory().clone(),
         )?;
         crate::firmware::write_tables(config, &self.topology, self.vm.memory(), &devices)?;
+        if self.vm.platform().kernel_rtc {
+            self.vm
+                .seed_rtc(&devices::rtc::kernel_seed(config, self.vm.memory())?)?;
+        }
         self.devices = Some(Arc::new(Mutex::new(devices)));
         Ok(())
     }

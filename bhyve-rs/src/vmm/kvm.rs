@@ -1806,6 +1806,21 @@ mod tests {
     }
 
     #[test]
+    fn the_platform_checked_before_a_vm_exists_is_the_one_kvm_gives() {
+        let Some(hv) = kvm_or_skip() else { return };
+        assert_eq!(hv.platform(), super::super::host_platform());
+        let vm = hv.create_vm(small_vm()).unwrap();
+        assert_eq!(*vm.platform(), hv.platform());
+        assert!(matches!(
+            vm.seed_rtc(&RtcSeed {
+                nvram: Vec::new(),
+                time: 0
+            }),
+            Err(VmmError::Unsupported(_))
+        ));
+    }
+
+    #[test]
     fn an_emulation_failure_says_what_happened_and_blames_missing_vtx_or_amdv_only_then() {
         let without = describe_internal_error(1, &[0x0f, 0xae], false);
         assert!(
