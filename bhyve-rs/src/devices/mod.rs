@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use crate::bus::{BusError, Buses};
 use crate::config::{parse_c_unsigned, parse_memsize, Config};
-use crate::interrupts::InterruptSink;
+use crate::interrupts::{InterruptSink, SharedLevelPins};
 use crate::lifecycle::RequestExit;
 use crate::memory::GuestMemory;
 use crate::vmm::PlatformCaps;
@@ -402,6 +402,8 @@ pub fn attach(
         log::warn!("{warning}");
     }
     let mut devices = Devices::default();
+    // PCI INTx and the HPET may share I/O APIC pins 16 and up.
+    let interrupts: Arc<dyn InterruptSink> = Arc::new(SharedLevelPins::new(interrupts));
 
     let router = Arc::new(PirqRouter::new(interrupts.clone(), plan.bootrom));
     // The SCI shares IRQ 9 with whatever else lands there (bhyve's sci_init).
