@@ -441,6 +441,7 @@ pub fn check_features_available(
 mod tests {
     use super::*;
 
+    /// A CPUID with just the vendor and leaf 1, for the feature checks.
     fn host_like() -> Vec<CpuidEntry> {
         vec![
             CpuidEntry {
@@ -457,27 +458,6 @@ mod tests {
                 ecx: LEAF1_ECX_VMX,
                 ..Default::default()
             },
-            CpuidEntry {
-                function: 4,
-                index: 0,
-                flags: FLAG_SIGNIFICANT_INDEX,
-                eax: 0x1c00_4121, // L1 data cache, level 1
-                ..Default::default()
-            },
-            CpuidEntry {
-                function: 4,
-                index: 3,
-                flags: FLAG_SIGNIFICANT_INDEX,
-                eax: 0x1c03_c163, // L3 unified, level 3
-                ..Default::default()
-            },
-            CpuidEntry {
-                function: 0xb,
-                index: 0,
-                flags: FLAG_SIGNIFICANT_INDEX,
-                edx: 99,
-                ..Default::default()
-            },
         ]
     }
 
@@ -490,66 +470,92 @@ mod tests {
 
     #[test]
     fn leaf_1_carries_apic_id_and_logical_count() {
-        let mut e = host_like();
-        let topo = Topology {
-            cpus: 8,
-            sockets: 2,
-            cores: 2,
-            threads: 2,
-        };
-        apply_topology(&mut e, 5, &topo);
-        let l1 = leaf(&e, 1, 0);
-        assert_eq!(l1.ebx >> 24, 5);
-        assert_eq!((l1.ebx >> 16) & 0xff, 4);
-        assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
-        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
-        assert_eq!(l1.ecx & LEAF1_ECX_VMX, 0);
+        for intel in INTEL_TABLES {
+            let mut e = recorded(intel.table);
+            let topo = Topology {
+                cpus: 8,
+                sockets: 2,
+                cores: 2,
+                threads: 2,
+            };
+            apply_topology(&mut e, 5, &topo);
+            let l1 = leaf(&e, 1, 0);
+            let cpu = intel.cpu;
+            assert_eq!(l1.ebx >> 24, 5, "{cpu}");
+            assert_eq!((l1.ebx >> 16) & 0xff, 4, "{cpu}");
+            assert_eq!(l1.ebx & 0xffff, 0x0800, "{cpu}: CLFLUSH size kept");
+            assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0, "{cpu}");
+            assert_eq!(l1.ecx & LEAF1_ECX_VMX, 0, "{cpu}");
+        }
     }
 
     #[test]
     fn x2apic_leaf_describes_threads_then_cores() {
-        let mut e = host_like();
-        let topo = Topology {
-            cpus: 12,
-            sockets: 2,
-            cores: 3,
-            threads: 2,
-        };
-        apply_topology(&mut e, 7, &topo);
-        let smt = leaf(&e, 0xb, 0);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (1, 2, 1, 7));
-        let core = leaf(&e, 0xb, 1);
-        // 6 logical CPUs per package need 3 bits of APIC id.
-        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (3, 6, 2, 7));
-        let end = leaf(&e, 0xb, 2);
-        assert_eq!((end.eax, end.ebx, end.ecx), (0, 0, 2));
+        for intel in INTEL_TABLES {
+            let mut e = recorded(intel.table);
+            let topo = Topology {
+                cpus: 12,
+                sockets: 2,
+                cores: 3,
+                threads: 2,
+            };
+            apply_topology(&mut e, 7, &topo);
+            let cpu = intel.cpu;
+            let smt = leaf(&e, 0xb, 0);
+            assert_eq!(
+                (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
+                (1, 2, 1, 7),
+                "{cpu}"
+            );
+            let core = leaf(&e, 0xb, 1);
+            // 6 logical CPUs per package need 3 bits of APIC id.
+            assert_eq!(
+                (core.eax, core.ebx, core.ecx >> 8, core.edx),
+                (3, 6, 2, 7),
+                "{cpu}"
+            );
+            let end = leaf(&e, 0xb, 2);
+            assert_eq!((end.eax, end.ebx, end.ecx), (0, 0, 2), "{cpu}");
+        }
     }
 
     #[test]
     fn cache_leaf_shares_l1_per_core_and_l3_per_package() {
-        let mut e = host_like();
-        let topo = Topology {
-            cpus: 4,
-            sockets: 1,
-            cores: 2,
-            threads: 2,
-        };
-        apply_topology(&mut e, 0, &topo);
-        let l1 = leaf(&e, 4, 0);
-        assert_eq!((l1.eax >> 14) & 0xfff, 1);
-        assert_eq!(l1.eax >> 26, 1);
-        assert_eq!(l1.eax & 0x3ff, 0x121);
-        let l3 = leaf(&e, 4, 3);
-        assert_eq!((l3.eax >> 14) & 0xfff, 3);
+        for intel in INTEL_TABLES {
+            let mut e = recorded(intel.table);
+            let topo = Topology {
+                cpus: 4,
+                sockets: 1,
+                cores: 2,
+                threads: 2,
+            };
+            apply_topology(&mut e, 0, &topo);
+            let cpu = intel.cpu;
+            let l1 = leaf(&e, 4, 0);
+            assert_eq!((l1.eax >> 14) & 0xfff, 1, "{cpu}");
+            assert_eq!(l1.eax >> 26, 1, "{cpu}");
+            assert_eq!(l1.eax & 0x3ff, 0x121, "{cpu}");
+            let l3 = leaf(&e, 4, 3);
+            assert_eq!((l3.eax >> 14) & 0xfff, 3, "{cpu}");
+        }
     }
 
     #[test]
     fn flat_default_topology_is_one_cpu_per_package() {
-        let mut e = host_like();
-        apply_topology(&mut e, 3, &Topology::default());
-        assert_eq!((leaf(&e, 1, 0).ebx >> 16) & 0xff, 1);
-        assert_eq!(leaf(&e, 0xb, 1).eax, 0);
-        assert_eq!(leaf(&e, 0xb, 1).edx, 3);
+        for intel in INTEL_TABLES {
+            let mut e = recorded(intel.table);
+            apply_topology(&mut e, 3, &Topology::default());
+            let cpu = intel.cpu;
+            assert_eq!((leaf(&e, 1, 0).ebx >> 16) & 0xff, 1, "{cpu}");
+            assert_eq!(leaf(&e, 0xb, 1).eax, 0, "{cpu}");
+            assert_eq!(leaf(&e, 0xb, 1).ebx, 1, "{cpu}");
+            assert_eq!(leaf(&e, 0xb, 1).edx, 3, "{cpu}");
+            assert_eq!(
+                leaf(&e, 4, 3).eax >> 14,
+                0,
+                "{cpu}: one core, L3 not shared"
+            );
+        }
     }
 
     #[test]
@@ -608,7 +614,35 @@ mod tests {
     }
 
     const AMD_EPYC: &str = include_str!("cpuid_tables/amd-epyc.txt");
-    const INTEL_XEON: &str = include_str!("cpuid_tables/intel-xeon.txt");
+
+    /// A bare-metal CPUID recording of an Intel part, with what the recording says about it.
+    struct IntelTable {
+        cpu: &'static str,
+        table: &'static str,
+        /// Leaf 1 EAX.
+        signature: u32,
+        /// Logical CPUs per package, from leaf 0xB subleaf 1.
+        logical_per_package: u32,
+        /// Whether the part has leaf 0x1F (V2 extended topology).
+        has_leaf_1f: bool,
+    }
+
+    const INTEL_TABLES: [IntelTable; 2] = [
+        IntelTable {
+            cpu: "Xeon Platinum 8160",
+            table: include_str!("cpuid_tables/intel-xeon-platinum-8160.txt"),
+            signature: 0x0005_0654,
+            logical_per_package: 48,
+            has_leaf_1f: false,
+        },
+        IntelTable {
+            cpu: "Xeon Gold 5520+",
+            table: include_str!("cpuid_tables/intel-xeon-gold-5520plus.txt"),
+            signature: 0x000c_06f2,
+            logical_per_package: 56,
+            has_leaf_1f: true,
+        },
+    ];
 
     fn two_packages_of_two_cores_of_two_threads() -> Topology {
         Topology {
@@ -622,10 +656,14 @@ mod tests {
     #[test]
     fn vendor_comes_from_leaf_0() {
         assert_eq!(Vendor::of(&recorded(AMD_EPYC)), Vendor::Amd);
-        assert_eq!(Vendor::of(&recorded(INTEL_XEON)), Vendor::Intel);
+        assert_eq!(family(leaf(&recorded(AMD_EPYC), 1, 0).eax), 0x19);
+        for intel in INTEL_TABLES {
+            let e = recorded(intel.table);
+            assert_eq!(Vendor::of(&e), Vendor::Intel, "{}", intel.cpu);
+            assert_eq!(leaf(&e, 1, 0).eax, intel.signature, "{}", intel.cpu);
+            assert_eq!(family(intel.signature), 6, "{}", intel.cpu);
+        }
         assert_eq!(Vendor::of(&[]), Vendor::Other);
-        assert_eq!(family(0x00a1_0f11), 0x19);
-        assert_eq!(family(0x0005_0654), 6);
     }
 
     #[test]
@@ -696,28 +734,105 @@ mod tests {
 
     #[test]
     fn intel_topology_is_in_the_intel_leaves() {
-        let mut e = recorded(INTEL_XEON);
-        let host = e.clone();
-        apply_topology(&mut e, 5, &two_packages_of_two_cores_of_two_threads());
-        let l1 = leaf(&e, 1, 0);
-        assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (5, 4));
-        for (index, sharing) in [(0, 2), (1, 2), (2, 2), (3, 4)] {
-            let cache = leaf(&e, 4, index);
-            assert_eq!(cache.eax >> 26, 1, "cores - 1 in subleaf {index}");
-            assert_eq!((cache.eax >> 14) & 0xfff, sharing - 1, "subleaf {index}");
-            assert_eq!(cache.eax & 0x3ff, leaf(&host, 4, index).eax & 0x3ff);
+        for intel in INTEL_TABLES {
+            let cpu = intel.cpu;
+            let mut e = recorded(intel.table);
+            // KVM lists the all-zero subleaf that ends leaf 4; the bare-metal dump does not.
+            assert!(!e.iter().any(|x| x.function == 4 && x.index == 4), "{cpu}");
+            e.push(CpuidEntry {
+                function: 4,
+                index: 4,
+                flags: FLAG_SIGNIFICANT_INDEX,
+                ..Default::default()
+            });
+            let host = e.clone();
+            // The host's own topology, which the guest must not see.
+            assert_eq!(leaf(&host, 0xb, 1).ebx, intel.logical_per_package, "{cpu}");
+            apply_topology(&mut e, 5, &two_packages_of_two_cores_of_two_threads());
+
+            // APIC id 5, 4 logical CPUs per package; brand index and CLFLUSH size kept.
+            assert_eq!(leaf(&host, 1, 0).ebx & 0xffff, 0x0800, "{cpu}");
+            assert_eq!(leaf(&e, 1, 0).ebx, 0x0504_0800, "{cpu}");
+            // x86.c keeps EAX bits 0-9 (type, level, self-initialising, fully associative) and
+            // puts cores - 1 in bits 26-31 and the sharing CPUs - 1 in bits 14-25: 2 threads
+            // share L1 and L2, the 4 CPUs of a package L3. Both parts have the same four caches.
+            for (index, eax) in [
+                (0, 0x0400_4121),
+                (1, 0x0400_4122),
+                (2, 0x0400_4143),
+                (3, 0x0400_c163),
+            ] {
+                let cache = leaf(&e, 4, index);
+                let was = leaf(&host, 4, index);
+                assert_eq!(cache.eax, eax, "{cpu}: leaf 4 subleaf {index}");
+                assert_ne!(was.eax, eax, "{cpu}: the host's sharing differs");
+                // Sizes, ways and inclusiveness are the host's.
+                assert_eq!(
+                    (cache.ebx, cache.ecx, cache.edx),
+                    (was.ebx, was.ecx, was.edx),
+                    "{cpu}: leaf 4 subleaf {index}"
+                );
+            }
+            assert_eq!(leaf(&e, 4, 4), leaf(&host, 4, 4), "{cpu}");
+
+            let smt = leaf(&e, 0xb, 0);
+            assert_eq!(
+                (smt.eax, smt.ebx, smt.ecx, smt.edx),
+                (1, 2, 0x100, 5),
+                "{cpu}"
+            );
+            let core = leaf(&e, 0xb, 1);
+            assert_eq!(
+                (core.eax, core.ebx, core.ecx, core.edx),
+                (2, 4, 0x201, 5),
+                "{cpu}"
+            );
+            // The dump has no subleaf 2; the guest still finds the end of the list. EDX is the
+            // x2APIC id at every subleaf, as the SDM and KVM have it (FreeBSD's vmm gives 0).
+            let end = leaf(&e, 0xb, 2);
+            assert_eq!((end.eax, end.ebx, end.ecx, end.edx), (0, 0, 2, 5), "{cpu}");
+
+            // Leaf 0x1F tells the same as 0xB where the part has it, and is not made up where
+            // it does not.
+            assert_eq!(
+                host.iter().any(|x| x.function == 0x1f),
+                intel.has_leaf_1f,
+                "{cpu}"
+            );
+            if intel.has_leaf_1f {
+                assert_eq!(leaf(&host, 0x1f, 1).ebx, intel.logical_per_package, "{cpu}");
+                for index in 0..2 {
+                    let v2 = leaf(&e, 0x1f, index);
+                    let v1 = leaf(&e, 0xb, index);
+                    assert_eq!(
+                        (v2.eax, v2.ebx, v2.ecx, v2.edx),
+                        (v1.eax, v1.ebx, v1.ecx, v1.edx),
+                        "{cpu}: leaf 0x1f subleaf {index}"
+                    );
+                }
+            } else {
+                assert!(!e.iter().any(|x| x.function == 0x1f), "{cpu}");
+            }
+
+            // AMD's leaves stay as the host has them: 0x8000_0008 ECX is reserved on Intel.
+            assert_eq!(
+                leaf(&e, 0x8000_0008, 0),
+                leaf(&host, 0x8000_0008, 0),
+                "{cpu}"
+            );
+            assert_eq!(
+                leaf(&e, 0x8000_0001, 0),
+                leaf(&host, 0x8000_0001, 0),
+                "{cpu}"
+            );
+            assert!(!e.iter().any(|x| x.function == 0x8000_001e), "{cpu}");
+            // The topology touches no other leaf on Intel.
+            for (after, before) in e.iter().zip(&host) {
+                if ![1, 4, 0xb, 0x1f].contains(&before.function) {
+                    assert_eq!(after, before, "{cpu}");
+                }
+            }
         }
-        assert_eq!(leaf(&e, 4, 4), leaf(&host, 4, 4));
-        let smt = leaf(&e, 0xb, 0);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, 5));
-        let core = leaf(&e, 0xb, 1);
-        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 5));
-        // The host listed no subleaf 2; the guest still finds the end of the list.
-        let end = leaf(&e, 0xb, 2);
-        assert_eq!((end.eax, end.ebx, end.ecx, end.edx), (0, 0, 2, 5));
-        // AMD's leaves stay as the host has them: 0x8000_0008 ECX is reserved on Intel.
-        assert_eq!(leaf(&e, 0x8000_0008, 0), leaf(&host, 0x8000_0008, 0));
-        assert!(!e.iter().any(|x| x.function == 0x8000_001e));
     }
 
     #[test]
