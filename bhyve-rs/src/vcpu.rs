@@ -428,40 +428,29 @@ fn vcpu_thread(
 
 /// Wait, counted as parked, until vCPU `index` may run; false when the VM ends first.
 fn wait_until_started(index: usize, control: &VmControl) -> bool {
-    let mut state = control.lock();
-    if state.started.get(index).copied().unwrap_or(true) {
-        return state.exit.is_none();
-    }
-    state.parked += 1;
-    control.changed.notify_all();
-    while !state.started[index] && state.exit.is_none() {
-        state = control
-            .changed
-            .wait(state)
-            .unwrap_or_else(|e| e.into_inner());
-    }
-    state.parked -= 1;
-    state.exit.is_none()
+    park_while(control, |s| !s.started.get(index).copied().unwrap_or(true))
 }
 
 /// Park while a pause is outstanding; returns false when the thread must leave its loop.
 fn park_if_needed(control: &VmControl) -> bool {
+    park_while(control, |s| s.pause_depth > 0)
+}
+
+/// Wait, counted as parked (so a pause can see every vCPU out of the guest), while `waiting`
+/// holds and the VM goes on; returns false when the VM ends.
+fn park_while(control: &VmControl, waiting: impl Fn(&ControlState) -> bool) -> bool {
     let mut state = control.lock();
-    if state.exit.is_some() {
-        return false;
+    if state.exit.is_none() && waiting(&state) {
+        state.parked += 1;
+        control.changed.notify_all();
+        while state.exit.is_none() && waiting(&state) {
+            state = control
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
     }
-    if state.pause_depth == 0 {
-        return true;
-    }
-    state.parked += 1;
-    control.changed.notify_all();
-    while state.pause_depth > 0 && state.exit.is_none() {
-        state = control
-            .changed
-            .wait(state)
-            .unwrap_or_else(|e| e.into_inner());
-    }
-    state.parked -= 1;
     state.exit.is_none()
 }
 

@@ -81,8 +81,9 @@ struct RouterState {
     /// Users of each ISA IRQ; `None` when it cannot be used (not permitted, or reserved).
     irq_counts: [Option<u32>; NISA_IRQS],
     next_ioapic_pin: u32,
-    /// Asserters of each I/O APIC input and each 8259 input.
-    ioapic_level: [u32; IOAPIC_PINS as usize],
+    /// Asserters of each 8259 input a PIRQ link drives. The I/O APIC inputs are counted by
+    /// the sink the router drives ([`crate::interrupts::SharedLevelPins`]), which the HPET
+    /// shares.
     isa_level: [u32; NISA_IRQS],
 }
 
@@ -110,7 +111,6 @@ impl PirqRouter {
                 }; NPIRQS],
                 irq_counts,
                 next_ioapic_pin: 0,
-                ioapic_level: [0; IOAPIC_PINS as usize],
                 isa_level: [0; NISA_IRQS],
             }),
             sink,
@@ -228,23 +228,6 @@ impl PirqRouter {
         }
     }
 
-    fn ioapic_level(&self, s: &mut RouterState, pin: u8, up: bool) {
-        let Some(count) = s.ioapic_level.get_mut(usize::from(pin)) else {
-            return;
-        };
-        if up {
-            *count += 1;
-            if *count == 1 {
-                self.drive(pin, true);
-            }
-        } else if *count > 0 {
-            *count -= 1;
-            if *count == 0 {
-                self.drive(pin, false);
-            }
-        }
-    }
-
     fn assert(&self, route: IntxRoute) {
         let mut s = self.lock();
         if let Some(index) = usize::from(route.pirq_pin).checked_sub(1) {
@@ -256,7 +239,7 @@ impl PirqRouter {
                 }
             }
         }
-        self.ioapic_level(&mut s, route.ioapic_irq, true);
+        self.drive(route.ioapic_irq, true);
     }
 
     fn deassert(&self, route: IntxRoute) {
@@ -270,7 +253,7 @@ impl PirqRouter {
                 }
             }
         }
-        self.ioapic_level(&mut s, route.ioapic_irq, false);
+        self.drive(route.ioapic_irq, false);
     }
 }
 
@@ -441,7 +424,8 @@ mod tests {
 
     fn router(bootrom: bool) -> (Arc<Lines>, Arc<PirqRouter>) {
         let lines = Arc::new(Lines::default());
-        let router = Arc::new(PirqRouter::new(lines.clone(), bootrom));
+        let pins = Arc::new(crate::interrupts::SharedLevelPins::new(lines.clone()));
+        let router = Arc::new(PirqRouter::new(pins, bootrom));
         // What an LPC bridge with its COM ports and the SCI do before routing.
         router.reserve_irq(4);
         router.reserve_irq(3);

@@ -23,7 +23,8 @@ impl InterruptSink for Lines {
 
 fn router() -> (Arc<Lines>, Arc<PirqRouter>) {
     let lines = Arc::new(Lines::default());
-    (lines.clone(), Arc::new(PirqRouter::new(lines, false)))
+    let pins = Arc::new(crate::interrupts::SharedLevelPins::new(lines.clone()));
+    (lines, Arc::new(PirqRouter::new(pins, false)))
 }
 
 /// BAR writes seen by a device: (BAR index, offset, bytes).
