@@ -6,6 +6,8 @@
 //! hypervisor. A region can be built from any writable mapping, so snapshot restore can hand in
 //! a private (copy-on-write) mapping of a saved file instead of anonymous memory.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use memmap2::{MmapMut, MmapOptions};
 
 /// Guest RAM below this address is "low memory"; the PCI hole sits above it up to 4 GiB.
@@ -29,6 +31,8 @@ pub enum MemoryError {
     LayoutMismatch { gpa: u64, len: u64 },
     #[error("cannot wire {size:#x} bytes of guest memory: {reason}")]
     Wire { size: u64, reason: String },
+    #[error("cannot move guest memory at {gpa:#x} into fresh memory: {reason}")]
+    Move { gpa: u64, reason: String },
 }
 
 /// Where each RAM segment of a VM with `size` bytes of memory goes: `(gpa, length)` pairs,
@@ -58,8 +62,9 @@ pub fn layout(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
 pub struct GuestRegion {
     gpa: u64,
     mapping: MmapMut,
-    /// Fresh anonymous memory: a page the host never populated reads as zero.
-    anonymous: bool,
+    /// Fresh anonymous memory: a page the host never populated reads as zero. Set once a
+    /// file-backed region is moved into anonymous memory.
+    anonymous: AtomicBool,
 }
 
 impl GuestRegion {
@@ -79,7 +84,7 @@ impl GuestRegion {
         Ok(Self {
             gpa,
             mapping,
-            anonymous: true,
+            anonymous: AtomicBool::new(true),
         })
     }
 
@@ -89,7 +94,7 @@ impl GuestRegion {
         Self {
             gpa,
             mapping,
-            anonymous: false,
+            anonymous: AtomicBool::new(false),
         }
     }
 
@@ -99,7 +104,7 @@ impl GuestRegion {
     /// that is neither present nor swapped out was never written and reads as zero. Pages of a
     /// file mapping hold file data whether present or not.
     pub fn populated_pages(&self) -> Option<Vec<bool>> {
-        if !self.anonymous {
+        if !self.anonymous.load(Ordering::SeqCst) {
             return None;
         }
         populated_pages(self.host_address(), self.mapping.len())
@@ -133,6 +138,81 @@ impl GuestRegion {
     /// The region's bytes for filling before any vCPU can see them (a restore by copy).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.mapping
+    }
+
+    /// Put fresh anonymous memory holding the region's bytes in place of its mapping, at the
+    /// same host address, so the hypervisor's view of guest memory stays where it is while the
+    /// file (or whatever backed the mapping) is no longer used. `file_data` lists the byte
+    /// ranges (offsets in the region) where the mapping's file holds data; besides those, only
+    /// the pages the process has (written or read in) are copied, as every other page reads as
+    /// zero. Nothing may write the region meanwhile (pause the vCPUs). Returns the bytes copied.
+    #[cfg(target_os = "linux")]
+    fn move_to_anonymous(&self, file_data: &[(u64, u64)]) -> Result<u64, MemoryError> {
+        let len = self.mapping.len();
+        let old = self.host_address();
+        let pages = len.div_ceil(PAGE_SIZE as usize);
+        let mut copy = populated_pages(old, len).unwrap_or_else(|| vec![true; pages]);
+        for &(start, end) in file_data {
+            let first = (start / PAGE_SIZE) as usize;
+            let last = (end.div_ceil(PAGE_SIZE) as usize).min(pages);
+            copy[first.min(last)..last].fill(true);
+        }
+        let fail = |reason: std::io::Error| MemoryError::Move {
+            gpa: self.gpa,
+            reason: reason.to_string(),
+        };
+        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; no
+        // existing memory is affected.
+        let fresh = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if fresh == libc::MAP_FAILED {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+        let fresh = fresh.cast::<u8>();
+        let page = PAGE_SIZE as usize;
+        let mut copied = 0u64;
+        let mut index = 0;
+        while index < pages {
+            if !copy[index] {
+                index += 1;
+                continue;
+            }
+            let run = copy[index..].iter().take_while(|&&c| c).count();
+            let offset = index * page;
+            let bytes = (run * page).min(len - offset);
+            // SAFETY: both ranges lie inside mappings of `len` bytes, which are distinct.
+            unsafe { std::ptr::copy_nonoverlapping(old.add(offset), fresh.add(offset), bytes) };
+            copied += bytes as u64;
+            index += run;
+        }
+        // SAFETY: moves the new mapping onto the region's range, replacing the old mapping in
+        // one step (a concurrent reader sees either, with the same bytes). `self.mapping` still
+        // describes that range, address and length unchanged, and unmaps it when dropped.
+        let moved = unsafe {
+            libc::mremap(
+                fresh.cast(),
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                old.cast::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let error = std::io::Error::last_os_error();
+            // SAFETY: `fresh` is the mapping made above, still in place and used by nobody.
+            unsafe { libc::munmap(fresh.cast(), len) };
+            return Err(fail(error));
+        }
+        self.anonymous.store(true, Ordering::SeqCst);
+        Ok(copied)
     }
 
     fn contains(&self, gpa: u64, len: u64) -> bool {
@@ -181,6 +261,10 @@ fn populated_pages(_address: *mut u8, _len: usize) -> Option<Vec<bool>> {
 /// All RAM of one VM.
 pub struct GuestMemory {
     regions: Vec<GuestRegion>,
+    /// [`GuestMemory::wire`] and [`GuestMemory::advise_dontdump`] were applied: memory moved
+    /// into a new mapping gets them again.
+    wired: AtomicBool,
+    dontdump: AtomicBool,
 }
 
 // SAFETY: the mappings live as long as `GuestMemory`; every access through the API copies bytes
@@ -195,7 +279,7 @@ impl GuestMemory {
             .into_iter()
             .map(|(gpa, len)| GuestRegion::anonymous(gpa, len))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { regions })
+        Ok(Self::with_regions(regions))
     }
 
     /// RAM assembled from existing regions (e.g. restored from a snapshot). The regions must be
@@ -218,7 +302,41 @@ impl GuestMemory {
                 });
             }
         }
-        Ok(Self { regions })
+        Ok(Self::with_regions(regions))
+    }
+
+    fn with_regions(regions: Vec<GuestRegion>) -> Self {
+        Self {
+            regions,
+            wired: AtomicBool::new(false),
+            dontdump: AtomicBool::new(false),
+        }
+    }
+
+    /// Move the region at `gpa` out of the mapping it has into fresh anonymous memory at the
+    /// same host address, keeping its bytes (see [`GuestRegion`]'s `move_to_anonymous`;
+    /// `file_data` are the byte ranges of the region where its file holds data). The caller
+    /// keeps every writer of guest memory away meanwhile. Returns the bytes copied.
+    #[cfg(target_os = "linux")]
+    pub fn move_to_anonymous(
+        &self,
+        gpa: u64,
+        file_data: &[(u64, u64)],
+    ) -> Result<u64, MemoryError> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| r.gpa == gpa)
+            .ok_or(MemoryError::OutOfRange { gpa, len: 0 })?;
+        let copied = region.move_to_anonymous(file_data)?;
+        // The new mapping has none of the old one's attributes.
+        if self.dontdump.load(Ordering::SeqCst) {
+            advise_dontdump(region);
+        }
+        if self.wired.load(Ordering::SeqCst) {
+            wire(region)?;
+        }
+        Ok(copied)
     }
 
     /// Total RAM in bytes.
@@ -299,35 +417,44 @@ impl GuestMemory {
 
     /// Keep all guest memory resident (`-S`, `memory.wired`), as bhyve wires it.
     pub fn wire(&self) -> Result<(), MemoryError> {
-        for region in &self.regions {
-            // SAFETY: the range is exactly one live mapping owned by `region`; mlock only
-            // changes how the kernel pages it.
-            let rc = unsafe { libc::mlock(region.host_address().cast(), region.len() as usize) };
-            if rc != 0 {
-                return Err(MemoryError::Wire {
-                    size: region.len(),
-                    reason: std::io::Error::last_os_error().to_string(),
-                });
-            }
-        }
-        Ok(())
+        self.wired.store(true, Ordering::SeqCst);
+        self.regions.iter().try_for_each(wire)
     }
 
     /// Mark the memory as not wanted in core dumps and merge-able as the host sees fit; failures
     /// are harmless.
     #[cfg(target_os = "linux")]
     pub fn advise_dontdump(&self) {
-        for region in &self.regions {
-            // SAFETY: the range is exactly one live mapping owned by `region`.
-            unsafe {
-                libc::madvise(
-                    region.host_address().cast(),
-                    region.len() as usize,
-                    libc::MADV_DONTDUMP,
-                );
-            }
-        }
+        self.dontdump.store(true, Ordering::SeqCst);
+        self.regions.iter().for_each(advise_dontdump);
     }
+}
+
+fn wire(region: &GuestRegion) -> Result<(), MemoryError> {
+    // SAFETY: the range is exactly one live mapping owned by `region`; mlock only changes how
+    // the kernel pages it.
+    let rc = unsafe { libc::mlock(region.host_address().cast(), region.len() as usize) };
+    if rc != 0 {
+        return Err(MemoryError::Wire {
+            size: region.len(),
+            reason: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn advise_dontdump(region: &GuestRegion) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the range is exactly one live mapping owned by `region`.
+    unsafe {
+        libc::madvise(
+            region.host_address().cast(),
+            region.len() as usize,
+            libc::MADV_DONTDUMP,
+        );
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = region;
 }
 
 #[cfg(test)]
@@ -423,6 +550,50 @@ mod tests {
         let map = MmapOptions::new().len(MIB as usize).map_anon().unwrap();
         let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
         assert_eq!(mem.size(), MIB);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_file_mapping_moved_to_anonymous_memory_keeps_its_bytes_and_address_without_the_file() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("bhyve-rs-move-{}.img", std::process::id()));
+        // Data in pages 0..4 and 8..9; the rest of the 16 pages is a hole.
+        let mut data = vec![0u8; 16 * 4096];
+        data[..4 * 4096].fill(0x5a);
+        data[8 * 4096..9 * 4096].fill(0x6b);
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the file is private to this test; it is cut short only after the move.
+        let map = unsafe { MmapOptions::new().map_copy(&file) }.unwrap();
+        let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
+        let address = mem.regions()[0].host_address();
+        // The guest wrote into the hole and over file data.
+        mem.write(12 * 4096 + 3, b"hole").unwrap();
+        mem.write(2 * 4096, b"over").unwrap();
+        let copied = mem
+            .move_to_anonymous(0, &[(0, 4 * 4096), (8 * 4096, 9 * 4096)])
+            .unwrap();
+        // The file's data pages and the page written in the hole; page 2 is among the first.
+        assert_eq!(copied, 6 * 4096);
+        assert_eq!(mem.regions()[0].host_address(), address);
+        // The file no longer matters: cut short and rewritten, nothing changes and nothing
+        // faults.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[0xffu8; 4096])
+            .unwrap();
+        // Anonymous now: untouched pages are known to read as zero.
+        let populated = mem.regions()[0].populated_pages().unwrap();
+        let kept: Vec<usize> = (0..16).filter(|&p| populated[p]).collect();
+        assert_eq!(kept, [0, 1, 2, 3, 8, 12]);
+        let mut expected = data;
+        expected[12 * 4096 + 3..12 * 4096 + 7].copy_from_slice(b"hole");
+        expected[2 * 4096..2 * 4096 + 4].copy_from_slice(b"over");
+        assert!(mem.slice(0, 16 * 4096).unwrap() == expected.as_slice());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
