@@ -140,44 +140,26 @@ impl GuestRegion {
         &mut self.mapping
     }
 
-    /// Put fresh anonymous memory holding the region's bytes in place of its mapping, at the
-    /// same host address, so the hypervisor's view of guest memory stays where it is while the
-    /// file (or whatever backed the mapping) is no longer used. `file_data` lists the byte
-    /// ranges (offsets in the region) where the mapping's file holds data; besides those, only
-    /// the pages the process has (written or read in) are copied, as every other page reads as
-    /// zero. Nothing may write the region meanwhile (pause the vCPUs). Returns the bytes copied.
+    /// Put `replacement` (fresh anonymous memory, as long as the region, that holds what the
+    /// region's file holds) in place of the region's mapping, at the same host address, so
+    /// the hypervisor's view of guest memory stays where it is and the file is no longer used.
+    /// The pages the process holds as private copies (written since the file was mapped) are
+    /// copied over first; nothing may write the region meanwhile (pause the vCPUs). Returns the
+    /// bytes copied.
     #[cfg(target_os = "linux")]
-    fn move_to_anonymous(&self, file_data: &[(u64, u64)]) -> Result<u64, MemoryError> {
+    fn install(&self, mut replacement: Replacement) -> Result<u64, MemoryError> {
         let len = self.mapping.len();
         let old = self.host_address();
-        let pages = len.div_ceil(PAGE_SIZE as usize);
-        let mut copy = populated_pages(old, len).unwrap_or_else(|| vec![true; pages]);
-        for &(start, end) in file_data {
-            let first = (start / PAGE_SIZE) as usize;
-            let last = (end.div_ceil(PAGE_SIZE) as usize).min(pages);
-            copy[first.min(last)..last].fill(true);
+        if replacement.len != len {
+            return Err(MemoryError::LayoutMismatch {
+                gpa: self.gpa,
+                len: replacement.len as u64,
+            });
         }
-        let fail = |reason: std::io::Error| MemoryError::Move {
-            gpa: self.gpa,
-            reason: reason.to_string(),
-        };
-        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; no
-        // existing memory is affected.
-        let fresh = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if fresh == libc::MAP_FAILED {
-            return Err(fail(std::io::Error::last_os_error()));
-        }
-        let fresh = fresh.cast::<u8>();
         let page = PAGE_SIZE as usize;
+        let pages = len.div_ceil(page);
+        let copy = private_pages(old, len).unwrap_or_else(|| vec![true; pages]);
+        let fresh = replacement.address;
         let mut copied = 0u64;
         let mut index = 0;
         while index < pages {
@@ -193,7 +175,7 @@ impl GuestRegion {
             copied += bytes as u64;
             index += run;
         }
-        // SAFETY: moves the new mapping onto the region's range, replacing the old mapping in
+        // SAFETY: moves the replacement onto the region's range, replacing the old mapping in
         // one step (a concurrent reader sees either, with the same bytes). `self.mapping` still
         // describes that range, address and length unchanged, and unmaps it when dropped.
         let moved = unsafe {
@@ -206,11 +188,13 @@ impl GuestRegion {
             )
         };
         if moved == libc::MAP_FAILED {
-            let error = std::io::Error::last_os_error();
-            // SAFETY: `fresh` is the mapping made above, still in place and used by nobody.
-            unsafe { libc::munmap(fresh.cast(), len) };
-            return Err(fail(error));
+            return Err(MemoryError::Move {
+                gpa: self.gpa,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
         }
+        // The replacement's own range is gone with the move.
+        replacement.address = std::ptr::null_mut();
         self.anonymous.store(true, Ordering::SeqCst);
         Ok(copied)
     }
@@ -223,19 +207,46 @@ impl GuestRegion {
     }
 }
 
-/// `/proc/self/pagemap` flags of the pages at `address` (page aligned, `len` bytes): present
-/// (bit 63) or swapped (bit 62). `None` when the kernel does not say.
+/// Bits of a `/proc/self/pagemap` entry (see the kernel's admin-guide/mm/pagemap).
+#[cfg(target_os = "linux")]
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+#[cfg(target_os = "linux")]
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// The page is a file's (page cache) or shared memory, not a private copy.
+#[cfg(target_os = "linux")]
+const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
+
+/// Which pages at `address` (page aligned, `len` bytes) the process has: present or swapped
+/// out. `None` when the kernel does not say.
 #[cfg(target_os = "linux")]
 fn populated_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
+    pagemap(address, len, |entry| {
+        entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0
+    })
+}
+
+/// Which pages at `address` (page aligned, `len` bytes) are the process's private copies: in a
+/// private file mapping, the pages written since it was mapped (present but not the file's,
+/// or swapped out). `None` when the kernel does not say.
+#[cfg(target_os = "linux")]
+fn private_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
+    pagemap(address, len, |entry| {
+        entry & PAGEMAP_SWAPPED != 0
+            || (entry & PAGEMAP_PRESENT != 0 && entry & PAGEMAP_FILE_OR_SHARED == 0)
+    })
+}
+
+/// `/proc/self/pagemap` entries of the pages at `address`, each turned into a flag by `test`.
+#[cfg(target_os = "linux")]
+fn pagemap(address: *mut u8, len: usize, test: impl Fn(u64) -> bool) -> Option<Vec<bool>> {
     use std::os::unix::fs::FileExt;
     const PAGE: usize = 4096;
-    const PRESENT_OR_SWAPPED: u64 = 0b11 << 62;
     if address as usize % PAGE != 0 || len % PAGE != 0 {
         return None;
     }
     let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
     let pages = len / PAGE;
-    let mut populated = Vec::with_capacity(pages);
+    let mut flags = Vec::with_capacity(pages);
     let mut entries = vec![0u8; 8 * 4096];
     let first = (address as usize / PAGE) as u64;
     let mut done = 0usize;
@@ -243,19 +254,54 @@ fn populated_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
         let count = (pages - done).min(entries.len() / 8);
         let buf = &mut entries[..count * 8];
         pagemap.read_exact_at(buf, (first + done as u64) * 8).ok()?;
-        populated.extend(buf.chunks_exact(8).map(|e| {
+        flags.extend(buf.chunks_exact(8).map(|e| {
             let mut word = [0u8; 8];
             word.copy_from_slice(e);
-            u64::from_ne_bytes(word) & PRESENT_OR_SWAPPED != 0
+            test(u64::from_ne_bytes(word))
         }));
         done += count;
     }
-    Some(populated)
+    Some(flags)
 }
 
 #[cfg(not(target_os = "linux"))]
 fn populated_pages(_address: *mut u8, _len: usize) -> Option<Vec<bool>> {
     None
+}
+
+/// Fresh anonymous memory made ready, while the guest runs, to take a file-backed region's
+/// place ([`GuestMemory::new_replacement`], [`GuestMemory::install`]).
+#[cfg(target_os = "linux")]
+pub struct Replacement {
+    gpa: u64,
+    /// Null once installed.
+    address: *mut u8,
+    len: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl Replacement {
+    /// Guest physical address of the region it replaces.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Its bytes, for filling with what the region's file holds.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: a live private mapping of `len` bytes that nothing else can reach before
+        // it is installed; the borrow of `self` keeps it alive and unshared.
+        unsafe { std::slice::from_raw_parts_mut(self.address, self.len) }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if !self.address.is_null() {
+            // SAFETY: the mapping made by `new_replacement`, never installed: nobody else has it.
+            unsafe { libc::munmap(self.address.cast(), self.len) };
+        }
+    }
 }
 
 /// All RAM of one VM.
@@ -313,22 +359,47 @@ impl GuestMemory {
         }
     }
 
-    /// Move the region at `gpa` out of the mapping it has into fresh anonymous memory at the
-    /// same host address, keeping its bytes (see [`GuestRegion`]'s `move_to_anonymous`;
-    /// `file_data` are the byte ranges of the region where its file holds data). The caller
-    /// keeps every writer of guest memory away meanwhile. Returns the bytes copied.
+    /// Fresh zero-filled anonymous memory for the region at `gpa`, to fill and [`install`] in
+    /// its place.
+    ///
+    /// [`install`]: GuestMemory::install
     #[cfg(target_os = "linux")]
-    pub fn move_to_anonymous(
-        &self,
-        gpa: u64,
-        file_data: &[(u64, u64)],
-    ) -> Result<u64, MemoryError> {
-        let region = self
-            .regions
-            .iter()
-            .find(|r| r.gpa == gpa)
-            .ok_or(MemoryError::OutOfRange { gpa, len: 0 })?;
-        let copied = region.move_to_anonymous(file_data)?;
+    pub fn new_replacement(&self, gpa: u64) -> Result<Replacement, MemoryError> {
+        let region = self.region_at(gpa)?;
+        let len = region.mapping.len();
+        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; no
+        // existing memory is affected.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                size: len as u64,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        Ok(Replacement {
+            gpa,
+            address: address.cast(),
+            len,
+        })
+    }
+
+    /// Put `replacement`, filled with what the region's file holds, in place of the region's
+    /// file-backed mapping at the same host address; the pages the guest wrote since the file
+    /// was mapped are copied over first. Every writer of guest memory must be kept away
+    /// meanwhile (the vCPUs paused). Returns the bytes copied from the old mapping.
+    #[cfg(target_os = "linux")]
+    pub fn install(&self, replacement: Replacement) -> Result<u64, MemoryError> {
+        let region = self.region_at(replacement.gpa)?;
+        let copied = region.install(replacement)?;
         // The new mapping has none of the old one's attributes.
         if self.dontdump.load(Ordering::SeqCst) {
             advise_dontdump(region);
@@ -337,6 +408,14 @@ impl GuestMemory {
             wire(region)?;
         }
         Ok(copied)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn region_at(&self, gpa: u64) -> Result<&GuestRegion, MemoryError> {
+        self.regions
+            .iter()
+            .find(|r| r.gpa == gpa)
+            .ok_or(MemoryError::OutOfRange { gpa, len: 0 })
     }
 
     /// Total RAM in bytes.
@@ -554,7 +633,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn a_file_mapping_moved_to_anonymous_memory_keeps_its_bytes_and_address_without_the_file() {
+    fn a_file_mapping_replaced_by_anonymous_memory_keeps_its_bytes_and_address_without_the_file() {
         use std::io::Write;
         let path = std::env::temp_dir().join(format!("bhyve-rs-move-{}.img", std::process::id()));
         // Data in pages 0..4 and 8..9; the rest of the 16 pages is a hole.
@@ -567,15 +646,22 @@ mod tests {
         let map = unsafe { MmapOptions::new().map_copy(&file) }.unwrap();
         let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
         let address = mem.regions()[0].host_address();
-        // The guest wrote into the hole and over file data.
+        // The guest read a page and wrote into the hole and over file data.
+        assert_eq!(mem.slice(8 * 4096, 1).unwrap(), &[0x6b]);
         mem.write(12 * 4096 + 3, b"hole").unwrap();
         mem.write(2 * 4096, b"over").unwrap();
-        let copied = mem
-            .move_to_anonymous(0, &[(0, 4 * 4096), (8 * 4096, 9 * 4096)])
-            .unwrap();
-        // The file's data pages and the page written in the hole; page 2 is among the first.
-        assert_eq!(copied, 6 * 4096);
+        // Filled from the file (as the guest runs), then installed (with the guest stopped).
+        let mut replacement = mem.new_replacement(0).unwrap();
+        for (start, end) in [(0, 4 * 4096), (8 * 4096, 9 * 4096)] {
+            replacement.as_mut_slice()[start..end].copy_from_slice(&data[start..end]);
+        }
+        let copied = mem.install(replacement).unwrap();
+        // Only the pages the guest wrote came from the old mapping.
+        assert_eq!(copied, 2 * 4096);
         assert_eq!(mem.regions()[0].host_address(), address);
+        // Anonymous now: untouched pages are known to read as zero.
+        let populated = mem.regions()[0].populated_pages().unwrap();
+        assert!(populated[0] && populated[2] && populated[12] && !populated[14]);
         // The file no longer matters: cut short and rewritten, nothing changes and nothing
         // faults.
         std::fs::OpenOptions::new()
@@ -585,10 +671,6 @@ mod tests {
             .unwrap()
             .write_all(&[0xffu8; 4096])
             .unwrap();
-        // Anonymous now: untouched pages are known to read as zero.
-        let populated = mem.regions()[0].populated_pages().unwrap();
-        let kept: Vec<usize> = (0..16).filter(|&p| populated[p]).collect();
-        assert_eq!(kept, [0, 1, 2, 3, 8, 12]);
         let mut expected = data;
         expected[12 * 4096 + 3..12 * 4096 + 7].copy_from_slice(b"hole");
         expected[2 * 4096..2 * 4096 + 4].copy_from_slice(b"over");

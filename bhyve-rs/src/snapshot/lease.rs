@@ -2,8 +2,9 @@
 //! (Linux). A read lease (`F_SETLEASE`, `F_RDLCK`) is held on the file while guest memory is
 //! mapped from it. When another process opens the file for writing or truncates it, the kernel
 //! holds that writer back (for at most `/proc/sys/fs/lease-break-time` seconds) and tells the
-//! lease holder with a signal. Meanwhile bhyve stops the guest, moves its memory out of the file
-//! into memory of its own at the same addresses, lets the guest run again and gives the lease
+//! lease holder with a signal. Meanwhile bhyve reads the file's data into fresh memory as the
+//! guest runs, then stops the guest only to copy the pages it wrote since the restore and to
+//! put the fresh memory at the same addresses, lets the guest run again and gives the lease
 //! up: the writer proceeds, and the guest no longer depends on the file.
 //!
 //! A lease needs the file's owner or CAP_LEASE, a file nobody has open for writing, and a file
@@ -25,7 +26,7 @@ use nix::sys::pthread::pthread_kill;
 use nix::sys::signal::{SigSet, Signal};
 
 use super::ram::data_extents;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, Replacement};
 
 /// The signal a lease break is told with. Every bhyve thread has it blocked (see
 /// [`block_break_signal`]); the lease thread takes it with sigwait.
@@ -205,8 +206,7 @@ impl Holder {
 
     /// Move guest memory out of the file while the writer waits.
     fn detach(&self, detach: &Receiver<Detach>) {
-        let path = crate::logging::escape_controls(&self.path.to_string_lossy()).into_owned();
-        // The machine is being built: the writer waits until it can be served.
+        // Until the machine is built and can stop the guest, the writer waits.
         let Ok(Detach {
             memory,
             with_guest_stopped,
@@ -217,42 +217,13 @@ impl Holder {
         let Some(memory) = memory.upgrade() else {
             return;
         };
-        // Found before the guest stops, so it stops only for the copy.
-        let plan: Vec<(u64, Vec<(u64, u64)>)> = self
-            .regions
-            .iter()
-            .map(|region| {
-                let end = region.file_offset + region.size;
-                let extents = data_extents(&self.file, region.file_offset, end)
-                    .unwrap_or_else(|_| vec![(region.file_offset, end)]);
-                let in_region = extents
-                    .into_iter()
-                    .map(|(start, end)| (start - region.file_offset, end - region.file_offset))
-                    .collect();
-                (region.gpa, in_region)
-            })
-            .collect();
-        let started = Instant::now();
-        let mut moved = Ok(0u64);
-        let stopped = with_guest_stopped(&mut || {
-            moved = plan.iter().try_fold(0u64, |copied, (gpa, file_data)| {
-                Ok::<u64, String>(
-                    copied
-                        + memory
-                            .move_to_anonymous(*gpa, file_data)
-                            .map_err(|e| e.to_string())?,
-                )
-            });
-        });
-        let elapsed = started.elapsed();
-        match stopped.and(moved) {
-            Ok(copied) => {
+        let path = crate::logging::escape_controls(&self.path.to_string_lossy()).into_owned();
+        match self.move_out(&memory, with_guest_stopped) {
+            Ok(how) => {
                 super::mapped::unwatch();
                 log::info!(
-                    "{path} is wanted by a writer: guest memory moved out of it \
-                     ({} MiB copied in {} ms), the file is free",
-                    copied >> 20,
-                    elapsed.as_millis()
+                    "{path} is wanted by a writer: guest memory moved out of it ({how}), \
+                     the file is free"
                 );
             }
             Err(e) => log::warn!(
@@ -260,6 +231,70 @@ impl Holder {
                  ({e}): the guest may see what the writer does"
             ),
         }
+    }
+
+    /// Fill fresh memory with the file's data while the guest runs (the writer waits, so the
+    /// data is what the guest mapped), then stop the guest only to copy the pages it wrote
+    /// since and to put the fresh memory in place. Says in words what it took.
+    fn move_out(
+        &self,
+        memory: &GuestMemory,
+        with_guest_stopped: WithGuestStopped,
+    ) -> Result<String, String> {
+        let started = Instant::now();
+        let mut replacements = Vec::with_capacity(self.regions.len());
+        let mut read = 0u64;
+        for region in &self.regions {
+            let (replacement, bytes) = self.read_region(memory, region)?;
+            replacements.push(replacement);
+            read += bytes;
+        }
+        let reading = started.elapsed();
+        let mut installed = Ok(0u64);
+        let mut paused = std::time::Duration::ZERO;
+        with_guest_stopped(&mut || {
+            let stopped = Instant::now();
+            installed = replacements
+                .drain(..)
+                .try_fold(0u64, |copied, replacement| {
+                    Ok::<u64, String>(
+                        copied + memory.install(replacement).map_err(|e| e.to_string())?,
+                    )
+                });
+            paused = stopped.elapsed();
+        })?;
+        let copied = installed?;
+        Ok(format!(
+            "{} MiB read in {} ms, then the guest paused {} ms to copy {} KiB it wrote",
+            read >> 20,
+            reading.as_millis(),
+            paused.as_millis(),
+            copied >> 10
+        ))
+    }
+
+    /// Fresh memory for `region` holding what the file holds for it, and the bytes read.
+    fn read_region(
+        &self,
+        memory: &GuestMemory,
+        region: &MappedRegion,
+    ) -> Result<(Replacement, u64), String> {
+        use std::os::unix::fs::FileExt;
+        let mut replacement = memory
+            .new_replacement(region.gpa)
+            .map_err(|e| e.to_string())?;
+        let end = region.file_offset + region.size;
+        let extents = data_extents(&self.file, region.file_offset, end)
+            .unwrap_or_else(|_| vec![(region.file_offset, end)]);
+        let bytes = replacement.as_mut_slice();
+        for &(start, end) in &extents {
+            let from = (start - region.file_offset) as usize;
+            let to = (end - region.file_offset) as usize;
+            self.file
+                .read_exact_at(&mut bytes[from..to], start)
+                .map_err(|e| format!("read the file: {e}"))?;
+        }
+        Ok((replacement, super::ram::extents_len(&extents)))
     }
 }
 
@@ -334,6 +369,13 @@ mod tests {
         }]
     }
 
+    /// Opening `path` for writing goes through at once: nobody holds a lease on it.
+    fn assert_no_writer_held_back(path: &Path) {
+        let started = Instant::now();
+        drop(std::fs::OpenOptions::new().write(true).open(path).unwrap());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
     #[test]
     fn a_writer_waits_only_until_guest_memory_has_left_the_file() {
         let temp = TempFile::new("writer", &pattern());
@@ -369,14 +411,7 @@ mod tests {
         expected[5 * 4096..5 * 4096 + 5].copy_from_slice(b"guest");
         assert!(memory.slice(0, LEN as u64).unwrap() == expected.as_slice());
         // The lease is gone with the break: a second writer is not held back.
-        let started = Instant::now();
-        drop(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&temp.0)
-                .unwrap(),
-        );
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_no_writer_held_back(&temp.0);
         drop(lease);
     }
 
@@ -398,13 +433,6 @@ mod tests {
         let file = File::open(&temp.0).unwrap();
         let lease = Lease::take(&temp.0, &file, whole_file()).unwrap();
         drop(lease);
-        let started = Instant::now();
-        drop(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&temp.0)
-                .unwrap(),
-        );
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_no_writer_held_back(&temp.0);
     }
 }
