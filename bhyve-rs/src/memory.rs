@@ -6,6 +6,8 @@
 //! hypervisor. A region can be built from any writable mapping, so snapshot restore can hand in
 //! a private (copy-on-write) mapping of a saved file instead of anonymous memory.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use memmap2::{MmapMut, MmapOptions};
 
 /// Guest RAM below this address is "low memory"; the PCI hole sits above it up to 4 GiB.
@@ -29,6 +31,8 @@ pub enum MemoryError {
     LayoutMismatch { gpa: u64, len: u64 },
     #[error("cannot wire {size:#x} bytes of guest memory: {reason}")]
     Wire { size: u64, reason: String },
+    #[error("cannot move guest memory at {gpa:#x} into fresh memory: {reason}")]
+    Move { gpa: u64, reason: String },
 }
 
 /// Where each RAM segment of a VM with `size` bytes of memory goes: `(gpa, length)` pairs,
@@ -58,8 +62,9 @@ pub fn layout(size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
 pub struct GuestRegion {
     gpa: u64,
     mapping: MmapMut,
-    /// Fresh anonymous memory: a page the host never populated reads as zero.
-    anonymous: bool,
+    /// Fresh anonymous memory: a page the host never populated reads as zero. Set once a
+    /// file-backed region is moved into anonymous memory.
+    anonymous: AtomicBool,
 }
 
 impl GuestRegion {
@@ -79,7 +84,7 @@ impl GuestRegion {
         Ok(Self {
             gpa,
             mapping,
-            anonymous: true,
+            anonymous: AtomicBool::new(true),
         })
     }
 
@@ -89,7 +94,7 @@ impl GuestRegion {
         Self {
             gpa,
             mapping,
-            anonymous: false,
+            anonymous: AtomicBool::new(false),
         }
     }
 
@@ -99,7 +104,7 @@ impl GuestRegion {
     /// that is neither present nor swapped out was never written and reads as zero. Pages of a
     /// file mapping hold file data whether present or not.
     pub fn populated_pages(&self) -> Option<Vec<bool>> {
-        if !self.anonymous {
+        if !self.anonymous.load(Ordering::SeqCst) {
             return None;
         }
         populated_pages(self.host_address(), self.mapping.len())
@@ -135,6 +140,65 @@ impl GuestRegion {
         &mut self.mapping
     }
 
+    /// Put `replacement` (fresh anonymous memory, as long as the region, that holds what the
+    /// region's file holds) in place of the region's mapping, at the same host address, so
+    /// the hypervisor's view of guest memory stays where it is and the file is no longer used.
+    /// The pages the process holds as private copies (written since the file was mapped) are
+    /// copied over first; nothing may write the region meanwhile (pause the vCPUs). Returns the
+    /// bytes copied.
+    #[cfg(target_os = "linux")]
+    fn install(&self, mut replacement: Replacement) -> Result<u64, MemoryError> {
+        let len = self.mapping.len();
+        let old = self.host_address();
+        if replacement.len != len {
+            return Err(MemoryError::LayoutMismatch {
+                gpa: self.gpa,
+                len: replacement.len as u64,
+            });
+        }
+        let page = PAGE_SIZE as usize;
+        let pages = len.div_ceil(page);
+        let copy = private_pages(old, len).unwrap_or_else(|| vec![true; pages]);
+        let fresh = replacement.address;
+        let mut copied = 0u64;
+        let mut index = 0;
+        while index < pages {
+            if !copy[index] {
+                index += 1;
+                continue;
+            }
+            let run = copy[index..].iter().take_while(|&&c| c).count();
+            let offset = index * page;
+            let bytes = (run * page).min(len - offset);
+            // SAFETY: both ranges lie inside mappings of `len` bytes, which are distinct.
+            unsafe { std::ptr::copy_nonoverlapping(old.add(offset), fresh.add(offset), bytes) };
+            copied += bytes as u64;
+            index += run;
+        }
+        // SAFETY: moves the replacement onto the region's range, replacing the old mapping in
+        // one step (a concurrent reader sees either, with the same bytes). `self.mapping` still
+        // describes that range, address and length unchanged, and unmaps it when dropped.
+        let moved = unsafe {
+            libc::mremap(
+                fresh.cast(),
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                old.cast::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err(MemoryError::Move {
+                gpa: self.gpa,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        // The replacement's own range is gone with the move.
+        replacement.address = std::ptr::null_mut();
+        self.anonymous.store(true, Ordering::SeqCst);
+        Ok(copied)
+    }
+
     fn contains(&self, gpa: u64, len: u64) -> bool {
         gpa >= self.gpa
             && gpa
@@ -143,19 +207,46 @@ impl GuestRegion {
     }
 }
 
-/// `/proc/self/pagemap` flags of the pages at `address` (page aligned, `len` bytes): present
-/// (bit 63) or swapped (bit 62). `None` when the kernel does not say.
+/// Bits of a `/proc/self/pagemap` entry (see the kernel's admin-guide/mm/pagemap).
+#[cfg(target_os = "linux")]
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+#[cfg(target_os = "linux")]
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// The page is a file's (page cache) or shared memory, not a private copy.
+#[cfg(target_os = "linux")]
+const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
+
+/// Which pages at `address` (page aligned, `len` bytes) the process has: present or swapped
+/// out. `None` when the kernel does not say.
 #[cfg(target_os = "linux")]
 fn populated_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
+    pagemap(address, len, |entry| {
+        entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0
+    })
+}
+
+/// Which pages at `address` (page aligned, `len` bytes) are the process's private copies: in a
+/// private file mapping, the pages written since it was mapped (present but not the file's,
+/// or swapped out). `None` when the kernel does not say.
+#[cfg(target_os = "linux")]
+fn private_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
+    pagemap(address, len, |entry| {
+        entry & PAGEMAP_SWAPPED != 0
+            || (entry & PAGEMAP_PRESENT != 0 && entry & PAGEMAP_FILE_OR_SHARED == 0)
+    })
+}
+
+/// `/proc/self/pagemap` entries of the pages at `address`, each turned into a flag by `test`.
+#[cfg(target_os = "linux")]
+fn pagemap(address: *mut u8, len: usize, test: impl Fn(u64) -> bool) -> Option<Vec<bool>> {
     use std::os::unix::fs::FileExt;
     const PAGE: usize = 4096;
-    const PRESENT_OR_SWAPPED: u64 = 0b11 << 62;
     if address as usize % PAGE != 0 || len % PAGE != 0 {
         return None;
     }
     let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
     let pages = len / PAGE;
-    let mut populated = Vec::with_capacity(pages);
+    let mut flags = Vec::with_capacity(pages);
     let mut entries = vec![0u8; 8 * 4096];
     let first = (address as usize / PAGE) as u64;
     let mut done = 0usize;
@@ -163,14 +254,14 @@ fn populated_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
         let count = (pages - done).min(entries.len() / 8);
         let buf = &mut entries[..count * 8];
         pagemap.read_exact_at(buf, (first + done as u64) * 8).ok()?;
-        populated.extend(buf.chunks_exact(8).map(|e| {
+        flags.extend(buf.chunks_exact(8).map(|e| {
             let mut word = [0u8; 8];
             word.copy_from_slice(e);
-            u64::from_ne_bytes(word) & PRESENT_OR_SWAPPED != 0
+            test(u64::from_ne_bytes(word))
         }));
         done += count;
     }
-    Some(populated)
+    Some(flags)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -178,9 +269,48 @@ fn populated_pages(_address: *mut u8, _len: usize) -> Option<Vec<bool>> {
     None
 }
 
+/// Fresh anonymous memory made ready, while the guest runs, to take a file-backed region's
+/// place ([`GuestMemory::new_replacement`], [`GuestMemory::install`]).
+#[cfg(target_os = "linux")]
+pub struct Replacement {
+    gpa: u64,
+    /// Null once installed.
+    address: *mut u8,
+    len: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl Replacement {
+    /// Guest physical address of the region it replaces.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Its bytes, for filling with what the region's file holds.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: a live private mapping of `len` bytes that nothing else can reach before
+        // it is installed; the borrow of `self` keeps it alive and unshared.
+        unsafe { std::slice::from_raw_parts_mut(self.address, self.len) }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if !self.address.is_null() {
+            // SAFETY: the mapping made by `new_replacement`, never installed: nobody else has it.
+            unsafe { libc::munmap(self.address.cast(), self.len) };
+        }
+    }
+}
+
 /// All RAM of one VM.
 pub struct GuestMemory {
     regions: Vec<GuestRegion>,
+    /// [`GuestMemory::wire`] and [`GuestMemory::advise_dontdump`] were applied: memory moved
+    /// into a new mapping gets them again.
+    wired: AtomicBool,
+    dontdump: AtomicBool,
 }
 
 // SAFETY: the mappings live as long as `GuestMemory`; every access through the API copies bytes
@@ -195,7 +325,7 @@ impl GuestMemory {
             .into_iter()
             .map(|(gpa, len)| GuestRegion::anonymous(gpa, len))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { regions })
+        Ok(Self::with_regions(regions))
     }
 
     /// RAM assembled from existing regions (e.g. restored from a snapshot). The regions must be
@@ -218,7 +348,74 @@ impl GuestMemory {
                 });
             }
         }
-        Ok(Self { regions })
+        Ok(Self::with_regions(regions))
+    }
+
+    fn with_regions(regions: Vec<GuestRegion>) -> Self {
+        Self {
+            regions,
+            wired: AtomicBool::new(false),
+            dontdump: AtomicBool::new(false),
+        }
+    }
+
+    /// Fresh zero-filled anonymous memory for the region at `gpa`, to fill and [`install`] in
+    /// its place.
+    ///
+    /// [`install`]: GuestMemory::install
+    #[cfg(target_os = "linux")]
+    pub fn new_replacement(&self, gpa: u64) -> Result<Replacement, MemoryError> {
+        let region = self.region_at(gpa)?;
+        let len = region.mapping.len();
+        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; no
+        // existing memory is affected.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                size: len as u64,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        Ok(Replacement {
+            gpa,
+            address: address.cast(),
+            len,
+        })
+    }
+
+    /// Put `replacement`, filled with what the region's file holds, in place of the region's
+    /// file-backed mapping at the same host address; the pages the guest wrote since the file
+    /// was mapped are copied over first. Every writer of guest memory must be kept away
+    /// meanwhile (the vCPUs paused). Returns the bytes copied from the old mapping.
+    #[cfg(target_os = "linux")]
+    pub fn install(&self, replacement: Replacement) -> Result<u64, MemoryError> {
+        let region = self.region_at(replacement.gpa)?;
+        let copied = region.install(replacement)?;
+        // The new mapping has none of the old one's attributes.
+        if self.dontdump.load(Ordering::SeqCst) {
+            advise_dontdump(region);
+        }
+        if self.wired.load(Ordering::SeqCst) {
+            wire(region)?;
+        }
+        Ok(copied)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn region_at(&self, gpa: u64) -> Result<&GuestRegion, MemoryError> {
+        self.regions
+            .iter()
+            .find(|r| r.gpa == gpa)
+            .ok_or(MemoryError::OutOfRange { gpa, len: 0 })
     }
 
     /// Total RAM in bytes.
@@ -299,35 +496,44 @@ impl GuestMemory {
 
     /// Keep all guest memory resident (`-S`, `memory.wired`), as bhyve wires it.
     pub fn wire(&self) -> Result<(), MemoryError> {
-        for region in &self.regions {
-            // SAFETY: the range is exactly one live mapping owned by `region`; mlock only
-            // changes how the kernel pages it.
-            let rc = unsafe { libc::mlock(region.host_address().cast(), region.len() as usize) };
-            if rc != 0 {
-                return Err(MemoryError::Wire {
-                    size: region.len(),
-                    reason: std::io::Error::last_os_error().to_string(),
-                });
-            }
-        }
-        Ok(())
+        self.wired.store(true, Ordering::SeqCst);
+        self.regions.iter().try_for_each(wire)
     }
 
     /// Mark the memory as not wanted in core dumps and merge-able as the host sees fit; failures
     /// are harmless.
     #[cfg(target_os = "linux")]
     pub fn advise_dontdump(&self) {
-        for region in &self.regions {
-            // SAFETY: the range is exactly one live mapping owned by `region`.
-            unsafe {
-                libc::madvise(
-                    region.host_address().cast(),
-                    region.len() as usize,
-                    libc::MADV_DONTDUMP,
-                );
-            }
-        }
+        self.dontdump.store(true, Ordering::SeqCst);
+        self.regions.iter().for_each(advise_dontdump);
     }
+}
+
+fn wire(region: &GuestRegion) -> Result<(), MemoryError> {
+    // SAFETY: the range is exactly one live mapping owned by `region`; mlock only changes how
+    // the kernel pages it.
+    let rc = unsafe { libc::mlock(region.host_address().cast(), region.len() as usize) };
+    if rc != 0 {
+        return Err(MemoryError::Wire {
+            size: region.len(),
+            reason: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn advise_dontdump(region: &GuestRegion) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the range is exactly one live mapping owned by `region`.
+    unsafe {
+        libc::madvise(
+            region.host_address().cast(),
+            region.len() as usize,
+            libc::MADV_DONTDUMP,
+        );
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = region;
 }
 
 #[cfg(test)]
@@ -423,6 +629,53 @@ mod tests {
         let map = MmapOptions::new().len(MIB as usize).map_anon().unwrap();
         let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
         assert_eq!(mem.size(), MIB);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_file_mapping_replaced_by_anonymous_memory_keeps_its_bytes_and_address_without_the_file() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("bhyve-rs-move-{}.img", std::process::id()));
+        // Data in pages 0..4 and 8..9; the rest of the 16 pages is a hole.
+        let mut data = vec![0u8; 16 * 4096];
+        data[..4 * 4096].fill(0x5a);
+        data[8 * 4096..9 * 4096].fill(0x6b);
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the file is private to this test; it is cut short only after the move.
+        let map = unsafe { MmapOptions::new().map_copy(&file) }.unwrap();
+        let mem = GuestMemory::from_regions(vec![GuestRegion::from_mapping(0, map)]).unwrap();
+        let address = mem.regions()[0].host_address();
+        // The guest read a page and wrote into the hole and over file data.
+        assert_eq!(mem.slice(8 * 4096, 1).unwrap(), &[0x6b]);
+        mem.write(12 * 4096 + 3, b"hole").unwrap();
+        mem.write(2 * 4096, b"over").unwrap();
+        // Filled from the file (as the guest runs), then installed (with the guest stopped).
+        let mut replacement = mem.new_replacement(0).unwrap();
+        for (start, end) in [(0, 4 * 4096), (8 * 4096, 9 * 4096)] {
+            replacement.as_mut_slice()[start..end].copy_from_slice(&data[start..end]);
+        }
+        let copied = mem.install(replacement).unwrap();
+        // Only the pages the guest wrote came from the old mapping.
+        assert_eq!(copied, 2 * 4096);
+        assert_eq!(mem.regions()[0].host_address(), address);
+        // Anonymous now: untouched pages are known to read as zero.
+        let populated = mem.regions()[0].populated_pages().unwrap();
+        assert!(populated[0] && populated[2] && populated[12] && !populated[14]);
+        // The file no longer matters: cut short and rewritten, nothing changes and nothing
+        // faults.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&[0xffu8; 4096])
+            .unwrap();
+        let mut expected = data;
+        expected[12 * 4096 + 3..12 * 4096 + 7].copy_from_slice(b"hole");
+        expected[2 * 4096..2 * 4096 + 4].copy_from_slice(b"over");
+        assert!(mem.slice(0, 16 * 4096).unwrap() == expected.as_slice());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -1338,21 +1338,19 @@ fn a_mapped_snapshot_cut_short_under_the_running_guest_stops_it_with_one_line() 
     let fill = vm.command_line("memfill 16 77");
     let file = scratch.path("vm.snap");
     suspend(&scratch, &name, &mut vm, &file);
+    // A writer that has the file open before the restore keeps bhyve from taking a lease on
+    // it: bhyve says so once and runs the guest from the file all the same.
+    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     let mut restored = resume(&scratch.0, &file);
     assert_eq!(counter(&mut restored), 1);
     // The file the guest's memory is mapped from loses its RAM.
-    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     cut.set_len(4096).unwrap();
     // The guest may stop on its own first (its timer touches memory too).
     let _ = restored.try_send("memsum 16\n");
     let status = restored.wait_exit(COMMAND_TIMEOUT);
     let err = restored.stderr();
     assert_eq!(status.code(), Some(4), "{status}: {err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("bhyve: guest memory") && err.contains(&file.display().to_string()),
-        "{err}"
-    );
+    assert_unleased_then_one_line(&err, &file);
 
     // bhyve's own access to such a page (a checkpoint reads all guest memory) takes SIGBUS:
     // the same one line and status 4, not death by the signal.
@@ -1360,9 +1358,9 @@ fn a_mapped_snapshot_cut_short_under_the_running_guest_stops_it_with_one_line() 
     let mut vm = boot(&scratch.0, &name, "256M");
     assert_eq!(vm.command_line("memfill 16 78").len(), fill.len());
     suspend(&scratch, &name, &mut vm, &file);
+    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     let mut restored = resume(&scratch.0, &file);
     assert_eq!(counter(&mut restored), 1);
-    let cut = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
     cut.set_len(4096).unwrap();
     let (code, ctl_err) = ctl(
         &scratch.0,
@@ -1376,9 +1374,184 @@ fn a_mapped_snapshot_cut_short_under_the_running_guest_stops_it_with_one_line() 
     let status = restored.wait_exit(COMMAND_TIMEOUT);
     let err = restored.stderr();
     assert_eq!(status.code(), Some(4), "{status}: {err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_unleased_then_one_line(&err, &file);
+}
+
+/// `err` is the warning that `file` could not be leased because it was open for writing,
+/// then one line saying guest memory was lost with it.
+fn assert_unleased_then_one_line(err: &str, file: &Path) {
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "bhyve: warning: cannot keep writers away from {} while guest memory is mapped \
+             from it (it is open for writing): it must stay unchanged while the guest runs",
+            file.display()
+        )
+    );
     assert!(
-        err.starts_with("bhyve: guest memory is mapped from"),
+        lines[1].starts_with("bhyve: guest memory is mapped from")
+            && lines[1].contains(&file.display().to_string()),
         "{err}"
+    );
+}
+
+/// A guest with 16 MiB of `memfill` data, suspended into `file` and restored from it mapped
+/// (the default), with progress messages on; its name and the `counter` it is at.
+fn restored_mapped_with_filled_memory(scratch: &Scratch, file: &Path) -> (Console, String, u64) {
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "256M");
+    assert_eq!(
+        vm.command_line("memfill 16 91"),
+        guest::memfill_line(16, 91)
+    );
+    suspend(scratch, &name, &mut vm, file);
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(file);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    cmd.env("BHYVE_LOG", "info");
+    let mut restored = Console::spawn("bhyve -r", cmd);
+    let at = counter(&mut restored);
+    (restored, name, at)
+}
+
+/// What bhyve said about moving guest memory out of the file.
+struct Moved {
+    read_mib: u64,
+    read_ms: u64,
+    paused_ms: u64,
+    copied_kib: u64,
+}
+
+impl std::fmt::Display for Moved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} MiB read from the file in {} ms, then the guest paused {} ms to copy the {} KiB \
+             it wrote (256 MiB guest)",
+            self.read_mib, self.read_ms, self.paused_ms, self.copied_kib
+        )
+    }
+}
+
+/// The guest's memory is the one it was suspended with and it runs on: its counter went on
+/// from `at`, and bhyve is still there.
+fn assert_intact_and_running(restored: &mut Console, at: u64) -> Moved {
+    assert_eq!(
+        restored.command_line("memsum 16"),
+        guest::memfill_line(16, 91).replace("memfill 16 MiB seed 91", "memsum 16 MiB")
+    );
+    assert_eq!(counter(restored), at + 1);
+    assert!(restored.running(), "bhyve exited: {}", restored.stderr());
+    let err = restored.stderr();
+    assert!(!err.contains("warning"), "{err}");
+    let moved = err
+        .lines()
+        .find_map(|l| {
+            l.split_once("guest memory moved out of it (")
+                .map(|(_, rest)| rest)
+        })
+        .unwrap_or_else(|| panic!("no word of the copy in {err}"));
+    let numbers: Vec<u64> = moved
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    let [read_mib, read_ms, paused_ms, copied_kib] = numbers[..] else {
+        panic!("{moved}");
+    };
+    // The file's data (the 16 MiB filled, the guest's code) was read as the guest ran; only
+    // the few pages it wrote since the restore were copied with the guest paused.
+    assert!(read_mib >= 16, "{moved}");
+    assert!(copied_kib < 4096, "{moved}");
+    Moved {
+        read_mib,
+        read_ms,
+        paused_ms,
+        copied_kib,
+    }
+}
+
+/// How long a writer may wait at most: far less than the kernel's lease-break time, which is
+/// how long it would wait if nobody gave the lease up.
+fn writer_delay_bound() -> Duration {
+    let break_time: u64 = std::fs::read_to_string("/proc/sys/fs/lease-break-time")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(45);
+    Duration::from_secs(5).min(Duration::from_secs(break_time) / 4)
+}
+
+#[test]
+fn a_snapshot_file_truncated_under_its_mapped_guest_is_let_go_and_the_guest_runs_on() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("lease-cut");
+    let file = scratch.path("vm.snap");
+    let (mut restored, _, at) = restored_mapped_with_filled_memory(&scratch, &file);
+    let started = Instant::now();
+    nix::unistd::truncate(&file, 4096).expect("truncate the snapshot");
+    let waited = started.elapsed();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 4096);
+    let moved = assert_intact_and_running(&mut restored, at);
+    eprintln!("truncate(2) waited {waited:?}: {moved}");
+    assert!(
+        waited < writer_delay_bound(),
+        "the writer waited {waited:?}"
+    );
+}
+
+#[test]
+fn a_snapshot_file_rewritten_under_its_mapped_guest_is_let_go_and_the_guest_runs_on() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("lease-rewrite");
+    let file = scratch.path("vm.snap");
+    let (mut restored, name, at) = restored_mapped_with_filled_memory(&scratch, &file);
+    let length = std::fs::metadata(&file).unwrap().len();
+    let started = Instant::now();
+    let mut writer = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .expect("open the snapshot for writing");
+    let waited = started.elapsed();
+    // Garbage of the same length: pages the guest never touched would read it.
+    let garbage: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut written = 0;
+    while written < length {
+        let n = garbage.len().min((length - written) as usize);
+        writer.write_all(&garbage[..n]).unwrap();
+        written += n as u64;
+    }
+    drop(writer);
+    let moved = assert_intact_and_running(&mut restored, at);
+    eprintln!("open(O_TRUNC) waited {waited:?}: {moved}");
+    assert!(
+        waited < writer_delay_bound(),
+        "the writer waited {waited:?}"
+    );
+
+    // The memory that left the file is whole: a checkpoint of it restores as it was.
+    let again = scratch.path("again.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", again.display())],
+    );
+    assert_eq!(code, 0, "{err}");
+    drop(restored);
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&again);
+    cmd.args(["-o", "snapshot.restore=copy"]);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    let mut copy = Console::spawn("bhyve -r", cmd);
+    assert_eq!(
+        copy.command_line("memsum 16"),
+        guest::memfill_line(16, 91).replace("memfill 16 MiB seed 91", "memsum 16 MiB")
     );
 }

@@ -7,7 +7,7 @@
 //! resume the devices, then the vCPUs → commit (fsync, rename); for a suspend, commit and stay
 //! stopped (resuming only if the commit fails).
 //! Restore mirrors it ([`Restore::apply`]): configuration → RAM mapped privately from the file
-//! (lazy) → devices created paused → VM state → vCPU states → device states → starting the
+//! (lazy; the file leased first where the host allows, [`Restore::lease_file`]) → devices created paused → VM state → vCPU states → device states → starting the
 //! machine resumes the devices, then starts the vCPUs last.
 
 use std::os::fd::AsFd;
@@ -281,6 +281,36 @@ impl Restore {
             crate::snapshot::mapped::watch(&self.path, self.reader.file(), needed, ranges);
         }
         GuestMemory::from_regions(regions).map_err(|e| e.to_string())
+    }
+
+    /// For a mapped restore: a read lease that keeps writers of the file from changing the
+    /// guest's memory (see [`crate::snapshot::lease`]). Taken before the RAM is mapped. When the
+    /// host refuses it, a warning says why and the guest runs without it, as the file then
+    /// must stay unchanged.
+    #[cfg(target_os = "linux")]
+    pub fn lease_file(&self) -> Option<crate::snapshot::lease::Lease> {
+        use crate::snapshot::lease::{Lease, MappedRegion};
+        let regions = self
+            .reader
+            .ram_regions()
+            .iter()
+            .map(|r| MappedRegion {
+                gpa: r.gpa,
+                file_offset: r.file_offset,
+                size: r.size,
+            })
+            .collect();
+        match Lease::take(&self.path, self.reader.file(), regions) {
+            Ok(lease) => Some(lease),
+            Err(reason) => {
+                log::warn!(
+                    "cannot keep writers away from {} while guest memory is mapped from it \
+                     ({reason}): it must stay unchanged while the guest runs",
+                    crate::logging::escape_controls(&self.path.to_string_lossy())
+                );
+                None
+            }
+        }
     }
 
     fn backend_state(&self, name: &str, instance: &str) -> Result<BackendState, String> {

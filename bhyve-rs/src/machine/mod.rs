@@ -90,6 +90,9 @@ pub fn vm_spec(description: &MachineDescription, prebuilt: Option<GuestMemory>) 
 /// The parts of a running VM.
 pub struct Machine {
     // Field order is drop order: threads stop before devices, devices before the VM and RAM.
+    /// The lease on the snapshot file guest memory is mapped from, if any.
+    #[cfg(all(feature = "bhyve_snapshot", target_os = "linux"))]
+    file_lease: Option<crate::snapshot::lease::Lease>,
     vcpus: Arc<VcpuSet>,
     devices: Option<Arc<Mutex<Devices>>>,
     control: Arc<VmControl>,
@@ -113,6 +116,8 @@ impl Machine {
         let control = VmControl::new();
         let kernel_ap_start = vm.platform().kernel_ap_start;
         Ok(Self {
+            #[cfg(all(feature = "bhyve_snapshot", target_os = "linux"))]
+            file_lease: None,
             vcpus: Arc::new(VcpuSet::new(vcpus, control.clone(), kernel_ap_start)),
             devices: None,
             control,
@@ -188,6 +193,27 @@ impl Machine {
             vcpu.set_regs(&boot::boot_regs(&info))
         })??;
         Ok(())
+    }
+
+    /// Keep `lease` on the snapshot file guest memory is mapped from: when a writer comes, the
+    /// guest is stopped while its memory moves out of the file. No device thread writes guest
+    /// memory on its own, so stopping the vCPUs is enough.
+    #[cfg(all(feature = "bhyve_snapshot", target_os = "linux"))]
+    pub fn keep_file_lease(&mut self, mut lease: crate::snapshot::lease::Lease) {
+        let vcpus = Arc::downgrade(&self.vcpus);
+        lease.on_break(
+            Arc::downgrade(self.vm.memory()),
+            Box::new(move |work| {
+                let vcpus = vcpus.upgrade().ok_or("the VM is gone")?;
+                vcpus
+                    .pause_all()
+                    .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
+                work();
+                vcpus.resume_all();
+                Ok(())
+            }),
+        );
+        self.file_lease = Some(lease);
     }
 
     /// Start the vCPU threads, once the devices (created paused) are running. `strict_io` and
@@ -314,6 +340,12 @@ pub fn run(config: &Config, restore: Option<&Path>) -> i32 {
     // the blocked mask, so the signal never interrupts a vCPU or device thread.
     if let Err(e) = termination::block() {
         eprintln!("bhyve: cannot block SIGTERM: {e}");
+        return 4;
+    }
+    // Likewise for the notice that a writer wants a leased snapshot file.
+    #[cfg(all(feature = "bhyve_snapshot", target_os = "linux"))]
+    if let Err(e) = crate::snapshot::lease::block_break_signal() {
+        eprintln!("bhyve: cannot block SIGIO: {e}");
         return 4;
     }
     let reason = run_until_stopped(config, restore);
@@ -526,9 +558,19 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     if !hypervisor.platform().prebuilt_ram {
         return Err("this backend cannot take RAM from a snapshot".into());
     }
+    #[cfg(target_os = "linux")]
+    let lease = if mode == RestoreMode::Map {
+        snapshot.lease_file()
+    } else {
+        None
+    };
     let memory = snapshot.memory(mode)?;
     let mut machine = Machine::new(hypervisor.as_ref(), vm_spec(&description, Some(memory)))
         .map_err(|e| e.to_string())?;
+    #[cfg(target_os = "linux")]
+    if let Some(lease) = lease {
+        machine.keep_file_lease(lease);
+    }
     machine.attach_devices(&config).map_err(|e| e.to_string())?;
     if let Some(rom) = bootrom {
         machine.map_bootrom(rom).map_err(|e| e.to_string())?;

@@ -3,7 +3,8 @@
 //! If the file is cut short while the guest runs, touching such a page fails: bhyve's own
 //! access raises SIGBUS, the guest's ends the VM (as a shutdown or a failed `KVM_RUN`). Either
 //! way bhyve says in one line what happened and exits with status 4, instead of dying of the
-//! signal or reporting a triple fault.
+//! signal or reporting a triple fault. Where the file could be leased, [`super::lease`] moves
+//! guest memory out of it before a writer gets it, and the watch ends ([`unwatch`]).
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -28,6 +29,8 @@ static RANGES: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
 static SIGBUS_LINE: OnceLock<Vec<u8>> = OnceLock::new();
 /// The damage was reported: a vCPU and a bhyve thread may both run into it, one line is told.
 static REPORTED: AtomicBool = AtomicBool::new(false);
+/// Guest memory is still mapped from the file (not moved out of it, see [`super::lease`]).
+static WATCHING: AtomicBool = AtomicBool::new(false);
 
 fn change_time(file: &File) -> (i64, i64) {
     file.metadata()
@@ -54,6 +57,7 @@ pub fn watch(path: &Path, file: &File, needed: u64, ranges: Vec<(usize, usize)>)
         needed,
         changed,
     });
+    WATCHING.store(true, Ordering::SeqCst);
     let action = SigAction::new(
         SigHandler::SigAction(on_sigbus),
         SaFlags::SA_SIGINFO,
@@ -64,6 +68,12 @@ pub fn watch(path: &Path, file: &File, needed: u64, ranges: Vec<(usize, usize)>)
     if let Err(e) = unsafe { signal::sigaction(Signal::SIGBUS, &action) } {
         log::warn!("cannot watch the mapped snapshot for SIGBUS: {e}");
     }
+}
+
+/// Guest memory no longer comes from the file: what happens to it concerns the guest no more.
+pub fn unwatch() {
+    WATCHING.store(false, Ordering::SeqCst);
+    *WATCHED.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 fn cut_short_message(path: &Path, length: Option<u64>, needed: u64) -> String {
@@ -115,10 +125,11 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler; for SIGBUS it holds
     // the faulting address.
     let address = unsafe { (*info).si_addr() } as usize;
-    let in_guest_memory = RANGES.get().is_some_and(|r| {
-        r.iter()
-            .any(|&(start, len)| address >= start && address - start < len)
-    });
+    let in_guest_memory = WATCHING.load(Ordering::SeqCst)
+        && RANGES.get().is_some_and(|r| {
+            r.iter()
+                .any(|&(start, len)| address >= start && address - start < len)
+        });
     if !in_guest_memory {
         // Not ours: the default action, when the access is retried.
         // SAFETY: installing the default disposition runs no code of ours.

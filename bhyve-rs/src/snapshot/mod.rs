@@ -10,6 +10,8 @@ pub mod backend_state;
 pub mod cmdline;
 mod format;
 mod inspect;
+#[cfg(target_os = "linux")]
+pub mod lease;
 pub mod mapped;
 mod ram;
 mod reader;
