@@ -92,13 +92,6 @@ fn checkpoint_keeps_running_and_suspend_resume_cycles_continue_the_guest() {
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 
-/// The numbers of the `memchurn round <r>` lines in `text`.
-fn churn_rounds(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("memchurn round ")?.parse().ok())
-        .collect()
-}
-
 /// Let a restored `memchurn` guest run two more rounds, so every page was checked against the
 /// round before it, then stop it: it must have found no page out of step.
 fn churn_checks_clean(vm: &mut Console, what: &str) {
@@ -139,35 +132,28 @@ fn a_live_checkpoint_of_a_guest_rewriting_its_memory_restores_one_instant() {
     vm.expect("memchurn round 3\n", SAVE_TIMEOUT);
 
     let checkpoint = scratch.path("live.snap");
-    let before = churn_rounds(&vm.transcript()).last().copied().unwrap_or(0);
     let (code, err) = ctl(
         &scratch.0,
         &name,
         &[format!("--checkpoint={}", checkpoint.display())],
     );
     assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-    let after = churn_rounds(&vm.transcript()).last().copied().unwrap_or(0);
     let log = vm.stderr();
-    let passes = log
+    // The guest ran on and rewrote pages after they had been copied.
+    let again = log
         .lines()
         .find_map(|l| {
-            l.split("precopy: ")
+            let rest = l.split("precopy: ").nth(1)?;
+            rest.split(", ")
                 .nth(1)?
                 .split(' ')
                 .next()?
-                .parse::<u32>()
+                .parse::<u64>()
                 .ok()
         })
         .unwrap_or_else(|| panic!("no precopy line in bhyve's log:\n{log}"));
-    assert!(
-        passes >= 2,
-        "one pass only: the guest wrote nothing meanwhile?\n{log}"
-    );
+    assert!(again > 0, "no page was dirtied during the copy:\n{log}");
     assert!(log.contains("(live)"), "{log}");
-    assert!(
-        after > before,
-        "the guest did not run on while its memory was written (rounds {before} -> {after})"
-    );
     // The guest itself found nothing out of step before or during the checkpoint.
     vm.send("\n");
     vm.expect(" errors 0\n", COMMAND_TIMEOUT);

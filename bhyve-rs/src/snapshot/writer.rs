@@ -250,6 +250,17 @@ impl SnapshotWriter {
         })
     }
 
+    /// Wait until what was written so far is on stable storage. A live checkpoint does this
+    /// before stopping the guest: otherwise the kernel, with much of the file still dirty in
+    /// the page cache, may hold up the few writes made while the guest is stopped until its
+    /// write-back catches up.
+    pub fn sync_data(&mut self) -> Result<(), SnapshotError> {
+        self.check_not_poisoned()?;
+        self.file
+            .sync_data()
+            .map_err(|e| SnapshotError::io("write back snapshot", e))
+    }
+
     /// Whether a RAM region was added.
     pub fn has_ram(&self) -> bool {
         !self.ram_index.is_empty()
