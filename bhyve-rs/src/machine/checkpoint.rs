@@ -226,11 +226,7 @@ fn precopy_passes(target: &SaveTarget<'_>, precopied: &mut Precopied) -> Result<
         let populated = region.populated_pages();
         precopied
             .writer
-            .write_ram_pages(index, data, |page| {
-                populated
-                    .as_deref()
-                    .is_none_or(|p| p.get(page).copied().unwrap_or(true))
-            })
+            .write_ram_populated(index, data, populated.as_deref())
             .map_err(|e| e.to_string())?;
         precopied.regions.push(index);
     }

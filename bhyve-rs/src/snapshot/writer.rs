@@ -241,9 +241,7 @@ impl SnapshotWriter {
             )));
         }
         let region = self.begin_ram_region(gpa, data.len() as u64)?;
-        let written = self.write_ram_pages(region, data, |page| {
-            populated.is_none_or(|p| p.get(page).copied().unwrap_or(true))
-        })?;
+        let written = self.write_ram_populated(region, data, populated)?;
         Ok(RamWriteStats {
             logical: data.len() as u64,
             written,
@@ -319,6 +317,19 @@ impl SnapshotWriter {
         self.ram_in_file.push(vec![false; (size / page) as usize]);
         self.cursor = end;
         Ok(self.ram_index.len() - 1)
+    }
+
+    /// [`SnapshotWriter::write_ram_pages`] of every page that `populated` (one flag per page,
+    /// see [`crate::memory::GuestRegion::populated_pages`]; `None`: all) says may hold data.
+    pub fn write_ram_populated(
+        &mut self,
+        region: usize,
+        data: &[u8],
+        populated: Option<&[bool]>,
+    ) -> Result<u64, SnapshotError> {
+        self.write_ram_pages(region, data, |page| {
+            populated.is_none_or(|p| p.get(page).copied().unwrap_or(true))
+        })
     }
 
     /// Write the pages of RAM region `region` (see [`SnapshotWriter::begin_ram_region`]) that
