@@ -2,18 +2,24 @@
 //! printed as a table (and kept in target/bench/snapshot.txt). Nothing here passes or fails on
 //! speed; the test is ignored so that `make test` never runs it.
 //!
-//! For each guest size, with part of its memory filled by the guest (`memfill`):
-//! * save: wall time of `bhyvectl --checkpoint` on a guest that is counting, and the touched
-//!   memory divided by it;
+//! For 1 GiB and 4 GiB guests with about 1 %, 25 % and 75 % (62 % at 4 GiB) of their memory
+//! filled by the guest
+//! (`memfill`), bhyve-rs and QEMU with KVM in turn:
+//! * save: wall time of `bhyvectl --checkpoint` on a guest that is counting (QEMU: the total
+//!   time it reports for a live migration to a file, `migrate exec:cat>FILE`, unthrottled;
+//!   QEMU's `savevm` needs a qcow2 disk this guest does not have), and the touched memory
+//!   divided by it;
 //! * stall: the longest gap between two of the guest's `count` lines (printed every 100 ms)
-//!   around the checkpoint, less 100 ms: how long the guest stood still;
+//!   around the checkpoint, less 100 ms: how long the guest stood still, seen from inside;
+//! * stop: how long the VMM says it stopped the guest (bhyve's log, QEMU's downtime);
+//! * suspend: stopping the guest and leaving a durable file to restore from
+//!   (`bhyvectl --suspend`; QEMU: `stop`, the migration, and an fsync of its file);
 //! * file: apparent size and space allocated on disk;
 //! * restore: from starting `bhyve -r` to the guest's answer to a command typed at once, with
-//!   RAM mapped (default) and copied (`snapshot.restore=copy`); the file is in the page cache.
+//!   RAM mapped (default) and copied (`snapshot.restore=copy`); the file is in the page cache;
+//!   QEMU: `-incoming exec:cat FILE` to the first answer.
 //!
-//! The same for QEMU (TCG) where installed: live migration to a file (`migrate exec:cat>FILE`,
-//! QEMU's `savevm` needs a qcow2 disk this guest does not have), its reported downtime, and
-//! `-incoming exec:cat FILE` to the first answer.
+//! Then the ratios bhyve-rs / QEMU KVM, and one QEMU TCG row for reference.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -59,6 +65,12 @@ struct Row {
     touched_mib: u64,
     save: Duration,
     stall: Duration,
+    /// How long the VMM itself says the guest was stopped during the checkpoint (bhyve's log,
+    /// QEMU's reported downtime).
+    stop: Duration,
+    /// Stopping the guest and writing a durable file it can be restored from: `bhyvectl
+    /// --suspend`; for QEMU, `stop`, the migration and an fsync of its file.
+    suspend: Duration,
     apparent: u64,
     allocated: u64,
     /// (what, time to the first answer)
@@ -135,12 +147,13 @@ fn first_answer(label: &'static str, cmd: Command) -> Duration {
 
 fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
     let name = vm_name();
-    let cmd = console_vm_command(
+    let mut cmd = console_vm_command(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
         &format!("{memory_mib}M"),
         &scratch.0,
         &name,
     );
+    cmd.env("BHYVE_LOG", "info");
     let mut vm = Console::spawn("bhyve", cmd);
     vm.expect(guest::READY, BOOT_TIMEOUT);
     vm.expect_prompt(COMMAND_TIMEOUT);
@@ -172,9 +185,20 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
     let (apparent, allocated) = file_sizes(&checkpoint);
     std::fs::remove_file(&checkpoint).expect("remove checkpoint");
     stop_count(&mut vm);
+    let stop = vm
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("guest stopped for ").nth(1)?;
+            rest.split(' ').next()?.parse::<f64>().ok()
+        })
+        .map(|ms| Duration::from_secs_f64(ms / 1e3))
+        .unwrap_or_default();
 
     let file = scratch.path("bench.snap");
+    let started = Instant::now();
     ctl(vec![format!("--suspend={}", file.display())]);
+    let suspend = started.elapsed();
     vm.wait_exit(LONG);
 
     let mut restores = Vec::new();
@@ -194,6 +218,8 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
         touched_mib,
         save,
         stall,
+        stop,
+        suspend,
         apparent,
         allocated,
         restores,
@@ -266,20 +292,47 @@ impl Monitor {
     }
 }
 
-fn qemu_command(qemu: &Path, memory_mib: u64, monitor: &Path) -> Command {
-    let mut cmd = common::qemu_command(qemu, guest::console_guest(), "");
+/// QEMU's accelerators, as the bench names them.
+#[derive(Clone, Copy, PartialEq)]
+enum Accel {
+    Kvm,
+    Tcg,
+}
+
+fn qemu_command(qemu: &Path, memory_mib: u64, monitor: &Path, accel: Accel) -> Command {
+    let base = common::qemu_command(qemu, guest::console_guest(), "");
+    let mut cmd = Command::new(base.get_program());
+    let name = match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    cmd.args(base.get_args().map(|a| {
+        if a == "tcg" {
+            std::ffi::OsStr::new(name)
+        } else {
+            a
+        }
+    }));
     cmd.args(["-m", &memory_mib.to_string()]);
     cmd.arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()));
     cmd
 }
 
-fn qemu_row(qemu: &Path, scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
+fn qemu_row(
+    qemu: &Path,
+    scratch: &Scratch,
+    memory_mib: u64,
+    touched_mib: u64,
+    accel: Accel,
+) -> Row {
     let monitor_path = scratch.path("qemu.mon");
-    let mut vm = Console::spawn("qemu", qemu_command(qemu, memory_mib, &monitor_path));
+    let mut vm = Console::spawn("qemu", qemu_command(qemu, memory_mib, &monitor_path, accel));
     vm.expect(guest::READY, BOOT_TIMEOUT);
     vm.expect_prompt(COMMAND_TIMEOUT);
     let mut monitor = Monitor::connect(&monitor_path);
+    // QEMU throttles a migration to 128 MiB/s unless told otherwise; a file takes more.
+    monitor.run("migrate_set_parameter max-bandwidth 100G");
     vm.command(&format!("memfill {touched_mib} 7"), LONG);
 
     vm.send_line("count");
@@ -296,25 +349,40 @@ fn qemu_row(qemu: &Path, scratch: &Scratch, memory_mib: u64, touched_mib: u64) -
     std::fs::remove_file(&checkpoint).expect("remove checkpoint");
     stop_count(&mut vm);
 
-    // A stream taken at the prompt, for the restore.
+    // A suspend: stopped first, and made durable as bhyve's files are. A stream of a stopped
+    // guest restores stopped, so the restore below takes one of the running guest.
     let file = scratch.path("qemu.snap");
+    let started = Instant::now();
+    monitor.run("stop");
+    monitor.migrate_to(&file);
+    std::fs::File::open(&file)
+        .and_then(|f| f.sync_all())
+        .expect("fsync QEMU's file");
+    let suspend = started.elapsed();
+    monitor.run("cont");
+    // A stream taken at the prompt, for the restore.
     monitor.migrate_to(&file);
     // QEMU exits without another prompt.
     let _ = monitor.0.write_all(b"quit\n");
     vm.wait_exit(LONG);
     let _ = std::fs::remove_file(&monitor_path);
 
-    let mut cmd = qemu_command(qemu, memory_mib, &monitor_path);
+    let mut cmd = qemu_command(qemu, memory_mib, &monitor_path, accel);
     cmd.arg("-incoming")
         .arg(format!("exec:cat {}", file.display()));
     let restore = first_answer("qemu -incoming", cmd);
     std::fs::remove_file(&file).expect("remove stream");
     Row {
-        vmm: "QEMU TCG",
+        vmm: match accel {
+            Accel::Kvm => "QEMU KVM",
+            Accel::Tcg => "QEMU TCG",
+        },
         memory_mib,
         touched_mib,
         save: reported.0,
         stall,
+        stop: reported.1,
+        suspend,
         apparent,
         allocated,
         restores: vec![("incoming", restore)],
@@ -332,13 +400,15 @@ fn ms(d: Duration) -> String {
 fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10}  {}\n",
+        "{:<9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10}  {}\n",
         "vmm",
         "RAM MiB",
         "touched",
         "save ms",
         "MiB/s",
         "stall ms",
+        "stop ms",
+        "suspend ms",
         "file MiB",
         "on disk",
         "restore to first answer (ms)"
@@ -351,16 +421,55 @@ fn table(rows: &[Row]) -> String {
             .map(|(what, d)| format!("{what} {}", ms(*d)))
             .collect();
         out.push_str(&format!(
-            "{:<9} {:>7} {:>8} {:>8} {:>9.0} {:>8} {:>10} {:>10}  {}\n",
+            "{:<9} {:>7} {:>8} {:>8} {:>9.0} {:>8} {:>8} {:>10} {:>10} {:>10}  {}\n",
             r.vmm,
             r.memory_mib,
             r.touched_mib,
             ms(r.save),
             throughput,
             ms(r.stall),
+            ms(r.stop),
+            ms(r.suspend),
             mib(r.apparent),
             mib(r.allocated),
             restores.join(", ")
+        ));
+    }
+    out
+}
+
+/// bhyve-rs over QEMU with KVM, per configuration measured by both.
+fn ratios(rows: &[Row]) -> String {
+    let ratio = |a: Duration, b: Duration| {
+        if b.is_zero() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+        }
+    };
+    let mut out = format!(
+        "{:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}\n",
+        "RAM MiB", "touched", "save", "stall", "stop", "suspend", "on disk", "restore"
+    );
+    for ours in rows.iter().filter(|r| r.vmm == "bhyve-rs") {
+        let Some(theirs) = rows.iter().find(|r| {
+            r.vmm == "QEMU KVM"
+                && r.memory_mib == ours.memory_mib
+                && r.touched_mib == ours.touched_mib
+        }) else {
+            continue;
+        };
+        let first = |r: &Row| r.restores.first().map(|(_, d)| *d).unwrap_or_default();
+        out.push_str(&format!(
+            "{:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8.2} {:>8}\n",
+            ours.memory_mib,
+            ours.touched_mib,
+            ratio(ours.save, theirs.save),
+            ratio(ours.stall, theirs.stall),
+            ratio(ours.stop, theirs.stop),
+            ratio(ours.suspend, theirs.suspend),
+            ours.allocated as f64 / theirs.allocated.max(1) as f64,
+            ratio(first(ours), first(theirs)),
         ));
     }
     out
@@ -373,15 +482,29 @@ fn snapshot_bench() {
         return;
     }
     let scratch = Scratch::new();
-    let sizes = [(256, 64), (2048, 512)];
+    // 1 GiB and 4 GiB guests with about 1 %, 25 % and 75 % of their RAM touched (62 % of the
+    // 4 GiB guest: the guest fills only its largest free range, below the 32-bit PCI hole);
+    // bhyve-rs and QEMU with KVM take turns, so a change in the machine's load hits both.
+    let sizes = [
+        (1024, 10),
+        (1024, 256),
+        (1024, 768),
+        (4096, 40),
+        (4096, 1024),
+        (4096, 2560),
+    ];
+    let qemu = qemu_binary();
     let mut rows = Vec::new();
     for (memory, touched) in sizes {
         rows.push(bhyve_row(&scratch, memory, touched));
-    }
-    if let Some(qemu) = qemu_binary() {
-        for (memory, touched) in sizes {
-            rows.push(qemu_row(&qemu, &scratch, memory, touched));
+        if let Some(qemu) = &qemu {
+            rows.push(qemu_row(qemu, &scratch, memory, touched, Accel::Kvm));
         }
+    }
+    // QEMU under TCG, the oracle of the other tests, for reference only.
+    let mut footnote = Vec::new();
+    if let Some(qemu) = &qemu {
+        footnote.push(qemu_row(qemu, &scratch, 1024, 256, Accel::Tcg));
     }
     let host = Command::new("uname")
         .arg("-srm")
@@ -390,9 +513,13 @@ fn snapshot_bench() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let text = format!(
-        "snapshot bench on {host}, snapshot files in {} (page cache warm)\n{}",
+        "snapshot bench on {host}, snapshot files in {} (page cache warm)\n{}\n\
+         bhyve-rs / QEMU KVM (below 1: bhyve-rs is faster or smaller)\n{}\n\
+         for reference, QEMU TCG\n{}",
         std::env::temp_dir().display(),
-        table(&rows)
+        table(&rows),
+        ratios(&rows),
+        table(&footnote)
     );
     println!("\n{text}");
     let dir = repo_root().join("target/bench");

@@ -92,6 +92,91 @@ fn checkpoint_keeps_running_and_suspend_resume_cycles_continue_the_guest() {
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 
+/// Let a restored `memchurn` guest run two more rounds, so every page was checked against the
+/// round before it, then stop it: it must have found no page out of step.
+fn churn_checks_clean(vm: &mut Console, what: &str) {
+    for _ in 0..2 {
+        vm.expect("memchurn round ", SAVE_TIMEOUT);
+        vm.expect("\n", COMMAND_TIMEOUT);
+    }
+    vm.send("\n");
+    let stopped = vm.expect(" errors ", COMMAND_TIMEOUT);
+    let errors = vm.expect("\n", COMMAND_TIMEOUT);
+    assert_eq!(
+        errors.trim(),
+        "0",
+        "{what}: the restored memory is not the memory of one instant:\n{stopped}{errors}\n{}",
+        vm.transcript()
+    );
+}
+
+#[test]
+fn a_live_checkpoint_of_a_guest_rewriting_its_memory_restores_one_instant() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("live");
+    let name = vm_name();
+    let mut cmd = console_vm_command(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "512M",
+        &scratch.0,
+        &name,
+    );
+    cmd.env("BHYVE_LOG", "info");
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    // 256 MiB rewritten round after round, each page checked against the round before.
+    vm.send_line("memchurn 256");
+    vm.expect("memchurn round 3\n", SAVE_TIMEOUT);
+
+    let checkpoint = scratch.path("live.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", checkpoint.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    let log = vm.stderr();
+    // The guest ran on and rewrote pages after they had been copied.
+    let again = log
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("precopy: ").nth(1)?;
+            rest.split(", ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no precopy line in bhyve's log:\n{log}"));
+    assert!(again > 0, "no page was dirtied during the copy:\n{log}");
+    assert!(log.contains("(live)"), "{log}");
+    // The guest itself found nothing out of step before or during the checkpoint.
+    vm.send("\n");
+    vm.expect(" errors 0\n", COMMAND_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+
+    // Mapped from the file, and copied with every chunk checked against the ram-index: the
+    // guest goes on churning from the instant of the stop and finds every page as it left it.
+    let mut restored = resume(&scratch.0, &checkpoint);
+    churn_checks_clean(&mut restored, "mapped restore");
+    restored.send_line("halt");
+    assert_eq!(restored.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&checkpoint);
+    cmd.args(["-o", "snapshot.restore=copy"]);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    let mut copied = Console::spawn("bhyve -r (copy)", cmd);
+    churn_checks_clean(&mut copied, "copied restore");
+    copied.send_line("halt");
+    assert_eq!(copied.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
 /// Work counts of every CPU, waiting until each has moved past `floor` (same APIC order).
 fn counts_beyond(vm: &mut Console, floor: &[(u32, u64)]) -> Vec<(u32, u64)> {
     let deadline = Instant::now() + COMMAND_TIMEOUT;

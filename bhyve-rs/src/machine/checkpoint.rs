@@ -1,11 +1,25 @@
 //! Saving a running machine into a snapshot file and building a machine back from one.
 //!
 //! Checkpoint order ([`checkpoint`]): check every device can be saved (nothing is paused or
-//! written otherwise) → pause every vCPU → tell each vCPU's guest clock it was stopped → pause
-//! the devices (background threads stop touching device state and interrupts) → VM (in-kernel
-//! devices, clock) and each vCPU, read at once → configuration → guest RAM → each device →
-//! resume the devices, then the vCPUs → commit (fsync, rename); for a suspend, commit and stay
-//! stopped (resuming only if the commit fails).
+//! written otherwise) → for a live checkpoint, copy guest RAM while the guest runs (below) →
+//! pause every vCPU → tell each vCPU's guest clock it was stopped → pause the devices
+//! (background threads stop touching device state and interrupts) → VM (in-kernel devices,
+//! clock) and each vCPU, read at once → configuration → guest RAM (all of it, or for a live
+//! checkpoint the pages written since their last copy) → each device → resume the devices, then
+//! the vCPUs → commit (fsync, rename); for a suspend, commit and stay stopped (resuming only if
+//! the commit fails).
+//!
+//! A live checkpoint (`--checkpoint` where [`crate::vmm::PlatformCaps::dirty_log`]) turns on the
+//! kernel's dirty page log, writes every populated page while the guest runs, then writes the
+//! pages the guest dirtied meanwhile, again while the log keeps shrinking
+//! ([`MAX_PRECOPY_PASSES`] at most); only the last dirty pages are written while the machine is
+//! stopped, so the stop does not grow with the size of memory, only with how fast the guest
+//! writes. The log sees every write to guest RAM made while the guest runs: the guest's own and
+//! the kernel's (string I/O, in-kernel devices, kvm-clock pages). User space writes guest RAM
+//! only before the first vCPU runs (the kernel loader, firmware tables), as no device model does
+//! DMA; a device that does must mark what it writes before live checkpoints can cover it.
+//! A suspend stops the guest first and writes everything once: the guest does not run on, so
+//! copying while it runs would only write pages twice.
 //! Restore mirrors it ([`Restore::apply`]): configuration → RAM mapped privately from the file
 //! (lazy; the file leased first where the host allows, [`Restore::lease_file`]) → devices created paused → VM state → vCPU states → device states → starting the
 //! machine resumes the devices, then starts the vCPUs last.
@@ -73,20 +87,35 @@ pub fn checkpoint(
     suspend: bool,
 ) -> Result<Written, String> {
     target.devices.check_saveable()?;
-    target
-        .vcpus
-        .pause_all()
-        .map_err(|e| format!("cannot pause the vCPUs: {e}"))?;
+    let info = header_info(suspend);
+    let precopied = if !suspend && target.vm.platform().dirty_log {
+        Some(precopy(target, &dir, name, info.clone())?)
+    } else {
+        None
+    };
+    let live = precopied.is_some();
+    if let Err(e) = target.vcpus.pause_all() {
+        if live {
+            stop_dirty_log(target.vm);
+        }
+        return Err(format!("cannot pause the vCPUs: {e}"));
+    }
+    let paused = std::time::Instant::now();
     let written = notify_paused(target.vcpus).and_then(|()| {
         target.devices.pause();
-        write_state(target, dir, name, suspend)
+        write_state(target, dir, name, info, precopied)
     });
-    match written {
+    let result = match written {
         Ok(writer) => {
             if !suspend {
                 // Every byte of state is in the file already: the guest runs on while the file
                 // is made durable and renamed, which is most of a checkpoint's time on a disk.
                 resume(target);
+                log::info!(
+                    "checkpoint {name}: guest stopped for {:.1} ms{}",
+                    paused.elapsed().as_secs_f64() * 1e3,
+                    if live { " (live)" } else { "" }
+                );
             }
             Ok(Written { writer, suspend })
         }
@@ -94,7 +123,154 @@ pub fn checkpoint(
             resume(target);
             Err(e)
         }
+    };
+    if live {
+        // Only once the guest runs again: the file is complete, and turning the log off
+        // rebuilds the kernel's mappings of all guest RAM, which takes time that grows with
+        // memory size.
+        stop_dirty_log(target.vm);
     }
+    result
+}
+
+/// Most passes over the dirty log while the guest runs. A guest that rewrites its memory
+/// faster than it can be written never lets the log shrink much; after this many passes the
+/// rest is written with the guest stopped.
+pub const MAX_PRECOPY_PASSES: usize = 8;
+
+/// Dirty pages few enough to write with the guest stopped: 1 MiB, well under a millisecond.
+const STOP_COPY_PAGES: usize = 256;
+
+/// A snapshot whose RAM was written while the guest ran, with the dirty log still on.
+struct Precopied {
+    writer: SnapshotWriter,
+    /// Writer region of each region of guest memory.
+    regions: Vec<usize>,
+}
+
+impl Precopied {
+    /// With the vCPUs paused: write the pages dirtied since the last pass, so the file holds
+    /// RAM exactly as it is now.
+    fn finish(mut self, target: &SaveTarget<'_>) -> Result<SnapshotWriter, String> {
+        self.write_dirty(target)?;
+        Ok(self.writer)
+    }
+
+    /// Write the pages the log has seen written since the previous call; how many there were.
+    fn write_dirty(&mut self, target: &SaveTarget<'_>) -> Result<usize, String> {
+        let dirty = target
+            .vm
+            .take_dirty_pages()
+            .map_err(|e| format!("dirty page log: {e}"))?;
+        let mut count = 0;
+        for ((region, dirty), writer_region) in target
+            .memory
+            .regions()
+            .iter()
+            .zip(&dirty)
+            .zip(&self.regions)
+        {
+            count += dirty.count();
+            let data = target
+                .memory
+                .slice(region.gpa(), region.len())
+                .map_err(|e| e.to_string())?;
+            self.writer
+                .write_ram_pages(*writer_region, data, |page| dirty.is_dirty(page))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(count)
+    }
+}
+
+/// Turn the dirty log on and write guest RAM while the guest runs: every populated page once,
+/// then the pages dirtied meanwhile while their number keeps falling. On failure the log is off
+/// again.
+fn precopy(
+    target: &SaveTarget<'_>,
+    dir: impl AsFd,
+    name: &str,
+    info: HeaderInfo,
+) -> Result<Precopied, String> {
+    let writer = SnapshotWriter::create_in(dir, name, info).map_err(|e| e.to_string())?;
+    target
+        .vm
+        .start_dirty_log()
+        .map_err(|e| format!("dirty page log: {e}"))?;
+    let mut precopied = Precopied {
+        writer,
+        regions: Vec::new(),
+    };
+    match precopy_passes(target, &mut precopied) {
+        Ok(()) => Ok(precopied),
+        Err(e) => {
+            stop_dirty_log(target.vm);
+            Err(e)
+        }
+    }
+}
+
+fn precopy_passes(target: &SaveTarget<'_>, precopied: &mut Precopied) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    // The log is on before the first page is read: whatever the guest writes from here on is
+    // written again later.
+    for region in target.memory.regions() {
+        let index = precopied
+            .writer
+            .begin_ram_region(region.gpa(), region.len())
+            .map_err(|e| e.to_string())?;
+        let data = target
+            .memory
+            .slice(region.gpa(), region.len())
+            .map_err(|e| e.to_string())?;
+        let populated = region.populated_pages();
+        precopied
+            .writer
+            .write_ram_populated(index, data, populated.as_deref())
+            .map_err(|e| e.to_string())?;
+        precopied.regions.push(index);
+    }
+    let mut passes = 1;
+    let mut previous = usize::MAX;
+    let mut again = 0;
+    while passes < MAX_PRECOPY_PASSES - 1 {
+        let dirty = precopied.write_dirty(target)?;
+        passes += 1;
+        again += dirty;
+        log::debug!("precopy pass {passes}: {dirty} dirty pages");
+        if dirty <= STOP_COPY_PAGES || dirty >= previous {
+            break;
+        }
+        previous = dirty;
+    }
+    // Written back while the guest still runs, the stop's own writes find a clean page cache
+    // and are not throttled behind gigabytes of write-back; the fsync at commit then has
+    // little left to do. What the guest wrote meanwhile goes in one more pass.
+    precopied.writer.sync_data().map_err(|e| e.to_string())?;
+    let dirty = precopied.write_dirty(target)?;
+    passes += 1;
+    again += dirty;
+    log::debug!("precopy pass {passes}, after write-back: {dirty} dirty pages");
+    log::info!(
+        "precopy: {passes} passes over guest RAM in {:.1} ms, {again} dirty pages written again",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn stop_dirty_log(vm: &dyn Vm) {
+    if let Err(e) = vm.stop_dirty_log() {
+        // The guest keeps running, only slower while its writes fault into the log.
+        log::warn!("cannot stop the dirty page log: {e}");
+    }
+}
+
+fn header_info(suspended: bool) -> HeaderInfo {
+    let mut info = HeaderInfo::this_build(Backend::Kvm);
+    if suspended {
+        info.flags |= HEADER_FLAG_SUSPENDED;
+    }
+    info
 }
 
 /// Tell each vCPU's guest that it was stopped (kvm-clock's flag, set at its next entry).
@@ -108,19 +284,17 @@ fn notify_paused(vcpus: &VcpuSet) -> Result<(), String> {
     Ok(())
 }
 
-/// Write the machine's state into a new snapshot of `name` in `dir`, to be committed by the
-/// caller; `suspended` marks the header for a snapshot after which the VM stops. The vCPUs and
-/// devices must be paused until this returns.
-pub fn write_state(
+/// Write the machine's state into a new snapshot of `name` in `dir` described by `info`, or
+/// for a live checkpoint into the snapshot that already holds RAM as it was copied while the
+/// guest ran; to be committed by the caller. The vCPUs and devices must be paused until this
+/// returns.
+fn write_state(
     target: &SaveTarget<'_>,
     dir: impl AsFd,
     name: &str,
-    suspended: bool,
+    info: HeaderInfo,
+    precopied: Option<Precopied>,
 ) -> Result<SnapshotWriter, String> {
-    let mut info = HeaderInfo::this_build(Backend::Kvm);
-    if suspended {
-        info.flags |= HEADER_FLAG_SUSPENDED;
-    }
     // The hypervisor's state first, right after the pause: the in-kernel timer (PIT) keeps
     // running while the vCPUs are stopped, and every tick it raises during the RAM copy would
     // otherwise show up as a pending interrupt in the saved interrupt controllers.
@@ -137,19 +311,24 @@ pub fn write_state(
             .map_err(|e| format!("vCPU {index}: {e}"))?;
         vcpu_states.push(state);
     }
-    let mut writer = SnapshotWriter::create_in(dir, name, info).map_err(|e| e.to_string())?;
+    let mut writer = match precopied {
+        Some(precopied) => precopied.finish(target)?,
+        None => SnapshotWriter::create_in(dir, name, info).map_err(|e| e.to_string())?,
+    };
     writer
         .add_config(target.config.iter())
         .map_err(|e| e.to_string())?;
-    for region in target.memory.regions() {
-        let data = target
-            .memory
-            .slice(region.gpa(), region.len())
-            .map_err(|e| e.to_string())?;
-        let populated = region.populated_pages();
-        writer
-            .add_ram_region_populated(region.gpa(), data, populated.as_deref())
-            .map_err(|e| e.to_string())?;
+    if !writer.has_ram() {
+        for region in target.memory.regions() {
+            let data = target
+                .memory
+                .slice(region.gpa(), region.len())
+                .map_err(|e| e.to_string())?;
+            let populated = region.populated_pages();
+            writer
+                .add_ram_region_populated(region.gpa(), data, populated.as_deref())
+                .map_err(|e| e.to_string())?;
+        }
     }
     add_backend_state(&mut writer, "vm", "", &vm_state)?;
     for (index, state) in vcpu_states.iter().enumerate() {

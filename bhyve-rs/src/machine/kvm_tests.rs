@@ -318,6 +318,59 @@ fn real_mode_port_output_reaches_the_bus() {
 }
 
 #[test]
+fn the_dirty_log_names_exactly_the_pages_the_guest_wrote_since_the_last_look() {
+    let Some(hv) = hypervisor() else { return };
+    let machine = Machine::new(hv.as_ref(), spec(1 << 20, Topology::default(), None)).unwrap();
+    assert!(machine.vm().platform().dirty_log);
+    // mov byte [0x5000], 1; mov byte [0x9123], 2; cli; hlt
+    let code = [
+        0xc6, 0x06, 0x00, 0x50, 0x01, 0xc6, 0x06, 0x23, 0x91, 0x02, 0xfa, 0xf4,
+    ];
+    machine.memory().write(0x1000, &code).unwrap();
+    machine
+        .vcpus()
+        .with_vcpu(0, |vcpu| -> crate::vmm::Result<()> {
+            let mut sregs = vcpu.special_regs()?;
+            sregs.cs = Segment {
+                base: 0,
+                selector: 0,
+                ..sregs.cs
+            };
+            sregs.ds = Segment {
+                base: 0,
+                selector: 0,
+                ..sregs.ds
+            };
+            vcpu.set_special_regs(&sregs)?;
+            vcpu.set_regs(&crate::vmm::Regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    let vm = machine.vm();
+    assert!(
+        vm.take_dirty_pages().is_err(),
+        "no log before it is started"
+    );
+    vm.start_dirty_log().unwrap();
+    // User space's writes are not the guest's: the log does not see them.
+    machine.memory().write(0x3000, &[7]).unwrap();
+    let reason = run_to_end(&machine, true, Duration::from_secs(30));
+    assert_eq!(reason, ExitReason::Halt);
+    let dirty = vm.take_dirty_pages().unwrap();
+    let pages: Vec<usize> = (0..256).filter(|&p| dirty[0].is_dirty(p)).collect();
+    assert_eq!(pages, [0x5, 0x9]);
+    assert_eq!(dirty[0].count(), 2);
+    // Taking the log forgets what it held.
+    assert_eq!(vm.take_dirty_pages().unwrap()[0].count(), 0);
+    vm.stop_dirty_log().unwrap();
+    assert!(vm.take_dirty_pages().is_err());
+}
+
+#[test]
 fn pause_stops_spinning_vcpus_and_resume_restarts_them() {
     let Some(hv) = hypervisor() else { return };
     const COUNTER: u64 = 0x30_0000;

@@ -362,6 +362,55 @@ fn sparse_file_allocates_only_touched_pages() {
 }
 
 #[test]
+fn pages_written_again_leave_the_file_and_its_index_as_the_last_write_saw_them() {
+    let dir = TempDir::new("rewrite");
+    let path = dir.path("live");
+    let size = 6 * MIB;
+    let mut ram = guest_ram(size, &[0, 1, 600, 1200]);
+    let mut writer = SnapshotWriter::create(&path, info()).expect("create");
+    let region = writer
+        .begin_ram_region(0x10_0000, size as u64)
+        .expect("begin");
+    assert_eq!(
+        writer
+            .write_ram_pages(region, &ram, |_| true)
+            .expect("first"),
+        4 * 4096
+    );
+    // Since then: page 1 cleared, page 600 changed, page 900 (a hole so far) and page 1201
+    // (same chunk as 1200) written, page 1300 written and cleared again.
+    ram[4096..2 * 4096].fill(0);
+    ram[600 * 4096 + 17] ^= 0xff;
+    let changed = guest_ram(size, &[900, 1201]);
+    ram[900 * 4096..901 * 4096].copy_from_slice(&changed[900 * 4096..901 * 4096]);
+    ram[1201 * 4096..1202 * 4096].copy_from_slice(&changed[1201 * 4096..1202 * 4096]);
+    let dirty = [1, 600, 900, 1201, 1300];
+    let written = writer
+        .write_ram_pages(region, &ram, |page| dirty.contains(&page))
+        .expect("second");
+    // Page 1 goes out as zeros over its old data; page 1300 stays a hole.
+    assert_eq!(written, 4 * 4096);
+    writer.add_config(CONFIG).expect("config");
+    writer.commit().expect("commit");
+
+    let reader = SnapshotReader::open(&path).expect("open");
+    let region = &reader.ram_regions()[0];
+    let mut restored = vec![0u8; size];
+    // The copy checks every chunk against the ram-index.
+    reader
+        .restore_ram_copy(region, &mut restored, CopyOptions::default())
+        .expect("restore");
+    assert!(restored == ram, "restored RAM differs from the last writes");
+    let page = |n: u64| region.file_offset + n * 4096;
+    let file = File::open(&path).expect("open");
+    let extents = data_extents(&file, page(1300), page(1301)).expect("extents");
+    assert!(
+        extents.is_empty(),
+        "a page that was zero whenever it was written got allocated: {extents:?}"
+    );
+}
+
+#[test]
 fn pages_marked_untouched_are_saved_as_zero_without_being_read() {
     let dir = TempDir::new("populated");
     let path = dir.path("snap");

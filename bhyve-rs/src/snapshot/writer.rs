@@ -69,6 +69,8 @@ pub struct SnapshotWriter {
     entries: Vec<SectionEntry>,
     /// Per RAM region: instance and one CRC-32C per chunk, written as `ram-index` at commit.
     ram_index: Vec<(String, Vec<u32>)>,
+    /// Per RAM region, per 4 KiB page: the file holds data for it (it is not a hole).
+    ram_in_file: Vec<Vec<bool>>,
     /// Next free byte in the file.
     cursor: u64,
     has_config: bool,
@@ -127,6 +129,7 @@ impl SnapshotWriter {
             info,
             entries: Vec::new(),
             ram_index: Vec::new(),
+            ram_in_file: Vec::new(),
             cursor: DATA_START,
             has_config: false,
             poisoned: false,
@@ -231,17 +234,44 @@ impl SnapshotWriter {
         data: &[u8],
         populated: Option<&[bool]>,
     ) -> Result<RamWriteStats, SnapshotError> {
-        self.check_not_poisoned()?;
         let page_count = data.len() / FORMAT_PAGE_SIZE as usize;
         if populated.is_some_and(|p| p.len() != page_count) {
             return Err(SnapshotError::InvalidArgument(format!(
                 "RAM region at {gpa:#x}: page map does not cover its {page_count} pages"
             )));
         }
-        let may_hold_data =
-            |page: usize| populated.is_none_or(|p| p.get(page).copied().unwrap_or(true));
+        let region = self.begin_ram_region(gpa, data.len() as u64)?;
+        let written = self.write_ram_populated(region, data, populated)?;
+        Ok(RamWriteStats {
+            logical: data.len() as u64,
+            written,
+        })
+    }
+
+    /// Wait until what was written so far is on stable storage. A live checkpoint does this
+    /// before stopping the guest: otherwise the kernel, with much of the file still dirty in
+    /// the page cache, may hold up the few writes made while the guest is stopped until its
+    /// write-back catches up.
+    pub fn sync_data(&mut self) -> Result<(), SnapshotError> {
+        self.check_not_poisoned()?;
+        self.file
+            .sync_data()
+            .map_err(|e| SnapshotError::io("write back snapshot", e))
+    }
+
+    /// Whether a RAM region was added.
+    pub fn has_ram(&self) -> bool {
+        !self.ram_index.is_empty()
+    }
+
+    /// Reserve the file space of a guest memory segment based at guest-physical `gpa`, whose
+    /// pages [`SnapshotWriter::write_ram_pages`] writes later, as often as needed (a live
+    /// checkpoint writes a page again each time the guest changed it). Until a page is written
+    /// it is a hole and reads as zero. `size` and `gpa` must be multiples of 4096. Regions are
+    /// numbered `0`, `1`, … in the order they are added; the number is returned.
+    pub fn begin_ram_region(&mut self, gpa: u64, size: u64) -> Result<usize, SnapshotError> {
+        self.check_not_poisoned()?;
         let page = u64::from(FORMAT_PAGE_SIZE);
-        let size = data.len() as u64;
         if size == 0 || size % page != 0 || gpa % page != 0 {
             return Err(SnapshotError::InvalidArgument(format!(
                 "RAM region at {gpa:#x} of {size:#x} bytes is not a non-empty whole number of pages"
@@ -266,59 +296,12 @@ impl SnapshotWriter {
         let offset = align_up(self.cursor, RAM_FILE_ALIGN).ok_or(SnapshotError::TooLarge)?;
         let end = offset.checked_add(size).ok_or(SnapshotError::TooLarge)?;
         let instance = self.ram_index.len().to_string();
-
-        let mut written = 0u64;
-        let mut crcs = Vec::with_capacity(data.len().div_ceil(RAM_CHUNK_SIZE as usize));
-        let mut chunk_start = 0usize;
-        for chunk in data.chunks(RAM_CHUNK_SIZE as usize) {
-            let mut dirty = false;
-            // Runs of non-zero pages are written with one call each.
-            let mut run: Option<usize> = None;
-            let pages = chunk.len() / FORMAT_PAGE_SIZE as usize;
-            let first_page = chunk_start / FORMAT_PAGE_SIZE as usize;
-            for index in 0..=pages {
-                let page_start = index * FORMAT_PAGE_SIZE as usize;
-                let nonzero = index < pages
-                    && may_hold_data(first_page + index)
-                    && !is_zero(&chunk[page_start..page_start + FORMAT_PAGE_SIZE as usize]);
-                match (nonzero, run) {
-                    (true, None) => run = Some(page_start),
-                    (false, Some(run_start)) => {
-                        let bytes = &chunk[run_start..page_start];
-                        let at = offset + (chunk_start + run_start) as u64;
-                        if let Err(e) = self.file.write_all_at(bytes, at) {
-                            self.poisoned = true;
-                            return Err(SnapshotError::io(
-                                &format!("write RAM region {instance}"),
-                                e,
-                            ));
-                        }
-                        written += bytes.len() as u64;
-                        dirty = true;
-                        run = None;
-                    }
-                    _ => {}
-                }
-            }
-            let crc = if dirty {
-                // Untouched pages count as the zeros they read as, without reading them.
-                chunk
-                    .chunks(FORMAT_PAGE_SIZE as usize)
-                    .enumerate()
-                    .fold(0, |crc, (index, page)| {
-                        if may_hold_data(first_page + index) {
-                            crc32c::crc32c_append(crc, page)
-                        } else {
-                            crc32c::crc32c_append(crc, &ZERO_PAGE[..page.len()])
-                        }
-                    })
-            } else {
-                self.zero_crc(chunk.len())
-            };
-            crcs.push(crc);
-            chunk_start += chunk.len();
+        let chunks = size.div_ceil(u64::from(RAM_CHUNK_SIZE));
+        let mut crcs = Vec::with_capacity(chunks as usize);
+        for index in 0..chunks {
+            let len = (size - index * u64::from(RAM_CHUNK_SIZE)).min(u64::from(RAM_CHUNK_SIZE));
+            crcs.push(self.zero_crc(len as usize));
         }
-
         self.entries.push(SectionEntry {
             name: RAM_SECTION.to_string(),
             instance: instance.clone(),
@@ -331,11 +314,108 @@ impl SnapshotWriter {
             gpa,
         });
         self.ram_index.push((instance, crcs));
+        self.ram_in_file.push(vec![false; (size / page) as usize]);
         self.cursor = end;
-        Ok(RamWriteStats {
-            logical: size,
-            written,
+        Ok(self.ram_index.len() - 1)
+    }
+
+    /// [`SnapshotWriter::write_ram_pages`] of every page that `populated` (one flag per page,
+    /// see [`crate::memory::GuestRegion::populated_pages`]; `None`: all) says may hold data.
+    pub fn write_ram_populated(
+        &mut self,
+        region: usize,
+        data: &[u8],
+        populated: Option<&[bool]>,
+    ) -> Result<u64, SnapshotError> {
+        self.write_ram_pages(region, data, |page| {
+            populated.is_none_or(|p| p.get(page).copied().unwrap_or(true))
         })
+    }
+
+    /// Write the pages of RAM region `region` (see [`SnapshotWriter::begin_ram_region`]) that
+    /// `selected` names, from `data`, the region's memory as it is now. A selected page that is
+    /// all zero is skipped if the file holds no data for it yet, and written otherwise (it
+    /// replaces older data). The `ram-index` CRC of every chunk with a selected page is
+    /// recomputed from `data`: pages written at some point are read there, the others count as
+    /// the zeros the file holds. So once the last call saw `data` unchanged since each page's
+    /// last write, the index describes the file exactly. Returns the bytes written.
+    pub fn write_ram_pages(
+        &mut self,
+        region: usize,
+        data: &[u8],
+        selected: impl Fn(usize) -> bool,
+    ) -> Result<u64, SnapshotError> {
+        self.check_not_poisoned()?;
+        let entry = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == SectionKind::Ram)
+            .nth(region)
+            .ok_or_else(|| SnapshotError::InvalidArgument(format!("no RAM region {region}")))?;
+        if data.len() as u64 != entry.length {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "RAM region {region} has {:#x} bytes, not {:#x}",
+                entry.length,
+                data.len()
+            )));
+        }
+        let offset = entry.offset;
+        let page_size = FORMAT_PAGE_SIZE as usize;
+        let pages_per_chunk = RAM_CHUNK_SIZE as usize / page_size;
+        let mut written = 0u64;
+        for (chunk_index, chunk) in data.chunks(RAM_CHUNK_SIZE as usize).enumerate() {
+            let first_page = chunk_index * pages_per_chunk;
+            let pages = chunk.len() / page_size;
+            if !(first_page..first_page + pages).any(&selected) {
+                continue;
+            }
+            // Runs of pages to write go out with one call each.
+            let mut run: Option<usize> = None;
+            for index in 0..=pages {
+                let page = first_page + index;
+                let write = index < pages
+                    && selected(page)
+                    && (self.ram_in_file[region][page]
+                        || !is_zero(&chunk[index * page_size..(index + 1) * page_size]));
+                match (write, run) {
+                    (true, None) => run = Some(index),
+                    (false, Some(run_start)) => {
+                        let bytes = &chunk[run_start * page_size..index * page_size];
+                        let at = offset + ((first_page + run_start) * page_size) as u64;
+                        if let Err(e) = self.file.write_all_at(bytes, at) {
+                            self.poisoned = true;
+                            return Err(SnapshotError::io(
+                                &format!("write RAM region {region}"),
+                                e,
+                            ));
+                        }
+                        self.ram_in_file[region][first_page + run_start..first_page + index]
+                            .fill(true);
+                        written += bytes.len() as u64;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            let in_file = &self.ram_in_file[region][first_page..first_page + pages];
+            let crc = if in_file.iter().any(|&p| p) {
+                // Holes count as the zeros they read as, without reading guest memory there.
+                chunk
+                    .chunks(page_size)
+                    .zip(in_file)
+                    .fold(0, |crc, (page, &in_file)| {
+                        if in_file {
+                            crc32c::crc32c_append(crc, page)
+                        } else {
+                            crc32c::crc32c_append(crc, &ZERO_PAGE[..page.len()])
+                        }
+                    })
+            } else {
+                self.zero_crc(chunk.len())
+            };
+            self.ram_index[region].1[chunk_index] = crc;
+        }
+        Ok(written)
     }
 
     /// Write the `ram-index` sections, the section table and the header, fsync, rename to the

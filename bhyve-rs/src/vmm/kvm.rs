@@ -28,18 +28,18 @@ use kvm_bindings::{
     kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
     kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
     kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave, KVM_CAP_X86_USER_SPACE_MSR, KVM_CLOCK_TSC_STABLE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MEM_READONLY, KVM_MP_STATE_HALTED,
-    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
-    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuExit, VcpuFd, VmFd};
 
 use super::cpuid::{apply_topology, check_features_available, CpuidEntry};
 use super::{
-    AccessFault, BackendState, BlockedProbe, DescriptorTable, ExitHandler, Hypervisor, MpState,
-    Msr, PlatformCaps, Regs, Result, RtcSeed, Segment, SpecialRegs, StateSection, SuspendReason,
-    Topology, Vcpu, VcpuKick, VmExit, VmSpec, VmmError,
+    AccessFault, BackendState, BlockedProbe, DescriptorTable, DirtyPages, ExitHandler, Hypervisor,
+    MpState, Msr, PlatformCaps, Regs, Result, RtcSeed, Segment, SpecialRegs, StateSection,
+    SuspendReason, Topology, Vcpu, VcpuKick, VmExit, VmSpec, VmmError,
 };
 use crate::interrupts::InterruptSink;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -155,7 +155,7 @@ impl Hypervisor for KvmHypervisor {
             .as_slice()
             .into();
         let xsave_size = fd.check_extension_int(Cap::Xsave2).max(0) as usize;
-        let vm = KvmVm {
+        let mut vm = KvmVm {
             fd,
             memory: Arc::new(memory),
             topology: spec.topology,
@@ -164,9 +164,12 @@ impl Hypervisor for KvmHypervisor {
             xsave_size,
             next_slot: std::sync::atomic::AtomicU32::new(0),
             tsc_warned: Arc::new(AtomicBool::new(false)),
+            ram_slots: Vec::new(),
+            dirty_log: std::sync::Mutex::new(false),
         };
-        for region in vm.memory.regions() {
-            vm.add_slot(region, 0)?;
+        for index in 0..vm.memory.regions().len() {
+            let slot = vm.add_slot(&vm.memory.regions()[index], 0)?;
+            vm.ram_slots.push(slot);
         }
         Ok(Arc::new(vm))
     }
@@ -187,6 +190,11 @@ pub struct KvmVm {
     /// Set once a restore warned that the TSC frequency differs, so the warning is given once
     /// per VM rather than once per vCPU.
     tsc_warned: Arc<AtomicBool>,
+    /// The memory slot of each region of `memory`, in its order.
+    ram_slots: Vec<u32>,
+    /// Whether the RAM slots log dirty pages; the lock also keeps two callers from changing
+    /// the slots' flags at once.
+    dirty_log: std::sync::Mutex<bool>,
 }
 
 impl KvmVm {
@@ -195,10 +203,18 @@ impl KvmVm {
         &self.fd
     }
 
-    fn add_slot(&self, region: &GuestRegion, flags: u32) -> Result<()> {
+    /// Register `region` in a new memory slot, whose number is returned.
+    fn add_slot(&self, region: &GuestRegion, flags: u32) -> Result<u32> {
         let slot = self
             .next_slot
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.set_slot(slot, region, flags)?;
+        Ok(slot)
+    }
+
+    /// Register `region` in memory slot `slot` with `flags`; for an existing slot with the
+    /// same region, KVM changes only the flags.
+    fn set_slot(&self, slot: u32, region: &GuestRegion, flags: u32) -> Result<()> {
         let description = kvm_userspace_memory_region {
             slot,
             flags,
@@ -230,7 +246,7 @@ impl super::Vm for KvmVm {
                 "read-only memory (KVM_CAP_READONLY_MEM)",
             ));
         }
-        self.add_slot(rom, KVM_MEM_READONLY)
+        self.add_slot(rom, KVM_MEM_READONLY).map(|_| ())
     }
 
     fn seed_rtc(&self, _seed: &RtcSeed) -> Result<()> {
@@ -360,6 +376,53 @@ impl super::Vm for KvmVm {
     fn finish_restore(&self) -> Result<()> {
         // kvm-clock went back with the VM state; the PIT and the local APIC timers count from
         // their restored state on their own.
+        Ok(())
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        let mut logging = self.dirty_log.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.fd.check_extension(Cap::SyncMmu) {
+            // Not expected on any KVM that runs guests, but without it the log is not sound.
+            return Err(VmmError::MissingCapability("KVM_CAP_SYNC_MMU"));
+        }
+        self.set_ram_flags(KVM_MEM_LOG_DIRTY_PAGES)?;
+        *logging = true;
+        Ok(())
+    }
+
+    fn take_dirty_pages(&self) -> Result<Vec<DirtyPages>> {
+        let logging = self.dirty_log.lock().unwrap_or_else(|e| e.into_inner());
+        if !*logging {
+            return Err(VmmError::Invalid("dirty logging is not on".into()));
+        }
+        // Without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled, KVM_GET_DIRTY_LOG returns the
+        // bitmap and write-protects the pages again in one step: no write falls between.
+        self.ram_slots
+            .iter()
+            .zip(self.memory.regions())
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(*slot, region.len() as usize)
+                    .map(|bitmap| DirtyPages { bitmap })
+                    .map_err(|e| VmmError::ioctl("KVM_GET_DIRTY_LOG", e))
+            })
+            .collect()
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        let mut logging = self.dirty_log.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_ram_flags(0)?;
+        *logging = false;
+        Ok(())
+    }
+}
+
+impl KvmVm {
+    /// Give every RAM slot `flags` (KVM changes a slot's flags in place).
+    fn set_ram_flags(&self, flags: u32) -> Result<()> {
+        for (slot, region) in self.ram_slots.iter().zip(self.memory.regions()) {
+            self.set_slot(*slot, region, flags)?;
+        }
         Ok(())
     }
 }

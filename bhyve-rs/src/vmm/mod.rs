@@ -232,6 +232,9 @@ pub struct PlatformCaps {
     pub prebuilt_ram: bool,
     /// Snapshots of this backend's kernel state are supported.
     pub snapshots: bool,
+    /// The kernel records which RAM pages the guest writes ([`Vm::start_dirty_log`]), so a
+    /// checkpoint can copy memory while the guest runs.
+    pub dirty_log: bool,
 }
 
 impl PlatformCaps {
@@ -247,6 +250,7 @@ impl PlatformCaps {
         kernel_ap_start: true,
         prebuilt_ram: true,
         snapshots: true,
+        dirty_log: true,
     };
 
     /// FreeBSD vmm's: RTC (vrtc), PM timer (vpmtmr) and HPET (vhpet) in the kernel besides the
@@ -263,6 +267,7 @@ impl PlatformCaps {
         kernel_ap_start: false,
         prebuilt_ram: false,
         snapshots: true,
+        dirty_log: false,
     };
 }
 
@@ -432,6 +437,34 @@ pub trait Vm: InterruptSink + Send + Sync {
     /// The last step of a restore, after every vCPU and device state is back and before any
     /// vCPU runs (FreeBSD: `VM_RESTORE_TIME` restarts the kernel's timers from the saved time).
     fn finish_restore(&self) -> Result<()>;
+    /// Start recording which RAM pages the guest writes (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on
+    /// every RAM slot), where [`PlatformCaps::dirty_log`] says the kernel can;
+    /// [`VmmError::Unsupported`] otherwise. Writes made by user space through [`Vm::memory`]
+    /// are not recorded.
+    fn start_dirty_log(&self) -> Result<()>;
+    /// The pages the guest wrote since dirty logging started or since the last call, which
+    /// forgets them: one [`DirtyPages`] per region of [`Vm::memory`], in its order.
+    fn take_dirty_pages(&self) -> Result<Vec<DirtyPages>>;
+    /// Stop recording (the guest runs at full speed again).
+    fn stop_dirty_log(&self) -> Result<()>;
+}
+
+/// Which 4 KiB pages of one RAM region were written: bit `p % 64` of word `p / 64` for page `p`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DirtyPages {
+    pub bitmap: Vec<u64>,
+}
+
+impl DirtyPages {
+    pub fn is_dirty(&self, page: usize) -> bool {
+        self.bitmap
+            .get(page / 64)
+            .is_some_and(|word| word & (1 << (page % 64)) != 0)
+    }
+
+    pub fn count(&self) -> usize {
+        self.bitmap.iter().map(|w| w.count_ones() as usize).sum()
+    }
 }
 
 /// One virtual CPU. Owned by one thread at a time; the run loop and the state accessors must

@@ -184,6 +184,10 @@ impl Shell {
                 Some(mib) => self.memsum(mib),
                 None => println!("usage: memsum <MiB>"),
             },
+            "memchurn" => match arg1.and_then(parse_u64) {
+                Some(mib) => self.memchurn(mib),
+                None => println!("usage: memchurn <MiB>"),
+            },
             "cmos" => cmos(),
             "ticks" => match arg1.and_then(parse_u64) {
                 Some(ms) if (1..=600_000).contains(&ms) => self.ticks(ms),
@@ -294,6 +298,53 @@ impl Shell {
         );
     }
 
+    /// Rewrites the first `mib` MiB of free RAM round after round as fast as it can, until a
+    /// byte arrives. Word `i` of round `r` is `churn_word(r, i)`; before overwriting a page in
+    /// round `r` >= 2 it checks that the page still holds round `r - 1`, so memory that is not
+    /// exactly the memory of one instant (a page older or newer than its neighbours say) is
+    /// caught the next time the loop reaches it. Prints `memchurn round <r>` as each round
+    /// starts and `memchurn stopped round <r> errors <n>` at the end.
+    fn memchurn(&mut self, mib: u64) {
+        let Some(base) = self.free_words(mib) else {
+            return;
+        };
+        const PAGE_WORDS: usize = 512;
+        let pages = ((mib << 20) / 4096) as usize;
+        let mut errors = 0u64;
+        let mut round = 1u64;
+        loop {
+            println!("memchurn round {round}");
+            for page in 0..pages {
+                let first = page * PAGE_WORDS;
+                if round >= 2 {
+                    let bad = (first..first + PAGE_WORDS).any(|i| {
+                        // SAFETY: inside the free range `free_words` checked.
+                        let word = unsafe { base.add(i).read_volatile() };
+                        word != churn_word(round - 1, i)
+                    });
+                    if bad {
+                        errors += 1;
+                        if errors <= 8 {
+                            println!("memchurn error round {round} page {page}");
+                        }
+                    }
+                }
+                for i in first..first + PAGE_WORDS {
+                    // SAFETY: inside the free range `free_words` checked.
+                    unsafe { base.add(i).write_volatile(churn_word(round, i)) };
+                }
+                if page % 256 == 0 && console::input_pending() {
+                    if console::try_read_byte() == Some(b'\r') {
+                        self.after_cr = true;
+                    }
+                    println!("memchurn stopped round {round} errors {errors}");
+                    return;
+                }
+            }
+            round += 1;
+        }
+    }
+
     /// Waits for a tick edge, prints "ticks start", lets `ms` worth of ticks pass, prints
     /// "ticks done": the host times the two lines against its own clock.
     fn ticks(&self, ms: u64) {
@@ -311,6 +362,11 @@ impl Shell {
     }
 }
 
+/// What `memchurn` writes to word `index` in round `round`.
+fn churn_word(round: u64, index: usize) -> u64 {
+    round.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (index as u64)
+}
+
 fn help() {
     println!("commands:");
     println!("  help                  this list");
@@ -319,6 +375,7 @@ fn help() {
     println!("  count                 print 'count N' every 100 ms until a key arrives");
     println!("  memfill <MiB> <seed>  fill free RAM with splitmix64(seed), print FNV-1a-64");
     println!("  memsum <MiB>          FNV-1a-64 of the first <MiB> of free RAM as it is");
+    println!("  memchurn <MiB>        rewrite free RAM round after round, checking each page");
     println!("  cmos                  RTC date and time");
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
     platform::help();
