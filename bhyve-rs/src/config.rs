@@ -105,6 +105,16 @@ impl Config {
         Self::default()
     }
 
+    /// A tree holding `pairs`, set in order (for tests).
+    #[cfg(test)]
+    pub(crate) fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        let mut config = Self::new();
+        for (key, value) in pairs {
+            config.set(key, value);
+        }
+        config
+    }
+
     /// Set a variable; a value the tree refuses (see [`Config::try_set`]) is logged and dropped.
     pub fn set(&mut self, key: &str, value: &str) {
         if let Err(e) = self.try_set(key, value) {

@@ -211,43 +211,35 @@ pub fn memory_size(config: &Config) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    fn config(pairs: &[(&str, &str)]) -> Config {
-        let mut c = Config::new();
-        for (k, v) in pairs {
-            c.set(k, v);
-        }
-        c
-    }
-
     #[test]
     fn memory_size_defaults_to_256m_and_rejects_garbage() {
         assert_eq!(memory_size(&Config::new()).unwrap(), 256 << 20);
         assert_eq!(
-            memory_size(&config(&[("memory.size", "5G")])).unwrap(),
+            memory_size(&Config::from_pairs(&[("memory.size", "5G")])).unwrap(),
             5 << 30
         );
-        let err = memory_size(&config(&[("memory.size", "lots")])).unwrap_err();
+        let err = memory_size(&Config::from_pairs(&[("memory.size", "lots")])).unwrap_err();
         assert_eq!(err.to_string(), "invalid memsize 'lots'");
-        assert!(memory_size(&config(&[("memory.size", "0")])).is_err());
+        assert!(memory_size(&Config::from_pairs(&[("memory.size", "0")])).is_err());
     }
 
     #[test]
     fn topology_follows_bhyve_defaults_and_checks() {
         assert_eq!(topology(&Config::new()).unwrap(), Topology::default());
-        let t = topology(&config(&[("cpus", "4")])).unwrap();
+        let t = topology(&Config::from_pairs(&[("cpus", "4")])).unwrap();
         assert_eq!((t.cpus, t.sockets, t.cores, t.threads), (4, 4, 1, 1));
-        let t = topology(&config(&[
+        let t = topology(&Config::from_pairs(&[
             ("sockets", "2"),
             ("cores", "2"),
             ("threads", "2"),
         ]))
         .unwrap();
         assert_eq!(t.cpus, 8);
-        let err = topology(&config(&[("cpus", "3"), ("cores", "2")])).unwrap_err();
+        let err = topology(&Config::from_pairs(&[("cpus", "3"), ("cores", "2")])).unwrap_err();
         assert!(err.to_string().contains("does not match 3 vCPUs"), "{err}");
-        assert!(topology(&config(&[("cpus", "0")])).is_err());
-        assert!(topology(&config(&[("cpus", "x")])).is_err());
-        assert!(topology(&config(&[("sockets", "300"), ("cores", "300")])).is_err());
+        assert!(topology(&Config::from_pairs(&[("cpus", "0")])).is_err());
+        assert!(topology(&Config::from_pairs(&[("cpus", "x")])).is_err());
+        assert!(topology(&Config::from_pairs(&[("sockets", "300"), ("cores", "300")])).is_err());
     }
 
     #[test]
@@ -256,7 +248,7 @@ mod tests {
         assert_eq!(d.topology, Topology::default());
         assert_eq!(d.memory_size, DEFAULT_MEMSIZE);
         assert!(d.strict_msr && !d.strict_io && !d.memory_wired && !d.x2apic);
-        let d = MachineDescription::from_config(&config(&[
+        let d = MachineDescription::from_config(&Config::from_pairs(&[
             ("cpus", "+2"),
             ("vcpu.1.cpuset", "0"),
             ("x86.strictmsr", "false"),
@@ -267,7 +259,8 @@ mod tests {
         assert_eq!(d.vcpu_host_cpus, vec![None, Some(vec![0])]);
         assert!(!d.strict_msr && d.memory_wired);
         let err =
-            MachineDescription::from_config(&config(&[("x86.strictio", "maybe")])).unwrap_err();
+            MachineDescription::from_config(&Config::from_pairs(&[("x86.strictio", "maybe")]))
+                .unwrap_err();
         assert_eq!(
             err,
             DescriptionError::Setting("invalid boolean value 'maybe' for 'x86.strictio'".into())

@@ -14,6 +14,21 @@ pub trait InterruptSink: Send + Sync {
     fn set_isa_irq_trigger(&self, irq: u8, level: bool) -> io::Result<()>;
 }
 
+/// One source asserting (`high`) or letting go of a line shared by several: the level to drive
+/// when the line's count of asserting sources leaves or reaches zero, `None` otherwise. A let-go
+/// with no source asserting changes nothing.
+pub fn counted_level(asserting: &mut u32, high: bool) -> Option<bool> {
+    if high {
+        *asserting += 1;
+        (*asserting == 1).then_some(true)
+    } else if *asserting > 0 {
+        *asserting -= 1;
+        (*asserting == 0).then_some(false)
+    } else {
+        None
+    }
+}
+
 /// I/O APIC inputs from 16 up are shared by level-triggered sources (PCI INTx through the PIRQ
 /// router, the HPET's timers): the line stays high while any source asserts it, as FreeBSD's
 /// vioapic counts assertions per pin. Below 16 (ISA) and for MSIs every call passes through.
@@ -46,19 +61,10 @@ impl InterruptSink for SharedLevelPins {
         if asserted.len() <= index {
             asserted.resize(index + 1, 0);
         }
-        let count = &mut asserted[index];
-        if high {
-            *count += 1;
-            if *count == 1 {
-                return self.sink.set_irq_line(gsi, true);
-            }
-        } else if *count > 0 {
-            *count -= 1;
-            if *count == 0 {
-                return self.sink.set_irq_line(gsi, false);
-            }
+        match counted_level(&mut asserted[index], high) {
+            Some(level) => self.sink.set_irq_line(gsi, level),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn signal_msi(&self, address: u64, data: u32) -> io::Result<()> {

@@ -94,3 +94,5 @@ pub mod vmm;
 
 #[cfg(test)]
 mod layering_tests;
+#[cfg(test)]
+mod test_rng;

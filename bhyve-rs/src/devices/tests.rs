@@ -31,14 +31,6 @@ impl InterruptSink for FakeSink {
     }
 }
 
-fn config(pairs: &[(&str, &str)]) -> Config {
-    let mut c = Config::new();
-    for (k, v) in pairs {
-        c.set(k, v);
-    }
-    c
-}
-
 struct TempDir(std::path::PathBuf);
 
 impl TempDir {
@@ -68,7 +60,7 @@ fn attach_builds_hostbridge_lpc_and_com_ports() {
     let dir = TempDir::new("attach");
     let log = dir.0.join("com1.log");
     std::fs::write(&log, b"").unwrap();
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.31.0.device", "lpc"),
         ("lpc.com1.path", log.to_str().unwrap()),
@@ -126,7 +118,7 @@ fn input_from_a_fifo_raises_the_com_irq_and_reaches_the_guest() {
     let dir = TempDir::new("fifo");
     let fifo = dir.0.join("com2.fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.31.0.device", "lpc"),
         ("lpc.com2.path", fifo.to_str().unwrap()),
     ]);
@@ -151,7 +143,7 @@ fn input_from_a_fifo_raises_the_com_irq_and_reaches_the_guest() {
 
 #[test]
 fn without_lpc_there_are_no_com_ports() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("lpc.com1.path", "stdio"),
     ]);
@@ -186,7 +178,7 @@ fn an_empty_configuration_creates_nothing() {
 
 #[test]
 fn hostbridge_takes_vendor_and_devid_from_its_node() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.0.0.vendor", "0x1022"),
         ("pci.0.0.0.devid", "0x7432"),
@@ -198,7 +190,7 @@ fn hostbridge_takes_vendor_and_devid_from_its_node() {
 
 #[test]
 fn lpc_identity_can_be_overridden_with_pcireg() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.31.0.device", "lpc"),
         ("pci.0.31.0.pcireg.vendor", "1af4"),
         ("pci.0.31.0.pcireg.revid", "0x03"),
@@ -210,7 +202,7 @@ fn lpc_identity_can_be_overridden_with_pcireg() {
 }
 
 fn check_error(pairs: &[(&str, &str)]) -> String {
-    let cfg = config(pairs);
+    let cfg = Config::from_pairs(pairs);
     let err = check_supported(&cfg, &crate::vmm::PlatformCaps::KVM)
         .unwrap_err()
         .to_string();
@@ -313,7 +305,7 @@ fn configuration_mistakes_get_bhyve_style_messages() {
 
 #[test]
 fn check_supported_accepts_what_attach_builds() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.31.0.device", "lpc"),
         ("pci.enable_bars", "true"),
@@ -338,7 +330,7 @@ fn check_supported_accepts_what_attach_builds() {
 
 #[test]
 fn pc_testdev_exits_drives_irq_lines_and_keeps_scratch_data() {
-    let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
+    let cfg = Config::from_pairs(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
     let buses = Arc::new(Buses::default());
     let sink = Arc::new(FakeSink::default());
     let control = VmControl::new();
@@ -382,7 +374,7 @@ fn pctestdev_of(devices: &Devices) -> &pctestdev::PcTestDev {
 #[cfg(feature = "bhyve_snapshot")]
 #[test]
 fn pc_testdev_scratch_register_and_memory_survive_a_snapshot() {
-    let cfg = config(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
+    let cfg = Config::from_pairs(&[("pci.0.31.0.device", "lpc"), ("lpc.pc-testdev", "true")]);
     let buses = Arc::new(Buses::default());
     let devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
     assert!(buses.pio.write(0xe0, &0x1234_5678u32.to_le_bytes()));
@@ -407,7 +399,7 @@ fn pc_testdev_scratch_register_and_memory_survive_a_snapshot() {
 #[cfg(feature = "bhyve_snapshot")]
 #[test]
 fn dummy_bar_contents_survive_a_snapshot() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.4.0.device", "dummy"),
     ]);
@@ -449,7 +441,7 @@ fn dummy_bar_contents_survive_a_snapshot() {
 
 #[test]
 fn pc_testdev_is_absent_unless_configured() {
-    let cfg = config(&[("pci.0.31.0.device", "lpc")]);
+    let cfg = Config::from_pairs(&[("pci.0.31.0.device", "lpc")]);
     let buses = Arc::new(Buses::default());
     let _devices = attach_for_test(&cfg, &buses, Arc::new(FakeSink::default())).unwrap();
     assert!(!buses.pio.write(0xf4, &[1]));
@@ -476,7 +468,7 @@ impl InterruptSink for MsiSink {
 
 #[test]
 fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.4.0.device", "dummy"),
     ]);
@@ -589,7 +581,7 @@ fn attach_with_control(
 
 #[test]
 fn the_mp_table_lists_the_routed_intx_pins_and_the_dummy_drives_its_line() {
-    let cfg = config(&[
+    let cfg = Config::from_pairs(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.5.0.device", "dummy"),
         ("pci.0.31.0.device", "lpc"),

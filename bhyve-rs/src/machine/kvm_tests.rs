@@ -96,6 +96,36 @@ fn long_mode_machine_with(hv: &dyn Hypervisor, code: &[u8], topology: &Topology)
     machine
 }
 
+/// A 1 MiB machine whose boot vCPU runs `code` in real mode at 0x1000, with CS and DS at 0.
+fn real_mode_machine(hv: &dyn Hypervisor, code: &[u8]) -> Machine {
+    let machine = Machine::new(hv, spec(1 << 20, Topology::default(), None)).unwrap();
+    machine.memory().write(0x1000, code).unwrap();
+    machine
+        .vcpus()
+        .with_vcpu(0, |vcpu| -> crate::vmm::Result<()> {
+            let mut sregs = vcpu.special_regs()?;
+            sregs.cs = Segment {
+                base: 0,
+                selector: 0,
+                ..sregs.cs
+            };
+            sregs.ds = Segment {
+                base: 0,
+                selector: 0,
+                ..sregs.ds
+            };
+            vcpu.set_special_regs(&sregs)?;
+            vcpu.set_regs(&crate::vmm::Regs {
+                rip: 0x1000,
+                rflags: 2,
+                ..Default::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    machine
+}
+
 /// Run until the VM stops, giving up after `limit`.
 pub(crate) fn run_to_end(machine: &Machine, strict_io: bool, limit: Duration) -> ExitReason {
     machine.start(strict_io, true).unwrap();
@@ -288,28 +318,11 @@ fn halt_with_interrupts_enabled_keeps_the_vm_alive() {
 #[test]
 fn real_mode_port_output_reaches_the_bus() {
     let Some(hv) = hypervisor() else { return };
-    let machine = Machine::new(hv.as_ref(), spec(1 << 20, Topology::default(), None)).unwrap();
     // mov dx, 0x3f8; mov al, 'A'; out dx, al; cli; hlt
-    let code = [0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xfa, 0xf4];
-    machine.memory().write(0x1000, &code).unwrap();
-    machine
-        .vcpus()
-        .with_vcpu(0, |vcpu| -> crate::vmm::Result<()> {
-            let mut sregs = vcpu.special_regs()?;
-            sregs.cs = Segment {
-                base: 0,
-                selector: 0,
-                ..sregs.cs
-            };
-            vcpu.set_special_regs(&sregs)?;
-            vcpu.set_regs(&crate::vmm::Regs {
-                rip: 0x1000,
-                rflags: 2,
-                ..Default::default()
-            })
-        })
-        .unwrap()
-        .unwrap();
+    let machine = real_mode_machine(
+        hv.as_ref(),
+        &[0xba, 0xf8, 0x03, 0xb0, b'A', 0xee, 0xfa, 0xf4],
+    );
     let (com1, device) = recorder();
     machine.buses().pio.insert(0x3f8, 8, device).unwrap();
     let reason = run_to_end(&machine, true, Duration::from_secs(30));
@@ -320,36 +333,12 @@ fn real_mode_port_output_reaches_the_bus() {
 #[test]
 fn the_dirty_log_names_exactly_the_pages_the_guest_wrote_since_the_last_look() {
     let Some(hv) = hypervisor() else { return };
-    let machine = Machine::new(hv.as_ref(), spec(1 << 20, Topology::default(), None)).unwrap();
-    assert!(machine.vm().platform().dirty_log);
     // mov byte [0x5000], 1; mov byte [0x9123], 2; cli; hlt
     let code = [
         0xc6, 0x06, 0x00, 0x50, 0x01, 0xc6, 0x06, 0x23, 0x91, 0x02, 0xfa, 0xf4,
     ];
-    machine.memory().write(0x1000, &code).unwrap();
-    machine
-        .vcpus()
-        .with_vcpu(0, |vcpu| -> crate::vmm::Result<()> {
-            let mut sregs = vcpu.special_regs()?;
-            sregs.cs = Segment {
-                base: 0,
-                selector: 0,
-                ..sregs.cs
-            };
-            sregs.ds = Segment {
-                base: 0,
-                selector: 0,
-                ..sregs.ds
-            };
-            vcpu.set_special_regs(&sregs)?;
-            vcpu.set_regs(&crate::vmm::Regs {
-                rip: 0x1000,
-                rflags: 2,
-                ..Default::default()
-            })
-        })
-        .unwrap()
-        .unwrap();
+    let machine = real_mode_machine(hv.as_ref(), &code);
+    assert!(machine.vm().platform().dirty_log);
     let vm = machine.vm();
     assert!(
         vm.take_dirty_pages().is_err(),

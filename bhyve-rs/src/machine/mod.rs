@@ -673,17 +673,9 @@ mod control {
 mod tests {
     use super::*;
 
-    fn config(pairs: &[(&str, &str)]) -> Config {
-        let mut c = Config::new();
-        for (k, v) in pairs {
-            c.set(k, v);
-        }
-        c
-    }
-
     #[test]
     fn a_missing_kernel_fails_before_any_vm_exists() {
-        let c = config(&[("boot.kernel", "/nonexistent/kernel")]);
+        let c = Config::from_pairs(&[("boot.kernel", "/nonexistent/kernel")]);
         assert_eq!(run(&c, None), 4);
         let err = build(&c).err().unwrap();
         assert_eq!(

@@ -12,6 +12,7 @@ use super::format::{get_u32, header_checksum};
 use super::ram::data_extents;
 use super::writer::FailPoint;
 use super::*;
+use crate::test_rng::Rng;
 
 const MIB: usize = 1 << 20;
 
@@ -668,22 +669,6 @@ fn truncation_anywhere_is_an_error_not_a_panic() {
         messages.insert(one_line(&error).split(':').next().unwrap_or("").to_string());
     }
     eprintln!("{} cuts, error kinds: {messages:?}", cuts.len());
-}
-
-/// Deterministic xorshift64* so the corruption test is repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]

@@ -215,16 +215,8 @@ impl PirqRouter {
         let Some(count) = s.isa_level.get_mut(usize::from(irq)) else {
             return;
         };
-        if up {
-            *count += 1;
-            if *count == 1 {
-                self.drive(irq, true);
-            }
-        } else if *count > 0 {
-            *count -= 1;
-            if *count == 0 {
-                self.drive(irq, false);
-            }
+        if let Some(level) = crate::interrupts::counted_level(count, up) {
+            self.drive(irq, level);
         }
     }
 

@@ -11,26 +11,7 @@ use iced_x86::{Decoder, DecoderOptions, Instruction as Iced, Mnemonic, OpKind, R
 use super::decode::{decode, Base, DecodeMode, Instruction, Operation, Rep};
 use super::exec::size_mask;
 use super::{CpuMode, EmulError, SegReg};
-
-/// A small deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn byte(&mut self) -> u8 {
-        (self.next() >> 32) as u8
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
-    }
-}
+use crate::test_rng::Rng;
 
 /// An opcode to generate: its bytes, the fixed ModRM.reg extension (if any), whether it has
 /// a ModRM byte, and whether it is a string instruction.
