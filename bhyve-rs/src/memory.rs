@@ -310,6 +310,7 @@ pub struct GuestMemory {
     /// [`GuestMemory::wire`] and [`GuestMemory::advise_dontdump`] were applied: memory moved
     /// into a new mapping gets them again.
     wired: AtomicBool,
+    #[cfg(target_os = "linux")]
     dontdump: AtomicBool,
 }
 
@@ -355,6 +356,7 @@ impl GuestMemory {
         Self {
             regions,
             wired: AtomicBool::new(false),
+            #[cfg(target_os = "linux")]
             dontdump: AtomicBool::new(false),
         }
     }
@@ -522,8 +524,9 @@ fn wire(region: &GuestRegion) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// MADV_DONTDUMP is Linux's; on FreeBSD guest memory belongs to the kernel's memory segments.
+#[cfg(target_os = "linux")]
 fn advise_dontdump(region: &GuestRegion) {
-    #[cfg(target_os = "linux")]
     // SAFETY: the range is exactly one live mapping owned by `region`.
     unsafe {
         libc::madvise(
@@ -532,8 +535,6 @@ fn advise_dontdump(region: &GuestRegion) {
             libc::MADV_DONTDUMP,
         );
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = region;
 }
 
 #[cfg(test)]
