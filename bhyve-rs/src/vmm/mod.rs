@@ -55,6 +55,7 @@ use crate::memory::{GuestMemory, GuestRegion};
 pub use crate::description::Topology;
 
 pub mod cpuid;
+pub mod freebsd;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod x86emul;
