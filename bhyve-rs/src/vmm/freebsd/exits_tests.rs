@@ -148,8 +148,10 @@ fn rdmsr_sets_edx_eax_or_raises_gp_at_the_instruction() {
         code: 0x3a,
         wval: 0,
     };
-    let mut vcpu = SimVcpu::default();
-    vcpu.id = 1;
+    let mut vcpu = SimVcpu {
+        id: 1,
+        ..Default::default()
+    };
     vcpu.state.regs.rax = u64::MAX;
     vcpu.state.regs.rdx = u64::MAX;
     assert_eq!(run(&exit, &mut vcpu, &devices), ExitAction::Continue);

@@ -10,8 +10,11 @@
 //! - [`regs`]: the seam's register types to and from the kernel's register numbers and
 //!   segment access rights.
 
+#[cfg(target_os = "freebsd")]
+pub mod backend;
 pub mod exits;
 pub mod regs;
+pub mod snapshot;
 #[cfg(target_os = "freebsd")]
 pub mod vmmapi;
 
