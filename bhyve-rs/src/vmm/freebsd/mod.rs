@@ -14,6 +14,8 @@
 pub mod backend;
 pub mod exits;
 pub mod regs;
+#[cfg(test)]
+pub(crate) mod replay;
 pub mod snapshot;
 #[cfg(target_os = "freebsd")]
 pub mod vmmapi;
