@@ -9,6 +9,25 @@
 //!   is tested on every host.
 //! - [`regs`]: the seam's register types to and from the kernel's register numbers and
 //!   segment access rights.
+//! - [`snapshot`]: the kernel structures a snapshot saves and the vCPU state's byte form.
+//! - `backend` (FreeBSD only): the seam's `Hypervisor`, `Vm` and `Vcpu` over [`vmmapi`].
+//!
+//! # How it is proved
+//!
+//! No FreeBSD machine runs these tests. On Linux:
+//! - the FreeBSD build compiles and links (`make link-freebsd`), and every layout, request
+//!   code and constant in `vmm-sys` is checked against FreeBSD's headers;
+//! - `exits_tests`: records built from FreeBSD's `struct vm_exit` for every exit code the
+//!   run loop handles (suspension, AP start, MSRs, breakpoints, VMX/SVM errors, port and
+//!   string I/O, records of 13 and 14);
+//! - `x86emul::kvm_oracle_tests::every_emulated_form_matches_kvms_emulator`: each instruction
+//!   KVM ran (every MMIO form of the emulator, IN/OUT/INS/OUTS) is replayed through
+//!   [`exits::handle_exit`] as the `INST_EMUL`, `INOUT` and `INOUT_STR` records FreeBSD's
+//!   kernel would give (`replay`), and the registers, flags, RAM and device accesses must be
+//!   KVM's.
+//!
+//! What is not proved here: that the kernel accepts the requests in this order and answers
+//! as its sources say; that needs a FreeBSD host.
 
 #[cfg(target_os = "freebsd")]
 pub mod backend;
