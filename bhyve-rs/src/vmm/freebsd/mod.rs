@@ -1,6 +1,6 @@
 //! The FreeBSD backend: bhyve-rs over `/dev/vmm` through `vmm-sys`.
 //!
-//! - [`vmmapi`] (FreeBSD only): a safe, typed layer over the `/dev/vmm` requests, like
+//! - `vmmapi` (FreeBSD only): a safe, typed layer over the `/dev/vmm` requests, like
 //!   libvmmapi: create and destroy (`/dev/vmmctl` on 15, the `hw.vmm.*` sysctls on 13 and 14),
 //!   memory segments, registers, capabilities, `VM_RUN`, interrupts, the kernel RTC,
 //!   statistics and snapshots.
@@ -10,7 +10,7 @@
 //! - [`regs`]: the seam's register types to and from the kernel's register numbers and
 //!   segment access rights.
 //! - [`snapshot`]: the kernel structures a snapshot saves and the vCPU state's byte form.
-//! - `backend` (FreeBSD only): the seam's `Hypervisor`, `Vm` and `Vcpu` over [`vmmapi`].
+//! - `backend` (FreeBSD only): the seam's `Hypervisor`, `Vm` and `Vcpu` over `vmmapi`.
 //!
 //! # How it is proved
 //!
@@ -33,7 +33,8 @@
 pub mod backend;
 pub mod exits;
 pub mod regs;
-#[cfg(test)]
+// Its user, the KVM oracle test, runs on Linux only.
+#[cfg(all(test, target_os = "linux"))]
 pub(crate) mod replay;
 pub mod snapshot;
 #[cfg(target_os = "freebsd")]
