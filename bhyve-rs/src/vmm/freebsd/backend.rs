@@ -107,7 +107,9 @@ impl Hypervisor for FreeBsdHypervisor {
 
 /// libvmmapi's `vm_setup_memory`: one system memory segment covering low RAM, the hole below
 /// 4 GiB and high RAM, mapped into the guest at 0 and 4 GiB, and into this process from
-/// `/dev/vmm/NAME` at offset = guest-physical address.
+/// `/dev/vmm/NAME` at offset = guest-physical address. libvmmapi puts both host mappings in
+/// one reserved range between guard pages; here each RAM region is its own mapping, as
+/// [`GuestMemory`] holds them, and its bounds checks keep accesses inside them.
 fn setup_memory(dev: &VmmDev, size: u64, wired: bool, in_core: bool) -> Result<GuestMemory> {
     let pieces = layout(size).map_err(|e| VmmError::Invalid(format!("guest memory: {e}")))?;
     let objsize = pieces.iter().map(|(gpa, len)| gpa + len).max().unwrap_or(0);

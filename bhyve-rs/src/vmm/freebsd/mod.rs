@@ -66,9 +66,71 @@ pub fn check_vm_name(name: &str) -> Result<(), VmNameError> {
     Ok(())
 }
 
+/// The release family of a FreeBSD kernel, as far as the `/dev/vmm` ABI is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KernelAbi {
+    V13,
+    V14,
+    V15,
+}
+
+impl KernelAbi {
+    /// From `kern.osreldate` (`__FreeBSD_version`).
+    pub fn from_osreldate(osreldate: u32) -> KernelAbi {
+        match osreldate {
+            0..=1_399_999 => KernelAbi::V13,
+            1_400_000..=1_499_999 => KernelAbi::V14,
+            _ => KernelAbi::V15,
+        }
+    }
+}
+
+/// `name` NUL-terminated in a kernel name buffer of `N` bytes; the errno for a name that
+/// cannot be one (ENAMETOOLONG when it does not fit, EINVAL when it is empty or holds a slash
+/// or NUL).
+pub fn name_buffer<const N: usize>(name: &str) -> Result<[vmm_sys::c_char; N], i32> {
+    if name.len() >= N {
+        return Err(libc::ENAMETOOLONG);
+    }
+    match check_vm_name(name) {
+        Ok(()) => {}
+        Err(VmNameError::TooLong) => return Err(libc::ENAMETOOLONG),
+        Err(_) => return Err(libc::EINVAL),
+    }
+    let mut buf = [0 as vmm_sys::c_char; N];
+    for (dst, src) in buf.iter_mut().zip(name.bytes()) {
+        *dst = src as vmm_sys::c_char;
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_abi_follows_osreldate() {
+        assert_eq!(KernelAbi::from_osreldate(1_302_001), KernelAbi::V13);
+        assert_eq!(KernelAbi::from_osreldate(1_399_999), KernelAbi::V13);
+        assert_eq!(KernelAbi::from_osreldate(1_400_000), KernelAbi::V14);
+        assert_eq!(KernelAbi::from_osreldate(1_403_000), KernelAbi::V14);
+        assert_eq!(KernelAbi::from_osreldate(1_500_000), KernelAbi::V15);
+    }
+
+    #[test]
+    fn names_fill_kernel_buffers_with_their_nul() {
+        let buf: [vmm_sys::c_char; 8] = name_buffer("guest").unwrap();
+        assert_eq!(&buf[..6], &[103, 117, 101, 115, 116, 0]);
+        assert_eq!(
+            name_buffer::<8>("1234567"),
+            Ok([49, 50, 51, 52, 53, 54, 55, 0])
+        );
+        assert_eq!(name_buffer::<8>("12345678"), Err(libc::ENAMETOOLONG));
+        assert_eq!(name_buffer::<8>("a/b"), Err(libc::EINVAL));
+        assert_eq!(name_buffer::<8>(""), Err(libc::EINVAL));
+        let long: Result<[vmm_sys::c_char; 300], i32> = name_buffer(&"x".repeat(230));
+        assert_eq!(long, Err(libc::ENAMETOOLONG));
+    }
 
     #[test]
     fn vm_names_follow_the_kernels_limits() {
