@@ -22,6 +22,7 @@ mod stateful;
 pub mod ticker;
 pub mod uart;
 mod unimplemented;
+pub mod virtio;
 
 use std::sync::Arc;
 
@@ -418,6 +419,7 @@ pub fn attach(
                 config_space: &mut config_space,
                 interrupts: &interrupts,
                 router: &router,
+                memory: &memory,
             })?;
             builder.add(slot, name, config_space, device)?;
         }
