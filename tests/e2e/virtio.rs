@@ -276,8 +276,8 @@ fn snapshots_while_the_guest_streams_writes_to_its_disk() {
 fn last_round(transcript: &str) -> u64 {
     transcript
         .lines()
+        .rev()
         .filter_map(|l| l.trim().strip_prefix("vblk stream round "))
-        .filter_map(|n| n.parse().ok())
-        .last()
+        .find_map(|n| n.parse().ok())
         .unwrap_or(0)
 }

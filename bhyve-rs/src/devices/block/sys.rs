@@ -17,6 +17,8 @@ pub fn transfer(
     mut offset: u64,
     write: bool,
 ) -> io::Result<()> {
+    // A read writes guest memory behind its back: keep it from moving meanwhile.
+    let _writing = (!write).then(|| memory.writing());
     let mut iovecs = Vec::with_capacity(segments.len());
     for s in segments {
         let base = memory
