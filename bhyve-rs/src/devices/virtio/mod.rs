@@ -113,6 +113,10 @@ pub trait VirtioDevice: Send {
     /// The driver wrote the features it accepts (already limited to what the device offers).
     fn features_negotiated(&mut self, _features: u64) {}
 
+    /// The driver wrote `status` to the status register (after a reset when it is 0): a device
+    /// that works on its own (receives frames, reads sockets) starts once DRIVER_OK is set.
+    fn status_changed(&mut self, _status: u8) {}
+
     /// The driver notified queue `queue`.
     fn queue_notify(&mut self, queue: usize);
 
