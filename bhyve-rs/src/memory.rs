@@ -7,6 +7,7 @@
 //! a private (copy-on-write) mapping of a saved file instead of anonymous memory.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -304,12 +305,24 @@ impl Drop for Replacement {
     }
 }
 
+/// A piece of guest memory a device reads or writes (a DMA buffer): guest-physical address and
+/// length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: u64,
+    pub len: u64,
+}
+
 /// All RAM of one VM.
 pub struct GuestMemory {
     regions: Vec<GuestRegion>,
     /// [`GuestMemory::wire`] and [`GuestMemory::advise_dontdump`] were applied: memory moved
     /// into a new mapping gets them again.
     wired: AtomicBool,
+    /// Held shared by every write of guest memory from outside the vCPUs (device worker
+    /// threads) and exclusively while a region moves to a new mapping, so no write lands in
+    /// the old mapping after its pages were copied.
+    writers: RwLock<()>,
     #[cfg(target_os = "linux")]
     dontdump: AtomicBool,
 }
@@ -356,6 +369,7 @@ impl GuestMemory {
         Self {
             regions,
             wired: AtomicBool::new(false),
+            writers: RwLock::new(()),
             #[cfg(target_os = "linux")]
             dontdump: AtomicBool::new(false),
         }
@@ -396,11 +410,12 @@ impl GuestMemory {
 
     /// Put `replacement`, filled with what the region's file holds, in place of the region's
     /// file-backed mapping at the same host address; the pages the guest wrote since the file
-    /// was mapped are copied over first. Every writer of guest memory must be kept away
-    /// meanwhile (the vCPUs paused). Returns the bytes copied from the old mapping.
+    /// was mapped are copied over first. The vCPUs must be paused meanwhile; device threads
+    /// wait (see [`GuestMemory::writing`]). Returns the bytes copied from the old mapping.
     #[cfg(target_os = "linux")]
     pub fn install(&self, replacement: Replacement) -> Result<u64, MemoryError> {
         let region = self.region_at(replacement.gpa)?;
+        let _moving = self.writers.write().unwrap_or_else(|e| e.into_inner());
         let copied = region.install(replacement)?;
         // The new mapping has none of the old one's attributes.
         if self.dontdump.load(Ordering::SeqCst) {
@@ -454,8 +469,15 @@ impl GuestMemory {
         Ok(unsafe { region.host_address().add(offset) })
     }
 
+    /// Keep guest memory where it is while the guard lives: for a device that writes guest
+    /// memory through [`GuestMemory::host_address`] (DMA), for the length of the transfer.
+    pub fn writing(&self) -> RwLockReadGuard<'_, ()> {
+        self.writers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Copy `data` into guest memory at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let _writing = self.writing();
         let dst = self.host_address(gpa, data.len() as u64)?;
         // SAFETY: `dst` is valid for data.len() bytes (bounds checked above) and cannot overlap
         // `data`, which Rust guarantees is not aliased mutably.
@@ -474,6 +496,7 @@ impl GuestMemory {
 
     /// Zero `len` bytes at `gpa`.
     pub fn fill_zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let _writing = self.writing();
         let dst = self.host_address(gpa, len)?;
         // SAFETY: `dst` is valid for `len` bytes (bounds checked above).
         unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
@@ -484,6 +507,33 @@ impl GuestMemory {
     pub fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemoryError> {
         let (region, offset) = self.find(gpa, len)?;
         Ok(&region.as_slice()[offset..offset + len as usize])
+    }
+
+    /// One volatile load of a naturally aligned `u16` (shared ring indexes the guest updates
+    /// concurrently); a misaligned one is copied byte by byte.
+    pub fn load_u16(&self, gpa: u64) -> Result<u16, MemoryError> {
+        let src = self.host_address(gpa, 2)?;
+        if src as usize % 2 != 0 {
+            let mut bytes = [0u8; 2];
+            self.read(gpa, &mut bytes)?;
+            return Ok(u16::from_le_bytes(bytes));
+        }
+        // SAFETY: `src` is valid for 2 bytes (bounds checked above) and aligned (checked).
+        Ok(u16::from_le(unsafe {
+            std::ptr::read_volatile(src.cast::<u16>())
+        }))
+    }
+
+    /// One volatile store of a naturally aligned `u16`, so the guest never sees half of it.
+    pub fn store_u16(&self, gpa: u64, value: u16) -> Result<(), MemoryError> {
+        let _writing = self.writing();
+        let dst = self.host_address(gpa, 2)?;
+        if dst as usize % 2 != 0 {
+            return self.write(gpa, &value.to_le_bytes());
+        }
+        // SAFETY: `dst` is valid for 2 bytes (bounds checked above) and aligned (checked).
+        unsafe { std::ptr::write_volatile(dst.cast::<u16>(), value.to_le()) };
+        Ok(())
     }
 
     pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {

@@ -45,6 +45,8 @@ pub struct PciCreate<'a> {
     pub interrupts: &'a Arc<dyn InterruptSink>,
     /// The PIRQ router INTx pins and the LPC bridge's PIRQ registers go through.
     pub router: &'a Arc<PirqRouter>,
+    /// Guest RAM, for devices that move data to and from it (DMA).
+    pub memory: &'a Arc<GuestMemory>,
 }
 
 /// Makes one PCI function's device model.
@@ -128,11 +130,11 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::PASSTHRU,
     super::unimplemented::UART,
     super::unimplemented::VIRTIO_9P,
-    super::unimplemented::VIRTIO_BLK,
+    super::virtio::block::EMULATION,
     super::unimplemented::VIRTIO_CONSOLE,
     super::unimplemented::VIRTIO_INPUT,
     super::unimplemented::VIRTIO_NET,
-    super::unimplemented::VIRTIO_RND,
+    super::virtio::rnd::EMULATION,
     super::unimplemented::VIRTIO_SCSI,
     super::unimplemented::XHCI,
 ];
@@ -188,9 +190,9 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\nhostbridge\nlpc\n"
+            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-rnd\n"
         );
-        for name in ["virtio-blk", "ahci", "ahci-hd", "passthru"] {
+        for name in ["virtio-net", "ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }
