@@ -13,6 +13,7 @@
 //! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
 pub mod hpet;
+pub mod net;
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;
