@@ -486,6 +486,32 @@ impl GuestMemory {
         Ok(&region.as_slice()[offset..offset + len as usize])
     }
 
+    /// One volatile load of a naturally aligned `u16` (shared ring indexes the guest updates
+    /// concurrently); a misaligned one is copied byte by byte.
+    pub fn load_u16(&self, gpa: u64) -> Result<u16, MemoryError> {
+        let src = self.host_address(gpa, 2)?;
+        if src as usize % 2 != 0 {
+            let mut bytes = [0u8; 2];
+            self.read(gpa, &mut bytes)?;
+            return Ok(u16::from_le_bytes(bytes));
+        }
+        // SAFETY: `src` is valid for 2 bytes (bounds checked above) and aligned (checked).
+        Ok(u16::from_le(unsafe {
+            std::ptr::read_volatile(src.cast::<u16>())
+        }))
+    }
+
+    /// One volatile store of a naturally aligned `u16`, so the guest never sees half of it.
+    pub fn store_u16(&self, gpa: u64, value: u16) -> Result<(), MemoryError> {
+        let dst = self.host_address(gpa, 2)?;
+        if dst as usize % 2 != 0 {
+            return self.write(gpa, &value.to_le_bytes());
+        }
+        // SAFETY: `dst` is valid for 2 bytes (bounds checked above) and aligned (checked).
+        unsafe { std::ptr::write_volatile(dst.cast::<u16>(), value.to_le()) };
+        Ok(())
+    }
+
     pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
         let mut bytes = [0u8; 8];
         self.read(gpa, &mut bytes)?;

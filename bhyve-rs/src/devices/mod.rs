@@ -24,6 +24,7 @@ mod stateful;
 pub mod ticker;
 pub mod uart;
 mod unimplemented;
+pub mod virtio;
 
 use std::sync::Arc;
 
@@ -420,6 +421,7 @@ pub fn attach(
                 config_space: &mut config_space,
                 interrupts: &interrupts,
                 router: &router,
+                memory: &memory,
             })?;
             builder.add(slot, name, config_space, device)?;
         }

@@ -45,6 +45,8 @@ pub struct PciCreate<'a> {
     pub interrupts: &'a Arc<dyn InterruptSink>,
     /// The PIRQ router INTx pins and the LPC bridge's PIRQ registers go through.
     pub router: &'a Arc<PirqRouter>,
+    /// Guest RAM, for devices that move data to and from it (DMA).
+    pub memory: &'a Arc<GuestMemory>,
 }
 
 /// Makes one PCI function's device model.

@@ -592,6 +592,10 @@ pub trait PciDevice: Send {
     /// device mirrors from it.
     fn config_restored(&mut self, _config: &ConfigSpace) {}
 
+    /// A guest configuration write was applied (by the device or the generic rules): a device
+    /// that signals from other threads mirrors what it needs (the MSI address and data) here.
+    fn config_written(&mut self, _config: &ConfigSpace) {}
+
     /// Every INTx pin of the machine has been routed (the LPC bridge shows its PIRQ
     /// registers from here on).
     fn intx_routed(&mut self, _config: &mut ConfigSpace) {}
@@ -920,6 +924,7 @@ impl PciFunction {
         }
         // The command register and the MSI/MSI-X enables mask INTx.
         self.config.update_intx();
+        self.device.config_written(&self.config);
     }
 
     fn generic_config_write(&mut self, offset: usize, size: usize, value: u32) {
