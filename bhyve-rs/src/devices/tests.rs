@@ -234,14 +234,14 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.2.0.device", "virtio-blk"),
-        ("pci.0.3.0.device", "virtio-net"),
+        ("pci.0.3.0.device", "e1000"),
         ("pci.0.31.0.device", "lpc"),
         ("pci.1.0.0.device", "nvme"),
     ]);
     assert_eq!(
         err,
         "pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet\n\
-         pci slot 0:3:0: device emulation \"virtio-net\" is not supported yet\n\
+         pci slot 0:3:0: device emulation \"e1000\" is not supported yet\n\
          pci slot 1:0:0: device emulation \"nvme\" is not supported yet"
     );
     // A legacy name of an emulation not implemented is pointed at its new name first.

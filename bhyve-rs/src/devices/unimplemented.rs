@@ -31,7 +31,7 @@ pub const AHCI_HD: PciEmulation = PciEmulation {
     alias_of: Some("ahci"),
     ..known("ahci-hd", ahci_hd)
 };
-pub const E1000: PciEmulation = known("e1000", net);
+pub const E1000: PciEmulation = known("e1000", super::net::legacy_config);
 pub const FBUF: PciEmulation = known("fbuf", generic);
 pub const HDA: PciEmulation = known("hda", generic);
 pub const NVME: PciEmulation = known("nvme", nvme);
@@ -41,7 +41,6 @@ pub const VIRTIO_9P: PciEmulation = known("virtio-9p", nine_p);
 pub const VIRTIO_BLK: PciEmulation = known("virtio-blk", block);
 pub const VIRTIO_CONSOLE: PciEmulation = known("virtio-console", console);
 pub const VIRTIO_INPUT: PciEmulation = known("virtio-input", input);
-pub const VIRTIO_NET: PciEmulation = known("virtio-net", net);
 pub const VIRTIO_RND: PciEmulation = known("virtio-rnd", generic);
 pub const VIRTIO_SCSI: PciEmulation = known("virtio-scsi", scsi);
 pub const XHCI: PciEmulation = known("xhci", xhci);
@@ -49,11 +48,6 @@ pub const XHCI: PciEmulation = known("xhci", xhci);
 /// block_if.c: the first token is `path`.
 fn block(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
     w.first_token_then_generic(node, "path", conf)
-}
-
-/// net_backends.c: the first token is `backend`.
-fn net(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    w.first_token_then_generic(node, "backend", conf)
 }
 
 /// pci_virtio_scsi.c: the first token is `dev`.

@@ -17,11 +17,23 @@ pub mod md5;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
 pub mod slirp;
 pub mod tap;
+pub mod virtio_net;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::BorrowedFd;
 
+use crate::config::legacy::{LegacyError, LegacyWriter};
 use crate::config::Config;
+
+/// The `-s` option string of a network device (`netbe_legacy_config`): the first token is
+/// `backend`, the rest `key=value` settings.
+pub fn legacy_config(
+    w: &mut LegacyWriter<'_>,
+    node: &str,
+    conf: Option<&str>,
+) -> Result<(), LegacyError> {
+    w.first_token_then_generic(node, "backend", conf)
+}
 
 /// Length of the virtio-net header with `num_buffers` (mergeable receive buffers, or any
 /// modern device); without the field it is two bytes shorter. These are the only lengths a
