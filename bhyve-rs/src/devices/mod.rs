@@ -25,6 +25,8 @@ pub mod ticker;
 pub mod uart;
 mod unimplemented;
 pub mod virtio;
+#[cfg(test)]
+pub(crate) mod virtio_test_driver;
 
 use std::sync::Arc;
 
