@@ -131,7 +131,7 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::UART,
     super::unimplemented::VIRTIO_9P,
     super::unimplemented::VIRTIO_BLK,
-    super::unimplemented::VIRTIO_CONSOLE,
+    super::console::EMULATION,
     super::unimplemented::VIRTIO_INPUT,
     super::net::virtio_net::EMULATION,
     super::unimplemented::VIRTIO_RND,
@@ -190,7 +190,7 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-net\n"
+            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-console\nvirtio-net\n"
         );
         for name in ["virtio-blk", "ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();

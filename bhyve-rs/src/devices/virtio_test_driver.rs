@@ -51,9 +51,13 @@ pub struct Driver {
 impl Driver {
     /// `device` on the transport, without MSI-X (the device configuration starts at 0x14).
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        Self::with_memory(device, Arc::new(GuestMemory::new(MEMORY).unwrap()))
+    }
+
+    /// [`Driver::new`] over existing guest memory (a restore into a new device).
+    pub fn with_memory(device: Box<dyn VirtioDevice>, memory: Arc<GuestMemory>) -> Self {
         let sink: Arc<dyn InterruptSink> = Arc::new(NoInterrupts);
         let router = Arc::new(PirqRouter::new(sink.clone(), false));
-        let memory = Arc::new(GuestMemory::new(MEMORY).unwrap());
         let mut config = ConfigSpace::new(true);
         let sizes = device.queue_sizes();
         let device = VirtioPci::new(
