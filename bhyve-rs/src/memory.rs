@@ -304,6 +304,14 @@ impl Drop for Replacement {
     }
 }
 
+/// A piece of guest memory a device reads or writes (a DMA buffer): guest-physical address and
+/// length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: u64,
+    pub len: u64,
+}
+
 /// All RAM of one VM.
 pub struct GuestMemory {
     regions: Vec<GuestRegion>,

@@ -741,7 +741,10 @@ mod tests {
                 Ok(Invocation::Exit { stdout, status, .. }) => {
                     assert_eq!(status, 0);
                     // Only what this build implements, as FreeBSD lists what it has built in.
-                    assert_eq!(stdout, "amd_hostbridge\ndummy\nhostbridge\nlpc\n");
+                    assert_eq!(
+                        stdout,
+                        "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-rnd\n"
+                    );
                 }
                 other => panic!("{other:?}"),
             }

@@ -12,6 +12,7 @@
 //!
 //! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
+pub mod block;
 pub mod console;
 pub mod hpet;
 pub mod net;
@@ -89,6 +90,11 @@ pub enum DeviceError {
     },
     #[error("pc-testdev: cannot claim the range at {base:#x}: {source}")]
     PcTestDev { base: u64, source: BusError },
+    #[error("pci slot {slot}: {source}")]
+    Block {
+        slot: PciAddress,
+        source: block::BlockOpenError,
+    },
     #[error(transparent)]
     Pci(#[from] PciError),
     #[error("{0}")]
@@ -197,9 +203,8 @@ fn unsupported_lines(slots: &[(PciAddress, String)]) -> String {
 /// through the registry's emulations, then the platform devices in registry order. All the
 /// emulations this build does not implement are named at once.
 fn plan(config: &Config, platform: &PlatformCaps) -> Result<Plan, DeviceError> {
-    let mut functions = Vec::new();
+    let mut planned = Vec::new();
     let mut unsupported = Vec::new();
-    let mut pci_plan = PciPlan { config, lpc: None };
     for (slot, device) in pci_nodes(config)? {
         let emulation = device.ok_or(DeviceError::MissingDevice(slot))?;
         let Some(entry) = pci_emulation(&emulation) else {
@@ -213,12 +218,19 @@ fn plan(config: &Config, platform: &PlatformCaps) -> Result<Plan, DeviceError> {
             });
         }
         match entry.plan {
-            Some(plan) => functions.push((slot, entry.name, plan(&mut pci_plan, slot)?)),
+            Some(plan) => planned.push((slot, entry.name, plan)),
             None => unsupported.push((slot, emulation)),
         }
     }
+    // Every unsupported emulation is named before any implemented one looks at its settings
+    // (and, say, opens its disk).
     if !unsupported.is_empty() {
         return Err(DeviceError::Unsupported(unsupported));
+    }
+    let mut pci_plan = PciPlan { config, lpc: None };
+    let mut functions = Vec::new();
+    for (slot, name, plan) in planned {
+        functions.push((slot, name, plan(&mut pci_plan, slot)?));
     }
     let lpc = pci_plan.lpc;
 

@@ -130,11 +130,11 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::PASSTHRU,
     super::unimplemented::UART,
     super::unimplemented::VIRTIO_9P,
-    super::unimplemented::VIRTIO_BLK,
+    super::virtio::block::EMULATION,
     super::console::EMULATION,
     super::unimplemented::VIRTIO_INPUT,
     super::net::virtio_net::EMULATION,
-    super::unimplemented::VIRTIO_RND,
+    super::virtio::rnd::EMULATION,
     super::unimplemented::VIRTIO_SCSI,
     super::unimplemented::XHCI,
 ];
@@ -190,9 +190,9 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-console\nvirtio-net\n"
+            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
         );
-        for name in ["virtio-blk", "ahci", "ahci-hd", "passthru"] {
+        for name in ["e1000", "ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }

@@ -31,10 +31,11 @@ impl InterruptSink for FakeSink {
     }
 }
 
-struct TempDir(std::path::PathBuf);
+/// A directory under the system's temporary directory, removed when dropped.
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("bhyve-dev-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -220,12 +221,12 @@ fn check_error(pairs: &[(&str, &str)]) -> String {
 fn unsupported_emulation_is_named_with_its_slot() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
-        ("pci.0.2.0.device", "virtio-blk"),
-        ("pci.0.2.0.path", "/tmp/disk.img"),
+        ("pci.0.2.0.device", "e1000"),
+        ("pci.0.2.0.backend", "tap0"),
     ]);
     assert_eq!(
         err,
-        "pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet"
+        "pci slot 0:2:0: device emulation \"e1000\" is not supported yet"
     );
 }
 
@@ -233,15 +234,18 @@ fn unsupported_emulation_is_named_with_its_slot() {
 fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
-        ("pci.0.2.0.device", "virtio-blk"),
-        ("pci.0.3.0.device", "e1000"),
+        ("pci.0.2.0.device", "e1000"),
+        ("pci.0.3.0.device", "hda"),
+        // An implemented device whose file is missing does not hide the others.
+        ("pci.0.4.0.device", "virtio-blk"),
+        ("pci.0.4.0.path", "/nonexistent/disk.img"),
         ("pci.0.31.0.device", "lpc"),
         ("pci.1.0.0.device", "nvme"),
     ]);
     assert_eq!(
         err,
-        "pci slot 0:2:0: device emulation \"virtio-blk\" is not supported yet\n\
-         pci slot 0:3:0: device emulation \"e1000\" is not supported yet\n\
+        "pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n\
+         pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
          pci slot 1:0:0: device emulation \"nvme\" is not supported yet"
     );
     // A legacy name of an emulation not implemented is pointed at its new name first.

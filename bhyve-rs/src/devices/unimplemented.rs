@@ -36,16 +36,9 @@ pub const NVME: PciEmulation = known("nvme", nvme);
 pub const PASSTHRU: PciEmulation = known("passthru", passthru);
 pub const UART: PciEmulation = known("uart", uart);
 pub const VIRTIO_9P: PciEmulation = known("virtio-9p", nine_p);
-pub const VIRTIO_BLK: PciEmulation = known("virtio-blk", block);
 pub const VIRTIO_INPUT: PciEmulation = known("virtio-input", input);
-pub const VIRTIO_RND: PciEmulation = known("virtio-rnd", generic);
 pub const VIRTIO_SCSI: PciEmulation = known("virtio-scsi", scsi);
 pub const XHCI: PciEmulation = known("xhci", xhci);
-
-/// block_if.c: the first token is `path`.
-fn block(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    w.first_token_then_generic(node, "path", conf)
-}
 
 /// pci_virtio_scsi.c: the first token is `dev`.
 fn scsi(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {

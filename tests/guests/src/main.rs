@@ -14,6 +14,7 @@ mod platform;
 mod power;
 mod smp;
 mod svc;
+mod virtio;
 
 use bootinfo::BootInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -205,6 +206,7 @@ impl Shell {
                 svc::triple_fault();
             }
             _ if platform::run(command, arg1, self.hz) => {}
+            _ if virtio::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -379,6 +381,7 @@ fn help() {
     println!("  cmos                  RTC date and time");
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
     platform::help();
+    virtio::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  halt                  stop every CPU with interrupts off");

@@ -39,7 +39,7 @@ impl Access {
         }
     }
 
-    fn write(self, dev: u32, func: u32, reg: u32, value: u32) {
+    pub fn write(self, dev: u32, func: u32, reg: u32, value: u32) {
         match self {
             Access::Conf1 => {
                 svc::outl(0xcf8, 0x8000_0000 | (dev << 11) | (func << 8) | reg);

@@ -27,8 +27,10 @@
 //! the device until the driver resets it, as the virtio specification asks (bhyve only prints
 //! a warning).
 
+pub mod block;
 pub mod pci;
 pub mod queue;
+pub mod rnd;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};

@@ -45,12 +45,7 @@ pub struct Descriptor {
     pub writable: bool,
 }
 
-/// A piece of guest memory: guest-physical address and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: u64,
-    pub len: u64,
-}
+pub use crate::memory::Segment;
 
 /// One request taken from the available ring: its head index (what [`VirtQueue::add_used`]
 /// returns to the guest) and its buffers in order, readable ones first.

@@ -105,39 +105,59 @@ impl VirtioDevice for Reverser {
     }
 }
 
-const SLOT: PciAddress = PciAddress {
+pub(super) const SLOT: PciAddress = PciAddress {
     bus: 0,
     slot: 4,
     function: 0,
 };
 /// Where the test driver puts its ring, its indirect tables and its buffers.
-const RING: u64 = 0x10000;
+pub(super) const RING: u64 = 0x10000;
 const TABLE: u64 = 0x20000;
-const DATA: u64 = 0x30000;
+pub(super) const DATA: u64 = 0x30000;
 
-struct Machine {
-    buses: Arc<Buses>,
-    root: Arc<PciRoot>,
-    memory: Arc<GuestMemory>,
+/// One virtio function on a PCI bus, with 1 MiB of RAM, and a driver for its queue 0.
+pub(super) struct Machine {
+    pub(super) buses: Arc<Buses>,
+    pub(super) root: Arc<PciRoot>,
+    pub(super) memory: Arc<GuestMemory>,
     sink: Arc<Recorder>,
     resets: Arc<Mutex<u32>>,
     io: u64,
+    queue_size: u16,
     next_avail: u16,
 }
 
 impl Machine {
     fn new(msix: bool) -> Self {
+        let resets = Arc::new(Mutex::new(0));
+        let device = Reverser {
+            queues: Vec::new(),
+            resets: resets.clone(),
+        };
+        let mut m = Self::with_device(Box::new(device), msix);
+        m.resets = resets;
+        m
+    }
+
+    fn with_device(device: Box<dyn VirtioDevice>, msix: bool) -> Self {
+        Self::with_device_factory(Box::new(|_| device), msix)
+    }
+
+    /// The device `make` returns for the machine's memory, behind the transport.
+    pub(super) fn with_device_factory(
+        make: Box<dyn FnOnce(Arc<GuestMemory>) -> Box<dyn VirtioDevice>>,
+        msix: bool,
+    ) -> Self {
+        let memory = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        let device = make(memory.clone());
+        let queue_size = device.queue_sizes()[0];
         let sink = Arc::new(Recorder::default());
         let sink_dyn: Arc<dyn InterruptSink> = sink.clone();
         let router = Arc::new(PirqRouter::new(sink_dyn.clone(), false));
-        let memory = Arc::new(GuestMemory::new(1 << 20).unwrap());
         let resets = Arc::new(Mutex::new(0));
         let mut config = ConfigSpace::new(true);
         let device = VirtioPci::new(
-            Box::new(Reverser {
-                queues: Vec::new(),
-                resets: resets.clone(),
-            }),
+            device,
             PciCreate {
                 slot: SLOT,
                 config_space: &mut config,
@@ -163,17 +183,18 @@ impl Machine {
             sink,
             resets,
             io,
+            queue_size,
             next_avail: 0,
         }
     }
 
-    fn read(&self, offset: u64, size: usize) -> u32 {
+    pub(super) fn read(&self, offset: u64, size: usize) -> u32 {
         let mut data = [0u8; 4];
         self.buses.pio.read(self.io + offset, &mut data[..size]);
         u32::from_le_bytes(data)
     }
 
-    fn write(&self, offset: u64, size: usize, value: u32) {
+    pub(super) fn write(&self, offset: u64, size: usize, value: u32) {
         self.buses
             .pio
             .write(self.io + offset, &value.to_le_bytes()[..size]);
@@ -203,18 +224,21 @@ impl Machine {
     }
 
     /// Reset, acknowledge, negotiate `features`, place queue 0 at [`RING`], driver OK.
-    fn setup(&mut self, features: u32) {
+    pub(super) fn setup(&mut self, features: u32) {
         self.write(VIRTIO_PCI_STATUS, 1, 0);
         self.write(VIRTIO_PCI_STATUS, 1, 1 | 2);
         self.write(VIRTIO_PCI_GUEST_FEATURES, 4, features);
         self.write(VIRTIO_PCI_QUEUE_SEL, 2, 0);
-        assert_eq!(self.read(VIRTIO_PCI_QUEUE_NUM, 2), u32::from(QUEUE_SIZE));
+        assert_eq!(
+            self.read(VIRTIO_PCI_QUEUE_NUM, 2),
+            u32::from(self.queue_size)
+        );
         self.write(VIRTIO_PCI_QUEUE_PFN, 4, (RING >> 12) as u32);
         self.write(VIRTIO_PCI_STATUS, 1, 1 | 2 | 4);
         self.next_avail = 0;
     }
 
-    fn descriptor(&self, at: u64, addr: u64, len: u32, flags: u32, next: u16) {
+    pub(super) fn descriptor(&self, at: u64, addr: u64, len: u32, flags: u32, next: u16) {
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -224,31 +248,52 @@ impl Machine {
     }
 
     fn avail(&self) -> u64 {
-        RING + 16 * u64::from(QUEUE_SIZE)
+        RING + 16 * u64::from(self.queue_size)
     }
 
     fn used(&self) -> u64 {
-        (self.avail() + 2 * (3 + u64::from(QUEUE_SIZE))).next_multiple_of(4096)
+        (self.avail() + 2 * (3 + u64::from(self.queue_size))).next_multiple_of(4096)
     }
 
     /// Make the chain at descriptor `head` available and notify.
-    fn submit(&mut self, head: u16) {
-        let slot = u64::from(self.next_avail % QUEUE_SIZE);
-        self.memory
-            .store_u16(self.avail() + 4 + 2 * slot, head)
-            .unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
+    pub(super) fn submit(&mut self, head: u16) {
+        self.submit_many(&[head]);
+    }
+
+    /// Make the chains at `heads` available at once, then notify.
+    pub(super) fn submit_many(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = u64::from(self.next_avail % self.queue_size);
+            self.memory
+                .store_u16(self.avail() + 4 + 2 * slot, head)
+                .unwrap();
+            self.next_avail = self.next_avail.wrapping_add(1);
+        }
         self.memory
             .store_u16(self.avail() + 2, self.next_avail)
             .unwrap();
         self.write(VIRTIO_PCI_QUEUE_NOTIFY, 2, 0);
     }
 
-    fn used_idx(&self) -> u16 {
+    pub(super) fn used_idx(&self) -> u16 {
         self.memory.load_u16(self.used() + 2).unwrap()
     }
 
-    fn used_entry(&self, slot: u64) -> (u32, u32) {
+    /// Wait (up to 10 s) for the used index to reach `n`, for devices that complete on
+    /// worker threads.
+    pub(super) fn wait_used(&self, n: u16) {
+        let start = std::time::Instant::now();
+        while self.used_idx() != n {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "used index {} never reached {n}",
+                self.used_idx()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    pub(super) fn used_entry(&self, slot: u64) -> (u32, u32) {
         let mut raw = [0u8; 8];
         self.memory
             .read(self.used() + 4 + 8 * slot, &mut raw)

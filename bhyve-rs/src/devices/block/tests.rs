@@ -1,0 +1,274 @@
+//! The backend against real files, checked through the host's own view of the file.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::*;
+use crate::devices::tests::TempDir;
+
+/// A file of `len` patterned bytes in its own temporary directory.
+fn temp_file(name: &str, len: usize) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new(&format!("block-{name}"));
+    let path = dir.0.join("disk.img");
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 512) as u8).collect();
+    std::fs::write(&path, data).unwrap();
+    (dir, path)
+}
+
+fn options(path: &std::path::Path) -> BlockOptions {
+    BlockOptions {
+        path: path.to_string_lossy().into_owned(),
+        readonly: false,
+        nocache: false,
+        sync: false,
+        nodelete: false,
+        sector_size: None,
+    }
+}
+
+fn backend(options: &BlockOptions) -> (BlockBackend, Arc<GuestMemory>) {
+    let memory = Arc::new(GuestMemory::new(1 << 20).unwrap());
+    let file = BlockFile::open(options).unwrap();
+    (
+        BlockBackend::start(file, memory.clone(), "test").unwrap(),
+        memory,
+    )
+}
+
+/// Submit `op` and wait for its outcome.
+fn run(backend: &BlockBackend, op: BlockOp) -> BlockResult {
+    let (tx, rx) = mpsc::channel();
+    backend.submit(BlockRequest {
+        op,
+        done: Box::new(move |r| tx.send(r).unwrap()),
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+#[test]
+fn options_as_block_if_reads_them() {
+    let cfg = Config::from_pairs(&[
+        ("pci.0.3.0.path", "/tmp/x.img"),
+        ("pci.0.3.0.ro", "true"),
+        ("pci.0.3.0.direct", "true"),
+        ("pci.0.3.0.sectorsize", "512/4096"),
+    ]);
+    let o = BlockOptions::from_config(&cfg, "pci.0.3.0").unwrap();
+    assert_eq!(o.path, "/tmp/x.img");
+    assert!(o.readonly && o.sync && !o.nocache && !o.nodelete);
+    assert_eq!(o.sector_size, Some((512, 4096)));
+    assert_eq!(parse_sector_size("4096"), Some((4096, 4096)));
+    for bad in ["256", "1000", "4096/512", "x", "512/", "512/3000"] {
+        assert_eq!(parse_sector_size(bad), None, "{bad}");
+    }
+    let cfg = Config::from_pairs(&[("pci.0.3.0.sectorsize", "4096/512")]);
+    assert!(
+        BlockOptions::from_config(&cfg, "pci.0.3.0").is_err(),
+        "no path"
+    );
+    let cfg = Config::from_pairs(&[("pci.0.3.0.path", "a"), ("pci.0.3.0.sectorsize", "1")]);
+    let err = BlockOptions::from_config(&cfg, "pci.0.3.0").unwrap_err();
+    assert!(err.to_string().contains("sectorsize"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_one_clear_line() {
+    let err = BlockFile::open(&options(std::path::Path::new("/nonexistent/disk.img")))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+    assert!(!err.contains('\n'), "{err}");
+}
+
+#[test]
+fn geometry_of_a_file_and_the_sectorsize_option() {
+    let (_dir, path) = temp_file("geometry", 8192);
+    let info = BlockFile::open(&options(&path)).unwrap().info();
+    let blksize = std::fs::metadata(&path).unwrap().blksize() as u32;
+    assert_eq!(
+        info,
+        BlockInfo {
+            size: 8192,
+            sector_size: 512,
+            physical_sector_size: blksize,
+            physical_sector_offset: 0,
+            readonly: false,
+            can_delete: true,
+            is_device: false,
+        }
+    );
+    let mut o = options(&path);
+    o.sector_size = Some((4096, 16384));
+    o.nodelete = true;
+    let info = BlockFile::open(&o).unwrap().info();
+    assert_eq!((info.sector_size, info.physical_sector_size), (4096, 16384));
+    assert!(!info.can_delete);
+}
+
+#[test]
+fn reads_and_writes_move_guest_buffers_to_the_file() {
+    let (_dir, path) = temp_file("rw", 64 << 10);
+    let (backend, memory) = backend(&options(&path));
+    // Three buffers, one crossing nothing in particular, written at sector 3.
+    let pattern: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    memory.write(0x1000, &pattern[..1000]).unwrap();
+    memory.write(0x8000, &pattern[1000..1024]).unwrap();
+    memory.write(0x20000, &pattern[1024..]).unwrap();
+    let segments = vec![
+        Segment {
+            addr: 0x1000,
+            len: 1000,
+        },
+        Segment {
+            addr: 0x8000,
+            len: 24,
+        },
+        Segment {
+            addr: 0x20000,
+            len: 1976,
+        },
+    ];
+    run(
+        &backend,
+        BlockOp::Write {
+            offset: 1536,
+            segments,
+        },
+    )
+    .unwrap();
+    let host = std::fs::read(&path).unwrap();
+    assert_eq!(&host[1536..4536], &pattern[..]);
+    assert_eq!(host.len(), 64 << 10);
+    // And back, into other buffers.
+    let segments = vec![
+        Segment {
+            addr: 0x40000,
+            len: 7,
+        },
+        Segment {
+            addr: 0x50000,
+            len: 2993,
+        },
+    ];
+    run(
+        &backend,
+        BlockOp::Read {
+            offset: 1536,
+            segments,
+        },
+    )
+    .unwrap();
+    let mut back = vec![0u8; 3000];
+    memory.read(0x40000, &mut back[..7]).unwrap();
+    memory.read(0x50000, &mut back[7..]).unwrap();
+    assert_eq!(back, pattern);
+    run(&backend, BlockOp::Flush).unwrap();
+}
+
+#[test]
+fn errors_come_back_as_errno_not_crashes() {
+    let (_dir, path) = temp_file("errors", 4096);
+    let (backend, _memory) = backend(&options(&path));
+    let past_end = BlockOp::Read {
+        offset: 4096,
+        segments: vec![Segment { addr: 0, len: 512 }],
+    };
+    assert_eq!(run(&backend, past_end), Err(libc::EINVAL));
+    let outside_ram = BlockOp::Read {
+        offset: 0,
+        segments: vec![Segment {
+            addr: 1 << 20,
+            len: 512,
+        }],
+    };
+    assert_eq!(run(&backend, outside_ram), Err(libc::EFAULT));
+
+    let mut o = options(&path);
+    o.readonly = true;
+    let (ro, memory) = self::backend(&o);
+    assert!(ro.info().readonly && !ro.info().can_delete);
+    memory.write(0, &[0xee; 512]).unwrap();
+    let write = BlockOp::Write {
+        offset: 0,
+        segments: vec![Segment { addr: 0, len: 512 }],
+    };
+    assert_eq!(run(&ro, write), Err(libc::EROFS));
+    let delete = BlockOp::Delete {
+        offset: 0,
+        len: 512,
+    };
+    assert_eq!(run(&ro, delete), Err(libc::EOPNOTSUPP));
+    assert_ne!(std::fs::read(&path).unwrap()[..512], [0xee; 512]);
+}
+
+#[test]
+fn delete_punches_a_hole_and_nodelete_refuses() {
+    let (_dir, path) = temp_file("delete", 64 << 10);
+    let (backend, _memory) = backend(&options(&path));
+    match run(
+        &backend,
+        BlockOp::Delete {
+            offset: 8192,
+            len: 16384,
+        },
+    ) {
+        Ok(()) => {
+            let host = std::fs::read(&path).unwrap();
+            assert_eq!(host.len(), 64 << 10, "the size stays");
+            assert!(host[8192..24576].iter().all(|&b| b == 0));
+            assert_ne!(host[8191], 0);
+        }
+        // A file system without hole punching reports it as unsupported.
+        Err(e) => assert_eq!(e, libc::EOPNOTSUPP),
+    }
+    let mut o = options(&path);
+    o.nodelete = true;
+    let (nodelete, _memory) = self::backend(&o);
+    let delete = BlockOp::Delete {
+        offset: 0,
+        len: 512,
+    };
+    assert_eq!(run(&nodelete, delete), Err(libc::EOPNOTSUPP));
+}
+
+#[test]
+fn pause_completes_every_request_and_holds_new_ones() {
+    let (_dir, path) = temp_file("pause", 1 << 20);
+    let (backend, _memory) = backend(&options(&path));
+    let (tx, rx) = mpsc::channel();
+    for i in 0..200u64 {
+        let tx = tx.clone();
+        backend.submit(BlockRequest {
+            op: BlockOp::Read {
+                offset: (i % 64) * 4096,
+                segments: vec![Segment {
+                    addr: i * 4096,
+                    len: 4096,
+                }],
+            },
+            done: Box::new(move |r| tx.send((i, r)).unwrap()),
+        });
+    }
+    backend.pause();
+    let done: Vec<_> = rx.try_iter().collect();
+    assert_eq!(
+        done.len(),
+        200,
+        "every request completed before pause returned"
+    );
+    assert!(done.iter().all(|(_, r)| r.is_ok()));
+    // Submitted while paused: held until resume.
+    let tx2 = tx.clone();
+    backend.submit(BlockRequest {
+        op: BlockOp::Flush,
+        done: Box::new(move |r| tx2.send((1000, r)).unwrap()),
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    backend.resume();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        (1000, Ok(()))
+    );
+}
