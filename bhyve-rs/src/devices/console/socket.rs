@@ -116,6 +116,7 @@ impl SocketPort {
             source,
         };
         let listener = UnixListener::bind(&spec.path).map_err(error)?;
+        remove_at_exit(&spec.path);
         // From here on the file is ours: remove it if the port cannot be set up.
         let port = SocketPort {
             spec: spec.clone(),
@@ -252,6 +253,32 @@ impl SocketPort {
 impl Drop for SocketPort {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.spec.path);
+        if let Ok(mut paths) = SOCKET_FILES.lock() {
+            paths.retain(|p| p != &self.spec.path);
+        }
+    }
+}
+
+/// Socket files this process made and has not removed yet. bhyve ends with exit(3), which
+/// drops nothing, so they are also removed then: a VM started again finds its paths free.
+static SOCKET_FILES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn remove_at_exit(path: &Path) {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: atexit(3) with a function that takes no arguments and does not unwind.
+        unsafe { libc::atexit(remove_socket_files) };
+    });
+    if let Ok(mut paths) = SOCKET_FILES.lock() {
+        paths.push(path.to_path_buf());
+    }
+}
+
+extern "C" fn remove_socket_files() {
+    if let Ok(paths) = SOCKET_FILES.lock() {
+        for path in paths.iter() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
