@@ -545,3 +545,74 @@ fn console_port_echo_through_bhyve_as_through_qemu() {
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
     assert!(!socket.exists(), "the port's socket is removed at exit");
 }
+
+/// Multiport: with a client already on port 1's socket, the guest's DEVICE_READY brings
+/// DEVICE_ADD, and its PORT_READY the port's name and PORT_OPEN, in that order; then bytes
+/// echo through port 1's queues.
+fn exercise_multiport(vm: &mut Console, socket: &Path) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    // Let the device take the client before the driver starts.
+    std::thread::sleep(Duration::from_millis(300));
+    vm.send_line("vcon port1");
+    vm.expect(
+        "vcon event 1 add 1\nvcon event 1 name 1 org.test.one\nvcon event 1 open 1\n",
+        COMMAND_TIMEOUT,
+    );
+    let message = b"port one, multiport\n";
+    stream.write_all(message).unwrap();
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, message);
+    vm.send("\n");
+    vm.expect(
+        &format!("vcon port1 stopped {}\n", message.len()),
+        COMMAND_TIMEOUT,
+    );
+    vm.expect_prompt(COMMAND_TIMEOUT);
+}
+
+#[test]
+fn console_multiport_through_qemu() {
+    let scratch = Scratch::new("vtcon-mp-qemu");
+    let socket = scratch.path("port1.sock");
+    let chardev = format!("socket,id=c1,path={},server=on,wait=off", socket.display());
+    let args = [
+        "-chardev",
+        &chardev,
+        "-device",
+        "virtio-serial-pci,disable-modern=on",
+        "-device",
+        "virtserialport,chardev=c1,nr=1,name=org.test.one",
+    ];
+    let Some(mut vm) = boot_qemu(&args) else {
+        return;
+    };
+    exercise_multiport(&mut vm, &socket);
+}
+
+#[test]
+fn console_multiport_through_bhyve_as_through_qemu() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("vtcon-mp-bhyve");
+    let socket = scratch.path("port1.sock");
+    let name = vm_name();
+    let path = format!("pci.0.6.0.port.1.path={}", socket.display());
+    let mut vm = boot_bhyve(
+        &scratch,
+        &name,
+        &[
+            "-s",
+            "6,virtio-console",
+            "-o",
+            "pci.0.6.0.port.1.name=org.test.one",
+            "-o",
+            &path,
+        ],
+    );
+    exercise_multiport(&mut vm, &socket);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
