@@ -7,6 +7,7 @@
 //! a private (copy-on-write) mapping of a saved file instead of anonymous memory.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -318,6 +319,10 @@ pub struct GuestMemory {
     /// [`GuestMemory::wire`] and [`GuestMemory::advise_dontdump`] were applied: memory moved
     /// into a new mapping gets them again.
     wired: AtomicBool,
+    /// Held shared by every write of guest memory from outside the vCPUs (device worker
+    /// threads) and exclusively while a region moves to a new mapping, so no write lands in
+    /// the old mapping after its pages were copied.
+    writers: RwLock<()>,
     #[cfg(target_os = "linux")]
     dontdump: AtomicBool,
 }
@@ -364,6 +369,7 @@ impl GuestMemory {
         Self {
             regions,
             wired: AtomicBool::new(false),
+            writers: RwLock::new(()),
             #[cfg(target_os = "linux")]
             dontdump: AtomicBool::new(false),
         }
@@ -404,11 +410,12 @@ impl GuestMemory {
 
     /// Put `replacement`, filled with what the region's file holds, in place of the region's
     /// file-backed mapping at the same host address; the pages the guest wrote since the file
-    /// was mapped are copied over first. Every writer of guest memory must be kept away
-    /// meanwhile (the vCPUs paused). Returns the bytes copied from the old mapping.
+    /// was mapped are copied over first. The vCPUs must be paused meanwhile; device threads
+    /// wait (see [`GuestMemory::writing`]). Returns the bytes copied from the old mapping.
     #[cfg(target_os = "linux")]
     pub fn install(&self, replacement: Replacement) -> Result<u64, MemoryError> {
         let region = self.region_at(replacement.gpa)?;
+        let _moving = self.writers.write().unwrap_or_else(|e| e.into_inner());
         let copied = region.install(replacement)?;
         // The new mapping has none of the old one's attributes.
         if self.dontdump.load(Ordering::SeqCst) {
@@ -462,8 +469,15 @@ impl GuestMemory {
         Ok(unsafe { region.host_address().add(offset) })
     }
 
+    /// Keep guest memory where it is while the guard lives: for a device that writes guest
+    /// memory through [`GuestMemory::host_address`] (DMA), for the length of the transfer.
+    pub fn writing(&self) -> RwLockReadGuard<'_, ()> {
+        self.writers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Copy `data` into guest memory at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let _writing = self.writing();
         let dst = self.host_address(gpa, data.len() as u64)?;
         // SAFETY: `dst` is valid for data.len() bytes (bounds checked above) and cannot overlap
         // `data`, which Rust guarantees is not aliased mutably.
@@ -482,6 +496,7 @@ impl GuestMemory {
 
     /// Zero `len` bytes at `gpa`.
     pub fn fill_zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let _writing = self.writing();
         let dst = self.host_address(gpa, len)?;
         // SAFETY: `dst` is valid for `len` bytes (bounds checked above).
         unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
@@ -511,6 +526,7 @@ impl GuestMemory {
 
     /// One volatile store of a naturally aligned `u16`, so the guest never sees half of it.
     pub fn store_u16(&self, gpa: u64, value: u16) -> Result<(), MemoryError> {
+        let _writing = self.writing();
         let dst = self.host_address(gpa, 2)?;
         if dst as usize % 2 != 0 {
             return self.write(gpa, &value.to_le_bytes());

@@ -268,6 +268,9 @@ fn snapshots_while_the_guest_streams_writes_to_its_disk() {
     vm.expect_prompt(COMMAND_TIMEOUT);
     assert_eq!(vm.command_line("vblk flush"), "vblk flush status 0");
     assert_eq!(sectors(&image, 0, 64), pattern(round, 64), "round {round}");
+    // The entropy device came through the restore too.
+    let entropy = vm.command_line("vrnd 16");
+    assert!(entropy.starts_with("vrnd 16 bytes "), "{entropy}");
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
@@ -276,8 +279,8 @@ fn snapshots_while_the_guest_streams_writes_to_its_disk() {
 fn last_round(transcript: &str) -> u64 {
     transcript
         .lines()
+        .rev()
         .filter_map(|l| l.trim().strip_prefix("vblk stream round "))
-        .filter_map(|n| n.parse().ok())
-        .last()
+        .find_map(|n| n.parse().ok())
         .unwrap_or(0)
 }

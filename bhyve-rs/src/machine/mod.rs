@@ -196,8 +196,8 @@ impl Machine {
     }
 
     /// Keep `lease` on the snapshot file guest memory is mapped from: when a writer comes, the
-    /// guest is stopped while its memory moves out of the file. No device thread writes guest
-    /// memory on its own, so stopping the vCPUs is enough.
+    /// guest is stopped while its memory moves out of the file. Device threads that write guest
+    /// memory (disk workers) wait on the memory's own lock while it moves.
     #[cfg(all(feature = "bhyve_snapshot", target_os = "linux"))]
     pub fn keep_file_lease(&mut self, mut lease: crate::snapshot::lease::Lease) {
         let vcpus = Arc::downgrade(&self.vcpus);

@@ -137,6 +137,8 @@ pub struct BlockInfo {
 pub struct BlockFile {
     file: File,
     info: BlockInfo,
+    /// Opened with `O_DIRECT` (`nocache`).
+    direct: bool,
 }
 
 /// A disk that cannot be used, in one line.
@@ -233,6 +235,7 @@ impl BlockFile {
                 can_delete: can_delete && !options.nodelete && !readonly,
                 is_device,
             },
+            direct: options.nocache,
         })
     }
 
@@ -277,6 +280,7 @@ struct Work {
 struct Inner {
     file: File,
     info: BlockInfo,
+    direct: bool,
     memory: Arc<GuestMemory>,
     work: Mutex<Work>,
     /// Workers wait here for requests.
@@ -305,7 +309,15 @@ impl Inner {
                 if !in_range(*offset, len) {
                     return Err(libc::EINVAL);
                 }
-                sys::transfer(&self.file, &self.memory, segments, *offset, write).map_err(errno)
+                match sys::transfer(&self.file, &self.memory, segments, *offset, write) {
+                    // O_DIRECT wants aligned memory, which guest buffers need not be: go
+                    // through an aligned copy, as a host without that rule would.
+                    Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                        sys::bounced(&self.file, &self.memory, segments, *offset, write)
+                            .map_err(errno)
+                    }
+                    other => other.map_err(errno),
+                }
             }
             BlockOp::Flush => sys::flush(&self.file, info.is_device).map_err(errno),
             BlockOp::Delete { offset, len } => {
@@ -364,6 +376,7 @@ impl BlockBackend {
         let inner = Arc::new(Inner {
             file: file.file,
             info: file.info,
+            direct: file.direct,
             memory,
             work: Mutex::new(Work::default()),
             more: Condvar::new(),

@@ -17,6 +17,8 @@ pub fn transfer(
     mut offset: u64,
     write: bool,
 ) -> io::Result<()> {
+    // A read writes guest memory behind its back: keep it from moving meanwhile.
+    let _writing = (!write).then(|| memory.writing());
     let mut iovecs = Vec::with_capacity(segments.len());
     for s in segments {
         let base = memory
@@ -68,6 +70,43 @@ pub fn transfer(
         }
     }
     Ok(())
+}
+
+/// [`transfer`] through a bounce buffer aligned to 4 KiB, for files opened with `O_DIRECT`
+/// when the guest's buffers are not aligned.
+pub fn bounced(
+    file: &File,
+    memory: &GuestMemory,
+    segments: &[Segment],
+    offset: u64,
+    write: bool,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const ALIGN: usize = 4096;
+    let len: usize = segments.iter().map(|s| s.len as usize).sum();
+    let mut storage = vec![0u8; len + ALIGN];
+    let start = storage.as_ptr().align_offset(ALIGN);
+    let buffer = &mut storage[start..start + len];
+    let fault = |_| io::Error::from_raw_os_error(libc::EFAULT);
+    let mut at = 0;
+    if write {
+        for s in segments {
+            memory
+                .read(s.addr, &mut buffer[at..at + s.len as usize])
+                .map_err(fault)?;
+            at += s.len as usize;
+        }
+        file.write_all_at(buffer, offset)
+    } else {
+        file.read_exact_at(buffer, offset)?;
+        for s in segments {
+            memory
+                .write(s.addr, &buffer[at..at + s.len as usize])
+                .map_err(fault)?;
+            at += s.len as usize;
+        }
+        Ok(())
+    }
 }
 
 /// What a disk device reports: size in bytes, logical and physical sector sizes, and whether it

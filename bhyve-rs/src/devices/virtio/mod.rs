@@ -17,11 +17,11 @@
 //! # What comes from rust-vmm, and what is written here
 //! Constants (feature bits, status bits, ring flags, device IDs, virtio-blk's request types)
 //! come from `virtio-bindings`, the Linux headers as Rust. The ring is written here rather than
-//! taken from `virtio-queue`: that crate reaches memory through vm-memory's `GuestMemory`
-//! trait, whose mmap backend does not build for FreeBSD, and whose ring handling is the
-//! modern one (no legacy page-frame layout, no bhyve-style checks). Guest RAM here is
-//! [`crate::memory::GuestMemory`], with bounds-checked copies and volatile index accesses;
-//! the ring code is about 400 lines on top of it and follows bhyve's `vq_getchain`,
+//! taken from `virtio-queue`: that crate reads guest memory through vm-memory's `GuestMemory`
+//! trait, whose mmap backend does not build for FreeBSD, so using it would mean a second
+//! memory abstraction over [`crate::memory::GuestMemory`] (bounds-checked copies, volatile
+//! index accesses) for about as much code as the split ring itself. The ring code (queue.rs)
+//! follows bhyve's `vq_getchain`,
 //! `vq_relchain` and `vq_endchains`, with stricter checks: a malformed chain sets
 //! `DEVICE_NEEDS_RESET` in the status register, raises a configuration interrupt and stops
 //! the device until the driver resets it, as the virtio specification asks (bhyve only prints
@@ -112,6 +112,10 @@ pub trait VirtioDevice: Send {
 
     /// The driver wrote the features it accepts (already limited to what the device offers).
     fn features_negotiated(&mut self, _features: u64) {}
+
+    /// The driver wrote `status` to the status register (after a reset when it is 0): a device
+    /// that works on its own (receives frames, reads sockets) starts once DRIVER_OK is set.
+    fn status_changed(&mut self, _status: u8) {}
 
     /// The driver notified queue `queue`.
     fn queue_notify(&mut self, queue: usize);

@@ -277,6 +277,7 @@ impl VirtioPci {
                 if value == 0 {
                     self.reset();
                 }
+                self.device.status_changed(value as u8);
             }
             VIRTIO_MSI_CONFIG_VECTOR => self
                 .shared

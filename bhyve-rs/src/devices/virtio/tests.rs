@@ -49,6 +49,7 @@ const CONFIG: [u8; 6] = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
 struct Reverser {
     queues: Vec<Arc<VirtQueue>>,
     resets: Arc<Mutex<u32>>,
+    statuses: Arc<Mutex<Vec<u8>>>,
 }
 
 impl VirtioDevice for Reverser {
@@ -95,6 +96,9 @@ impl VirtioDevice for Reverser {
     fn reset(&mut self) {
         *self.resets.lock().unwrap() += 1;
     }
+    fn status_changed(&mut self, status: u8) {
+        self.statuses.lock().unwrap().push(status);
+    }
     fn save_state(&self) -> Option<Vec<u8>> {
         Some(vec![7])
     }
@@ -122,6 +126,7 @@ pub(super) struct Machine {
     pub(super) memory: Arc<GuestMemory>,
     sink: Arc<Recorder>,
     resets: Arc<Mutex<u32>>,
+    statuses: Arc<Mutex<Vec<u8>>>,
     io: u64,
     queue_size: u16,
     next_avail: u16,
@@ -130,12 +135,15 @@ pub(super) struct Machine {
 impl Machine {
     fn new(msix: bool) -> Self {
         let resets = Arc::new(Mutex::new(0));
+        let statuses = Arc::new(Mutex::new(Vec::new()));
         let device = Reverser {
             queues: Vec::new(),
             resets: resets.clone(),
+            statuses: statuses.clone(),
         };
         let mut m = Self::with_device(Box::new(device), msix);
         m.resets = resets;
+        m.statuses = statuses;
         m
     }
 
@@ -182,6 +190,7 @@ impl Machine {
             memory,
             sink,
             resets,
+            statuses: Arc::new(Mutex::new(Vec::new())),
             io,
             queue_size,
             next_avail: 0,
@@ -396,6 +405,8 @@ fn request_round_trip_with_intx_and_isr() {
     assert_eq!(m.intx(), IntxState::Idle);
     assert_eq!(m.read(VIRTIO_PCI_ISR, 1), 0);
     assert_eq!(m.read(VIRTIO_PCI_STATUS, 1), 7);
+    // The device heard every status the driver wrote, the reset first.
+    assert_eq!(*m.statuses.lock().unwrap(), vec![0, 3, 7]);
 }
 
 #[test]
