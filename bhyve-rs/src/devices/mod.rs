@@ -28,6 +28,7 @@ mod unimplemented;
 pub mod virtio;
 #[cfg(test)]
 pub(crate) mod virtio_test_driver;
+pub(crate) mod worker;
 
 use std::sync::Arc;
 

@@ -17,10 +17,8 @@
 pub mod socket;
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use crate::config::legacy::{LegacyError, LegacyWriter};
 use crate::devices::pci::{PciAddress, PciDevice};
@@ -29,6 +27,7 @@ use crate::devices::virtio::pci::{use_msix, VirtioPci};
 use crate::devices::virtio::{
     VirtQueue, VirtioDevice, VirtioIdentity, VirtioShared, VIRTIO_DEV_CONSOLE,
 };
+use crate::devices::worker::{Work, Worker};
 use crate::devices::DeviceError;
 use socket::{ports_from_config, PortSpec, Received, SocketPort, MAX_PORTS};
 
@@ -134,8 +133,6 @@ struct Engine {
     ready: bool,
     /// Control messages for the driver, waiting for control receive buffers.
     control_out: VecDeque<Vec<u8>>,
-    paused: bool,
-    stop: bool,
 }
 
 fn control_message(id: u32, event: u16, value: u16, payload: &[u8]) -> Vec<u8> {
@@ -335,7 +332,9 @@ impl Engine {
             self.announce_open_state(index);
         }
     }
+}
 
+impl Work for Engine {
     fn work(&mut self) {
         self.drain_control_tx();
         self.transmit();
@@ -358,8 +357,7 @@ impl Engine {
             };
             let id = port.socket.spec().id;
             let mut events = 0;
-            let receiving = !self.paused
-                && (id == 0 || self.multiport)
+            let receiving = (id == 0 || self.multiport)
                 && self
                     .queues
                     .get(port_queues(id).0)
@@ -386,60 +384,11 @@ impl Engine {
     }
 }
 
-struct Control {
-    engine: Mutex<Engine>,
-    wake: UnixDatagram,
-}
-
-impl Control {
-    fn lock(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wake(&self) {
-        let _ = self.wake.send(&[0]);
-    }
-}
-
-fn worker(control: &Control, wake: &UnixDatagram) {
-    let wake_fd: RawFd = wake.as_raw_fd();
-    let mut drain = [0u8; 64];
-    loop {
-        let mut fds = vec![libc::pollfd {
-            fd: wake_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        {
-            let engine = control.lock();
-            if engine.stop {
-                return;
-            }
-            if !engine.paused {
-                fds.extend(engine.poll_set());
-            }
-        }
-        // SAFETY: `fds` is an array of fds.len() pollfd structures. A descriptor closed by
-        // the engine meanwhile only makes poll report it; the set is rebuilt each round.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        while wake.recv(&mut drain).is_ok() {}
-        let mut engine = control.lock();
-        if engine.stop {
-            return;
-        }
-        if !engine.paused {
-            engine.work();
-        }
-    }
-}
-
 /// The virtio-console device model.
 pub struct VirtioConsole {
     config: [u8; CONFIG_SIZE],
-    control: Arc<Control>,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker<Engine>,
     thread_name: String,
-    wake_worker: Option<UnixDatagram>,
 }
 
 impl VirtioConsole {
@@ -449,9 +398,6 @@ impl VirtioConsole {
         config[0..2].copy_from_slice(&80u16.to_le_bytes());
         config[2..4].copy_from_slice(&25u16.to_le_bytes());
         config[4..8].copy_from_slice(&(MAX_PORTS as u32).to_le_bytes());
-        let (wake, wake_worker) = UnixDatagram::pair()?;
-        wake.set_nonblocking(true)?;
-        wake_worker.set_nonblocking(true)?;
         let ports = ports
             .into_iter()
             .map(|socket| Port {
@@ -462,29 +408,23 @@ impl VirtioConsole {
             .collect();
         Ok(Self {
             config,
-            control: Arc::new(Control {
-                engine: Mutex::new(Engine {
-                    ports,
-                    queues: Vec::new(),
-                    shared: None,
-                    multiport: false,
-                    ready: false,
-                    control_out: VecDeque::new(),
-                    paused: false,
-                    stop: false,
-                }),
-                wake,
-            }),
-            thread: None,
+            worker: Worker::new(Engine {
+                ports,
+                queues: Vec::new(),
+                shared: None,
+                multiport: false,
+                ready: false,
+                control_out: VecDeque::new(),
+            })?,
             thread_name: thread_name.to_string(),
-            wake_worker: Some(wake_worker),
         })
     }
 
     /// The ports' specifications, in port order.
     pub fn ports(&self) -> Vec<PortSpec> {
-        let engine = self.control.lock();
-        engine
+        self.worker
+            .lock()
+            .work
             .ports
             .iter()
             .map(|p| p.socket.spec().clone())
@@ -526,34 +466,26 @@ impl VirtioDevice for VirtioConsole {
 
     fn attach(&mut self, queues: &[Arc<VirtQueue>], shared: &Arc<VirtioShared>) {
         {
-            let mut engine = self.control.lock();
+            let engine = &mut self.worker.lock().work;
             engine.queues = queues.to_vec();
             engine.shared = Some(shared.clone());
         }
-        let Some(wake) = self.wake_worker.take() else {
-            return;
-        };
-        let control = self.control.clone();
-        match std::thread::Builder::new()
-            .name(self.thread_name.clone())
-            .spawn(move || worker(&control, &wake))
-        {
-            Ok(thread) => self.thread = Some(thread),
-            Err(e) => shared.mark_broken(&format!("cannot start the worker thread: {e}")),
+        if let Err(e) = self.worker.start(&self.thread_name) {
+            shared.mark_broken(&format!("cannot start the worker thread: {e}"));
         }
     }
 
     fn features_negotiated(&mut self, features: u64) {
-        self.control.lock().multiport = features & (1 << F_MULTIPORT) != 0;
-        self.control.wake();
+        self.worker.lock().work.multiport = features & (1 << F_MULTIPORT) != 0;
+        self.worker.wake();
     }
 
     fn queue_notify(&mut self, _queue: usize) {
-        self.control.wake();
+        self.worker.wake();
     }
 
     fn reset(&mut self) {
-        let mut engine = self.control.lock();
+        let engine = &mut self.worker.lock().work;
         engine.multiport = false;
         engine.ready = false;
         engine.control_out.clear();
@@ -564,18 +496,18 @@ impl VirtioDevice for VirtioConsole {
     }
 
     fn pause(&mut self) {
-        self.control.lock().paused = true;
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        self.control.lock().paused = false;
-        self.control.wake();
+        self.worker.resume();
     }
 
     /// Version, ready, then per port: number, driver-ready, told-open; then the waiting
     /// control messages (length-prefixed).
     fn save_state(&self) -> Option<Vec<u8>> {
-        let engine = self.control.lock();
+        let state = self.worker.lock();
+        let engine = &state.work;
         let mut state = vec![
             STATE_VERSION,
             u8::from(engine.ready),
@@ -599,7 +531,8 @@ impl VirtioDevice for VirtioConsole {
             return Err(bad());
         };
         let count = usize::from(*count);
-        let mut engine = self.control.lock();
+        let mut state_guard = self.worker.lock();
+        let engine = &mut state_guard.work;
         if count != engine.ports.len() || rest.len() < 3 * count {
             return Err(format!(
                 "vtcon: {count} ports saved, the device has {}",
@@ -635,16 +568,6 @@ impl VirtioDevice for VirtioConsole {
             engine.ports[index].socket.disconnect();
         }
         Ok(())
-    }
-}
-
-impl Drop for VirtioConsole {
-    fn drop(&mut self) {
-        self.control.lock().stop = true;
-        self.control.wake();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

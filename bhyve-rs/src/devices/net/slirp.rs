@@ -241,36 +241,27 @@ static CALLBACKS: SlirpCallbacks = SlirpCallbacks {
     timer_new_opaque: None,
 };
 
+/// libslirp's poll event bits and poll(2)'s.
+const EVENTS: [(c_int, libc::c_short); 5] = [
+    (SLIRP_POLL_IN, libc::POLLIN),
+    (SLIRP_POLL_OUT, libc::POLLOUT),
+    (SLIRP_POLL_PRI, libc::POLLPRI),
+    (SLIRP_POLL_ERR, libc::POLLERR),
+    (SLIRP_POLL_HUP, libc::POLLHUP),
+];
+
 fn to_poll_events(slirp: c_int) -> libc::c_short {
-    let mut events = 0;
-    for (s, p) in [
-        (SLIRP_POLL_IN, libc::POLLIN),
-        (SLIRP_POLL_OUT, libc::POLLOUT),
-        (SLIRP_POLL_PRI, libc::POLLPRI),
-        (SLIRP_POLL_ERR, libc::POLLERR),
-        (SLIRP_POLL_HUP, libc::POLLHUP),
-    ] {
-        if slirp & s != 0 {
-            events |= p;
-        }
-    }
-    events
+    EVENTS
+        .iter()
+        .filter(|(s, _)| slirp & s != 0)
+        .fold(0, |events, (_, p)| events | p)
 }
 
 fn to_slirp_events(poll: libc::c_short) -> c_int {
-    let mut events = 0;
-    for (s, p) in [
-        (SLIRP_POLL_IN, libc::POLLIN),
-        (SLIRP_POLL_OUT, libc::POLLOUT),
-        (SLIRP_POLL_PRI, libc::POLLPRI),
-        (SLIRP_POLL_ERR, libc::POLLERR),
-        (SLIRP_POLL_HUP, libc::POLLHUP),
-    ] {
-        if poll & p != 0 {
-            events |= s;
-        }
-    }
-    events
+    EVENTS
+        .iter()
+        .filter(|(_, p)| poll & p != 0)
+        .fold(0, |events, (s, _)| events | s)
 }
 
 extern "C" fn add_poll(fd: c_int, events: c_int, opaque: *mut c_void) -> c_int {

@@ -275,6 +275,20 @@ mod tests {
         assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
         socket
     }
+    /// One frame from the packet socket into `buffer`; 0 when none is waiting.
+    fn host_receive(socket: &OwnedFd, buffer: &mut [u8]) -> usize {
+        // SAFETY: recv(2) into a buffer of buffer.len() bytes.
+        let n = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        n.max(0) as usize
+    }
+
     /// Wait up to two seconds for a frame of the test ethertype from `receive`.
     fn wait_for(mut receive: impl FnMut(&mut [u8]) -> usize) -> Vec<u8> {
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -312,18 +326,7 @@ mod tests {
             .send(&[IoSlice::new(a), IoSlice::new(b), IoSlice::new(c)])
             .unwrap();
         assert_eq!(n, sent.len());
-        let seen = wait_for(|buffer| {
-            // SAFETY: recv(2) into a buffer of buffer.len() bytes.
-            let n = unsafe {
-                libc::recv(
-                    host.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    0,
-                )
-            };
-            n.max(0) as usize
-        });
+        let seen = wait_for(|buffer| host_receive(&host, buffer));
         assert_eq!(seen, sent);
 
         // Host to guest: peek tells the length, recv scatters it into two buffers.
@@ -379,18 +382,7 @@ mod tests {
             let host = packet_socket(&name);
             let sent = frame(3, b"to an existing tap");
             tap.send(&[IoSlice::new(&sent)]).unwrap();
-            let seen = wait_for(|buffer| {
-                // SAFETY: recv(2) into a buffer of buffer.len() bytes.
-                let n = unsafe {
-                    libc::recv(
-                        host.as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        0,
-                    )
-                };
-                n.max(0) as usize
-            });
+            let seen = wait_for(|buffer| host_receive(&host, buffer));
             assert_eq!(seen, sent);
         });
         let still_there = std::path::Path::new(&format!("/sys/class/net/{name}")).exists();

@@ -12,10 +12,8 @@
 //! no frame is ever half-way between the backend and the guest.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY;
 use virtio_bindings::virtio_net::{
@@ -31,6 +29,7 @@ use crate::devices::virtio::pci::{use_msix, VirtioPci};
 use crate::devices::virtio::{
     Chain, VirtQueue, VirtioDevice, VirtioIdentity, VirtioShared, VIRTIO_DEV_NET,
 };
+use crate::devices::worker::{Work, Worker};
 use crate::devices::DeviceError;
 
 pub const EMULATION: PciEmulation = PciEmulation {
@@ -126,8 +125,6 @@ struct Engine {
     negotiated: bool,
     /// Mergeable receive buffers negotiated (and so the 12-byte header).
     merge: bool,
-    paused: bool,
-    stop: bool,
     /// One frame with its header, on its way.
     buffer: Vec<u8>,
 }
@@ -139,14 +136,6 @@ impl Engine {
         } else {
             HEADER_LEN
         }
-    }
-
-    /// Whether the worker should watch the backend: the driver has receive buffers posted.
-    fn wants_frames(&self) -> bool {
-        !self.paused
-            && self.negotiated
-            && self.backend.is_some()
-            && self.rx.as_ref().is_some_and(|rx| rx.has_available())
     }
 
     /// Send every frame the driver queued (`pci_vtnet_proctx`).
@@ -271,51 +260,23 @@ impl Engine {
     }
 }
 
-struct Control {
-    engine: Mutex<Engine>,
-    /// Wakes the worker (a notification, resume, stop).
-    wake: UnixDatagram,
-}
-
-impl Control {
-    fn lock(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wake(&self) {
-        let _ = self.wake.send(&[0]);
-    }
-}
-
-fn worker(control: &Control, wake: &UnixDatagram, backend_fd: Option<RawFd>) {
-    let mut drain = [0u8; 64];
-    loop {
-        let watch_backend = control.lock().wants_frames();
-        let mut fds = vec![libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        if let (true, Some(fd)) = (watch_backend, backend_fd) {
-            fds.push(libc::pollfd {
-                fd,
+impl Work for Engine {
+    /// The backend, while the driver has receive buffers posted.
+    fn poll_set(&self) -> Vec<libc::pollfd> {
+        let receiving = self.negotiated && self.rx.as_ref().is_some_and(|rx| rx.has_available());
+        match &self.backend {
+            Some(backend) if receiving => vec![libc::pollfd {
+                fd: backend.ready_fd().as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            });
+            }],
+            _ => Vec::new(),
         }
-        // SAFETY: `fds` is an array of fds.len() pollfd structures; the descriptors stay open
-        // while the worker runs (the backend lives in the engine the worker shares).
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        while wake.recv(&mut drain).is_ok() {}
-        let mut engine = control.lock();
-        if engine.stop {
-            return;
-        }
-        if engine.paused {
-            continue;
-        }
-        engine.transmit();
-        engine.receive();
+    }
+
+    fn work(&mut self) {
+        self.transmit();
+        self.receive();
     }
 }
 
@@ -323,11 +284,8 @@ fn worker(control: &Control, wake: &UnixDatagram, backend_fd: Option<RawFd>) {
 pub struct VirtioNet {
     config: [u8; CONFIG_SIZE],
     host_features: u64,
-    control: Arc<Control>,
-    thread: Option<JoinHandle<()>>,
+    worker: Worker<Engine>,
     thread_name: String,
-    backend_fd: Option<RawFd>,
-    wake_worker: Option<UnixDatagram>,
 }
 
 impl VirtioNet {
@@ -354,31 +312,19 @@ impl VirtioNet {
         if let Some(backend) = &backend {
             host_features |= backend.capabilities();
         }
-        let backend_fd = backend.as_ref().map(|b| b.ready_fd().as_raw_fd());
-        let (wake, wake_worker) = UnixDatagram::pair()?;
-        wake.set_nonblocking(true)?;
-        wake_worker.set_nonblocking(true)?;
         Ok(Self {
             config,
             host_features,
-            control: Arc::new(Control {
-                engine: Mutex::new(Engine {
-                    backend,
-                    rx: None,
-                    tx: None,
-                    shared: None,
-                    negotiated: false,
-                    merge: false,
-                    paused: false,
-                    stop: false,
-                    buffer: Vec::with_capacity(MAX_FRAME_LEN + MERGEABLE_HEADER_LEN),
-                }),
-                wake,
-            }),
-            thread: None,
+            worker: Worker::new(Engine {
+                backend,
+                rx: None,
+                tx: None,
+                shared: None,
+                negotiated: false,
+                merge: false,
+                buffer: Vec::with_capacity(MAX_FRAME_LEN + MERGEABLE_HEADER_LEN),
+            })?,
             thread_name: thread_name.to_string(),
-            backend_fd,
-            wake_worker: Some(wake_worker),
         })
     }
 
@@ -433,51 +379,42 @@ impl VirtioDevice for VirtioNet {
 
     fn attach(&mut self, queues: &[Arc<VirtQueue>], shared: &Arc<VirtioShared>) {
         {
-            let mut engine = self.control.lock();
+            let engine = &mut self.worker.lock().work;
             engine.rx = queues.get(RX_QUEUE).cloned();
             engine.tx = queues.get(TX_QUEUE).cloned();
             engine.shared = Some(shared.clone());
         }
-        let Some(wake) = self.wake_worker.take() else {
-            return;
-        };
-        let control = self.control.clone();
-        let backend_fd = self.backend_fd;
-        match std::thread::Builder::new()
-            .name(self.thread_name.clone())
-            .spawn(move || worker(&control, &wake, backend_fd))
-        {
-            Ok(thread) => self.thread = Some(thread),
-            Err(e) => shared.mark_broken(&format!("cannot start the worker thread: {e}")),
+        if let Err(e) = self.worker.start(&self.thread_name) {
+            shared.mark_broken(&format!("cannot start the worker thread: {e}"));
         }
     }
 
     fn features_negotiated(&mut self, features: u64) {
-        let mut engine = self.control.lock();
-        engine.merge = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-        engine.negotiated = true;
-        drop(engine);
-        self.control.wake();
+        {
+            let engine = &mut self.worker.lock().work;
+            engine.merge = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+            engine.negotiated = true;
+        }
+        self.worker.wake();
     }
 
     fn queue_notify(&mut self, _queue: usize) {
-        self.control.wake();
+        self.worker.wake();
     }
 
     fn reset(&mut self) {
         // Taking the lock waits for the worker to finish what it was doing with the queues.
-        let mut engine = self.control.lock();
+        let engine = &mut self.worker.lock().work;
         engine.negotiated = false;
         engine.merge = false;
     }
 
     fn pause(&mut self) {
-        self.control.lock().paused = true;
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        self.control.lock().paused = false;
-        self.control.wake();
+        self.worker.resume();
     }
 
     fn save_state(&self) -> Option<Vec<u8>> {
@@ -498,16 +435,6 @@ impl VirtioDevice for VirtioNet {
                 "vtnet: {} bytes of state in an unknown format",
                 state.len()
             )),
-        }
-    }
-}
-
-impl Drop for VirtioNet {
-    fn drop(&mut self) {
-        self.control.lock().stop = true;
-        self.control.wake();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
