@@ -309,9 +309,9 @@ impl VirtioNet {
         if mtu.is_some() {
             host_features |= 1 << VIRTIO_NET_F_MTU;
         }
-        if let Some(backend) = &backend {
-            host_features |= backend.capabilities();
-        }
+        // bhyve also offers the backend's offloads (netbe_get_cap); they need the backend to
+        // take the virtio-net header (NetBackend::set_capabilities), which none here does, so
+        // frames always cross without it and nothing more is offered.
         Ok(Self {
             config,
             host_features,
