@@ -121,7 +121,7 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::AHCI_HD,
     super::pci::hostbridge::AMD_EMULATION,
     super::pci::dummy::EMULATION,
-    super::unimplemented::E1000,
+    super::net::e1000::EMULATION,
     super::unimplemented::FBUF,
     super::unimplemented::HDA,
     super::pci::hostbridge::EMULATION,
@@ -190,9 +190,9 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
+            "amd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
         );
-        for name in ["e1000", "ahci", "ahci-hd", "passthru"] {
+        for name in ["ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }

@@ -221,12 +221,12 @@ fn check_error(pairs: &[(&str, &str)]) -> String {
 fn unsupported_emulation_is_named_with_its_slot() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
-        ("pci.0.2.0.device", "e1000"),
-        ("pci.0.2.0.backend", "tap0"),
+        ("pci.0.2.0.device", "xhci"),
+        ("pci.0.2.0.slot.1.device", "tablet"),
     ]);
     assert_eq!(
         err,
-        "pci slot 0:2:0: device emulation \"e1000\" is not supported yet"
+        "pci slot 0:2:0: device emulation \"xhci\" is not supported yet"
     );
 }
 
@@ -234,7 +234,7 @@ fn unsupported_emulation_is_named_with_its_slot() {
 fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
-        ("pci.0.2.0.device", "e1000"),
+        ("pci.0.2.0.device", "xhci"),
         ("pci.0.3.0.device", "hda"),
         // An implemented device whose file is missing does not hide the others.
         ("pci.0.4.0.device", "virtio-blk"),
@@ -244,7 +244,7 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     ]);
     assert_eq!(
         err,
-        "pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n\
+        "pci slot 0:2:0: device emulation \"xhci\" is not supported yet\n\
          pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
          pci slot 1:0:0: device emulation \"nvme\" is not supported yet"
     );

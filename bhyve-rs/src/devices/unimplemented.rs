@@ -29,7 +29,6 @@ pub const AHCI_HD: PciEmulation = PciEmulation {
     alias_of: Some("ahci"),
     ..known("ahci-hd", ahci_hd)
 };
-pub const E1000: PciEmulation = known("e1000", super::net::legacy_config);
 pub const FBUF: PciEmulation = known("fbuf", generic);
 pub const HDA: PciEmulation = known("hda", generic);
 pub const NVME: PciEmulation = known("nvme", nvme);
