@@ -2,7 +2,8 @@
 # Installs the host tools the build and the tests use. Safe to run again; needs root for apt.
 set -euo pipefail
 
-packages=(mandoc nasm qemu-system-x86 acpica-tools xz-utils)
+# libslirp0: the slirp network backend loads it at run time (its tests skip without it).
+packages=(mandoc nasm qemu-system-x86 acpica-tools xz-utils libslirp0)
 # pip installs zig and cargo-zigbuild below; Debian's python3 comes without it.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)
 missing=()

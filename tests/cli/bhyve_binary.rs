@@ -89,7 +89,9 @@ fn device_list_goes_to_stdout() {
     assert!(text.lines().any(|l| l == "lpc"));
     assert!(text.lines().any(|l| l == "virtio-blk"));
     assert!(text.lines().any(|l| l == "virtio-rnd"));
-    assert!(!text.lines().any(|l| l == "virtio-net"));
+    assert!(text.lines().any(|l| l == "virtio-net"));
+    assert!(text.lines().any(|l| l == "virtio-console"));
+    assert!(!text.lines().any(|l| l == "e1000"));
     assert!(!text.lines().any(|l| l == "ahci"));
 }
 
@@ -101,7 +103,7 @@ fn every_emulation_not_implemented_yet_is_named_in_one_run() {
         "-s",
         "2,e1000,tap0",
         "-s",
-        "3,virtio-net,tap0",
+        "3,hda",
         "-s",
         "4,ahci-hd,/nonexistent/disk.img",
         // Implemented, with a missing disk: the refusal of the others comes first.
@@ -115,7 +117,7 @@ fn every_emulation_not_implemented_yet_is_named_in_one_run() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         "bhyve: devices: pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n\
-         bhyve: devices: pci slot 0:3:0: device emulation \"virtio-net\" is not supported yet\n\
+         bhyve: devices: pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
          bhyve: devices: pci slot 0:4:0: device emulation \"ahci\" is not supported yet\n"
     );
 }
@@ -126,7 +128,7 @@ fn an_emulation_not_implemented_yet_is_one_line_before_any_vm_exists() {
         "-s",
         "0,hostbridge",
         "-s",
-        "2,virtio-net,tap0",
+        "2,e1000,tap0",
         "-o",
         "boot.kernel=/nonexistent/kernel",
         "vm",
@@ -135,14 +137,14 @@ fn an_emulation_not_implemented_yet_is_one_line_before_any_vm_exists() {
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "bhyve: devices: pci slot 0:2:0: device emulation \"virtio-net\" is not supported yet\n"
+        "bhyve: devices: pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n"
     );
     // The configuration can still be dumped for such a device.
     let mut dump = args.to_vec();
     dump.splice(0..0, ["-o", "config.dump=1"]);
     let out = bhyve(&dump);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("pci.0.2.0.device=virtio-net"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pci.0.2.0.device=e1000"));
 }
 
 #[test]
@@ -162,4 +164,29 @@ fn a_disk_that_cannot_be_opened_is_one_line_before_any_vm_exists() {
         "bhyve: devices: pci slot 0:2:0: Could not open backing file: /nonexistent/disk.img: \
          No such file or directory (os error 2)\n"
     );
+}
+
+#[test]
+fn freebsd_network_backends_are_refused_by_name_before_any_vm_exists() {
+    for (backend, facility) in [("netgraph", "netgraph(4)"), ("vale0:1", "netmap(4)")] {
+        let slot = format!("2,virtio-net,{backend}");
+        let out = bhyve(&[
+            "-s",
+            "0,hostbridge",
+            "-s",
+            &slot,
+            "-o",
+            "boot.kernel=/nonexistent/kernel",
+            "vm",
+        ]);
+        assert_eq!(out.status.code(), Some(4));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "bhyve: devices: pci slot 0:2:0: network backend \"{backend}\" needs {facility}"
+            )),
+            "{stderr}"
+        );
+    }
 }

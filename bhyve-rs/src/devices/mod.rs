@@ -13,7 +13,9 @@
 //! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
 pub mod block;
+pub mod console;
 pub mod hpet;
+pub mod net;
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;
@@ -24,6 +26,9 @@ pub mod ticker;
 pub mod uart;
 mod unimplemented;
 pub mod virtio;
+#[cfg(test)]
+pub(crate) mod virtio_test_driver;
+pub(crate) mod worker;
 
 use std::sync::Arc;
 

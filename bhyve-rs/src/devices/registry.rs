@@ -131,9 +131,9 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::UART,
     super::unimplemented::VIRTIO_9P,
     super::virtio::block::EMULATION,
-    super::unimplemented::VIRTIO_CONSOLE,
+    super::console::EMULATION,
     super::unimplemented::VIRTIO_INPUT,
-    super::unimplemented::VIRTIO_NET,
+    super::net::virtio_net::EMULATION,
     super::virtio::rnd::EMULATION,
     super::unimplemented::VIRTIO_SCSI,
     super::unimplemented::XHCI,
@@ -190,9 +190,9 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-rnd\n"
+            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
         );
-        for name in ["virtio-net", "ahci", "ahci-hd", "passthru"] {
+        for name in ["e1000", "ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }

@@ -235,7 +235,7 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
         ("pci.0.2.0.device", "e1000"),
-        ("pci.0.3.0.device", "virtio-net"),
+        ("pci.0.3.0.device", "hda"),
         // An implemented device whose file is missing does not hide the others.
         ("pci.0.4.0.device", "virtio-blk"),
         ("pci.0.4.0.path", "/nonexistent/disk.img"),
@@ -245,7 +245,7 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     assert_eq!(
         err,
         "pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n\
-         pci slot 0:3:0: device emulation \"virtio-net\" is not supported yet\n\
+         pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
          pci slot 1:0:0: device emulation \"nvme\" is not supported yet"
     );
     // A legacy name of an emulation not implemented is pointed at its new name first.

@@ -10,8 +10,6 @@ use crate::config::legacy::{generic, LegacyError, LegacyParser, LegacyWriter};
 
 /// AHCI ports per controller (pci_ahci.c `MAX_PORTS`).
 const AHCI_MAX_PORTS: usize = 32;
-/// virtio-console ports per controller (`VTCON_MAXPORTS`).
-const VTCON_MAXPORTS: usize = 16;
 
 const fn known(name: &'static str, legacy_config: LegacyParser) -> PciEmulation {
     PciEmulation {
@@ -31,23 +29,16 @@ pub const AHCI_HD: PciEmulation = PciEmulation {
     alias_of: Some("ahci"),
     ..known("ahci-hd", ahci_hd)
 };
-pub const E1000: PciEmulation = known("e1000", net);
+pub const E1000: PciEmulation = known("e1000", super::net::legacy_config);
 pub const FBUF: PciEmulation = known("fbuf", generic);
 pub const HDA: PciEmulation = known("hda", generic);
 pub const NVME: PciEmulation = known("nvme", nvme);
 pub const PASSTHRU: PciEmulation = known("passthru", passthru);
 pub const UART: PciEmulation = known("uart", uart);
 pub const VIRTIO_9P: PciEmulation = known("virtio-9p", nine_p);
-pub const VIRTIO_CONSOLE: PciEmulation = known("virtio-console", console);
 pub const VIRTIO_INPUT: PciEmulation = known("virtio-input", input);
-pub const VIRTIO_NET: PciEmulation = known("virtio-net", net);
 pub const VIRTIO_SCSI: PciEmulation = known("virtio-scsi", scsi);
 pub const XHCI: PciEmulation = known("xhci", xhci);
-
-/// net_backends.c: the first token is `backend`.
-fn net(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    w.first_token_then_generic(node, "backend", conf)
-}
 
 /// pci_virtio_scsi.c: the first token is `dev`.
 fn scsi(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
@@ -159,30 +150,6 @@ fn ahci(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), 
             ahci_port(w, &ports, port, kind, Some(current))?;
         }
         port += 1;
-    }
-    Ok(())
-}
-
-/// pci_virtio_console.c: `name=path` ports.
-fn console(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    let Some(conf) = conf else {
-        return Ok(());
-    };
-    let ports = format!("{node}.port");
-    w.create(&ports)?;
-    for (port, opt) in conf.split(',').enumerate() {
-        let Some((name, path)) = opt.split_once('=') else {
-            return Err(LegacyError::Invalid(format!(
-                "vtcon: port {opt} requires a path"
-            )));
-        };
-        if port >= VTCON_MAXPORTS {
-            return Err(LegacyError::Invalid("vtcon: too many ports".to_string()));
-        }
-        let port_node = format!("{ports}.{port}");
-        w.create(&port_node)?;
-        w.set(&port_node, "name", name)?;
-        w.set(&port_node, "path", path)?;
     }
     Ok(())
 }

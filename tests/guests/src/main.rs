@@ -14,7 +14,10 @@ mod platform;
 mod power;
 mod smp;
 mod svc;
+mod vcon;
 mod virtio;
+mod virtq;
+mod vnet;
 
 use bootinfo::BootInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -207,6 +210,8 @@ impl Shell {
             }
             _ if platform::run(command, arg1, self.hz) => {}
             _ if virtio::run(command, line) => {}
+            _ if vnet::run(command, line) => {}
+            _ if vcon::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -382,6 +387,8 @@ fn help() {
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
     platform::help();
     virtio::help();
+    vnet::help();
+    vcon::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  halt                  stop every CPU with interrupts off");

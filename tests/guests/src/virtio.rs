@@ -14,24 +14,24 @@ const VIRTIO_VENDOR: u32 = 0x1af4;
 const DEVICE_BLOCK: u32 = 0x1001;
 const DEVICE_RNG: u32 = 0x1005;
 
-const HOST_FEATURES: u16 = 0x00;
-const GUEST_FEATURES: u16 = 0x04;
-const QUEUE_PFN: u16 = 0x08;
-const QUEUE_NUM: u16 = 0x0c;
-const QUEUE_SEL: u16 = 0x0e;
-const QUEUE_NOTIFY: u16 = 0x10;
-const STATUS: u16 = 0x12;
+pub(crate) const HOST_FEATURES: u16 = 0x00;
+pub(crate) const GUEST_FEATURES: u16 = 0x04;
+pub(crate) const QUEUE_PFN: u16 = 0x08;
+pub(crate) const QUEUE_NUM: u16 = 0x0c;
+pub(crate) const QUEUE_SEL: u16 = 0x0e;
+pub(crate) const QUEUE_NOTIFY: u16 = 0x10;
+pub(crate) const STATUS: u16 = 0x12;
 const ISR: u16 = 0x13;
 /// Device configuration without MSI-X enabled (this driver never enables it).
-const CONFIG: u16 = 0x14;
+pub(crate) const CONFIG: u16 = 0x14;
 
-const STATUS_ACK: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
+pub(crate) const STATUS_ACK: u8 = 1;
+pub(crate) const STATUS_DRIVER: u8 = 2;
+pub(crate) const STATUS_DRIVER_OK: u8 = 4;
 
 const DESC_NEXT: u16 = 1;
-const DESC_WRITE: u16 = 2;
-const AVAIL_NO_INTERRUPT: u16 = 1;
+pub(crate) const DESC_WRITE: u16 = 2;
+pub(crate) const AVAIL_NO_INTERRUPT: u16 = 1;
 
 const BLK_T_IN: u32 = 0;
 const BLK_T_OUT: u32 = 1;
@@ -72,7 +72,7 @@ struct Device {
     features: u32,
 }
 
-fn find(device_id: u32) -> Option<(u32, u32)> {
+pub(crate) fn find(device_id: u32) -> Option<(u32, u32)> {
     let access = Access::Conf1;
     for dev in 0..32 {
         let id = access.read(dev, 0, 0);
@@ -218,7 +218,7 @@ impl Device {
     }
 }
 
-fn ring_bytes(size: u16) -> usize {
+pub(crate) fn ring_bytes(size: u16) -> usize {
     let n = usize::from(size);
     (16 * n + 2 * (3 + n)).next_multiple_of(4096) + 6 + 8 * n
 }

@@ -1,0 +1,672 @@
+//! virtio-net and virtio-console end to end: the test guest's drivers (tests/guests, `vnet`,
+//! `vcon`) first against QEMU's legacy devices (`disable-modern=on`), the independent oracle,
+//! then against `bhyve` with the same commands and the same expected answers. Frames go
+//! through a tap interface the test creates and watches from the host side with a packet
+//! socket, and through slirp (the gateway's ARP answer, a `hostfwd` connection); console bytes
+//! go through a port's UNIX socket.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::control::Scratch;
+use common::guest;
+use common::{console_vm_command_with, kvm_usable, notice, qemu_binary, qemu_command_with};
+use common::{vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MAC: &str = "58:9c:fc:00:00:05";
+/// What libslirp's gateway answers ARP with (its address 52:55 + the gateway's IPv4 address).
+const SLIRP_GATEWAY_MAC: &str = "52:55:0a:00:02:02";
+
+fn boot_qemu(extra: &[&str]) -> Option<Console> {
+    let qemu = qemu_binary()?;
+    let mut args = extra.to_vec();
+    args.push("-no-reboot");
+    let cmd = qemu_command_with(&qemu, guest::console_guest(), "", &args);
+    let mut vm = Console::spawn("qemu", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    Some(vm)
+}
+
+fn boot_bhyve(scratch: &Scratch, name: &str, extra: &[&str]) -> Console {
+    let cmd = console_vm_command_with(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "256M",
+        &scratch.0,
+        name,
+        extra,
+    );
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    vm
+}
+
+fn qemu_net(netdev: &str) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        netdev.into(),
+        "-device".into(),
+        format!("virtio-net-pci,disable-modern=on,netdev=n0,mac={MAC}"),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn slirp_usable() -> bool {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/libslirp.so.0",
+        "/usr/lib/libslirp.so.0",
+        "/usr/local/lib/libslirp.so.0",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    if !found {
+        notice("skipped: libslirp.so.0 not installed (tests/install-deps.sh installs it)");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the VM to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The gateway's ARP answer, then a host connection to a forwarded port arriving as a SYN.
+fn exercise_slirp(vm: &mut Console, port: u16) {
+    assert_eq!(
+        vm.command_line("vnet arp"),
+        format!("vnet arp 10.0.2.2 is-at {SLIRP_GATEWAY_MAC}")
+    );
+    vm.send_line("vnet syn");
+    let client = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ())
+    });
+    vm.expect("\n", COMMAND_TIMEOUT); // the command as echoed
+    let line = vm.expect("\n", COMMAND_TIMEOUT);
+    assert_eq!(line.trim(), "vnet syn from 10.0.2.2 to port 7");
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    client
+        .join()
+        .unwrap()
+        .expect("host connection to the forwarded port");
+}
+
+#[test]
+fn slirp_gateway_and_hostfwd_through_qemu() {
+    if !slirp_usable() {
+        return;
+    }
+    let port = free_port();
+    let netdev = format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:7");
+    let args = qemu_net(&netdev);
+    let Some(mut vm) = boot_qemu(&strs(&args)) else {
+        return;
+    };
+    exercise_slirp(&mut vm, port);
+}
+
+#[test]
+fn slirp_gateway_and_hostfwd_through_bhyve_as_through_qemu() {
+    if !kvm_usable() || !slirp_usable() {
+        return;
+    }
+    let scratch = Scratch::new("net-slirp");
+    let name = vm_name();
+    let port = free_port();
+    let slot = format!("5,virtio-net,slirp,mac={MAC},hostfwd=tcp:127.0.0.1:{port}-:7");
+    let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+    // bhyve's values: link up, MAC|STATUS|MRG_RXBUF accepted, 1024-entry queues.
+    assert_eq!(
+        vm.command_line("vnet info"),
+        format!("vnet mac {MAC} status 1 features 0x00018020 queues 1024 1024")
+    );
+    exercise_slirp(&mut vm, port);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// Frames through a tap interface, watched from the host with a packet socket (Linux).
+#[cfg(target_os = "linux")]
+mod tap {
+    use super::*;
+    use common::guest::splitmix64;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 5];
+    const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
+
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
+    /// The frame `vnet send <len> <seed>` sends.
+    fn guest_frame(len: usize, seed: u64) -> Vec<u8> {
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&MAC_BYTES);
+        frame.extend_from_slice(&TEST_TYPE);
+        let mut state = seed;
+        while frame.len() < len {
+            let word = splitmix64(&mut state).to_le_bytes();
+            let take = (len - frame.len()).min(8);
+            frame.extend_from_slice(&word[..take]);
+        }
+        frame
+    }
+
+    /// A tap interface for one test, persistent until dropped, and a packet socket on it: the
+    /// host side of the guest's wire.
+    struct Tap {
+        name: String,
+        socket: OwnedFd,
+    }
+
+    impl Tap {
+        fn create(tag: &str) -> Option<Tap> {
+            let name = format!("tap{tag}{}", std::process::id() % 100_000);
+            let ok = std::process::Command::new("ip")
+                .args(["tuntap", "add", "dev", &name, "mode", "tap"])
+                .status()
+                .is_ok_and(|s| s.success())
+                && std::process::Command::new("ip")
+                    .args(["link", "set", &name, "up"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if !ok {
+                notice(
+                    "skipped: cannot create a tap interface (ip tuntap needs root and /dev/net/tun)",
+                );
+                return None;
+            }
+            let index: i32 = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            let protocol = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: socket(2) with constant arguments; checked before use.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    i32::from(protocol),
+                )
+            };
+            assert!(
+                raw >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `raw` was just returned by socket(2).
+            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: sockaddr_ll is plain data.
+            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_protocol = protocol;
+            address.sll_ifindex = index;
+            // SAFETY: bind(2) with a sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    socket.as_raw_fd(),
+                    &address as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            Some(Tap { name, socket })
+        }
+
+        fn send(&self, frame: &[u8]) {
+            // SAFETY: send(2) from a buffer of frame.len() bytes.
+            let n = unsafe {
+                libc::send(
+                    self.socket.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                )
+            };
+            assert_eq!(
+                n,
+                frame.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        }
+
+        /// The next test frame (type 0x88b5) the guest sent, within `timeout`.
+        fn receive(&self, timeout: Duration) -> Option<Vec<u8>> {
+            let deadline = Instant::now() + timeout;
+            let mut buffer = vec![0u8; 65536];
+            while Instant::now() < deadline {
+                // SAFETY: recv(2) into a buffer of buffer.len() bytes.
+                let n = unsafe {
+                    libc::recv(
+                        self.socket.as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                        0,
+                    )
+                };
+                if n >= 14 && buffer[12..14] == TEST_TYPE && buffer[6..12] == MAC_BYTES {
+                    return Some(buffer[..n as usize].to_vec());
+                }
+                if n < 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            None
+        }
+    }
+
+    impl Drop for Tap {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
+                .status();
+        }
+    }
+
+    /// A frame from the host to the guest: to its MAC, from a host MAC, `seed`'s pattern.
+    fn host_frame(seed: u64, len: usize) -> Vec<u8> {
+        let mut frame = MAC_BYTES.to_vec();
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+        frame.extend_from_slice(&TEST_TYPE);
+        let mut state = seed;
+        while frame.len() < len {
+            frame.push(splitmix64(&mut state) as u8);
+        }
+        frame
+    }
+
+    /// A frame out of the guest lands on the host as sent; a frame from the host reaches the
+    /// guest; the guest echoes a burst of frames, each intact.
+    fn exercise_tap(vm: &mut Console, tap: &Tap) {
+        let sent = guest_frame(300, 9);
+        assert_eq!(
+            vm.command_line("vnet send 300 9"),
+            format!("vnet sent 300 ok fnv {:#018x}", fnv1a(&sent))
+        );
+        assert_eq!(tap.receive(COMMAND_TIMEOUT).as_deref(), Some(&sent[..]));
+
+        let to_guest = host_frame(1, 200);
+        vm.send_line("vnet recv");
+        std::thread::sleep(Duration::from_millis(300));
+        tap.send(&to_guest);
+        vm.expect("\n", COMMAND_TIMEOUT); // the command as echoed
+        let line = vm.expect("\n", COMMAND_TIMEOUT);
+        assert_eq!(
+            line.trim(),
+            format!(
+                "vnet recv 200 from 02:00:00:00:00:77 fnv {:#018x}",
+                fnv1a(&to_guest)
+            )
+        );
+        vm.expect_prompt(COMMAND_TIMEOUT);
+
+        vm.send_line("vnet echo");
+        vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
+        for seed in 0..20u64 {
+            let frame = host_frame(100 + seed, 64 + 50 * seed as usize);
+            tap.send(&frame);
+            let echoed = tap.receive(COMMAND_TIMEOUT).expect("echo");
+            assert_eq!(echoed[..6], frame[6..12], "back to the sender");
+            assert_eq!(echoed[12..], frame[12..], "payload intact, seed {seed}");
+        }
+        vm.send("\n");
+        vm.expect("vnet echo stopped 20\n", COMMAND_TIMEOUT);
+        vm.expect_prompt(COMMAND_TIMEOUT);
+    }
+
+    #[test]
+    fn frames_through_a_tap_with_qemu() {
+        let Some(tap) = Tap::create("q") else {
+            return;
+        };
+        let args = qemu_net(&format!(
+            "tap,id=n0,ifname={},script=no,downscript=no",
+            tap.name
+        ));
+        let Some(mut vm) = boot_qemu(&strs(&args)) else {
+            return;
+        };
+        exercise_tap(&mut vm, &tap);
+    }
+
+    #[test]
+    fn frames_through_a_tap_with_bhyve_as_with_qemu() {
+        if !kvm_usable() {
+            return;
+        }
+        let Some(tap) = Tap::create("b") else {
+            return;
+        };
+        let scratch = Scratch::new("net-tap");
+        let name = vm_name();
+        let slot = format!("5,virtio-net,{},mac={MAC}", tap.name);
+        let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+        exercise_tap(&mut vm, &tap);
+        vm.send_line("halt");
+        assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+    }
+
+    /// A checkpoint while the guest echoes a stream of frames: every frame sent before, during
+    /// and after comes back intact, and the guest goes on.
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn a_checkpoint_while_frames_flow_leaves_the_card_working() {
+        use common::control::ctl;
+        if !kvm_usable() {
+            return;
+        }
+        let Some(tap) = Tap::create("s") else {
+            return;
+        };
+        let scratch = Scratch::new("net-snap");
+        let name = vm_name();
+        let slot = format!("5,virtio-net,{},mac={MAC}", tap.name);
+        let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+        vm.send_line("vnet echo");
+        vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoint = {
+            let stop = stop.clone();
+            let rundir = scratch.0.clone();
+            let name = name.clone();
+            let file = scratch.path("live.snap");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                let result = ctl(
+                    &rundir,
+                    &name,
+                    &[format!("--checkpoint={}", file.display())],
+                );
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                result
+            })
+        };
+        // Frames go back and forth until the checkpoint is done.
+        let mut echoed = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let frame = host_frame(1000 + echoed, 128);
+            tap.send(&frame);
+            let back = tap
+                .receive(Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("frame {echoed} not echoed"));
+            assert_eq!(back[12..], frame[12..], "frame {echoed}");
+            echoed += 1;
+        }
+        assert!(echoed > 0, "no frame crossed before the checkpoint ended");
+        let (code, err) = checkpoint.join().unwrap();
+        assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+        // Twenty more after the checkpoint.
+        for extra in 0..20u64 {
+            let frame = host_frame(50_000 + extra, 100);
+            tap.send(&frame);
+            let back = tap.receive(COMMAND_TIMEOUT).expect("echo after checkpoint");
+            assert_eq!(back[12..], frame[12..]);
+            echoed += 1;
+        }
+        vm.send("\n");
+        vm.expect(&format!("vnet echo stopped {echoed}\n"), COMMAND_TIMEOUT);
+        vm.send_line("halt");
+        assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+    }
+
+    /// A suspend while the guest echoes frames, then `bhyve -r`: the restored card attaches the
+    /// same tap and the guest, still in its echo loop, answers the frames sent after.
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn a_card_restored_from_a_suspend_echoes_on() {
+        use common::control::suspend;
+        if !kvm_usable() {
+            return;
+        }
+        let Some(tap) = Tap::create("r") else {
+            return;
+        };
+        let scratch = Scratch::new("net-restore");
+        let name = vm_name();
+        let slot = format!("5,virtio-net,{},mac={MAC}", tap.name);
+        let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+        vm.send_line("vnet echo");
+        vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
+        for seed in 0..10u64 {
+            let frame = host_frame(seed, 90);
+            tap.send(&frame);
+            assert_eq!(
+                tap.receive(COMMAND_TIMEOUT).expect("echo")[12..],
+                frame[12..]
+            );
+        }
+        let file = scratch.path("suspend.snap");
+        suspend(&scratch, &name, &mut vm, &file);
+        let mut cmd = common::bhyve();
+        cmd.arg("-r").arg(&file);
+        cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+        let mut vm = Console::spawn("bhyve -r", cmd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut first = None;
+        // The restored process may take a moment to run the guest again: resend until echoed.
+        while first.is_none() {
+            assert!(Instant::now() < deadline, "no echo after the restore");
+            let frame = host_frame(500, 90);
+            tap.send(&frame);
+            first = tap.receive(Duration::from_secs(1));
+        }
+        for seed in 10..30u64 {
+            let frame = host_frame(seed, 60 + seed as usize);
+            tap.send(&frame);
+            let back = tap.receive(COMMAND_TIMEOUT).expect("echo after restore");
+            assert_eq!(back[12..], frame[12..], "frame {seed}");
+        }
+        vm.send("\n");
+        let stopped = vm.expect("\n", COMMAND_TIMEOUT);
+        assert!(
+            !vm.transcript().contains(guest::READY),
+            "the guest rebooted"
+        );
+        assert!(stopped.contains("vnet echo stopped"), "{stopped}");
+        vm.expect_prompt(COMMAND_TIMEOUT);
+        vm.send_line("halt");
+        assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+    }
+}
+
+/// Bytes written to the port's socket come back from the guest's echo.
+fn exercise_console(vm: &mut Console, socket: &Path) {
+    vm.send_line("vcon echo");
+    vm.expect("vcon echo started\n", COMMAND_TIMEOUT);
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let mut stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connect {}: {e}", socket.display()),
+        }
+    };
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    let message = b"through the virtio console and back\n";
+    stream.write_all(message).unwrap();
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, message);
+    vm.send("\n");
+    vm.expect(
+        &format!("vcon echo stopped {}\n", message.len()),
+        COMMAND_TIMEOUT,
+    );
+    vm.expect_prompt(COMMAND_TIMEOUT);
+}
+
+#[test]
+fn console_port_echo_through_qemu() {
+    let scratch = Scratch::new("vtcon-qemu");
+    let socket = scratch.path("port0.sock");
+    let chardev = format!("socket,id=c0,path={},server=on,wait=off", socket.display());
+    let args = [
+        "-chardev",
+        &chardev,
+        "-device",
+        "virtio-serial-pci,disable-modern=on",
+        "-device",
+        "virtconsole,chardev=c0,nr=0",
+    ];
+    let Some(mut vm) = boot_qemu(&args) else {
+        return;
+    };
+    exercise_console(&mut vm, &socket);
+}
+
+#[test]
+fn console_port_echo_through_bhyve_as_through_qemu() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("vtcon-bhyve");
+    let socket = scratch.path("port0.sock");
+    let name = vm_name();
+    let slot = format!("6,virtio-console,org.test.echo={}", socket.display());
+    let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+    assert_eq!(
+        vm.command_line("vcon info"),
+        "vcon cols 80 rows 25 max_ports 16 offered 0x00000003"
+    );
+    exercise_console(&mut vm, &socket);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+    assert!(!socket.exists(), "the port's socket is removed at exit");
+}
+
+/// Multiport: with a client already on port 1's socket, the guest's DEVICE_READY brings
+/// DEVICE_ADD, and its PORT_READY the port's name and PORT_OPEN, in that order; then bytes
+/// echo through port 1's queues.
+fn exercise_multiport(vm: &mut Console, socket: &Path) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    // Let the device take the client before the driver starts.
+    std::thread::sleep(Duration::from_millis(300));
+    vm.send_line("vcon port1");
+    vm.expect(
+        "vcon event 1 add 1\nvcon event 1 name 1 org.test.one\nvcon event 1 open 1\n",
+        COMMAND_TIMEOUT,
+    );
+    let message = b"port one, multiport\n";
+    stream.write_all(message).unwrap();
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, message);
+    vm.send("\n");
+    vm.expect(
+        &format!("vcon port1 stopped {}\n", message.len()),
+        COMMAND_TIMEOUT,
+    );
+    vm.expect_prompt(COMMAND_TIMEOUT);
+}
+
+#[test]
+fn console_multiport_through_qemu() {
+    let scratch = Scratch::new("vtcon-mp-qemu");
+    let socket = scratch.path("port1.sock");
+    let chardev = format!("socket,id=c1,path={},server=on,wait=off", socket.display());
+    let args = [
+        "-chardev",
+        &chardev,
+        "-device",
+        "virtio-serial-pci,disable-modern=on",
+        "-device",
+        "virtserialport,chardev=c1,nr=1,name=org.test.one",
+    ];
+    let Some(mut vm) = boot_qemu(&args) else {
+        return;
+    };
+    exercise_multiport(&mut vm, &socket);
+}
+
+#[test]
+fn console_multiport_through_bhyve_as_through_qemu() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("vtcon-mp-bhyve");
+    let socket = scratch.path("port1.sock");
+    let name = vm_name();
+    let path = format!("pci.0.6.0.port.1.path={}", socket.display());
+    let mut vm = boot_bhyve(
+        &scratch,
+        &name,
+        &[
+            "-s",
+            "6,virtio-console",
+            "-o",
+            "pci.0.6.0.port.1.name=org.test.one",
+            "-o",
+            &path,
+        ],
+    );
+    exercise_multiport(&mut vm, &socket);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// A checkpoint while bytes go back and forth through a console port: the client stays
+/// connected and the echo goes on.
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_checkpoint_while_a_console_port_echoes() {
+    use common::control::ctl;
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("vtcon-snap");
+    let socket = scratch.path("port0.sock");
+    let name = vm_name();
+    let slot = format!("6,virtio-console,org.test.echo={}", socket.display());
+    let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+    vm.send_line("vcon echo");
+    vm.expect("vcon echo started\n", COMMAND_TIMEOUT);
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    let mut total = 0usize;
+    let round = |stream: &mut UnixStream, n: usize| {
+        let message = format!("round {n} through the port\n");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, message.as_bytes(), "round {n}");
+        message.len()
+    };
+    for n in 0..10 {
+        total += round(&mut stream, n);
+    }
+    let file = scratch.path("live.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", file.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    for n in 10..20 {
+        total += round(&mut stream, n);
+    }
+    vm.send("\n");
+    vm.expect(&format!("vcon echo stopped {total}\n"), COMMAND_TIMEOUT);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
