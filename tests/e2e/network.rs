@@ -624,3 +624,49 @@ fn console_multiport_through_bhyve_as_through_qemu() {
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
+
+/// A checkpoint while bytes go back and forth through a console port: the client stays
+/// connected and the echo goes on.
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_checkpoint_while_a_console_port_echoes() {
+    use common::control::ctl;
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("vtcon-snap");
+    let socket = scratch.path("port0.sock");
+    let name = vm_name();
+    let slot = format!("6,virtio-console,org.test.echo={}", socket.display());
+    let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
+    vm.send_line("vcon echo");
+    vm.expect("vcon echo started\n", COMMAND_TIMEOUT);
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    let mut total = 0usize;
+    let round = |stream: &mut UnixStream, n: usize| {
+        let message = format!("round {n} through the port\n");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, message.as_bytes(), "round {n}");
+        message.len()
+    };
+    for n in 0..10 {
+        total += round(&mut stream, n);
+    }
+    let file = scratch.path("live.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", file.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    for n in 10..20 {
+        total += round(&mut stream, n);
+    }
+    vm.send("\n");
+    vm.expect(&format!("vcon echo stopped {total}\n"), COMMAND_TIMEOUT);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
