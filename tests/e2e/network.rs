@@ -10,6 +10,7 @@ mod common;
 
 use common::control::Scratch;
 use common::guest;
+use common::net::{boot_bhyve, boot_qemu, free_port, slirp_usable};
 use common::{console_vm_command_with, kvm_usable, notice, qemu_binary, qemu_command_with};
 use common::{vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
 use std::io::{Read, Write};
@@ -20,31 +21,6 @@ use std::time::{Duration, Instant};
 const MAC: &str = "58:9c:fc:00:00:05";
 /// What libslirp's gateway answers ARP with (its address 52:55 + the gateway's IPv4 address).
 const SLIRP_GATEWAY_MAC: &str = "52:55:0a:00:02:02";
-
-fn boot_qemu(extra: &[&str]) -> Option<Console> {
-    let qemu = qemu_binary()?;
-    let mut args = extra.to_vec();
-    args.push("-no-reboot");
-    let cmd = qemu_command_with(&qemu, guest::console_guest(), "", &args);
-    let mut vm = Console::spawn("qemu", cmd);
-    vm.expect(guest::READY, BOOT_TIMEOUT);
-    vm.expect_prompt(COMMAND_TIMEOUT);
-    Some(vm)
-}
-
-fn boot_bhyve(scratch: &Scratch, name: &str, extra: &[&str]) -> Console {
-    let cmd = console_vm_command_with(
-        Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        "256M",
-        &scratch.0,
-        name,
-        extra,
-    );
-    let mut vm = Console::spawn("bhyve", cmd);
-    vm.expect(guest::READY, BOOT_TIMEOUT);
-    vm.expect_prompt(COMMAND_TIMEOUT);
-    vm
-}
 
 fn qemu_net(netdev: &str) -> Vec<String> {
     vec![
@@ -57,29 +33,6 @@ fn qemu_net(netdev: &str) -> Vec<String> {
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-fn slirp_usable() -> bool {
-    let found = [
-        "/usr/lib/x86_64-linux-gnu/libslirp.so.0",
-        "/usr/lib/libslirp.so.0",
-        "/usr/local/lib/libslirp.so.0",
-    ]
-    .iter()
-    .any(|p| Path::new(p).exists());
-    if !found {
-        notice("skipped: libslirp.so.0 not installed (tests/install-deps.sh installs it)");
-    }
-    found
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released for the VM to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The gateway's ARP answer, then a host connection to a forwarded port arriving as a SYN.
@@ -142,7 +95,7 @@ fn slirp_gateway_and_hostfwd_through_bhyve_as_through_qemu() {
 mod tap {
     use super::*;
     use common::guest::splitmix64;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use common::net::Tap;
 
     const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 5];
     const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
@@ -167,117 +120,9 @@ mod tap {
         frame
     }
 
-    /// A tap interface for one test, persistent until dropped, and a packet socket on it: the
-    /// host side of the guest's wire.
-    struct Tap {
-        name: String,
-        socket: OwnedFd,
-    }
-
-    impl Tap {
-        fn create(tag: &str) -> Option<Tap> {
-            let name = format!("tap{tag}{}", std::process::id() % 100_000);
-            let ok = std::process::Command::new("ip")
-                .args(["tuntap", "add", "dev", &name, "mode", "tap"])
-                .status()
-                .is_ok_and(|s| s.success())
-                && std::process::Command::new("ip")
-                    .args(["link", "set", &name, "up"])
-                    .status()
-                    .is_ok_and(|s| s.success());
-            if !ok {
-                notice(
-                    "skipped: cannot create a tap interface (ip tuntap needs root and /dev/net/tun)",
-                );
-                return None;
-            }
-            let index: i32 = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            let protocol = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: socket(2) with constant arguments; checked before use.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    i32::from(protocol),
-                )
-            };
-            assert!(
-                raw >= 0,
-                "packet socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: `raw` was just returned by socket(2).
-            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll is plain data.
-            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            address.sll_family = libc::AF_PACKET as u16;
-            address.sll_protocol = protocol;
-            address.sll_ifindex = index;
-            // SAFETY: bind(2) with a sockaddr_ll of the size given.
-            let rc = unsafe {
-                libc::bind(
-                    socket.as_raw_fd(),
-                    &address as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            Some(Tap { name, socket })
-        }
-
-        fn send(&self, frame: &[u8]) {
-            // SAFETY: send(2) from a buffer of frame.len() bytes.
-            let n = unsafe {
-                libc::send(
-                    self.socket.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                )
-            };
-            assert_eq!(
-                n,
-                frame.len() as isize,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
-
-        /// The next test frame (type 0x88b5) the guest sent, within `timeout`.
-        fn receive(&self, timeout: Duration) -> Option<Vec<u8>> {
-            let deadline = Instant::now() + timeout;
-            let mut buffer = vec![0u8; 65536];
-            while Instant::now() < deadline {
-                // SAFETY: recv(2) into a buffer of buffer.len() bytes.
-                let n = unsafe {
-                    libc::recv(
-                        self.socket.as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        0,
-                    )
-                };
-                if n >= 14 && buffer[12..14] == TEST_TYPE && buffer[6..12] == MAC_BYTES {
-                    return Some(buffer[..n as usize].to_vec());
-                }
-                if n < 0 {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-            None
-        }
-    }
-
-    impl Drop for Tap {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
-                .status();
-        }
+    /// A test frame (type 0x88b5) the guest sent.
+    fn from_guest(frame: &[u8]) -> bool {
+        frame.len() >= 14 && frame[12..14] == TEST_TYPE && frame[6..12] == MAC_BYTES
     }
 
     /// A frame from the host to the guest: to its MAC, from a host MAC, `seed`'s pattern.
@@ -300,7 +145,10 @@ mod tap {
             vm.command_line("vnet send 300 9"),
             format!("vnet sent 300 ok fnv {:#018x}", fnv1a(&sent))
         );
-        assert_eq!(tap.receive(COMMAND_TIMEOUT).as_deref(), Some(&sent[..]));
+        assert_eq!(
+            tap.receive(COMMAND_TIMEOUT, from_guest).as_deref(),
+            Some(&sent[..])
+        );
 
         let to_guest = host_frame(1, 200);
         vm.send_line("vnet recv");
@@ -322,7 +170,7 @@ mod tap {
         for seed in 0..20u64 {
             let frame = host_frame(100 + seed, 64 + 50 * seed as usize);
             tap.send(&frame);
-            let echoed = tap.receive(COMMAND_TIMEOUT).expect("echo");
+            let echoed = tap.receive(COMMAND_TIMEOUT, from_guest).expect("echo");
             assert_eq!(echoed[..6], frame[6..12], "back to the sender");
             assert_eq!(echoed[12..], frame[12..], "payload intact, seed {seed}");
         }
@@ -404,7 +252,7 @@ mod tap {
             let frame = host_frame(1000 + echoed, 128);
             tap.send(&frame);
             let back = tap
-                .receive(Duration::from_secs(30))
+                .receive(Duration::from_secs(30), from_guest)
                 .unwrap_or_else(|| panic!("frame {echoed} not echoed"));
             assert_eq!(back[12..], frame[12..], "frame {echoed}");
             echoed += 1;
@@ -416,7 +264,9 @@ mod tap {
         for extra in 0..20u64 {
             let frame = host_frame(50_000 + extra, 100);
             tap.send(&frame);
-            let back = tap.receive(COMMAND_TIMEOUT).expect("echo after checkpoint");
+            let back = tap
+                .receive(COMMAND_TIMEOUT, from_guest)
+                .expect("echo after checkpoint");
             assert_eq!(back[12..], frame[12..]);
             echoed += 1;
         }
@@ -448,7 +298,7 @@ mod tap {
             let frame = host_frame(seed, 90);
             tap.send(&frame);
             assert_eq!(
-                tap.receive(COMMAND_TIMEOUT).expect("echo")[12..],
+                tap.receive(COMMAND_TIMEOUT, from_guest).expect("echo")[12..],
                 frame[12..]
             );
         }
@@ -465,12 +315,14 @@ mod tap {
             assert!(Instant::now() < deadline, "no echo after the restore");
             let frame = host_frame(500, 90);
             tap.send(&frame);
-            first = tap.receive(Duration::from_secs(1));
+            first = tap.receive(Duration::from_secs(1), from_guest);
         }
         for seed in 10..30u64 {
             let frame = host_frame(seed, 60 + seed as usize);
             tap.send(&frame);
-            let back = tap.receive(COMMAND_TIMEOUT).expect("echo after restore");
+            let back = tap
+                .receive(COMMAND_TIMEOUT, from_guest)
+                .expect("echo after restore");
             assert_eq!(back[12..], frame[12..], "frame {seed}");
         }
         vm.send("\n");

@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod guest;
+pub mod net;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

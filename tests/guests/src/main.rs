@@ -8,6 +8,7 @@ mod bootinfo;
 #[macro_use]
 mod console;
 mod acpi;
+mod e1000;
 mod hpet;
 mod pcicfg;
 mod platform;
@@ -211,6 +212,7 @@ impl Shell {
             _ if platform::run(command, arg1, self.hz) => {}
             _ if virtio::run(command, line) => {}
             _ if vnet::run(command, line) => {}
+            _ if e1000::run(command, line) => {}
             _ if vcon::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
@@ -388,6 +390,7 @@ fn help() {
     platform::help();
     virtio::help();
     vnet::help();
+    e1000::help();
     vcon::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");

@@ -15,7 +15,7 @@ const F_STATUS: u32 = 1 << 16;
 const RX_BUFFERS: usize = 16;
 const BUFFER: usize = 2048;
 /// The ethertype of the test frames (IEEE local experimental 1).
-const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
+pub(crate) const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
 const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
 const GATEWAY_IP: [u8; 4] = [10, 0, 2, 2];
 
@@ -148,7 +148,7 @@ impl Net {
     }
 }
 
-fn is_test_frame(frame: &[u8]) -> bool {
+pub(crate) fn is_test_frame(frame: &[u8]) -> bool {
     frame.len() >= 14 && frame[12..14] == TEST_TYPE
 }
 
@@ -162,7 +162,7 @@ fn hex_mac(mac: &[u8]) -> [u8; 17] {
     text
 }
 
-fn mac_text(mac: &[u8]) -> &'static str {
+pub(crate) fn mac_text(mac: &[u8]) -> &'static str {
     static mut TEXT: [u8; 17] = [0; 17];
     // SAFETY: single-threaded shell; the text is used before the next call.
     unsafe {
@@ -255,20 +255,28 @@ fn echo(net: &mut Net, frame: &mut [u8; BUFFER]) {
     println!("vnet echo stopped {count}");
 }
 
-/// ARP for the slirp gateway (10.0.2.2) from 10.0.2.15; print who answered.
-fn arp(net: &mut Net, frame: &mut [u8; BUFFER]) {
+/// An ARP request for the slirp gateway (10.0.2.2) from 10.0.2.15 at `mac`.
+pub(crate) fn arp_request(mac: &[u8; 6]) -> [u8; 60] {
     let mut request = [0u8; 60];
     request[..6].fill(0xff);
-    request[6..12].copy_from_slice(&net.mac);
+    request[6..12].copy_from_slice(mac);
     request[12..14].copy_from_slice(&[0x08, 0x06]);
     request[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
-    request[22..28].copy_from_slice(&net.mac);
+    request[22..28].copy_from_slice(mac);
     request[28..32].copy_from_slice(&GUEST_IP);
     request[38..42].copy_from_slice(&GATEWAY_IP);
-    net.send(&request);
-    let reply = net.wait_for(frame, |f| {
-        f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY_IP
-    });
+    request
+}
+
+/// The gateway's answer to [`arp_request`].
+pub(crate) fn is_gateway_arp_reply(f: &[u8]) -> bool {
+    f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY_IP
+}
+
+/// ARP for the slirp gateway (10.0.2.2) from 10.0.2.15; print who answered.
+fn arp(net: &mut Net, frame: &mut [u8; BUFFER]) {
+    net.send(&arp_request(&net.mac));
+    let reply = net.wait_for(frame, is_gateway_arp_reply);
     match reply {
         Some(_) => println!(
             "vnet arp 10.0.2.2 is-at {}",

@@ -1,0 +1,180 @@
+//! Host ends of the guests' networks for the end-to-end tests: a tap interface watched with a
+//! packet socket (Linux), checks for what slirp needs, and the console guest booted with a
+//! network card under QEMU or bhyve.
+
+#[cfg(target_os = "linux")]
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+#[cfg(target_os = "linux")]
+use std::time::{Duration, Instant};
+
+use super::control::Scratch;
+use super::{console_vm_command_with, guest, notice, qemu_binary, qemu_command_with};
+use super::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+
+/// The console guest under QEMU with `extra` arguments; `None` (with a notice) without QEMU.
+pub fn boot_qemu(extra: &[&str]) -> Option<Console> {
+    let qemu = qemu_binary()?;
+    let mut args = extra.to_vec();
+    args.push("-no-reboot");
+    let cmd = qemu_command_with(&qemu, guest::console_guest(), "", &args);
+    let mut vm = Console::spawn("qemu", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    Some(vm)
+}
+
+/// The console guest under this project's `bhyve` with `extra` arguments.
+pub fn boot_bhyve(scratch: &Scratch, name: &str, extra: &[&str]) -> Console {
+    let cmd = console_vm_command_with(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "256M",
+        &scratch.0,
+        name,
+        extra,
+    );
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    vm
+}
+
+/// Whether libslirp is installed (a notice when not).
+pub fn slirp_usable() -> bool {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/libslirp.so.0",
+        "/usr/lib/libslirp.so.0",
+        "/usr/local/lib/libslirp.so.0",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    if !found {
+        notice("skipped: libslirp.so.0 not installed (tests/install-deps.sh installs it)");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the VM to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tap interface for one test, persistent until dropped, and a packet socket on it: the
+/// host side of the guest's wire.
+#[cfg(target_os = "linux")]
+pub struct Tap {
+    pub name: String,
+    socket: OwnedFd,
+}
+
+#[cfg(target_os = "linux")]
+impl Tap {
+    pub fn create(tag: &str) -> Option<Tap> {
+        let name = format!("tap{tag}{}", std::process::id() % 100_000);
+        let ok = std::process::Command::new("ip")
+            .args(["tuntap", "add", "dev", &name, "mode", "tap"])
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new("ip")
+                .args(["link", "set", &name, "up"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            notice(
+                "skipped: cannot create a tap interface (ip tuntap needs root and /dev/net/tun)",
+            );
+            return None;
+        }
+        let index: i32 = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let protocol = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket(2) with constant arguments; checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(protocol),
+            )
+        };
+        assert!(
+            raw >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` was just returned by socket(2).
+        let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data.
+        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_protocol = protocol;
+        address.sll_ifindex = index;
+        // SAFETY: bind(2) with a sockaddr_ll of the size given.
+        let rc = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                &address as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        Some(Tap { name, socket })
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: send(2) from a buffer of frame.len() bytes.
+        let n = unsafe {
+            libc::send(
+                self.socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame `accept` takes that crosses the interface, within `timeout`.
+    pub fn receive(&self, timeout: Duration, accept: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buffer = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            // SAFETY: recv(2) into a buffer of buffer.len() bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
+            };
+            if n > 0 && accept(&buffer[..n as usize]) {
+                return Some(buffer[..n as usize].to_vec());
+            }
+            if n < 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
+            .status();
+    }
+}
