@@ -78,7 +78,6 @@ mod tap {
     use super::*;
     use common::guest::splitmix64;
     use common::net::Tap;
-    use std::time::Duration;
 
     const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 6];
     const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
@@ -299,7 +298,7 @@ mod tap {
     #[test]
     fn a_checkpoint_while_frames_flow_through_the_e1000() {
         use common::control::ctl;
-        use std::time::Instant;
+        use std::time::{Duration, Instant};
         if !kvm_usable() {
             return;
         }
@@ -369,7 +368,7 @@ mod tap {
     #[test]
     fn an_e1000_restored_from_a_suspend_echoes_on() {
         use common::control::suspend;
-        use std::time::Instant;
+        use std::time::{Duration, Instant};
         if !kvm_usable() {
             return;
         }
@@ -428,7 +427,10 @@ mod tap {
             .strip_prefix("e1000 echo stopped ")
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{stopped}"));
-        assert!((30..=sent).contains(&count), "{count} echoed of {sent} sent");
+        assert!(
+            (30..=sent).contains(&count),
+            "{count} echoed of {sent} sent"
+        );
         vm.expect_prompt(COMMAND_TIMEOUT);
         vm.send_line("halt");
         assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));

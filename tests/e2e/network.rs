@@ -9,10 +9,9 @@
 mod common;
 
 use common::control::Scratch;
-use common::guest;
+use common::kvm_usable;
 use common::net::{boot_bhyve, boot_qemu, free_port, slirp_usable};
-use common::{console_vm_command_with, kvm_usable, notice, qemu_binary, qemu_command_with};
-use common::{vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use common::{vm_name, Console, COMMAND_TIMEOUT};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -328,7 +327,7 @@ mod tap {
         vm.send("\n");
         let stopped = vm.expect("\n", COMMAND_TIMEOUT);
         assert!(
-            !vm.transcript().contains(guest::READY),
+            !vm.transcript().contains(common::guest::READY),
             "the guest rebooted"
         );
         assert!(stopped.contains("vnet echo stopped"), "{stopped}");
