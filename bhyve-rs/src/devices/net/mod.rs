@@ -15,6 +15,8 @@
 
 pub mod e1000;
 pub mod md5;
+#[cfg(test)]
+pub(crate) mod pair_backend;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
 pub mod slirp;
 pub mod tap;
