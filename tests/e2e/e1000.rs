@@ -76,17 +76,9 @@ fn slirp_gateway_answers_through_bhyve_as_through_qemu() {
 #[cfg(target_os = "linux")]
 mod tap {
     use super::*;
-    use common::guest::splitmix64;
-    use common::net::Tap;
+    use common::net::{self, fnv1a, Tap};
 
     const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 6];
-    const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
-
-    fn fnv1a(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    }
 
     /// The ones'-complement sum of big-endian words (RFC 1071), folded.
     fn internet_sum(data: &[u8], mut sum: u32) -> u16 {
@@ -113,38 +105,20 @@ mod tap {
         internet_sum(&ip[..20], 0) == 0xffff && internet_sum(l4, pseudo) == 0xffff
     }
 
-    /// The frame `e1000 send <len> <seed>` sends.
     fn guest_frame(len: usize, seed: u64) -> Vec<u8> {
-        let mut frame = vec![0xff; 6];
-        frame.extend_from_slice(&MAC_BYTES);
-        frame.extend_from_slice(&TEST_TYPE);
-        let mut state = seed;
-        while frame.len() < len {
-            let word = splitmix64(&mut state).to_le_bytes();
-            let take = (len - frame.len()).min(8);
-            frame.extend_from_slice(&word[..take]);
-        }
-        frame
+        net::guest_frame(&MAC_BYTES, len, seed)
     }
 
     fn from_guest(frame: &[u8]) -> bool {
-        frame.len() >= 14 && frame[12..14] == TEST_TYPE && frame[6..12] == MAC_BYTES
+        net::is_test_frame_from(&MAC_BYTES, frame)
     }
 
     fn ipv4_from_guest(frame: &[u8]) -> bool {
         frame.len() >= 34 && frame[12..14] == [0x08, 0x00] && frame[6..12] == MAC_BYTES
     }
 
-    /// A frame from the host to the guest: to its MAC, from a host MAC, `seed`'s pattern.
     fn host_frame(seed: u64, len: usize) -> Vec<u8> {
-        let mut frame = MAC_BYTES.to_vec();
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
-        frame.extend_from_slice(&TEST_TYPE);
-        let mut state = seed;
-        while frame.len() < len {
-            frame.push(splitmix64(&mut state) as u8);
-        }
-        frame
+        net::host_frame(&MAC_BYTES, seed, len)
     }
 
     /// What the oracle and bhyve must both do.

@@ -178,3 +178,45 @@ impl Drop for Tap {
             .status();
     }
 }
+
+/// The ethertype of the test frames (IEEE local experimental 1).
+pub const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
+
+/// FNV-1a 64, the checksum the guest prints for frames.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The frame the guest's `send <len> <seed>` sends from `mac`: broadcast, type 0x88b5, then
+/// splitmix64 words from `seed`, little endian, cut to length.
+pub fn guest_frame(mac: &[u8; 6], len: usize, seed: u64) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(mac);
+    frame.extend_from_slice(&TEST_TYPE);
+    let mut state = seed;
+    while frame.len() < len {
+        let word = guest::splitmix64(&mut state).to_le_bytes();
+        let take = (len - frame.len()).min(8);
+        frame.extend_from_slice(&word[..take]);
+    }
+    frame
+}
+
+/// A test frame from the host to `mac`, from 02:00:00:00:00:77, `seed`'s bytes.
+pub fn host_frame(mac: &[u8; 6], seed: u64, len: usize) -> Vec<u8> {
+    let mut frame = mac.to_vec();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+    frame.extend_from_slice(&TEST_TYPE);
+    let mut state = seed;
+    while frame.len() < len {
+        frame.push(guest::splitmix64(&mut state) as u8);
+    }
+    frame
+}
+
+/// Whether `frame` is a test frame sent from `mac`.
+pub fn is_test_frame_from(mac: &[u8; 6], frame: &[u8]) -> bool {
+    frame.len() >= 14 && frame[12..14] == TEST_TYPE && frame[6..12] == *mac
+}
