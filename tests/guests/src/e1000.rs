@@ -10,8 +10,8 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::pcicfg::Access;
 use crate::virtq::fnv1a;
-use crate::vnet::{arp_request, is_gateway_arp_reply, is_test_frame, mac_text, TEST_TYPE};
-use crate::{parse_u64, splitmix64, svc};
+use crate::vnet::{arp, echo, mac_text, recv, Link, BUFFER, TEST_TYPE};
+use crate::{parse_u64, splitmix64};
 
 const VENDOR_INTEL: u32 = 0x8086;
 const DEVICE_82545EM: u32 = 0x100f;
@@ -67,7 +67,6 @@ const EOP: u8 = 0x02;
 const EEPROM_READ: u32 = 0x6 << 6;
 
 const RING: usize = 8;
-const BUFFER: usize = 2048;
 /// The TSO test's payload and segment size.
 const TSO_PAYLOAD: usize = 2500;
 const TSO_MSS: usize = 1000;
@@ -244,6 +243,12 @@ impl Nic {
         }
         false
     }
+}
+
+impl Link for Nic {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
 
     /// Send `frame` with one legacy descriptor.
     fn send(&mut self, frame: &[u8]) -> bool {
@@ -278,27 +283,6 @@ impl Nic {
         self.rx_next = (index + 1) % RING;
         // One buffer per frame here: a frame spanning two would not be a test frame.
         (done & EOP != 0).then_some(length)
-    }
-
-    /// Wait for a frame `accept` takes, until serial input.
-    fn wait_for(
-        &mut self,
-        out: &mut [u8; BUFFER],
-        accept: impl Fn(&[u8]) -> bool,
-    ) -> Option<usize> {
-        for spin in 0u64.. {
-            if let Some(n) = self.receive(out) {
-                if accept(&out[..n]) {
-                    return Some(n);
-                }
-                continue;
-            }
-            if spin % 4096 == 0 && crate::console::input_pending() {
-                return None;
-            }
-            core::hint::spin_loop();
-        }
-        None
     }
 }
 
@@ -418,7 +402,12 @@ fn tso(nic: &mut Nic, seed: u64) -> bool {
         (header as u32) << 8 | (TSO_MSS as u32) << 16,
     );
     let data = TXD_DEXT | TXD_DTYP_D | TXD_TSE | TXD_IFCS;
-    nic.descriptor(address, header as u32 | data, POPTS_IXSM | POPTS_TXSM, false);
+    nic.descriptor(
+        address,
+        header as u32 | data,
+        POPTS_IXSM | POPTS_TXSM,
+        false,
+    );
     nic.descriptor(
         address + header as u64,
         TSO_PAYLOAD as u32 | data | TXD_EOP | TXD_RS,
@@ -478,24 +467,13 @@ pub fn run(command: &str, line: &str) -> bool {
             // Setting the card up takes a while where each register access is emulated: say
             // when a frame sent now will be taken.
             println!("e1000 recv waiting");
-            match nic.wait_for(&mut frame, is_test_frame) {
-                Some(n) => println!(
-                    "e1000 recv {n} from {} fnv 0x{:016x}",
-                    mac_text(&frame[6..12]),
-                    fnv1a(&frame[..n])
-                ),
-                None => println!("e1000 recv none"),
-            }
+            recv(&mut nic, &mut frame, "e1000");
         }
-        (Some("echo"), _, _) => echo(&mut nic, &mut frame),
-        (Some("arp"), _, _) => {
-            nic.send(&arp_request(&nic.mac));
-            match nic.wait_for(&mut frame, is_gateway_arp_reply) {
-                Some(_) => println!("e1000 arp 10.0.2.2 is-at {}", mac_text(&frame[22..28])),
-                None => println!("e1000 arp no reply"),
-            }
+        (Some("echo"), _, _) => echo(&mut nic, &mut frame, "e1000"),
+        (Some("arp"), _, _) => arp(&mut nic, &mut frame, "e1000"),
+        _ => {
+            println!("usage: e1000 info|send <len> <seed>|offload <seed>|tso <seed>|recv|echo|arp")
         }
-        _ => println!("usage: e1000 info|send <len> <seed>|offload <seed>|tso <seed>|recv|echo|arp"),
     }
     // Leave the card quiet: no DMA into the rings once the command is over.
     nic.write(RCTL, 0);
@@ -503,31 +481,10 @@ pub fn run(command: &str, line: &str) -> bool {
     true
 }
 
-/// Send every test frame back to its sender, until one input byte.
-fn echo(nic: &mut Nic, frame: &mut [u8; BUFFER]) {
-    let mut count = 0u64;
-    println!("e1000 echo started");
-    while crate::console::try_read_byte().is_none() {
-        if let Some(n) = nic.receive(frame) {
-            if is_test_frame(&frame[..n]) {
-                let mut source = [0u8; 6];
-                source.copy_from_slice(&frame[6..12]);
-                frame[..6].copy_from_slice(&source);
-                frame[6..12].copy_from_slice(&nic.mac);
-                nic.send(&frame[..n]);
-                count += 1;
-                if count % 100 == 0 {
-                    println!("e1000 echo {count}");
-                }
-            }
-        }
-        svc::rx_poll();
-    }
-    println!("e1000 echo stopped {count}");
-}
-
 pub fn help() {
-    println!("  e1000 info            find the e1000, print MAC (from the EEPROM), EEPROM sum, link");
+    println!(
+        "  e1000 info            find the e1000, print MAC (from the EEPROM), EEPROM sum, link"
+    );
     println!("  e1000 send <len> <seed>  send a broadcast test frame (type 0x88b5)");
     println!("  e1000 offload <seed>  send a UDP packet whose IP and UDP checksums the card fills");
     println!("  e1000 tso <seed>      send 2500 TCP bytes the card cuts into 1000-byte segments");

@@ -13,7 +13,7 @@ const F_MAC: u32 = 1 << 5;
 const F_MRG_RXBUF: u32 = 1 << 15;
 const F_STATUS: u32 = 1 << 16;
 const RX_BUFFERS: usize = 16;
-const BUFFER: usize = 2048;
+pub(crate) const BUFFER: usize = 2048;
 /// The ethertype of the test frames (IEEE local experimental 1).
 pub(crate) const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
 const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
@@ -33,6 +33,40 @@ static mut AREA: Area = Area {
     rx: [[0; BUFFER]; RX_BUFFERS],
     tx: [0; BUFFER],
 };
+
+/// A network card driver as the frame commands (`recv`, `echo`, `arp`) use it.
+pub(crate) trait Link {
+    /// The card's MAC address.
+    fn mac(&self) -> [u8; 6];
+
+    /// Send one frame; false when the card did not take it in time.
+    fn send(&mut self, frame: &[u8]) -> bool;
+
+    /// The next received frame, copied to `out`; its buffer goes back to the card.
+    fn receive(&mut self, out: &mut [u8; BUFFER]) -> Option<usize>;
+
+    /// Wait for a frame `accept` takes, until serial input.
+    fn wait_for(
+        &mut self,
+        out: &mut [u8; BUFFER],
+        accept: impl Fn(&[u8]) -> bool,
+    ) -> Option<usize> {
+        for spin in 0u64.. {
+            if let Some(n) = self.receive(out) {
+                if accept(&out[..n]) {
+                    return Some(n);
+                }
+                continue;
+            }
+            // Looking at the serial port is a service call: not on every spin.
+            if spin % 4096 == 0 && crate::console::input_pending() {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+        None
+    }
+}
 
 struct Net {
     device: Device,
@@ -67,7 +101,11 @@ impl Net {
         for (i, byte) in mac.iter_mut().enumerate() {
             *byte = svc::inb(device.io + CONFIG + i as u16);
         }
-        let header = if device.features & F_MRG_RXBUF != 0 { 12 } else { 10 };
+        let header = if device.features & F_MRG_RXBUF != 0 {
+            12
+        } else {
+            10
+        };
         let mut net = Net {
             device,
             rx,
@@ -93,6 +131,12 @@ impl Net {
         self.rx
             .descriptor(index, address, BUFFER as u32, DESC_WRITE);
         self.rx.publish(index);
+    }
+}
+
+impl Link for Net {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
     }
 
     /// Send one frame (header added here); waits for the device to take it.
@@ -127,24 +171,6 @@ impl Net {
         self.post_rx(index);
         self.device.notify(&self.rx);
         Some(frame_len)
-    }
-
-    /// Wait for a frame `accept` takes, until serial input.
-    fn wait_for(&mut self, out: &mut [u8; BUFFER], accept: impl Fn(&[u8]) -> bool) -> Option<usize> {
-        for spin in 0u64.. {
-            if let Some(n) = self.receive(out) {
-                if accept(&out[..n]) {
-                    return Some(n);
-                }
-                continue;
-            }
-            // Looking at the serial port is a service call: not on every spin.
-            if spin % 4096 == 0 && crate::console::input_pending() {
-                return None;
-            }
-            core::hint::spin_loop();
-        }
-        None
     }
 }
 
@@ -216,47 +242,52 @@ pub fn run(command: &str, line: &str) -> bool {
             }
             _ => println!("usage: vnet send <len 60..1514> <seed>"),
         },
-        Some("recv") => match net.wait_for(&mut frame, is_test_frame) {
-            Some(n) => println!(
-                "vnet recv {n} from {} fnv 0x{:016x}",
-                mac_text(&frame[6..12]),
-                fnv1a(&frame[..n])
-            ),
-            None => println!("vnet recv none"),
-        },
-        Some("echo") => echo(&mut net, &mut frame),
-        Some("arp") => arp(&mut net, &mut frame),
+        Some("recv") => recv(&mut net, &mut frame, "vnet"),
+        Some("echo") => echo(&mut net, &mut frame, "vnet"),
+        Some("arp") => arp(&mut net, &mut frame, "vnet"),
         Some("syn") => syn(&mut net, &mut frame),
         _ => println!("usage: vnet info|send <len> <seed>|recv|echo|arp|syn"),
     }
     true
 }
 
-/// Send every test frame back to its sender, until one input byte.
-fn echo(net: &mut Net, frame: &mut [u8; BUFFER]) {
+/// Send every test frame back to its sender, until one input byte; `name` starts each line.
+pub(crate) fn echo(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
     let mut count = 0u64;
-    println!("vnet echo started");
+    println!("{name} echo started");
     while crate::console::try_read_byte().is_none() {
-        if let Some(n) = net.receive(frame) {
+        if let Some(n) = link.receive(frame) {
             if is_test_frame(&frame[..n]) {
                 let mut source = [0u8; 6];
                 source.copy_from_slice(&frame[6..12]);
                 frame[..6].copy_from_slice(&source);
-                frame[6..12].copy_from_slice(&net.mac);
-                net.send(&frame[..n]);
+                frame[6..12].copy_from_slice(&link.mac());
+                link.send(&frame[..n]);
                 count += 1;
                 if count % 100 == 0 {
-                    println!("vnet echo {count}");
+                    println!("{name} echo {count}");
                 }
             }
         }
         svc::rx_poll();
     }
-    println!("vnet echo stopped {count}");
+    println!("{name} echo stopped {count}");
+}
+
+/// Wait for a test frame until serial input; print its length, source and checksum.
+pub(crate) fn recv(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
+    match link.wait_for(frame, is_test_frame) {
+        Some(n) => println!(
+            "{name} recv {n} from {} fnv 0x{:016x}",
+            mac_text(&frame[6..12]),
+            fnv1a(&frame[..n])
+        ),
+        None => println!("{name} recv none"),
+    }
 }
 
 /// An ARP request for the slirp gateway (10.0.2.2) from 10.0.2.15 at `mac`.
-pub(crate) fn arp_request(mac: &[u8; 6]) -> [u8; 60] {
+fn arp_request(mac: &[u8; 6]) -> [u8; 60] {
     let mut request = [0u8; 60];
     request[..6].fill(0xff);
     request[6..12].copy_from_slice(mac);
@@ -269,20 +300,16 @@ pub(crate) fn arp_request(mac: &[u8; 6]) -> [u8; 60] {
 }
 
 /// The gateway's answer to [`arp_request`].
-pub(crate) fn is_gateway_arp_reply(f: &[u8]) -> bool {
+fn is_gateway_arp_reply(f: &[u8]) -> bool {
     f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY_IP
 }
 
 /// ARP for the slirp gateway (10.0.2.2) from 10.0.2.15; print who answered.
-fn arp(net: &mut Net, frame: &mut [u8; BUFFER]) {
-    net.send(&arp_request(&net.mac));
-    let reply = net.wait_for(frame, is_gateway_arp_reply);
-    match reply {
-        Some(_) => println!(
-            "vnet arp 10.0.2.2 is-at {}",
-            mac_text(&frame[22..28])
-        ),
-        None => println!("vnet arp no reply"),
+pub(crate) fn arp(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
+    link.send(&arp_request(&link.mac()));
+    match link.wait_for(frame, is_gateway_arp_reply) {
+        Some(_) => println!("{name} arp 10.0.2.2 is-at {}", mac_text(&frame[22..28])),
+        None => println!("{name} arp no reply"),
     }
 }
 
