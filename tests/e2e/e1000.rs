@@ -178,18 +178,7 @@ mod tap {
         );
         vm.expect_prompt(COMMAND_TIMEOUT);
 
-        vm.send_line("e1000 echo");
-        vm.expect("e1000 echo started\n", COMMAND_TIMEOUT);
-        for seed in 0..20u64 {
-            let frame = host_frame(100 + seed, 64 + 50 * seed as usize);
-            tap.send(&frame);
-            let echoed = tap.receive(COMMAND_TIMEOUT, from_guest).expect("echo");
-            assert_eq!(echoed[..6], frame[6..12], "back to the sender");
-            assert_eq!(echoed[12..], frame[12..], "payload intact, seed {seed}");
-        }
-        vm.send("\n");
-        vm.expect("e1000 echo stopped 20\n", COMMAND_TIMEOUT);
-        vm.expect_prompt(COMMAND_TIMEOUT);
+        net::echo_twenty(vm, tap, "e1000", &MAC_BYTES);
     }
 
     #[test]
@@ -272,7 +261,7 @@ mod tap {
     #[test]
     fn a_checkpoint_while_frames_flow_through_the_e1000() {
         use common::control::ctl;
-        use std::time::{Duration, Instant};
+        use std::time::Duration;
         if !kvm_usable() {
             return;
         }
@@ -302,18 +291,7 @@ mod tap {
                 result
             })
         };
-        let mut echoed = 0u64;
-        let started = Instant::now();
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let frame = host_frame(1000 + echoed, 128);
-            tap.send(&frame);
-            let back = tap
-                .receive(Duration::from_secs(30), from_guest)
-                .unwrap_or_else(|| panic!("frame {echoed} not echoed"));
-            assert_eq!(back[12..], frame[12..], "frame {echoed}");
-            echoed += 1;
-            assert!(started.elapsed() < Duration::from_secs(120));
-        }
+        let mut echoed = net::echo_until(&tap, &MAC_BYTES, &stop);
         assert!(echoed > 0, "no frame crossed before the checkpoint ended");
         let (code, err) = checkpoint.join().unwrap();
         assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");

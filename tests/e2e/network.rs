@@ -137,18 +137,7 @@ mod tap {
         );
         vm.expect_prompt(COMMAND_TIMEOUT);
 
-        vm.send_line("vnet echo");
-        vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
-        for seed in 0..20u64 {
-            let frame = host_frame(100 + seed, 64 + 50 * seed as usize);
-            tap.send(&frame);
-            let echoed = tap.receive(COMMAND_TIMEOUT, from_guest).expect("echo");
-            assert_eq!(echoed[..6], frame[6..12], "back to the sender");
-            assert_eq!(echoed[12..], frame[12..], "payload intact, seed {seed}");
-        }
-        vm.send("\n");
-        vm.expect("vnet echo stopped 20\n", COMMAND_TIMEOUT);
-        vm.expect_prompt(COMMAND_TIMEOUT);
+        net::echo_twenty(vm, tap, "vnet", &MAC_BYTES);
     }
 
     #[test]
@@ -219,16 +208,7 @@ mod tap {
             })
         };
         // Frames go back and forth until the checkpoint is done.
-        let mut echoed = 0u64;
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let frame = host_frame(1000 + echoed, 128);
-            tap.send(&frame);
-            let back = tap
-                .receive(Duration::from_secs(30), from_guest)
-                .unwrap_or_else(|| panic!("frame {echoed} not echoed"));
-            assert_eq!(back[12..], frame[12..], "frame {echoed}");
-            echoed += 1;
-        }
+        let mut echoed = net::echo_until(&tap, &MAC_BYTES, &stop);
         assert!(echoed > 0, "no frame crossed before the checkpoint ended");
         let (code, err) = checkpoint.join().unwrap();
         assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");

@@ -220,3 +220,39 @@ pub fn host_frame(mac: &[u8; 6], seed: u64, len: usize) -> Vec<u8> {
 pub fn is_test_frame_from(mac: &[u8; 6], frame: &[u8]) -> bool {
     frame.len() >= 14 && frame[12..14] == TEST_TYPE && frame[6..12] == *mac
 }
+
+/// `<driver> echo` in the guest behind `tap`: twenty frames of growing length each come back
+/// to their sender intact, then one input byte ends it.
+#[cfg(target_os = "linux")]
+pub fn echo_twenty(vm: &mut Console, tap: &Tap, driver: &str, mac: &[u8; 6]) {
+    vm.send_line(&format!("{driver} echo"));
+    vm.expect(&format!("{driver} echo started\n"), COMMAND_TIMEOUT);
+    for seed in 0..20u64 {
+        let frame = host_frame(mac, 100 + seed, 64 + 50 * seed as usize);
+        tap.send(&frame);
+        let echoed = tap
+            .receive(COMMAND_TIMEOUT, |f| is_test_frame_from(mac, f))
+            .expect("echo");
+        assert_eq!(echoed[..6], frame[6..12], "back to the sender");
+        assert_eq!(echoed[12..], frame[12..], "payload intact, seed {seed}");
+    }
+    vm.send("\n");
+    vm.expect(&format!("{driver} echo stopped 20\n"), COMMAND_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+}
+
+/// Frames through an echoing guest one at a time until `stop` is set; how many came back.
+#[cfg(target_os = "linux")]
+pub fn echo_until(tap: &Tap, mac: &[u8; 6], stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut echoed = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let frame = host_frame(mac, 1000 + echoed, 128);
+        tap.send(&frame);
+        let back = tap
+            .receive(Duration::from_secs(30), |f| is_test_frame_from(mac, f))
+            .unwrap_or_else(|| panic!("frame {echoed} not echoed"));
+        assert_eq!(back[12..], frame[12..], "frame {echoed}");
+        echoed += 1;
+    }
+    echoed
+}
