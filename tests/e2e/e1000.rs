@@ -260,8 +260,6 @@ mod tap {
     #[cfg(feature = "bhyve_snapshot")]
     #[test]
     fn a_checkpoint_while_frames_flow_through_the_e1000() {
-        use common::control::ctl;
-        use std::time::Duration;
         if !kvm_usable() {
             return;
         }
@@ -274,42 +272,7 @@ mod tap {
         let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
         vm.send_line("e1000 echo");
         vm.expect("e1000 echo started\n", COMMAND_TIMEOUT);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checkpoint = {
-            let stop = stop.clone();
-            let rundir = scratch.0.clone();
-            let name = name.clone();
-            let file = scratch.path("live.snap");
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                let result = ctl(
-                    &rundir,
-                    &name,
-                    &[format!("--checkpoint={}", file.display())],
-                );
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                result
-            })
-        };
-        let mut echoed = net::echo_until(&tap, &MAC_BYTES, &stop);
-        assert!(echoed > 0, "no frame crossed before the checkpoint ended");
-        let (code, err) = checkpoint.join().unwrap();
-        assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-        for extra in 0..20u64 {
-            let frame = host_frame(50_000 + extra, 100);
-            tap.send(&frame);
-            let back = tap
-                .receive(COMMAND_TIMEOUT, from_guest)
-                .expect("echo after checkpoint");
-            assert_eq!(back[12..], frame[12..]);
-            echoed += 1;
-        }
-        // Nothing echoed twice: the guest's count matches what the host sent.
-        assert!(tap
-            .receive(Duration::from_millis(300), from_guest)
-            .is_none());
-        vm.send("\n");
-        vm.expect(&format!("e1000 echo stopped {echoed}\n"), COMMAND_TIMEOUT);
+        net::checkpoint_while_echoing(&mut vm, &tap, &scratch, &name, "e1000", &MAC_BYTES);
         vm.send_line("halt");
         assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
     }

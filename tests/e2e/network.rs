@@ -177,7 +177,6 @@ mod tap {
     #[cfg(feature = "bhyve_snapshot")]
     #[test]
     fn a_checkpoint_while_frames_flow_leaves_the_card_working() {
-        use common::control::ctl;
         if !kvm_usable() {
             return;
         }
@@ -190,40 +189,7 @@ mod tap {
         let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
         vm.send_line("vnet echo");
         vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checkpoint = {
-            let stop = stop.clone();
-            let rundir = scratch.0.clone();
-            let name = name.clone();
-            let file = scratch.path("live.snap");
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                let result = ctl(
-                    &rundir,
-                    &name,
-                    &[format!("--checkpoint={}", file.display())],
-                );
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                result
-            })
-        };
-        // Frames go back and forth until the checkpoint is done.
-        let mut echoed = net::echo_until(&tap, &MAC_BYTES, &stop);
-        assert!(echoed > 0, "no frame crossed before the checkpoint ended");
-        let (code, err) = checkpoint.join().unwrap();
-        assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-        // Twenty more after the checkpoint.
-        for extra in 0..20u64 {
-            let frame = host_frame(50_000 + extra, 100);
-            tap.send(&frame);
-            let back = tap
-                .receive(COMMAND_TIMEOUT, from_guest)
-                .expect("echo after checkpoint");
-            assert_eq!(back[12..], frame[12..]);
-            echoed += 1;
-        }
-        vm.send("\n");
-        vm.expect(&format!("vnet echo stopped {echoed}\n"), COMMAND_TIMEOUT);
+        net::checkpoint_while_echoing(&mut vm, &tap, &scratch, &name, "vnet", &MAC_BYTES);
         vm.send_line("halt");
         assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
     }

@@ -256,3 +256,58 @@ pub fn echo_until(tap: &Tap, mac: &[u8; 6], stop: &std::sync::atomic::AtomicBool
     }
     echoed
 }
+
+/// A checkpoint of the VM `name` (run directory in `scratch`) while its guest, already in
+/// `<driver> echo`, echoes a stream of frames: every frame sent before, during and after
+/// comes back intact and exactly once (the guest's count at the end says so), and the guest
+/// goes on.
+#[cfg(target_os = "linux")]
+pub fn checkpoint_while_echoing(
+    vm: &mut Console,
+    tap: &Tap,
+    scratch: &Scratch,
+    name: &str,
+    driver: &str,
+    mac: &[u8; 6],
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checkpoint = {
+        let stop = stop.clone();
+        let rundir = scratch.0.clone();
+        let name = name.to_string();
+        let file = scratch.path("live.snap");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let result = super::control::ctl(
+                &rundir,
+                &name,
+                &[format!("--checkpoint={}", file.display())],
+            );
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            result
+        })
+    };
+    let mut echoed = echo_until(tap, mac, &stop);
+    assert!(echoed > 0, "no frame crossed before the checkpoint ended");
+    let (code, err) = checkpoint.join().unwrap();
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    // Twenty more after the checkpoint.
+    for extra in 0..20u64 {
+        let frame = host_frame(mac, 50_000 + extra, 100);
+        tap.send(&frame);
+        let back = tap
+            .receive(COMMAND_TIMEOUT, |f| is_test_frame_from(mac, f))
+            .expect("echo after checkpoint");
+        assert_eq!(back[12..], frame[12..]);
+        echoed += 1;
+    }
+    // Nothing comes back twice.
+    assert!(tap
+        .receive(Duration::from_millis(300), |f| is_test_frame_from(mac, f))
+        .is_none());
+    vm.send("\n");
+    vm.expect(
+        &format!("{driver} echo stopped {echoed}\n"),
+        COMMAND_TIMEOUT,
+    );
+}
