@@ -575,3 +575,103 @@ fn snapshot_with_frames_in_flight_loses_and_repeats_none() {
         .restore_device_state(&saved[..saved.len() - 1])
         .is_err());
 }
+
+#[test]
+fn vlan_tag_inserted_and_checksum_offsets_follow_it() {
+    let mut rig = rig();
+    rig.setup_tx();
+    rig.write(reg::VET, 0x8100);
+    rig.write(reg::CTRL, CTRL_VME);
+    let mut frame = ethernet(0x0800);
+    frame.extend_from_slice(&IPV4_EXAMPLE);
+    // Special field: VLAN 42, priority 5.
+    let special = (5u32 << 13 | 42) << 16;
+    rig.legacy(
+        0,
+        &frame,
+        TXD_CMD_IC | TXD_CMD_VLE | 24 << 16,
+        special | 14 << 8,
+    );
+    rig.write(reg::TDT, 1);
+    let sent = rig.expect_frame();
+    assert_eq!(sent.len(), frame.len() + 4);
+    assert_eq!(sent[..12], frame[..12]);
+    assert_eq!(sent[12..16], [0x81, 0x00, 0xa0, 42], "802.1Q tag");
+    assert_eq!(sent[16..18], [0x08, 0x00]);
+    assert_eq!(sent[28..30], [0xb8, 0x61], "checksum where it moved to");
+    // Without CTRL.VME the tag request is ignored.
+    rig.write(reg::CTRL, 0);
+    rig.legacy(1, &frame, TXD_CMD_VLE, special);
+    rig.write(reg::TDT, 2);
+    assert_eq!(rig.expect_frame(), frame);
+}
+
+#[test]
+fn udp_segmentation_sets_each_datagram_length() {
+    let mut rig = rig();
+    rig.setup_tx();
+    let payload: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
+    let mut header = ethernet(0x0800);
+    let mut ip = IPV4_EXAMPLE;
+    ip[4..6].copy_from_slice(&7u16.to_be_bytes());
+    header.extend_from_slice(&ip);
+    header.extend_from_slice(&[0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 0]);
+    let header_len = header.len() as u32; // 42
+    let d = TX_RING;
+    let context = [
+        14u32 | 24 << 8 | 33 << 16,
+        34 | 40 << 8,
+        payload.len() as u32 | TXD_CMD_DEXT | TXD_CMD_TSE | TXD_CMD_IP,
+        header_len << 8 | 300 << 16,
+    ];
+    for (i, word) in context.iter().enumerate() {
+        rig.memory
+            .write(d + 4 * i as u64, &word.to_le_bytes())
+            .unwrap();
+    }
+    let mut whole = header.clone();
+    whole.extend_from_slice(&payload);
+    rig.memory.write(TX_BUFFERS, &whole).unwrap();
+    let data = TXD_CMD_DEXT | TXD_DTYP_D | TXD_CMD_TSE | TXD_CMD_EOP | TXD_CMD_IFCS;
+    rig.tx_descriptor(1, TX_BUFFERS, whole.len() as u32 | data, 1 << 8);
+    rig.write(reg::TDT, 2);
+    for (n, length) in [300usize, 300, 100].into_iter().enumerate() {
+        let segment = rig.expect_frame();
+        assert_eq!(segment.len(), 42 + length);
+        let ip = &segment[14..];
+        assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 28 + length);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 7 + n as u16);
+        assert_eq!(internet_sum(&ip[..20]), 0xffff, "IP checksum");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[24], ip[25]])),
+            8 + length
+        );
+        assert_eq!(segment[42..], payload[300 * n..300 * n + length]);
+    }
+}
+
+#[test]
+fn vlan_filter_and_descriptor_minimum_threshold_on_receive() {
+    let mut rig = rig();
+    rig.write(reg::VET, 0x8100);
+    // VLAN 5 accepted, the rest filtered; RDMTS = 1/2 of the ring.
+    rig.write(reg::VFTA, 1 << 5);
+    rig.setup_rx(RCTL_SECRC | RCTL_VFE);
+    let tagged = |vlan: u8| {
+        let mut f = ethernet(0x8100);
+        f.extend_from_slice(&[0, vlan, 0x88, 0xb5]);
+        f.extend_from_slice(&[0x5a; 50]);
+        f
+    };
+    rig.host.send(&tagged(6)).unwrap();
+    rig.host.send(&tagged(5)).unwrap();
+    rig.wait_for("RDH", |r| r.read(reg::RDH) == 1);
+    assert_eq!(rig.memory.slice(RX_BUFFERS + 15, 1).unwrap()[0], 5);
+    assert_eq!(rig.read(reg::ICR) & ICR_RXDMT0, 0, "6 of 8 still free");
+    // Down to 3 free descriptors: below half the ring.
+    for _ in 0..3 {
+        rig.host.send(&tagged(5)).unwrap();
+    }
+    rig.wait_for("RDH", |r| r.read(reg::RDH) == 4);
+    assert_ne!(rig.read(reg::ICR) & ICR_RXDMT0, 0);
+}
