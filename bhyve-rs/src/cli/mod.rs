@@ -743,8 +743,8 @@ mod tests {
                     // Only what this build implements, as FreeBSD lists what it has built in.
                     assert_eq!(
                         stdout,
-                        "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\n\
-                         virtio-net\nvirtio-rnd\n"
+                        "amd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nvirtio-blk\n\
+                         virtio-console\nvirtio-net\nvirtio-rnd\n"
                     );
                 }
                 other => panic!("{other:?}"),
