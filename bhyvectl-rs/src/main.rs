@@ -2,6 +2,8 @@
 
 mod getopt_long;
 mod options;
+mod show;
+mod target;
 
 use std::path::{Path, PathBuf};
 
@@ -66,7 +68,7 @@ fn run() -> i32 {
     act(&parsed, &progname)
 }
 
-/// What this platform can do for a VM-level action FreeBSD performs through /dev/vmm.
+/// What this platform says of a VM-level option it cannot carry out.
 #[cfg(target_os = "linux")]
 const UNSUPPORTED: &str = "is not supported on this platform";
 #[cfg(not(target_os = "linux"))]
@@ -82,17 +84,31 @@ fn act(a: &Args, progname: &str) -> i32 {
     let Some(vm) = a.vm.as_deref() else {
         return 1;
     };
-    if let Some(action) = a.first_vm_action() {
-        eprintln!("{progname}: --{action} {UNSUPPORTED}");
-        return 1;
-    }
     let rundir = a
         .rundir
         .clone()
         .unwrap_or_else(|| PathBuf::from(bhyve::control::client::DEFAULT_RUNDIR));
+    let plan = match target::Plan::from_args(a) {
+        Ok(plan) => plan,
+        Err(option) => {
+            eprintln!("{progname}: --{option} {UNSUPPORTED}");
+            return 1;
+        }
+    };
+    if !plan.is_empty() {
+        let mut vm = target::ControlSocket::new(&rundir, vm);
+        if let Err(e) = plan.carry_out(&mut vm, &mut std::io::stdout()) {
+            eprintln!(
+                "{progname}: {}",
+                bhyve::logging::escape_controls(&e.to_string())
+            );
+            return 1;
+        }
+    }
     match &a.checkpoint {
         Some(ck) => checkpoint(&rundir, vm, &ck.file, ck.suspend, progname),
-        None => vm_exists(&rundir, vm),
+        None if plan.is_empty() => vm_exists(&rundir, vm),
+        None => 0,
     }
 }
 

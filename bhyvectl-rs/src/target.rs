@@ -1,0 +1,312 @@
+//! What a bhyvectl command line asks of a VM ([`Plan`]), carried out in FreeBSD's order against
+//! a [`Target`]: a running bhyve-rs through its control socket ([`ControlSocket`]), or on
+//! FreeBSD the kernel's `/dev/vmm` directly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bhyve::control::vmstate::{
+    self, Descriptor, RegisterWrites, VmState, CMD_VM_ACTION, CMD_VM_STATE, REGISTERS,
+};
+
+use crate::options::{strtoul_lenient, Args};
+use crate::show::{render, Selection, GET_OPTIONS};
+
+/// A VM bhyvectl can inspect and act on.
+pub trait Target {
+    fn set_registers(&mut self, vcpu: u32, writes: &RegisterWrites) -> Result<(), String>;
+    /// One of [`vmstate::ACTIONS`].
+    fn act(&mut self, vcpu: u32, action: &str) -> Result<(), String>;
+    fn state(&mut self, vcpu: u32) -> Result<VmState, String>;
+}
+
+/// Registers FreeBSD's bhyvectl can write with `--set-<name>=VALUE`.
+const SETTABLE: [&str; 15] = [
+    "efer", "cr0", "cr2", "cr3", "cr4", "dr0", "dr1", "dr2", "dr3", "dr6", "dr7", "rsp", "rip",
+    "rax", "rflags",
+];
+
+/// A command line's requests, checked before anything is done.
+#[derive(Debug, Default)]
+pub struct Plan {
+    vcpu: u32,
+    writes: RegisterWrites,
+    inject_nmi: bool,
+    selection: Selection,
+    force_reset: bool,
+    force_poweroff: bool,
+    destroy: bool,
+}
+
+impl Plan {
+    /// The plan for `a`, or the first option this implementation cannot carry out.
+    pub fn from_args(a: &Args) -> Result<Plan, &'static str> {
+        if a.set_mem != 0 {
+            return Err("set-mem");
+        }
+        if a.setcap.is_some() {
+            return Err("setcap");
+        }
+        let mut plan = Plan {
+            // FreeBSD takes --cpu with atoi and does not check it; bhyve refuses a bad one.
+            vcpu: u32::try_from(a.cpu).unwrap_or(u32::MAX),
+            ..Plan::default()
+        };
+        plan.selection.capname = a.capname.clone();
+        let value_of = |name: &str| {
+            a.options
+                .iter()
+                .rev()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.as_deref())
+                .map_or(0, strtoul_lenient)
+        };
+        let descriptor = Descriptor {
+            base: value_of("desc-base"),
+            // FreeBSD keeps these in uint32_t.
+            limit: value_of("desc-limit") as u32,
+            access: value_of("desc-access") as u32,
+        };
+        let mut set_registers = Vec::new();
+        let mut set_descs = Vec::new();
+        let mut set_selectors = Vec::new();
+        for (name, value) in &a.options {
+            let name: &'static str = name;
+            let value = value.as_deref().map_or(0, strtoul_lenient);
+            match name {
+                "vm" | "cpu" | "capname" | "desc-base" | "desc-limit" | "desc-access"
+                | "rundir" => {}
+                "get-all" => plan.selection.all = true,
+                "inject-nmi" => plan.inject_nmi = true,
+                "force-reset" => plan.force_reset = true,
+                "force-poweroff" => plan.force_poweroff = true,
+                "destroy" => plan.destroy = true,
+                _ if GET_OPTIONS.contains(&name) => {
+                    plan.selection.options.insert(name);
+                }
+                _ => {
+                    if let Some(reg) = name.strip_prefix("set-desc-") {
+                        set_descs.push(reg);
+                    } else if let Some(reg) =
+                        name.strip_prefix("set-").filter(|r| SETTABLE.contains(r))
+                    {
+                        set_registers.push((reg, value));
+                    } else if let Some(seg) = name
+                        .strip_prefix("set-")
+                        .filter(|s| vmstate::SELECTOR_WRITE_ORDER.contains(s))
+                    {
+                        set_selectors.push((seg, value));
+                    } else {
+                        return Err(name);
+                    }
+                }
+            }
+        }
+        // FreeBSD writes each register once, the last value given, in its own order.
+        for reg in REGISTERS {
+            if let Some(&(_, value)) = set_registers.iter().rev().find(|(r, _)| *r == reg) {
+                plan.writes.registers.push((reg.into(), value));
+            }
+        }
+        for seg in vmstate::DESCRIPTOR_WRITE_ORDER {
+            if set_descs.contains(&seg) {
+                // GDTR and IDTR take no access rights.
+                let access = if seg.ends_with("dtr") && seg != "ldtr" {
+                    0
+                } else {
+                    descriptor.access
+                };
+                let d = Descriptor {
+                    access,
+                    ..descriptor
+                };
+                plan.writes.descriptors.push((seg.into(), d));
+            }
+        }
+        for seg in vmstate::SELECTOR_WRITE_ORDER {
+            if let Some(&(_, value)) = set_selectors.iter().rev().find(|(s, _)| *s == seg) {
+                plan.writes.selectors.push((seg.into(), value));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Nothing asked of the VM but that it exists.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+            && !self.inject_nmi
+            && !self.selection.all
+            && self.selection.options.is_empty()
+            && !self.force_reset
+            && !self.force_poweroff
+            && !self.destroy
+    }
+
+    /// Carry the plan out in FreeBSD's order: register writes, NMI, the `--get-*` output,
+    /// forced reset or power-off, destroy.
+    pub fn carry_out(&self, vm: &mut dyn Target, out: &mut dyn Write) -> Result<(), String> {
+        if !self.writes.is_empty() {
+            vm.set_registers(self.vcpu, &self.writes)?;
+        }
+        if self.inject_nmi {
+            vm.act(self.vcpu, "inject_nmi")?;
+        }
+        if self.selection.all || !self.selection.options.is_empty() {
+            let state = vm.state(self.vcpu)?;
+            out.write_all(render(&state, &self.selection).as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("writing the output: {e}"))?;
+        }
+        if self.force_reset {
+            vm.act(self.vcpu, "force_reset")?;
+        }
+        if self.force_poweroff {
+            vm.act(self.vcpu, "force_poweroff")?;
+        }
+        if self.destroy {
+            vm.act(self.vcpu, "destroy")?;
+        }
+        Ok(())
+    }
+}
+
+/// A bhyve-rs reached through its control socket `<rundir>/<vm>`.
+pub struct ControlSocket {
+    rundir: PathBuf,
+    vm: String,
+}
+
+impl ControlSocket {
+    pub fn new(rundir: &Path, vm: &str) -> ControlSocket {
+        ControlSocket {
+            rundir: rundir.to_path_buf(),
+            vm: vm.to_string(),
+        }
+    }
+
+    fn send(
+        &self,
+        request: &bhyve::control::nvlist::NvList,
+    ) -> Result<bhyve::control::nvlist::NvList, String> {
+        bhyve::control::client::request(&self.rundir, &self.vm, request).map_err(|e| e.to_string())
+    }
+}
+
+impl Target for ControlSocket {
+    fn set_registers(&mut self, vcpu: u32, writes: &RegisterWrites) -> Result<(), String> {
+        self.send(&writes.request(vcpu)).map(drop)
+    }
+
+    fn act(&mut self, vcpu: u32, action: &str) -> Result<(), String> {
+        let mut request = vmstate::request(CMD_VM_ACTION, vcpu);
+        request
+            .add_string("action", action)
+            .map_err(|e| e.to_string())?;
+        self.send(&request).map(drop)
+    }
+
+    fn state(&mut self, vcpu: u32) -> Result<VmState, String> {
+        let reply = self.send(&vmstate::request(CMD_VM_STATE, vcpu))?;
+        let state = reply
+            .get_nvlist("state")
+            .ok_or("bhyve's reply lacks the VM state")?;
+        VmState::decode(state).map_err(|why| format!("bhyve's reply: {why}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::{option_table, parse_args, Vendor};
+
+    fn plan(words: &[&str]) -> Result<Plan, &'static str> {
+        let args: Vec<String> = std::iter::once("bhyvectl")
+            .chain(words.iter().copied())
+            .map(String::from)
+            .collect();
+        let a = parse_args(&args, &option_table(Vendor::Amd), "bhyvectl", false).unwrap();
+        Plan::from_args(&a)
+    }
+
+    /// Records what a plan asks, in order.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl Target for Recorder {
+        fn set_registers(&mut self, vcpu: u32, w: &RegisterWrites) -> Result<(), String> {
+            self.0.push(format!("set {vcpu} {w:?}"));
+            Ok(())
+        }
+        fn act(&mut self, vcpu: u32, action: &str) -> Result<(), String> {
+            self.0.push(format!("{action} {vcpu}"));
+            Ok(())
+        }
+        fn state(&mut self, vcpu: u32) -> Result<VmState, String> {
+            self.0.push(format!("state {vcpu}"));
+            Ok(VmState {
+                vcpu,
+                ..Default::default()
+            })
+        }
+    }
+
+    #[test]
+    fn sets_follow_freebsd_order_and_values() {
+        let p = plan(&[
+            "--vm=x",
+            "--set-rax=0x10",
+            "--set-cr0=7",
+            "--set-rax=0x20",
+            "--desc-base=0x1000",
+            "--desc-limit=0xff",
+            "--desc-access=0x93",
+            "--set-desc-gdtr",
+            "--set-desc-ds",
+            "--set-ss=0x10",
+        ])
+        .unwrap();
+        assert_eq!(
+            p.writes.registers,
+            vec![("cr0".into(), 7), ("rax".into(), 0x20)]
+        );
+        assert_eq!(p.writes.descriptors[0].0, "ds");
+        assert_eq!(p.writes.descriptors[0].1.access, 0x93);
+        assert_eq!(p.writes.descriptors[1].0, "gdtr");
+        assert_eq!(p.writes.descriptors[1].1.access, 0);
+        assert_eq!(p.writes.selectors, vec![("ss".into(), 0x10)]);
+    }
+
+    #[test]
+    fn unsupported_options_are_named() {
+        assert_eq!(
+            plan(&["--vm=x", "--get-vmcb-asid"]).unwrap_err(),
+            "get-vmcb-asid"
+        );
+        assert_eq!(plan(&["--vm=x", "--set-mem=64"]).unwrap_err(), "set-mem");
+        assert_eq!(plan(&["--vm=x", "--run"]).unwrap_err(), "run");
+        assert!(plan(&["--vm=x"]).unwrap().is_empty());
+        assert!(plan(&["--vm=x", "--cpu=1"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn actions_come_in_freebsd_order() {
+        let p = plan(&[
+            "--destroy",
+            "--vm=x",
+            "--cpu=1",
+            "--force-poweroff",
+            "--get-rip",
+            "--inject-nmi",
+            "--set-rip=5",
+        ])
+        .unwrap();
+        let mut r = Recorder::default();
+        p.carry_out(&mut r, &mut Vec::new()).unwrap();
+        let steps: Vec<&str> = r.0.iter().map(|s| s.split(' ').next().unwrap()).collect();
+        assert_eq!(
+            steps,
+            ["set", "inject_nmi", "state", "force_poweroff", "destroy"]
+        );
+        assert!(r.0.iter().all(|s| s.split(' ').nth(1) == Some("1")));
+    }
+}
