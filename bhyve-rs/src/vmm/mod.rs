@@ -56,6 +56,7 @@ use crate::memory::{GuestMemory, GuestRegion};
 pub use crate::description::Topology;
 
 pub mod cpuid;
+pub mod freebsd;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod x86emul;
@@ -557,9 +558,15 @@ pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>> {
 }
 
 /// Open the backend for this host.
-#[cfg(not(target_os = "linux"))]
+#[cfg(target_os = "freebsd")]
+pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>> {
+    Ok(Box::new(freebsd::backend::FreeBsdHypervisor::open()?))
+}
+
+/// Open the backend for this host.
+#[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
 pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>> {
     Err(VmmError::Unsupported(
-        "the vmm backend (not implemented yet)",
+        "a hypervisor on this operating system",
     ))
 }

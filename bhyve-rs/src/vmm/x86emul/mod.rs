@@ -101,7 +101,7 @@ mod kvm_oracle_tests;
 
 /// A RAM image for tests' buses.
 #[cfg(test)]
-mod test_ram {
+pub(crate) mod test_ram {
     /// Copy out of `ram`; `false` when the range is not inside it.
     pub fn read(ram: &[u8], gpa: u64, data: &mut [u8]) -> bool {
         let range = usize::try_from(gpa)
