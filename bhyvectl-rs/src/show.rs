@@ -284,6 +284,109 @@ pub fn render(state: &VmState, sel: &Selection) -> String {
     out
 }
 
+/// What one `VM_RUN` came back with, as `--run` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunExit {
+    pub rip: u64,
+    pub inst_length: i32,
+    pub kind: RunExitKind,
+}
+
+// Built from `/dev/vmm` exits on FreeBSD only; the formatting is tested everywhere.
+#[cfg_attr(not(target_os = "freebsd"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunExitKind {
+    Inout {
+        input: bool,
+        bytes: u16,
+        string: bool,
+        rep: bool,
+        port: u16,
+        eax: u32,
+    },
+    Vmx {
+        status: i32,
+        exit_reason: u32,
+        qualification: u64,
+        inst_type: i32,
+        inst_error: i32,
+    },
+    Svm {
+        exitcode: u64,
+        exitinfo1: u64,
+        exitinfo2: u64,
+    },
+    /// Any other `VM_EXITCODE_*`.
+    Other(i32),
+}
+
+/// C's `%#lx`: `0` alone for zero, else `0x` and the digits.
+fn alt_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// `bhyvectl_dump_vm_run_exitcode`.
+pub fn run_exit(vcpu: u32, exit: &RunExit) -> String {
+    let mut out = format!(
+        "vm exit[{vcpu}]\n\trip\t\t0x{:016x}\n\tinst_length\t{}\n",
+        exit.rip, exit.inst_length
+    );
+    match &exit.kind {
+        RunExitKind::Inout {
+            input,
+            bytes,
+            string,
+            rep,
+            port,
+            eax,
+        } => {
+            let _ = write!(
+                out,
+                "\treason\t\tINOUT\n\tdirection\t{}\n\tbytes\t\t{bytes}\n\tflags\t\t{}{}\n\
+                 \tport\t\t0x{port:04x}\n\teax\t\t0x{eax:08x}\n",
+                if *input { "IN" } else { "OUT" },
+                if *string { "STRING " } else { "" },
+                if *rep { "REP " } else { "" },
+            );
+        }
+        RunExitKind::Vmx {
+            status,
+            exit_reason,
+            qualification,
+            inst_type,
+            inst_error,
+        } => {
+            let _ = write!(
+                out,
+                "\treason\t\tVMX\n\tstatus\t\t{status}\n\texit_reason\t0x{exit_reason:08x} \
+                 ({exit_reason})\n\tqualification\t0x{qualification:016x}\n\
+                 \tinst_type\t\t{inst_type}\n\tinst_error\t\t{inst_error}\n"
+            );
+        }
+        RunExitKind::Svm {
+            exitcode,
+            exitinfo1,
+            exitinfo2,
+        } => {
+            let _ = write!(
+                out,
+                "\treason\t\tSVM\n\texit_reason\t\t{}\n\texitinfo1\t\t{}\n\texitinfo2\t\t{}\n",
+                alt_hex(*exitcode),
+                alt_hex(*exitinfo1),
+                alt_hex(*exitinfo2)
+            );
+        }
+        RunExitKind::Other(code) => {
+            let _ = writeln!(out, "*** unknown vm run exitcode {code}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +490,45 @@ mod tests {
         ] {
             assert!(all.contains(line), "{line:?} not in\n{all}");
         }
+    }
+
+    #[test]
+    fn run_exits_print_as_freebsd() {
+        let exit = RunExit {
+            rip: 0xfff0,
+            inst_length: 1,
+            kind: RunExitKind::Inout {
+                input: false,
+                bytes: 1,
+                string: false,
+                rep: true,
+                port: 0x3f8,
+                eax: 0x41,
+            },
+        };
+        assert_eq!(
+            run_exit(0, &exit),
+            "vm exit[0]\n\trip\t\t0x000000000000fff0\n\tinst_length\t1\n\treason\t\tINOUT\n\
+             \tdirection\tOUT\n\tbytes\t\t1\n\tflags\t\tREP \n\tport\t\t0x03f8\n\teax\t\t0x00000041\n"
+        );
+        let svm = RunExit {
+            rip: 0,
+            inst_length: 0,
+            kind: RunExitKind::Svm {
+                exitcode: 0x400,
+                exitinfo1: 0,
+                exitinfo2: 7,
+            },
+        };
+        assert!(run_exit(1, &svm).ends_with(
+            "\treason\t\tSVM\n\texit_reason\t\t0x400\n\texitinfo1\t\t0\n\texitinfo2\t\t0x7\n"
+        ));
+        let other = RunExit {
+            rip: 0,
+            inst_length: 0,
+            kind: RunExitKind::Other(12),
+        };
+        assert!(run_exit(0, &other).ends_with("*** unknown vm run exitcode 12\n"));
     }
 
     #[test]

@@ -1,16 +1,13 @@
 //! What a bhyvectl command line asks of a VM ([`Plan`]), carried out in FreeBSD's order against
-//! a [`Target`]: a running bhyve-rs through its control socket ([`ControlSocket`]), or on
-//! FreeBSD the kernel's `/dev/vmm` directly.
+//! a [`Target`]: a running bhyve-rs through its control socket (`socket`), or on FreeBSD the
+//! kernel's `/dev/vmm` directly (`devvmm`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 
-use bhyve::control::vmstate::{
-    self, Descriptor, RegisterWrites, VmState, CMD_VM_ACTION, CMD_VM_STATE, REGISTERS,
-};
+use bhyve::control::vmstate::{self, Descriptor, RegisterWrites, VmState, REGISTERS};
 
 use crate::options::{strtoul_lenient, Args};
-use crate::show::{render, Selection, GET_OPTIONS};
+use crate::show::{render, run_exit, RunExit, Selection, GET_OPTIONS};
 
 /// A VM bhyvectl can inspect and act on.
 pub trait Target {
@@ -18,7 +15,13 @@ pub trait Target {
     /// One of [`vmstate::ACTIONS`].
     fn act(&mut self, vcpu: u32, action: &str) -> Result<(), String>;
     fn state(&mut self, vcpu: u32) -> Result<VmState, String>;
+    /// One `VM_RUN` of `vcpu` (`--run`).
+    fn run(&mut self, vcpu: u32) -> Result<RunExit, String>;
 }
+
+/// Options only `/dev/vmm` can carry out: a bhyve-rs owns its VM's vCPUs and memory.
+#[cfg(any(target_os = "freebsd", test))]
+pub const DEV_VMM_OPTIONS: &[&str] = &["create", "run"];
 
 /// Registers FreeBSD's bhyvectl can write with `--set-<name>=VALUE`.
 const SETTABLE: [&str; 15] = [
@@ -36,11 +39,15 @@ pub struct Plan {
     force_reset: bool,
     force_poweroff: bool,
     destroy: bool,
+    /// `--create`: make the VM before anything else.
+    pub create: bool,
+    run: bool,
 }
 
 impl Plan {
-    /// The plan for `a`, or the first option this implementation cannot carry out.
-    pub fn from_args(a: &Args) -> Result<Plan, &'static str> {
+    /// The plan for `a`, or the first option this platform cannot carry out; `platform` lists
+    /// the options beyond the control socket's that it can ([`DEV_VMM_OPTIONS`]).
+    pub fn from_args(a: &Args, platform: &[&str]) -> Result<Plan, &'static str> {
         if a.set_mem != 0 {
             return Err("set-mem");
         }
@@ -81,6 +88,8 @@ impl Plan {
                 "force-reset" => plan.force_reset = true,
                 "force-poweroff" => plan.force_poweroff = true,
                 "destroy" => plan.destroy = true,
+                "create" if platform.contains(&"create") => plan.create = true,
+                "run" if platform.contains(&"run") => plan.run = true,
                 _ if GET_OPTIONS.contains(&name) => {
                     plan.selection.options.insert(name);
                 }
@@ -140,10 +149,12 @@ impl Plan {
             && !self.force_reset
             && !self.force_poweroff
             && !self.destroy
+            && !self.create
+            && !self.run
     }
 
     /// Carry the plan out in FreeBSD's order: register writes, NMI, the `--get-*` output,
-    /// forced reset or power-off, destroy.
+    /// `--run`, forced reset or power-off, destroy.
     pub fn carry_out(&self, vm: &mut dyn Target, out: &mut dyn Write) -> Result<(), String> {
         if !self.writes.is_empty() {
             vm.set_registers(self.vcpu, &self.writes)?;
@@ -154,6 +165,12 @@ impl Plan {
         if self.selection.all || !self.selection.options.is_empty() {
             let state = vm.state(self.vcpu)?;
             out.write_all(render(&state, &self.selection).as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("writing the output: {e}"))?;
+        }
+        if self.run {
+            let exit = vm.run(self.vcpu)?;
+            out.write_all(run_exit(self.vcpu, &exit).as_bytes())
                 .and_then(|()| out.flush())
                 .map_err(|e| format!("writing the output: {e}"))?;
         }
@@ -170,50 +187,6 @@ impl Plan {
     }
 }
 
-/// A bhyve-rs reached through its control socket `<rundir>/<vm>`.
-pub struct ControlSocket {
-    rundir: PathBuf,
-    vm: String,
-}
-
-impl ControlSocket {
-    pub fn new(rundir: &Path, vm: &str) -> ControlSocket {
-        ControlSocket {
-            rundir: rundir.to_path_buf(),
-            vm: vm.to_string(),
-        }
-    }
-
-    fn send(
-        &self,
-        request: &bhyve::control::nvlist::NvList,
-    ) -> Result<bhyve::control::nvlist::NvList, String> {
-        bhyve::control::client::request(&self.rundir, &self.vm, request).map_err(|e| e.to_string())
-    }
-}
-
-impl Target for ControlSocket {
-    fn set_registers(&mut self, vcpu: u32, writes: &RegisterWrites) -> Result<(), String> {
-        self.send(&writes.request(vcpu)).map(drop)
-    }
-
-    fn act(&mut self, vcpu: u32, action: &str) -> Result<(), String> {
-        let mut request = vmstate::request(CMD_VM_ACTION, vcpu);
-        request
-            .add_string("action", action)
-            .map_err(|e| e.to_string())?;
-        self.send(&request).map(drop)
-    }
-
-    fn state(&mut self, vcpu: u32) -> Result<VmState, String> {
-        let reply = self.send(&vmstate::request(CMD_VM_STATE, vcpu))?;
-        let state = reply
-            .get_nvlist("state")
-            .ok_or("bhyve's reply lacks the VM state")?;
-        VmState::decode(state).map_err(|why| format!("bhyve's reply: {why}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +198,7 @@ mod tests {
             .map(String::from)
             .collect();
         let a = parse_args(&args, &option_table(Vendor::Amd), "bhyvectl", false).unwrap();
-        Plan::from_args(&a)
+        Plan::from_args(&a, &[])
     }
 
     /// Records what a plan asks, in order.
@@ -246,6 +219,14 @@ mod tests {
             Ok(VmState {
                 vcpu,
                 ..Default::default()
+            })
+        }
+        fn run(&mut self, vcpu: u32) -> Result<RunExit, String> {
+            self.0.push(format!("run {vcpu}"));
+            Ok(RunExit {
+                rip: 0,
+                inst_length: 0,
+                kind: crate::show::RunExitKind::Other(0),
             })
         }
     }
@@ -284,6 +265,7 @@ mod tests {
         );
         assert_eq!(plan(&["--vm=x", "--set-mem=64"]).unwrap_err(), "set-mem");
         assert_eq!(plan(&["--vm=x", "--run"]).unwrap_err(), "run");
+        assert_eq!(plan(&["--vm=x", "--create"]).unwrap_err(), "create");
         assert!(plan(&["--vm=x"]).unwrap().is_empty());
         assert!(plan(&["--vm=x", "--cpu=1"]).unwrap().is_empty());
     }
@@ -308,5 +290,28 @@ mod tests {
             ["set", "inject_nmi", "state", "force_poweroff", "destroy"]
         );
         assert!(r.0.iter().all(|s| s.split(' ').nth(1) == Some("1")));
+    }
+
+    #[test]
+    fn dev_vmm_runs_after_the_output_and_before_the_reset() {
+        let args: Vec<String> = [
+            "bhyvectl",
+            "--vm=x",
+            "--create",
+            "--force-reset",
+            "--run",
+            "--get-rip",
+        ]
+        .map(String::from)
+        .to_vec();
+        let a = parse_args(&args, &option_table(Vendor::Intel), "bhyvectl", false).unwrap();
+        let p = Plan::from_args(&a, DEV_VMM_OPTIONS).unwrap();
+        assert!(p.create);
+        let mut r = Recorder::default();
+        let mut out = Vec::new();
+        p.carry_out(&mut r, &mut out).unwrap();
+        let steps: Vec<&str> = r.0.iter().map(|s| s.split(' ').next().unwrap()).collect();
+        assert_eq!(steps, ["state", "run", "force_reset"]);
+        assert!(String::from_utf8_lossy(&out).contains("*** unknown vm run exitcode 0\n"));
     }
 }
