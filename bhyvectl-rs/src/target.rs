@@ -19,9 +19,9 @@ pub trait Target {
     fn run(&mut self, vcpu: u32) -> Result<RunExit, String>;
 }
 
-/// Options only `/dev/vmm` can carry out: a bhyve-rs owns its VM's vCPUs and memory.
-#[cfg(any(target_os = "freebsd", test))]
-pub const DEV_VMM_OPTIONS: &[&str] = &["create", "run"];
+/// Options only `/dev/vmm` can carry out: a bhyve-rs owns its VM's vCPUs and memory, and KVM
+/// has no counterpart of the kernel's pending event information.
+pub const DEV_VMM_OPTIONS: &[&str] = &["create", "run", "get-intinfo"];
 
 /// Registers FreeBSD's bhyvectl can write with `--set-<name>=VALUE`.
 const SETTABLE: [&str; 15] = [
@@ -79,6 +79,9 @@ impl Plan {
         let mut set_selectors = Vec::new();
         for (name, value) in &a.options {
             let name: &'static str = name;
+            if DEV_VMM_OPTIONS.contains(&name) && !platform.contains(&name) {
+                return Err(name);
+            }
             let value = value.as_deref().map_or(0, strtoul_lenient);
             match name {
                 "vm" | "cpu" | "capname" | "desc-base" | "desc-limit" | "desc-access"
@@ -88,8 +91,8 @@ impl Plan {
                 "force-reset" => plan.force_reset = true,
                 "force-poweroff" => plan.force_poweroff = true,
                 "destroy" => plan.destroy = true,
-                "create" if platform.contains(&"create") => plan.create = true,
-                "run" if platform.contains(&"run") => plan.run = true,
+                "create" => plan.create = true,
+                "run" => plan.run = true,
                 _ if GET_OPTIONS.contains(&name) => {
                     plan.selection.options.insert(name);
                 }
@@ -266,6 +269,10 @@ mod tests {
         assert_eq!(plan(&["--vm=x", "--set-mem=64"]).unwrap_err(), "set-mem");
         assert_eq!(plan(&["--vm=x", "--run"]).unwrap_err(), "run");
         assert_eq!(plan(&["--vm=x", "--create"]).unwrap_err(), "create");
+        assert_eq!(
+            plan(&["--vm=x", "--get-intinfo"]).unwrap_err(),
+            "get-intinfo"
+        );
         assert!(plan(&["--vm=x"]).unwrap().is_empty());
         assert!(plan(&["--vm=x", "--cpu=1"]).unwrap().is_empty());
     }
