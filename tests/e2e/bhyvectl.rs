@@ -8,6 +8,9 @@
 #[path = "common/mod.rs"]
 mod common;
 
+#[path = "../../bhyve-rs/tests/support/nvlist_mutations.rs"]
+mod mutations;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use bhyve::control::nvlist::{NvList, NvValue};
 use bhyve::control::vmstate::{self, CMD_SET_REGISTERS, CMD_VM_STATE};
 use common::control::{bhyvectl, boot, Scratch};
 use common::{kvm_usable, vm_name, Console, COMMAND_TIMEOUT};
+use mutations::{mutate, seeds, Seed, SplitMix64};
 
 /// FreeBSD's formats for the lines of `--get-all`, in the order it prints them
 /// (`show_memseg`, `show_memmap`, `get_all_registers`, `get_all_segments`, the x2APIC state,
@@ -534,4 +538,69 @@ fn inject_nmi_reaches_the_guest() {
     assert_eq!((status, stdout.as_str(), stderr.as_str()), (0, "", ""));
     // The guest takes no NMI on purpose: its handler reports vector 2 and stops.
     vm.expect("FAULT vector=2 ", COMMAND_TIMEOUT);
+}
+
+#[test]
+fn mutated_inspection_requests_are_refused_and_the_vm_runs_on() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("ctl-fuzz");
+    let name = vm_name();
+    let mut vm = boot(&scratch.0, &name, "128M");
+    let socket = scratch.0.join(&name);
+    // The new requests as seeds: a state read, a write of nothing, an action no one has.
+    let mut action = vmstate::request(vmstate::CMD_VM_ACTION, 0);
+    action.add_string("action", "no_such_action").unwrap();
+    let ours: Vec<Seed> = [
+        ("vm_state", vmstate::request(CMD_VM_STATE, 0)),
+        ("set_registers", vmstate::request(CMD_SET_REGISTERS, 0)),
+        ("vm_action", action),
+    ]
+    .into_iter()
+    .map(|(name, list)| Seed {
+        name: name.into(),
+        bytes: list.pack().0,
+        nfds: 0,
+    })
+    .collect();
+    let mut all = seeds();
+    all.extend(ours.iter().map(|s| Seed {
+        name: s.name.clone(),
+        bytes: s.bytes.clone(),
+        nfds: 0,
+    }));
+    let (mut errors, mut states, mut closed) = (0, 0, 0);
+    for case in 0..300u64 {
+        let mut rng = SplitMix64(case);
+        let seed = &ours[rng.below(ours.len())];
+        let mut bytes = seed.bytes.clone();
+        for _ in 0..1 + rng.below(3) {
+            mutate(&mut rng, &mut bytes, &all);
+        }
+        let reply = common::control::send_with_fds(&socket, &bytes, &[]).reply;
+        if reply.is_empty() {
+            closed += 1;
+            continue;
+        }
+        let reply = NvList::unpack(&reply, Vec::new()).expect("a reply that decodes");
+        match reply.get_string("error") {
+            Some(error) => {
+                assert!(!error.is_empty() && !error.contains('\n'), "{error:?}");
+                errors += 1;
+            }
+            // A request the mutations left intact: a state read, or a write of nothing.
+            None => states += 1,
+        }
+    }
+    eprintln!("mutated requests: {errors} refused, {states} carried out, {closed} closed");
+    assert!(errors > 100, "{errors} refused");
+    assert!(vm.running(), "bhyve exited:\n{}", vm.stderr());
+    vm.command_line("counter");
+    let (status, stdout, stderr) = run_ctl(&scratch.0, &name, &["--get-cs"]);
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        scan("cs[%d]\t\t0x%04lx", stdout.trim_end()).is_some(),
+        "{stdout}"
+    );
 }
