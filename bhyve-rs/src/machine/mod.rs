@@ -625,6 +625,9 @@ mod control {
         machine: Inspector,
         #[cfg(feature = "bhyve_snapshot")]
         checkpointer: snapshot::Checkpointer,
+        /// The VM's name, for the refusal of a checkpoint.
+        #[cfg(not(feature = "bhyve_snapshot"))]
+        name: String,
     }
 
     fn reply_version() -> NvList {
@@ -676,7 +679,10 @@ mod control {
             #[cfg(not(feature = "bhyve_snapshot"))]
             {
                 drop(request);
-                Err("this bhyve was built without snapshot support".into())
+                Err(format!(
+                    "VM '{}' runs a bhyve built without snapshot support",
+                    self.name
+                ))
             }
         }
 
@@ -769,6 +775,8 @@ mod control {
             machine: machine.inspector(),
             #[cfg(feature = "bhyve_snapshot")]
             checkpointer,
+            #[cfg(not(feature = "bhyve_snapshot"))]
+            name: name.to_string(),
         });
         ControlServer::start(&rundir, name, handler).map_err(|e| e.to_string())
     }
