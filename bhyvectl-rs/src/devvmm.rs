@@ -263,7 +263,11 @@ impl Target for DevVmm {
             capabilities.push((name.to_string(), value));
         }
         let cpus = |which| self.dev.cpus(which).map_err(failed("vm_get_cpus"));
-        let (active_cpus, suspended_cpus) = (cpus(VM_ACTIVE_CPUS)?, cpus(VM_SUSPENDED_CPUS)?);
+        let (active_cpus, debug_cpus, suspended_cpus) = (
+            cpus(VM_ACTIVE_CPUS)?,
+            cpus(VM_DEBUG_CPUS)?,
+            cpus(VM_SUSPENDED_CPUS)?,
+        );
         let stats = self.dev.all_stats(vcpu).map_err(failed("vm_get_stats"))?;
         let mut statistics = Vec::new();
         for (index, value) in stats.values.into_iter().enumerate() {
@@ -297,6 +301,7 @@ impl Target for DevVmm {
             intinfo: Some(intinfo),
             capabilities,
             active_cpus,
+            debug_cpus: Some(debug_cpus),
             suspended_cpus,
             statistics,
             topology,
@@ -307,5 +312,37 @@ impl Target for DevVmm {
 
     fn run(&mut self, vcpu: u32) -> Result<RunExit, String> {
         self.run_once(vcpu)
+    }
+
+    fn set_capability(&mut self, vcpu: u32, name: &str, value: bool) -> Result<(), String> {
+        // libvmmapi's name2type gives -1 for a name it does not know; the kernel refuses it.
+        let captype = CAPABILITIES
+            .iter()
+            .position(|c| *c == name)
+            .map_or(-1, |i| i as vm_cap_type);
+        match self.dev.set_capability(vcpu, captype, value) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    println!("Capability \"{name}\" is not available");
+                }
+                Err(failed("vm_set_capability")(e))
+            }
+        }
+    }
+
+    fn set_x2apic_state(&mut self, vcpu: u32, state: i64) -> Result<(), String> {
+        let enabled = match state {
+            0 => false,
+            1 => true,
+            // What the kernel answers an enum value it does not have.
+            _ => {
+                let invalid = io::Error::from_raw_os_error(libc::EINVAL);
+                return Err(failed("vm_set_x2apic_state")(invalid));
+            }
+        };
+        self.dev
+            .set_x2apic_state(vcpu, enabled)
+            .map_err(failed("vm_set_x2apic_state"))
     }
 }

@@ -77,6 +77,7 @@ pub const GET_OPTIONS: &[&str] = &[
     "get-intinfo",
     "getcap",
     "get-active-cpus",
+    "get-debug-cpus",
     "get-suspended-cpus",
     "get-stats",
     "get-cpu-topology",
@@ -250,6 +251,9 @@ fn vm_wide(state: &VmState, sel: &Selection, out: &mut String) {
     }
     if sel.wants("get-active-cpus") {
         cpus("active cpus", &state.active_cpus, out);
+    }
+    if let (true, Some(debug)) = (sel.wants("get-debug-cpus"), &state.debug_cpus) {
+        cpus("debug cpus", debug, out);
     }
     if sel.wants("get-suspended-cpus") {
         cpus("suspended cpus", &state.suspended_cpus, out);
@@ -426,6 +430,7 @@ mod tests {
                 ("mtrap_exit".into(), None),
             ],
             active_cpus: vec![0, 1],
+            debug_cpus: Some(vec![]),
             suspended_cpus: vec![],
             statistics: vec![("Resident memory".into(), 8192)],
             topology: (1, 2, 1, 2),
@@ -484,7 +489,7 @@ mod tests {
             "pending:\tn/a\ncurrent:\texception vector 13 errcode 0x18\n",
             "Capability \"hlt_exit\" is not set on vcpu 0\n",
             "Capability \"mtrap_exit\" is not available\n",
-            "active cpus:\t 0, 1\nsuspended cpus:\t (none)\n",
+            "active cpus:\t 0, 1\ndebug cpus:\t (none)\nsuspended cpus:\t (none)\n",
             "vcpu0 stats:\nResident memory                         \t8192\n",
             "cpu_topology:\tsockets=1, cores=2, threads=1, maxcpus=2\n",
         ] {

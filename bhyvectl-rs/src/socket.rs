@@ -49,6 +49,14 @@ impl Target for ControlSocket {
         VmState::decode(state).map_err(|why| format!("bhyve's reply: {why}"))
     }
 
+    fn set_capability(&mut self, _vcpu: u32, _name: &str, _value: bool) -> Result<(), String> {
+        Err("--setcap needs the VM's /dev/vmm device".into())
+    }
+
+    fn set_x2apic_state(&mut self, _vcpu: u32, _state: i64) -> Result<(), String> {
+        Err("--set-x2apic-state needs the VM's /dev/vmm device".into())
+    }
+
     fn run(&mut self, _vcpu: u32) -> Result<RunExit, String> {
         Err("--run needs the VM's /dev/vmm device: bhyve runs the vCPUs here".into())
     }

@@ -17,11 +17,22 @@ pub trait Target {
     fn state(&mut self, vcpu: u32) -> Result<VmState, String>;
     /// One `VM_RUN` of `vcpu` (`--run`).
     fn run(&mut self, vcpu: u32) -> Result<RunExit, String>;
+    /// `--setcap`: set capability `name` (one of [`vmstate::CAPABILITIES`] or not) of `vcpu`.
+    fn set_capability(&mut self, vcpu: u32, name: &str, value: bool) -> Result<(), String>;
+    /// `--set-x2apic-state` (`enum x2apic_state`).
+    fn set_x2apic_state(&mut self, vcpu: u32, state: i64) -> Result<(), String>;
 }
 
 /// Options only `/dev/vmm` can carry out: a bhyve-rs owns its VM's vCPUs and memory, and KVM
 /// has no counterpart of the kernel's pending event information.
-pub const DEV_VMM_OPTIONS: &[&str] = &["create", "run", "get-intinfo"];
+pub const DEV_VMM_OPTIONS: &[&str] = &[
+    "create",
+    "run",
+    "get-intinfo",
+    "get-debug-cpus",
+    "setcap",
+    "set-x2apic-state",
+];
 
 /// Registers FreeBSD's bhyvectl can write with `--set-<name>=VALUE`.
 const SETTABLE: [&str; 15] = [
@@ -42,6 +53,9 @@ pub struct Plan {
     /// `--create`: make the VM before anything else.
     pub create: bool,
     run: bool,
+    /// `--setcap` value for `--capname`.
+    setcap: Option<(String, bool)>,
+    set_x2apic_state: Option<i64>,
 }
 
 impl Plan {
@@ -51,7 +65,7 @@ impl Plan {
         if a.set_mem != 0 {
             return Err("set-mem");
         }
-        if a.setcap.is_some() {
+        if a.setcap.is_some() && !platform.contains(&"setcap") {
             return Err("setcap");
         }
         let mut plan = Plan {
@@ -60,6 +74,13 @@ impl Plan {
             ..Plan::default()
         };
         plan.selection.capname = a.capname.clone();
+        // FreeBSD keeps the value in an int; the kernel reads any non-zero one as set.
+        plan.setcap = a.setcap.map(|value| {
+            (
+                a.capname.clone().unwrap_or_default(),
+                value as u32 as i32 != 0,
+            )
+        });
         let value_of = |name: &str| {
             a.options
                 .iter()
@@ -93,6 +114,8 @@ impl Plan {
                 "destroy" => plan.destroy = true,
                 "create" => plan.create = true,
                 "run" => plan.run = true,
+                // strtol(…, 0): any value outside 0 and 1 is refused by the kernel anyway.
+                "set-x2apic-state" => plan.set_x2apic_state = Some(value as i64),
                 _ if GET_OPTIONS.contains(&name) => {
                     plan.selection.options.insert(name);
                 }
@@ -154,6 +177,8 @@ impl Plan {
             && !self.destroy
             && !self.create
             && !self.run
+            && self.setcap.is_none()
+            && self.set_x2apic_state.is_none()
     }
 
     /// Carry the plan out in FreeBSD's order: register writes, NMI, the `--get-*` output,
@@ -162,8 +187,16 @@ impl Plan {
         if !self.writes.is_empty() {
             vm.set_registers(self.vcpu, &self.writes)?;
         }
+        if let Some(state) = self.set_x2apic_state {
+            vm.set_x2apic_state(self.vcpu, state)?;
+        }
         if self.inject_nmi {
             vm.act(self.vcpu, "inject_nmi")?;
+        }
+        // FreeBSD sets the capability after printing the registers and before --getcap: no
+        // register line depends on it.
+        if let Some((name, value)) = &self.setcap {
+            vm.set_capability(self.vcpu, name, *value)?;
         }
         if self.selection.all || !self.selection.options.is_empty() {
             let state = vm.state(self.vcpu)?;
@@ -224,6 +257,14 @@ mod tests {
                 ..Default::default()
             })
         }
+        fn set_capability(&mut self, vcpu: u32, name: &str, value: bool) -> Result<(), String> {
+            self.0.push(format!("setcap {vcpu} {name} {value}"));
+            Ok(())
+        }
+        fn set_x2apic_state(&mut self, vcpu: u32, state: i64) -> Result<(), String> {
+            self.0.push(format!("x2apic {vcpu} {state}"));
+            Ok(())
+        }
         fn run(&mut self, vcpu: u32) -> Result<RunExit, String> {
             self.0.push(format!("run {vcpu}"));
             Ok(RunExit {
@@ -273,6 +314,11 @@ mod tests {
             plan(&["--vm=x", "--get-intinfo"]).unwrap_err(),
             "get-intinfo"
         );
+        assert_eq!(plan(&["--vm=x", "--setcap=1"]).unwrap_err(), "setcap");
+        assert_eq!(
+            plan(&["--vm=x", "--set-x2apic-state=1"]).unwrap_err(),
+            "set-x2apic-state"
+        );
         assert!(plan(&["--vm=x"]).unwrap().is_empty());
         assert!(plan(&["--vm=x", "--cpu=1"]).unwrap().is_empty());
     }
@@ -308,6 +354,9 @@ mod tests {
             "--force-reset",
             "--run",
             "--get-rip",
+            "--capname=pause_exit",
+            "--setcap=0x100000000",
+            "--set-x2apic-state=0x1",
         ]
         .map(String::from)
         .to_vec();
@@ -318,7 +367,10 @@ mod tests {
         let mut out = Vec::new();
         p.carry_out(&mut r, &mut out).unwrap();
         let steps: Vec<&str> = r.0.iter().map(|s| s.split(' ').next().unwrap()).collect();
-        assert_eq!(steps, ["state", "run", "force_reset"]);
+        assert_eq!(steps, ["x2apic", "setcap", "state", "run", "force_reset"]);
+        // 2^32 is 0 once in FreeBSD's int.
+        assert_eq!(r.0[1], "setcap 0 pause_exit false");
+        assert_eq!(r.0[0], "x2apic 0 1");
         assert!(String::from_utf8_lossy(&out).contains("*** unknown vm run exitcode 0\n"));
     }
 }

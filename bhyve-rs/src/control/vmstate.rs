@@ -150,6 +150,9 @@ pub struct VmState {
     /// Each of [`CAPABILITIES`]: `Some(set)` or `None` (not available).
     pub capabilities: Vec<(String, Option<bool>)>,
     pub active_cpus: Vec<u32>,
+    /// CPUs stopped for a debugger (`VM_DEBUG_CPUS`); only `/dev/vmm` tells, so it does not
+    /// travel over the control socket.
+    pub debug_cpus: Option<Vec<u32>>,
     pub suspended_cpus: Vec<u32>,
     /// vmm statistics of `vcpu`: description and value.
     pub statistics: Vec<(String, u64)>,
@@ -472,6 +475,7 @@ impl VmState {
             intinfo,
             capabilities,
             active_cpus: cpus("active_cpus")?,
+            debug_cpus: None,
             suspended_cpus: cpus("suspended_cpus")?,
             statistics: strings(list, "statistic_names")?
                 .into_iter()
@@ -605,6 +609,7 @@ mod tests {
             intinfo: None,
             capabilities: vec![("hlt_exit".into(), Some(true)), ("mtrap_exit".into(), None)],
             active_cpus: vec![0, 1],
+            debug_cpus: None,
             suspended_cpus: vec![],
             statistics: vec![("Resident memory".into(), 4096)],
             topology: (1, 2, 1, 2),

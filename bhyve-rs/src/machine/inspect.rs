@@ -242,6 +242,7 @@ impl Inspector {
             intinfo: None,
             capabilities,
             active_cpus: (0..u32::from(t.cpus)).collect(),
+            debug_cpus: None,
             suspended_cpus: Vec::new(),
             statistics,
             topology: (t.sockets, t.cores, t.threads, t.cpus),
