@@ -265,8 +265,17 @@ fn stop_dirty_log(vm: &dyn Vm) {
     }
 }
 
+/// The backend this build's snapshots come from and restore to.
+fn host_backend() -> Backend {
+    if cfg!(target_os = "linux") {
+        Backend::Kvm
+    } else {
+        Backend::FreeBsdVmm
+    }
+}
+
 fn header_info(suspended: bool) -> HeaderInfo {
-    let mut info = HeaderInfo::this_build(Backend::Kvm);
+    let mut info = HeaderInfo::this_build(host_backend());
     if suspended {
         info.flags |= HEADER_FLAG_SUSPENDED;
     }
@@ -377,6 +386,30 @@ fn add_backend_state(
         .map_err(|e| format!("{name} {instance}: {e}"))
 }
 
+/// Copy every page of `source` that may hold data into the same guest-physical place of
+/// `target` (pages an anonymous source never populated read as zero there already, in memory
+/// the backend just made).
+pub(crate) fn copy_populated(source: &GuestMemory, target: &GuestMemory) -> Result<(), String> {
+    const PAGE: u64 = crate::memory::PAGE_SIZE;
+    for region in source.regions() {
+        let bytes = region.as_slice();
+        let populated = region.populated_pages();
+        for (page, chunk) in bytes.chunks(PAGE as usize).enumerate() {
+            if populated
+                .as_ref()
+                .is_some_and(|p| !p.get(page).copied().unwrap_or(true))
+            {
+                continue;
+            }
+            let gpa = region.gpa() + page as u64 * PAGE;
+            target
+                .write(gpa, chunk)
+                .map_err(|e| format!("restoring RAM at {gpa:#x}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// An open snapshot with its configuration, ready to build a machine from.
 pub struct Restore {
     reader: SnapshotReader,
@@ -394,11 +427,11 @@ impl Restore {
                 Arch::host()
             ));
         }
-        if header.backend != Backend::Kvm {
+        if header.backend != host_backend() {
             return Err(format!(
                 "snapshot was written by the {} backend; this bhyve runs on {}",
                 header.backend,
-                Backend::Kvm
+                host_backend()
             ));
         }
         Ok(Self {
@@ -421,6 +454,14 @@ impl Restore {
             .iter()
             .map(|r| (r.gpa, r.size))
             .collect()
+    }
+
+    /// Copy the saved RAM into `target`, guest memory the backend made (FreeBSD's memory
+    /// segments, which cannot be replaced by a mapping of the file): each region is read and
+    /// checked as [`RestoreMode::Copy`] reads it, then the pages it holds are written over.
+    pub fn copy_memory_into(&self, target: &GuestMemory) -> Result<(), String> {
+        let saved = self.memory(RestoreMode::Copy)?;
+        copy_populated(&saved, target)
     }
 
     pub fn memory(&self, mode: RestoreMode) -> Result<GuestMemory, String> {
@@ -585,5 +626,29 @@ impl Restore {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copying_saved_ram_into_backend_memory_writes_every_page_that_holds_data() {
+        let size = 4 << 20;
+        let saved = GuestMemory::new(size).unwrap();
+        saved.write(0x1000, b"first page").unwrap();
+        saved.write(0x3f_fff8, &[7; 8]).unwrap();
+        let target = GuestMemory::new(size).unwrap();
+        // A page the saved RAM never populated is left as the backend made it.
+        target.write(0x2_0000, &[0xff; 4]).unwrap();
+        copy_populated(&saved, &target).unwrap();
+        assert_eq!(target.slice(0x1000, 10).unwrap(), b"first page");
+        assert_eq!(target.slice(0x3f_fff8, 8).unwrap(), &[7; 8]);
+        assert_eq!(target.slice(0x2_0000, 4).unwrap(), &[0xff; 4]);
+        // Memory of another size is refused, not half written past its end.
+        let small = GuestMemory::new(2 << 20).unwrap();
+        let err = copy_populated(&saved, &small).unwrap_err();
+        assert!(err.starts_with("restoring RAM at 0x3ff000"), "{err}");
     }
 }

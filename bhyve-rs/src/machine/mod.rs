@@ -568,18 +568,23 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
         ));
     }
     let hypervisor = crate::vmm::open_hypervisor().map_err(|e| e.to_string())?;
-    if !hypervisor.platform().prebuilt_ram {
-        return Err("this backend cannot take RAM from a snapshot".into());
-    }
     #[cfg(target_os = "linux")]
-    let lease = if mode == RestoreMode::Map {
+    let lease = if mode == RestoreMode::Map && hypervisor.platform().prebuilt_ram {
         snapshot.lease_file()
     } else {
         None
     };
-    let memory = snapshot.memory(mode)?;
-    let mut machine = Machine::new(hypervisor.as_ref(), vm_spec(&description, Some(memory)))
-        .map_err(|e| e.to_string())?;
+    let mut machine = if hypervisor.platform().prebuilt_ram {
+        let memory = snapshot.memory(mode)?;
+        Machine::new(hypervisor.as_ref(), vm_spec(&description, Some(memory)))
+            .map_err(|e| e.to_string())?
+    } else {
+        // The kernel owns guest RAM (FreeBSD's memory segments): copy the saved RAM in.
+        let machine = Machine::new(hypervisor.as_ref(), vm_spec(&description, None))
+            .map_err(|e| e.to_string())?;
+        snapshot.copy_memory_into(machine.memory())?;
+        machine
+    };
     #[cfg(target_os = "linux")]
     if let Some(lease) = lease {
         machine.keep_file_lease(lease);

@@ -107,7 +107,9 @@ impl Hypervisor for FreeBsdHypervisor {
 
 /// libvmmapi's `vm_setup_memory`: one system memory segment covering low RAM, the hole below
 /// 4 GiB and high RAM, mapped into the guest at 0 and 4 GiB, and into this process from
-/// `/dev/vmm/NAME` at offset = guest-physical address.
+/// `/dev/vmm/NAME` at offset = guest-physical address. libvmmapi puts both host mappings in
+/// one reserved range between guard pages; here each RAM region is its own mapping, as
+/// [`GuestMemory`] holds them, and its bounds checks keep accesses inside them.
 fn setup_memory(dev: &VmmDev, size: u64, wired: bool, in_core: bool) -> Result<GuestMemory> {
     let pieces = layout(size).map_err(|e| VmmError::Invalid(format!("guest memory: {e}")))?;
     let objsize = pieces.iter().map(|(gpa, len)| gpa + len).max().unwrap_or(0);
@@ -358,8 +360,9 @@ struct FreeBsdKick {
 
 impl VcpuKick for FreeBsdKick {
     fn kick(&self) {
+        // An AP not started yet is not in VM_RUN and the kernel refuses it (EINVAL).
         if let Err(e) = self.dev.suspend_cpu(Some(self.id)) {
-            log::warn!("VM_SUSPEND_CPU of vCPU {}: {e}", self.id);
+            log::debug!("VM_SUSPEND_CPU of vCPU {}: {e}", self.id);
         }
     }
 }
@@ -386,6 +389,15 @@ const CONTROL_SET: [vm_reg_name; 11] = [
 ];
 
 impl FreeBsdVcpu {
+    /// `VM_ACTIVATE_CPU`; a vCPU already active (started before a reset) is fine.
+    fn activate(&self) -> Result<()> {
+        match self.dev.activate_cpu(self.id) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(VmmError::ioctl("VM_ACTIVATE_CPU", e)),
+        }
+    }
+
     fn read_regs(&self) -> io::Result<Regs> {
         let values = self.dev.registers(self.id, &GPR_SET)?;
         let values: [u64; 18] = values
@@ -584,15 +596,11 @@ impl Registers for KernelRegisters<'_> {
         self.update(|r| r.rflags = value);
     }
     fn segment(&self, seg: SegReg) -> Segment {
-        let s = self.sregs();
-        match seg {
-            SegReg::Es => s.es,
-            SegReg::Cs => s.cs,
-            SegReg::Ss => s.ss,
-            SegReg::Ds => s.ds,
-            SegReg::Fs => s.fs,
-            SegReg::Gs => s.gs,
+        crate::vmm::x86emul::CpuState {
+            regs: Regs::default(),
+            sregs: self.sregs(),
         }
+        .segment(seg)
     }
     fn cr0(&self) -> u64 {
         self.sregs().cr0
@@ -708,12 +716,7 @@ impl Vcpu for FreeBsdVcpu {
                 &[page >> 4, rip & 0xfff],
             )
             .map_err(ioctl("VM_SET_REGISTER_SET"))?;
-        match self.dev.activate_cpu(id) {
-            Ok(()) => Ok(()),
-            // Already active (started before, e.g. after a reset).
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-            Err(e) => Err(VmmError::ioctl("VM_ACTIVATE_CPU", e)),
-        }
+        self.activate()
     }
 
     fn inject_exception(&self, vector: u8, error_code: Option<u32>) -> Result<()> {
@@ -768,11 +771,7 @@ impl Vcpu for FreeBsdVcpu {
 
     fn set_mp_state(&self, state: MpState) -> Result<()> {
         match state {
-            MpState::Runnable => match self.dev.activate_cpu(self.id) {
-                Ok(()) => Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-                Err(e) => Err(VmmError::ioctl("VM_ACTIVATE_CPU", e)),
-            },
+            MpState::Runnable => self.activate(),
             _ => Err(VmmError::Unsupported("setting this MP state")),
         }
     }

@@ -451,3 +451,140 @@ fn records_from_older_kernels_read_as_the_current_layout() {
     assert_eq!(ie.gpa, 0xfee0_0030);
     assert_eq!(&ie.vie.inst[..2], &[0x89, 0x03]);
 }
+
+/// RAM from 0 with a recorded MMIO window at 0xfee0_0000.
+struct RamAndMmio {
+    ram: Ram,
+    mmio: Vec<(u64, Vec<u8>)>,
+}
+
+impl GuestBus for RamAndMmio {
+    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) -> Result<(), AccessFault> {
+        data.fill(0x5a);
+        self.mmio.push((gpa, data.to_vec()));
+        Ok(())
+    }
+    fn mmio_write(&mut self, gpa: u64, data: &[u8]) -> Result<(), AccessFault> {
+        self.mmio.push((gpa, data.to_vec()));
+        Ok(())
+    }
+    fn ram_read(&mut self, gpa: u64, data: &mut [u8]) -> bool {
+        self.ram.ram_read(gpa, data)
+    }
+    fn ram_write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        self.ram.ram_write(gpa, data)
+    }
+}
+
+/// A 64-bit vCPU whose page tables (at 0x1000) map linear 0x4000_0000 onto guest-physical
+/// 0x20_0000 with a 2 MiB page, and `code` there; nothing else is mapped.
+fn long_mode_with_code(code: &[u8]) -> (SimVcpu, RamAndMmio) {
+    let mut ram = vec![0u8; 4 << 20];
+    let mut put = |at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put(0x1000, 0x2000 | 3); // PML4[0]
+    put(0x2000 + 8, 0x3000 | 3); // PDPT[1]: 1 GiB
+    put(0x3000, 0x20_0000 | 0x83); // PD[0]: 2 MiB page at 2 MiB
+    ram[0x20_0000..0x20_0000 + code.len()].copy_from_slice(code);
+    let mut state = CpuState::default();
+    state.sregs.cr0 = 0x8000_0011;
+    state.sregs.cr3 = 0x1000;
+    state.sregs.cr4 = 0x20;
+    state.sregs.efer = 0x500;
+    state.sregs.cs = Segment {
+        type_: 0xb,
+        present: true,
+        s: true,
+        l: true,
+        ..Default::default()
+    };
+    state.sregs.ds = Segment {
+        type_: 0x3,
+        present: true,
+        s: true,
+        ..Default::default()
+    };
+    state.regs.rip = 0x4000_0000;
+    state.regs.rax = 0x1122_3344;
+    state.regs.rbx = 0xfee0_0030;
+    (
+        SimVcpu::new(state),
+        RamAndMmio {
+            ram: Ram(ram),
+            mmio: Vec::new(),
+        },
+    )
+}
+
+#[test]
+fn paging_exit_fetches_the_instruction_through_the_guest_page_tables() {
+    // mov [rbx], eax
+    let (mut vcpu, mut bus) = long_mode_with_code(&[0x89, 0x03]);
+    let mut exit = record(VM_EXITCODE_PAGING, 0);
+    exit.rip = 0x4000_0000;
+    exit.u.paging = vm_exit_paging {
+        gpa: 0xfee0_0030,
+        fault_type: 2,
+    };
+    let devices = Devices::default();
+    assert_eq!(
+        handle_exit(&exit, &mut vcpu, &mut bus, &devices),
+        ExitAction::Continue
+    );
+    assert_eq!(bus.mmio, vec![(0xfee0_0030, vec![0x44, 0x33, 0x22, 0x11])]);
+    assert_eq!(vcpu.resume_rip(&exit), 0x4000_0002);
+
+    // RIP on an unmapped page: the guest takes the page fault for the fetch.
+    let (mut vcpu, mut bus) = long_mode_with_code(&[0x89, 0x03]);
+    exit.rip = 0x8000_0000;
+    assert_eq!(
+        handle_exit(&exit, &mut vcpu, &mut bus, &devices),
+        ExitAction::Continue
+    );
+    assert_eq!(vcpu.injected.len(), 1);
+    assert_eq!(vcpu.injected[0].vector, Exception::PF);
+    assert_eq!(vcpu.injected[0].cr2, Some(0x8000_0000));
+    assert_eq!(vcpu.resume_rip(&exit), 0x8000_0000);
+    assert!(bus.mmio.is_empty());
+}
+
+#[test]
+fn inst_emul_without_instruction_bytes_fetches_them_and_a_bad_instruction_stops_the_vm() {
+    // mov eax, [rbx]
+    let (mut vcpu, mut bus) = long_mode_with_code(&[0x8b, 0x03]);
+    let mut exit = record(VM_EXITCODE_INST_EMUL, 2);
+    exit.rip = 0x4000_0000;
+    exit.u.inst_emul = vm_exit_inst_emul {
+        gpa: 0xfee0_0030,
+        gla: 0xfee0_0030,
+        paging: vm_guest_paging {
+            cr3: 0x1000,
+            cpl: 0,
+            cpu_mode: CPU_MODE_64BIT,
+            paging_mode: PAGING_MODE_64,
+        },
+        ..Default::default()
+    };
+    let devices = Devices::default();
+    assert_eq!(
+        handle_exit(&exit, &mut vcpu, &mut bus, &devices),
+        ExitAction::Continue
+    );
+    assert_eq!(vcpu.state.regs.rax, 0x5a5a_5a5a);
+    assert_eq!(bus.mmio, vec![(0xfee0_0030, vec![0x5a; 4])]);
+    assert_eq!(vcpu.resume_rip(&exit), 0x4000_0002);
+
+    // syscall is no MMIO instruction: the VM stops, naming the bytes as bhyve does.
+    let (mut vcpu, mut bus) = long_mode_with_code(&[]);
+    // SAFETY: the record was built as INST_EMUL.
+    let ie = unsafe { &mut exit.u.inst_emul };
+    ie.vie.inst[..2].copy_from_slice(&[0x0f, 0x05]);
+    ie.vie.num_valid = 2;
+    let ExitAction::Exit(VmExit::Failed(text)) = handle_exit(&exit, &mut vcpu, &mut bus, &devices)
+    else {
+        panic!("an instruction the emulator lacks must stop the VM");
+    };
+    assert!(
+        text.starts_with("Failed to emulate instruction sequence [ 0f05 ] at 0x40000000"),
+        "{text}"
+    );
+}

@@ -18,24 +18,9 @@ use vmm_sys::*;
 
 use super::exits;
 
-/// The release family of the running kernel, as far as the `/dev/vmm` ABI is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum KernelAbi {
-    V13,
-    V14,
-    V15,
-}
+pub use super::KernelAbi;
 
 impl KernelAbi {
-    /// From `kern.osreldate` (`__FreeBSD_version`).
-    pub fn from_osreldate(osreldate: u32) -> KernelAbi {
-        match osreldate {
-            0..=1_399_999 => KernelAbi::V13,
-            1_400_000..=1_499_999 => KernelAbi::V14,
-            _ => KernelAbi::V15,
-        }
-    }
-
     /// The running kernel's.
     pub fn running() -> io::Result<KernelAbi> {
         Ok(KernelAbi::from_osreldate(sysctl_u32("kern.osreldate")?))
@@ -87,24 +72,8 @@ fn sysctl_write_name(oid: &str, name: &str) -> io::Result<()> {
 
 const VMMCTL_PATH: &str = "/dev/vmmctl";
 
-/// Copy `name` into a kernel name buffer; ENAMETOOLONG when it does not fit with its NUL,
-/// EINVAL when it is empty or holds a NUL or a slash.
 fn name_buffer<const N: usize>(name: &str) -> io::Result<[c_char; N]> {
-    super::check_vm_name(name).map_err(|_| {
-        io::Error::from_raw_os_error(if name.len() >= N {
-            libc::ENAMETOOLONG
-        } else {
-            libc::EINVAL
-        })
-    })?;
-    if name.len() >= N {
-        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
-    let mut buf = [0 as c_char; N];
-    for (dst, src) in buf.iter_mut().zip(name.bytes()) {
-        *dst = src as c_char;
-    }
-    Ok(buf)
+    super::name_buffer(name).map_err(io::Error::from_raw_os_error)
 }
 
 /// How a VM was created, which decides how it goes away.
