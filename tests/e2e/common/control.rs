@@ -33,11 +33,17 @@ impl Drop for Scratch {
     }
 }
 
-/// The bhyvectl of this build, with snapshot support. Cargo builds only this package's
-/// binaries for its tests, so a test run on its own builds bhyvectl (a no-op when
-/// `make test` has already built the workspace).
+/// The bhyvectl of this build, with snapshot support when the tests have it. Cargo builds only
+/// this package's binaries for its tests, so a test run on its own builds bhyvectl (a no-op
+/// when `make test` has already built the workspace with the same features: building it with
+/// others would replace the binary other tests of the run are using).
 pub fn bhyvectl() -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let features: &[&str] = if cfg!(feature = "bhyve_snapshot") {
+        &["--features", "bhyvectl-rs/bhyve_snapshot"]
+    } else {
+        &[]
+    };
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_bhyve"))
         .parent()
         .expect("bhyve lives in a directory");
@@ -46,8 +52,8 @@ pub fn bhyvectl() -> PathBuf {
         .expect("the profile directory lives in the target directory");
     let built = BUILT.get_or_init(|| {
         cargo_build(
-            &["-p", "bhyvectl-rs", "--bin", "bhyvectl", "--features"],
-            &["bhyvectl-rs/bhyve_snapshot"],
+            &["-p", "bhyvectl-rs", "--bin", "bhyvectl"],
+            features,
             target_dir,
         )?;
         Ok(bin_dir.join("bhyvectl"))
