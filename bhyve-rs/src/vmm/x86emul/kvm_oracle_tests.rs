@@ -6,6 +6,11 @@
 //! device did; registers, flags, RAM, MMIO accesses (direction, address, size, data) and the
 //! resumed RIP must match what KVM produced.
 //!
+//! Each instruction also runs through the FreeBSD backend's exit logic
+//! ([`crate::vmm::freebsd::exits::handle_exit`]) as the exit records FreeBSD's kernel would
+//! give for it (`INST_EMUL`, or `INOUT`/`INOUT_STR` for the port I/O cases, which only this
+//! path runs; see [`crate::vmm::freebsd::replay`]), with the same comparisons.
+//!
 //! Cases run in 64-bit code, then in a 32-bit and a 16-bit code segment reached by far
 //! jumps (the guest loads its own GDT); memory operands reach the window directly, through
 //! page tables the test adds (4 KiB, 2 MiB and, where the guest's CPUID offers them, 1 GiB

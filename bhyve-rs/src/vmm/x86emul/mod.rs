@@ -66,6 +66,8 @@
 //!   [`exec::linear_address`] and [`paging::translate`] over the guest's page tables; every
 //!   register, the flags the architecture defines, the RAM the instruction may touch, each
 //!   MMIO access (direction, address, size, data) and the resumed RIP must match.
+//!   The same test replays each instruction through the FreeBSD backend's exit handling
+//!   as FreeBSD's `INST_EMUL` records (see [`crate::vmm::freebsd`]).
 //! - `decode_crosscheck_tests::decoder_agrees_with_iced_x86_on_generated_encodings`: about
 //!   20,000 generated encodings of the covered forms (every ModRM mode, SIB bytes,
 //!   displacement sizes, legacy prefixes and REX combinations, in 64-, 32- and 16-bit modes)
