@@ -12,12 +12,11 @@ mod common;
 mod mutations;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use bhyve::control::nvlist::{NvList, NvValue};
 use bhyve::control::vmstate::{self, CMD_SET_REGISTERS, CMD_VM_STATE};
-use common::control::{bhyvectl, boot, Scratch};
+use common::control::{boot, ctl_output, Scratch};
 use common::{kvm_usable, vm_name, Console, COMMAND_TIMEOUT};
 use mutations::{mutate, seeds, Seed, SplitMix64};
 
@@ -223,17 +222,7 @@ fn value(parsed: &[(&str, Vec<String>)], format: &str) -> Vec<String> {
 }
 
 fn run_ctl(rundir: &Path, name: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bhyvectl())
-        .arg(format!("--vm={name}"))
-        .arg(format!("--rundir={}", rundir.display()))
-        .args(args)
-        .output()
-        .expect("run bhyvectl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    ctl_output(rundir, name, args)
 }
 
 /// Start `regspin` and return the guest's loop bounds.

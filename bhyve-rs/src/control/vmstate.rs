@@ -54,38 +54,25 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
-    /// From the backend-neutral segment register.
+    /// From the backend-neutral segment register (the access rights as FreeBSD's kernel
+    /// encodes them, [`crate::vmm::freebsd::regs`]).
     pub fn from_segment(s: &crate::vmm::Segment) -> Descriptor {
-        let access = u32::from(s.type_ & 0xf)
-            | u32::from(s.s) << 4
-            | u32::from(s.dpl & 3) << 5
-            | u32::from(s.present) << 7
-            | u32::from(s.avl) << 12
-            | u32::from(s.l) << 13
-            | u32::from(s.db) << 14
-            | u32::from(s.g) << 15
-            | u32::from(s.unusable) << 16;
+        let d = crate::vmm::freebsd::regs::segment_to_desc(s);
         Descriptor {
-            base: s.base,
-            limit: s.limit,
-            access,
+            base: d.base,
+            limit: d.limit,
+            access: d.access,
         }
     }
 
     /// Write this descriptor into `s`, keeping its selector.
     pub fn apply_to(&self, s: &mut crate::vmm::Segment) {
-        let a = self.access;
-        s.base = self.base;
-        s.limit = self.limit;
-        s.type_ = (a & 0xf) as u8;
-        s.s = a & (1 << 4) != 0;
-        s.dpl = ((a >> 5) & 3) as u8;
-        s.present = a & (1 << 7) != 0;
-        s.avl = a & (1 << 12) != 0;
-        s.l = a & (1 << 13) != 0;
-        s.db = a & (1 << 14) != 0;
-        s.g = a & (1 << 15) != 0;
-        s.unusable = a & (1 << 16) != 0;
+        let d = vmm_sys::seg_desc {
+            base: self.base,
+            limit: self.limit,
+            access: self.access,
+        };
+        *s = crate::vmm::freebsd::regs::segment_from_desc(&d, s.selector);
     }
 }
 

@@ -95,6 +95,16 @@ pub fn boot(rundir: &Path, name: &str, memory: &str) -> Console {
 
 /// Run bhyvectl with `args` against VM `name`; returns (exit code, stderr).
 pub fn ctl(rundir: &Path, name: &str, args: &[String]) -> (i32, String) {
+    let (status, _, stderr) = ctl_output(rundir, name, args);
+    (status, stderr)
+}
+
+/// Run bhyvectl with `args` against VM `name`; returns (exit code, stdout, stderr).
+pub fn ctl_output(
+    rundir: &Path,
+    name: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+) -> (i32, String, String) {
     let out = Command::new(bhyvectl())
         .arg(format!("--vm={name}"))
         .arg(format!("--rundir={}", rundir.display()))
@@ -103,6 +113,7 @@ pub fn ctl(rundir: &Path, name: &str, args: &[String]) -> (i32, String) {
         .expect("run bhyvectl");
     (
         out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
