@@ -12,6 +12,7 @@ mod hpet;
 mod pcicfg;
 mod platform;
 mod power;
+mod regspin;
 mod smp;
 mod svc;
 mod vcon;
@@ -198,6 +199,7 @@ impl Shell {
                 _ => println!("usage: ticks <ms>  (1..600000)"),
             },
             "cpus" => smp::print_cpus(),
+            "regspin" => regspin::run(),
             "work" => smp::work_command(arg1, self.hz),
             "halt" => {
                 smp::stop_others();
@@ -391,6 +393,7 @@ fn help() {
     vcon::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
+    println!("  regspin               known values in every register, spin until RAX changes");
     println!("  halt                  stop every CPU with interrupts off");
     println!("  triple                triple fault");
 }
