@@ -14,6 +14,7 @@
 
 pub mod block;
 pub mod hpet;
+pub mod nvme;
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;

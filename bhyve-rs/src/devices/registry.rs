@@ -126,7 +126,7 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::HDA,
     super::pci::hostbridge::EMULATION,
     super::pci::lpc::EMULATION,
-    super::unimplemented::NVME,
+    super::nvme::EMULATION,
     super::unimplemented::PASSTHRU,
     super::unimplemented::UART,
     super::unimplemented::VIRTIO_9P,
@@ -190,7 +190,7 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-rnd\n"
+            "amd_hostbridge\ndummy\nhostbridge\nlpc\nnvme\nvirtio-blk\nvirtio-rnd\n"
         );
         for name in ["virtio-net", "ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();
