@@ -289,7 +289,7 @@ impl NvmeOptions {
         }
         if let Some(v) = get("ram") {
             match strtoul(v) {
-                Some((mib, "")) if mib > 0 && mib <= (1 << 20) => options.ram_mib = Some(mib),
+                Some((mib, "")) if mib <= (1 << 20) => options.ram_mib = Some(mib),
                 _ => return Err(invalid(node, "ram", v)),
             }
         }
@@ -328,7 +328,11 @@ fn plan(plan: &mut PciPlan<'_>, slot: PciAddress) -> Result<CreatePci, DeviceErr
         let (store, size, sector_size, can_delete) = match file {
             None => {
                 let size = options.ram_mib.unwrap_or(0) << 20;
-                let data = vec![0u8; size as usize];
+                let mut data = Vec::new();
+                data.try_reserve_exact(size as usize).map_err(|_| {
+                    DeviceError::Platform(format!("{node}: nvme: Unable to allocate RAM"))
+                })?;
+                data.resize(size as usize, 0);
                 (Store::Ram(Mutex::new(data)), size, 4096, false)
             }
             Some(file) => {
