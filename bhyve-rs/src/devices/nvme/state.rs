@@ -1,7 +1,9 @@
 //! The controller's state as registers, queues and features: what a reset sets, what the
 //! register BAR shows, and what a snapshot keeps.
 
-use super::{fid, Controller, Stats, Store, CC_EN, CSTS_RDY};
+use super::fid;
+#[cfg(feature = "bhyve_snapshot")]
+use super::{Controller, Stats, Store, CC_EN, CSTS_RDY};
 
 /// The registers the host writes or reads back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,6 +96,7 @@ impl ControllerState {
 }
 
 /// Everything a snapshot keeps of a controller, taken with no command on the backend.
+#[cfg(feature = "bhyve_snapshot")]
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Saved {
     pub state: ControllerState,
@@ -106,6 +109,7 @@ pub struct Saved {
     pub ram: Option<Vec<u8>>,
 }
 
+#[cfg(feature = "bhyve_snapshot")]
 impl Controller {
     pub(super) fn save(&self) -> Saved {
         let inner = self.lock();
