@@ -651,11 +651,9 @@ impl Controller {
     }
 
     fn queue_in_ram(&self, base: u64, entries: u32, entry_size: u64) -> bool {
-        base != 0
-            && self
-                .memory
-                .host_address(base, u64::from(entries) * entry_size)
-                .is_ok()
+        self.memory
+            .host_address(base, u64::from(entries) * entry_size)
+            .is_ok()
     }
 
     /// A doorbell write: `index` counts 4-byte doorbells from the first (SQ 0 tail, CQ 0 head,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::devices::pci::irq::IntxState;
 use crate::devices::tests::TempDir;
 use crate::interrupts::InterruptSink;
 
@@ -625,6 +626,51 @@ fn async_event_requests_are_held_up_to_the_limit() {
 }
 
 #[test]
+fn commands_beyond_the_io_slots_wait_and_complete() {
+    let mut h = Host::file("slots", |o| o.ioslots = 1);
+    h.enable();
+    h.create_io_queues();
+    // Eight reads rung at once run one at a time and all complete, in order.
+    for i in 0..8u16 {
+        let mut c = cmd(
+            opc::READ,
+            50 + i,
+            1,
+            DATA + u64::from(i) * 4096,
+            0,
+            u32::from(i),
+            0,
+        );
+        c[48..52].copy_from_slice(&7u32.to_le_bytes());
+        h.queue(1, &c);
+    }
+    h.ring(1);
+    for i in 0..8u16 {
+        let (_, status, cid, _) = h.reap(1).expect("completion");
+        assert_eq!((cid, status), (50 + i, sc::SUCCESS));
+        let mut block = [0u8; 512];
+        h.memory
+            .read(DATA + u64::from(i) * 4096, &mut block)
+            .unwrap();
+        assert!(block.iter().all(|&b| b == i as u8), "block {i}");
+    }
+}
+
+#[test]
+fn intx_follows_unconsumed_completions_without_msix() {
+    let mut h = Host::ram(1, |_| {});
+    h.enable();
+    let intx = h.nvme.controller.intx.clone();
+    assert_eq!(intx.state(), IntxState::Idle);
+    h.queue(0, &cmd(opc::GET_FEATURES, 1, 0, 0, 0, 0x0b, 0));
+    h.ring(0);
+    // Not routed in this test: the line is pending rather than asserted.
+    assert_ne!(intx.state(), IntxState::Idle, "a completion raises INTx");
+    h.reap(0).unwrap();
+    assert_eq!(intx.state(), IntxState::Idle, "consuming it lowers INTx");
+}
+
+#[test]
 fn crc16_is_the_arc_variant() {
     // The catalogued check value of CRC-16/ARC.
     assert_eq!(crc16(b"123456789"), 0xBB3D);
@@ -726,4 +772,109 @@ fn saved_state_restores_into_a_new_controller() {
     let bad = crate::snapshot::encode_section(&bad).unwrap();
     assert!(fresh.nvme.restore_device_state(&bad).is_err());
     assert!(fresh.nvme.restore_device_state(&[1, 2, 3]).is_err());
+}
+
+/// MSIs as the machine would deliver them.
+#[derive(Default)]
+struct Recorder {
+    msis: Mutex<Vec<(u64, u32)>>,
+}
+
+impl InterruptSink for Recorder {
+    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.msis.lock().unwrap().push((address, data));
+        Ok(())
+    }
+    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn planned_from_the_configuration_it_is_bhyves_pci_function_with_msix() {
+    use crate::bus::Buses;
+    use crate::devices::pci::irq::PirqRouter;
+    use crate::devices::pci::{
+        PciRootBuilder, PCIR_BAR0, PCIR_CAP_PTR, PCIR_COMMAND, PCIY_EXPRESS, PCIY_MSIX,
+    };
+    use crate::devices::registry::PciCreate;
+
+    let slot = PciAddress::new(0, 4, 0).unwrap();
+    let mut config = Config::new();
+    config.set("name", "vm");
+    config.set("pci.0.4.0.device", "nvme");
+    config.set("pci.0.4.0.ram", "1");
+    config.set("pci.0.4.0.maxq", "2");
+    let mut plan_ctx = PciPlan {
+        config: &config,
+        lpc: None,
+    };
+    let create = plan(&mut plan_ctx, slot).unwrap();
+    let memory = Arc::new(GuestMemory::new(MEMORY).unwrap());
+    let sink = Arc::new(Recorder::default());
+    let sink_dyn: Arc<dyn InterruptSink> = sink.clone();
+    let router = Arc::new(PirqRouter::new(sink_dyn.clone(), false));
+    let mut space = ConfigSpace::new(true);
+    let device = create(PciCreate {
+        slot,
+        config_space: &mut space,
+        interrupts: &sink_dyn,
+        router: &router,
+        memory: &memory,
+    })
+    .unwrap();
+    let buses = Arc::new(Buses::default());
+    let mut builder = PciRootBuilder::new(1 << 32);
+    builder.set_intx_router(router);
+    builder.add(slot, "nvme", space, device).unwrap();
+    let root = builder.build(&buses).unwrap();
+    let cfg = |offset: usize, size: usize| root.config_read(slot, offset, size);
+    assert_eq!(cfg(0, 4), 0x0A0A_FB5D);
+    assert_eq!(
+        cfg(0x08, 4) >> 8,
+        0x01_08_02,
+        "mass storage, NVM, NVMHCI 1.0"
+    );
+    assert_eq!(cfg(PCIR_BAR0, 4) & 0x7, 0x4, "BAR 0 is 64-bit memory");
+    let mut caps = Vec::new();
+    let mut cap = cfg(PCIR_CAP_PTR, 1) as usize;
+    while cap != 0 {
+        caps.push((cfg(cap, 1) as u8, cap));
+        cap = cfg(cap + 1, 1) as usize;
+    }
+    let msix = caps.iter().find(|c| c.0 == PCIY_MSIX).unwrap().1;
+    assert!(caps.iter().any(|c| c.0 == PCIY_EXPRESS));
+    assert_eq!(cfg(msix + 2, 2) & 0x7ff, 2, "maxq + 1 vectors");
+    assert_eq!(cfg(msix + 4, 4) & 7, MSIX_BAR as u32, "table in BAR 4");
+    let bar0 = u64::from(cfg(PCIR_BAR0, 4) & !0xf) | (u64::from(cfg(PCIR_BAR0 + 4, 4)) << 32);
+    let bar4 = u64::from(cfg(PCIR_BAR0 + 4 * MSIX_BAR, 4) & !0xf);
+    root.config_write(slot, PCIR_COMMAND, 2, 0x6);
+    root.config_write(slot, msix + 2, 2, 0x8000);
+    let w32 = |addr: u64, v: u32| buses.mmio.write(addr, &v.to_le_bytes());
+    // Vector 0: address, data, unmasked.
+    w32(bar4, 0xfee0_0000);
+    w32(bar4 + 4, 0);
+    w32(bar4 + 8, 0x4242);
+    w32(bar4 + 12, 0);
+    w32(bar0 + REG_AQA, (15 << 16) | 15);
+    w32(bar0 + REG_ASQ, ASQ as u32);
+    w32(bar0 + REG_ACQ, ACQ as u32);
+    w32(bar0 + REG_CC, CC_EN | (6 << 16) | (4 << 20));
+    let mut csts = [0u8; 4];
+    buses.mmio.read(bar0 + REG_CSTS, &mut csts);
+    assert_eq!(u32::from_le_bytes(csts) & 3, CSTS_RDY);
+    memory
+        .write(ASQ, &cmd(opc::IDENTIFY, 9, 0, IDENTIFY, 0, 1, 0))
+        .unwrap();
+    w32(bar0 + DOORBELL_BASE, 1);
+    assert_eq!(*sink.msis.lock().unwrap(), vec![(0xfee0_0000, 0x4242)]);
+    let mut ident = [0u8; 24];
+    memory.read(IDENTIFY, &mut ident).unwrap();
+    assert_eq!(&ident[4..13], b"NVME-4-0\0", "default serial");
+    // maxq=2: the doorbell of SQ 3 is past the BAR's doorbells and ignored.
+    w32(bar0 + DOORBELL_BASE + 8 * 3, 1);
+    assert_eq!(sink.msis.lock().unwrap().len(), 1);
 }
