@@ -288,6 +288,37 @@ fn snapshots_while_the_guest_streams_nvme_io() {
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 
+/// A RAM namespace lives only in bhyve's memory: a suspend saves its blocks and the restored
+/// VM reads them back.
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn a_ram_namespace_survives_suspend_and_restore() {
+    use common::control::suspend;
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("nvme-ram-snap");
+    let name = vm_name();
+    let mut vm = bhyve_with_nvme(&scratch, &name, "ram=4");
+    let written = pattern(77, 16 * 8);
+    let line = format!("nvme read 200 16 status 0x0 fnv {:#018x}", fnv(&written));
+    assert_eq!(
+        vm.command_line("nvme write 200 16 77"),
+        format!("nvme write 200 16 status 0x0 fnv {:#018x}", fnv(&written))
+    );
+    let file = scratch.path("ram.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&file);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    let mut vm = Console::spawn("bhyve -r", cmd);
+    vm.send("\n");
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    assert_eq!(vm.command_line("nvme read 200 16"), line);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
 #[cfg(feature = "bhyve_snapshot")]
 fn last_round(transcript: &str) -> u64 {
     transcript
