@@ -328,11 +328,14 @@ fn plan(plan: &mut PciPlan<'_>, slot: PciAddress) -> Result<CreatePci, DeviceErr
         let (store, size, sector_size, can_delete) = match file {
             None => {
                 let size = options.ram_mib.unwrap_or(0) << 20;
-                let mut data = Vec::new();
-                data.try_reserve_exact(size as usize).map_err(|_| {
-                    DeviceError::Platform(format!("{node}: nvme: Unable to allocate RAM"))
-                })?;
-                data.resize(size as usize, 0);
+                // Ask first, so a size the host cannot give is one line rather than an abort;
+                // then take zeroed memory, which the host provides page by page as it is used.
+                Vec::<u8>::new()
+                    .try_reserve_exact(size as usize)
+                    .map_err(|_| {
+                        DeviceError::Platform(format!("{node}: nvme: Unable to allocate RAM"))
+                    })?;
+                let data = vec![0u8; size as usize];
                 (Store::Ram(Mutex::new(data)), size, 4096, false)
             }
             Some(file) => {
