@@ -458,7 +458,7 @@ fn stream(d: &mut Nvme, count: u64) {
                 println!("nvme stream error round {round} status 0x{written:x}/0x{read:x}");
             }
         }
-        if round % 100 == 0 {
+        if round.is_multiple_of(100) {
             println!("nvme stream round {round}");
         }
         svc::rx_poll();

@@ -152,8 +152,9 @@ mod fid {
     pub const ASYNC_EVENT_CONFIGURATION: usize = 0x0b;
     /// One past the last feature bhyve knows (Endurance Group Event Configuration).
     pub const MAX: usize = 0x19;
-    /// Features bhyve stores without checking; the others it refuses.
-    pub fn plain(fid: usize) -> bool {
+    /// Features bhyve handles (some with checks of their own); it refuses the others with
+    /// Invalid Field.
+    pub fn known(fid: usize) -> bool {
         matches!(
             fid,
             0x01 | 0x02 | 0x04 | 0x05 | 0x07 | 0x08 | 0x09 | 0x0a | 0x0b
@@ -1006,7 +1007,7 @@ impl Controller {
         if let Some(status) = self.feature_scope_error(fid, c.nsid) {
             return done(status);
         }
-        if !fid::plain(fid) {
+        if !fid::known(fid) {
             return done(sc::INVALID_FIELD);
         }
         let mut value = c.cdw11;
@@ -1083,7 +1084,7 @@ impl Controller {
 
     fn get_features(&self, inner: &mut Inner, c: &Command) -> Outcome {
         let fid = (c.cdw10 & 0xff) as usize;
-        if fid >= fid::MAX || !fid::plain(fid) {
+        if fid >= fid::MAX || !fid::known(fid) {
             return done(sc::INVALID_FIELD);
         }
         Some((inner.state.features[fid], sc::SUCCESS))
