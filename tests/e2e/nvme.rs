@@ -226,6 +226,35 @@ fn a_ram_namespace_under_bhyve() {
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 
+#[test]
+fn block_size_queue_size_and_serial_options_reach_the_guest() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("nvme-opts");
+    let image = disk_image(&scratch);
+    let name = vm_name();
+    let options = format!(
+        "{},sectsz=4096,qsz=32,ioslots=2,maxq=2,ser=OPTS",
+        image.display()
+    );
+    let mut vm = bhyve_with_nvme(&scratch, &name, &options);
+    assert_eq!(
+        vm.command_line("nvme info"),
+        "nvme blocks 256 block_size 4096 serial 'OPTS' vs 0x00010400 mqes 32"
+    );
+    // Blocks 1 and 2 of 4096 bytes are 512-byte blocks 8..24 of the file.
+    let written = pattern(5, 16);
+    assert_eq!(
+        vm.command_line("nvme write 1 2 5"),
+        format!("nvme write 1 2 status 0x0 fnv {:#018x}", fnv(&written))
+    );
+    assert_eq!(vm.command_line("nvme flush"), "nvme flush status 0x0");
+    assert_eq!(blocks(&image, 8, 16), written);
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
 /// A checkpoint and then a suspend while the guest rewrites and rereads its namespace in a
 /// loop: every round checks, the restored VM goes on from where it was, and the file holds
 /// the round the guest was on.
