@@ -16,7 +16,6 @@ mod corpus_cases;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
 use bhyve::cli::{parse_bhyve_args, Invocation};
 use common::control::Scratch;
@@ -50,7 +49,7 @@ const REFUSED_AT_DEVICE_START: &[(&str, &str)] = &[
 
 /// The emulations this build implements, as `bhyve -s help` lists them.
 fn implemented() -> BTreeSet<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_bhyve"))
+    let out = bhyve()
         .args(["-s", "help"])
         .output()
         .expect("run bhyve -s help");

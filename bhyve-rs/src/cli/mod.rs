@@ -743,8 +743,17 @@ mod tests {
                     // Only what this build implements, as FreeBSD lists what it has built in.
                     assert_eq!(
                         stdout,
-                        "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\n\
-                         virtio-net\nvirtio-rnd\n"
+                        "amd_hostbridge
+dummy
+hostbridge
+lpc
+nvme
+virtio-blk
+\
+                         virtio-console
+virtio-net
+virtio-rnd
+"
                     );
                 }
                 other => panic!("{other:?}"),

@@ -9,6 +9,7 @@ mod bootinfo;
 mod console;
 mod acpi;
 mod hpet;
+mod nvme;
 mod pcicfg;
 mod platform;
 mod power;
@@ -214,6 +215,7 @@ impl Shell {
             _ if virtio::run(command, line) => {}
             _ if vnet::run(command, line) => {}
             _ if vcon::run(command, line) => {}
+            _ if nvme::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -391,6 +393,7 @@ fn help() {
     virtio::help();
     vnet::help();
     vcon::help();
+    nvme::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  regspin               known values in every register, spin until RAX changes");
