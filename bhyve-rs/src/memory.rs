@@ -111,6 +111,13 @@ impl GuestRegion {
         populated_pages(self.host_address(), self.mapping.len())
     }
 
+    /// Bytes of the region in host memory now (FreeBSD's "Resident memory" statistic), or
+    /// `None` when the host does not say.
+    pub fn resident_bytes(&self) -> Option<u64> {
+        resident_pages(self.host_address(), self.mapping.len())
+            .map(|pages| pages.iter().filter(|&&present| present).count() as u64 * 4096)
+    }
+
     /// First guest physical address of the region.
     pub fn gpa(&self) -> u64 {
         self.gpa
@@ -226,6 +233,12 @@ fn populated_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
     })
 }
 
+/// Which pages at `address` (page aligned, `len` bytes) are in memory.
+#[cfg(target_os = "linux")]
+fn resident_pages(address: *mut u8, len: usize) -> Option<Vec<bool>> {
+    pagemap(address, len, |entry| entry & PAGEMAP_PRESENT != 0)
+}
+
 /// Which pages at `address` (page aligned, `len` bytes) are the process's private copies: in a
 /// private file mapping, the pages written since it was mapped (present but not the file's,
 /// or swapped out). `None` when the kernel does not say.
@@ -267,6 +280,11 @@ fn pagemap(address: *mut u8, len: usize, test: impl Fn(u64) -> bool) -> Option<V
 
 #[cfg(not(target_os = "linux"))]
 fn populated_pages(_address: *mut u8, _len: usize) -> Option<Vec<bool>> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+fn resident_pages(_address: *mut u8, _len: usize) -> Option<Vec<bool>> {
     None
 }
 

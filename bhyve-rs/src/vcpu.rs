@@ -27,8 +27,8 @@ use std::time::Duration;
 use crate::bus::Buses;
 pub use crate::lifecycle::{ExitReason, RequestExit};
 use crate::vmm::{
-    AccessFault, BlockedProbe, ExitHandler, MpState, SuspendReason, Vcpu, VcpuKick, VmExit,
-    VmmError, RFLAGS_IF,
+    AccessFault, BlockedProbe, ExitHandler, MpState, Statistic, StatisticsProbe, SuspendReason,
+    Vcpu, VcpuKick, VmExit, VmmError, RFLAGS_IF,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +196,8 @@ pub struct VcpuSet {
     started: AtomicBool,
     /// Opened before the threads start: a running thread holds its vCPU's lock.
     probes: Vec<Option<Box<dyn BlockedProbe>>>,
+    /// Each vCPU's counters, opened before the threads start for the same reason.
+    counters: Vec<Option<Box<dyn StatisticsProbe>>>,
     /// Host CPUs each vCPU thread restricts itself to when it starts (`None`: any).
     host_cpus: Mutex<Vec<Option<Vec<u32>>>>,
 }
@@ -210,6 +212,7 @@ impl VcpuSet {
             control,
             kernel_ap_start,
             probes: vcpus.iter().map(|v| v.blocked_probe()).collect(),
+            counters: vcpus.iter().map(|v| v.statistics_probe()).collect(),
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             handles: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
@@ -352,6 +355,11 @@ impl VcpuSet {
             .iter()
             .map(|p| p.as_ref().and_then(|p| p.sample()))
             .collect()
+    }
+
+    /// vCPU `index`'s counters, read without stopping it; `None` when the backend keeps none.
+    pub fn statistics(&self, index: usize) -> Option<Vec<Statistic>> {
+        self.counters.get(index)?.as_ref()?.read()
     }
 
     fn lock_handles(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {

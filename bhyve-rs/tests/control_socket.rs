@@ -376,8 +376,7 @@ fn client_errors_say_what_is_wrong() {
     assert_eq!(
         err.to_string(),
         format!(
-            "no such VM 'ghost' (no control socket at {}; bhyve not running, or built without \
-             snapshot support)",
+            "no such VM 'ghost' (no control socket at {}; bhyve is not running)",
             rundir.join("ghost").display()
         )
     );

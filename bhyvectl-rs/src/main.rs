@@ -1,7 +1,13 @@
 //! bhyvectl(8): control and inspect bhyve virtual machines.
 
+#[cfg(target_os = "freebsd")]
+mod devvmm;
 mod getopt_long;
 mod options;
+mod show;
+#[cfg(not(target_os = "freebsd"))]
+mod socket;
+mod target;
 
 use std::path::{Path, PathBuf};
 
@@ -66,11 +72,14 @@ fn run() -> i32 {
     act(&parsed, &progname)
 }
 
-/// What this platform can do for a VM-level action FreeBSD performs through /dev/vmm.
-#[cfg(target_os = "linux")]
+/// What this platform says of a VM-level option it cannot carry out.
 const UNSUPPORTED: &str = "is not supported on this platform";
-#[cfg(not(target_os = "linux"))]
-const UNSUPPORTED: &str = "is not implemented yet";
+
+/// Options this platform carries out beyond those a bhyve-rs control socket serves.
+#[cfg(target_os = "freebsd")]
+const PLATFORM_OPTIONS: &[&str] = target::DEV_VMM_OPTIONS;
+#[cfg(not(target_os = "freebsd"))]
+const PLATFORM_OPTIONS: &[&str] = &[];
 
 fn act(a: &Args, progname: &str) -> i32 {
     if let Some(path) = &a.inspect_snapshot {
@@ -82,22 +91,67 @@ fn act(a: &Args, progname: &str) -> i32 {
     let Some(vm) = a.vm.as_deref() else {
         return 1;
     };
-    if let Some(action) = a.first_vm_action() {
-        eprintln!("{progname}: --{action} {UNSUPPORTED}");
-        return 1;
-    }
     let rundir = a
         .rundir
         .clone()
         .unwrap_or_else(|| PathBuf::from(bhyve::control::client::DEFAULT_RUNDIR));
+    let plan = match target::Plan::from_args(a, PLATFORM_OPTIONS) {
+        Ok(plan) => plan,
+        Err(option) => {
+            eprintln!("{progname}: --{option} {UNSUPPORTED}");
+            return 1;
+        }
+    };
+    if !plan.is_empty() {
+        let carried_out = open_target(&rundir, vm, &plan)
+            .and_then(|mut target| plan.carry_out(target.as_mut(), &mut std::io::stdout()));
+        if let Err(e) = carried_out {
+            eprintln!("{progname}: {}", bhyve::logging::escape_controls(&e));
+            return 1;
+        }
+    }
     match &a.checkpoint {
         Some(ck) => checkpoint(&rundir, vm, &ck.file, ck.suspend, progname),
-        None => vm_exists(&rundir, vm),
+        None if plan.is_empty() => vm_exists(&rundir, vm),
+        None => 0,
+    }
+}
+
+/// The VM as this platform reaches it: `/dev/vmm/NAME` on FreeBSD, whatever runs it; the
+/// control socket of the bhyve-rs running it elsewhere.
+#[cfg(target_os = "freebsd")]
+fn open_target(
+    _rundir: &Path,
+    vm: &str,
+    plan: &target::Plan,
+) -> Result<Box<dyn target::Target>, String> {
+    Ok(Box::new(devvmm::DevVmm::open(vm, plan.create)?))
+}
+
+#[cfg(not(target_os = "freebsd"))]
+fn open_target(
+    rundir: &Path,
+    vm: &str,
+    _plan: &target::Plan,
+) -> Result<Box<dyn target::Target>, String> {
+    Ok(Box::new(socket::ControlSocket::new(rundir, vm)))
+}
+
+/// `bhyvectl --vm=NAME` alone: FreeBSD opens the VM and exits 0 if it exists.
+#[cfg(target_os = "freebsd")]
+fn vm_exists(_rundir: &Path, vm: &str) -> i32 {
+    match devvmm::DevVmm::open(vm, false) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
     }
 }
 
 /// `bhyvectl --vm=NAME` alone: FreeBSD opens the VM and exits 0 if it exists. Here a VM exists
 /// while its bhyve serves the control socket in the run directory.
+#[cfg(not(target_os = "freebsd"))]
 fn vm_exists(rundir: &Path, vm: &str) -> i32 {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(rundir.join(vm)) {

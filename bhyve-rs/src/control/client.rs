@@ -35,17 +35,11 @@ pub enum ClientError {
     },
     #[error("cannot open directory '{path}': {source}")]
     Directory { path: PathBuf, source: io::Error },
-    #[error(
-        "no such VM '{name}' (no control socket at {path}; bhyve not running, or built \
-         without snapshot support)"
-    )]
+    #[error("no such VM '{name}' (no control socket at {path}; bhyve is not running)")]
     NoSuchVm { name: String, path: PathBuf },
     #[error("permission denied on control socket {path}")]
     PermissionDenied { path: PathBuf },
-    #[error(
-        "VM '{name}' does not answer on {path} \
-         (bhyve not running, or built without snapshot support)"
-    )]
+    #[error("VM '{name}' does not answer on {path} (bhyve is not running)")]
     NotListening { name: String, path: PathBuf },
     #[error("cannot connect to {path}: {source}")]
     Connect { path: PathBuf, source: io::Error },
@@ -236,6 +230,27 @@ pub fn request_checkpoint(
             )),
             None => Ok(()),
         },
+    }
+}
+
+/// Send `request` to the bhyve running `vmname` and return its reply; a reply holding `error`
+/// is [`ClientError::Failed`] with bhyve's words.
+pub fn request(rundir: &Path, vmname: &str, request: &NvList) -> Result<NvList, ClientError> {
+    let (stream, path) = connect(rundir, vmname)?;
+    check_peer(&stream, &path)?;
+    let timeouts = stream
+        .set_write_timeout(Some(CLIENT_TIMEOUT))
+        .and_then(|()| stream.set_read_timeout(Some(CLIENT_TIMEOUT)));
+    timeouts.map_err(|source| ClientError::Connect { path, source })?;
+    nvlist_send(&stream, request).map_err(ClientError::Send)?;
+    let reply = nvlist_recv_or_eof(&stream, RecvLimits::CONTROL)
+        .map_err(ClientError::Reply)?
+        .ok_or_else(|| ClientError::Failed("bhyve closed the connection without a reply".into()))?;
+    match reply.get_string_bytes("error") {
+        Some(message) => Err(ClientError::Failed(
+            String::from_utf8_lossy(message).into_owned(),
+        )),
+        None => Ok(reply),
     }
 }
 

@@ -69,6 +69,12 @@ pub trait ControlHandler: Send + Sync {
     /// the client had already gone). After a successful suspend the control socket has been
     /// removed and no further request will be served: this is where bhyve exits.
     fn after_checkpoint_reply(&self, _suspend: bool, _result: &Result<(), String>) {}
+
+    /// Any other command ([`super::vmstate`]): `Some` reply list or error text, `None` when the
+    /// command is unknown.
+    fn request(&self, _cmd: &str, _request: &NvList) -> Option<Result<NvList, String>> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -531,8 +537,18 @@ fn handle_connection(
     };
     if cmd != b"checkpoint" {
         let cmd = String::from_utf8_lossy(&cmd);
-        log::warn!("control: unknown command '{cmd}'");
-        send_reply(&stream, &error_reply(&format!("command '{cmd}' not found")));
+        let reply = match handler.request(&cmd, &request) {
+            Some(Ok(reply)) => reply,
+            Some(Err(why)) => {
+                log::info!("control: {cmd}: {why}");
+                error_reply(&why)
+            }
+            None => {
+                log::warn!("control: unknown command '{cmd}'");
+                error_reply(&format!("command '{cmd}' not found"))
+            }
+        };
+        send_reply(&stream, &reply);
         return Flow::Continue;
     }
 

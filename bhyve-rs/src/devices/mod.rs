@@ -16,6 +16,7 @@ pub mod block;
 pub mod console;
 pub mod hpet;
 pub mod net;
+pub mod nvme;
 pub mod pci;
 pub mod pctestdev;
 pub mod pm;

@@ -126,7 +126,7 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::unimplemented::HDA,
     super::pci::hostbridge::EMULATION,
     super::pci::lpc::EMULATION,
-    super::unimplemented::NVME,
+    super::nvme::EMULATION,
     super::unimplemented::PASSTHRU,
     super::unimplemented::UART,
     super::unimplemented::VIRTIO_9P,
@@ -190,7 +190,8 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
+            "amd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nnvme\nvirtio-blk\nvirtio-console\n\
+             virtio-net\nvirtio-rnd\n"
         );
         for name in ["ahci", "ahci-hd", "passthru"] {
             let e = pci_emulation(name).unwrap();

@@ -240,13 +240,13 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
         ("pci.0.4.0.device", "virtio-blk"),
         ("pci.0.4.0.path", "/nonexistent/disk.img"),
         ("pci.0.31.0.device", "lpc"),
-        ("pci.1.0.0.device", "nvme"),
+        ("pci.1.0.0.device", "xhci"),
     ]);
     assert_eq!(
         err,
         "pci slot 0:2:0: device emulation \"xhci\" is not supported yet\n\
          pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
-         pci slot 1:0:0: device emulation \"nvme\" is not supported yet"
+         pci slot 1:0:0: device emulation \"xhci\" is not supported yet"
     );
     // A legacy name of an emulation not implemented is pointed at its new name first.
     assert_eq!(

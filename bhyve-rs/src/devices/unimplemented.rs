@@ -31,7 +31,6 @@ pub const AHCI_HD: PciEmulation = PciEmulation {
 };
 pub const FBUF: PciEmulation = known("fbuf", generic);
 pub const HDA: PciEmulation = known("hda", generic);
-pub const NVME: PciEmulation = known("nvme", nvme);
 pub const PASSTHRU: PciEmulation = known("passthru", passthru);
 pub const UART: PciEmulation = known("uart", uart);
 pub const VIRTIO_9P: PciEmulation = known("virtio-9p", nine_p);
@@ -61,21 +60,6 @@ fn uart(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), 
     match conf {
         Some(path) => w.set(node, "path", path),
         None => Ok(()),
-    }
-}
-
-/// pci_nvme.c: `ram=N` or a block device.
-fn nvme(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    match conf {
-        Some(c) if c.starts_with("ram=") => {
-            let (ram, rest) = match c.split_once(',') {
-                Some((r, rest)) => (r, Some(rest)),
-                None => (c, None),
-            };
-            w.set(node, "ram", &ram[4..])?;
-            w.generic(node, rest)
-        }
-        _ => w.first_token_then_generic(node, "path", conf),
     }
 }
 

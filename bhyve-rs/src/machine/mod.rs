@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(feature = "bhyve_snapshot")]
 pub mod checkpoint;
+mod inspect;
 
 use crate::boot::{self, BootError, BootFiles};
 use crate::bootrom::{BootRom, BootRomError};
@@ -99,6 +100,10 @@ pub struct Machine {
     buses: Arc<Buses>,
     vm: Arc<dyn Vm>,
     topology: crate::vmm::Topology,
+    /// The vmm capabilities the VM was created with (`bhyvectl --getcap`).
+    capabilities: VmCapabilities,
+    /// Guest RAM is wired (`-S`).
+    wired: bool,
     /// The boot ROM the VM reads from, mapped for as long as the VM exists.
     bootrom: Option<BootRom>,
 }
@@ -108,6 +113,7 @@ impl Machine {
     /// gives them: vCPU 0 runnable, the others waiting for INIT/SIPI.
     pub fn new(hypervisor: &dyn Hypervisor, spec: VmSpec) -> Result<Self, MachineError> {
         let topology = spec.topology;
+        let (capabilities, wired) = (spec.capabilities, spec.memory.wired);
         let cpus = topology.cpus;
         let vm = hypervisor.create_vm(spec)?;
         let vcpus = (0..u32::from(cpus))
@@ -124,6 +130,8 @@ impl Machine {
             buses: Arc::new(Buses::default()),
             vm,
             topology,
+            capabilities,
+            wired,
             bootrom: None,
         })
     }
@@ -423,12 +431,17 @@ fn run_until_stopped(config: &Config, restore: Option<&Path>) -> ExitReason {
             return FAILED;
         }
     };
-    #[cfg(feature = "bhyve_snapshot")]
+    // Snapshot builds need the socket for their checkpoints; other builds serve bhyvectl's
+    // inspection without it if it cannot be made.
     let _control_server = match control::start(config, &machine) {
-        Ok(server) => server,
-        Err(e) => {
+        Ok(server) => Some(server),
+        Err(e) if cfg!(feature = "bhyve_snapshot") => {
             eprintln!("bhyve: control socket: {e}");
             return ExitReason::Error(String::new());
+        }
+        Err(e) => {
+            log::warn!("control socket: {e}; bhyvectl cannot reach this VM");
+            None
         }
     };
     machine.vcpus().pin_to_host_cpus(host_cpus);
@@ -596,59 +609,152 @@ fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), Strin
     Ok((config, machine))
 }
 
-/// The control socket (`bhyvectl --checkpoint/--suspend`) of a running machine.
-#[cfg(feature = "bhyve_snapshot")]
+/// The control socket of a running machine: `bhyvectl --checkpoint/--suspend` (snapshot
+/// builds) and `bhyvectl --get-*/--set-*` and the VM actions.
 mod control {
     use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
-    use super::checkpoint::{checkpoint, resume, SaveTarget};
+    use super::inspect::Inspector;
     use super::Machine;
     use crate::config::Config;
     use crate::control::client::DEFAULT_RUNDIR;
+    use crate::control::nvlist::NvList;
     use crate::control::server::{CheckpointRequest, ControlHandler, ControlServer};
-    use crate::devices::Devices;
-    use crate::memory::GuestMemory;
-    use crate::vcpu::{ExitReason, VcpuSet, VmControl};
-    use crate::vmm::Vm;
+    use crate::control::vmstate::{
+        check_version, requested_vcpu, RegisterWrites, ACTIONS, CMD_SET_REGISTERS, CMD_VM_ACTION,
+        CMD_VM_STATE, VERSION,
+    };
 
-    struct Checkpointer {
-        config: Config,
-        memory: Arc<GuestMemory>,
-        vm: Arc<dyn Vm>,
-        vcpus: Arc<VcpuSet>,
-        devices: Arc<Mutex<Devices>>,
-        control: Arc<VmControl>,
+    struct Handler {
+        machine: Inspector,
+        #[cfg(feature = "bhyve_snapshot")]
+        checkpointer: snapshot::Checkpointer,
+        /// The VM's name, for the refusal of a checkpoint.
+        #[cfg(not(feature = "bhyve_snapshot"))]
+        name: String,
     }
 
-    impl Checkpointer {
-        /// Run `f` on the machine with its devices locked.
-        fn with_target<R>(&self, f: impl FnOnce(&SaveTarget<'_>) -> R) -> R {
-            let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-            f(&SaveTarget {
-                config: &self.config,
-                memory: &self.memory,
-                vm: self.vm.as_ref(),
-                vcpus: &self.vcpus,
-                devices: &devices,
-            })
+    fn reply_version() -> NvList {
+        let mut reply = NvList::new();
+        let _ = reply.add_number("version", VERSION);
+        reply
+    }
+
+    /// Carry out one of the [`vmstate`] requests on `machine`.
+    fn serve(machine: &Inspector, cmd: &str, request: &NvList) -> Option<Result<NvList, String>> {
+        let cpus = machine.vcpu_count();
+        let run = || -> Result<NvList, String> {
+            check_version(request)?;
+            let vcpu = requested_vcpu(request, cpus)?;
+            let mut reply = reply_version();
+            match cmd {
+                CMD_VM_STATE => {
+                    let state = machine.inspect(vcpu)?;
+                    reply
+                        .add_nvlist("state", state.encode())
+                        .map_err(|e| e.to_string())?;
+                }
+                CMD_SET_REGISTERS => {
+                    let writes = RegisterWrites::from_request(request)?;
+                    machine.write_registers(vcpu, &writes)?;
+                }
+                _ => {
+                    let action = request
+                        .get_string("action")
+                        .ok_or("request lacks a string 'action'")?;
+                    if !ACTIONS.contains(&action) {
+                        return Err(format!("unknown action '{action}'"));
+                    }
+                    machine.act(action, vcpu)?;
+                }
+            }
+            Ok(reply)
+        };
+        match cmd {
+            CMD_VM_STATE | CMD_SET_REGISTERS | CMD_VM_ACTION => Some(run()),
+            _ => None,
         }
     }
 
-    impl ControlHandler for Checkpointer {
+    impl ControlHandler for Handler {
         fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
-            let written = self.with_target(|target| {
-                checkpoint(target, &request.dir, &request.filename, request.suspend)
-            })?;
-            // The devices are unlocked while the file goes to disk, so a SIGTERM meanwhile
-            // presses the power button at once. A suspended VM stays paused until bhyve exits
-            // once the reply is out.
-            written.commit(|| self.with_target(resume))
+            #[cfg(feature = "bhyve_snapshot")]
+            return self.checkpointer.checkpoint(request);
+            #[cfg(not(feature = "bhyve_snapshot"))]
+            {
+                drop(request);
+                Err(format!(
+                    "VM '{}' runs a bhyve built without snapshot support",
+                    self.name
+                ))
+            }
         }
 
         fn after_checkpoint_reply(&self, suspend: bool, result: &Result<(), String>) {
-            if suspend && result.is_ok() {
-                self.control.request_exit(ExitReason::Suspended);
+            #[cfg(feature = "bhyve_snapshot")]
+            self.checkpointer.after_checkpoint_reply(suspend, result);
+            #[cfg(not(feature = "bhyve_snapshot"))]
+            let _ = (suspend, result);
+        }
+
+        fn request(&self, cmd: &str, request: &NvList) -> Option<Result<NvList, String>> {
+            serve(&self.machine, cmd, request)
+        }
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    mod snapshot {
+        use std::sync::{Arc, Mutex};
+
+        use super::super::checkpoint::{checkpoint, resume, SaveTarget};
+        use crate::config::Config;
+        use crate::control::server::CheckpointRequest;
+        use crate::devices::Devices;
+        use crate::memory::GuestMemory;
+        use crate::vcpu::{ExitReason, VcpuSet, VmControl};
+        use crate::vmm::Vm;
+
+        pub(super) struct Checkpointer {
+            pub(super) config: Config,
+            pub(super) memory: Arc<GuestMemory>,
+            pub(super) vm: Arc<dyn Vm>,
+            pub(super) vcpus: Arc<VcpuSet>,
+            pub(super) devices: Arc<Mutex<Devices>>,
+            pub(super) control: Arc<VmControl>,
+        }
+
+        impl Checkpointer {
+            /// Run `f` on the machine with its devices locked.
+            fn with_target<R>(&self, f: impl FnOnce(&SaveTarget<'_>) -> R) -> R {
+                let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+                f(&SaveTarget {
+                    config: &self.config,
+                    memory: &self.memory,
+                    vm: self.vm.as_ref(),
+                    vcpus: &self.vcpus,
+                    devices: &devices,
+                })
+            }
+
+            pub(super) fn checkpoint(&self, request: CheckpointRequest) -> Result<(), String> {
+                let written = self.with_target(|target| {
+                    checkpoint(target, &request.dir, &request.filename, request.suspend)
+                })?;
+                // The devices are unlocked while the file goes to disk, so a SIGTERM meanwhile
+                // presses the power button at once. A suspended VM stays paused until bhyve
+                // exits once the reply is out.
+                written.commit(|| self.with_target(resume))
+            }
+
+            pub(super) fn after_checkpoint_reply(
+                &self,
+                suspend: bool,
+                result: &Result<(), String>,
+            ) {
+                if suspend && result.is_ok() {
+                    self.control.request_exit(ExitReason::Suspended);
+                }
             }
         }
     }
@@ -658,17 +764,24 @@ mod control {
             .get("name")
             .ok_or_else(|| "the VM has no name".to_string())?;
         let rundir = PathBuf::from(config.get("rundir").unwrap_or(DEFAULT_RUNDIR));
-        let devices = machine
-            .devices()
-            .cloned()
-            .ok_or_else(|| "no devices attached".to_string())?;
-        let handler = Arc::new(Checkpointer {
+        #[cfg(feature = "bhyve_snapshot")]
+        let checkpointer = snapshot::Checkpointer {
             config: config.clone(),
             memory: machine.memory().clone(),
             vm: machine.vm().clone(),
             vcpus: machine.vcpus().clone(),
-            devices,
+            devices: machine
+                .devices()
+                .cloned()
+                .ok_or_else(|| "no devices attached".to_string())?,
             control: machine.control().clone(),
+        };
+        let handler = Arc::new(Handler {
+            machine: machine.inspector(),
+            #[cfg(feature = "bhyve_snapshot")]
+            checkpointer,
+            #[cfg(not(feature = "bhyve_snapshot"))]
+            name: name.to_string(),
         });
         ControlServer::start(&rundir, name, handler).map_err(|e| e.to_string())
     }

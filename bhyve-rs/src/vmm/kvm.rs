@@ -37,9 +37,10 @@ use kvm_ioctls::{Cap, Kvm, MsrExitReason, VcpuExit, VcpuFd, VmFd};
 
 use super::cpuid::{apply_topology, check_features_available, CpuidEntry};
 use super::{
-    AccessFault, BackendState, BlockedProbe, DescriptorTable, DirtyPages, ExitHandler, Hypervisor,
-    MpState, Msr, PlatformCaps, Regs, Result, RtcSeed, Segment, SpecialRegs, StateSection,
-    SuspendReason, Topology, Vcpu, VcpuKick, VmExit, VmSpec, VmmError,
+    AccessFault, BackendState, BlockedProbe, DebugRegs, DescriptorTable, DirtyPages, ExitHandler,
+    Hypervisor, MpState, Msr, PlatformCaps, Regs, Result, RtcSeed, Segment, SpecialRegs,
+    StateSection, Statistic, StatisticsProbe, SuspendReason, Topology, Vcpu, VcpuKick, VmExit,
+    VmSpec, VmmError,
 };
 use crate::interrupts::InterruptSink;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -1466,6 +1467,45 @@ impl Vcpu for KvmVcpu {
             Err(e) => Err(VmmError::ioctl("KVM_KVMCLOCK_CTRL", e)),
         }
     }
+
+    fn debug_regs(&self) -> Result<DebugRegs> {
+        let d = self
+            .fd
+            .get_debug_regs()
+            .map_err(|e| VmmError::ioctl("KVM_GET_DEBUGREGS", e))?;
+        Ok(DebugRegs {
+            dr: d.db,
+            dr6: d.dr6,
+            dr7: d.dr7,
+        })
+    }
+
+    fn set_debug_regs(&self, regs: &DebugRegs) -> Result<()> {
+        let mut d = self
+            .fd
+            .get_debug_regs()
+            .map_err(|e| VmmError::ioctl("KVM_GET_DEBUGREGS", e))?;
+        d.db = regs.dr;
+        d.dr6 = regs.dr6;
+        d.dr7 = regs.dr7;
+        self.fd
+            .set_debug_regs(&d)
+            .map_err(|e| VmmError::ioctl("KVM_SET_DEBUGREGS", e))
+    }
+
+    fn inject_nmi(&self) -> Result<()> {
+        self.fd.nmi().map_err(|e| VmmError::ioctl("KVM_NMI", e))
+    }
+
+    fn statistics_probe(&self) -> Option<Box<dyn StatisticsProbe>> {
+        match VcpuCounters::open(&self.fd) {
+            Ok(counters) => Some(Box::new(counters)),
+            Err(e) => {
+                log::debug!("vCPU {}: no binary statistics: {e}", self.id);
+                None
+            }
+        }
+    }
 }
 
 /// A KVM internal error in words. On a host without VT-x/AMD-V, KVM emulates guest kernel code
@@ -1574,43 +1614,16 @@ struct VcpuStats {
 
 impl VcpuStats {
     fn open(vcpu: &VcpuFd) -> io::Result<Self> {
-        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new descriptor or -1.
-        let fd = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD as _) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let mut header = [0u8; 24];
-        file.read_exact_at(&mut header, 0)?;
-        let word =
-            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
-        let (name_size, num_desc, desc_offset, data_offset) =
-            (word(4), word(8), word(16), word(20));
-        if name_size == 0 || name_size > 1024 || num_desc > 4096 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "implausible stats header",
-            ));
-        }
-        let desc_size = 16 + name_size as usize;
-        let mut descriptors = vec![0u8; desc_size * num_desc as usize];
-        file.read_exact_at(&mut descriptors, u64::from(desc_offset))?;
-        let mut blocking = None;
-        let mut wakeups = None;
-        for desc in descriptors.chunks_exact(desc_size) {
-            let offset = u32::from_le_bytes([desc[8], desc[9], desc[10], desc[11]]);
-            let name = &desc[16..];
-            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            let at = u64::from(data_offset) + u64::from(offset);
-            match name {
-                b"blocking" => blocking = Some(at),
-                b"halt_wakeup" => wakeups = Some(at),
-                _ => {}
-            }
-        }
-        let blocking = blocking
+        let (file, offsets) = open_stats(vcpu)?;
+        let at = |wanted: &[u8]| {
+            offsets
+                .iter()
+                .find(|(name, _)| name.as_slice() == wanted)
+                .map(|&(_, at)| at)
+        };
+        let blocking = at(b"blocking")
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no 'blocking' statistic"))?;
+        let wakeups = at(b"halt_wakeup");
         Ok(Self {
             file,
             blocking,
@@ -1622,6 +1635,99 @@ impl VcpuStats {
         let mut value = [0u8; 8];
         self.file.read_exact_at(&mut value, at).ok()?;
         Some(u64::from_le_bytes(value))
+    }
+}
+
+/// Each statistic's name and the offset of its first value in the statistics file.
+type StatOffsets = Vec<(Vec<u8>, u64)>;
+
+/// The vCPU's binary statistics file and where each statistic's first value lies in it.
+fn open_stats(vcpu: &VcpuFd) -> io::Result<(File, StatOffsets)> {
+    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new descriptor or -1.
+    let fd = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD as _) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let mut header = [0u8; 24];
+    file.read_exact_at(&mut header, 0)?;
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (name_size, num_desc, desc_offset, data_offset) = (word(4), word(8), word(16), word(20));
+    if name_size == 0 || name_size > 1024 || num_desc > 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "implausible stats header",
+        ));
+    }
+    let desc_size = 16 + name_size as usize;
+    let mut descriptors = vec![0u8; desc_size * num_desc as usize];
+    file.read_exact_at(&mut descriptors, u64::from(desc_offset))?;
+    let offsets = descriptors
+        .chunks_exact(desc_size)
+        .map(|desc| {
+            let offset = u32::from_le_bytes([desc[8], desc[9], desc[10], desc[11]]);
+            let name = &desc[16..];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            (name.to_vec(), u64::from(data_offset) + u64::from(offset))
+        })
+        .collect();
+    Ok((file, offsets))
+}
+
+/// KVM's per-vCPU counters whose meaning matches a FreeBSD vmm statistic, with that
+/// statistic's description, in FreeBSD's order. KVM's `insn_emulation` and `mmio_exits` are left
+/// out: the first counts every emulated instruction (all of guest ring 0 on a host without
+/// hardware virtualization), the second only the accesses user space serves, neither of them
+/// FreeBSD's "vm exits for instruction emulation".
+const KVM_STATISTICS: &[(&[u8], &str)] = &[
+    (b"exits", "total number of vm exits"),
+    (b"irq_exits", "vm exits due to external interrupt"),
+    (b"halt_exits", "number of times hlt was intercepted"),
+    (
+        b"irq_window_exits",
+        "vm exits due to interrupt window opening",
+    ),
+    (b"nmi_window_exits", "vm exits due to nmi window opening"),
+    (b"io_exits", "number of times in/out was intercepted"),
+];
+
+/// The counters of [`KVM_STATISTICS`] this kernel has.
+struct VcpuCounters {
+    file: File,
+    counters: Vec<(&'static str, u64)>,
+}
+
+impl VcpuCounters {
+    fn open(vcpu: &VcpuFd) -> io::Result<Self> {
+        let (file, offsets) = open_stats(vcpu)?;
+        let counters = KVM_STATISTICS
+            .iter()
+            .filter_map(|&(kvm_name, description)| {
+                offsets
+                    .iter()
+                    .find(|(name, _)| name.as_slice() == kvm_name)
+                    .map(|&(_, at)| (description, at))
+            })
+            .collect();
+        Ok(Self { file, counters })
+    }
+}
+
+impl StatisticsProbe for VcpuCounters {
+    fn read(&self) -> Option<Vec<Statistic>> {
+        self.counters
+            .iter()
+            .map(|&(description, at)| {
+                let mut value = [0u8; 8];
+                self.file.read_exact_at(&mut value, at).ok()?;
+                Some(Statistic {
+                    description: description.to_string(),
+                    value: u64::from_le_bytes(value),
+                })
+            })
+            .collect()
     }
 }
 

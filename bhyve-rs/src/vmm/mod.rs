@@ -43,8 +43,9 @@
 //! | interrupts (`VM_LAPIC_MSI`, `VM_IOAPIC_{ASSERT,DEASSERT,PULSE}_IRQ`, `VM_ISA_*`, `VM_IOAPIC_PINCOUNT`, `VM_INJECT_EXCEPTION`) | [`InterruptSink`] (lines, MSI, ISA trigger mode), [`PlatformCaps::ioapic_pins`], [`Vcpu::inject_exception`] |
 //! | platform (`VM_RTC_*`, `VM_GET_HPET_CAPABILITIES`) | [`PlatformCaps`] says what the kernel holds; [`Vm::seed_rtc`] seeds a kernel RTC |
 //! | snapshots (`VM_SNAPSHOT_REQ`, `VM_RESTORE_TIME`) | [`Vm::save_state`] / [`Vm::restore_state`], [`Vm::finish_restore`] |
-//! | statistics (`VM_STATS`, `VM_STAT_DESC`) | [`BlockedProbe`] (halt detection); `bhyvectl --get-stats` reads them directly |
-//! | PCI passthrough (`VM_*_PPTDEV*`), `VM_INJECT_NMI`, `VM_LAPIC_IRQ`, `VM_*_KERNEMU_DEV` | not used by bhyve-rs yet: no passthrough device, and NMIs and LAPIC interrupts come only from the guest |
+//! | statistics (`VM_STATS`, `VM_STAT_DESC`) | [`BlockedProbe`] (halt detection), [`StatisticsProbe`] (`bhyvectl --get-stats` through the control socket) |
+//! | `VM_INJECT_NMI` | [`Vcpu::inject_nmi`] (`bhyvectl --inject-nmi`) |
+//! | PCI passthrough (`VM_*_PPTDEV*`), `VM_LAPIC_IRQ`, `VM_*_KERNEMU_DEV` | not used by bhyve-rs yet: no passthrough device, and LAPIC interrupts come only from the guest |
 
 use std::io;
 use std::sync::Arc;
@@ -397,6 +398,29 @@ impl BackendState {
     }
 }
 
+/// Debug registers: DR0-DR3, DR6 and DR7.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugRegs {
+    pub dr: [u64; 4],
+    pub dr6: u64,
+    pub dr7: u64,
+}
+
+/// One per-vCPU counter kept by the hypervisor, named with the description FreeBSD's vmm gives
+/// the counter of the same meaning (`vmm_stat.c`, `vmm.c`), so `bhyvectl --get-stats` reads
+/// the same on every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statistic {
+    pub description: String,
+    pub value: u64,
+}
+
+/// Reads a vCPU's counters from any thread without stopping it.
+pub trait StatisticsProbe: Send + Sync {
+    /// The counters in the backend's order, or `None` when they cannot be read.
+    fn read(&self) -> Option<Vec<Statistic>>;
+}
+
 /// Cheap look at whether a vCPU sits blocked in the hypervisor (halted or waiting for SIPI),
 /// readable from any thread without stopping the vCPU.
 pub trait BlockedProbe: Send + Sync {
@@ -509,6 +533,22 @@ pub trait Vcpu: Send {
     /// do not take the gap for a hang. Call while the vCPU is paused; a guest without such a
     /// clock is not an error.
     fn notify_paused(&self) -> Result<()>;
+    /// DR0-DR3, DR6, DR7. The vCPU must not be running.
+    fn debug_regs(&self) -> Result<DebugRegs> {
+        Err(VmmError::Unsupported("reading debug registers"))
+    }
+    fn set_debug_regs(&self, _regs: &DebugRegs) -> Result<()> {
+        Err(VmmError::Unsupported("writing debug registers"))
+    }
+    /// Make an NMI pending (FreeBSD's `VM_INJECT_NMI`). The vCPU must not be running.
+    fn inject_nmi(&self) -> Result<()> {
+        Err(VmmError::Unsupported("NMI injection"))
+    }
+    /// The vCPU's counters, readable while it runs (`bhyvectl --get-stats`); `None` where the
+    /// backend keeps none.
+    fn statistics_probe(&self) -> Option<Box<dyn StatisticsProbe>> {
+        None
+    }
 }
 
 /// Open the backend for this host.

@@ -33,11 +33,17 @@ impl Drop for Scratch {
     }
 }
 
-/// The bhyvectl of this build, with snapshot support. Cargo builds only this package's
-/// binaries for its tests, so a test run on its own builds bhyvectl (a no-op when
-/// `make test` has already built the workspace).
+/// The bhyvectl of this build, with snapshot support when the tests have it. Cargo builds only
+/// this package's binaries for its tests, so a test run on its own builds bhyvectl (a no-op
+/// when `make test` has already built the workspace with the same features: building it with
+/// others would replace the binary other tests of the run are using).
 pub fn bhyvectl() -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let features: &[&str] = if cfg!(feature = "bhyve_snapshot") {
+        &["--features", "bhyvectl-rs/bhyve_snapshot"]
+    } else {
+        &[]
+    };
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_bhyve"))
         .parent()
         .expect("bhyve lives in a directory");
@@ -46,8 +52,8 @@ pub fn bhyvectl() -> PathBuf {
         .expect("the profile directory lives in the target directory");
     let built = BUILT.get_or_init(|| {
         cargo_build(
-            &["-p", "bhyvectl-rs", "--bin", "bhyvectl", "--features"],
-            &["bhyvectl-rs/bhyve_snapshot"],
+            &["-p", "bhyvectl-rs", "--bin", "bhyvectl"],
+            features,
             target_dir,
         )?;
         Ok(bin_dir.join("bhyvectl"))
@@ -89,6 +95,16 @@ pub fn boot(rundir: &Path, name: &str, memory: &str) -> Console {
 
 /// Run bhyvectl with `args` against VM `name`; returns (exit code, stderr).
 pub fn ctl(rundir: &Path, name: &str, args: &[String]) -> (i32, String) {
+    let (status, _, stderr) = ctl_output(rundir, name, args);
+    (status, stderr)
+}
+
+/// Run bhyvectl with `args` against VM `name`; returns (exit code, stdout, stderr).
+pub fn ctl_output(
+    rundir: &Path,
+    name: &str,
+    args: &[impl AsRef<std::ffi::OsStr>],
+) -> (i32, String, String) {
     let out = Command::new(bhyvectl())
         .arg(format!("--vm={name}"))
         .arg(format!("--rundir={}", rundir.display()))
@@ -97,6 +113,7 @@ pub fn ctl(rundir: &Path, name: &str, args: &[String]) -> (i32, String) {
         .expect("run bhyvectl");
     (
         out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }

@@ -10,9 +10,11 @@ mod console;
 mod acpi;
 mod e1000;
 mod hpet;
+mod nvme;
 mod pcicfg;
 mod platform;
 mod power;
+mod regspin;
 mod smp;
 mod svc;
 mod vcon;
@@ -199,6 +201,7 @@ impl Shell {
                 _ => println!("usage: ticks <ms>  (1..600000)"),
             },
             "cpus" => smp::print_cpus(),
+            "regspin" => regspin::run(),
             "work" => smp::work_command(arg1, self.hz),
             "halt" => {
                 smp::stop_others();
@@ -214,6 +217,7 @@ impl Shell {
             _ if vnet::run(command, line) => {}
             _ if e1000::run(command, line) => {}
             _ if vcon::run(command, line) => {}
+            _ if nvme::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -392,8 +396,10 @@ fn help() {
     vnet::help();
     e1000::help();
     vcon::help();
+    nvme::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
+    println!("  regspin               known values in every register, spin until RAX changes");
     println!("  halt                  stop every CPU with interrupts off");
     println!("  triple                triple fault");
 }
