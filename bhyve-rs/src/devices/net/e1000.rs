@@ -6,7 +6,8 @@
 //! driver reads bit by bit through EECD (Microwire) holds it, the PCI IDs and the checksum
 //! that makes the words add up to 0xBABA. The PHY answers MDIC reads with a link that is up
 //! at 1000 Mb/s full duplex. Interrupts are INTx only, as bhyve's (its note: the FreeBSD
-//! driver for this card does not use MSI).
+//! driver for this card does not use MSI), throttled by ITR as bhyve throttles them: after the
+//! line is raised, new causes wait for the end of the interval.
 //!
 //! One receive and one transmit ring of 16-byte descriptors. Transmit takes legacy
 //! descriptors and the context/data pairs of the extended format, with IP and TCP/UDP
@@ -24,6 +25,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{generate_mac, parse_mac, BackendSpec, NetBackend, MAX_FRAME_LEN};
 use crate::devices::pci::irq::IntxLine;
@@ -860,6 +862,10 @@ struct Engine {
     buffer: Vec<u8>,
     /// Transmit work was asked for (TDT written) and not done yet.
     tx_pending: bool,
+    /// Interrupt throttling (ITR): until then, new causes do not raise the line.
+    throttle_until: Option<Instant>,
+    /// The throttle was armed by a register access: the worker must look at its timeout.
+    throttle_armed: bool,
 }
 
 /// One transmit descriptor as read from the ring.
@@ -901,9 +907,45 @@ impl Engine {
     fn icr_assert(&mut self, bits: u32) {
         let new = bits & !self.regs.icr & self.regs.ims;
         self.regs.icr |= bits;
-        if new != 0 && !self.regs.irq_asserted {
+        if new != 0 {
+            self.raise();
+        }
+    }
+
+    /// Raise the line for a new unmasked cause, unless throttled or already raised; a raise
+    /// starts the throttle interval ITR sets (in 256 ns units; bhyve rounds it up to whole
+    /// milliseconds).
+    fn raise(&mut self) {
+        if self.throttle_until.is_some() || self.regs.irq_asserted {
+            return;
+        }
+        self.regs.irq_asserted = true;
+        self.set_irq(true);
+        self.arm_throttle();
+    }
+
+    fn arm_throttle(&mut self) {
+        if self.regs.itr != 0 {
+            let ms = u64::from(self.regs.itr).div_ceil(3906);
+            self.throttle_until = Some(Instant::now() + Duration::from_millis(ms));
+            self.throttle_armed = true;
+        }
+    }
+
+    /// The throttle interval ended (`e82545_itr_callback`): causes that came meanwhile raise
+    /// the line now and start another interval; with none, throttling stops.
+    fn throttle_tick(&mut self) {
+        let Some(until) = self.throttle_until else {
+            return;
+        };
+        if Instant::now() < until {
+            return;
+        }
+        self.throttle_until = None;
+        if self.regs.icr & self.regs.ims != 0 && !self.regs.irq_asserted {
             self.regs.irq_asserted = true;
             self.set_irq(true);
+            self.arm_throttle();
         }
     }
 
@@ -918,9 +960,8 @@ impl Engine {
     fn ims_set(&mut self, bits: u32) {
         let new = bits & self.regs.icr & !self.regs.ims;
         self.regs.ims |= bits;
-        if new != 0 && !self.regs.irq_asserted {
-            self.regs.irq_asserted = true;
-            self.set_irq(true);
+        if new != 0 {
+            self.raise();
         }
     }
 
@@ -1521,7 +1562,13 @@ impl Work for Engine {
         }
     }
 
+    fn timeout(&self) -> Option<Duration> {
+        self.throttle_until
+            .map(|until| until.saturating_duration_since(Instant::now()))
+    }
+
     fn work(&mut self) {
+        self.throttle_tick();
         if self.tx_pending {
             self.transmit();
         }
@@ -1550,6 +1597,8 @@ impl E1000 {
             intx,
             buffer: Vec::with_capacity(MAX_FRAME_LEN),
             tx_pending: false,
+            throttle_until: None,
+            throttle_armed: false,
         })?;
         worker.start(thread_name)?;
         Ok(Self { worker })
@@ -1570,7 +1619,7 @@ impl E1000 {
             }
             None => engine.read_register(offset),
         };
-        let wake = engine.tx_pending;
+        let wake = engine.tx_pending || std::mem::take(&mut engine.throttle_armed);
         drop(state);
         if wake {
             self.worker.wake();

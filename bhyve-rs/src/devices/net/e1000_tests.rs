@@ -675,3 +675,33 @@ fn vlan_filter_and_descriptor_minimum_threshold_on_receive() {
     rig.wait_for("RDH", |r| r.read(reg::RDH) == 4);
     assert_ne!(rig.read(reg::ICR) & ICR_RXDMT0, 0);
 }
+
+/// ITR as bhyve's e82545_icr_assert and e82545_itr_callback use it: after the line is
+/// raised, causes within the interval (ITR in 256 ns units, rounded up to milliseconds) wait
+/// for its end; with ITR 0 every cause raises the line at once.
+#[test]
+fn interrupts_are_throttled_by_itr() {
+    let mut rig = rig();
+    rig.write(reg::ITR, 3906 * 60); // 60 ms
+    rig.write(reg::IMS, ICR_TXDW);
+    rig.write(reg::ICS, ICR_TXDW);
+    assert_eq!(rig.intx.state(), IntxState::Asserted);
+    let raised = Instant::now();
+    assert_eq!(rig.read(reg::ICR), ICR_TXDW);
+    assert_eq!(rig.intx.state(), IntxState::Idle);
+    rig.write(reg::ICS, ICR_TXDW);
+    assert_eq!(rig.intx.state(), IntxState::Idle, "throttled");
+    rig.wait_for("the throttled interrupt", |r| {
+        r.intx.state() == IntxState::Asserted
+    });
+    assert!(raised.elapsed() >= Duration::from_millis(55));
+    assert_eq!(rig.read(reg::ICR), ICR_TXDW);
+    // Without throttling.
+    rig.write(reg::ITR, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    rig.write(reg::ICS, ICR_TXDW);
+    assert_eq!(rig.intx.state(), IntxState::Asserted);
+    rig.read(reg::ICR);
+    rig.write(reg::ICS, ICR_TXDW);
+    assert_eq!(rig.intx.state(), IntxState::Asserted);
+}
