@@ -743,7 +743,7 @@ mod tests {
                     // Only what this build implements, as FreeBSD lists what it has built in.
                     assert_eq!(
                         stdout,
-                        "amd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-rnd\n"
+                        "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\nhostbridge\nlpc\nvirtio-blk\nvirtio-rnd\n"
                     );
                 }
                 other => panic!("{other:?}"),
