@@ -8,6 +8,7 @@ mod bootinfo;
 #[macro_use]
 mod console;
 mod acpi;
+mod ahci;
 mod hpet;
 mod pcicfg;
 mod platform;
@@ -207,6 +208,7 @@ impl Shell {
             }
             _ if platform::run(command, arg1, self.hz) => {}
             _ if virtio::run(command, line) => {}
+            _ if ahci::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -382,6 +384,7 @@ fn help() {
     println!("  ticks <ms>            let <ms> of timer ticks pass between two lines");
     platform::help();
     virtio::help();
+    ahci::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  halt                  stop every CPU with interrupts off");

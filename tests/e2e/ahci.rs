@@ -1,0 +1,275 @@
+//! AHCI end to end: the test guest's AHCI driver (tests/guests, `ahci`) first against QEMU's
+//! `ich9-ahci` with `ide-hd` and `ide-cd`, the independent oracle, then against `bhyve` with
+//! `ahci-hd` and `ahci-cd` and the same commands and expected output, checked against the host
+//! files; then a snapshot taken while the guest streams writes through the controller.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::control::Scratch;
+use common::guest::{self, splitmix64};
+use common::{console_vm_command_with, kvm_usable, qemu_binary, qemu_command_with, vm_name};
+use common::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use std::path::{Path, PathBuf};
+#[cfg(feature = "bhyve_snapshot")]
+use std::time::Duration;
+
+const DISK_SECTORS: u64 = 2048;
+const CD_FRAMES: u64 = 16;
+
+/// `sectors` sectors of the guest's fill pattern for `seed`: splitmix64 words, little endian.
+fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
+    let mut state = seed;
+    (0..sectors * 512 / 8)
+        .flat_map(|_| splitmix64(&mut state).to_le_bytes())
+        .collect()
+}
+
+/// The guest's checksum: FNV-1a 64 over little-endian 64-bit words.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks_exact(8)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+            (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
+/// A 1 MiB disk whose sector n holds the byte n % 251.
+fn disk_image(scratch: &Scratch) -> PathBuf {
+    let path = scratch.path("disk.img");
+    let data: Vec<u8> = (0..DISK_SECTORS * 512)
+        .map(|i| ((i / 512) % 251) as u8)
+        .collect();
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// A CD image of 2048-byte frames, each a different splitmix64 pattern.
+fn cd_image(scratch: &Scratch) -> PathBuf {
+    let path = scratch.path("cd.iso");
+    let data: Vec<u8> = (0..CD_FRAMES).flat_map(|f| pattern(1000 + f, 4)).collect();
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+fn bytes(path: &Path, first: u64, count: u64, unit: u64) -> Vec<u8> {
+    let data = std::fs::read(path).unwrap();
+    data[(first * unit) as usize..((first + count) * unit) as usize].to_vec()
+}
+
+fn qemu_with_ahci(disk: &Path, cd: &Path) -> Option<Console> {
+    let qemu = qemu_binary()?;
+    let hd = format!("if=none,id=d0,file={},format=raw", disk.display());
+    let cd = format!(
+        "if=none,id=c0,file={},format=raw,media=cdrom,readonly=on",
+        cd.display()
+    );
+    let extra = [
+        "-device",
+        "ich9-ahci,id=ahci",
+        "-drive",
+        &hd,
+        "-device",
+        "ide-hd,drive=d0,bus=ahci.0",
+        "-drive",
+        &cd,
+        "-device",
+        "ide-cd,drive=c0,bus=ahci.1",
+        "-no-reboot",
+    ];
+    let cmd = qemu_command_with(&qemu, guest::console_guest(), "", &extra);
+    let mut vm = Console::spawn("qemu", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    Some(vm)
+}
+
+fn bhyve_with_ahci(scratch: &Scratch, name: &str, disk: &str, cd: &Path) -> Console {
+    let hd = format!("3,ahci-hd,{disk}");
+    let cd = format!("4,ahci-cd,{}", cd.display());
+    let cmd = console_vm_command_with(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "256M",
+        &scratch.0,
+        name,
+        &["-s", &hd, "-s", &cd],
+    );
+    let mut vm = Console::spawn("bhyve", cmd);
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    vm
+}
+
+/// What every implementation must answer: sizes, a write that lands in the host file, its
+/// read back, an untouched range as the file has it, FLUSH, and CD frames as the image has
+/// them.
+fn exercise(vm: &mut Console, disk: &Path, cd: &Path) -> String {
+    let info = vm.command("ahci info", COMMAND_TIMEOUT);
+    let hd_line = info
+        .iter()
+        .find(|l| l.starts_with("ahci hd "))
+        .unwrap_or_else(|| panic!("{info:?}"))
+        .clone();
+    assert!(
+        hd_line.starts_with(&format!("ahci hd ok sectors {DISK_SECTORS} model '")),
+        "{hd_line}"
+    );
+    assert!(
+        info.iter()
+            .any(|l| l == &format!("ahci cd ok last {} block 2048", CD_FRAMES - 1)),
+        "{info:?}"
+    );
+    let written = pattern(42, 24);
+    assert_eq!(
+        vm.command_line("ahci write 8 24 42"),
+        format!("ahci write 8 24 ok fnv {:#018x}", fnv(&written))
+    );
+    assert_eq!(vm.command_line("ahci flush"), "ahci flush ok");
+    assert_eq!(
+        bytes(disk, 8, 24, 512),
+        written,
+        "the host file holds the write"
+    );
+    assert_eq!(
+        vm.command_line("ahci read 8 24"),
+        format!("ahci read 8 24 ok fnv {:#018x}", fnv(&written))
+    );
+    let untouched = bytes(disk, 1000, 128, 512);
+    assert_eq!(
+        vm.command_line("ahci read 1000 128"),
+        format!("ahci read 1000 128 ok fnv {:#018x}", fnv(&untouched))
+    );
+    let frames = bytes(cd, 3, 5, 2048);
+    assert_eq!(
+        vm.command_line("ahci cdread 3 5"),
+        format!("ahci cdread 3 5 ok fnv {:#018x}", fnv(&frames))
+    );
+    hd_line
+}
+
+#[test]
+fn ahci_driver_against_qemu() {
+    let scratch = Scratch::new("ahci-qemu");
+    let disk = disk_image(&scratch);
+    let cd = cd_image(&scratch);
+    let Some(mut vm) = qemu_with_ahci(&disk, &cd) else {
+        return;
+    };
+    let hd = exercise(&mut vm, &disk, &cd);
+    assert!(hd.contains("'QEMU HARDDISK'"), "{hd}");
+}
+
+#[test]
+fn ahci_hd_and_cd_under_bhyve_answer_as_qemu_does() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("ahci-bhyve");
+    let disk = disk_image(&scratch);
+    let cd = cd_image(&scratch);
+    let cd_before = std::fs::read(&cd).unwrap();
+    let name = vm_name();
+    let options = format!("{},model=E2E DISK", disk.display());
+    let mut vm = bhyve_with_ahci(&scratch, &name, &options, &cd);
+    let hd = exercise(&mut vm, &disk, &cd);
+    assert!(hd.ends_with("model 'E2E DISK'"), "{hd}");
+    // Past the end of the disk and of the CD: an error status for the guest, bhyve carries on.
+    let line = vm.command_line("ahci read 2040 16");
+    assert!(
+        line.starts_with("ahci read 2040 16 error tfd 0x4"),
+        "{line}"
+    );
+    let line = vm.command_line("ahci cdread 15 2");
+    assert!(line.starts_with("ahci cdread 15 2 error tfd 0x5"), "{line}");
+    assert_eq!(vm.command_line("ahci flush"), "ahci flush ok");
+    assert_eq!(
+        std::fs::read(&cd).unwrap(),
+        cd_before,
+        "the CD stays as it was"
+    );
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// A checkpoint and then a suspend while the guest rewrites and rereads its disk through the
+/// controller in a loop: every round before and after checks, and the file holds the round the
+/// guest was on.
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn snapshots_while_the_guest_streams_writes_through_ahci() {
+    use common::control::{ctl, suspend};
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("ahci-snap");
+    let disk = disk_image(&scratch);
+    let cd = cd_image(&scratch);
+    let name = vm_name();
+    let mut vm = bhyve_with_ahci(&scratch, &name, &disk.display().to_string(), &cd);
+    vm.send_line("ahci stream 64");
+    vm.expect("ahci stream round 100\n", COMMAND_TIMEOUT);
+    let live = scratch.path("live.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--checkpoint={}", live.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
+    let next = last_round(&vm.transcript()) + 200;
+    vm.expect(&format!("ahci stream round {next}\n"), COMMAND_TIMEOUT);
+
+    let file = scratch.path("suspend.snap");
+    suspend(&scratch, &name, &mut vm, &file);
+    let suspended_at = last_round(&vm.transcript());
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&file);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    let mut vm = Console::spawn("bhyve -r", cmd);
+    vm.expect(
+        &format!("ahci stream round {}\n", suspended_at + 200),
+        Duration::from_secs(60),
+    );
+    vm.send("\n");
+    let stopped = vm.expect("errors ", COMMAND_TIMEOUT);
+    let line = vm.expect("\n", COMMAND_TIMEOUT);
+    assert!(
+        !vm.transcript().contains(guest::READY),
+        "the guest rebooted"
+    );
+    assert_eq!(
+        line.trim(),
+        "0",
+        "stream errors after restore: {stopped}{line}"
+    );
+    let round: u64 = stopped
+        .rsplit("stopped round ")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{stopped}"));
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    assert_eq!(vm.command_line("ahci flush"), "ahci flush ok");
+    assert_eq!(
+        bytes(&disk, 0, 64, 512),
+        pattern(round, 64),
+        "round {round}"
+    );
+    // The CD came through the restore too.
+    let frames = bytes(&cd, 0, 2, 2048);
+    assert_eq!(
+        vm.command_line("ahci cdread 0 2"),
+        format!("ahci cdread 0 2 ok fnv {:#018x}", fnv(&frames))
+    );
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+#[cfg(feature = "bhyve_snapshot")]
+fn last_round(transcript: &str) -> u64 {
+    transcript
+        .lines()
+        .rev()
+        .filter_map(|l| l.trim().strip_prefix("ahci stream round "))
+        .find_map(|n| n.parse().ok())
+        .unwrap_or(0)
+}
