@@ -478,7 +478,7 @@ fn stream(p: &Port, count: u64) {
                 p.start();
             }
         }
-        if round % 100 == 0 {
+        if round.is_multiple_of(100) {
             println!("ahci stream round {round}");
         }
         svc::rx_poll();
