@@ -134,6 +134,24 @@ fn exercise(vm: &mut Console, disk: &Path, cd: &Path) -> String {
         vm.command_line("ahci read 8 24"),
         format!("ahci read 8 24 ok fnv {:#018x}", fnv(&written))
     );
+    // The same through native command queuing.
+    let queued = pattern(7, 16);
+    assert_eq!(
+        vm.command_line("ahci qwrite 100 16 7"),
+        format!("ahci qwrite 100 16 ok fnv {:#018x}", fnv(&queued))
+    );
+    assert_eq!(
+        vm.command_line("ahci qread 96 24"),
+        format!(
+            "ahci qread 96 24 ok fnv {:#018x}",
+            fnv(&bytes(disk, 96, 24, 512))
+        )
+    );
+    assert_eq!(
+        bytes(disk, 100, 16, 512),
+        queued,
+        "the host file holds the queued write"
+    );
     let untouched = bytes(disk, 1000, 128, 512);
     assert_eq!(
         vm.command_line("ahci read 1000 128"),

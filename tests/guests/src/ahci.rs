@@ -29,6 +29,7 @@ const P_TFD: u64 = 0x20;
 const P_SIG: u64 = 0x24;
 const P_SSTS: u64 = 0x28;
 const P_SERR: u64 = 0x30;
+const P_SACT: u64 = 0x34;
 const P_CI: u64 = 0x38;
 const CMD_ST: u32 = 1 << 0;
 const CMD_FRE: u32 = 1 << 4;
@@ -41,6 +42,8 @@ const SIG_ATAPI: u32 = 0xeb14_0101;
 const ATA_IDENTIFY: u8 = 0xec;
 const READ_DMA_EXT: u8 = 0x25;
 const WRITE_DMA_EXT: u8 = 0x35;
+const READ_FPDMA_QUEUED: u8 = 0x60;
+const WRITE_FPDMA_QUEUED: u8 = 0x61;
 const FLUSH_CACHE_EXT: u8 = 0xea;
 const PACKET: u8 = 0xa0;
 const SCSI_READ_CAPACITY: u8 = 0x25;
@@ -193,6 +196,54 @@ impl Port {
         bytes: u64,
         write: bool,
     ) -> Option<u32> {
+        self.prepare(command, lba, count, packet, bytes, write);
+        self.write(P_IS, u32::MAX);
+        self.write(P_CI, 1);
+        self.wait(P_CI)
+    }
+
+    /// READ or WRITE FPDMA QUEUED with tag 0 in slot 0: the count goes in the features field,
+    /// the tag in the count field, and the command completes when its PxSACT bit clears.
+    fn queued(&self, write: bool, lba: u64, count: u16) -> Option<u32> {
+        let command = if write {
+            WRITE_FPDMA_QUEUED
+        } else {
+            READ_FPDMA_QUEUED
+        };
+        let bytes = u64::from(count) * SECTOR;
+        self.prepare(command, lba, 0, None, bytes, write);
+        let fis = &mut area().table;
+        fis[3] = count as u8;
+        fis[11] = (count >> 8) as u8;
+        compiler_fence(Ordering::SeqCst);
+        self.write(P_IS, u32::MAX);
+        self.write(P_SACT, 1);
+        self.write(P_CI, 1);
+        self.wait(P_SACT)
+    }
+
+    /// Poll until bit 0 of `reg` clears or a task-file error is posted; PxTFD then.
+    fn wait(&self, reg: u64) -> Option<u32> {
+        for _ in 0..2_000_000_000u64 {
+            if self.read(reg) & 1 == 0 || self.read(P_IS) & IS_TFE != 0 {
+                compiler_fence(Ordering::SeqCst);
+                return Some(self.read(P_TFD));
+            }
+            core::hint::spin_loop();
+        }
+        None
+    }
+
+    /// Write the command header, command FIS, ATAPI command and PRDT of slot 0.
+    fn prepare(
+        &self,
+        command: u8,
+        lba: u64,
+        count: u16,
+        packet: Option<&[u8]>,
+        bytes: u64,
+        write: bool,
+    ) {
         let a = area();
         let entries = bytes.div_ceil(PRD_BYTES) as usize;
         let mut flags: u16 = 5;
@@ -233,16 +284,6 @@ impl Port {
             e[12..16].copy_from_slice(&(len as u32 - 1).to_le_bytes());
         }
         compiler_fence(Ordering::SeqCst);
-        self.write(P_IS, u32::MAX);
-        self.write(P_CI, 1);
-        for _ in 0..2_000_000_000u64 {
-            if self.read(P_CI) & 1 == 0 || self.read(P_IS) & IS_TFE != 0 {
-                compiler_fence(Ordering::SeqCst);
-                return Some(self.read(P_TFD));
-            }
-            core::hint::spin_loop();
-        }
-        None
     }
 
     /// An ATAPI command; after a CHECK CONDITION (unit attention after power-on, say) the
@@ -332,6 +373,7 @@ pub fn help() {
     println!("  ahci info             IDENTIFY the first AHCI disk, READ CAPACITY of the first CD");
     println!("  ahci write <s> <n> <seed>  WRITE DMA EXT of n sectors of pattern <seed> at s");
     println!("  ahci read <s> <n>     READ DMA EXT of n sectors at s, print their checksum");
+    println!("  ahci qwrite|qread ... as write and read, with WRITE/READ FPDMA QUEUED (NCQ)");
     println!("  ahci flush            FLUSH CACHE EXT");
     println!("  ahci cdread <f> <n>   ATAPI READ(10) of n 2048-byte frames at f, checksum");
     println!("  ahci stream <n>       rewrite and check sectors 0..n until input");
@@ -382,6 +424,33 @@ fn ahci(args: &[&str]) {
                 checksum(n * SECTOR)
             );
         }
+        ["qwrite", s, n, seed] => {
+            let (Some(s), Some(n), Some(seed)) =
+                (parse_u64(s), sectors_arg(n, SECTOR), parse_u64(seed))
+            else {
+                println!("usage: ahci qwrite <sector> <count 1..128> <seed>");
+                return;
+            };
+            let Some(p) = disk() else { return };
+            fill(n * SECTOR, seed);
+            let sum = checksum(n * SECTOR);
+            let tfd = p.queued(true, s, n as u16);
+            println!("ahci qwrite {s} {n} {} fnv 0x{sum:016x}", status(tfd));
+        }
+        ["qread", s, n] => {
+            let (Some(s), Some(n)) = (parse_u64(s), sectors_arg(n, SECTOR)) else {
+                println!("usage: ahci qread <sector> <count 1..128>");
+                return;
+            };
+            let Some(p) = disk() else { return };
+            area().data.fill(0);
+            let tfd = p.queued(false, s, n as u16);
+            println!(
+                "ahci qread {s} {n} {} fnv 0x{:016x}",
+                status(tfd),
+                checksum(n * SECTOR)
+            );
+        }
         ["flush"] => {
             let Some(p) = disk() else { return };
             let tfd = p.run(FLUSH_CACHE_EXT, 0, 0, None, 0, false);
@@ -428,7 +497,7 @@ fn ahci(args: &[&str]) {
             }
             None => println!("usage: ahci stream <count 1..128>"),
         },
-        _ => println!("usage: ahci info|write|read|flush|cdread|stream"),
+        _ => println!("usage: ahci info|write|read|qwrite|qread|flush|cdread|stream"),
     }
 }
 
