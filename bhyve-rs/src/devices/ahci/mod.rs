@@ -561,6 +561,11 @@ impl Shared {
     /// Copy a FIS into the port's received-FIS area and raise what it asks for.
     fn write_fis(&self, s: &mut HbaState, port: usize, fis: &[u8]) {
         let p = &mut s.ports[port];
+        // An error holds the command list even when no FIS is received: otherwise the failed
+        // command, still issued, would be picked up again at once, forever.
+        if u32::from(fis[2]) & S_ERROR != 0 {
+            p.waitforclear = true;
+        }
         if p.cmd & P_CMD_FRE == 0 {
             return;
         }
@@ -796,6 +801,11 @@ impl Shared {
             self.write_fis_d2h(s, port, &c, ABORTED);
             return;
         };
+        if self.drives[port].is_none() {
+            // Only a guest that overrode the port's busy status gets here.
+            self.write_fis_d2h(s, port, &command, ABORTED);
+            return;
+        }
         if command.cfis[0] != FIS_REG_H2D {
             log::debug!("ahci: port {port}: not a H2D FIS: {:#x}", command.cfis[0]);
             self.write_fis_d2h(s, port, &command, ABORTED);

@@ -715,6 +715,31 @@ fn malformed_commands_end_with_an_error_and_touch_nothing_outside_ram() {
 }
 
 #[test]
+fn a_failed_command_without_fis_receive_does_not_spin() {
+    let mut h = hba("nofre", |_| {});
+    h.start(0);
+    // Command list running, FIS receive off: the error cannot be posted, the port still stops
+    // taking commands until the guest clears it.
+    h.set_preg(0, P_CMD, P_CMD_ST);
+    let mut bad = fis(ata::READ_DMA48, 0, 1, 0);
+    bad[0] = 0;
+    h.command(0, 0, &bad, None, &[(DATA, 512)], false);
+    h.set_preg(0, P_CI, 1);
+    assert_eq!(h.preg(0, P_TFD), ABORTED);
+    assert_eq!(h.preg(0, P_CI), 1);
+    h.recover(0);
+    assert_eq!(
+        h.run(0, fis(ata::FLUSHCACHE, 0, 0, 0), 0, false) & 0xff,
+        GOOD
+    );
+    // A port without a device whose busy status the guest overrode refuses commands.
+    h.start(2);
+    assert_eq!(h.preg(2, P_TFD), 0x7f);
+    h.set_preg(2, P_CMD, P_CMD_ST | P_CMD_FRE | P_CMD_CLO);
+    assert_eq!(h.run(2, fis(ata::FLUSHCACHE, 0, 0, 0), 0, false), ABORTED);
+}
+
+#[test]
 fn long_prdt_is_split_into_backend_requests() {
     let mut h = hba("split", |_| {});
     h.start(0);
@@ -832,4 +857,154 @@ fn ports_are_read_from_the_configuration() {
     let e = plan_ports(&config, "pci.0.4.0", SLOT).err().unwrap();
     assert!(e.to_string().contains("/nonexistent/disk"), "{e}");
     assert_eq!(atoi(" -3x"), (-3i16) as u16);
+}
+
+#[test]
+fn queued_commands_in_many_slots_complete_together() {
+    let mut h = hba("ncq-many", |_| {});
+    h.start(0);
+    let pattern: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 13 % 253) as u8).collect();
+    h.memory.write(DATA, &pattern).unwrap();
+    // Sixteen 1 KiB queued writes, issued with one PxSACT and one PxCI write.
+    for slot in 0..16 {
+        let mut f = fis(
+            ata::WRITE_FPDMA_QUEUED,
+            200 + 2 * slot as u64,
+            (slot as u16) << 3,
+            2,
+        );
+        f[3] = 2;
+        h.command(
+            0,
+            slot,
+            &f,
+            None,
+            &[(DATA + slot as u64 * 1024, 1024)],
+            true,
+        );
+    }
+    h.set_preg(0, P_SACT, 0xffff);
+    h.set_preg(0, P_CI, 0xffff);
+    h.wait_clear(0, P_SACT, 0xffff);
+    assert_eq!(h.preg(0, P_IS) & P_IX_TFE, 0);
+    assert_eq!(h.preg(0, P_CI), 0);
+    assert_eq!(&h.host(0)[200 * 512..232 * 512], &pattern[..]);
+}
+
+/// Random register accesses and random command structures, with saves and restores between:
+/// the controller never panics and the read-only CD image is never written.
+#[test]
+fn random_guest_input_never_panics() {
+    let mut rng = crate::test_rng::Rng(0x5eed_ac1d);
+    let mut h = hba("fuzz", |_| {});
+    let regs = [
+        P_CLB, P_CLBU, P_FB, P_FBU, P_IS, P_IE, P_CMD, P_TFD, P_SIG, P_SCTL, P_SERR, P_SACT, P_CI,
+    ];
+    for round in 0..3000 {
+        match rng.below(6) {
+            0 => {
+                // Garbage anywhere in the command lists and tables.
+                let at = CLB + rng.below(TABLES + 64 * TABLE_SIZE - CLB);
+                let bytes: Vec<u8> = (0..rng.below(64) + 1).map(|_| rng.byte()).collect();
+                let _ = h.memory.write(at, &bytes);
+            }
+            1 => {
+                // A plausible command with random fields and PRDT.
+                let commands = [
+                    ata::READ_DMA48,
+                    ata::WRITE_DMA48,
+                    ata::READ_FPDMA_QUEUED,
+                    ata::DATA_SET_MANAGEMENT,
+                    ata::SEND_FPDMA_QUEUED,
+                    ata::PACKET_CMD,
+                    ata::ATA_IDENTIFY,
+                    ata::READ_LOG_EXT,
+                    ata::FLUSHCACHE,
+                    rng.byte(),
+                ];
+                let mut f = fis(
+                    *rng.pick(&commands),
+                    rng.next() >> rng.below(64),
+                    rng.next() as u16,
+                    rng.next() as u16,
+                );
+                f[1] = if rng.below(8) == 0 { rng.byte() } else { 0x80 };
+                f[16] = rng.byte();
+                let prdt: Vec<(u64, u32)> = (0..rng.below(4))
+                    .map(|_| {
+                        let addr = if rng.below(4) == 0 {
+                            rng.next()
+                        } else {
+                            DATA + rng.below(0x10000)
+                        };
+                        (addr, (rng.below(0x40_0000) as u32).max(1))
+                    })
+                    .collect();
+                let acmd: Vec<u8> = (0..16).map(|_| rng.byte()).collect();
+                let port = rng.below(2) as usize;
+                let slot = rng.below(32) as usize;
+                // Only the data area may be written by the device: the PRDT stays there or
+                // outside RAM.
+                let prdt: Vec<(u64, u32)> = prdt
+                    .into_iter()
+                    .map(|(a, l)| {
+                        if a < MEMORY {
+                            (a, l.min((MEMORY - a) as u32))
+                        } else {
+                            (a, l)
+                        }
+                    })
+                    .collect();
+                h.command(port, slot, &f, Some(&acmd), &prdt, rng.below(2) == 0);
+                h.set_preg(port, P_CI, 1 << slot);
+            }
+            2 => {
+                let port = rng.below(3) as usize;
+                let value = match rng.below(3) {
+                    0 => rng.next() as u32,
+                    1 => P_CMD_ST | P_CMD_FRE,
+                    _ => 0,
+                };
+                let reg = *rng.pick(&regs);
+                // Keep the command list and FIS areas where the test looks for them, mostly.
+                if matches!(reg, P_CLB | P_FB | P_CLBU | P_FBU) && rng.below(4) != 0 {
+                    continue;
+                }
+                h.set_preg(port, reg, value);
+            }
+            3 => {
+                let reg = *rng.pick(&[GHC, IS, CAP, PI]);
+                let value = if rng.below(20) == 0 {
+                    GHC_HR
+                } else {
+                    rng.next() as u32 & !GHC_HR
+                };
+                h.write(reg, value);
+            }
+            4 => {
+                // Odd sizes and offsets, past the registers too.
+                let size = *rng.pick(&[1usize, 2, 4, 3, 8]);
+                let offset = rng.below(0x2100);
+                let mut buf = vec![0u8; size];
+                h.ahci.bar_read(&h.config, ABAR, offset, &mut buf);
+                let data: Vec<u8> = (0..size).map(|_| rng.byte()).collect();
+                h.ahci.bar_write(&h.config, ABAR, offset, &data);
+            }
+            _ => {
+                h.start(rng.below(2) as usize);
+            }
+        }
+        if round % 500 == 0 {
+            h.ahci.pause();
+            let saved = h.ahci.state();
+            h.ahci.restore(&saved).unwrap();
+            h.ahci.resume();
+        }
+    }
+    h.ahci.pause();
+    h.ahci.resume();
+    let cd: Vec<u8> = (0..8 * 2048)
+        .map(|i: u32| 0x80 + (i / 2048) as u8)
+        .collect();
+    assert_eq!(h.host(1), cd, "the CD image is never written");
 }
