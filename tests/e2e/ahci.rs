@@ -87,12 +87,16 @@ fn qemu_with_ahci(disk: &Path, cd: &Path) -> Option<Console> {
 fn bhyve_with_ahci(scratch: &Scratch, name: &str, disk: &str, cd: &Path) -> Console {
     let hd = format!("3,ahci-hd,{disk}");
     let cd = format!("4,ahci-cd,{}", cd.display());
+    bhyve_with_slots(scratch, name, &["-s", &hd, "-s", &cd])
+}
+
+fn bhyve_with_slots(scratch: &Scratch, name: &str, slots: &[&str]) -> Console {
     let cmd = console_vm_command_with(
         Path::new(env!("CARGO_BIN_EXE_bhyve")),
         "256M",
         &scratch.0,
         name,
-        &["-s", &hd, "-s", &cd],
+        slots,
     );
     let mut vm = Console::spawn("bhyve", cmd);
     vm.expect(guest::READY, BOOT_TIMEOUT);
@@ -205,6 +209,29 @@ fn ahci_hd_and_cd_under_bhyve_answer_as_qemu_does() {
         cd_before,
         "the CD stays as it was"
     );
+    vm.send_line("halt");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
+/// One controller with the disk on port 2 and the CD on port 5 (`hd:`/`cd:` syntax) answers the
+/// same.
+#[test]
+fn one_ahci_controller_with_disk_and_cd_ports() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("ahci-ports");
+    let disk = disk_image(&scratch);
+    let cd = cd_image(&scratch);
+    let name = vm_name();
+    let ports = format!(
+        "3,ahci,hd:,hd:,hd:{},ser=PORT2,cd:,cd:,cd:{}",
+        disk.display(),
+        cd.display()
+    );
+    let mut vm = bhyve_with_slots(&scratch, &name, &["-s", &ports]);
+    let hd = exercise(&mut vm, &disk, &cd);
+    assert!(hd.ends_with("model 'BHYVE SATA DISK'"), "{hd}");
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }

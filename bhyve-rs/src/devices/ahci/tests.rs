@@ -1008,3 +1008,21 @@ fn random_guest_input_never_panics() {
         .collect();
     assert_eq!(h.host(1), cd, "the CD image is never written");
 }
+
+#[cfg(feature = "bhyve_snapshot")]
+#[test]
+fn device_state_round_trips_through_a_snapshot_section() {
+    let mut h = hba("section", |_| {});
+    h.start(0);
+    h.start(1);
+    h.run(0, fis(ata::SET_MULTI, 0, 32, 0), 0, false);
+    h.packet(1, &[0xff], 0);
+    h.ahci.pause();
+    let section = h.ahci.save_device_state().expect("saveable");
+    let mut other = hba("section-2", |_| {});
+    other.ahci.restore_device_state(&section).unwrap();
+    assert_eq!(other.ahci.state(), h.ahci.state());
+    assert_eq!(other.ahci.state().ports[1].asc, 0x20);
+    assert!(other.ahci.restore_device_state(&section[1..]).is_err());
+    h.ahci.resume();
+}
