@@ -7,42 +7,13 @@
 mod common;
 
 use common::control::Scratch;
-use common::guest::{self, splitmix64};
+use common::disk::{disk_image, file_range, fnv, pattern, DISK_SECTORS};
+use common::guest;
 use common::{console_vm_command_with, kvm_usable, qemu_binary, qemu_command_with, vm_name};
 use common::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
 use std::path::{Path, PathBuf};
-#[cfg(feature = "bhyve_snapshot")]
-use std::time::Duration;
 
-const DISK_SECTORS: u64 = 2048;
 const CD_FRAMES: u64 = 16;
-
-/// `sectors` sectors of the guest's fill pattern for `seed`: splitmix64 words, little endian.
-fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
-    let mut state = seed;
-    (0..sectors * 512 / 8)
-        .flat_map(|_| splitmix64(&mut state).to_le_bytes())
-        .collect()
-}
-
-/// The guest's checksum: FNV-1a 64 over little-endian 64-bit words.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes
-        .chunks_exact(8)
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-            (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-}
-
-/// A 1 MiB disk whose sector n holds the byte n % 251.
-fn disk_image(scratch: &Scratch) -> PathBuf {
-    let path = scratch.path("disk.img");
-    let data: Vec<u8> = (0..DISK_SECTORS * 512)
-        .map(|i| ((i / 512) % 251) as u8)
-        .collect();
-    std::fs::write(&path, data).unwrap();
-    path
-}
 
 /// A CD image of 2048-byte frames, each a different splitmix64 pattern.
 fn cd_image(scratch: &Scratch) -> PathBuf {
@@ -50,11 +21,6 @@ fn cd_image(scratch: &Scratch) -> PathBuf {
     let data: Vec<u8> = (0..CD_FRAMES).flat_map(|f| pattern(1000 + f, 4)).collect();
     std::fs::write(&path, data).unwrap();
     path
-}
-
-fn bytes(path: &Path, first: u64, count: u64, unit: u64) -> Vec<u8> {
-    let data = std::fs::read(path).unwrap();
-    data[(first * unit) as usize..((first + count) * unit) as usize].to_vec()
 }
 
 fn qemu_with_ahci(disk: &Path, cd: &Path) -> Option<Console> {
@@ -130,7 +96,7 @@ fn exercise(vm: &mut Console, disk: &Path, cd: &Path) -> String {
     );
     assert_eq!(vm.command_line("ahci flush"), "ahci flush ok");
     assert_eq!(
-        bytes(disk, 8, 24, 512),
+        file_range(disk, 8, 24, 512),
         written,
         "the host file holds the write"
     );
@@ -148,20 +114,20 @@ fn exercise(vm: &mut Console, disk: &Path, cd: &Path) -> String {
         vm.command_line("ahci qread 96 24"),
         format!(
             "ahci qread 96 24 ok fnv {:#018x}",
-            fnv(&bytes(disk, 96, 24, 512))
+            fnv(&file_range(disk, 96, 24, 512))
         )
     );
     assert_eq!(
-        bytes(disk, 100, 16, 512),
+        file_range(disk, 100, 16, 512),
         queued,
         "the host file holds the queued write"
     );
-    let untouched = bytes(disk, 1000, 128, 512);
+    let untouched = file_range(disk, 1000, 128, 512);
     assert_eq!(
         vm.command_line("ahci read 1000 128"),
         format!("ahci read 1000 128 ok fnv {:#018x}", fnv(&untouched))
     );
-    let frames = bytes(cd, 3, 5, 2048);
+    let frames = file_range(cd, 3, 5, 2048);
     assert_eq!(
         vm.command_line("ahci cdread 3 5"),
         format!("ahci cdread 3 5 ok fnv {:#018x}", fnv(&frames))
@@ -242,7 +208,6 @@ fn one_ahci_controller_with_disk_and_cd_ports() {
 #[cfg(feature = "bhyve_snapshot")]
 #[test]
 fn snapshots_while_the_guest_streams_writes_through_ahci() {
-    use common::control::{ctl, suspend};
     if !kvm_usable() {
         return;
     }
@@ -250,71 +215,20 @@ fn snapshots_while_the_guest_streams_writes_through_ahci() {
     let disk = disk_image(&scratch);
     let cd = cd_image(&scratch);
     let name = vm_name();
-    let mut vm = bhyve_with_ahci(&scratch, &name, &disk.display().to_string(), &cd);
-    vm.send_line("ahci stream 64");
-    vm.expect("ahci stream round 100\n", COMMAND_TIMEOUT);
-    let live = scratch.path("live.snap");
-    let (code, err) = ctl(
-        &scratch.0,
-        &name,
-        &[format!("--checkpoint={}", live.display())],
-    );
-    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-    let next = last_round(&vm.transcript()) + 200;
-    vm.expect(&format!("ahci stream round {next}\n"), COMMAND_TIMEOUT);
-
-    let file = scratch.path("suspend.snap");
-    suspend(&scratch, &name, &mut vm, &file);
-    let suspended_at = last_round(&vm.transcript());
-    let mut cmd = common::bhyve();
-    cmd.arg("-r").arg(&file);
-    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
-    let mut vm = Console::spawn("bhyve -r", cmd);
-    vm.expect(
-        &format!("ahci stream round {}\n", suspended_at + 200),
-        Duration::from_secs(60),
-    );
-    vm.send("\n");
-    let stopped = vm.expect("errors ", COMMAND_TIMEOUT);
-    let line = vm.expect("\n", COMMAND_TIMEOUT);
-    assert!(
-        !vm.transcript().contains(guest::READY),
-        "the guest rebooted"
-    );
-    assert_eq!(
-        line.trim(),
-        "0",
-        "stream errors after restore: {stopped}{line}"
-    );
-    let round: u64 = stopped
-        .rsplit("stopped round ")
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{stopped}"));
-    vm.expect_prompt(COMMAND_TIMEOUT);
+    let vm = bhyve_with_ahci(&scratch, &name, &disk.display().to_string(), &cd);
+    let (mut vm, round) = common::disk::snapshot_while_streaming(&scratch, &name, vm, "ahci");
     assert_eq!(vm.command_line("ahci flush"), "ahci flush ok");
     assert_eq!(
-        bytes(&disk, 0, 64, 512),
+        file_range(&disk, 0, 64, 512),
         pattern(round, 64),
         "round {round}"
     );
     // The CD came through the restore too.
-    let frames = bytes(&cd, 0, 2, 2048);
+    let frames = file_range(&cd, 0, 2, 2048);
     assert_eq!(
         vm.command_line("ahci cdread 0 2"),
         format!("ahci cdread 0 2 ok fnv {:#018x}", fnv(&frames))
     );
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
-}
-
-#[cfg(feature = "bhyve_snapshot")]
-fn last_round(transcript: &str) -> u64 {
-    transcript
-        .lines()
-        .rev()
-        .filter_map(|l| l.trim().strip_prefix("ahci stream round "))
-        .find_map(|n| n.parse().ok())
-        .unwrap_or(0)
 }
