@@ -222,6 +222,16 @@ impl Port {
         self.wait(P_SACT)
     }
 
+    /// READ/WRITE DMA EXT, or their queued forms, of `count` sectors at `lba`.
+    fn transfer(&self, queued: bool, write: bool, lba: u64, count: u64) -> Option<u32> {
+        if queued {
+            self.queued(write, lba, count as u16)
+        } else {
+            let command = if write { WRITE_DMA_EXT } else { READ_DMA_EXT };
+            self.run(command, lba, count as u16, None, count * SECTOR, write)
+        }
+    }
+
     /// Poll until bit 0 of `reg` clears or a task-file error is posted; PxTFD then.
     fn wait(&self, reg: u64) -> Option<u32> {
         for _ in 0..2_000_000_000u64 {
@@ -397,56 +407,29 @@ fn disk() -> Option<Port> {
 fn ahci(args: &[&str]) {
     match args {
         ["info"] => info(),
-        ["write", s, n, seed] => {
+        [op @ ("write" | "qwrite"), s, n, seed] => {
             let (Some(s), Some(n), Some(seed)) =
                 (parse_u64(s), sectors_arg(n, SECTOR), parse_u64(seed))
             else {
-                println!("usage: ahci write <sector> <count 1..128> <seed>");
+                println!("usage: ahci {op} <sector> <count 1..128> <seed>");
                 return;
             };
             let Some(p) = disk() else { return };
             fill(n * SECTOR, seed);
             let sum = checksum(n * SECTOR);
-            let tfd = p.run(WRITE_DMA_EXT, s, n as u16, None, n * SECTOR, true);
-            println!("ahci write {s} {n} {} fnv 0x{sum:016x}", status(tfd));
+            let tfd = p.transfer(*op == "qwrite", true, s, n);
+            println!("ahci {op} {s} {n} {} fnv 0x{sum:016x}", status(tfd));
         }
-        ["read", s, n] => {
+        [op @ ("read" | "qread"), s, n] => {
             let (Some(s), Some(n)) = (parse_u64(s), sectors_arg(n, SECTOR)) else {
-                println!("usage: ahci read <sector> <count 1..128>");
+                println!("usage: ahci {op} <sector> <count 1..128>");
                 return;
             };
             let Some(p) = disk() else { return };
             area().data.fill(0);
-            let tfd = p.run(READ_DMA_EXT, s, n as u16, None, n * SECTOR, false);
+            let tfd = p.transfer(*op == "qread", false, s, n);
             println!(
-                "ahci read {s} {n} {} fnv 0x{:016x}",
-                status(tfd),
-                checksum(n * SECTOR)
-            );
-        }
-        ["qwrite", s, n, seed] => {
-            let (Some(s), Some(n), Some(seed)) =
-                (parse_u64(s), sectors_arg(n, SECTOR), parse_u64(seed))
-            else {
-                println!("usage: ahci qwrite <sector> <count 1..128> <seed>");
-                return;
-            };
-            let Some(p) = disk() else { return };
-            fill(n * SECTOR, seed);
-            let sum = checksum(n * SECTOR);
-            let tfd = p.queued(true, s, n as u16);
-            println!("ahci qwrite {s} {n} {} fnv 0x{sum:016x}", status(tfd));
-        }
-        ["qread", s, n] => {
-            let (Some(s), Some(n)) = (parse_u64(s), sectors_arg(n, SECTOR)) else {
-                println!("usage: ahci qread <sector> <count 1..128>");
-                return;
-            };
-            let Some(p) = disk() else { return };
-            area().data.fill(0);
-            let tfd = p.queued(false, s, n as u16);
-            println!(
-                "ahci qread {s} {n} {} fnv 0x{:016x}",
+                "ahci {op} {s} {n} {} fnv 0x{:016x}",
                 status(tfd),
                 checksum(n * SECTOR)
             );
