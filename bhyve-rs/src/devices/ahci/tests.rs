@@ -7,25 +7,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::devices::pci::irq::PirqRouter;
 use crate::devices::pci::PCIR_CAP_PTR;
-use crate::devices::tests::TempDir;
-
-#[derive(Default)]
-struct Recorder {
-    msis: Mutex<Vec<(u64, u32)>>,
-}
-
-impl InterruptSink for Recorder {
-    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.msis.lock().unwrap().push((address, data));
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::devices::tests::{block_options, Recorder, TempDir};
 
 const SLOT: PciAddress = PciAddress {
     bus: 0,
@@ -58,17 +40,6 @@ struct Hba {
     paths: Vec<PathBuf>,
 }
 
-fn options(path: &std::path::Path) -> BlockOptions {
-    BlockOptions {
-        path: path.to_string_lossy().into_owned(),
-        readonly: false,
-        nocache: false,
-        sync: false,
-        nodelete: false,
-        sector_size: None,
-    }
-}
-
 /// A disk of 256 KiB on port 0 whose sector N holds the byte N, and a CD of 8 frames on port
 /// 1 whose frame N holds the byte 0x80+N.
 fn hba(tag: &str, edit: impl FnOnce(&mut Vec<Port>)) -> Hba {
@@ -85,7 +56,7 @@ fn hba(tag: &str, edit: impl FnOnce(&mut Vec<Port>)) -> Hba {
         Port {
             index: 0,
             atapi: false,
-            options: options(&disk),
+            options: block_options(&disk),
             path: disk,
         },
         Port {
@@ -93,7 +64,7 @@ fn hba(tag: &str, edit: impl FnOnce(&mut Vec<Port>)) -> Hba {
             atapi: true,
             options: BlockOptions {
                 readonly: true,
-                ..options(&cd)
+                ..block_options(&cd)
             },
             path: cd,
         },
@@ -805,7 +776,7 @@ fn pause_completes_in_flight_io_and_the_state_restores() {
     assert_eq!(&h.host(0)[64 * 512..96 * 512], &pattern[..]);
     // A new controller on the same disk takes the state and goes on.
     let mut other = hba("snapshot-2", |p| {
-        p[0].options = options(&h.paths[0]);
+        p[0].options = block_options(&h.paths[0]);
     });
     other.ahci.restore(&saved).unwrap();
     assert_eq!(other.ahci.state(), saved);
