@@ -31,6 +31,39 @@ impl InterruptSink for FakeSink {
     }
 }
 
+/// MSIs and line changes as the machine would deliver them, for device tests.
+#[derive(Default)]
+pub(crate) struct Recorder {
+    pub(crate) msis: Mutex<Vec<(u64, u32)>>,
+    pub(crate) lines: Mutex<Vec<(u32, bool)>>,
+}
+
+impl InterruptSink for Recorder {
+    fn set_irq_line(&self, gsi: u32, high: bool) -> std::io::Result<()> {
+        self.lines.lock().unwrap().push((gsi, high));
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.msis.lock().unwrap().push((address, data));
+        Ok(())
+    }
+    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A read-write disk at `path` with every block option off.
+pub(crate) fn block_options(path: &std::path::Path) -> block::BlockOptions {
+    block::BlockOptions {
+        path: path.to_string_lossy().into_owned(),
+        readonly: false,
+        nocache: false,
+        sync: false,
+        nodelete: false,
+        sector_size: None,
+    }
+}
+
 /// A directory under the system's temporary directory, removed when dropped.
 pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
 

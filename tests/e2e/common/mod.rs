@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod control;
+pub mod disk;
 pub mod guest;
 pub mod net;
 

@@ -8,6 +8,7 @@ mod bootinfo;
 #[macro_use]
 mod console;
 mod acpi;
+mod ahci;
 mod e1000;
 mod hpet;
 mod nvme;
@@ -218,6 +219,7 @@ impl Shell {
             _ if e1000::run(command, line) => {}
             _ if vcon::run(command, line) => {}
             _ if nvme::run(command, line) => {}
+            _ if ahci::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -397,6 +399,7 @@ fn help() {
     e1000::help();
     vcon::help();
     nvme::help();
+    ahci::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  regspin               known values in every register, spin until RAX changes");
