@@ -193,7 +193,7 @@ mod tests {
             "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nnvme\n\
              virtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
         );
-        for name in ["passthru"] {
+        for name in ["passthru", "xhci"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }
