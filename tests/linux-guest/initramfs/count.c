@@ -1,8 +1,9 @@
 /*
  * count PERIOD_MS [NOW_FILE]: prints "count N MS" every PERIOD_MS milliseconds of
  * CLOCK_MONOTONIC, N from 1 and MS the monotonic time in milliseconds. Deadlines are absolute,
- * so a late wake-up does not shift the ones after it; a timer that stops or runs fast shows in
- * MS. NOW_FILE, rewritten in place with the same line, lets the shell's `read` built-in fetch the
+ * so a late wake-up does not shift the ones after it; but after a jump of more than a period
+ * (a guest restored long after its snapshot sees the time it spent suspended) the next deadline
+ * is one period from now, instead of a burst of lines for every period missed. NOW_FILE, rewritten in place with the same line, lets the shell's `read` built-in fetch the
  * latest line without starting a process.
  */
 #include <fcntl.h>
@@ -33,6 +34,9 @@ int main(int argc, char **argv) {
             ;
         struct timespec now;
         clock_gettime(CLOCK_MONOTONIC, &now);
+        long long late_ns = (now.tv_sec - next.tv_sec) * 1000000000LL + now.tv_nsec - next.tv_nsec;
+        if (late_ns > period_ms * 1000000LL)
+            next = now;
         char line[64];
         int len = snprintf(line, sizeof(line), "count %lu %lld\n", n,
                            (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000);
