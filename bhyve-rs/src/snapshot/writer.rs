@@ -33,7 +33,7 @@ use super::format::{
     RAM_FILE_ALIGN, RAM_INDEX_SECTION, RAM_INDEX_VERSION, RAM_SECTION, RAM_VERSION,
     SECTION_FLAG_MANDATORY,
 };
-use super::ram::is_zero;
+use super::ram::{is_zero, open_direct, DIRECT_IO_MAX, DIRECT_IO_MIN};
 use super::{encode_section, SnapshotError};
 
 /// What an untouched page of guest memory reads as.
@@ -132,7 +132,7 @@ impl SnapshotWriter {
             dir,
             name: name.to_string(),
             temp_name,
-            ram_file: open_direct(&file),
+            ram_file: open_direct(&file, true),
             file,
             info,
             entries: Vec::new(),
@@ -627,16 +627,6 @@ impl SnapshotWriter {
     }
 }
 
-/// Guest memory goes to the file in writes of at most this many bytes: large enough that the
-/// device streams, small enough that the writer threads share the work evenly.
-const MAX_RAM_WRITE: usize = 8 << 20;
-
-/// Shorter writes of guest memory go through the page cache even where direct I/O is offered:
-/// a few scattered pages (the last pass of a live checkpoint, with the guest stopped) are
-/// copied in microseconds and written back after the guest runs again, where a direct write
-/// would wait for the device each time.
-const DIRECT_WRITE_MIN: usize = 64 << 10;
-
 /// RAM regions at least this large are written by [`RAM_WRITERS`] threads.
 const PARALLEL_RAM_MIN: usize = 64 << 20;
 
@@ -660,7 +650,7 @@ struct RamSink<'a> {
 impl RamSink<'_> {
     /// Write `bytes` (whole pages of guest memory) at `at`.
     fn write_at(&self, bytes: &[u8], at: u64) -> std::io::Result<()> {
-        let large = bytes.len() >= DIRECT_WRITE_MIN;
+        let large = bytes.len() >= DIRECT_IO_MIN;
         if let Some(direct) = self.direct.filter(|_| large) {
             match direct.write_all_at(bytes, at) {
                 // A file system or device with stricter alignment than a page: the page
@@ -736,7 +726,7 @@ impl RamPart<'_> {
                 self.in_file[at] = true;
                 run = match run {
                     Some((start, end))
-                        if end == at && (end - start) * page_size < MAX_RAM_WRITE =>
+                        if end == at && (end - start) * page_size < DIRECT_IO_MAX =>
                     {
                         Some((start, at + 1))
                     }
@@ -768,28 +758,6 @@ impl RamPart<'_> {
         flush(&mut run)?;
         Ok(written)
     }
-}
-
-/// A second open file description of `file` for direct I/O (`O_DIRECT`), where the system and
-/// file system offer it: guest memory then goes from its own pages to the device, without a
-/// copy into the page cache and the write-back of that copy, which on a busy host takes several
-/// times longer than the device itself (the measurements are in bhyve_snapshot(5)).
-#[cfg(target_os = "linux")]
-fn open_direct(file: &File) -> Option<File> {
-    use std::os::fd::AsRawFd;
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    open(
-        path.as_str(),
-        OFlag::O_WRONLY | OFlag::O_DIRECT | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()
-    .map(File::from)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_file: &File) -> Option<File> {
-    None
 }
 
 /// Start writing `len` bytes at `at` back to the device now, without waiting for it, so the
