@@ -7,22 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::devices::pci::irq::IntxState;
-use crate::devices::tests::TempDir;
+use crate::devices::tests::{block_options, Recorder, TempDir};
 use crate::interrupts::InterruptSink;
-
-struct Sink;
-
-impl InterruptSink for Sink {
-    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const MEMORY: u64 = 1 << 20;
 const ASQ: u64 = 0x10000;
@@ -84,15 +70,7 @@ impl Host {
         let path = dir.0.join("disk.img");
         let data: Vec<u8> = (0..256u32 << 10).map(|i| (i / 512) as u8).collect();
         std::fs::write(&path, data).unwrap();
-        let block = BlockOptions {
-            path: path.to_string_lossy().into_owned(),
-            readonly: false,
-            nocache: false,
-            sync: false,
-            nodelete: false,
-            sector_size: None,
-        };
-        let file = BlockFile::open(&block).unwrap();
+        let file = BlockFile::open(&block_options(&path)).unwrap();
         let info = file.info();
         let mut o = options();
         edit(&mut o);
@@ -120,7 +98,7 @@ impl Host {
         dir: Option<TempDir>,
     ) -> Self {
         let memory = Arc::new(GuestMemory::new(MEMORY).unwrap());
-        let sink: Arc<dyn InterruptSink> = Arc::new(Sink);
+        let sink: Arc<dyn InterruptSink> = Arc::new(Recorder::default());
         let msix = MsixTable::new(o.max_queues as u16 + 1, sink);
         let intx = Arc::new(IntxLine::default());
         let slot = PciAddress::new(0, 4, 0).unwrap();
@@ -741,7 +719,7 @@ fn saved_state_restores_into_a_new_controller() {
     fresh.memory = h.memory.clone();
     let o = options();
     let ns = h.nvme.controller.namespace;
-    let sink: Arc<dyn InterruptSink> = Arc::new(Sink);
+    let sink: Arc<dyn InterruptSink> = Arc::new(Recorder::default());
     let controller = Controller::new(
         &NvmeOptions {
             ram_mib: Some(1),
@@ -772,25 +750,6 @@ fn saved_state_restores_into_a_new_controller() {
     let bad = crate::snapshot::encode_section(&bad).unwrap();
     assert!(fresh.nvme.restore_device_state(&bad).is_err());
     assert!(fresh.nvme.restore_device_state(&[1, 2, 3]).is_err());
-}
-
-/// MSIs as the machine would deliver them.
-#[derive(Default)]
-struct Recorder {
-    msis: Mutex<Vec<(u64, u32)>>,
-}
-
-impl InterruptSink for Recorder {
-    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.msis.lock().unwrap().push((address, data));
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]
@@ -878,3 +837,4 @@ fn planned_from_the_configuration_it_is_bhyves_pci_function_with_msix() {
     w32(bar0 + DOORBELL_BASE + 8 * 3, 1);
     assert_eq!(sink.msis.lock().unwrap().len(), 1);
 }
+
