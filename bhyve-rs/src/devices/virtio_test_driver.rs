@@ -159,12 +159,10 @@ impl Driver {
         queue: usize,
         buffers: &[(Option<&[u8]>, u32)],
     ) -> Vec<u64> {
-        let size = self.sizes[queue];
-        let head = self.next_descriptor[queue];
-        let mut addresses = Vec::new();
-        for (i, &(data, len)) in buffers.iter().enumerate() {
+        let mut descriptors = Vec::new();
+        for &(data, len) in buffers {
             let address = self.next_buffer;
-            let (length, mut flags) = match data {
+            let (length, flags) = match data {
                 Some(bytes) => {
                     self.memory.write(address, bytes).unwrap();
                     (bytes.len() as u32, 0u16)
@@ -172,9 +170,21 @@ impl Driver {
                 None => (len, 2u16), // VRING_DESC_F_WRITE
             };
             self.next_buffer += u64::from(length.max(1)).next_multiple_of(64);
+            descriptors.push((address, length, flags));
+        }
+        self.post_descriptors_quietly(queue, &descriptors);
+        descriptors.iter().map(|&(address, _, _)| address).collect()
+    }
+
+    /// Put one chain of the given (address, length, flags) descriptors on `queue` without
+    /// notifying; NEXT is set here.
+    pub fn post_descriptors_quietly(&mut self, queue: usize, descriptors: &[(u64, u32, u16)]) {
+        let size = self.sizes[queue];
+        let head = self.next_descriptor[queue];
+        for (i, &(address, length, mut flags)) in descriptors.iter().enumerate() {
             let index = self.next_descriptor[queue];
             self.next_descriptor[queue] = (index + 1) % size;
-            if i + 1 < buffers.len() {
+            if i + 1 < descriptors.len() {
                 flags |= 1; // VRING_DESC_F_NEXT
             }
             let descriptor = Self::ring(queue) + 16 * u64::from(index);
@@ -183,7 +193,6 @@ impl Driver {
             entry.extend_from_slice(&flags.to_le_bytes());
             entry.extend_from_slice(&self.next_descriptor[queue].to_le_bytes());
             self.memory.write(descriptor, &entry).unwrap();
-            addresses.push(address);
         }
         let avail = self.avail(queue);
         let slot = u64::from(self.next_avail[queue] % size);
@@ -192,7 +201,6 @@ impl Driver {
         self.memory
             .store_u16(avail + 2, self.next_avail[queue])
             .unwrap();
-        addresses
     }
 
     /// The next `count` used entries of `queue` (descriptor id, length), waiting up to 2 s.

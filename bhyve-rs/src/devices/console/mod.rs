@@ -29,7 +29,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::worker::{Work, Worker};
 use crate::devices::DeviceError;
-use socket::{ports_from_config, PortSpec, Received, SocketPort, MAX_PORTS};
+use socket::{ports_from_config, PortSpec, Received, SocketPort, MAX_PENDING, MAX_PORTS};
 
 pub const EMULATION: PciEmulation = PciEmulation {
     name: "virtio-console",
@@ -279,7 +279,10 @@ impl Engine {
             let mut any = false;
             while let Some(chain) = queue.pop() {
                 any = true;
-                let mut data = vec![0u8; chain.readable_len() as usize];
+                // The guest picks the chain's length; more than MAX_PENDING bytes would be
+                // dropped or end the client anyway, so no more than that is read.
+                let length = chain.readable_len().min(MAX_PENDING as u64 + 1);
+                let mut data = vec![0u8; length as usize];
                 if let Err(e) = chain.read(queue.memory(), 0, &mut data) {
                     self.broken(&format!("port {id} output: {e}"));
                     return;
