@@ -7,7 +7,7 @@
 mod common;
 
 use common::control::Scratch;
-use common::disk::{disk_image, file_range, fnv, pattern, DISK_SECTORS};
+use common::disk::{disk_image, file_range, fnv, pattern, write_flush_read, DISK_SECTORS};
 use common::guest;
 use common::{console_vm_command_with, kvm_usable, qemu_binary, qemu_command_with, vm_name};
 use common::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
@@ -58,29 +58,7 @@ fn exercise(vm: &mut Console, image: &Path) -> String {
         "{info}"
     );
     // 24 blocks: three pages, so PRP2 points at a list.
-    let written = pattern(42, 24);
-    assert_eq!(
-        vm.command_line("nvme write 8 24 42"),
-        format!("nvme write 8 24 status 0x0 fnv {:#018x}", fnv(&written))
-    );
-    assert_eq!(vm.command_line("nvme flush"), "nvme flush status 0x0");
-    assert_eq!(
-        blocks(image, 8, 24),
-        written,
-        "the host file holds the write"
-    );
-    assert_eq!(
-        vm.command_line("nvme read 8 24"),
-        format!("nvme read 8 24 status 0x0 fnv {:#018x}", fnv(&written))
-    );
-    let untouched = blocks(image, 1000, 128);
-    assert_eq!(
-        vm.command_line("nvme read 1000 128"),
-        format!(
-            "nvme read 1000 128 status 0x0 fnv {:#018x}",
-            fnv(&untouched)
-        )
-    );
+    write_flush_read(vm, image, "nvme", "status 0x0", 24);
     vm.command_line("nvme bad")
 }
 
