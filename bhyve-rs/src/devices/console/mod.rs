@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::config::legacy::{LegacyError, LegacyWriter};
-use crate::devices::pci::{PciAddress, PciDevice};
+use crate::devices::pci::{PciAddress, PciDevice, PCIC_SIMPLECOMM};
 use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
 use crate::devices::virtio::pci::{use_msix, VirtioPci};
 use crate::devices::virtio::{
@@ -56,7 +56,6 @@ pub const PORT_OPEN: u16 = 6;
 pub const PORT_NAME: u16 = 7;
 /// cols, rows, max_nr_ports, emerg_wr.
 pub const CONFIG_SIZE: usize = 12;
-const PCI_CLASS_SIMPLECOMM: u8 = 0x07;
 const VIRTIO_ID_CONSOLE: u16 = 3;
 const STATE_VERSION: u8 = 1;
 
@@ -444,7 +443,7 @@ impl VirtioDevice for VirtioConsole {
         VirtioIdentity {
             pci_device_id: VIRTIO_DEV_CONSOLE,
             device_type: VIRTIO_ID_CONSOLE,
-            class: PCI_CLASS_SIMPLECOMM,
+            class: PCIC_SIMPLECOMM,
             subclass: 0,
         }
     }

@@ -23,7 +23,7 @@ use crate::devices::block::{
     legacy_config, BlockBackend, BlockFile, BlockInfo, BlockOp, BlockOptions, BlockRequest,
     DEV_BSIZE, MAX_SEGMENTS,
 };
-use crate::devices::pci::{PciAddress, PciDevice};
+use crate::devices::pci::{PciAddress, PciDevice, PCIC_STORAGE};
 use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
 use crate::devices::DeviceError;
 
@@ -44,7 +44,6 @@ pub const MAX_DISCARD_SECTORS: u32 = (16 << 20) / DEV_BSIZE;
 const HEADER_SIZE: u64 = 16;
 /// A DISCARD segment: sector, number of sectors, flags.
 const DISCARD_SEGMENT_SIZE: u64 = 16;
-const PCIC_STORAGE: u8 = 0x01;
 
 /// Open the disk while planning, so a bad path is refused before the VM exists.
 fn plan(plan: &mut PciPlan<'_>, slot: PciAddress) -> Result<CreatePci, DeviceError> {
