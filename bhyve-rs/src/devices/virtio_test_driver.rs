@@ -249,12 +249,13 @@ impl Driver {
 }
 
 impl Driver {
-    /// `rounds` random guest actions on the device: register writes and reads anywhere in the
+    /// `rounds` random guest actions, from the values `random` draws, on the device: register writes and reads anywhere in the
     /// legacy header and the device configuration, garbage and plausible descriptors in every
     /// ring, available entries pointing anywhere, and notifications of any queue. A panic on
     /// the test thread fails the test; callers check afterwards that the device (and any
     /// worker behind it) still answers a proper request.
-    pub fn random_guest_input(&mut self, rng: &mut crate::test_rng::Rng, rounds: usize) {
+    pub fn random_guest_input(&mut self, random: &mut dyn FnMut() -> u64, rounds: usize) {
+        let mut rng = Random(random);
         let queues = self.sizes.len() as u64;
         let config_end = VIRTIO_PCI_CONFIG_NO_MSIX + self.config_size as u64;
         for _ in 0..rounds {
@@ -327,5 +328,26 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// Draws from a caller's generator (the tests' seeded one), so failures reproduce.
+struct Random<'a>(&'a mut dyn FnMut() -> u64);
+
+impl Random<'_> {
+    fn next(&mut self) -> u64 {
+        (self.0)()
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn byte(&mut self) -> u8 {
+        (self.next() >> 32) as u8
+    }
+
+    fn pick<'b, T>(&mut self, items: &'b [T]) -> &'b T {
+        &items[self.below(items.len() as u64) as usize]
     }
 }

@@ -464,7 +464,7 @@ mod device {
         let mut rng = crate::test_rng::Rng(0x5eed_c0de);
         console.driver.setup(MULTIPORT);
         let _client = UnixStream::connect(console.path(2)).unwrap();
-        console.driver.random_guest_input(&mut rng, 5000);
+        console.driver.random_guest_input(&mut || rng.next(), 5000);
         console.control_buffers.clear();
         console.bring_up(&[0, 2]);
     }

@@ -607,7 +607,7 @@ fn random_guest_input_never_panics_virtio_rnd() {
     let mut rng = crate::test_rng::Rng(0x5eed_7a4d);
     let mut driver = Driver::new(Box::new(super::rnd::VirtioRandom::default()));
     driver.setup(0);
-    driver.random_guest_input(&mut rng, 5000);
+    driver.random_guest_input(&mut || rng.next(), 5000);
     driver.setup(0);
     let buffer = driver.post(0, None, 32);
     assert_eq!(driver.used_entries(0, 1), [(0, 32)]);

@@ -258,7 +258,7 @@ fn random_guest_input_never_panics() {
     let features = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
     let mut rng = crate::test_rng::Rng(0x5eed_b10c);
     driver.setup(features);
-    driver.random_guest_input(&mut rng, 5000);
+    driver.random_guest_input(&mut || rng.next(), 5000);
     driver.setup(features);
     let mut header = [0u8; 16];
     header[8..16].copy_from_slice(&5u64.to_le_bytes());
