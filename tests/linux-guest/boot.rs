@@ -658,8 +658,9 @@ fn qemu_report(image: &Image) -> Option<(Report, u64)> {
     // The host's CPU, as bhyve passes it through: QEMU's default model is an AMD one without
     // XSAVEERPTR, for which Linux restores FPU state through FNCLEX/EMMS/FILD (the FXSAVE leak
     // workaround), instructions the emulated guest ring 0 lacks. Without arch-capabilities:
-    // QEMU aborts on that MSR with this KVM.
-    .args(["-cpu", "host,-arch-capabilities"])
+    // QEMU aborts on that MSR with this KVM. Without kvmclock: bhyve offers no paravirtual
+    // clock, so the guest must pick its clock source from the same hardware under both.
+    .args(["-cpu", "host,-arch-capabilities,kvmclock=off"])
     .args(["-smp", QEMU_SMP, "-m", &MEMORY_MIB.to_string()])
     .args(["-rtc", "base=utc", "-serial", "stdio", "-monitor", "none"])
     .arg("-kernel")
