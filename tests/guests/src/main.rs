@@ -8,6 +8,7 @@ mod bootinfo;
 #[macro_use]
 mod console;
 mod acpi;
+mod clock;
 mod hpet;
 mod nvme;
 mod pcicfg;

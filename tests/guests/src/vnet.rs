@@ -67,7 +67,11 @@ impl Net {
         for (i, byte) in mac.iter_mut().enumerate() {
             *byte = svc::inb(device.io + CONFIG + i as u16);
         }
-        let header = if device.features & F_MRG_RXBUF != 0 { 12 } else { 10 };
+        let header = if device.features & F_MRG_RXBUF != 0 {
+            12
+        } else {
+            10
+        };
         let mut net = Net {
             device,
             rx,
@@ -130,7 +134,11 @@ impl Net {
     }
 
     /// Wait for a frame `accept` takes, until serial input.
-    fn wait_for(&mut self, out: &mut [u8; BUFFER], accept: impl Fn(&[u8]) -> bool) -> Option<usize> {
+    fn wait_for(
+        &mut self,
+        out: &mut [u8; BUFFER],
+        accept: impl Fn(&[u8]) -> bool,
+    ) -> Option<usize> {
         for spin in 0u64.. {
             if let Some(n) = self.receive(out) {
                 if accept(&out[..n]) {
@@ -225,6 +233,19 @@ pub fn run(command: &str, line: &str) -> bool {
             None => println!("vnet recv none"),
         },
         Some("echo") => echo(&mut net, &mut frame),
+        Some("bench") => match (
+            arg1,
+            arg2.and_then(parse_u64),
+            words.next().and_then(parse_u64),
+        ) {
+            (Some("send"), Some(len), Some(ms))
+                if (60..=1514).contains(&len) && (1..=60_000).contains(&ms) =>
+            {
+                bench_send(&mut net, &mut frame, len as usize, ms)
+            }
+            (Some("recv"), None, None) => bench_recv(&mut net, &mut frame),
+            _ => println!("usage: vnet bench send <len 60..1514> <ms 1..60000> | vnet bench recv"),
+        },
         Some("arp") => arp(&mut net, &mut frame),
         Some("syn") => syn(&mut net, &mut frame),
         _ => println!("usage: vnet info|send <len> <seed>|recv|echo|arp|syn"),
@@ -255,6 +276,57 @@ fn echo(net: &mut Net, frame: &mut [u8; BUFFER]) {
     println!("vnet echo stopped {count}");
 }
 
+/// Test frames of `len` bytes, broadcast, one after the other for `ms` of guest time (each
+/// waits until the device took it): `vnet bench send <len> requests <frames> bytes <n> ns <n>
+/// errors <timeouts>`.
+fn bench_send(net: &mut Net, frame: &mut [u8; BUFFER], len: usize, ms: u64) {
+    frame[..6].fill(0xff);
+    frame[6..12].copy_from_slice(&net.mac);
+    frame[12..14].copy_from_slice(&TEST_TYPE);
+    let mut state = 1;
+    for chunk in frame[14..len].chunks_mut(8) {
+        let word = splitmix64(&mut state).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+    crate::clock::run_for(
+        format_args!("vnet bench send {len}"),
+        ms,
+        len as u64,
+        || net.send(&frame[..len]),
+    );
+}
+
+/// Counts test frames until one input byte, timing from the first to the last: `vnet bench
+/// recv frames <n> bytes <n> ns <n>` (bytes without the virtio header).
+fn bench_recv(net: &mut Net, frame: &mut [u8; BUFFER]) {
+    let Some(hz) = crate::clock::tsc_hz() else {
+        println!("vnet bench: no PM timer to calibrate the TSC against");
+        return;
+    };
+    println!("vnet bench recv started");
+    let (mut frames, mut bytes, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
+    for spin in 0u64.. {
+        if let Some(n) = net.receive(frame) {
+            if is_test_frame(&frame[..n]) {
+                last = crate::clock::tsc();
+                if frames == 0 {
+                    first = last;
+                }
+                frames += 1;
+                bytes += n as u64;
+            }
+            continue;
+        }
+        // Looking at the serial port is a service call: not on every spin.
+        if spin % 4096 == 0 && crate::console::try_read_byte().is_some() {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let ns = (u128::from(last - first) * 1_000_000_000 / u128::from(hz)) as u64;
+    println!("vnet bench recv frames {frames} bytes {bytes} ns {ns}");
+}
+
 /// ARP for the slirp gateway (10.0.2.2) from 10.0.2.15; print who answered.
 fn arp(net: &mut Net, frame: &mut [u8; BUFFER]) {
     let mut request = [0u8; 60];
@@ -270,10 +342,7 @@ fn arp(net: &mut Net, frame: &mut [u8; BUFFER]) {
         f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY_IP
     });
     match reply {
-        Some(_) => println!(
-            "vnet arp 10.0.2.2 is-at {}",
-            mac_text(&frame[22..28])
-        ),
+        Some(_) => println!("vnet arp 10.0.2.2 is-at {}", mac_text(&frame[22..28])),
         None => println!("vnet arp no reply"),
     }
 }
@@ -322,6 +391,8 @@ pub fn help() {
     println!("  vnet send <len> <seed>  send a broadcast test frame (type 0x88b5)");
     println!("  vnet recv             wait for a test frame, print its length and checksum");
     println!("  vnet echo             return test frames to their sender until input");
+    println!("  vnet bench send <len> <ms>  send test frames in a row for ms, timed");
+    println!("  vnet bench recv       count test frames until input, timed first to last");
     println!("  vnet arp              ARP for 10.0.2.2 from 10.0.2.15, print the answer");
     println!("  vnet syn              wait for a TCP SYN to 10.0.2.15, print its source and port");
 }
