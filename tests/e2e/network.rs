@@ -142,10 +142,9 @@ fn slirp_gateway_and_hostfwd_through_bhyve_as_through_qemu() {
 mod tap {
     use super::*;
     use common::guest::splitmix64;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use common::tap::{Tap, TEST_TYPE};
 
     const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 5];
-    const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
 
     fn fnv1a(bytes: &[u8]) -> u64 {
         bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -165,119 +164,6 @@ mod tap {
             frame.extend_from_slice(&word[..take]);
         }
         frame
-    }
-
-    /// A tap interface for one test, persistent until dropped, and a packet socket on it: the
-    /// host side of the guest's wire.
-    struct Tap {
-        name: String,
-        socket: OwnedFd,
-    }
-
-    impl Tap {
-        fn create(tag: &str) -> Option<Tap> {
-            let name = format!("tap{tag}{}", std::process::id() % 100_000);
-            let ok = std::process::Command::new("ip")
-                .args(["tuntap", "add", "dev", &name, "mode", "tap"])
-                .status()
-                .is_ok_and(|s| s.success())
-                && std::process::Command::new("ip")
-                    .args(["link", "set", &name, "up"])
-                    .status()
-                    .is_ok_and(|s| s.success());
-            if !ok {
-                notice(
-                    "skipped: cannot create a tap interface (ip tuntap needs root and /dev/net/tun)",
-                );
-                return None;
-            }
-            let index: i32 = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            let protocol = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: socket(2) with constant arguments; checked before use.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    i32::from(protocol),
-                )
-            };
-            assert!(
-                raw >= 0,
-                "packet socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: `raw` was just returned by socket(2).
-            let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-            // SAFETY: sockaddr_ll is plain data.
-            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            address.sll_family = libc::AF_PACKET as u16;
-            address.sll_protocol = protocol;
-            address.sll_ifindex = index;
-            // SAFETY: bind(2) with a sockaddr_ll of the size given.
-            let rc = unsafe {
-                libc::bind(
-                    socket.as_raw_fd(),
-                    &address as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            Some(Tap { name, socket })
-        }
-
-        fn send(&self, frame: &[u8]) {
-            // SAFETY: send(2) from a buffer of frame.len() bytes.
-            let n = unsafe {
-                libc::send(
-                    self.socket.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                )
-            };
-            assert_eq!(
-                n,
-                frame.len() as isize,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
-
-        /// The next test frame (type 0x88b5) the guest sent, within `timeout`.
-        fn receive(&self, timeout: Duration) -> Option<Vec<u8>> {
-            let deadline = Instant::now() + timeout;
-            let mut buffer = vec![0u8; 65536];
-            while Instant::now() < deadline {
-                // SAFETY: recv(2) into a buffer of buffer.len() bytes.
-                let n = unsafe {
-                    libc::recv(
-                        self.socket.as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        0,
-                    )
-                };
-                if n >= 14 && buffer[12..14] == TEST_TYPE && buffer[6..12] == MAC_BYTES {
-                    return Some(buffer[..n as usize].to_vec());
-                }
-                if n < 0 {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-            None
-        }
-    }
-
-    impl Drop for Tap {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
-                .status();
-        }
     }
 
     /// A frame from the host to the guest: to its MAC, from a host MAC, `seed`'s pattern.
@@ -333,7 +219,7 @@ mod tap {
 
     #[test]
     fn frames_through_a_tap_with_qemu() {
-        let Some(tap) = Tap::create("q") else {
+        let Some(tap) = Tap::create("q", MAC_BYTES) else {
             return;
         };
         let args = qemu_net(&format!(
@@ -351,7 +237,7 @@ mod tap {
         if !kvm_usable() {
             return;
         }
-        let Some(tap) = Tap::create("b") else {
+        let Some(tap) = Tap::create("b", MAC_BYTES) else {
             return;
         };
         let scratch = Scratch::new("net-tap");
@@ -372,7 +258,7 @@ mod tap {
         if !kvm_usable() {
             return;
         }
-        let Some(tap) = Tap::create("s") else {
+        let Some(tap) = Tap::create("s", MAC_BYTES) else {
             return;
         };
         let scratch = Scratch::new("net-snap");
@@ -435,7 +321,7 @@ mod tap {
         if !kvm_usable() {
             return;
         }
-        let Some(tap) = Tap::create("r") else {
+        let Some(tap) = Tap::create("r", MAC_BYTES) else {
             return;
         };
         let scratch = Scratch::new("net-restore");

@@ -6,6 +6,8 @@
 
 pub mod control;
 pub mod guest;
+#[cfg(target_os = "linux")]
+pub mod tap;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
