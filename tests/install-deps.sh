@@ -4,6 +4,10 @@ set -euo pipefail
 
 # libslirp0: the slirp network backend loads it at run time (its tests skip without it).
 packages=(mandoc nasm qemu-system-x86 acpica-tools xz-utils libslirp0)
+# The Linux test guest (tests/linux-guest/build.sh): the kernel source, which Debian 12 ships in
+# bookworm-security (the default sources have it), busybox for its user space, and what
+# building a kernel and static test programs takes.
+packages+=(linux-source-6.12 busybox-static gcc libc6-dev make bc bison flex libelf-dev libssl-dev)
 # pip installs zig and cargo-zigbuild below; Debian's python3 comes without it.
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3 python3-pip)
 missing=()

@@ -10,9 +10,8 @@ use common::control::{bhyvectl, boot, cargo_build, counter, ctl, exchange, reply
 use common::control::{suspend, SAVE_TIMEOUT};
 use common::guest;
 use common::{
-    assert_within_ten_percent, console_vm_command, hardware_virtualization, kvm_usable,
-    linux_guest, notice, repo_root, run_to_exit, timed_ticks, vm_name, work_counts, Console,
-    BOOT_TIMEOUT, COMMAND_TIMEOUT,
+    assert_within_ten_percent, console_vm_command, kvm_usable, notice, repo_root, run_to_exit,
+    timed_ticks, vm_name, work_counts, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT,
 };
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -1157,97 +1156,6 @@ fn bhyvectl_refuses_a_silent_close_that_left_no_snapshot() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_one_line_failure("silent close", out.status.code().unwrap_or(-1), &err);
     assert!(err.contains("without a reply"), "{err}");
-}
-
-/// The ready line tests/linux-guest's /init prints on COM1.
-const LINUX_READY: &str = "bhyve-rs linux guest: ready";
-
-/// Runs `command` in the Linux guest's shell and returns what it printed between two markers
-/// (the markers are computed by the shell, so the echoed command line never matches them).
-fn linux_run(vm: &mut Console, command: &str, timeout: Duration) -> String {
-    vm.send_line(&format!(
-        "echo BEGIN-$((6*7)); {command}; echo END-$((6*7))"
-    ));
-    vm.expect("BEGIN-42\n", timeout);
-    let out = vm.expect("END-42\n", timeout);
-    out.trim_end_matches("END-42\n").to_string()
-}
-
-#[test]
-fn linux_guest_suspends_and_resumes_with_its_loop_and_tmpfs_data() {
-    if !hardware_virtualization() || !kvm_usable() {
-        return;
-    }
-    let (kernel, initrd) = linux_guest();
-    let scratch = Scratch::new("linux");
-    let name = vm_name();
-    let mut cmd = common::bhyve();
-    cmd.args([
-        "-c",
-        "1",
-        "-m",
-        "512M",
-        "-s",
-        "0,hostbridge",
-        "-s",
-        "31,lpc",
-    ]);
-    cmd.args(["-l", "com1,stdio"]);
-    cmd.arg("-o")
-        .arg(format!("boot.kernel={}", kernel.display()));
-    cmd.arg("-o")
-        .arg(format!("boot.initrd={}", initrd.display()));
-    cmd.args(["-o", "boot.cmdline=console=ttyS0 panic=-1"]);
-    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
-    cmd.arg(&name);
-    let mut vm = Console::spawn("bhyve (linux)", cmd);
-    let boot_limit = Duration::from_secs(300);
-    vm.expect(LINUX_READY, boot_limit);
-    // 32 MiB of random data in a tmpfs, and its checksum.
-    let sum = linux_run(
-        &mut vm,
-        "mkdir -p /mnt/t && mount -t tmpfs tmpfs /mnt/t && \
-         dd if=/dev/urandom of=/mnt/t/data bs=1M count=32 2>/dev/null && md5sum /mnt/t/data",
-        COMMAND_TIMEOUT,
-    );
-    assert!(sum.contains("/mnt/t/data"), "{sum:?}");
-    // A counter loop in the background, five steps a second.
-    vm.send_line("(i=0; while true; do i=$((i+1)); echo loop-$i; sleep 0.2; done) &");
-    vm.expect("loop-5\n", COMMAND_TIMEOUT);
-
-    let file = scratch.path("linux.snap");
-    suspend(&scratch, &name, &mut vm, &file);
-    let loops = |text: &str| -> Vec<u64> {
-        text.lines()
-            .filter_map(|l| l.trim().strip_prefix("loop-")?.parse().ok())
-            .collect()
-    };
-    let before = vm.transcript();
-    let last = loops(&before).last().copied().expect("loop lines");
-
-    let mut vm = resume(&scratch.0, &file);
-    vm.expect(&format!("loop-{}\n", last + 5), COMMAND_TIMEOUT);
-    // Both processes' output joined: a line cut by the suspend is finished after the restore,
-    // and the numbers run on without a gap or a restart.
-    let numbers = loops(&format!("{before}{}", vm.transcript()));
-    let expected: Vec<u64> = (1..).take(numbers.len()).collect();
-    assert_eq!(
-        numbers, expected,
-        "the loop did not carry on from loop-{last}"
-    );
-    assert!(!vm.transcript().contains(LINUX_READY), "the guest rebooted");
-    let again = linux_run(&mut vm, "md5sum /mnt/t/data", COMMAND_TIMEOUT);
-    let digest = |text: &str| {
-        text.lines()
-            .find(|l| l.contains("/mnt/t/data"))
-            .and_then(|l| l.split_whitespace().next())
-            .map(str::to_string)
-    };
-    assert_eq!(
-        digest(&again),
-        digest(&sum),
-        "tmpfs data changed across suspend/resume"
-    );
 }
 
 /// The host CPU's vendor as tests/fixtures names it (`amd`, `intel`), from /proc/cpuinfo.

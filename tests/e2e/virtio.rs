@@ -6,46 +6,16 @@
 mod common;
 
 use common::control::Scratch;
-use common::guest::{self, splitmix64};
+use common::disk::{disk_image, file_range, fnv, pattern, DISK_SECTORS};
+use common::guest;
 use common::{console_vm_command_with, kvm_usable, qemu_binary, qemu_command_with, vm_name};
 use common::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
-use std::path::{Path, PathBuf};
-#[cfg(feature = "bhyve_snapshot")]
-use std::time::Duration;
+use std::path::Path;
 
-const DISK_SECTORS: u64 = 2048;
 const SERIAL: &str = "VIRTIO-E2E-7";
 
-/// `sectors` sectors of the guest's fill pattern for `seed`: splitmix64 words, little endian.
-fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
-    let mut state = seed;
-    (0..sectors * 512 / 8)
-        .flat_map(|_| splitmix64(&mut state).to_le_bytes())
-        .collect()
-}
-
-/// The guest's checksum: FNV-1a 64 over little-endian 64-bit words.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes
-        .chunks_exact(8)
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-            (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-}
-
-/// A 1 MiB disk whose sector n holds the byte n % 251.
-fn disk_image(scratch: &Scratch) -> PathBuf {
-    let path = scratch.path("disk.img");
-    let data: Vec<u8> = (0..DISK_SECTORS * 512)
-        .map(|i| ((i / 512) % 251) as u8)
-        .collect();
-    std::fs::write(&path, data).unwrap();
-    path
-}
-
 fn sectors(path: &Path, first: u64, count: u64) -> Vec<u8> {
-    let data = std::fs::read(path).unwrap();
-    data[(first * 512) as usize..((first + count) * 512) as usize].to_vec()
+    file_range(path, first, count, 512)
 }
 
 fn qemu_with_virtio(image: &Path, readonly: bool) -> Option<Console> {
@@ -216,56 +186,14 @@ fn flushed_writes_survive_kill_9() {
 #[cfg(feature = "bhyve_snapshot")]
 #[test]
 fn snapshots_while_the_guest_streams_writes_to_its_disk() {
-    use common::control::{ctl, suspend};
     if !kvm_usable() {
         return;
     }
     let scratch = Scratch::new("virtio-snap");
     let image = disk_image(&scratch);
     let name = vm_name();
-    let mut vm = bhyve_with_virtio(&scratch, &name, &image.display().to_string());
-    vm.send_line("vblk stream 64");
-    vm.expect("vblk stream round 100\n", COMMAND_TIMEOUT);
-    let live = scratch.path("live.snap");
-    let (code, err) = ctl(
-        &scratch.0,
-        &name,
-        &[format!("--checkpoint={}", live.display())],
-    );
-    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-    let next = last_round(&vm.transcript()) + 200;
-    vm.expect(&format!("vblk stream round {next}\n"), COMMAND_TIMEOUT);
-
-    let file = scratch.path("suspend.snap");
-    suspend(&scratch, &name, &mut vm, &file);
-    let suspended_at = last_round(&vm.transcript());
-    let mut cmd = common::bhyve();
-    cmd.arg("-r").arg(&file);
-    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
-    let mut vm = Console::spawn("bhyve -r", cmd);
-    vm.expect(
-        &format!("vblk stream round {}\n", suspended_at + 200),
-        Duration::from_secs(60),
-    );
-    vm.send("\n");
-    let stopped = vm.expect("errors ", COMMAND_TIMEOUT);
-    let line = vm.expect("\n", COMMAND_TIMEOUT);
-    assert!(
-        !vm.transcript().contains(guest::READY),
-        "the guest rebooted"
-    );
-    assert_eq!(
-        line.trim(),
-        "0",
-        "stream errors after restore: {stopped}{line}"
-    );
-    let round: u64 = stopped
-        .rsplit("stopped round ")
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{stopped}"));
-    vm.expect_prompt(COMMAND_TIMEOUT);
+    let vm = bhyve_with_virtio(&scratch, &name, &image.display().to_string());
+    let (mut vm, round) = common::disk::snapshot_while_streaming(&scratch, &name, vm, "vblk");
     assert_eq!(vm.command_line("vblk flush"), "vblk flush status 0");
     assert_eq!(sectors(&image, 0, 64), pattern(round, 64), "round {round}");
     // The entropy device came through the restore too.
@@ -273,14 +201,4 @@ fn snapshots_while_the_guest_streams_writes_to_its_disk() {
     assert!(entropy.starts_with("vrnd 16 bytes "), "{entropy}");
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
-}
-
-#[cfg(feature = "bhyve_snapshot")]
-fn last_round(transcript: &str) -> u64 {
-    transcript
-        .lines()
-        .rev()
-        .filter_map(|l| l.trim().strip_prefix("vblk stream round "))
-        .find_map(|n| n.parse().ok())
-        .unwrap_or(0)
 }

@@ -667,25 +667,39 @@ pub(crate) mod tests {
         );
     }
 
-    /// The header parser against a real Debian kernel when the guest build cached one.
+    /// The ELF loader against the real kernel of the Linux test guest, when tests/linux-guest
+    /// has built and cached one (the cache layout is build.sh's).
     #[test]
-    fn debian_vmlinuz_header_parses_when_cached() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest/.cache");
-        let Some(vmlinuz) = std::fs::read_dir(&dir).ok().and_then(|entries| {
-            entries.flatten().map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz"))
+    fn the_linux_test_guests_vmlinux_parses_when_built() {
+        let cache = std::env::var_os("BHYVE_RS_LINUX_GUEST_CACHE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(std::path::PathBuf::from)
+                    .or_else(|| {
+                        std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache"))
+                    })
+                    .map(|c| c.join("bhyve-rs/linux-guest"))
+            });
+        let vmlinux = cache.and_then(|dir| {
+            std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+                let path = e.path().join("vmlinux");
+                let kernel_dir = e.file_name().to_string_lossy().starts_with("kernel-");
+                (kernel_dir && path.is_file()).then_some(path)
             })
-        }) else {
-            eprintln!(
-                "skipped: no Debian vmlinuz in {} (run tests/linux-guest/build.sh)",
-                dir.display()
-            );
+        });
+        let Some(vmlinux) = vmlinux else {
+            eprintln!("skipped: the Linux test guest is not built (tests/linux-guest/build.sh)");
             return;
         };
-        let image = KernelImage::parse(std::fs::read(&vmlinuz).unwrap()).unwrap();
-        assert_eq!(image.format(), KernelFormat::BzImage);
-        assert!(image.protocol_version().unwrap() >= 0x020c);
-        assert!(image.cmdline_limit() >= 2048);
+        let image = KernelImage::parse(std::fs::read(&vmlinux).unwrap()).unwrap();
+        assert_eq!(image.format(), KernelFormat::Elf);
+        // A 64-bit kernel linked at 16 MiB: its loadable ranges start there.
+        let ranges = image.ranges(1 << 30);
+        assert!(!ranges.is_empty());
+        assert!(
+            ranges.iter().all(|&(start, _)| start >= 1 << 20),
+            "{ranges:x?}"
+        );
     }
 }

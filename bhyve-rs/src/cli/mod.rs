@@ -743,17 +743,8 @@ mod tests {
                     // Only what this build implements, as FreeBSD lists what it has built in.
                     assert_eq!(
                         stdout,
-                        "amd_hostbridge
-dummy
-hostbridge
-lpc
-nvme
-virtio-blk
-\
-                         virtio-console
-virtio-net
-virtio-rnd
-"
+                        "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\nhostbridge\nlpc\nnvme\nvirtio-blk\n\
+                         virtio-console\nvirtio-net\nvirtio-rnd\n"
                     );
                 }
                 other => panic!("{other:?}"),

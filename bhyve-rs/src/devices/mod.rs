@@ -12,6 +12,7 @@
 //!
 //! Every stateful part implements [`Stateful`]; [`Devices`] holds them in one list.
 
+pub mod ahci;
 pub mod block;
 pub mod console;
 pub mod hpet;

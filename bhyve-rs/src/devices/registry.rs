@@ -116,9 +116,9 @@ pub struct PlatformDevice {
 /// Every PCI emulation of FreeBSD's bhyve (amd64), in the order `-s help` lists them, plus
 /// `dummy`, the test device pci_emul.c has when built with PCI_EMUL_TEST.
 pub const PCI_EMULATIONS: &[PciEmulation] = &[
-    super::unimplemented::AHCI,
-    super::unimplemented::AHCI_CD,
-    super::unimplemented::AHCI_HD,
+    super::ahci::EMULATION,
+    super::ahci::EMULATION_CD,
+    super::ahci::EMULATION_HD,
     super::pci::hostbridge::AMD_EMULATION,
     super::pci::dummy::EMULATION,
     super::unimplemented::E1000,
@@ -190,18 +190,9 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "amd_hostbridge
-dummy
-hostbridge
-lpc
-nvme
-virtio-blk
-virtio-console
-virtio-net
-virtio-rnd
-"
+            "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\nhostbridge\nlpc\nnvme\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
         );
-        for name in ["e1000", "ahci", "ahci-hd", "passthru"] {
+        for name in ["e1000", "passthru"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }

@@ -31,6 +31,39 @@ impl InterruptSink for FakeSink {
     }
 }
 
+/// MSIs and line changes as the machine would deliver them, for device tests.
+#[derive(Default)]
+pub(crate) struct Recorder {
+    pub(crate) msis: Mutex<Vec<(u64, u32)>>,
+    pub(crate) lines: Mutex<Vec<(u32, bool)>>,
+}
+
+impl InterruptSink for Recorder {
+    fn set_irq_line(&self, gsi: u32, high: bool) -> std::io::Result<()> {
+        self.lines.lock().unwrap().push((gsi, high));
+        Ok(())
+    }
+    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.msis.lock().unwrap().push((address, data));
+        Ok(())
+    }
+    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A read-write disk at `path` with every block option off.
+pub(crate) fn block_options(path: &std::path::Path) -> block::BlockOptions {
+    block::BlockOptions {
+        path: path.to_string_lossy().into_owned(),
+        readonly: false,
+        nocache: false,
+        sync: false,
+        nodelete: false,
+        sector_size: None,
+    }
+}
+
 /// A directory under the system's temporary directory, removed when dropped.
 pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
 
@@ -245,8 +278,7 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     assert_eq!(
         err,
         "pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n\
-         pci slot 0:3:0: device emulation \"hda\" is not supported yet
-\
+         pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
          pci slot 1:0:0: device emulation \"xhci\" is not supported yet"
     );
     // A legacy name of an emulation not implemented is pointed at its new name first.

@@ -8,9 +8,6 @@ use super::registry::PciEmulation;
 use crate::config::cnum::scan_ints;
 use crate::config::legacy::{generic, LegacyError, LegacyParser, LegacyWriter};
 
-/// AHCI ports per controller (pci_ahci.c `MAX_PORTS`).
-const AHCI_MAX_PORTS: usize = 32;
-
 const fn known(name: &'static str, legacy_config: LegacyParser) -> PciEmulation {
     PciEmulation {
         name,
@@ -20,15 +17,6 @@ const fn known(name: &'static str, legacy_config: LegacyParser) -> PciEmulation 
     }
 }
 
-pub const AHCI: PciEmulation = known("ahci", ahci);
-pub const AHCI_CD: PciEmulation = PciEmulation {
-    alias_of: Some("ahci"),
-    ..known("ahci-cd", ahci_cd)
-};
-pub const AHCI_HD: PciEmulation = PciEmulation {
-    alias_of: Some("ahci"),
-    ..known("ahci-hd", ahci_hd)
-};
 pub const E1000: PciEmulation = known("e1000", super::net::legacy_config);
 pub const FBUF: PciEmulation = known("fbuf", generic);
 pub const HDA: PciEmulation = known("hda", generic);
@@ -62,80 +50,6 @@ fn uart(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), 
         Some(path) => w.set(node, "path", path),
         None => Ok(()),
     }
-}
-
-fn ahci_port(
-    w: &mut LegacyWriter<'_>,
-    ports: &str,
-    port: usize,
-    kind: &str,
-    conf: Option<&str>,
-) -> Result<(), LegacyError> {
-    let port_node = format!("{ports}.{port}");
-    w.create(&port_node)?;
-    w.set(&port_node, "type", kind)?;
-    w.first_token_then_generic(&port_node, "path", conf)
-}
-
-/// `ahci-cd`: one CD port, block syntax.
-fn ahci_cd(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    let ports = format!("{node}.port");
-    w.create(&ports)?;
-    ahci_port(w, &ports, 0, "cd", conf)
-}
-
-/// `ahci-hd`: one disk port, block syntax.
-fn ahci_hd(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    let ports = format!("{node}.port");
-    w.create(&ports)?;
-    ahci_port(w, &ports, 0, "hd", conf)
-}
-
-/// pci_ahci.c: `hd:PATH[,opts],cd:PATH[,opts]…`, one port each.
-fn ahci(w: &mut LegacyWriter<'_>, node: &str, conf: Option<&str>) -> Result<(), LegacyError> {
-    let Some(conf) = conf else {
-        return Ok(());
-    };
-    let ports = format!("{node}.port");
-    w.create(&ports)?;
-    let mut rest = Some(conf);
-    let mut port = 0;
-    while port < AHCI_MAX_PORTS {
-        let Some(mut s) = rest else {
-            break;
-        };
-        let kind = if let Some(p) = s.strip_prefix("hd:") {
-            s = p;
-            Some("hd")
-        } else if let Some(p) = s.strip_prefix("cd:") {
-            s = p;
-            Some("cd")
-        } else {
-            None
-        };
-        // The port's options end where the next ",hd:" or ",cd:" begins.
-        let next = [s.find(",hd:"), s.find(",cd:")].into_iter().flatten().min();
-        let current = match next {
-            Some(i) => {
-                rest = Some(&s[i + 1..]);
-                &s[..i]
-            }
-            None => {
-                rest = None;
-                s
-            }
-        };
-        if !current.is_empty() {
-            let Some(kind) = kind else {
-                return Err(LegacyError::Invalid(format!(
-                    "Missing or invalid type for port {port}: \"{current}\""
-                )));
-            };
-            ahci_port(w, &ports, port, kind, Some(current))?;
-        }
-        port += 1;
-    }
-    Ok(())
 }
 
 /// pci_virtio_9p.c: `sharename=path` plus flags.

@@ -11,7 +11,7 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 27] = [
+pub const COMMANDS: [&str; 28] = [
     "help",
     "info",
     "counter",
@@ -39,6 +39,7 @@ pub const COMMANDS: [&str; 27] = [
     "vnet",
     "vcon",
     "nvme",
+    "ahci",
 ];
 
 /// Builds the guest once per test process (`tests/guests/build.sh`; cargo's own lock on the

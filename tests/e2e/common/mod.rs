@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod control;
+pub mod disk;
 pub mod guest;
 #[cfg(target_os = "linux")]
 pub mod tap;
@@ -59,40 +60,6 @@ pub fn kvm_usable() -> bool {
             false
         }
     }
-}
-
-/// Whether the host CPU has hardware virtualization (`vmx` or `svm` in /proc/cpuinfo). A stock
-/// Linux kernel needs it: without, KVM emulates guest kernel code and cannot run one. Without
-/// it the caller skips, and this says why.
-pub fn hardware_virtualization() -> bool {
-    let found = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    if !found {
-        notice(
-            "no vmx/svm flag in /proc/cpuinfo; without hardware virtualization KVM emulates \
-             guest kernel code and cannot run a stock Linux kernel",
-        );
-    }
-    found
-}
-
-/// The Debian kernel and initramfs of tests/linux-guest, built by its build.sh when missing.
-pub fn linux_guest() -> (PathBuf, PathBuf) {
-    let cache = repo_root().join("tests/guest/.cache");
-    let kernel = cache.join("vmlinuz");
-    let initrd = cache.join("initramfs.cpio.gz");
-    if !kernel.exists() || !initrd.exists() {
-        let script = repo_root().join("tests/linux-guest/build.sh");
-        let status = Command::new("bash")
-            .arg(&script)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(status.success(), "{} failed", script.display());
-    }
-    (kernel, initrd)
 }
 
 /// Path of `qemu-system-x86_64`, if installed. Missing QEMU skips the test with a message,

@@ -8,6 +8,7 @@ mod bootinfo;
 #[macro_use]
 mod console;
 mod acpi;
+mod ahci;
 mod clock;
 mod hpet;
 mod nvme;
@@ -217,6 +218,7 @@ impl Shell {
             _ if vnet::run(command, line) => {}
             _ if vcon::run(command, line) => {}
             _ if nvme::run(command, line) => {}
+            _ if ahci::run(command, line) => {}
             _ => println!("unknown command '{command}', try help"),
         }
     }
@@ -395,6 +397,7 @@ fn help() {
     vnet::help();
     vcon::help();
     nvme::help();
+    ahci::help();
     println!("  cpus                  online CPUs: APIC id, package/core/thread from CPUID");
     println!("  work [on|off]         start/stop a counting loop on every CPU, or print counts");
     println!("  regspin               known values in every register, spin until RAX changes");

@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::*;
-use crate::devices::tests::TempDir;
+use crate::devices::tests::{block_options, TempDir};
 
 /// A file of `len` patterned bytes in its own temporary directory.
 fn temp_file(name: &str, len: usize) -> (TempDir, std::path::PathBuf) {
@@ -14,17 +14,6 @@ fn temp_file(name: &str, len: usize) -> (TempDir, std::path::PathBuf) {
     let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 512) as u8).collect();
     std::fs::write(&path, data).unwrap();
     (dir, path)
-}
-
-fn options(path: &std::path::Path) -> BlockOptions {
-    BlockOptions {
-        path: path.to_string_lossy().into_owned(),
-        readonly: false,
-        nocache: false,
-        sync: false,
-        nodelete: false,
-        sector_size: None,
-    }
 }
 
 fn backend(options: &BlockOptions) -> (BlockBackend, Arc<GuestMemory>) {
@@ -74,10 +63,12 @@ fn options_as_block_if_reads_them() {
 
 #[test]
 fn a_missing_file_is_one_clear_line() {
-    let err = BlockFile::open(&options(std::path::Path::new("/nonexistent/disk.img")))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = BlockFile::open(&block_options(std::path::Path::new(
+        "/nonexistent/disk.img",
+    )))
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("/nonexistent/disk.img"), "{err}");
     assert!(!err.contains('\n'), "{err}");
 }
@@ -85,7 +76,7 @@ fn a_missing_file_is_one_clear_line() {
 #[test]
 fn geometry_of_a_file_and_the_sectorsize_option() {
     let (_dir, path) = temp_file("geometry", 8192);
-    let info = BlockFile::open(&options(&path)).unwrap().info();
+    let info = BlockFile::open(&block_options(&path)).unwrap().info();
     let blksize = std::fs::metadata(&path).unwrap().blksize() as u32;
     assert_eq!(
         info,
@@ -99,7 +90,7 @@ fn geometry_of_a_file_and_the_sectorsize_option() {
             is_device: false,
         }
     );
-    let mut o = options(&path);
+    let mut o = block_options(&path);
     o.sector_size = Some((4096, 16384));
     o.nodelete = true;
     let info = BlockFile::open(&o).unwrap().info();
@@ -110,7 +101,7 @@ fn geometry_of_a_file_and_the_sectorsize_option() {
 #[test]
 fn reads_and_writes_move_guest_buffers_to_the_file() {
     let (_dir, path) = temp_file("rw", 64 << 10);
-    let (backend, memory) = backend(&options(&path));
+    let (backend, memory) = backend(&block_options(&path));
     // Three buffers, one crossing nothing in particular, written at sector 3.
     let pattern: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     memory.write(0x1000, &pattern[..1000]).unwrap();
@@ -170,7 +161,7 @@ fn reads_and_writes_move_guest_buffers_to_the_file() {
 #[test]
 fn errors_come_back_as_errno_not_crashes() {
     let (_dir, path) = temp_file("errors", 4096);
-    let (backend, _memory) = backend(&options(&path));
+    let (backend, _memory) = backend(&block_options(&path));
     let past_end = BlockOp::Read {
         offset: 4096,
         segments: vec![Segment { addr: 0, len: 512 }],
@@ -185,7 +176,7 @@ fn errors_come_back_as_errno_not_crashes() {
     };
     assert_eq!(run(&backend, outside_ram), Err(libc::EFAULT));
 
-    let mut o = options(&path);
+    let mut o = block_options(&path);
     o.readonly = true;
     let (ro, memory) = self::backend(&o);
     assert!(ro.info().readonly && !ro.info().can_delete);
@@ -206,7 +197,7 @@ fn errors_come_back_as_errno_not_crashes() {
 #[test]
 fn delete_punches_a_hole_and_nodelete_refuses() {
     let (_dir, path) = temp_file("delete", 64 << 10);
-    let (backend, _memory) = backend(&options(&path));
+    let (backend, _memory) = backend(&block_options(&path));
     match run(
         &backend,
         BlockOp::Delete {
@@ -223,7 +214,7 @@ fn delete_punches_a_hole_and_nodelete_refuses() {
         // A file system without hole punching reports it as unsupported.
         Err(e) => assert_eq!(e, libc::EOPNOTSUPP),
     }
-    let mut o = options(&path);
+    let mut o = block_options(&path);
     o.nodelete = true;
     let (nodelete, _memory) = self::backend(&o);
     let delete = BlockOp::Delete {
@@ -236,7 +227,7 @@ fn delete_punches_a_hole_and_nodelete_refuses() {
 #[test]
 fn pause_completes_every_request_and_holds_new_ones() {
     let (_dir, path) = temp_file("pause", 1 << 20);
-    let (backend, _memory) = backend(&options(&path));
+    let (backend, _memory) = backend(&block_options(&path));
     let (tx, rx) = mpsc::channel();
     for i in 0..200u64 {
         let tx = tx.clone();
@@ -276,7 +267,7 @@ fn pause_completes_every_request_and_holds_new_ones() {
 #[test]
 fn nocache_moves_unaligned_guest_buffers_too() {
     let (_dir, path) = temp_file("nocache", 64 << 10);
-    let mut o = options(&path);
+    let mut o = block_options(&path);
     o.nocache = true;
     let (backend, memory) = match BlockFile::open(&o) {
         Ok(file) => {
@@ -359,7 +350,7 @@ fn a_block_device_reports_its_geometry_and_moves_data() {
             return;
         }
     };
-    let o = options(std::path::Path::new(&device.0));
+    let o = block_options(std::path::Path::new(&device.0));
     let file = BlockFile::open(&o).unwrap();
     let info = file.info();
     assert!(info.is_device);

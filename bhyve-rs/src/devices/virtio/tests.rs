@@ -18,29 +18,9 @@ use crate::devices::pci::{
     PCIR_DEVICE, PCIR_SUBDEV_0, PCIR_VENDOR, PCIY_MSI, PCIY_MSIX,
 };
 use crate::devices::registry::PciCreate;
+use crate::devices::tests::Recorder;
 use crate::interrupts::InterruptSink;
 use crate::memory::GuestMemory;
-
-/// MSIs and line changes as the machine would deliver them.
-#[derive(Default)]
-struct Recorder {
-    msis: Mutex<Vec<(u64, u32)>>,
-    lines: Mutex<Vec<(u32, bool)>>,
-}
-
-impl InterruptSink for Recorder {
-    fn set_irq_line(&self, gsi: u32, high: bool) -> std::io::Result<()> {
-        self.lines.lock().unwrap().push((gsi, high));
-        Ok(())
-    }
-    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.msis.lock().unwrap().push((address, data));
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const QUEUE_SIZE: u16 = 8;
 const CONFIG: [u8; 6] = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66];

@@ -3,7 +3,7 @@
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 use super::*;
-use crate::devices::tests::TempDir;
+use crate::devices::tests::{block_options, TempDir};
 use crate::devices::virtio::tests::{Machine, DATA, RING};
 
 const HEADER: u64 = DATA;
@@ -16,23 +16,12 @@ struct Disk {
     m: Machine,
 }
 
-fn options(path: &std::path::Path) -> BlockOptions {
-    BlockOptions {
-        path: path.to_string_lossy().into_owned(),
-        readonly: false,
-        nocache: false,
-        sync: false,
-        nodelete: false,
-        sector_size: None,
-    }
-}
-
 fn disk(tag: &str, edit: impl FnOnce(&mut BlockOptions)) -> Disk {
     let dir = TempDir::new(&format!("vtblk-{tag}"));
     let path = dir.0.join("disk.img");
     let data: Vec<u8> = (0..256 << 10).map(|i: u32| (i / 512) as u8).collect();
     std::fs::write(&path, data).unwrap();
-    let mut o = options(&path);
+    let mut o = block_options(&path);
     edit(&mut o);
     let file = BlockFile::open(&o).unwrap();
     // The machine's memory is made inside; the backend gets it through a device made there.
