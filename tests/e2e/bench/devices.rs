@@ -5,10 +5,11 @@
 //! the TSC calibrated against the ACPI PM timer), so neither the console nor the host's clock
 //! is in the figures.
 //!
-//! * virtio-blk and NVMe: sequential writes, then reads, of 4 KiB and 64 KiB, one request at a
-//!   time, for a fixed span of guest time, on raw files preallocated in the scratch directory
-//!   (a disk-backed file system, named in the output), through the host's page cache and again
-//!   with `nocache` (O_DIRECT; QEMU `cache=none`).
+//! * virtio-blk, NVMe and AHCI (`ahci-hd`; QEMU `ich9-ahci` with `ide-hd`): sequential writes,
+//!   then reads, of 4 KiB and 64 KiB, one request at a time, for a fixed span of guest time, on
+//!   raw files preallocated in the scratch directory (a disk-backed file system, named in the
+//!   output), through the host's page cache and again with `nocache` (O_DIRECT; QEMU
+//!   `cache=none`).
 //! * virtio-net over a tap: 64- and 1514-byte frames from the guest (frames the device took,
 //!   one at a time, per guest second; a packet socket on the tap counts what arrived) and from
 //!   the host (a packet socket sends as fast as it can; the guest counts from the first frame
@@ -124,7 +125,7 @@ fn command_result(vm: &mut Console, command: &str, prefix: &str) -> Sample {
 fn disk_rows(nocache: bool) -> Vec<(String, String)> {
     let mut rows = Vec::new();
     let cache = if nocache { " nocache" } else { "" };
-    for (device, command) in [("virtio-blk", "vblk"), ("NVMe", "nvme")] {
+    for (device, command) in [("virtio-blk", "vblk"), ("NVMe", "nvme"), ("AHCI", "ahci")] {
         for op in ["write", "read"] {
             for (kib, count) in [(4, 8), (64, 128)] {
                 rows.push((
@@ -140,7 +141,11 @@ fn disk_rows(nocache: bool) -> Vec<(String, String)> {
 fn run_disk_rows(vm: &mut Console, nocache: bool, plan: Plan) -> Vec<(String, Sample)> {
     // Not counted: the first requests of a run are slower (threads and caches warming up,
     // on both VMMs), and the guest calibrates its clock on first use.
-    for warm_up in ["vblk bench read 8", "nvme bench read 8"] {
+    for warm_up in [
+        "vblk bench read 8",
+        "nvme bench read 8",
+        "ahci bench read 8",
+    ] {
         command_result(vm, &format!("{warm_up} {}", plan.row_ms.min(100)), warm_up);
     }
     disk_rows(nocache)
@@ -237,6 +242,7 @@ fn boot(label: &'static str, cmd: Command) -> Console {
 struct Devices<'a> {
     vblk: &'a Path,
     nvme: &'a Path,
+    ahci: &'a Path,
     nocache: bool,
     tap: Option<&'a str>,
 }
@@ -248,6 +254,8 @@ fn bhyve_devices(d: &Devices) -> Vec<String> {
         format!("3,virtio-blk,{}{cache}", d.vblk.display()),
         "-s".to_string(),
         format!("4,nvme,{}{cache},ser=BENCH", d.nvme.display()),
+        "-s".to_string(),
+        format!("6,ahci-hd,{}{cache}", d.ahci.display()),
     ];
     if let Some(tap) = d.tap {
         args.push("-s".into());
@@ -267,6 +275,12 @@ fn qemu_devices(d: &Devices) -> Vec<String> {
         format!("if=none,id=nv0,file={},format=raw{cache}", d.nvme.display()),
         "-device".to_string(),
         "nvme,drive=nv0,serial=BENCH".to_string(),
+        "-device".to_string(),
+        "ich9-ahci,id=ahci".to_string(),
+        "-drive".to_string(),
+        format!("if=none,id=hd0,file={},format=raw{cache}", d.ahci.display()),
+        "-device".to_string(),
+        "ide-hd,drive=hd0,bus=ahci.0".to_string(),
     ];
     if let Some(tap) = d.tap {
         args.push("-netdev".into());
@@ -312,8 +326,10 @@ pub fn measure(plan: Plan) -> Option<(Vec<Row>, String)> {
     let scratch = Scratch::new();
     let vblk = scratch.path("vblk.img");
     let nvme = scratch.path("nvme.img");
-    disk_file(&vblk, plan.disk_mib);
-    disk_file(&nvme, plan.disk_mib);
+    let ahci = scratch.path("ahci.img");
+    for disk in [&vblk, &nvme, &ahci] {
+        disk_file(disk, plan.disk_mib);
+    }
     #[cfg(target_os = "linux")]
     let tap = net::tap();
     #[cfg(target_os = "linux")]
@@ -326,6 +342,7 @@ pub fn measure(plan: Plan) -> Option<(Vec<Row>, String)> {
         let devices = Devices {
             vblk: &vblk,
             nvme: &nvme,
+            ahci: &ahci,
             nocache,
             // The network rows run once, with the cached disks.
             tap: if nocache { None } else { tap_name.as_deref() },
@@ -498,14 +515,14 @@ fn device_bench_smoke() {
     for row in &rows {
         assert_eq!(row.bhyve.len(), 1, "{text}");
         assert!(row.bhyve[0].requests > 0, "{text}");
-        if row.name.contains("blk") || row.name.contains("NVMe") {
+        if !row.name.starts_with("virtio-net") {
             assert_eq!(row.bhyve[0].lost, 0, "{text}");
         }
         if qemu_binary().is_some() {
             assert_eq!(row.qemu.len(), 1, "{text}");
         }
     }
-    assert!(rows.len() >= 16, "{text}");
+    assert!(rows.len() >= 24, "{text}");
 }
 
 #[test]
