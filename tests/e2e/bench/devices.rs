@@ -358,6 +358,8 @@ pub fn measure(plan: Plan) -> Option<(Vec<Row>, String)> {
             }
             for (is_bhyve, cmd) in vmms {
                 let mut vm = boot(if is_bhyve { "bhyve" } else { "qemu" }, cmd);
+                // Only Linux adds the network rows.
+                #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
                 let mut samples = run_disk_rows(&mut vm, nocache, plan);
                 #[cfg(target_os = "linux")]
                 if let (Some(tap), false) = (&tap, nocache) {
