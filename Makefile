@@ -103,7 +103,7 @@ demo:
 	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES) --target-dir $(SNAPSHOT_TARGET_DIR)
 	BHYVE_BIN_DIR=$(SNAPSHOT_TARGET_DIR)/release bash tests/demo.sh
 
-# Snapshot save/restore figures and device throughput (virtio-blk, NVMe, AHCI, virtio-net), bhyve-rs
+# Snapshot save/restore figures and device throughput (virtio-blk, NVMe, AHCI, virtio-net, e1000), bhyve-rs
 # and QEMU with KVM on the same guest; ignored tests, so `make test` never runs them (it runs a
 # short smoke run of the device benchmark). The tables are also left in target/bench/
 # (snapshot.txt, devices.txt). `make bench BENCH=device_bench` (or snapshot_bench) runs one.

@@ -18,10 +18,13 @@
 //!   (`bhyvectl --suspend`; QEMU: `stop`, the migration, and an fsync of its file);
 //! * file: apparent size and space allocated on disk;
 //! * restore: from starting `bhyve -r` to the guest's answer to a command typed at once, with
-//!   RAM mapped (default) and copied (`snapshot.restore=copy`); the file is in the page cache;
+//!   RAM mapped (default) and copied (`snapshot.restore=copy`); the file is read from where the
+//!   save left it (bhyve-rs writes guest memory past the page cache);
 //!   QEMU: `-incoming exec:cat FILE` to the first answer.
 //!
-//! Then the ratios bhyve-rs / QEMU KVM, and one QEMU TCG row for reference.
+//! Then the ratios bhyve-rs / QEMU KVM, where each bhyve-rs suspend spent its time (its debug
+//! log), and one QEMU TCG row for reference. `BHYVE_RS_BENCH_SIZES=1024:768,4096:2560` measures
+//! only the configurations named (guest MiB:touched MiB) and leaves the TCG row out.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -75,6 +78,10 @@ struct Row {
     /// Stopping the guest and writing a durable file it can be restored from: `bhyvectl
     /// --suspend`; for QEMU, `stop`, the migration and an fsync of its file.
     suspend: Duration,
+    /// The same without making the file durable (QEMU only: bhyve-rs always fsyncs).
+    suspend_volatile: Option<Duration>,
+    /// bhyve-rs's own account of where the suspend's time went (its debug log).
+    phases: Vec<String>,
     apparent: u64,
     allocated: u64,
     /// (what, time to the first answer)
@@ -157,7 +164,7 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
         &scratch.0,
         &name,
     );
-    cmd.env("BHYVE_LOG", "info");
+    cmd.env("BHYVE_LOG", "debug");
     let mut vm = Console::spawn("bhyve", cmd);
     vm.expect(guest::READY, BOOT_TIMEOUT);
     vm.expect_prompt(COMMAND_TIMEOUT);
@@ -201,9 +208,15 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
 
     let file = scratch.path("bench.snap");
     let started = Instant::now();
+    let logged_before = vm.stderr().len();
     ctl(vec![format!("--suspend={}", file.display())]);
     let suspend = started.elapsed();
     vm.wait_exit(LONG);
+    let phases = vm.stderr()[logged_before..]
+        .lines()
+        .filter(|l| l.contains(" ms"))
+        .map(|l| l.split_once(": ").map_or(l, |(_, rest)| rest).to_string())
+        .collect();
 
     let mut restores = Vec::new();
     for (what, extra) in [("mapped", None), ("copied", Some("snapshot.restore=copy"))] {
@@ -224,6 +237,8 @@ fn bhyve_row(scratch: &Scratch, memory_mib: u64, touched_mib: u64) -> Row {
         stall,
         stop,
         suspend,
+        suspend_volatile: None,
+        phases,
         apparent,
         allocated,
         restores,
@@ -380,6 +395,7 @@ fn qemu_row(
     let started = Instant::now();
     monitor.run("stop");
     monitor.migrate_to(&file);
+    let suspend_volatile = Some(started.elapsed());
     std::fs::File::open(&file)
         .and_then(|f| f.sync_all())
         .expect("fsync QEMU's file");
@@ -408,6 +424,8 @@ fn qemu_row(
         stall,
         stop: reported.1,
         suspend,
+        suspend_volatile,
+        phases: Vec::new(),
         apparent,
         allocated,
         restores: vec![("incoming", restore)],
@@ -425,7 +443,7 @@ fn ms(d: Duration) -> String {
 fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10}  {}\n",
+        "{:<9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>10} {:>9} {:>10} {:>10}  {}\n",
         "vmm",
         "RAM MiB",
         "touched",
@@ -434,6 +452,7 @@ fn table(rows: &[Row]) -> String {
         "stall ms",
         "stop ms",
         "suspend ms",
+        "no fsync",
         "file MiB",
         "on disk",
         "restore to first answer (ms)"
@@ -446,7 +465,7 @@ fn table(rows: &[Row]) -> String {
             .map(|(what, d)| format!("{what} {}", ms(*d)))
             .collect();
         out.push_str(&format!(
-            "{:<9} {:>7} {:>8} {:>8} {:>9.0} {:>8} {:>8} {:>10} {:>10} {:>10}  {}\n",
+            "{:<9} {:>7} {:>8} {:>8} {:>9.0} {:>8} {:>8} {:>10} {:>9} {:>10} {:>10}  {}\n",
             r.vmm,
             r.memory_mib,
             r.touched_mib,
@@ -455,12 +474,46 @@ fn table(rows: &[Row]) -> String {
             ms(r.stall),
             ms(r.stop),
             ms(r.suspend),
+            r.suspend_volatile.map_or("-".to_string(), ms),
             mib(r.apparent),
             mib(r.allocated),
             restores.join(", ")
         ));
     }
     out
+}
+
+/// Where each bhyve-rs suspend spent its time, as bhyve logged it.
+fn phases(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| !r.phases.is_empty()) {
+        out.push_str(&format!(
+            "{} MiB, {} MiB touched, suspend {} ms:\n",
+            r.memory_mib,
+            r.touched_mib,
+            ms(r.suspend)
+        ));
+        for line in &r.phases {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
+}
+
+/// The configurations `BHYVE_RS_BENCH_SIZES` names (`MiB:touched,...`), else `all`.
+fn chosen_sizes(all: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let Ok(list) = std::env::var("BHYVE_RS_BENCH_SIZES") else {
+        return all.to_vec();
+    };
+    list.split(',')
+        .map(|pair| {
+            let (memory, touched) = pair
+                .split_once(':')
+                .and_then(|(m, t)| Some((m.trim().parse().ok()?, t.trim().parse().ok()?)))
+                .unwrap_or_else(|| panic!("BHYVE_RS_BENCH_SIZES: '{pair}' is not MiB:touched"));
+            (memory, touched)
+        })
+        .collect()
 }
 
 /// bhyve-rs over QEMU with KVM, per configuration measured by both.
@@ -473,8 +526,17 @@ fn ratios(rows: &[Row]) -> String {
         }
     };
     let mut out = format!(
-        "{:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8} {:>8}\n",
-        "RAM MiB", "touched", "save", "stall", "stop", "suspend", "on disk", "restore"
+        "{:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8} {:>8} {:>14}\n",
+        "RAM MiB",
+        "touched",
+        "save",
+        "stall",
+        "stop",
+        "suspend",
+        "vs no fsync",
+        "on disk",
+        "restore",
+        "disk/touched"
     );
     for ours in rows.iter().filter(|r| r.vmm == "bhyve-rs") {
         let Some(theirs) = rows.iter().find(|r| {
@@ -486,15 +548,17 @@ fn ratios(rows: &[Row]) -> String {
         };
         let first = |r: &Row| r.restores.first().map(|(_, d)| *d).unwrap_or_default();
         out.push_str(&format!(
-            "{:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8.2} {:>8}\n",
+            "{:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>8.2} {:>8} {:>14.3}\n",
             ours.memory_mib,
             ours.touched_mib,
             ratio(ours.save, theirs.save),
             ratio(ours.stall, theirs.stall),
             ratio(ours.stop, theirs.stop),
             ratio(ours.suspend, theirs.suspend),
+            ratio(ours.suspend, theirs.suspend_volatile.unwrap_or_default()),
             ours.allocated as f64 / theirs.allocated.max(1) as f64,
             ratio(first(ours), first(theirs)),
+            ours.allocated as f64 / (ours.touched_mib << 20).max(1) as f64,
         ));
     }
     out
@@ -520,7 +584,7 @@ fn snapshot_bench() {
     ];
     let qemu = qemu_binary();
     let mut rows = Vec::new();
-    for (memory, touched) in sizes {
+    for (memory, touched) in chosen_sizes(&sizes) {
         rows.push(bhyve_row(&scratch, memory, touched));
         if let Some(qemu) = &qemu {
             rows.push(qemu_row(qemu, &scratch, memory, touched, Accel::Kvm));
@@ -528,7 +592,7 @@ fn snapshot_bench() {
     }
     // QEMU under TCG, the oracle of the other tests, for reference only.
     let mut footnote = Vec::new();
-    if let Some(qemu) = &qemu {
+    if let (Some(qemu), Err(_)) = (&qemu, std::env::var("BHYVE_RS_BENCH_SIZES")) {
         footnote.push(qemu_row(qemu, &scratch, 1024, 256, Accel::Tcg));
     }
     let host = Command::new("uname")
@@ -537,13 +601,22 @@ fn snapshot_bench() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let text = format!(
-        "snapshot bench on {host}, snapshot files in {} (page cache warm)\n{}\n\
-         bhyve-rs / QEMU KVM (below 1: bhyve-rs is faster or smaller)\n{}\n\
+        "snapshot bench on {host}, load average {}, snapshot files in {}\n{}\n\
+         bhyve-rs / QEMU KVM (below 1: bhyve-rs is faster or smaller; suspend: against QEMU's \
+         time with an fsync of its file, then without; disk/touched: space bhyve-rs allocated \
+         over RAM the guest touched)\n{}\n\
+         bhyve-rs suspend phases\n{}\n\
          for reference, QEMU TCG\n{}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
         std::env::temp_dir().display(),
         table(&rows),
         ratios(&rows),
+        phases(&rows),
         table(&footnote)
     );
     println!("\n{text}");

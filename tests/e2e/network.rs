@@ -9,9 +9,9 @@
 mod common;
 
 use common::control::Scratch;
-use common::guest;
-use common::{console_vm_command_with, kvm_usable, notice, qemu_binary, qemu_command_with};
-use common::{vm_name, Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
+use common::kvm_usable;
+use common::net::{boot_bhyve, boot_qemu, free_port, slirp_usable};
+use common::{vm_name, Console, COMMAND_TIMEOUT};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -20,31 +20,6 @@ use std::time::{Duration, Instant};
 const MAC: &str = "58:9c:fc:00:00:05";
 /// What libslirp's gateway answers ARP with (its address 52:55 + the gateway's IPv4 address).
 const SLIRP_GATEWAY_MAC: &str = "52:55:0a:00:02:02";
-
-fn boot_qemu(extra: &[&str]) -> Option<Console> {
-    let qemu = qemu_binary()?;
-    let mut args = extra.to_vec();
-    args.push("-no-reboot");
-    let cmd = qemu_command_with(&qemu, guest::console_guest(), "", &args);
-    let mut vm = Console::spawn("qemu", cmd);
-    vm.expect(guest::READY, BOOT_TIMEOUT);
-    vm.expect_prompt(COMMAND_TIMEOUT);
-    Some(vm)
-}
-
-fn boot_bhyve(scratch: &Scratch, name: &str, extra: &[&str]) -> Console {
-    let cmd = console_vm_command_with(
-        Path::new(env!("CARGO_BIN_EXE_bhyve")),
-        "256M",
-        &scratch.0,
-        name,
-        extra,
-    );
-    let mut vm = Console::spawn("bhyve", cmd);
-    vm.expect(guest::READY, BOOT_TIMEOUT);
-    vm.expect_prompt(COMMAND_TIMEOUT);
-    vm
-}
 
 fn qemu_net(netdev: &str) -> Vec<String> {
     vec![
@@ -57,29 +32,6 @@ fn qemu_net(netdev: &str) -> Vec<String> {
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-fn slirp_usable() -> bool {
-    let found = [
-        "/usr/lib/x86_64-linux-gnu/libslirp.so.0",
-        "/usr/lib/libslirp.so.0",
-        "/usr/local/lib/libslirp.so.0",
-    ]
-    .iter()
-    .any(|p| Path::new(p).exists());
-    if !found {
-        notice("skipped: libslirp.so.0 not installed (tests/install-deps.sh installs it)");
-    }
-    found
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released for the VM to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The gateway's ARP answer, then a host connection to a forwarded port arriving as a SYN.
@@ -141,41 +93,20 @@ fn slirp_gateway_and_hostfwd_through_bhyve_as_through_qemu() {
 #[cfg(target_os = "linux")]
 mod tap {
     use super::*;
-    use common::guest::splitmix64;
-    use common::tap::{Tap, TEST_TYPE};
+    use common::net::{self, fnv1a, Tap};
 
     const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 5];
 
-    fn fnv1a(bytes: &[u8]) -> u64 {
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    }
-
-    /// The frame `vnet send <len> <seed>` sends.
     fn guest_frame(len: usize, seed: u64) -> Vec<u8> {
-        let mut frame = vec![0xff; 6];
-        frame.extend_from_slice(&MAC_BYTES);
-        frame.extend_from_slice(&TEST_TYPE);
-        let mut state = seed;
-        while frame.len() < len {
-            let word = splitmix64(&mut state).to_le_bytes();
-            let take = (len - frame.len()).min(8);
-            frame.extend_from_slice(&word[..take]);
-        }
-        frame
+        net::guest_frame(&MAC_BYTES, len, seed)
     }
 
-    /// A frame from the host to the guest: to its MAC, from a host MAC, `seed`'s pattern.
+    fn from_guest(frame: &[u8]) -> bool {
+        net::is_test_frame_from(&MAC_BYTES, frame)
+    }
+
     fn host_frame(seed: u64, len: usize) -> Vec<u8> {
-        let mut frame = MAC_BYTES.to_vec();
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
-        frame.extend_from_slice(&TEST_TYPE);
-        let mut state = seed;
-        while frame.len() < len {
-            frame.push(splitmix64(&mut state) as u8);
-        }
-        frame
+        net::host_frame(&MAC_BYTES, seed, len)
     }
 
     /// A frame out of the guest lands on the host as sent; a frame from the host reaches the
@@ -186,7 +117,10 @@ mod tap {
             vm.command_line("vnet send 300 9"),
             format!("vnet sent 300 ok fnv {:#018x}", fnv1a(&sent))
         );
-        assert_eq!(tap.receive(COMMAND_TIMEOUT).as_deref(), Some(&sent[..]));
+        assert_eq!(
+            tap.receive(COMMAND_TIMEOUT, from_guest).as_deref(),
+            Some(&sent[..])
+        );
 
         let to_guest = host_frame(1, 200);
         vm.send_line("vnet recv");
@@ -203,23 +137,12 @@ mod tap {
         );
         vm.expect_prompt(COMMAND_TIMEOUT);
 
-        vm.send_line("vnet echo");
-        vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
-        for seed in 0..20u64 {
-            let frame = host_frame(100 + seed, 64 + 50 * seed as usize);
-            tap.send(&frame);
-            let echoed = tap.receive(COMMAND_TIMEOUT).expect("echo");
-            assert_eq!(echoed[..6], frame[6..12], "back to the sender");
-            assert_eq!(echoed[12..], frame[12..], "payload intact, seed {seed}");
-        }
-        vm.send("\n");
-        vm.expect("vnet echo stopped 20\n", COMMAND_TIMEOUT);
-        vm.expect_prompt(COMMAND_TIMEOUT);
+        net::echo_twenty(vm, tap, "vnet", &MAC_BYTES);
     }
 
     #[test]
     fn frames_through_a_tap_with_qemu() {
-        let Some(tap) = Tap::create("q", MAC_BYTES) else {
+        let Some(tap) = Tap::create("q") else {
             return;
         };
         let args = qemu_net(&format!(
@@ -237,7 +160,7 @@ mod tap {
         if !kvm_usable() {
             return;
         }
-        let Some(tap) = Tap::create("b", MAC_BYTES) else {
+        let Some(tap) = Tap::create("b") else {
             return;
         };
         let scratch = Scratch::new("net-tap");
@@ -254,11 +177,10 @@ mod tap {
     #[cfg(feature = "bhyve_snapshot")]
     #[test]
     fn a_checkpoint_while_frames_flow_leaves_the_card_working() {
-        use common::control::ctl;
         if !kvm_usable() {
             return;
         }
-        let Some(tap) = Tap::create("s", MAC_BYTES) else {
+        let Some(tap) = Tap::create("s") else {
             return;
         };
         let scratch = Scratch::new("net-snap");
@@ -267,47 +189,7 @@ mod tap {
         let mut vm = boot_bhyve(&scratch, &name, &["-s", &slot]);
         vm.send_line("vnet echo");
         vm.expect("vnet echo started\n", COMMAND_TIMEOUT);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checkpoint = {
-            let stop = stop.clone();
-            let rundir = scratch.0.clone();
-            let name = name.clone();
-            let file = scratch.path("live.snap");
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                let result = ctl(
-                    &rundir,
-                    &name,
-                    &[format!("--checkpoint={}", file.display())],
-                );
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                result
-            })
-        };
-        // Frames go back and forth until the checkpoint is done.
-        let mut echoed = 0u64;
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let frame = host_frame(1000 + echoed, 128);
-            tap.send(&frame);
-            let back = tap
-                .receive(Duration::from_secs(30))
-                .unwrap_or_else(|| panic!("frame {echoed} not echoed"));
-            assert_eq!(back[12..], frame[12..], "frame {echoed}");
-            echoed += 1;
-        }
-        assert!(echoed > 0, "no frame crossed before the checkpoint ended");
-        let (code, err) = checkpoint.join().unwrap();
-        assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-        // Twenty more after the checkpoint.
-        for extra in 0..20u64 {
-            let frame = host_frame(50_000 + extra, 100);
-            tap.send(&frame);
-            let back = tap.receive(COMMAND_TIMEOUT).expect("echo after checkpoint");
-            assert_eq!(back[12..], frame[12..]);
-            echoed += 1;
-        }
-        vm.send("\n");
-        vm.expect(&format!("vnet echo stopped {echoed}\n"), COMMAND_TIMEOUT);
+        net::checkpoint_while_echoing(&mut vm, &tap, &scratch, &name, "vnet", &MAC_BYTES);
         vm.send_line("halt");
         assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
     }
@@ -321,7 +203,7 @@ mod tap {
         if !kvm_usable() {
             return;
         }
-        let Some(tap) = Tap::create("r", MAC_BYTES) else {
+        let Some(tap) = Tap::create("r") else {
             return;
         };
         let scratch = Scratch::new("net-restore");
@@ -334,7 +216,7 @@ mod tap {
             let frame = host_frame(seed, 90);
             tap.send(&frame);
             assert_eq!(
-                tap.receive(COMMAND_TIMEOUT).expect("echo")[12..],
+                tap.receive(COMMAND_TIMEOUT, from_guest).expect("echo")[12..],
                 frame[12..]
             );
         }
@@ -351,18 +233,20 @@ mod tap {
             assert!(Instant::now() < deadline, "no echo after the restore");
             let frame = host_frame(500, 90);
             tap.send(&frame);
-            first = tap.receive(Duration::from_secs(1));
+            first = tap.receive(Duration::from_secs(1), from_guest);
         }
         for seed in 10..30u64 {
             let frame = host_frame(seed, 60 + seed as usize);
             tap.send(&frame);
-            let back = tap.receive(COMMAND_TIMEOUT).expect("echo after restore");
+            let back = tap
+                .receive(COMMAND_TIMEOUT, from_guest)
+                .expect("echo after restore");
             assert_eq!(back[12..], frame[12..], "frame {seed}");
         }
         vm.send("\n");
         let stopped = vm.expect("\n", COMMAND_TIMEOUT);
         assert!(
-            !vm.transcript().contains(guest::READY),
+            !vm.transcript().contains(common::guest::READY),
             "the guest rebooted"
         );
         assert!(stopped.contains("vnet echo stopped"), "{stopped}");

@@ -7,46 +7,16 @@
 mod common;
 
 use common::control::Scratch;
-use common::guest::{self, splitmix64};
+use common::disk::{disk_image, file_range, fnv, pattern, write_flush_read, DISK_SECTORS};
+use common::guest;
 use common::{console_vm_command_with, kvm_usable, qemu_binary, qemu_command_with, vm_name};
 use common::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
-use std::path::{Path, PathBuf};
-#[cfg(feature = "bhyve_snapshot")]
-use std::time::Duration;
+use std::path::Path;
 
-const DISK_BLOCKS: u64 = 2048;
 const SERIAL: &str = "NVME-E2E-3";
 
-/// `blocks` 512-byte blocks of the guest's fill pattern for `seed`.
-fn pattern(seed: u64, blocks: u64) -> Vec<u8> {
-    let mut state = seed;
-    (0..blocks * 512 / 8)
-        .flat_map(|_| splitmix64(&mut state).to_le_bytes())
-        .collect()
-}
-
-/// The guest's checksum: FNV-1a 64 over little-endian 64-bit words.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes
-        .chunks_exact(8)
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-            (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-}
-
-/// A 1 MiB disk whose block n holds the byte n % 251.
-fn disk_image(scratch: &Scratch) -> PathBuf {
-    let path = scratch.path("disk.img");
-    let data: Vec<u8> = (0..DISK_BLOCKS * 512)
-        .map(|i| ((i / 512) % 251) as u8)
-        .collect();
-    std::fs::write(&path, data).unwrap();
-    path
-}
-
 fn blocks(path: &Path, first: u64, count: u64) -> Vec<u8> {
-    let data = std::fs::read(path).unwrap();
-    data[(first * 512) as usize..((first + count) * 512) as usize].to_vec()
+    file_range(path, first, count, 512)
 }
 
 fn qemu_with_nvme(image: &Path) -> Option<Console> {
@@ -83,34 +53,12 @@ fn exercise(vm: &mut Console, image: &Path) -> String {
     let info = vm.command_line("nvme info");
     assert!(
         info.starts_with(&format!(
-            "nvme blocks {DISK_BLOCKS} block_size 512 serial '{SERIAL}' vs 0x00010400 "
+            "nvme blocks {DISK_SECTORS} block_size 512 serial '{SERIAL}' vs 0x00010400 "
         )),
         "{info}"
     );
     // 24 blocks: three pages, so PRP2 points at a list.
-    let written = pattern(42, 24);
-    assert_eq!(
-        vm.command_line("nvme write 8 24 42"),
-        format!("nvme write 8 24 status 0x0 fnv {:#018x}", fnv(&written))
-    );
-    assert_eq!(vm.command_line("nvme flush"), "nvme flush status 0x0");
-    assert_eq!(
-        blocks(image, 8, 24),
-        written,
-        "the host file holds the write"
-    );
-    assert_eq!(
-        vm.command_line("nvme read 8 24"),
-        format!("nvme read 8 24 status 0x0 fnv {:#018x}", fnv(&written))
-    );
-    let untouched = blocks(image, 1000, 128);
-    assert_eq!(
-        vm.command_line("nvme read 1000 128"),
-        format!(
-            "nvme read 1000 128 status 0x0 fnv {:#018x}",
-            fnv(&untouched)
-        )
-    );
+    write_flush_read(vm, image, "nvme", "status 0x0", 24);
     vm.command_line("nvme bad")
 }
 
@@ -261,56 +209,14 @@ fn block_size_queue_size_and_serial_options_reach_the_guest() {
 #[cfg(feature = "bhyve_snapshot")]
 #[test]
 fn snapshots_while_the_guest_streams_nvme_io() {
-    use common::control::{ctl, suspend};
     if !kvm_usable() {
         return;
     }
     let scratch = Scratch::new("nvme-snap");
     let image = disk_image(&scratch);
     let name = vm_name();
-    let mut vm = bhyve_with_nvme(&scratch, &name, &image.display().to_string());
-    vm.send_line("nvme stream 64");
-    vm.expect("nvme stream round 100\n", COMMAND_TIMEOUT);
-    let live = scratch.path("live.snap");
-    let (code, err) = ctl(
-        &scratch.0,
-        &name,
-        &[format!("--checkpoint={}", live.display())],
-    );
-    assert_eq!(code, 0, "bhyvectl --checkpoint failed: {err}");
-    let next = last_round(&vm.transcript()) + 200;
-    vm.expect(&format!("nvme stream round {next}\n"), COMMAND_TIMEOUT);
-
-    let file = scratch.path("suspend.snap");
-    suspend(&scratch, &name, &mut vm, &file);
-    let suspended_at = last_round(&vm.transcript());
-    let mut cmd = common::bhyve();
-    cmd.arg("-r").arg(&file);
-    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
-    let mut vm = Console::spawn("bhyve -r", cmd);
-    vm.expect(
-        &format!("nvme stream round {}\n", suspended_at + 200),
-        Duration::from_secs(60),
-    );
-    vm.send("\n");
-    let stopped = vm.expect("errors ", COMMAND_TIMEOUT);
-    let line = vm.expect("\n", COMMAND_TIMEOUT);
-    assert!(
-        !vm.transcript().contains(guest::READY),
-        "the guest rebooted"
-    );
-    assert_eq!(
-        line.trim(),
-        "0",
-        "stream errors after restore: {stopped}{line}"
-    );
-    let round: u64 = stopped
-        .rsplit("stopped round ")
-        .next()
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{stopped}"));
-    vm.expect_prompt(COMMAND_TIMEOUT);
+    let vm = bhyve_with_nvme(&scratch, &name, &image.display().to_string());
+    let (mut vm, round) = common::disk::snapshot_while_streaming(&scratch, &name, vm, "nvme");
     assert_eq!(vm.command_line("nvme flush"), "nvme flush status 0x0");
     assert_eq!(blocks(&image, 0, 64), pattern(round, 64), "round {round}");
     vm.send_line("halt");
@@ -346,14 +252,4 @@ fn a_ram_namespace_survives_suspend_and_restore() {
     assert_eq!(vm.command_line("nvme read 200 16"), line);
     vm.send_line("halt");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
-}
-
-#[cfg(feature = "bhyve_snapshot")]
-fn last_round(transcript: &str) -> u64 {
-    transcript
-        .lines()
-        .rev()
-        .filter_map(|l| l.trim().strip_prefix("nvme stream round "))
-        .find_map(|n| n.parse().ok())
-        .unwrap_or(0)
 }

@@ -176,6 +176,55 @@ fn a_live_checkpoint_of_a_guest_rewriting_its_memory_restores_one_instant() {
     assert_eq!(copied.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
 }
 
+#[test]
+fn a_suspend_of_a_guest_rewriting_its_memory_restores_one_instant() {
+    if !kvm_usable() {
+        return;
+    }
+    let scratch = Scratch::new("churn-suspend");
+    let name = vm_name();
+    let mut vm = Console::spawn(
+        "bhyve",
+        console_vm_command(
+            Path::new(env!("CARGO_BIN_EXE_bhyve")),
+            "512M",
+            &scratch.0,
+            &name,
+        ),
+    );
+    vm.expect(guest::READY, BOOT_TIMEOUT);
+    vm.expect_prompt(COMMAND_TIMEOUT);
+    // Large enough that the RAM goes out through several writer threads.
+    vm.send_line("memchurn 384");
+    vm.expect("memchurn round 3\n", SAVE_TIMEOUT);
+    let file = scratch.path("churn.snap");
+    let (code, err) = ctl(
+        &scratch.0,
+        &name,
+        &[format!("--suspend={}", file.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
+    vm.wait_exit(COMMAND_TIMEOUT);
+    assert!(
+        !vm.transcript().contains("memchurn error"),
+        "{}",
+        vm.transcript()
+    );
+
+    let mut restored = resume(&scratch.0, &file);
+    churn_checks_clean(&mut restored, "mapped restore");
+    restored.send_line("halt");
+    assert_eq!(restored.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+    let mut cmd = common::bhyve();
+    cmd.arg("-r").arg(&file);
+    cmd.args(["-o", "snapshot.restore=copy"]);
+    cmd.arg("-o").arg(format!("rundir={}", scratch.0.display()));
+    let mut copied = Console::spawn("bhyve -r (copy)", cmd);
+    churn_checks_clean(&mut copied, "copied restore");
+    copied.send_line("halt");
+    assert_eq!(copied.wait_exit(COMMAND_TIMEOUT).code(), Some(2));
+}
+
 /// Work counts of every CPU, waiting until each has moved past `floor` (same APIC order).
 fn counts_beyond(vm: &mut Console, floor: &[(u32, u64)]) -> Vec<(u32, u64)> {
     let deadline = Instant::now() + COMMAND_TIMEOUT;

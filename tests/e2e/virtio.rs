@@ -6,7 +6,7 @@
 mod common;
 
 use common::control::Scratch;
-use common::disk::{disk_image, file_range, fnv, pattern, DISK_SECTORS};
+use common::disk::{disk_image, file_range, fnv, pattern, write_flush_read, DISK_SECTORS};
 use common::guest;
 use common::{console_vm_command_with, kvm_usable, qemu_binary, qemu_command_with, vm_name};
 use common::{Console, BOOT_TIMEOUT, COMMAND_TIMEOUT};
@@ -65,26 +65,7 @@ fn exercise(vm: &mut Console, image: &Path) {
         info.starts_with(&format!("vblk capacity {DISK_SECTORS} ")),
         "{info}"
     );
-    let written = pattern(42, 16);
-    assert_eq!(
-        vm.command_line("vblk write 8 16 42"),
-        format!("vblk write 8 16 status 0 fnv {:#018x}", fnv(&written))
-    );
-    assert_eq!(vm.command_line("vblk flush"), "vblk flush status 0");
-    assert_eq!(
-        sectors(image, 8, 16),
-        written,
-        "the host file holds the write"
-    );
-    assert_eq!(
-        vm.command_line("vblk read 8 16"),
-        format!("vblk read 8 16 status 0 fnv {:#018x}", fnv(&written))
-    );
-    let untouched = sectors(image, 1000, 128);
-    assert_eq!(
-        vm.command_line("vblk read 1000 128"),
-        format!("vblk read 1000 128 status 0 fnv {:#018x}", fnv(&untouched))
-    );
+    write_flush_read(vm, image, "vblk", "status 0", 16);
     assert_eq!(
         vm.command_line("vblk id"),
         format!("vblk id status 0 '{SERIAL}'")

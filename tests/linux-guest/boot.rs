@@ -244,7 +244,8 @@ fn read_record(dir: &Path) -> Option<Booted> {
 
 /// The `bhyve` command line the guest boots with.
 fn boot_command(image: &Image, rundir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    // The later `-o rundir=` replaces the per-process one common::bhyve() starts with.
+    let mut cmd = common::bhyve();
     cmd.args(["-c", CPUS, "-m", &format!("{MEMORY_MIB}M"), "-u", "-H"])
         .args(["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"])
         .arg("-o")
@@ -263,7 +264,13 @@ fn boot_command(image: &Image, rundir: &Path) -> Command {
 /// carry build.sh's content hashes) and the machine's command line.
 fn snapshot_key(image: &Image) -> String {
     let bhyve = std::fs::read(env!("CARGO_BIN_EXE_bhyve")).expect("read the bhyve binary");
-    let machine = format!("{:?}", boot_command(image, Path::new("RUNDIR")));
+    // Run directories differ per process and do not change the machine.
+    let command = boot_command(image, Path::new("RUNDIR"));
+    let machine: Vec<_> = command
+        .get_args()
+        .filter(|a| !a.to_string_lossy().starts_with("rundir="))
+        .collect();
+    let machine = format!("{machine:?}");
     sha256(format!("bhyve {}\n{machine}\n", sha256(&bhyve)).as_bytes())[..16].to_string()
 }
 
@@ -399,7 +406,7 @@ impl Linux {
 /// returns.
 fn restore_from(file: &Path, scratch: Scratch) -> Linux {
     let started = Instant::now();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bhyve"));
+    let mut cmd = common::bhyve();
     cmd.arg("-r")
         .arg(file)
         .arg("-o")

@@ -743,7 +743,7 @@ mod tests {
                     // Only what this build implements, as FreeBSD lists what it has built in.
                     assert_eq!(
                         stdout,
-                        "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\nhostbridge\nlpc\nnvme\nvirtio-blk\n\
+                        "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nnvme\nvirtio-blk\n\
                          virtio-console\nvirtio-net\nvirtio-rnd\n"
                     );
                 }

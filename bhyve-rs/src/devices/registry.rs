@@ -121,7 +121,7 @@ pub const PCI_EMULATIONS: &[PciEmulation] = &[
     super::ahci::EMULATION_HD,
     super::pci::hostbridge::AMD_EMULATION,
     super::pci::dummy::EMULATION,
-    super::unimplemented::E1000,
+    super::net::e1000::EMULATION,
     super::unimplemented::FBUF,
     super::unimplemented::HDA,
     super::pci::hostbridge::EMULATION,
@@ -190,9 +190,10 @@ mod tests {
     fn help_lists_only_what_this_build_implements() {
         assert_eq!(
             supported_pci_emulations(),
-            "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\nhostbridge\nlpc\nnvme\nvirtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
+            "ahci\nahci-cd\nahci-hd\namd_hostbridge\ndummy\ne1000\nhostbridge\nlpc\nnvme\n\
+             virtio-blk\nvirtio-console\nvirtio-net\nvirtio-rnd\n"
         );
-        for name in ["e1000", "passthru"] {
+        for name in ["passthru", "xhci"] {
             let e = pci_emulation(name).unwrap();
             assert!(!e.implemented(), "{name}");
         }

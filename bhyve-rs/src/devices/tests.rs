@@ -254,12 +254,12 @@ fn check_error(pairs: &[(&str, &str)]) -> String {
 fn unsupported_emulation_is_named_with_its_slot() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
-        ("pci.0.2.0.device", "e1000"),
-        ("pci.0.2.0.backend", "tap0"),
+        ("pci.0.2.0.device", "xhci"),
+        ("pci.0.2.0.slot.1.device", "tablet"),
     ]);
     assert_eq!(
         err,
-        "pci slot 0:2:0: device emulation \"e1000\" is not supported yet"
+        "pci slot 0:2:0: device emulation \"xhci\" is not supported yet"
     );
 }
 
@@ -267,7 +267,7 @@ fn unsupported_emulation_is_named_with_its_slot() {
 fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     let err = check_error(&[
         ("pci.0.0.0.device", "hostbridge"),
-        ("pci.0.2.0.device", "e1000"),
+        ("pci.0.2.0.device", "xhci"),
         ("pci.0.3.0.device", "hda"),
         // An implemented device whose file is missing does not hide the others.
         ("pci.0.4.0.device", "virtio-blk"),
@@ -277,7 +277,7 @@ fn every_emulation_not_implemented_yet_is_named_one_per_line() {
     ]);
     assert_eq!(
         err,
-        "pci slot 0:2:0: device emulation \"e1000\" is not supported yet\n\
+        "pci slot 0:2:0: device emulation \"xhci\" is not supported yet\n\
          pci slot 0:3:0: device emulation \"hda\" is not supported yet\n\
          pci slot 1:0:0: device emulation \"xhci\" is not supported yet"
     );
@@ -441,7 +441,7 @@ fn dummy_bar_contents_survive_a_snapshot() {
         ("pci.0.4.0.device", "dummy"),
     ]);
     let buses = Arc::new(Buses::default());
-    let devices = attach_for_test(&cfg, &buses, Arc::new(MsiSink::default())).unwrap();
+    let devices = attach_for_test(&cfg, &buses, Arc::new(Recorder::default())).unwrap();
     assert!(devices.check_saveable().is_ok());
     assert!(buses.pio.write(0x2000, &[0x5a]));
     assert!(buses.mmio.write(0xc000_0010, &[1, 2]));
@@ -458,7 +458,7 @@ fn dummy_bar_contents_survive_a_snapshot() {
         .unwrap();
 
     let buses2 = Arc::new(Buses::default());
-    let devices2 = attach_for_test(&cfg, &buses2, Arc::new(MsiSink::default())).unwrap();
+    let devices2 = attach_for_test(&cfg, &buses2, Arc::new(Recorder::default())).unwrap();
     let function = devices2.pci().unwrap().function(slot).unwrap();
     function.lock().unwrap().restore_state(&saved).unwrap();
     let mut byte = [0u8; 1];
@@ -484,25 +484,6 @@ fn pc_testdev_is_absent_unless_configured() {
     assert!(!buses.pio.write(0xf4, &[1]));
 }
 
-/// Records MSIs.
-#[derive(Default)]
-struct MsiSink {
-    messages: Mutex<Vec<(u64, u32)>>,
-}
-
-impl InterruptSink for MsiSink {
-    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.messages.lock().unwrap().push((address, data));
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
     let cfg = Config::from_pairs(&[
@@ -510,7 +491,7 @@ fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
         ("pci.0.4.0.device", "dummy"),
     ]);
     let buses = Arc::new(Buses::default());
-    let sink = Arc::new(MsiSink::default());
+    let sink = Arc::new(Recorder::default());
     let devices = attach_for_test(&cfg, &buses, sink.clone()).unwrap();
     assert!(devices
         .instances()
@@ -538,13 +519,13 @@ fn dummy_device_has_bhyve_bars_and_sends_programmed_msis() {
     assert!(buses.pio.write(0xcfc, &0x0030u16.to_le_bytes()));
     // Nothing is sent while MSI is disabled.
     assert!(buses.pio.write(0x2004, &1u32.to_le_bytes()));
-    assert!(sink.messages.lock().unwrap().is_empty());
+    assert!(sink.msis.lock().unwrap().is_empty());
     select(0x40);
     assert!(buses.pio.write(0xcfe, &0x0011u16.to_le_bytes()));
     assert!(buses.pio.write(0x2004, &3u32.to_le_bytes()));
     assert!(buses.pio.write(0x2000, &0x00ab_cdefu32.to_le_bytes()));
     assert_eq!(
-        sink.messages.lock().unwrap().as_slice(),
+        sink.msis.lock().unwrap().as_slice(),
         &[
             (0xfee0_0000, 0x31),
             (0xfee0_0000, 0x30),

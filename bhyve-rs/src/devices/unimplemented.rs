@@ -17,7 +17,6 @@ const fn known(name: &'static str, legacy_config: LegacyParser) -> PciEmulation 
     }
 }
 
-pub const E1000: PciEmulation = known("e1000", super::net::legacy_config);
 pub const FBUF: PciEmulation = known("fbuf", generic);
 pub const HDA: PciEmulation = known("hda", generic);
 pub const PASSTHRU: PciEmulation = known("passthru", passthru);

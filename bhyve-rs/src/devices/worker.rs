@@ -17,6 +17,12 @@ pub trait Work: Send + 'static {
 
     /// Do what is ready (called after the wait, not while paused).
     fn work(&mut self);
+
+    /// The longest the thread may wait before calling [`Work::work`] with nothing ready: a
+    /// device's timer. `None`: until a descriptor is ready or a wake.
+    fn timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The state behind the lock: the device's work and the worker's flags.
@@ -111,6 +117,7 @@ fn run<W: Work>(shared: &Shared<W>, waiter: &UnixDatagram) {
             events: libc::POLLIN,
             revents: 0,
         }];
+        let mut timeout_ms: libc::c_int = -1;
         {
             let state = lock();
             if state.stop {
@@ -118,11 +125,16 @@ fn run<W: Work>(shared: &Shared<W>, waiter: &UnixDatagram) {
             }
             if !state.paused {
                 fds.extend(state.work.poll_set());
+                if let Some(timeout) = state.work.timeout() {
+                    // Rounded up: waking early would find the timer not yet due.
+                    let ms = timeout.as_nanos().div_ceil(1_000_000);
+                    timeout_ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+                }
             }
         }
         // SAFETY: `fds` is an array of fds.len() pollfd structures. A descriptor closed
         // meanwhile only makes poll report it; the set is built again each round.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         while waiter.recv(&mut drain).is_ok() {}
         let mut state = lock();
         if state.stop {

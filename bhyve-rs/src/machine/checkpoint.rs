@@ -105,6 +105,11 @@ pub fn checkpoint(
         target.devices.pause();
         write_state(target, dir, name, info, precopied)
     });
+    log::debug!(
+        "checkpoint {}: state written {:.1} ms after the pause",
+        name.escape_default(),
+        paused.elapsed().as_secs_f64() * 1e3
+    );
     let result = match written {
         Ok(writer) => {
             if !suspend {
@@ -333,10 +338,19 @@ fn write_state(
                 .memory
                 .slice(region.gpa(), region.len())
                 .map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
             let populated = region.populated_pages();
-            writer
+            let walked = started.elapsed();
+            let stats = writer
                 .add_ram_region_populated(region.gpa(), data, populated.as_deref())
                 .map_err(|e| e.to_string())?;
+            log::debug!(
+                "RAM at {:#x}: page map read in {:.1} ms, {} MiB written in {:.1} ms",
+                region.gpa(),
+                walked.as_secs_f64() * 1e3,
+                stats.written >> 20,
+                (started.elapsed() - walked).as_secs_f64() * 1e3
+            );
         }
     }
     add_backend_state(&mut writer, "vm", "", &vm_state)?;

@@ -17,7 +17,7 @@ use super::format::{
     MAX_DATA_TOTAL, MAX_RAM_REGIONS, RAM_INDEX_SECTION, RAM_INDEX_VERSION, RAM_SECTION,
     RAM_VERSION,
 };
-use super::ram::{data_extents, extents_len};
+use super::ram::{data_extents, extents_len, open_direct, read_ram_at};
 use super::{decode_section, SnapshotError};
 
 /// One guest memory segment stored in the file.
@@ -320,6 +320,8 @@ impl SnapshotReader {
             )));
         }
         let extents = self.region_extents(region)?;
+        let direct = open_direct(&self.file, false);
+        let what = format!("RAM region {}", region.instance);
         let mut previous_end = 0usize;
         for &(start, end) in &extents {
             let from = (start - region.file_offset) as usize;
@@ -327,12 +329,8 @@ impl SnapshotReader {
             if options.zero_holes {
                 dst[previous_end..from].fill(0);
             }
-            read_exact_at(
-                &self.file,
-                &mut dst[from..to],
-                start,
-                &format!("RAM region {}", region.instance),
-            )?;
+            read_ram_at(&self.file, direct.as_ref(), &mut dst[from..to], start)
+                .map_err(|e| read_error(e, &what))?;
             previous_end = to;
         }
         if options.zero_holes {
@@ -714,13 +712,16 @@ fn read_exact_at(
     offset: u64,
     what: &str,
 ) -> Result<(), SnapshotError> {
-    file.read_exact_at(buf, offset).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            SnapshotError::Truncated(format!("{what} ends past the end of the file"))
-        } else {
-            SnapshotError::io(&format!("read {what}"), e)
-        }
-    })
+    file.read_exact_at(buf, offset)
+        .map_err(|e| read_error(e, what))
+}
+
+fn read_error(e: io::Error, what: &str) -> SnapshotError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        SnapshotError::Truncated(format!("{what} ends past the end of the file"))
+    } else {
+        SnapshotError::io(&format!("read {what}"), e)
+    }
 }
 
 fn has_suffix_file(path: &Path, suffix: &str) -> bool {

@@ -412,6 +412,70 @@ fn pages_written_again_leave_the_file_and_its_index_as_the_last_write_saw_them()
 }
 
 #[test]
+fn a_large_region_written_by_several_threads_and_read_back_directly_restores_byte_for_byte() {
+    let dir = TempDir::new("parallel");
+    let path = dir.path("large");
+    // Large enough for several writer threads, with a last chunk shorter than the others;
+    // page aligned like guest memory, so the writes can go straight from it to the device.
+    let size = 66 * MIB + 3 * 4096;
+    let pages = size / 4096;
+    let mut ram = memmap2::MmapMut::map_anon(size).expect("anonymous memory");
+    let fill = |ram: &mut [u8], page: usize, tag: u8| {
+        for (i, byte) in ram[page * 4096..(page + 1) * 4096].iter_mut().enumerate() {
+            *byte = (page as u8) ^ (i as u8) ^ tag | 1;
+        }
+    };
+    // A 20 MiB run over the boundaries of chunks and of the threads' ranges, longer than one
+    // write; single pages here and there; the very last page.
+    let mut touched: Vec<usize> = (3000..3000 + 5120).collect();
+    touched.extend([0, 1, 2, 511, 512, 9000, 12_000, 15_000, pages - 1]);
+    for &page in &touched {
+        fill(&mut ram, page, 0);
+    }
+    let mut writer = SnapshotWriter::create(&path, info()).expect("create");
+    let region = writer.begin_ram_region(0, size as u64).expect("begin");
+    let written = writer
+        .write_ram_pages(region, &ram, |_| true)
+        .expect("first pass");
+    assert_eq!(written, (touched.len() * 4096) as u64);
+    // Written again: changed, cleared, and newly touched pages in several threads' ranges.
+    let again = [1, 4000, 8119, 9000, 14_000, pages - 1];
+    fill(&mut ram, 1, 7);
+    fill(&mut ram, 4000, 7);
+    ram[8119 * 4096..8120 * 4096].fill(0);
+    ram[9000 * 4096..9001 * 4096].fill(0);
+    fill(&mut ram, 14_000, 7);
+    fill(&mut ram, pages - 1, 7);
+    writer
+        .write_ram_pages(region, &ram, |page| again.contains(&page))
+        .expect("second pass");
+    writer.add_config(CONFIG).expect("config");
+    writer.commit().expect("commit");
+
+    let reader = SnapshotReader::open(&path).expect("open");
+    let region = &reader.ram_regions()[0];
+    reader
+        .verify_ram(region)
+        .expect("every chunk checksum matches");
+    // Page aligned as guest memory is, so the reads too can bypass the page cache.
+    let mut restored = memmap2::MmapMut::map_anon(size).expect("anonymous memory");
+    reader
+        .restore_ram_copy(region, &mut restored, CopyOptions::default())
+        .expect("restore");
+    let first_bad = restored
+        .chunks(4096)
+        .zip(ram.chunks(4096))
+        .position(|(a, b)| a != b);
+    assert_eq!(first_bad, None, "restored page differs");
+    // Pages never written with data stay holes.
+    let file = File::open(&path).expect("open");
+    let page = |n: usize| region.file_offset + (n * 4096) as u64;
+    assert!(data_extents(&file, page(20_000), page(20_001))
+        .expect("extents")
+        .is_empty());
+}
+
+#[test]
 fn pages_marked_untouched_are_saved_as_zero_without_being_read() {
     let dir = TempDir::new("populated");
     let path = dir.path("snap");

@@ -7,6 +7,10 @@
 //! after the rename. Until then an existing file with the final name is untouched, and on any
 //! error (or if the writer is dropped without `commit`) the temporary file is removed. The rename only ever replaces a regular file:
 //! a device node, FIFO, socket, directory or symbolic link under the final name is refused.
+//!
+//! Guest memory goes straight from its pages to the device where the system allows (direct
+//! I/O), by several threads for a large region: on a host whose page cache is busy, copying
+//! into it and writing it back takes several times longer than the device needs.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,7 +33,7 @@ use super::format::{
     RAM_FILE_ALIGN, RAM_INDEX_SECTION, RAM_INDEX_VERSION, RAM_SECTION, RAM_VERSION,
     SECTION_FLAG_MANDATORY,
 };
-use super::ram::is_zero;
+use super::ram::{is_zero, open_direct, DIRECT_IO_MAX, DIRECT_IO_MIN};
 use super::{encode_section, SnapshotError};
 
 /// What an untouched page of guest memory reads as.
@@ -65,6 +69,8 @@ pub struct SnapshotWriter {
     name: String,
     temp_name: String,
     file: File,
+    /// `file` opened again for direct I/O, for guest memory; `None` where that is not offered.
+    ram_file: Option<File>,
     info: HeaderInfo,
     entries: Vec<SectionEntry>,
     /// Per RAM region: instance and one CRC-32C per chunk, written as `ram-index` at commit.
@@ -121,11 +127,13 @@ impl SnapshotWriter {
                 (file, temp_name, false)
             }
         };
+        let file = File::from(file);
         Ok(SnapshotWriter {
             dir,
             name: name.to_string(),
             temp_name,
-            file: File::from(file),
+            ram_file: open_direct(&file, true),
+            file,
             info,
             entries: Vec::new(),
             ram_index: Vec::new(),
@@ -343,7 +351,7 @@ impl SnapshotWriter {
         &mut self,
         region: usize,
         data: &[u8],
-        selected: impl Fn(usize) -> bool,
+        selected: impl Fn(usize) -> bool + Sync,
     ) -> Result<u64, SnapshotError> {
         self.check_not_poisoned()?;
         let entry = self
@@ -360,60 +368,69 @@ impl SnapshotWriter {
             )));
         }
         let offset = entry.offset;
-        let page_size = FORMAT_PAGE_SIZE as usize;
-        let pages_per_chunk = RAM_CHUNK_SIZE as usize / page_size;
-        let mut written = 0u64;
-        for (chunk_index, chunk) in data.chunks(RAM_CHUNK_SIZE as usize).enumerate() {
-            let first_page = chunk_index * pages_per_chunk;
-            let pages = chunk.len() / page_size;
-            if !(first_page..first_page + pages).any(&selected) {
-                continue;
-            }
-            // Runs of pages to write go out with one call each.
-            let mut run: Option<usize> = None;
-            for index in 0..=pages {
-                let page = first_page + index;
-                let write = index < pages
-                    && selected(page)
-                    && (self.ram_in_file[region][page]
-                        || !is_zero(&chunk[index * page_size..(index + 1) * page_size]));
-                match (write, run) {
-                    (true, None) => run = Some(index),
-                    (false, Some(run_start)) => {
-                        let bytes = &chunk[run_start * page_size..index * page_size];
-                        let at = offset + ((first_page + run_start) * page_size) as u64;
-                        if let Err(e) = self.file.write_all_at(bytes, at) {
-                            self.poisoned = true;
-                            return Err(SnapshotError::io(
-                                &format!("write RAM region {region}"),
-                                e,
-                            ));
-                        }
-                        self.ram_in_file[region][first_page + run_start..first_page + index]
-                            .fill(true);
-                        written += bytes.len() as u64;
-                        run = None;
-                    }
-                    _ => {}
+        let chunk_size = RAM_CHUNK_SIZE as usize;
+        let chunks = data.len().div_ceil(chunk_size);
+        let zero_crcs = ZeroCrcs {
+            full: self.zero_crc(chunk_size),
+            last: self.zero_crc(data.len() - (chunks - 1) * chunk_size),
+            last_chunk: chunks - 1,
+        };
+        let writers = if data.len() >= PARALLEL_RAM_MIN {
+            RAM_WRITERS
+        } else {
+            1
+        };
+        let chunks_per_writer = chunks.div_ceil(writers);
+        let pages_per_chunk = chunk_size / FORMAT_PAGE_SIZE as usize;
+        let sink = RamSink {
+            direct: self.ram_file.as_ref(),
+            buffered: &self.file,
+        };
+        let in_file = &mut self.ram_in_file[region];
+        let crcs = &mut self.ram_index[region].1;
+        let parts = in_file
+            .chunks_mut(chunks_per_writer * pages_per_chunk)
+            .zip(crcs.chunks_mut(chunks_per_writer))
+            .enumerate()
+            .map(|(index, (in_file, crcs))| RamPart {
+                first_chunk: index * chunks_per_writer,
+                in_file,
+                crcs,
+            });
+        let selected = &selected;
+        let results: Vec<std::io::Result<u64>> = if writers == 1 {
+            parts
+                .map(|part| part.write(&sink, offset, data, selected, &zero_crcs))
+                .collect()
+        } else {
+            // Disjoint ranges of the region, each with its own writes in flight: the device
+            // sees several requests at once, and the checksums are spread over the cores.
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = parts
+                    .map(|part| {
+                        let (sink, zero_crcs) = (&sink, &zero_crcs);
+                        scope.spawn(move || part.write(sink, offset, data, selected, zero_crcs))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(std::io::Error::other("snapshot writer thread failed"))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut written = 0;
+        for result in results {
+            match result {
+                Ok(bytes) => written += bytes,
+                Err(e) => {
+                    self.poisoned = true;
+                    return Err(SnapshotError::io(&format!("write RAM region {region}"), e));
                 }
             }
-            let in_file = &self.ram_in_file[region][first_page..first_page + pages];
-            let crc = if in_file.iter().any(|&p| p) {
-                // Holes count as the zeros they read as, without reading guest memory there.
-                chunk
-                    .chunks(page_size)
-                    .zip(in_file)
-                    .fold(0, |crc, (page, &in_file)| {
-                        if in_file {
-                            crc32c::crc32c_append(crc, page)
-                        } else {
-                            crc32c::crc32c_append(crc, &ZERO_PAGE[..page.len()])
-                        }
-                    })
-            } else {
-                self.zero_crc(chunk.len())
-            };
-            self.ram_index[region].1[chunk_index] = crc;
         }
         Ok(written)
     }
@@ -470,9 +487,11 @@ impl SnapshotWriter {
         self.file
             .write_all_at(&header, 0)
             .map_err(|e| SnapshotError::io("write header", e))?;
+        let syncing = std::time::Instant::now();
         self.file
             .sync_all()
             .map_err(|e| SnapshotError::io("fsync snapshot", e))?;
+        let synced = syncing.elapsed();
 
         #[cfg(test)]
         if self.fail_at == Some(FailPoint::BeforeRename) {
@@ -501,6 +520,12 @@ impl SnapshotWriter {
             let _ = unlinkat(&self.dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
             return Err(SnapshotError::io("fsync directory", errno.into()));
         }
+        log::debug!(
+            "snapshot {}: fsync {:.1} ms, link, rename and directory fsync {:.1} ms",
+            self.name.escape_default(),
+            synced.as_secs_f64() * 1e3,
+            (syncing.elapsed() - synced).as_secs_f64() * 1e3
+        );
         Ok(())
     }
 
@@ -601,6 +626,159 @@ impl SnapshotWriter {
             .or_insert_with(|| crc32c::crc32c(&vec![0u8; len]))
     }
 }
+
+/// RAM regions at least this large are written by [`RAM_WRITERS`] threads.
+const PARALLEL_RAM_MIN: usize = 64 << 20;
+
+/// Writer threads per large RAM region.
+const RAM_WRITERS: usize = 4;
+
+/// CRC-32C of all-zero chunks: every chunk is `full` long but the region's `last_chunk`.
+struct ZeroCrcs {
+    full: u32,
+    last: u32,
+    last_chunk: usize,
+}
+
+/// Where guest memory is written: the file opened for direct I/O where the system allows it
+/// (see [`open_direct`]), else through the page cache.
+struct RamSink<'a> {
+    direct: Option<&'a File>,
+    buffered: &'a File,
+}
+
+impl RamSink<'_> {
+    /// Write `bytes` (whole pages of guest memory) at `at`.
+    fn write_at(&self, bytes: &[u8], at: u64) -> std::io::Result<()> {
+        let large = bytes.len() >= DIRECT_IO_MIN;
+        if let Some(direct) = self.direct.filter(|_| large) {
+            match direct.write_all_at(bytes, at) {
+                // A file system or device with stricter alignment than a page: the page
+                // cache takes it.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                other => return other,
+            }
+        }
+        self.buffered.write_all_at(bytes, at)?;
+        if large {
+            start_write_back(self.buffered, at, bytes.len());
+        }
+        Ok(())
+    }
+}
+
+/// A range of whole chunks of one RAM region, written by one thread.
+struct RamPart<'a> {
+    first_chunk: usize,
+    /// Per page of these chunks: the file holds data for it.
+    in_file: &'a mut [bool],
+    /// The `ram-index` CRC of each of these chunks.
+    crcs: &'a mut [u32],
+}
+
+impl RamPart<'_> {
+    /// [`SnapshotWriter::write_ram_pages`] over this part's chunks of `data`, the region that
+    /// starts at file offset `offset`. Returns the bytes written.
+    fn write(
+        self,
+        sink: &RamSink<'_>,
+        offset: u64,
+        data: &[u8],
+        selected: &(impl Fn(usize) -> bool + Sync),
+        zero_crcs: &ZeroCrcs,
+    ) -> std::io::Result<u64> {
+        let page_size = FORMAT_PAGE_SIZE as usize;
+        let chunk_size = RAM_CHUNK_SIZE as usize;
+        let pages_per_chunk = chunk_size / page_size;
+        let first_page = self.first_chunk * pages_per_chunk;
+        let mut written = 0u64;
+        // Pages to write next, by index in this part: consecutive selected pages go out in one
+        // call, across chunk boundaries.
+        let mut run: Option<(usize, usize)> = None;
+        let mut flush = |run: &mut Option<(usize, usize)>| -> std::io::Result<()> {
+            if let Some((start, end)) = run.take() {
+                let bytes = &data[(first_page + start) * page_size..(first_page + end) * page_size];
+                sink.write_at(bytes, offset + ((first_page + start) * page_size) as u64)?;
+                written += bytes.len() as u64;
+            }
+            Ok(())
+        };
+        for (index, crc) in self.crcs.iter_mut().enumerate() {
+            let chunk_index = self.first_chunk + index;
+            let chunk_start = chunk_index * chunk_size;
+            let chunk = &data[chunk_start..(chunk_start + chunk_size).min(data.len())];
+            let pages = chunk.len() / page_size;
+            let part_page = index * pages_per_chunk;
+            let global_page = first_page + part_page;
+            if !(global_page..global_page + pages).any(selected) {
+                flush(&mut run)?;
+                continue;
+            }
+            for page in 0..pages {
+                let at = part_page + page;
+                let write = selected(global_page + page)
+                    && (self.in_file[at]
+                        || !is_zero(&chunk[page * page_size..(page + 1) * page_size]));
+                if !write {
+                    flush(&mut run)?;
+                    continue;
+                }
+                self.in_file[at] = true;
+                run = match run {
+                    Some((start, end))
+                        if end == at && (end - start) * page_size < DIRECT_IO_MAX =>
+                    {
+                        Some((start, at + 1))
+                    }
+                    _ => {
+                        flush(&mut run)?;
+                        Some((at, at + 1))
+                    }
+                };
+            }
+            let in_file = &self.in_file[part_page..part_page + pages];
+            *crc = if in_file.iter().any(|&p| p) {
+                // Holes count as the zeros they read as, without reading guest memory there.
+                chunk
+                    .chunks(page_size)
+                    .zip(in_file)
+                    .fold(0, |crc, (page, &in_file)| {
+                        if in_file {
+                            crc32c::crc32c_append(crc, page)
+                        } else {
+                            crc32c::crc32c_append(crc, &ZERO_PAGE[..page.len()])
+                        }
+                    })
+            } else if chunk_index == zero_crcs.last_chunk {
+                zero_crcs.last
+            } else {
+                zero_crcs.full
+            };
+        }
+        flush(&mut run)?;
+        Ok(written)
+    }
+}
+
+/// Start writing `len` bytes at `at` back to the device now, without waiting for it, so the
+/// fsync at commit finds little left to do.
+#[cfg(target_os = "linux")]
+fn start_write_back(file: &File, at: u64, len: usize) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its arguments; a failure only means write-back
+    // starts later, at the fsync.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            at as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_write_back(_file: &File, _at: u64, _len: usize) {}
 
 impl std::fmt::Debug for SnapshotWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -10,7 +10,7 @@
 //!   raw files preallocated in the scratch directory (a disk-backed file system, named in the
 //!   output), through the host's page cache and again with `nocache` (O_DIRECT; QEMU
 //!   `cache=none`).
-//! * virtio-net over a tap: 64- and 1514-byte frames from the guest (frames the device took,
+//! * virtio-net and e1000 (QEMU `e1000-82545em`), each over a tap: 64- and 1514-byte frames from the guest (frames the device took,
 //!   one at a time, per guest second; a packet socket on the tap counts what arrived) and from
 //!   the host (a packet socket sends as fast as it can; the guest counts from the first frame
 //!   to the last, and what it missed is reported).
@@ -22,7 +22,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-const MAC: &str = "58:9c:fc:00:00:b5";
+/// The network cards' MAC addresses, one per card.
+const VIRTIO_NET_MAC: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 0xb5];
+const E1000_MAC: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 0xb6];
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
 
 /// How a run is set up and how long each of its rows runs.
 #[derive(Clone, Copy)]
@@ -81,9 +90,9 @@ pub fn parse_requests(line: &str) -> Option<Sample> {
     })
 }
 
-/// Parses `vnet bench recv frames <n> bytes <n> ns <n>`; `sent` frames were offered.
+/// Parses `<driver> bench recv frames <n> bytes <n> ns <n>`; `sent` frames were offered.
 pub fn parse_received(line: &str, sent: u64) -> Option<Sample> {
-    let rest = line.strip_prefix("vnet bench recv frames ")?;
+    let (_, rest) = line.split_once(" bench recv frames ")?;
     let words: Vec<&str> = rest.split_whitespace().collect();
     match words[..] {
         [frames, "bytes", bytes, "ns", ns] => {
@@ -161,35 +170,47 @@ fn run_disk_rows(vm: &mut Console, nocache: bool, plan: Plan) -> Vec<(String, Sa
 #[cfg(target_os = "linux")]
 mod net {
     use super::*;
-    use crate::common::tap::{Tap, TEST_TYPE};
+    use crate::common::net::{host_frame, is_test_frame_from, Tap};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
 
-    /// [`MAC`] as bytes.
-    const MAC_BYTES: [u8; 6] = [0x58, 0x9c, 0xfc, 0, 0, 0xb5];
-
-    pub fn tap() -> Option<Tap> {
-        Tap::create("i", MAC_BYTES)
+    /// A network card under test: the guest's driver command, the card's MAC and its tap.
+    pub struct Card {
+        pub driver: &'static str,
+        pub label: &'static str,
+        pub mac: [u8; 6],
+        pub tap: Tap,
     }
 
-    /// A frame of `len` bytes from the host to the guest.
-    fn host_frame(len: usize) -> Vec<u8> {
-        let mut frame = MAC_BYTES.to_vec();
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
-        frame.extend_from_slice(&TEST_TYPE);
-        frame.resize(len, 0x5a);
-        frame
+    /// virtio-net and e1000, each on a tap of its own; none without taps.
+    pub fn cards() -> Vec<Card> {
+        [
+            ("vnet", "virtio-net", "i", VIRTIO_NET_MAC),
+            ("e1000", "e1000", "j", E1000_MAC),
+        ]
+        .into_iter()
+        .filter_map(|(driver, label, tag, mac)| {
+            Some(Card {
+                driver,
+                label,
+                mac,
+                tap: Tap::create(tag)?,
+            })
+        })
+        .collect()
     }
 
-    pub fn run_rows(vm: &mut Console, tap: &Tap, plan: Plan) -> Vec<(String, Sample)> {
+    pub fn run_rows(vm: &mut Console, card: &Card, plan: Plan) -> Vec<(String, Sample)> {
+        let (tap, driver, mac) = (&card.tap, card.driver, card.mac);
         let mut rows = Vec::new();
         for len in [64usize, 1514] {
-            // Guest to host: the guest times the frames the device took; the host counts
-            // what reached the tap.
+            // Guest to host: the guest times the frames the card took; the host counts what
+            // reached the tap.
             let stop = AtomicBool::new(false);
             let (sample, (arrived, _)) = std::thread::scope(|scope| {
-                let counter = scope.spawn(|| tap.count_until(&stop));
-                let command = format!("vnet bench send {len}");
+                let counter =
+                    scope.spawn(|| tap.count_until(|f| is_test_frame_from(&mac, f), &stop));
+                let command = format!("{driver} bench send {len}");
                 let sample = command_result(vm, &format!("{command} {}", plan.row_ms), &command);
                 // Frames still on their way through the host.
                 std::thread::sleep(Duration::from_millis(200));
@@ -200,14 +221,14 @@ mod net {
                 lost: sample.requests.saturating_sub(arrived) + sample.lost,
                 ..sample
             };
-            rows.push((format!("virtio-net guest->host {len} B"), sample));
+            rows.push((format!("{} guest->host {len} B", card.label), sample));
         }
         for len in [64usize, 1514] {
             // Host to guest: the host sends as fast as the tap takes frames; the guest times
             // the ones it got.
-            vm.send_line("vnet bench recv");
-            vm.expect("vnet bench recv started\n", COMMAND_TIMEOUT);
-            let frame = host_frame(len);
+            vm.send_line(&format!("{driver} bench recv"));
+            vm.expect(&format!("{driver} bench recv started\n"), COMMAND_TIMEOUT);
+            let frame = host_frame(&mac, 1, len);
             let started = Instant::now();
             let mut sent = 0u64;
             while started.elapsed() < Duration::from_millis(plan.row_ms) || sent < 5 {
@@ -219,13 +240,14 @@ mod net {
             std::thread::sleep(Duration::from_millis(300));
             vm.send("\n");
             let text = vm.expect_prompt(COMMAND_TIMEOUT);
+            let prefix = format!("{driver} bench recv frames");
             let line = text
                 .lines()
-                .find(|l| l.starts_with("vnet bench recv frames"))
-                .unwrap_or_else(|| panic!("vnet bench recv: {text:?}"));
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("{driver} bench recv: {text:?}"));
             let sample = parse_received(line, sent)
-                .unwrap_or_else(|| panic!("vnet bench recv: cannot read {line:?}"));
-            rows.push((format!("virtio-net host->guest {len} B"), sample));
+                .unwrap_or_else(|| panic!("{driver} bench recv: cannot read {line:?}"));
+            rows.push((format!("{} host->guest {len} B", card.label), sample));
         }
         rows
     }
@@ -244,7 +266,9 @@ struct Devices<'a> {
     nvme: &'a Path,
     ahci: &'a Path,
     nocache: bool,
-    tap: Option<&'a str>,
+    /// The taps of the virtio-net and e1000 cards (none: no card).
+    virtio_net_tap: Option<&'a str>,
+    e1000_tap: Option<&'a str>,
 }
 
 fn bhyve_devices(d: &Devices) -> Vec<String> {
@@ -257,9 +281,16 @@ fn bhyve_devices(d: &Devices) -> Vec<String> {
         "-s".to_string(),
         format!("6,ahci-hd,{}{cache}", d.ahci.display()),
     ];
-    if let Some(tap) = d.tap {
+    if let Some(tap) = d.virtio_net_tap {
         args.push("-s".into());
-        args.push(format!("5,virtio-net,{tap},mac={MAC}"));
+        args.push(format!(
+            "5,virtio-net,{tap},mac={}",
+            mac_text(&VIRTIO_NET_MAC)
+        ));
+    }
+    if let Some(tap) = d.e1000_tap {
+        args.push("-s".into());
+        args.push(format!("7,e1000,{tap},mac={}", mac_text(&E1000_MAC)));
     }
     args
 }
@@ -282,12 +313,23 @@ fn qemu_devices(d: &Devices) -> Vec<String> {
         "-device".to_string(),
         "ide-hd,drive=hd0,bus=ahci.0".to_string(),
     ];
-    if let Some(tap) = d.tap {
+    if let Some(tap) = d.virtio_net_tap {
         args.push("-netdev".into());
         args.push(format!("tap,id=n0,ifname={tap},script=no,downscript=no"));
         args.push("-device".into());
         args.push(format!(
-            "virtio-net-pci,disable-modern=on,netdev=n0,mac={MAC}"
+            "virtio-net-pci,disable-modern=on,netdev=n0,mac={}",
+            mac_text(&VIRTIO_NET_MAC)
+        ));
+    }
+    if let Some(tap) = d.e1000_tap {
+        args.push("-netdev".into());
+        args.push(format!("tap,id=n1,ifname={tap},script=no,downscript=no"));
+        args.push("-device".into());
+        // The 82545EM, as bhyve's e1000 (QEMU's plain e1000 is an 82540EM).
+        args.push(format!(
+            "e1000-82545em,netdev=n1,mac={}",
+            mac_text(&E1000_MAC)
         ));
     }
     args
@@ -331,11 +373,17 @@ pub fn measure(plan: Plan) -> Option<(Vec<Row>, String)> {
         disk_file(disk, plan.disk_mib);
     }
     #[cfg(target_os = "linux")]
-    let tap = net::tap();
+    let cards = net::cards();
     #[cfg(target_os = "linux")]
-    let tap_name = tap.as_ref().map(|t| t.name.clone());
+    let tap_of = |driver: &str| {
+        cards
+            .iter()
+            .find(|c| c.driver == driver)
+            .map(|c| c.tap.name.clone())
+    };
     #[cfg(not(target_os = "linux"))]
-    let tap_name: Option<String> = None;
+    let tap_of = |_: &str| None::<String>;
+    let (virtio_net_tap, e1000_tap) = (tap_of("vnet"), tap_of("e1000"));
 
     let mut rows = Vec::new();
     for nocache in [false, true] {
@@ -345,7 +393,8 @@ pub fn measure(plan: Plan) -> Option<(Vec<Row>, String)> {
             ahci: &ahci,
             nocache,
             // The network rows run once, with the cached disks.
-            tap: if nocache { None } else { tap_name.as_deref() },
+            virtio_net_tap: virtio_net_tap.as_deref().filter(|_| !nocache),
+            e1000_tap: e1000_tap.as_deref().filter(|_| !nocache),
         };
         for _ in 0..plan.runs {
             let mut vmms: Vec<(bool, Command)> =
@@ -362,8 +411,10 @@ pub fn measure(plan: Plan) -> Option<(Vec<Row>, String)> {
                 #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
                 let mut samples = run_disk_rows(&mut vm, nocache, plan);
                 #[cfg(target_os = "linux")]
-                if let (Some(tap), false) = (&tap, nocache) {
-                    samples.extend(net::run_rows(&mut vm, tap, plan));
+                if !nocache {
+                    for card in &cards {
+                        samples.extend(net::run_rows(&mut vm, card, plan));
+                    }
                 }
                 record(&mut rows, samples, is_bhyve);
                 drop(vm);
@@ -516,8 +567,11 @@ fn device_bench_smoke() {
     println!("{text}");
     for row in &rows {
         assert_eq!(row.bhyve.len(), 1, "{text}");
-        assert!(row.bhyve[0].requests > 0, "{text}");
-        if !row.name.starts_with("virtio-net") {
+        // Frames from the host may all be dropped in so short a run; the rest must go.
+        if !row.name.contains("host->guest") {
+            assert!(row.bhyve[0].requests > 0, "{text}");
+        }
+        if !row.name.contains("->") {
             assert_eq!(row.bhyve[0].lost, 0, "{text}");
         }
         if qemu_binary().is_some() {
@@ -537,7 +591,7 @@ fn bench_lines_parse() {
     );
     assert_eq!(s.per_s(), 5000.0);
     assert!((s.mb_per_s() - 20.48).abs() < 1e-9);
-    let r = parse_received("vnet bench recv frames 11 bytes 1100 ns 1000000", 15).expect("parses");
+    let r = parse_received("e1000 bench recv frames 11 bytes 1100 ns 1000000", 15).expect("parses");
     assert_eq!((r.requests, r.bytes, r.lost, r.offered), (10, 1000, 4, 15));
     assert_eq!(
         parse_received("vnet bench recv frames x", 1).map(|_| ()),

@@ -42,6 +42,36 @@ pub fn file_range(path: &Path, first: u64, count: u64, unit: u64) -> Vec<u8> {
     data[(first * unit) as usize..((first + count) * unit) as usize].to_vec()
 }
 
+/// The round trip every disk driver of the guest answers alike: `<tool> write 8 COUNT 42`
+/// with the pattern's checksum, `<tool> flush`, the host file holding the write, the same
+/// read back, and sectors 1000..1128, untouched, as the file has them. `ok` is how `tool`
+/// reports success (`status 0`, `status 0x0`, `ok`).
+pub fn write_flush_read(vm: &mut super::Console, image: &Path, tool: &str, ok: &str, count: u64) {
+    let written = pattern(42, count);
+    assert_eq!(
+        vm.command_line(&format!("{tool} write 8 {count} 42")),
+        format!("{tool} write 8 {count} {ok} fnv {:#018x}", fnv(&written))
+    );
+    assert_eq!(
+        vm.command_line(&format!("{tool} flush")),
+        format!("{tool} flush {ok}")
+    );
+    assert_eq!(
+        file_range(image, 8, count, 512),
+        written,
+        "the host file holds the write"
+    );
+    assert_eq!(
+        vm.command_line(&format!("{tool} read 8 {count}")),
+        format!("{tool} read 8 {count} {ok} fnv {:#018x}", fnv(&written))
+    );
+    let untouched = file_range(image, 1000, 128, 512);
+    assert_eq!(
+        vm.command_line(&format!("{tool} read 1000 128")),
+        format!("{tool} read 1000 128 {ok} fnv {:#018x}", fnv(&untouched))
+    );
+}
+
 /// The last `<tool> stream round N` line of a transcript.
 #[cfg(feature = "bhyve_snapshot")]
 pub fn last_round(transcript: &str, tool: &str) -> u64 {

@@ -11,7 +11,7 @@ pub const READY: &str = "bhyve-rs test guest ready\n";
 /// The shell prompt, printed at the start of a line.
 pub const PROMPT: &str = "> ";
 /// Every command of the shell, as `help` lists them.
-pub const COMMANDS: [&str; 28] = [
+pub const COMMANDS: [&str; 29] = [
     "help",
     "info",
     "counter",
@@ -37,6 +37,7 @@ pub const COMMANDS: [&str; 28] = [
     "vblk",
     "vrnd",
     "vnet",
+    "e1000",
     "vcon",
     "nvme",
     "ahci",

@@ -7,8 +7,7 @@
 pub mod control;
 pub mod disk;
 pub mod guest;
-#[cfg(target_os = "linux")]
-pub mod tap;
+pub mod net;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@ mod console;
 mod acpi;
 mod ahci;
 mod clock;
+mod e1000;
 mod hpet;
 mod nvme;
 mod pcicfg;
@@ -216,6 +217,7 @@ impl Shell {
             _ if platform::run(command, arg1, self.hz) => {}
             _ if virtio::run(command, line) => {}
             _ if vnet::run(command, line) => {}
+            _ if e1000::run(command, line) => {}
             _ if vcon::run(command, line) => {}
             _ if nvme::run(command, line) => {}
             _ if ahci::run(command, line) => {}
@@ -395,6 +397,7 @@ fn help() {
     platform::help();
     virtio::help();
     vnet::help();
+    e1000::help();
     vcon::help();
     nvme::help();
     ahci::help();

@@ -13,9 +13,9 @@ const F_MAC: u32 = 1 << 5;
 const F_MRG_RXBUF: u32 = 1 << 15;
 const F_STATUS: u32 = 1 << 16;
 const RX_BUFFERS: usize = 16;
-const BUFFER: usize = 2048;
+pub(crate) const BUFFER: usize = 2048;
 /// The ethertype of the test frames (IEEE local experimental 1).
-const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
+pub(crate) const TEST_TYPE: [u8; 2] = [0x88, 0xb5];
 const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
 const GATEWAY_IP: [u8; 4] = [10, 0, 2, 2];
 
@@ -33,6 +33,40 @@ static mut AREA: Area = Area {
     rx: [[0; BUFFER]; RX_BUFFERS],
     tx: [0; BUFFER],
 };
+
+/// A network card driver as the frame commands (`recv`, `echo`, `arp`) use it.
+pub(crate) trait Link {
+    /// The card's MAC address.
+    fn mac(&self) -> [u8; 6];
+
+    /// Send one frame; false when the card did not take it in time.
+    fn send(&mut self, frame: &[u8]) -> bool;
+
+    /// The next received frame, copied to `out`; its buffer goes back to the card.
+    fn receive(&mut self, out: &mut [u8; BUFFER]) -> Option<usize>;
+
+    /// Wait for a frame `accept` takes, until serial input.
+    fn wait_for(
+        &mut self,
+        out: &mut [u8; BUFFER],
+        accept: impl Fn(&[u8]) -> bool,
+    ) -> Option<usize> {
+        for spin in 0u64.. {
+            if let Some(n) = self.receive(out) {
+                if accept(&out[..n]) {
+                    return Some(n);
+                }
+                continue;
+            }
+            // Looking at the serial port is a service call: not on every spin.
+            if spin % 4096 == 0 && crate::console::input_pending() {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+        None
+    }
+}
 
 struct Net {
     device: Device,
@@ -98,6 +132,12 @@ impl Net {
             .descriptor(index, address, BUFFER as u32, DESC_WRITE);
         self.rx.publish(index);
     }
+}
+
+impl Link for Net {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
 
     /// Send one frame (header added here); waits for the device to take it.
     fn send(&mut self, frame: &[u8]) -> bool {
@@ -132,31 +172,9 @@ impl Net {
         self.device.notify(&self.rx);
         Some(frame_len)
     }
-
-    /// Wait for a frame `accept` takes, until serial input.
-    fn wait_for(
-        &mut self,
-        out: &mut [u8; BUFFER],
-        accept: impl Fn(&[u8]) -> bool,
-    ) -> Option<usize> {
-        for spin in 0u64.. {
-            if let Some(n) = self.receive(out) {
-                if accept(&out[..n]) {
-                    return Some(n);
-                }
-                continue;
-            }
-            // Looking at the serial port is a service call: not on every spin.
-            if spin % 4096 == 0 && crate::console::input_pending() {
-                return None;
-            }
-            core::hint::spin_loop();
-        }
-        None
-    }
 }
 
-fn is_test_frame(frame: &[u8]) -> bool {
+pub(crate) fn is_test_frame(frame: &[u8]) -> bool {
     frame.len() >= 14 && frame[12..14] == TEST_TYPE
 }
 
@@ -170,7 +188,7 @@ fn hex_mac(mac: &[u8]) -> [u8; 17] {
     text
 }
 
-fn mac_text(mac: &[u8]) -> &'static str {
+pub(crate) fn mac_text(mac: &[u8]) -> &'static str {
     static mut TEXT: [u8; 17] = [0; 17];
     // SAFETY: single-threaded shell; the text is used before the next call.
     unsafe {
@@ -224,89 +242,63 @@ pub fn run(command: &str, line: &str) -> bool {
             }
             _ => println!("usage: vnet send <len 60..1514> <seed>"),
         },
-        Some("recv") => match net.wait_for(&mut frame, is_test_frame) {
-            Some(n) => println!(
-                "vnet recv {n} from {} fnv 0x{:016x}",
-                mac_text(&frame[6..12]),
-                fnv1a(&frame[..n])
-            ),
-            None => println!("vnet recv none"),
-        },
-        Some("echo") => echo(&mut net, &mut frame),
-        Some("bench") => match (
-            arg1,
-            arg2.and_then(parse_u64),
-            words.next().and_then(parse_u64),
-        ) {
-            (Some("send"), Some(len), Some(ms))
-                if (60..=1514).contains(&len) && (1..=60_000).contains(&ms) =>
-            {
-                bench_send(&mut net, &mut frame, len as usize, ms)
-            }
-            (Some("recv"), None, None) => bench_recv(&mut net, &mut frame),
-            _ => println!("usage: vnet bench send <len 60..1514> <ms 1..60000> | vnet bench recv"),
-        },
-        Some("arp") => arp(&mut net, &mut frame),
+        Some("recv") => recv(&mut net, &mut frame, "vnet"),
+        Some("echo") => echo(&mut net, &mut frame, "vnet"),
+        Some("bench") => bench(&mut net, &mut frame, "vnet", arg1, arg2, words.next()),
+        Some("arp") => arp(&mut net, &mut frame, "vnet"),
         Some("syn") => syn(&mut net, &mut frame),
         _ => println!("usage: vnet info|send <len> <seed>|recv|echo|arp|syn"),
     }
     true
 }
 
-/// Send every test frame back to its sender, until one input byte.
-fn echo(net: &mut Net, frame: &mut [u8; BUFFER]) {
-    let mut count = 0u64;
-    println!("vnet echo started");
-    while crate::console::try_read_byte().is_none() {
-        if let Some(n) = net.receive(frame) {
-            if is_test_frame(&frame[..n]) {
-                let mut source = [0u8; 6];
-                source.copy_from_slice(&frame[6..12]);
-                frame[..6].copy_from_slice(&source);
-                frame[6..12].copy_from_slice(&net.mac);
-                net.send(&frame[..n]);
-                count += 1;
-                if count % 100 == 0 {
-                    println!("vnet echo {count}");
-                }
+/// `<name> bench send <len> <ms>`: broadcast test frames of `len` bytes, one after the other
+/// (each waits until the card took it), for `ms` of guest time: `<name> bench send <len>
+/// requests <frames> bytes <n> ns <n> errors <timeouts>`. `<name> bench recv`: counts received
+/// test frames until one input byte, timing from the first to the last: `<name> bench recv
+/// frames <n> bytes <n> ns <n>`.
+pub(crate) fn bench(
+    link: &mut impl Link,
+    frame: &mut [u8; BUFFER],
+    name: &str,
+    op: Option<&str>,
+    len: Option<&str>,
+    ms: Option<&str>,
+) {
+    match (op, len.and_then(parse_u64), ms.and_then(parse_u64)) {
+        (Some("send"), Some(len), Some(ms))
+            if (60..=1514).contains(&len) && (1..=60_000).contains(&ms) =>
+        {
+            let len = len as usize;
+            frame[..6].fill(0xff);
+            frame[6..12].copy_from_slice(&link.mac());
+            frame[12..14].copy_from_slice(&TEST_TYPE);
+            let mut state = 1;
+            for chunk in frame[14..len].chunks_mut(8) {
+                let word = splitmix64(&mut state).to_le_bytes();
+                chunk.copy_from_slice(&word[..chunk.len()]);
             }
+            crate::clock::run_for(
+                format_args!("{name} bench send {len}"),
+                ms,
+                len as u64,
+                || link.send(&frame[..len]),
+            );
         }
-        svc::rx_poll();
+        (Some("recv"), None, None) => bench_recv(link, frame, name),
+        _ => println!("usage: {name} bench send <len 60..1514> <ms 1..60000> | {name} bench recv"),
     }
-    println!("vnet echo stopped {count}");
 }
 
-/// Test frames of `len` bytes, broadcast, one after the other for `ms` of guest time (each
-/// waits until the device took it): `vnet bench send <len> requests <frames> bytes <n> ns <n>
-/// errors <timeouts>`.
-fn bench_send(net: &mut Net, frame: &mut [u8; BUFFER], len: usize, ms: u64) {
-    frame[..6].fill(0xff);
-    frame[6..12].copy_from_slice(&net.mac);
-    frame[12..14].copy_from_slice(&TEST_TYPE);
-    let mut state = 1;
-    for chunk in frame[14..len].chunks_mut(8) {
-        let word = splitmix64(&mut state).to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
-    }
-    crate::clock::run_for(
-        format_args!("vnet bench send {len}"),
-        ms,
-        len as u64,
-        || net.send(&frame[..len]),
-    );
-}
-
-/// Counts test frames until one input byte, timing from the first to the last: `vnet bench
-/// recv frames <n> bytes <n> ns <n>` (bytes without the virtio header).
-fn bench_recv(net: &mut Net, frame: &mut [u8; BUFFER]) {
+fn bench_recv(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
     let Some(hz) = crate::clock::tsc_hz() else {
-        println!("vnet bench: no PM timer to calibrate the TSC against");
+        println!("{name} bench: no PM timer to calibrate the TSC against");
         return;
     };
-    println!("vnet bench recv started");
+    println!("{name} bench recv started");
     let (mut frames, mut bytes, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
     for spin in 0u64.. {
-        if let Some(n) = net.receive(frame) {
+        if let Some(n) = link.receive(frame) {
             if is_test_frame(&frame[..n]) {
                 last = crate::clock::tsc();
                 if frames == 0 {
@@ -324,26 +316,68 @@ fn bench_recv(net: &mut Net, frame: &mut [u8; BUFFER]) {
         core::hint::spin_loop();
     }
     let ns = (u128::from(last - first) * 1_000_000_000 / u128::from(hz)) as u64;
-    println!("vnet bench recv frames {frames} bytes {bytes} ns {ns}");
+    println!("{name} bench recv frames {frames} bytes {bytes} ns {ns}");
+}
+
+/// Send every test frame back to its sender, until one input byte; `name` starts each line.
+pub(crate) fn echo(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
+    let mut count = 0u64;
+    println!("{name} echo started");
+    while crate::console::try_read_byte().is_none() {
+        if let Some(n) = link.receive(frame) {
+            if is_test_frame(&frame[..n]) {
+                let mut source = [0u8; 6];
+                source.copy_from_slice(&frame[6..12]);
+                frame[..6].copy_from_slice(&source);
+                frame[6..12].copy_from_slice(&link.mac());
+                link.send(&frame[..n]);
+                count += 1;
+                if count % 100 == 0 {
+                    println!("{name} echo {count}");
+                }
+            }
+        }
+        svc::rx_poll();
+    }
+    println!("{name} echo stopped {count}");
+}
+
+/// Wait for a test frame until serial input; print its length, source and checksum.
+pub(crate) fn recv(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
+    match link.wait_for(frame, is_test_frame) {
+        Some(n) => println!(
+            "{name} recv {n} from {} fnv 0x{:016x}",
+            mac_text(&frame[6..12]),
+            fnv1a(&frame[..n])
+        ),
+        None => println!("{name} recv none"),
+    }
+}
+
+/// An ARP request for the slirp gateway (10.0.2.2) from 10.0.2.15 at `mac`.
+fn arp_request(mac: &[u8; 6]) -> [u8; 60] {
+    let mut request = [0u8; 60];
+    request[..6].fill(0xff);
+    request[6..12].copy_from_slice(mac);
+    request[12..14].copy_from_slice(&[0x08, 0x06]);
+    request[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    request[22..28].copy_from_slice(mac);
+    request[28..32].copy_from_slice(&GUEST_IP);
+    request[38..42].copy_from_slice(&GATEWAY_IP);
+    request
+}
+
+/// The gateway's answer to [`arp_request`].
+fn is_gateway_arp_reply(f: &[u8]) -> bool {
+    f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY_IP
 }
 
 /// ARP for the slirp gateway (10.0.2.2) from 10.0.2.15; print who answered.
-fn arp(net: &mut Net, frame: &mut [u8; BUFFER]) {
-    let mut request = [0u8; 60];
-    request[..6].fill(0xff);
-    request[6..12].copy_from_slice(&net.mac);
-    request[12..14].copy_from_slice(&[0x08, 0x06]);
-    request[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
-    request[22..28].copy_from_slice(&net.mac);
-    request[28..32].copy_from_slice(&GUEST_IP);
-    request[38..42].copy_from_slice(&GATEWAY_IP);
-    net.send(&request);
-    let reply = net.wait_for(frame, |f| {
-        f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GATEWAY_IP
-    });
-    match reply {
-        Some(_) => println!("vnet arp 10.0.2.2 is-at {}", mac_text(&frame[22..28])),
-        None => println!("vnet arp no reply"),
+pub(crate) fn arp(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
+    link.send(&arp_request(&link.mac()));
+    match link.wait_for(frame, is_gateway_arp_reply) {
+        Some(_) => println!("{name} arp 10.0.2.2 is-at {}", mac_text(&frame[22..28])),
+        None => println!("{name} arp no reply"),
     }
 }
 

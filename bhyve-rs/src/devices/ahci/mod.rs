@@ -25,8 +25,8 @@ use crate::devices::block::{
 };
 use crate::devices::pci::irq::IntxLine;
 use crate::devices::pci::{
-    BarKind, ConfigSpace, PciAddress, PciDevice, PCIR_CLASS, PCIR_DEVICE, PCIR_PROGIF,
-    PCIR_SUBCLASS, PCIR_VENDOR,
+    BarKind, ConfigSpace, PciAddress, PciDevice, PCIC_STORAGE, PCIR_CLASS, PCIR_DEVICE,
+    PCIR_PROGIF, PCIR_SUBCLASS, PCIR_VENDOR, PCIS_STORAGE_SATA,
 };
 use crate::devices::registry::{CreatePci, PciCreate, PciEmulation, PciPlan};
 use crate::devices::DeviceError;
@@ -72,8 +72,6 @@ const DBC_MASK: u32 = 0x3f_ffff;
 
 pub const VENDOR_INTEL: u16 = 0x8086;
 pub const DEVICE_ICH8_AHCI: u16 = 0x2821;
-const PCIC_STORAGE: u8 = 0x01;
-const PCIS_STORAGE_SATA: u8 = 0x06;
 const PCIP_STORAGE_SATA_AHCI_1_0: u8 = 0x01;
 
 pub const SIG_ATA: u32 = 0x0000_0101;

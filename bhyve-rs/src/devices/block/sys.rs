@@ -73,7 +73,9 @@ pub fn transfer(
 }
 
 /// [`transfer`] through a bounce buffer aligned to 4 KiB, for files opened with `O_DIRECT`
-/// when the guest's buffers are not aligned.
+/// when the guest's buffers are not aligned. The guest chooses the length, so the data moves a
+/// bounded piece at a time; each piece but the last is a multiple of 4 KiB, which keeps the file
+/// offsets as aligned as the request's own.
 pub fn bounced(
     file: &File,
     memory: &GuestMemory,
@@ -83,27 +85,76 @@ pub fn bounced(
 ) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     const ALIGN: usize = 4096;
-    let len: usize = segments.iter().map(|s| s.len as usize).sum();
-    let mut storage = vec![0u8; len + ALIGN];
+    const PIECE: u64 = 1 << 20;
+    let total = segments
+        .iter()
+        .try_fold(0u64, |sum, s| sum.checked_add(s.len))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut storage = vec![0u8; total.min(PIECE) as usize + ALIGN];
     let start = storage.as_ptr().align_offset(ALIGN);
-    let buffer = &mut storage[start..start + len];
     let fault = |_| io::Error::from_raw_os_error(libc::EFAULT);
-    let mut at = 0;
-    if write {
-        for s in segments {
-            memory
-                .read(s.addr, &mut buffer[at..at + s.len as usize])
-                .map_err(fault)?;
-            at += s.len as usize;
+    let mut cursor = SegmentCursor::new(segments);
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(PIECE) as usize;
+        let buffer = &mut storage[start..start + n];
+        let at = offset
+            .checked_add(done)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if write {
+            cursor.walk(n, |addr, range| {
+                memory.read(addr, &mut buffer[range]).map_err(fault)
+            })?;
+            file.write_all_at(buffer, at)?;
+        } else {
+            file.read_exact_at(buffer, at)?;
+            cursor.walk(n, |addr, range| {
+                memory.write(addr, &buffer[range]).map_err(fault)
+            })?;
         }
-        file.write_all_at(buffer, offset)
-    } else {
-        file.read_exact_at(buffer, offset)?;
-        for s in segments {
-            memory
-                .write(s.addr, &buffer[at..at + s.len as usize])
-                .map_err(fault)?;
-            at += s.len as usize;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// A position in a list of guest memory segments, read as one stream of bytes.
+struct SegmentCursor<'a> {
+    segments: &'a [Segment],
+    index: usize,
+    within: u64,
+}
+
+impl<'a> SegmentCursor<'a> {
+    fn new(segments: &'a [Segment]) -> Self {
+        SegmentCursor {
+            segments,
+            index: 0,
+            within: 0,
+        }
+    }
+
+    /// Calls `f` with the guest address and buffer range of each stretch of the next `n` bytes.
+    fn walk(
+        &mut self,
+        n: usize,
+        mut f: impl FnMut(u64, std::ops::Range<usize>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut at = 0;
+        while at < n {
+            let segment = self
+                .segments
+                .get(self.index)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+            let take = (segment.len - self.within).min((n - at) as u64) as usize;
+            if take > 0 {
+                f(segment.addr.wrapping_add(self.within), at..at + take)?;
+            }
+            at += take;
+            self.within += take as u64;
+            if self.within == segment.len {
+                self.index += 1;
+                self.within = 0;
+            }
         }
         Ok(())
     }

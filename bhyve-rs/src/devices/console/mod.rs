@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::config::legacy::{LegacyError, LegacyWriter};
-use crate::devices::pci::{PciAddress, PciDevice};
+use crate::devices::pci::{PciAddress, PciDevice, PCIC_SIMPLECOMM};
 use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
 use crate::devices::virtio::pci::{use_msix, VirtioPci};
 use crate::devices::virtio::{
@@ -29,7 +29,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::worker::{Work, Worker};
 use crate::devices::DeviceError;
-use socket::{ports_from_config, PortSpec, Received, SocketPort, MAX_PORTS};
+use socket::{ports_from_config, PortSpec, Received, SocketPort, MAX_PENDING, MAX_PORTS};
 
 pub const EMULATION: PciEmulation = PciEmulation {
     name: "virtio-console",
@@ -56,7 +56,6 @@ pub const PORT_OPEN: u16 = 6;
 pub const PORT_NAME: u16 = 7;
 /// cols, rows, max_nr_ports, emerg_wr.
 pub const CONFIG_SIZE: usize = 12;
-const PCI_CLASS_SIMPLECOMM: u8 = 0x07;
 const VIRTIO_ID_CONSOLE: u16 = 3;
 const STATE_VERSION: u8 = 1;
 
@@ -279,7 +278,10 @@ impl Engine {
             let mut any = false;
             while let Some(chain) = queue.pop() {
                 any = true;
-                let mut data = vec![0u8; chain.readable_len() as usize];
+                // The guest picks the chain's length; more than MAX_PENDING bytes would be
+                // dropped or end the client anyway, so no more than that is read.
+                let length = chain.readable_len().min(MAX_PENDING as u64 + 1);
+                let mut data = vec![0u8; length as usize];
                 if let Err(e) = chain.read(queue.memory(), 0, &mut data) {
                     self.broken(&format!("port {id} output: {e}"));
                     return;
@@ -441,7 +443,7 @@ impl VirtioDevice for VirtioConsole {
         VirtioIdentity {
             pci_device_id: VIRTIO_DEV_CONSOLE,
             device_type: VIRTIO_ID_CONSOLE,
-            class: PCI_CLASS_SIMPLECOMM,
+            class: PCIC_SIMPLECOMM,
             subclass: 0,
         }
     }

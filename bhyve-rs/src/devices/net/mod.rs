@@ -1,5 +1,5 @@
 //! Network backends, as FreeBSD's net_backends.c: what a network device model (virtio-net,
-//! later e1000) sends its guest's frames to and receives frames from.
+//! e1000) sends its guest's frames to and receives frames from.
 //!
 //! A device's configuration node names its backend with `backend` (`tap0`, `vmnet1`, `slirp`,
 //! …) and optionally `type`; as in bhyve the backend is the first one whose prefix starts the
@@ -13,7 +13,10 @@
 //!
 //! The MAC address helpers ([`generate_mac`], [`parse_mac`], [`parse_mtu`]) follow net_utils.c.
 
+pub mod e1000;
 pub mod md5;
+#[cfg(test)]
+pub(crate) mod pair_backend;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
 pub mod slirp;
 pub mod tap;

@@ -5,56 +5,17 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use super::*;
+use crate::devices::net::pair_backend::socket_pair_backend;
 use crate::devices::virtio::pci::IO_BAR;
 use crate::devices::virtio::{VIRTIO_PCI_CONFIG_NO_MSIX, VIRTIO_PCI_HOST_FEATURES};
 use crate::devices::virtio_test_driver::{Driver, NoInterrupts};
 use crate::memory::GuestMemory;
 
-/// A backend over a datagram socket pair: one datagram, one frame.
-struct PairBackend {
-    socket: UnixDatagram,
-}
-
-impl NetBackend for PairBackend {
-    fn name(&self) -> &str {
-        "pair"
-    }
-    fn send(&mut self, frame: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        let bytes: Vec<u8> = frame.iter().flat_map(|s| s.iter().copied()).collect();
-        self.socket.send(&bytes)
-    }
-    fn peek_recv_len(&mut self) -> std::io::Result<usize> {
-        let mut buffer = vec![0u8; MAX_FRAME_LEN];
-        match nix::sys::socket::recv(
-            self.socket.as_raw_fd(),
-            &mut buffer,
-            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(n) => Ok(n),
-            Err(nix::errno::Errno::EAGAIN) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
-    }
-    fn recv(&mut self, buffers: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
-        match nix::sys::uio::readv(&self.socket, buffers) {
-            Ok(n) => Ok(n),
-            Err(nix::errno::Errno::EAGAIN) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
-    }
-    fn ready_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.socket)
-    }
-}
-
 const MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
 
 /// A card with the test's backend; the second value is the host end of it.
 fn card(mtu: Option<u16>) -> (Driver, UnixDatagram) {
-    let (host, device_end) = UnixDatagram::pair().unwrap();
-    device_end.set_nonblocking(true).unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let backend: Box<dyn NetBackend> = Box::new(PairBackend { socket: device_end });
+    let (backend, host) = socket_pair_backend();
     let net = VirtioNet::new(MAC, mtu, Some(backend), "vtnet test").unwrap();
     (Driver::new(Box::new(net)), host)
 }

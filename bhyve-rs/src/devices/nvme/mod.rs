@@ -25,8 +25,8 @@ use crate::devices::block::{self, BlockBackend, BlockFile, BlockOp, BlockOptions
 use crate::devices::pci::irq::IntxLine;
 use crate::devices::pci::msix::MsixTable;
 use crate::devices::pci::{
-    BarKind, ConfigSpace, PciAddress, PciDevice, PCIEM_TYPE_ROOT_INT_EP, PCIR_CLASS, PCIR_DEVICE,
-    PCIR_PROGIF, PCIR_SUBCLASS, PCIR_VENDOR,
+    BarKind, ConfigSpace, PciAddress, PciDevice, PCIC_STORAGE, PCIEM_TYPE_ROOT_INT_EP, PCIR_CLASS,
+    PCIR_DEVICE, PCIR_PROGIF, PCIR_SUBCLASS, PCIR_VENDOR, PCIS_STORAGE_NVM,
 };
 use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
 use crate::devices::DeviceError;
@@ -46,8 +46,6 @@ pub const REG_BAR: usize = 0;
 pub const MSIX_BAR: usize = 4;
 pub const PCI_VENDOR: u16 = 0xFB5D;
 pub const PCI_DEVICE: u16 = 0x0A0A;
-const PCIC_STORAGE: u8 = 0x01;
-const PCIS_STORAGE_NVM: u8 = 0x08;
 const PCIP_STORAGE_NVM_ENTERPRISE_NVMHCI_1_0: u8 = 0x02;
 
 /// Defaults of the options (`NVME_QUEUES`, `NVME_MAX_QENTRIES`, `NVME_IOSLOTS`).

@@ -7,22 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::devices::pci::irq::IntxState;
-use crate::devices::tests::TempDir;
+use crate::devices::tests::{block_options, Recorder, TempDir};
 use crate::interrupts::InterruptSink;
-
-struct Sink;
-
-impl InterruptSink for Sink {
-    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, _address: u64, _data: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const MEMORY: u64 = 1 << 20;
 const ASQ: u64 = 0x10000;
@@ -84,15 +70,7 @@ impl Host {
         let path = dir.0.join("disk.img");
         let data: Vec<u8> = (0..256u32 << 10).map(|i| (i / 512) as u8).collect();
         std::fs::write(&path, data).unwrap();
-        let block = BlockOptions {
-            path: path.to_string_lossy().into_owned(),
-            readonly: false,
-            nocache: false,
-            sync: false,
-            nodelete: false,
-            sector_size: None,
-        };
-        let file = BlockFile::open(&block).unwrap();
+        let file = BlockFile::open(&block_options(&path)).unwrap();
         let info = file.info();
         let mut o = options();
         edit(&mut o);
@@ -120,7 +98,7 @@ impl Host {
         dir: Option<TempDir>,
     ) -> Self {
         let memory = Arc::new(GuestMemory::new(MEMORY).unwrap());
-        let sink: Arc<dyn InterruptSink> = Arc::new(Sink);
+        let sink: Arc<dyn InterruptSink> = Arc::new(Recorder::default());
         let msix = MsixTable::new(o.max_queues as u16 + 1, sink);
         let intx = Arc::new(IntxLine::default());
         let slot = PciAddress::new(0, 4, 0).unwrap();
@@ -741,7 +719,7 @@ fn saved_state_restores_into_a_new_controller() {
     fresh.memory = h.memory.clone();
     let o = options();
     let ns = h.nvme.controller.namespace;
-    let sink: Arc<dyn InterruptSink> = Arc::new(Sink);
+    let sink: Arc<dyn InterruptSink> = Arc::new(Recorder::default());
     let controller = Controller::new(
         &NvmeOptions {
             ram_mib: Some(1),
@@ -772,25 +750,6 @@ fn saved_state_restores_into_a_new_controller() {
     let bad = crate::snapshot::encode_section(&bad).unwrap();
     assert!(fresh.nvme.restore_device_state(&bad).is_err());
     assert!(fresh.nvme.restore_device_state(&[1, 2, 3]).is_err());
-}
-
-/// MSIs as the machine would deliver them.
-#[derive(Default)]
-struct Recorder {
-    msis: Mutex<Vec<(u64, u32)>>,
-}
-
-impl InterruptSink for Recorder {
-    fn set_irq_line(&self, _gsi: u32, _high: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.msis.lock().unwrap().push((address, data));
-        Ok(())
-    }
-    fn set_isa_irq_trigger(&self, _irq: u8, _level: bool) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[test]
@@ -877,4 +836,135 @@ fn planned_from_the_configuration_it_is_bhyves_pci_function_with_msix() {
     // maxq=2: the doorbell of SQ 3 is past the BAR's doorbells and ignored.
     w32(bar0 + DOORBELL_BASE + 8 * 3, 1);
     assert_eq!(sink.msis.lock().unwrap().len(), 1);
+}
+
+/// Random register and doorbell writes, random commands with random fields and PRPs, and
+/// garbage in the queues: the controller never panics and never touches memory outside the
+/// guest's RAM (the accesses would fail and the test's memory reads would show it).
+#[test]
+fn random_guest_input_never_panics() {
+    let mut rng = crate::test_rng::Rng(0x5eed_0e0e);
+    let mut h = Host::ram(1, |_| {});
+    let restart = |h: &mut Host| {
+        h.write32(REG_CC, 0);
+        h.tails = [0; 2];
+        h.heads = [0; 2];
+        h.phases = [true; 2];
+        for base in [ACQ, IOCQ] {
+            h.memory.write(base, &[0u8; 16 * ENTRIES as usize]).unwrap();
+        }
+        h.enable();
+        h.create_io_queues();
+    };
+    restart(&mut h);
+    let opcodes = [
+        opc::DELETE_IO_SQ,
+        opc::CREATE_IO_SQ,
+        opc::GET_LOG_PAGE,
+        opc::DELETE_IO_CQ,
+        opc::CREATE_IO_CQ,
+        opc::IDENTIFY,
+        opc::ABORT,
+        opc::SET_FEATURES,
+        opc::GET_FEATURES,
+        opc::ASYNC_EVENT_REQUEST,
+        opc::FORMAT_NVM,
+        opc::WRITE_ZEROES,
+        opc::DATASET_MANAGEMENT,
+        opc::READ,
+        opc::WRITE,
+    ];
+    let registers = [
+        REG_INTMS, REG_INTMC, REG_CC, REG_CSTS, REG_NSSR, REG_AQA, REG_ASQ, REG_ACQ,
+    ];
+    for round in 0..5000 {
+        if round % 500 == 499 {
+            // Whatever happened, a reset and a fresh start work.
+            restart(&mut h);
+        }
+        match rng.below(8) {
+            0 => {
+                // Garbage in the queues, the PRP list and the data area.
+                let at = ASQ + rng.below(DATA + 0x10000 - ASQ);
+                let bytes: Vec<u8> = (0..rng.below(64) + 1).map(|_| rng.byte()).collect();
+                let _ = h.memory.write(at, &bytes);
+            }
+            1 => {
+                let offset = *rng.pick(&registers) + 4 * rng.below(2);
+                let value = if rng.below(4) == 0 {
+                    rng.next() as u32
+                } else {
+                    // Mostly a plausible enable with random queue sizes and addresses.
+                    match offset {
+                        REG_CC => CC_EN | (6 << 16) | (4 << 20),
+                        _ => rng.below(0x10_0000) as u32,
+                    }
+                };
+                h.write32(offset, value);
+            }
+            2 => {
+                // Any doorbell, in range or not, with any value.
+                let offset = DOORBELL_BASE + 4 * rng.below(24);
+                h.write32(offset, rng.next() as u32 >> rng.below(32));
+            }
+            3 => {
+                let mut data = vec![0u8; *rng.pick(&[1usize, 2, 4, 8])];
+                let offset = rng.below(0x2000);
+                h.nvme.bar_read(&h.config, REG_BAR, offset, &mut data);
+                let value: Vec<u8> = (0..data.len()).map(|_| rng.byte()).collect();
+                let config = ConfigSpace::new(true);
+                h.nvme
+                    .bar_write(&config, *rng.pick(&[REG_BAR, MSIX_BAR]), offset, &value);
+            }
+            _ => {
+                // A plausible command with random fields on the admin or the I/O queue.
+                let address = |rng: &mut crate::test_rng::Rng| {
+                    if rng.below(4) == 0 {
+                        rng.next()
+                    } else {
+                        DATA + rng.below(0x10000)
+                    }
+                };
+                let prp1 = address(&mut rng);
+                let prp2 = address(&mut rng);
+                let mut c = cmd(
+                    *rng.pick(&opcodes),
+                    rng.next() as u16,
+                    rng.below(3) as u32,
+                    prp1,
+                    prp2,
+                    rng.next() as u32 >> rng.below(32),
+                    rng.next() as u32 >> rng.below(32),
+                );
+                for byte in &mut c[48..64] {
+                    *byte = rng.byte();
+                }
+                if rng.below(8) == 0 {
+                    c[1] = rng.byte();
+                }
+                let q = rng.below(2) as usize;
+                h.queue(q, &c);
+                h.ring(q);
+                // Take what completed, if the queues are still where the host put them.
+                for q in 0..2 {
+                    let base = [ACQ, IOCQ][q];
+                    let mut e = [0u8; 16];
+                    h.memory
+                        .read(base + u64::from(h.heads[q]) * 16, &mut e)
+                        .unwrap();
+                    if (e[14] & 1 == 1) == h.phases[q] {
+                        h.heads[q] = (h.heads[q] + 1) % ENTRIES;
+                        if h.heads[q] == 0 {
+                            h.phases[q] = !h.phases[q];
+                        }
+                        let head = h.heads[q];
+                        h.write32(DOORBELL_BASE + 8 * q as u64 + 4, u32::from(head));
+                    }
+                }
+            }
+        }
+    }
+    restart(&mut h);
+    let (_, status) = h.admin(cmd(opc::IDENTIFY, 9, 0, IDENTIFY, 0, 1, 0));
+    assert_eq!(status, sc::SUCCESS);
 }

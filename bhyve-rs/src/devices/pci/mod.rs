@@ -53,9 +53,14 @@ pub const PCIM_HDRTYPE_NORMAL: u8 = 0x00;
 pub const PCIM_MFDEV: u8 = 0x80;
 pub const PCIM_BIOS_ENABLE: u32 = 0x01;
 
+pub const PCIC_STORAGE: u8 = 0x01;
+pub const PCIS_STORAGE_SATA: u8 = 0x06;
+pub const PCIS_STORAGE_NVM: u8 = 0x08;
 pub const PCIC_BRIDGE: u8 = 0x06;
 pub const PCIS_BRIDGE_HOST: u8 = 0x00;
 pub const PCIS_BRIDGE_ISA: u8 = 0x01;
+pub const PCIC_SIMPLECOMM: u8 = 0x07;
+pub const PCIC_CRYPTO: u8 = 0x10;
 
 pub const PCIY_MSI: u8 = 0x05;
 pub const PCIY_EXPRESS: u8 = 0x10;

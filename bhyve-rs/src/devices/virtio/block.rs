@@ -23,7 +23,7 @@ use crate::devices::block::{
     legacy_config, BlockBackend, BlockFile, BlockInfo, BlockOp, BlockOptions, BlockRequest,
     DEV_BSIZE, MAX_SEGMENTS,
 };
-use crate::devices::pci::{PciAddress, PciDevice};
+use crate::devices::pci::{PciAddress, PciDevice, PCIC_STORAGE};
 use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
 use crate::devices::DeviceError;
 
@@ -44,7 +44,6 @@ pub const MAX_DISCARD_SECTORS: u32 = (16 << 20) / DEV_BSIZE;
 const HEADER_SIZE: u64 = 16;
 /// A DISCARD segment: sector, number of sectors, flags.
 const DISCARD_SEGMENT_SIZE: u64 = 16;
-const PCIC_STORAGE: u8 = 0x01;
 
 /// Open the disk while planning, so a bad path is refused before the VM exists.
 fn plan(plan: &mut PciPlan<'_>, slot: PciAddress) -> Result<CreatePci, DeviceError> {
@@ -192,15 +191,30 @@ impl VirtioBlock {
             },
             VIRTIO_BLK_T_FLUSH => Some((BlockOp::Flush, 0)),
             VIRTIO_BLK_T_GET_ID => {
-                let mut id = vec![0u8; data_in as usize];
-                for (dst, src) in id.iter_mut().zip(&self.ident) {
-                    *dst = *src;
+                // As bhyve: the first buffer after the header is zeroed and takes the
+                // identifier, piece by piece; the guest sizes the chain (up to 512 buffers of
+                // 4 GiB), so nothing its size is allocated and the buffers after are left.
+                let first = chain
+                    .writable()
+                    .next()
+                    .map_or(0, |d| u64::from(d.len))
+                    .min(data_in);
+                let mut status = VIRTIO_BLK_S_OK;
+                let mut piece = [0u8; 4096];
+                let mut at = 0u64;
+                while at < first {
+                    let n = (first - at).min(piece.len() as u64) as usize;
+                    piece.fill(0);
+                    for (dst, src) in piece.iter_mut().zip(self.ident.iter().skip(at as usize)) {
+                        *dst = *src;
+                    }
+                    if chain.write(memory, at, &piece[..n]).is_err() {
+                        status = VIRTIO_BLK_S_IOERR;
+                        break;
+                    }
+                    at += n as u64;
                 }
-                let status = match chain.write(memory, 0, &id) {
-                    Ok(()) => VIRTIO_BLK_S_OK,
-                    Err(_) => VIRTIO_BLK_S_IOERR,
-                };
-                finish(status, data_in);
+                finish(status, first);
                 return;
             }
             VIRTIO_BLK_T_DISCARD => match self.discard(&chain, memory, data_out) {

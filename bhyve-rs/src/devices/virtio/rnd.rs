@@ -9,7 +9,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use super::pci::{use_msix, VirtioPci};
 use super::{VirtQueue, VirtioDevice, VirtioIdentity, VirtioShared, VIRTIO_DEV_RANDOM};
 use crate::config::legacy::generic;
-use crate::devices::pci::{PciAddress, PciDevice};
+use crate::devices::pci::{PciAddress, PciDevice, PCIC_CRYPTO};
 use crate::devices::registry::{CreatePci, PciEmulation, PciPlan};
 use crate::devices::DeviceError;
 
@@ -24,7 +24,6 @@ pub const EMULATION: PciEmulation = PciEmulation {
 pub const QUEUE_SIZE: u16 = 64;
 /// Most bytes one request gets, so a guest cannot make the host produce gigabytes at once.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
-const PCIC_CRYPTO: u8 = 0x10;
 
 fn plan(plan: &mut PciPlan<'_>, _slot: PciAddress) -> Result<CreatePci, DeviceError> {
     let msix = use_msix(plan.config)?;
