@@ -103,13 +103,16 @@ demo:
 	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES) --target-dir $(SNAPSHOT_TARGET_DIR)
 	BHYVE_BIN_DIR=$(SNAPSHOT_TARGET_DIR)/release bash tests/demo.sh
 
-# Snapshot save/restore figures, bhyve-rs and QEMU on the same guest; an ignored test, so
-# `make test` never runs it. The table is also left in target/bench/snapshot.txt.
+# Snapshot save/restore figures and device throughput (virtio-blk, NVMe, AHCI, virtio-net, e1000), bhyve-rs
+# and QEMU with KVM on the same guest; ignored tests, so `make test` never runs them (it runs a
+# short smoke run of the device benchmark). The tables are also left in target/bench/
+# (snapshot.txt, devices.txt). `make bench BENCH=device_bench` (or snapshot_bench) runs one.
+BENCH ?=
 bench:
 	$(CARGO) build --release --workspace $(SNAPSHOT_FEATURES) --target-dir $(SNAPSHOT_TARGET_DIR)
 	$(CARGO) test --release -p bhyve-rs --features bhyve_snapshot --target-dir $(SNAPSHOT_TARGET_DIR) \
 		--test e2e_bench -- \
-		--ignored --nocapture --test-threads=1
+		--ignored --nocapture --test-threads=1 $(BENCH)
 
 clean:
 	$(CARGO) clean

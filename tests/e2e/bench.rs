@@ -1,6 +1,8 @@
 //! `make bench`: snapshot figures measured through the real binaries on the console test guest,
-//! printed as a table (and kept in target/bench/snapshot.txt). Nothing here passes or fails on
-//! speed; the test is ignored so that `make test` never runs it.
+//! printed as a table (and kept in target/bench/snapshot.txt), and device throughput (see
+//! bench/devices.rs, kept in target/bench/devices.txt). Nothing here passes or fails on speed;
+//! the benchmarks are ignored tests so that `make test` never runs them (it runs a short smoke
+//! run of the device benchmark).
 //!
 //! For 1 GiB and 4 GiB guests with about 1 %, 25 % and 75 % (62 % at 4 GiB) of their memory
 //! filled by the guest
@@ -26,11 +28,13 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "bench/devices.rs"]
+mod devices;
 
 use common::guest;
 use common::{
-    console_vm_command, kvm_usable, qemu_binary, repo_root, vm_name, Console, BOOT_TIMEOUT,
-    COMMAND_TIMEOUT,
+    console_vm_command, console_vm_command_with, kvm_usable, qemu_binary, repo_root, vm_name,
+    Console, BOOT_TIMEOUT, COMMAND_TIMEOUT,
 };
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -45,7 +49,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("bhyve-rs-bench-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("bhyve-rs-bench-{}", vm_name()));
         std::fs::create_dir_all(&dir).expect("create scratch directory");
         common::writable_by_owner_only(&dir);
         Scratch(dir)
@@ -314,20 +318,41 @@ enum Accel {
     Tcg,
 }
 
-fn qemu_command(qemu: &Path, memory_mib: u64, monitor: &Path, accel: Accel) -> Command {
-    let base = common::qemu_command(qemu, guest::console_guest(), "");
+/// The console guest under QEMU with accelerator `accel` ("kvm" or "tcg") and `extra` options.
+fn qemu_args(qemu: &Path, accel: &str, extra: &[String]) -> Command {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let base = common::qemu_command_with(qemu, guest::console_guest(), "", &extra);
     let mut cmd = Command::new(base.get_program());
-    let name = match accel {
-        Accel::Kvm => "kvm",
-        Accel::Tcg => "tcg",
-    };
     cmd.args(base.get_args().map(|a| {
         if a == "tcg" {
-            std::ffi::OsStr::new(name)
+            std::ffi::OsStr::new(accel)
         } else {
             a
         }
     }));
+    cmd.arg("-no-reboot");
+    cmd
+}
+
+/// The console guest under this build's bhyve with `extra` options, its control socket in
+/// `scratch`.
+fn bhyve_args(scratch: &Scratch, extra: &[String]) -> Command {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    console_vm_command_with(
+        Path::new(env!("CARGO_BIN_EXE_bhyve")),
+        "256M",
+        &scratch.0,
+        &vm_name(),
+        &extra,
+    )
+}
+
+fn qemu_command(qemu: &Path, memory_mib: u64, monitor: &Path, accel: Accel) -> Command {
+    let name = match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    let mut cmd = qemu_args(qemu, name, &[]);
     cmd.args(["-m", &memory_mib.to_string()]);
     cmd.arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()));

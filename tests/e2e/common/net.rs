@@ -124,10 +124,25 @@ impl Tap {
             )
         };
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        // A stream of frames from a guest must not overflow the default receive buffer (a few
+        // hundred full-size frames) while the reader is descheduled. Best effort: only root may
+        // go past the system's limit.
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt(2) with an int option of its size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
         Some(Tap { name, socket })
     }
 
-    pub fn send(&self, frame: &[u8]) {
+    /// Sends `frame` onto the wire; false if the kernel refused it for now (a full queue).
+    pub fn try_send(&self, frame: &[u8]) -> bool {
         // SAFETY: send(2) from a buffer of frame.len() bytes.
         let n = unsafe {
             libc::send(
@@ -137,12 +152,50 @@ impl Tap {
                 0,
             )
         };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "{}",
-            std::io::Error::last_os_error()
-        );
+        n == frame.len() as isize
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        assert!(self.try_send(frame), "{}", std::io::Error::last_os_error());
+    }
+
+    /// Counts the frames `accept` takes (and their bytes) until `stop` is set and nothing more
+    /// is queued.
+    pub fn count_until(
+        &self,
+        accept: impl Fn(&[u8]) -> bool,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> (u64, u64) {
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        let mut buffer = vec![0u8; 65536];
+        loop {
+            // SAFETY: recv(2) into a buffer of buffer.len() bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
+            };
+            if n > 0 {
+                if accept(&buffer[..n as usize]) {
+                    frames += 1;
+                    bytes += n as u64;
+                }
+                continue;
+            }
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return (frames, bytes);
+            }
+            let mut poll = libc::pollfd {
+                fd: self.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one pollfd that lives across the call.
+            unsafe { libc::poll(&mut poll, 1, 20) };
+        }
     }
 
     /// The next frame `accept` takes that crosses the interface, within `timeout`.

@@ -387,6 +387,7 @@ pub fn help() {
     println!("  ahci flush            FLUSH CACHE EXT");
     println!("  ahci cdread <f> <n>   ATAPI READ(10) of n 2048-byte frames at f, checksum");
     println!("  ahci stream <n>       rewrite and check sectors 0..n until input");
+    println!("  ahci bench read|write <n> <ms>  n-sector DMA commands in a row for ms, timed");
 }
 
 fn sectors_arg(arg: &str, unit: u64) -> Option<u64> {
@@ -480,17 +481,34 @@ fn ahci(args: &[&str]) {
             }
             None => println!("usage: ahci stream <count 1..128>"),
         },
-        _ => println!("usage: ahci info|write|read|qwrite|qread|flush|cdread|stream"),
+        ["bench", op @ ("read" | "write"), n, ms] => {
+            match (sectors_arg(n, SECTOR), parse_u64(ms)) {
+                (Some(n), Some(ms)) if (1..=60_000).contains(&ms) => {
+                    if let Some(p) = disk() {
+                        bench(&p, *op == "write", n, ms);
+                    }
+                }
+                _ => println!("usage: ahci bench read|write <count 1..128> <ms 1..60000>"),
+            }
+        }
+        _ => println!("usage: ahci info|write|read|qwrite|qread|flush|cdread|stream|bench"),
     }
+}
+
+/// IDENTIFY DEVICE into the data area: its status and the 48-bit sector count.
+fn identify(p: &Port) -> (Option<u32>, u64) {
+    area().data[..512].fill(0);
+    let tfd = p.run(ATA_IDENTIFY, 0, 0, None, 512, false);
+    let d = &area().data;
+    let word = |w: usize| u64::from(u16::from_le_bytes([d[2 * w], d[2 * w + 1]]));
+    let sectors = word(100) | (word(101) << 16) | (word(102) << 32) | (word(103) << 48);
+    (tfd, sectors)
 }
 
 fn info() {
     if let Some(p) = disk() {
-        area().data[..512].fill(0);
-        let tfd = p.run(ATA_IDENTIFY, 0, 0, None, 512, false);
+        let (tfd, sectors) = identify(&p);
         let d = &area().data;
-        let word = |w: usize| u64::from(u16::from_le_bytes([d[2 * w], d[2 * w + 1]]));
-        let sectors = word(100) | (word(101) << 16) | (word(102) << 32) | (word(103) << 48);
         let (model, len) = ata_string(&d[54..94]);
         let model = core::str::from_utf8(&model[..len]).unwrap_or("?");
         println!("ahci hd {} sectors {sectors} model '{model}'", status(tfd));
@@ -506,6 +524,35 @@ fn info() {
         }
         None => println!("ahci: no cd"),
     }
+}
+
+/// Sequential READ/WRITE DMA EXT of `count` sectors from sector 0 on, wrapping at the end of
+/// the disk, back to back for `ms` of guest time: `ahci bench <op> <count> requests <n> bytes
+/// <n> ns <n> errors <n>`. Writes send the pattern of seed 1 over and over.
+fn bench(p: &Port, write: bool, count: u64, ms: u64) {
+    let (_, sectors) = identify(p);
+    if sectors < count {
+        println!("ahci bench: the disk has {sectors} sectors");
+        return;
+    }
+    if write {
+        fill(count * SECTOR, 1);
+    }
+    let op = if write { "write" } else { "read" };
+    let mut lba = 0;
+    crate::clock::run_for(
+        format_args!("ahci bench {op} {count}"),
+        ms,
+        count * SECTOR,
+        || {
+            if lba + count > sectors {
+                lba = 0;
+            }
+            let tfd = p.transfer(false, write, lba, count);
+            lba += count;
+            matches!(tfd, Some(t) if t & 0x89 == 0)
+        },
+    );
 }
 
 /// Rewrite sectors 0..count with seed = round, round after round, reading each round back;

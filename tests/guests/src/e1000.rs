@@ -10,7 +10,7 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::pcicfg::Access;
 use crate::virtq::fnv1a;
-use crate::vnet::{arp, echo, mac_text, recv, Link, BUFFER, TEST_TYPE};
+use crate::vnet::{arp, bench, echo, mac_text, recv, Link, BUFFER, TEST_TYPE};
 use crate::{parse_u64, splitmix64};
 
 const VENDOR_INTEL: u32 = 0x8086;
@@ -422,14 +422,16 @@ pub fn run(command: &str, line: &str) -> bool {
     }
     let mut words = line.split_ascii_whitespace().skip(1);
     let sub = words.next();
-    let arg1 = words.next().and_then(parse_u64);
-    let arg2 = words.next().and_then(parse_u64);
+    let (word1, word2, word3) = (words.next(), words.next(), words.next());
+    let arg1 = word1.and_then(parse_u64);
+    let arg2 = word2.and_then(parse_u64);
     let Some(mut nic) = Nic::open() else {
         println!("e1000: no 82545EM card");
         return true;
     };
     let mut frame = [0u8; BUFFER];
     match (sub, arg1, arg2) {
+        (Some("bench"), _, _) => bench(&mut nic, &mut frame, "e1000", word1, word2, word3),
         (Some("info"), _, _) => {
             let mut up = false;
             for _ in 0..100_000 {
@@ -472,7 +474,9 @@ pub fn run(command: &str, line: &str) -> bool {
         (Some("echo"), _, _) => echo(&mut nic, &mut frame, "e1000"),
         (Some("arp"), _, _) => arp(&mut nic, &mut frame, "e1000"),
         _ => {
-            println!("usage: e1000 info|send <len> <seed>|offload <seed>|tso <seed>|recv|echo|arp")
+            println!(
+                "usage: e1000 info|send <len> <seed>|offload <seed>|tso <seed>|recv|echo|arp|bench"
+            )
         }
     }
     // Leave the card quiet: no DMA into the rings once the command is over.
@@ -490,5 +494,6 @@ pub fn help() {
     println!("  e1000 tso <seed>      send 2500 TCP bytes the card cuts into 1000-byte segments");
     println!("  e1000 recv            wait for a test frame, print its length and checksum");
     println!("  e1000 echo            return test frames to their sender until input");
+    println!("  e1000 bench send <len> <ms> | e1000 bench recv  as vnet bench");
     println!("  e1000 arp             ARP for 10.0.2.2 from 10.0.2.15, print the answer");
 }

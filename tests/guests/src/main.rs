@@ -9,6 +9,7 @@ mod bootinfo;
 mod console;
 mod acpi;
 mod ahci;
+mod clock;
 mod e1000;
 mod hpet;
 mod nvme;

@@ -344,6 +344,7 @@ pub fn help() {
     println!("  nvme flush            FLUSH namespace 1");
     println!("  nvme bad              malformed commands, print their statuses");
     println!("  nvme stream <n>       rewrite and check blocks 0..n until input");
+    println!("  nvme bench read|write <n> <ms>  n-block commands in a row for ms, timed");
 }
 
 fn nvme(args: &[&str]) {
@@ -407,8 +408,45 @@ fn nvme(args: &[&str]) {
             Some(count) => stream(&mut d, count),
             None => println!("usage: nvme stream <count 1..{}>", d.max_blocks()),
         },
-        _ => println!("usage: nvme info|write|read|flush|bad|stream"),
+        ["bench", op @ ("read" | "write"), count, ms] => {
+            match (count_arg(count, &d), parse_u64(ms)) {
+                (Some(count), Some(ms)) if (1..=60_000).contains(&ms) => {
+                    bench(&mut d, op, count, ms)
+                }
+                _ => println!(
+                    "usage: nvme bench read|write <count 1..{}> <ms 1..60000>",
+                    d.max_blocks()
+                ),
+            }
+        }
+        _ => println!("usage: nvme info|write|read|flush|bad|stream|bench"),
     }
+}
+
+/// Sequential commands of `count` blocks from block 0 on, wrapping at the end of the
+/// namespace, back to back for `ms` of guest time: `nvme bench <op> <count> requests <n> bytes
+/// <n> ns <n> errors <n>`. Writes send the pattern of seed 1 over and over.
+fn bench(d: &mut Nvme, op: &str, count: u64, ms: u64) {
+    if d.blocks < count {
+        println!("nvme bench: the namespace has {} blocks", d.blocks);
+        return;
+    }
+    let bytes = count * d.block_size;
+    let opcode = if op == "write" {
+        fill(bytes, 1);
+        OPC_WRITE
+    } else {
+        OPC_READ
+    };
+    let mut lba = 0;
+    crate::clock::run_for(format_args!("nvme bench {op} {count}"), ms, bytes, || {
+        if lba + count > d.blocks {
+            lba = 0;
+        }
+        let status = d.transfer(opcode, 1, lba, count);
+        lba += count;
+        status == 0
+    });
 }
 
 /// Malformed commands the controller must refuse with a status: an unknown I/O opcode, an

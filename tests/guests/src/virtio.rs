@@ -262,6 +262,7 @@ pub fn help() {
     println!("  vblk read <s> <n>     read n sectors at s, print their checksum");
     println!("  vblk flush|id         FLUSH, GET_ID");
     println!("  vblk stream <n>       rewrite and check sectors 0..n until input");
+    println!("  vblk bench read|write <n> <ms>  n-sector requests in a row for ms, timed");
     println!("  vrnd [bytes]          read entropy from virtio-rng");
 }
 
@@ -319,7 +320,15 @@ fn vblk(args: &[&str]) {
             Some(count) => stream(&mut d, count),
             None => println!("usage: vblk stream <count 1..128>"),
         },
-        _ => println!("usage: vblk info|write|read|flush|id|stream"),
+        ["bench", op @ ("read" | "write"), count, ms] => {
+            match (sectors_arg(Some(count)), parse_u64(ms)) {
+                (Some(count), Some(ms)) if (1..=60_000).contains(&ms) => {
+                    bench(&mut d, op, count, ms)
+                }
+                _ => println!("usage: vblk bench read|write <count 1..128> <ms 1..60000>"),
+            }
+        }
+        _ => println!("usage: vblk info|write|read|flush|id|stream|bench"),
     }
 }
 
@@ -348,6 +357,38 @@ fn stream(d: &mut Device, count: u64) {
         svc::rx_poll();
     }
     println!("vblk stream stopped round {round} errors {errors}");
+}
+
+/// Sequential requests of `count` sectors from sector 0 on, wrapping at the end of the disk,
+/// back to back for `ms` of guest time: `vblk bench <op> <count> requests <n> bytes <n> ns <n>
+/// errors <n>`. Writes send the pattern of seed 1 over and over.
+fn bench(d: &mut Device, op: &str, count: u64, ms: u64) {
+    let capacity = u64::from(d.config32(0)) | (u64::from(d.config32(4)) << 32);
+    if capacity < count {
+        println!("vblk bench: the disk has {capacity} sectors");
+        return;
+    }
+    let (kind, device_writes) = if op == "write" {
+        fill(d.area(), count, 1);
+        (BLK_T_OUT, false)
+    } else {
+        (BLK_T_IN, true)
+    };
+    let len = (count * SECTOR) as u32;
+    let mut sector = 0;
+    crate::clock::run_for(
+        format_args!("vblk bench {op} {count}"),
+        ms,
+        u64::from(len),
+        || {
+            if sector + count > capacity {
+                sector = 0;
+            }
+            let status = d.blk_request(kind, sector, len, device_writes);
+            sector += count;
+            status == 0
+        },
+    );
 }
 
 /// `vrnd [bytes]`: read entropy from virtio-rng and print it in hex.

@@ -244,11 +244,79 @@ pub fn run(command: &str, line: &str) -> bool {
         },
         Some("recv") => recv(&mut net, &mut frame, "vnet"),
         Some("echo") => echo(&mut net, &mut frame, "vnet"),
+        Some("bench") => bench(&mut net, &mut frame, "vnet", arg1, arg2, words.next()),
         Some("arp") => arp(&mut net, &mut frame, "vnet"),
         Some("syn") => syn(&mut net, &mut frame),
         _ => println!("usage: vnet info|send <len> <seed>|recv|echo|arp|syn"),
     }
     true
+}
+
+/// `<name> bench send <len> <ms>`: broadcast test frames of `len` bytes, one after the other
+/// (each waits until the card took it), for `ms` of guest time: `<name> bench send <len>
+/// requests <frames> bytes <n> ns <n> errors <timeouts>`. `<name> bench recv`: counts received
+/// test frames until one input byte, timing from the first to the last: `<name> bench recv
+/// frames <n> bytes <n> ns <n>`.
+pub(crate) fn bench(
+    link: &mut impl Link,
+    frame: &mut [u8; BUFFER],
+    name: &str,
+    op: Option<&str>,
+    len: Option<&str>,
+    ms: Option<&str>,
+) {
+    match (op, len.and_then(parse_u64), ms.and_then(parse_u64)) {
+        (Some("send"), Some(len), Some(ms))
+            if (60..=1514).contains(&len) && (1..=60_000).contains(&ms) =>
+        {
+            let len = len as usize;
+            frame[..6].fill(0xff);
+            frame[6..12].copy_from_slice(&link.mac());
+            frame[12..14].copy_from_slice(&TEST_TYPE);
+            let mut state = 1;
+            for chunk in frame[14..len].chunks_mut(8) {
+                let word = splitmix64(&mut state).to_le_bytes();
+                chunk.copy_from_slice(&word[..chunk.len()]);
+            }
+            crate::clock::run_for(
+                format_args!("{name} bench send {len}"),
+                ms,
+                len as u64,
+                || link.send(&frame[..len]),
+            );
+        }
+        (Some("recv"), None, None) => bench_recv(link, frame, name),
+        _ => println!("usage: {name} bench send <len 60..1514> <ms 1..60000> | {name} bench recv"),
+    }
+}
+
+fn bench_recv(link: &mut impl Link, frame: &mut [u8; BUFFER], name: &str) {
+    let Some(hz) = crate::clock::tsc_hz() else {
+        println!("{name} bench: no PM timer to calibrate the TSC against");
+        return;
+    };
+    println!("{name} bench recv started");
+    let (mut frames, mut bytes, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
+    for spin in 0u64.. {
+        if let Some(n) = link.receive(frame) {
+            if is_test_frame(&frame[..n]) {
+                last = crate::clock::tsc();
+                if frames == 0 {
+                    first = last;
+                }
+                frames += 1;
+                bytes += n as u64;
+            }
+            continue;
+        }
+        // Looking at the serial port is a service call: not on every spin.
+        if spin % 4096 == 0 && crate::console::try_read_byte().is_some() {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let ns = (u128::from(last - first) * 1_000_000_000 / u128::from(hz)) as u64;
+    println!("{name} bench recv frames {frames} bytes {bytes} ns {ns}");
 }
 
 /// Send every test frame back to its sender, until one input byte; `name` starts each line.
@@ -357,6 +425,8 @@ pub fn help() {
     println!("  vnet send <len> <seed>  send a broadcast test frame (type 0x88b5)");
     println!("  vnet recv             wait for a test frame, print its length and checksum");
     println!("  vnet echo             return test frames to their sender until input");
+    println!("  vnet bench send <len> <ms>  send test frames in a row for ms, timed");
+    println!("  vnet bench recv       count test frames until input, timed first to last");
     println!("  vnet arp              ARP for 10.0.2.2 from 10.0.2.15, print the answer");
     println!("  vnet syn              wait for a TCP SYN to 10.0.2.15, print its source and port");
 }
