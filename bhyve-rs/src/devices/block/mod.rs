@@ -309,9 +309,19 @@ impl Inner {
                 if !in_range(*offset, len) {
                     return Err(libc::EINVAL);
                 }
+                // O_DIRECT wants aligned memory, which guest buffers need not be: go through an
+                // aligned copy, as a host without that rule would. Buffers that are plainly
+                // misaligned skip the direct attempt the kernel would refuse anyway.
+                const DIRECT_ALIGN: u64 = 512;
+                let misaligned = segments
+                    .iter()
+                    .any(|s| s.addr % DIRECT_ALIGN != 0 || s.len % DIRECT_ALIGN != 0);
+                if self.direct && misaligned {
+                    return sys::bounced(&self.file, &self.memory, segments, *offset, write)
+                        .map_err(errno);
+                }
                 match sys::transfer(&self.file, &self.memory, segments, *offset, write) {
-                    // O_DIRECT wants aligned memory, which guest buffers need not be: go
-                    // through an aligned copy, as a host without that rule would.
+                    // Some devices want more than 512-byte alignment.
                     Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
                         sys::bounced(&self.file, &self.memory, segments, *offset, write)
                             .map_err(errno)
