@@ -179,7 +179,16 @@ impl Holder {
 
     fn take(&self) -> io::Result<()> {
         fcntl(&self.file, F_SETSIG, BREAK_SIGNAL as libc::c_int)?;
-        fcntl(&self.file, libc::F_SETLEASE, libc::F_RDLCK)?;
+        // A process that forked between another program's write and close holds the file open
+        // for writing until it execs, a few milliseconds: only a writer that stays is refused.
+        let mut tries = 0;
+        while let Err(e) = fcntl(&self.file, libc::F_SETLEASE, libc::F_RDLCK) {
+            tries += 1;
+            if e.raw_os_error() != Some(libc::EAGAIN) || tries == LEASE_TRIES {
+                return Err(e);
+            }
+            std::thread::sleep(LEASE_RETRY);
+        }
         // Taking the lease made the whole process its notices' target; this thread alone
         // waits for them.
         let owner = OwnerEx {
@@ -310,6 +319,10 @@ fn fcntl(file: &File, command: libc::c_int, argument: libc::c_int) -> io::Result
     }
 }
 
+/// How often, and how far apart, a lease refused because of a writer is asked for again.
+const LEASE_TRIES: u32 = 20;
+const LEASE_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Why the host refused the lease, in words.
 fn refusal(error: &io::Error) -> String {
     match error.raw_os_error() {
@@ -425,6 +438,24 @@ mod tests {
         let file = File::open(&temp.0).unwrap();
         let refused = Lease::take(&temp.0, &file, whole_file()).err();
         assert_eq!(refused.as_deref(), Some("it is open for writing"));
+    }
+
+    #[test]
+    fn a_writer_that_closes_within_milliseconds_does_not_refuse_the_lease() {
+        let temp = TempFile::new("transient", &pattern());
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&temp.0)
+            .unwrap();
+        // As a child forked while the file was open holds it until it execs.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(writer);
+        });
+        let file = File::open(&temp.0).unwrap();
+        let lease = Lease::take(&temp.0, &file, whole_file());
+        closer.join().unwrap();
+        assert!(lease.is_ok(), "{:?}", lease.err());
     }
 
     #[test]
