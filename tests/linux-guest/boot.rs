@@ -11,11 +11,13 @@
 //! input gives a new key, hence a new boot, so a snapshot never outlives what it was made from.
 //!
 //! QEMU (KVM, q35, qboot) boots the same image as the oracle for what the guest sees of the
-//! machine. Without the image the tests say so and skip, unless BHYVE_RS_REQUIRE_LINUX_GUEST=1;
+//! machine. devices.rs does the same with a second machine that has every disk and network
+//! device, for Linux's own drivers against them. Without the image the tests say so and skip, unless BHYVE_RS_REQUIRE_LINUX_GUEST=1;
 //! without /dev/kvm or QEMU they skip as the other end-to-end tests do.
 
 #[path = "../e2e/common/mod.rs"]
 mod common;
+mod devices;
 
 use common::control::{ctl, Scratch, SAVE_TIMEOUT};
 use common::{kvm_usable, notice, qemu_binary, repo_root, Console};
@@ -242,12 +244,13 @@ fn read_record(dir: &Path) -> Option<Booted> {
     })
 }
 
-/// The `bhyve` command line the guest boots with.
-fn boot_command(image: &Image, rundir: &Path) -> Command {
+/// The `bhyve` command line the guest boots with, `devices` added to the platform's.
+fn boot_command(image: &Image, rundir: &Path, name: &str, devices: &[String]) -> Command {
     // The later `-o rundir=` replaces the per-process one common::bhyve() starts with.
     let mut cmd = common::bhyve();
     cmd.args(["-c", CPUS, "-m", &format!("{MEMORY_MIB}M"), "-u", "-H"])
         .args(["-s", "0,hostbridge", "-s", "31,lpc", "-l", "com1,stdio"])
+        .args(devices)
         .arg("-o")
         .arg(format!("boot.kernel={}", image.kernel.display()))
         .arg("-o")
@@ -256,16 +259,15 @@ fn boot_command(image: &Image, rundir: &Path) -> Command {
         .arg(format!("boot.cmdline={}", cmdline()))
         .arg("-o")
         .arg(format!("rundir={}", rundir.display()))
-        .arg(VM_NAME);
+        .arg(name);
     cmd
 }
 
-/// What the snapshot is made from: the `bhyve` binary's content, the image files (whose paths
-/// carry build.sh's content hashes) and the machine's command line.
-fn snapshot_key(image: &Image) -> String {
+/// What a snapshot is made from: the `bhyve` binary's content, the image files (whose paths
+/// carry build.sh's content hashes) and the machine's command line, `command`, given with
+/// placeholders for what differs per boot (the run directory, disk images, tap interfaces).
+fn snapshot_key(command: &Command) -> String {
     let bhyve = std::fs::read(env!("CARGO_BIN_EXE_bhyve")).expect("read the bhyve binary");
-    // Run directories differ per process and do not change the machine.
-    let command = boot_command(image, Path::new("RUNDIR"));
     let machine: Vec<_> = command
         .get_args()
         .filter(|a| !a.to_string_lossy().starts_with("rundir="))
@@ -285,12 +287,10 @@ fn booted() -> Option<&'static Booted> {
     }
     let image = image()?;
     let booted = BOOTED.get_or_init(|| {
-        std::panic::catch_unwind(|| boot_once(image)).map_err(|panic| {
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default()
+        once(|| {
+            let command = |rundir: &Path| boot_command(image, rundir, VM_NAME, &[]);
+            let dir = boot_and_suspend(VM_NAME, &command(Path::new("RUNDIR")), command, setup);
+            read_record(&dir).expect("the record of the boot")
         })
     });
     match booted {
@@ -299,17 +299,41 @@ fn booted() -> Option<&'static Booted> {
     }
 }
 
-fn boot_once(image: &Image) -> Booted {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-guest");
+/// `f`'s value, or the message it panicked with: a failed boot fails every test that needs it,
+/// once, where a panic inside a `OnceLock` would leave the others to try again.
+fn once<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    std::panic::catch_unwind(f).map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    })
+}
+
+/// The directory holding the snapshot `machine` left at its prompt (`linux.snap`) and the
+/// `key=value` record (`boot.txt`) that `setup` returned after the boot: from an earlier run
+/// with the same key (`placeholder` is the boot command with placeholders for what differs per
+/// boot), or booted now with `command(directory)`, which keeps what the boot needs on the host
+/// in that directory.
+fn boot_and_suspend(
+    machine: &str,
+    placeholder: &Command,
+    command: impl FnOnce(&Path) -> Command,
+    setup: impl FnOnce(&mut Console) -> String,
+) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("linux-guest")
+        .join(machine);
     std::fs::create_dir_all(&root).expect("create the snapshot directory");
-    let key = snapshot_key(image);
+    let key = snapshot_key(placeholder);
     let dir = root.join(&key);
     let lock_file = std::fs::File::create(root.join("lock")).expect("create the lock file");
     // Held until the snapshot exists: other test processes wait for this boot.
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .unwrap_or_else(|(_, e)| panic!("lock {}: {e}", root.display()));
-    if let Some(booted) = read_record(&dir) {
-        return booted;
+    if dir.join("boot.txt").is_file() && dir.join("linux.snap").is_file() {
+        return dir;
     }
     // Snapshots of other binaries or images (and what a killed boot left) only take space.
     if let Ok(entries) = std::fs::read_dir(&root) {
@@ -324,16 +348,47 @@ fn boot_once(image: &Image) -> Booted {
     common::writable_by_owner_only(&partial);
 
     let started = Instant::now();
-    let mut vm = Console::spawn("bhyve (linux boot)", boot_command(image, &partial));
+    let mut vm = Console::spawn("bhyve (linux boot)", command(&partial));
     vm.expect(READY, BOOT_LIMIT);
     vm.expect(PROMPT, SHELL_LIMIT);
     let boot_time = started.elapsed();
-    let report = sh(&mut vm, "report");
+    let record = setup(&mut vm);
+
+    let snapshot = partial.join("linux.snap");
+    let suspend_started = Instant::now();
+    let (code, err) = ctl(
+        &partial,
+        machine,
+        &[format!("--suspend={}", snapshot.display())],
+    );
+    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
+    let status = vm.wait_exit(SAVE_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "bhyve after --suspend: {status}");
+    eprintln!(
+        "linux guest ({machine}): booted to its prompt in {:.1} s, suspended in {:.2} s \
+         ({} MiB on disk)",
+        boot_time.as_secs_f64(),
+        suspend_started.elapsed().as_secs_f64(),
+        std::fs::metadata(&snapshot).map_or(0, |m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.blocks() * 512) >> 20
+        })
+    );
+    let record = format!("{record}boot_seconds={:.1}\n", boot_time.as_secs_f64());
+    std::fs::write(partial.join("boot.txt"), record).expect("write the boot record");
+    std::fs::rename(&partial, &dir).expect("publish the snapshot");
+    dir
+}
+
+/// The base guest's setup before its snapshot: its report, and the counter every restored copy
+/// finds running.
+fn setup(vm: &mut Console) -> String {
+    let report = sh(vm, "report");
     let report_host_time = host_seconds();
     parse_report(&report);
     // A process with a timer, running across every snapshot restored from this one.
     let pid = sh(
-        &mut vm,
+        vm,
         &format!("count {COUNT_PERIOD_MS} {COUNT_NOW} >/tmp/count.log & echo pid=$!"),
     );
     let count_pid = pid
@@ -343,49 +398,27 @@ fn boot_once(image: &Image) -> Booted {
         .unwrap_or_else(|| panic!("no pid from {pid:?}"));
     // Let it write a few lines, so the snapshot holds a counter already under way.
     std::thread::sleep(Duration::from_millis(5 * COUNT_PERIOD_MS));
-    let state = probe(&mut vm, count_pid);
+    let state = probe(vm, count_pid);
     assert_eq!(state.comm, "count");
-    let (count_before, uptime_before) = (state.count, state.uptime);
-
-    let snapshot = partial.join("linux.snap");
-    let suspend_started = Instant::now();
-    let (code, err) = ctl(
-        &partial,
-        VM_NAME,
-        &[format!("--suspend={}", snapshot.display())],
-    );
-    assert_eq!(code, 0, "bhyvectl --suspend failed: {err}");
-    let status = vm.wait_exit(SAVE_TIMEOUT);
-    assert_eq!(status.code(), Some(0), "bhyve after --suspend: {status}");
-    eprintln!(
-        "linux guest: booted to its prompt in {:.1} s, suspended in {:.2} s ({} MiB on disk)",
-        boot_time.as_secs_f64(),
-        suspend_started.elapsed().as_secs_f64(),
-        std::fs::metadata(&snapshot).map_or(0, |m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.blocks() * 512) >> 20
-        })
-    );
-    let record = format!(
+    format!(
         "report={}\nreport_host_time={report_host_time}\ncount_pid={count_pid}\n\
-         count_before={count_before}\nuptime_before={uptime_before}\nboot_seconds={:.1}\n",
+         count_before={}\nuptime_before={}\n",
         report.trim(),
-        boot_time.as_secs_f64()
-    );
-    std::fs::write(partial.join("boot.txt"), record).expect("write the boot record");
-    std::fs::rename(&partial, &dir).expect("publish the snapshot");
-    read_record(&dir).expect("the record just written")
+        state.count,
+        state.uptime
+    )
 }
 
-/// A guest restored from the boot snapshot, with its own run directory.
+/// A guest restored from a boot snapshot, with its own run directory.
 struct Linux {
     vm: Console,
     scratch: Scratch,
+    name: &'static str,
 }
 
 impl Linux {
     fn ctl(&self, args: &[String]) -> (i32, String) {
-        ctl(&self.scratch.0, VM_NAME, args)
+        ctl(&self.scratch.0, self.name, args)
     }
 
     fn checkpoint(&self, file: &Path) {
@@ -405,12 +438,17 @@ impl Linux {
 /// `bhyve -r file` with its own run directory; the guest answers a shell command before this
 /// returns.
 fn restore_from(file: &Path, scratch: Scratch) -> Linux {
-    let started = Instant::now();
     let mut cmd = common::bhyve();
     cmd.arg("-r")
         .arg(file)
         .arg("-o")
         .arg(format!("rundir={}", scratch.0.display()));
+    restore_with(cmd, file, scratch, VM_NAME)
+}
+
+/// Starts `cmd`, a restore of `file` into `scratch`, and waits for the guest to answer.
+fn restore_with(cmd: Command, file: &Path, scratch: Scratch, name: &'static str) -> Linux {
+    let started = Instant::now();
     let mut vm = Console::spawn("bhyve -r (linux)", cmd);
     let answer = sh(&mut vm, "echo restored-$((1+1))");
     assert!(answer.contains("restored-2"), "{answer:?}");
@@ -419,7 +457,7 @@ fn restore_from(file: &Path, scratch: Scratch) -> Linux {
         file.display(),
         started.elapsed().as_secs_f64()
     );
-    Linux { vm, scratch }
+    Linux { vm, scratch, name }
 }
 
 /// A fresh copy of the booted guest; `None` where it cannot run here.
@@ -541,30 +579,30 @@ fn churn_lines(text: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Polls `file`, whose first line a guest program rewrites in place as "WORD N ..." with N
+/// growing, with shell built-ins until N passes `beyond`; returns N.
+fn latest_beyond(vm: &mut Console, file: &str, beyond: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + SHELL_LIMIT;
+    loop {
+        let out = sh(vm, &format!("read -r w n rest <{file}; echo \"latest $n\""));
+        let now = out
+            .lines()
+            .find_map(|l| l.strip_prefix("latest "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if now > beyond {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: {file} stuck at {now}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Waits until the guest's churn goes beyond round `beyond` (polling its latest line with shell
 /// built-ins), then checks its whole log: rounds 1, 2, 3... with the sums the host computes.
 /// Returns the last round.
 fn churn_beyond(vm: &mut Console, beyond: u64, what: &str) -> u64 {
-    let deadline = Instant::now() + SHELL_LIMIT;
-    loop {
-        let out = sh(
-            vm,
-            &format!("read -r w r s <{CHURN_NOW}; echo \"churn-now $r\""),
-        );
-        let now = out
-            .lines()
-            .find_map(|l| l.strip_prefix("churn-now "))
-            .and_then(|r| r.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if now > beyond {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: churn stuck at round {now}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    latest_beyond(vm, CHURN_NOW, beyond, what);
     let rounds = churn_lines(&sh(vm, "cat /tmp/churn.log"));
     let last = rounds.last().map_or(0, |&(r, _)| r);
     let expected: Vec<(u64, u64)> = (1..).zip(churn_sums(CHURN_MIB, last)).collect();

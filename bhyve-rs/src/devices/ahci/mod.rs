@@ -298,11 +298,7 @@ fn plan_ports(config: &Config, node: &str, slot: PciAddress) -> Result<Vec<PortP
             options.readonly = true;
         }
         let get = |key: &str| config.get(&format!("{port_node}.{key}"));
-        let digest = md5::compute(options.path.as_bytes());
-        let derived = format!(
-            "BHYVE-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}",
-            digest[0], digest[1], digest[2], digest[3], digest[4], digest[5]
-        );
+        let derived = crate::devices::block::serial_from_path(&options.path);
         let file =
             BlockFile::open(&options).map_err(|source| DeviceError::Block { slot, source })?;
         ports.push(PortPlan {

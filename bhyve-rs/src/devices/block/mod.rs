@@ -43,6 +43,16 @@ pub fn legacy_config(
     w.first_token_then_generic(node, "path", conf)
 }
 
+/// The serial number bhyve gives a disk that names none (virtio-blk, AHCI ports):
+/// `BHYVE-XXXX-XXXX-XXXX` from the first six bytes of the MD5 digest of its path.
+pub fn serial_from_path(path: &str) -> String {
+    let d = md5::compute(path.as_bytes());
+    format!(
+        "BHYVE-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}",
+        d[0], d[1], d[2], d[3], d[4], d[5]
+    )
+}
+
 /// The settings of one disk, read from its configuration node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockOptions {

@@ -14,7 +14,6 @@
 //! The MAC address helpers ([`generate_mac`], [`parse_mac`], [`parse_mtu`]) follow net_utils.c.
 
 pub mod e1000;
-pub mod md5;
 #[cfg(test)]
 pub(crate) mod pair_backend;
 #[cfg(any(target_os = "linux", target_os = "freebsd"))]
@@ -67,6 +66,8 @@ pub enum NetError {
     Slirp(String),
     #[error("invalid hostfwd rule \"{rule}\": {reason}")]
     HostForward { rule: String, reason: String },
+    #[error("invalid value \"{value}\" for {key} (expected true or false)")]
+    Flag { key: String, value: String },
     #[error("network backend \"{name}\" offers no offloads or virtio-net header")]
     Capabilities { name: String },
 }
@@ -154,8 +155,13 @@ const FREEBSD_ONLY: &str = "a FreeBSD kernel facility this platform does not hav
 pub enum BackendSpec {
     /// A tap interface (`tapN`, `vmnetN`, or any name with `type=tap`).
     Tap { name: String },
-    /// User-mode networking through libslirp; `hostfwd` rules separated by `;`.
-    Slirp { hostfwd: Vec<HostForward> },
+    /// User-mode networking through libslirp; `hostfwd` rules separated by `;`. `open` (as
+    /// FreeBSD 15's slirp-helper) lets the guest connect out through the host; otherwise it
+    /// reaches only the gateway and what `hostfwd` forwards.
+    Slirp {
+        hostfwd: Vec<HostForward>,
+        open: bool,
+    },
 }
 
 impl BackendSpec {
@@ -184,7 +190,15 @@ impl BackendSpec {
                         .collect::<Result<_, _>>()?,
                     None => Vec::new(),
                 };
-                Ok(Some(BackendSpec::Slirp { hostfwd }))
+                let open_key = format!("{node}.open");
+                let open = config.get_bool(&open_key).map_err(|_| NetError::Flag {
+                    value: config.get(&open_key).unwrap_or_default().to_string(),
+                    key: open_key,
+                })?;
+                Ok(Some(BackendSpec::Slirp {
+                    hostfwd,
+                    open: open.unwrap_or(false),
+                }))
             }
             Kind::Netgraph => Err(NetError::FreeBsdOnly {
                 name: name.to_string(),
@@ -204,7 +218,9 @@ impl BackendSpec {
         match self {
             BackendSpec::Tap { name } => Ok(Box::new(tap::Tap::open(name)?)),
             #[cfg(any(target_os = "linux", target_os = "freebsd"))]
-            BackendSpec::Slirp { hostfwd } => Ok(Box::new(slirp::Slirp::open(hostfwd)?)),
+            BackendSpec::Slirp { hostfwd, open } => {
+                Ok(Box::new(slirp::Slirp::open(hostfwd, *open)?))
+            }
             #[cfg(not(any(target_os = "linux", target_os = "freebsd")))]
             BackendSpec::Slirp { .. } => Err(NetError::Unavailable {
                 name: "slirp".into(),
@@ -266,7 +282,7 @@ pub const GENERATED_MAC_OUI: [u8; 3] = [0x58, 0x9c, 0xfc];
 /// The MAC address bhyve gives a network device with no `mac=` (`net_genmac`): the OUI, then
 /// the first three bytes of the MD5 of "SLOT-FUNCTION-VMNAME" (the bus is not part of it).
 pub fn generate_mac(vm_name: &str, slot: u8, function: u8) -> [u8; 6] {
-    let digest = md5::md5(format!("{slot}-{function}-{vm_name}").as_bytes());
+    let digest = md5::compute(format!("{slot}-{function}-{vm_name}").as_bytes());
     let [a, b, c] = GENERATED_MAC_OUI;
     [a, b, c, digest[0], digest[1], digest[2]]
 }

@@ -5,7 +5,8 @@
 //! neither links against it nor needs it installed unless slirp is used. The network is the
 //! one bhyve hard-codes: 10.0.2.0/24, the host (gateway) at 10.0.2.2, DHCP handing out
 //! 10.0.2.15 on, and "restricted" mode: the guest reaches only the gateway and what `hostfwd`
-//! rules forward to it from the host.
+//! rules forward to it from the host, unless `open` (FreeBSD 15's slirp-helper) lets its
+//! connections out through the host's sockets.
 //!
 //! Frames from the guest go into libslirp with `slirp_input` under a lock; frames libslirp
 //! sends to the guest arrive in a datagram socket pair, whose reading end is the backend's
@@ -333,7 +334,9 @@ fn sockaddr_in(address: std::net::SocketAddrV4) -> libc::sockaddr_in {
 }
 
 impl Slirp {
-    pub fn open(hostfwd: &[HostForward]) -> Result<Self, NetError> {
+    /// A slirp network forwarding `hostfwd` into the guest; `open` lets the guest's own
+    /// connections out (libslirp's unrestricted mode).
+    pub fn open(hostfwd: &[HostForward], open: bool) -> Result<Self, NetError> {
         let library = library()?;
         let io_error = |what: &str, e: io::Error| NetError::Slirp(format!("{what}: {e}"));
         let (from_slirp, to_guest) =
@@ -359,7 +362,7 @@ impl Slirp {
         let unspecified6: libc::in6_addr = unsafe { std::mem::zeroed() };
         let config = SlirpConfig {
             version: 4,
-            restricted: 1,
+            restricted: c_int::from(!open),
             in_enabled: true,
             vnetwork: address([10, 0, 2, 0]),
             vnetmask: address([255, 255, 255, 0]),
@@ -608,7 +611,7 @@ mod tests {
             eprintln!("skipped: {e}");
             return None;
         }
-        Some(Slirp::open(hostfwd).expect("slirp"))
+        Some(Slirp::open(hostfwd, false).expect("slirp"))
     }
 
     fn arp(operation: u16, sender: ([u8; 6], [u8; 4]), target: ([u8; 6], [u8; 4])) -> Vec<u8> {
@@ -720,7 +723,7 @@ mod tests {
             eprintln!("skipped: libslirp unavailable");
             return;
         }
-        let error = match Slirp::open(&[rule]) {
+        let error = match Slirp::open(&[rule], false) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("forwarded a port already in use"),
         };

@@ -13,7 +13,7 @@ fn spec(pairs: &[(&str, &str)]) -> Result<Option<BackendSpec>, NetError> {
 }
 
 /// net_genmac as read in net_utils.c: snprintf("%d-%d-%s", slot, func, vmname), MD5, the OUI
-/// and the digest's first three bytes. The digest here comes from md5sum(1), not our MD5.
+/// and the digest's first three bytes. The digest here comes from md5sum(1), not the md5 crate.
 #[test]
 fn generated_mac_matches_bhyve_formula_with_md5sum_as_oracle() {
     let cases = [
@@ -126,7 +126,23 @@ fn backends_are_chosen_by_prefix_of_type_or_backend_as_bhyve() {
     );
     assert_eq!(
         spec(&[("backend", "slirp")]).unwrap(),
-        Some(BackendSpec::Slirp { hostfwd: vec![] })
+        Some(BackendSpec::Slirp {
+            hostfwd: vec![],
+            open: false
+        })
+    );
+    assert_eq!(
+        spec(&[("backend", "slirp"), ("open", "true")]).unwrap(),
+        Some(BackendSpec::Slirp {
+            hostfwd: vec![],
+            open: true
+        })
+    );
+    assert_eq!(
+        spec(&[("backend", "slirp"), ("open", "maybe")])
+            .unwrap_err()
+            .to_string(),
+        "invalid value \"maybe\" for pci.0.2.0.open (expected true or false)"
     );
     assert!(matches!(
         spec(&[("backend", "eth0")]),
@@ -152,7 +168,7 @@ fn freebsd_kernel_backends_are_refused_by_name() {
 
 #[test]
 fn hostfwd_rules_parse_as_net_backend_slirp() {
-    let Some(BackendSpec::Slirp { hostfwd }) = spec(&[
+    let Some(BackendSpec::Slirp { hostfwd, .. }) = spec(&[
         ("backend", "slirp"),
         ("hostfwd", "tcp::2222-:22;udp:127.0.0.1:5353-10.0.2.15:53"),
     ])

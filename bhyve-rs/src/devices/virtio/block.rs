@@ -70,14 +70,7 @@ pub fn identifier(config: &Config, node: &str, path: &str) -> Vec<u8> {
         .or_else(|| config.get(&format!("{node}.ser")));
     let mut ident = match given {
         Some(serial) => serial.as_bytes().to_vec(),
-        None => {
-            let d = md5::compute(path.as_bytes());
-            format!(
-                "BHYVE-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}",
-                d[0], d[1], d[2], d[3], d[4], d[5]
-            )
-            .into_bytes()
-        }
+        None => crate::devices::block::serial_from_path(path).into_bytes(),
     };
     ident.truncate(VIRTIO_BLK_ID_BYTES as usize);
     ident
