@@ -5,7 +5,7 @@
 //! every device, like the base guest, and is suspended at its prompt. Each test restores it
 //! with the whole command line again, naming its own host side: disk images it filled with a
 //! known pattern, a console socket, a tap interface. The restore keeps each disk's serial
-//! number (snapshot/cmdline.rs), so the guest's view of its disks holds.
+//! number (devices/block), so the guest's view of its disks holds.
 //!
 //! The oracles are the host's: the pattern and checksum of tests/e2e/common/disk.rs computed
 //! here against what Linux read and wrote through its drivers (initramfs/blk.c, O_DIRECT),

@@ -549,7 +549,9 @@ mod termination {
 fn restore_machine(cli: &Config, path: &Path) -> Result<(Config, Machine), String> {
     use crate::snapshot::cmdline::{restore_config, RestoreMode};
     let snapshot = checkpoint::Restore::open(path)?;
-    let config = restore_config(&snapshot.config(), cli, &crate::config::default_config())?;
+    let (mut saved, mut given) = (snapshot.config(), cli.clone());
+    devices::block::keep_disk_serials(&mut saved, &mut given);
+    let config = restore_config(&saved, &given, &crate::config::default_config())?;
     let mode = RestoreMode::from_config(&config)?;
     let description = MachineDescription::from_config(&config).map_err(|e| e.to_string())?;
     // Everything that can be refused from the configuration is, before any RAM is read. The ROM

@@ -12,7 +12,6 @@
 //! tap interfaces, slirp forwards.
 
 use crate::config::{parse_memsize, Config};
-use crate::devices::block::serial_from_path;
 
 /// How guest memory is loaded at restore (`snapshot.restore`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,50 +72,6 @@ fn host_backend(key: &str) -> bool {
 /// on another host, or from copies of its disks, names its own.
 fn device_backend(key: &str) -> bool {
     key.starts_with("pci.") && (key.ends_with(".path") || key.ends_with(".backend"))
-}
-
-/// Whether the disk at `node` is named after its path when it has no serial number: a
-/// virtio-blk device or an AHCI port.
-fn serial_follows_path(config: &Config, node: &str) -> bool {
-    let parts: Vec<&str> = node.split('.').collect();
-    match parts[..] {
-        ["pci", _, _, _] => config.get(&format!("{node}.device")) == Some("virtio-blk"),
-        ["pci", bus, slot, function, "port", _] => {
-            config.get(&format!("pci.{bus}.{slot}.{function}.device")) == Some("ahci")
-        }
-        _ => false,
-    }
-}
-
-/// Whether `key` is the serial number of a disk named after its path: one the command line
-/// does not give is the one the snapshot kept (see [`keep_disk_serials`]), so the same command
-/// line restores a machine again after its disks moved.
-fn kept_serial(saved: &Config, key: &str) -> bool {
-    [".ser", ".serial"].iter().any(|suffix| {
-        key.strip_suffix(suffix)
-            .is_some_and(|node| serial_follows_path(saved, node))
-    })
-}
-
-/// A disk named after its path keeps, when restored from another path, the serial number the
-/// guest read at boot: Linux's libata, for one, detaches a disk whose serial changed when it
-/// identifies it again.
-fn keep_disk_serials(config: &mut Config, saved: &Config) {
-    let moved: Vec<(String, String)> = saved
-        .iter()
-        .filter(|(key, old)| {
-            device_backend(key) && key.ends_with(".path") && config.get(key) != Some(*old)
-        })
-        .map(|(key, old)| (key.trim_end_matches(".path").to_string(), old.to_string()))
-        .collect();
-    for (node, old_path) in moved {
-        let named = ["ser", "serial"]
-            .iter()
-            .any(|k| saved.get(&format!("{node}.{k}")).is_some());
-        if !named && serial_follows_path(saved, &node) {
-            config.set(&format!("{node}.ser"), &serial_from_path(&old_path));
-        }
-    }
 }
 
 /// Whether two values of `key` mean the same thing.
@@ -193,7 +148,6 @@ pub fn restore_config(saved: &Config, given: &Config, defaults: &Config) -> Resu
     for (key, value) in given.iter().filter(|(key, _)| host_backend(key)) {
         config.set(key, value);
     }
-    keep_disk_serials(&mut config, saved);
     Ok(config)
 }
 
@@ -221,9 +175,7 @@ fn first_difference(saved: &Config, given: &Config) -> Option<String> {
             }
         }
     }
-    if let Some((key, value)) =
-        machine_keys(saved).find(|(key, _)| given.get(key).is_none() && !kept_serial(saved, key))
-    {
+    if let Some((key, value)) = machine_keys(saved).find(|(key, _)| given.get(key).is_none()) {
         return Some(mismatch(key, Some(value), None));
     }
     machine_keys(given)
@@ -359,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn devices_may_be_given_other_host_resources_and_disks_keep_their_serials() {
+    fn devices_may_be_given_other_host_resources() {
         let defaults = crate::config::default_config();
         let machine = |disk: &str, tap: &str, sock: &str, hostfwd: Option<&str>| {
             let mut pairs = vec![
@@ -372,9 +324,6 @@ mod tests {
                 ("pci.0.4.0.device", "ahci"),
                 ("pci.0.4.0.port.0.type", "hd"),
                 ("pci.0.4.0.port.0.path", disk),
-                ("pci.0.4.0.port.1.type", "hd"),
-                ("pci.0.4.0.port.1.path", disk),
-                ("pci.0.4.0.port.1.ser", "MYDISK"),
                 ("pci.0.5.0.device", "nvme"),
                 ("pci.0.5.0.path", disk),
                 ("pci.0.6.0.device", "virtio-net"),
@@ -409,31 +358,6 @@ mod tests {
         ] {
             assert_eq!(config.get(key), Some(value), "{key}");
         }
-        // virtio-blk and AHCI name a disk after its path: the serial the guest read stays
-        // (`BHYVE-` and the MD5 of "/vm/disk.img", as in the virtio-blk tests, from Python's hashlib). NVMe's serial
-        // does not come from the path, a given serial stays, a console port has none.
-        let expected = "BHYVE-FC3C-A324-E502";
-        let serial = Some(expected);
-        assert_eq!(serial_from_path("/vm/disk.img"), expected);
-        assert_eq!(config.get("pci.0.3.0.ser"), serial);
-        assert_eq!(config.get("pci.0.4.0.port.0.ser"), serial);
-        assert_eq!(config.get("pci.0.4.0.port.1.ser"), Some("MYDISK"));
-        assert_eq!(config.get("pci.0.5.0.ser"), None);
-        assert_eq!(config.get("pci.0.7.0.port.0.ser"), None);
-        // The restored machine's own snapshot holds the kept serials; the same command line
-        // restores it again, and a serial the command line contradicts is refused.
-        let again = restore_config(&config, &given, &defaults).unwrap();
-        assert_eq!(again.get("pci.0.3.0.ser"), serial);
-        let mut other_serial = given.clone();
-        other_serial.set("pci.0.3.0.ser", "OTHER");
-        let err = restore_config(&config, &other_serial, &defaults).unwrap_err();
-        assert!(
-            err.contains("pci.0.3.0.ser is 'BHYVE-FC3C-A324-E502'"),
-            "{err}"
-        );
-        // The same paths: nothing pinned.
-        let same = restore_config(&saved, &saved, &defaults).unwrap();
-        assert_eq!(same.get("pci.0.3.0.ser"), None);
         // Forwards are the host's business: without them on the command line, the saved ones stay.
         let config = restore_config(&saved, &machine("/d", "tap0", "/s", None), &defaults).unwrap();
         assert_eq!(config.get("pci.0.8.0.hostfwd"), Some("tcp::8022-:22"));

@@ -53,6 +53,50 @@ pub fn serial_from_path(path: &str) -> String {
     )
 }
 
+/// Whether the disk at `node` is named after its path when it has no serial number: a
+/// virtio-blk device or an AHCI port.
+fn serial_follows_path(config: &Config, node: &str) -> bool {
+    let parts: Vec<&str> = node.split('.').collect();
+    match parts[..] {
+        ["pci", _, _, _] => config.get(&format!("{node}.device")) == Some("virtio-blk"),
+        ["pci", bus, slot, function, "port", _] => {
+            config.get(&format!("pci.{bus}.{slot}.{function}.device")) == Some("ahci")
+        }
+        _ => false,
+    }
+}
+
+/// For a restore from `saved` (the snapshot's configuration) with `given` (the command line):
+/// a disk named after its path keeps the serial number the guest saw, even from another path
+/// (Linux's libata, for one, detaches a disk whose serial changed when it identifies it
+/// again). The serial is made explicit as `ser` in `saved`, and given where the command line
+/// names the disk without one, so the two still compare equal and a serial the command line
+/// does give must be the same.
+pub fn keep_disk_serials(saved: &mut Config, given: &mut Config) {
+    let disks: Vec<(String, String)> = saved
+        .iter()
+        .filter_map(|(key, path)| Some((key.strip_suffix(".path")?.to_string(), path.to_string())))
+        .filter(|(node, _)| serial_follows_path(saved, node))
+        .collect();
+    for (node, path) in disks {
+        let serial_key = |config: &Config| {
+            ["ser", "serial"]
+                .into_iter()
+                .map(|k| format!("{node}.{k}"))
+                .find(|key| config.get(key).is_some())
+        };
+        let key = serial_key(saved).unwrap_or_else(|| {
+            let key = format!("{node}.ser");
+            saved.set(&key, &serial_from_path(&path));
+            key
+        });
+        if given.get(&format!("{node}.path")).is_some() && serial_key(given).is_none() {
+            let serial = saved.get(&key).unwrap_or_default().to_string();
+            given.set(&key, &serial);
+        }
+    }
+}
+
 /// The settings of one disk, read from its configuration node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockOptions {

@@ -467,3 +467,59 @@ fn nocache_bounces_long_unaligned_requests_a_piece_at_a_time() {
         .unwrap();
     assert!(super::sys::bounced(&file, &memory, &huge, 0, true).is_err());
 }
+
+/// The configuration of a virtio-blk disk at slot 3, AHCI ports at slot 4 (the second with a
+/// serial of its own) and an NVMe namespace at slot 5, all on `disk`.
+fn disks_on(disk: &str) -> Config {
+    let mut config = Config::new();
+    for (key, value) in [
+        ("pci.0.3.0.device", "virtio-blk"),
+        ("pci.0.3.0.path", disk),
+        ("pci.0.4.0.device", "ahci"),
+        ("pci.0.4.0.port.0.type", "hd"),
+        ("pci.0.4.0.port.0.path", disk),
+        ("pci.0.4.0.port.1.type", "hd"),
+        ("pci.0.4.0.port.1.path", disk),
+        ("pci.0.4.0.port.1.ser", "MYDISK"),
+        ("pci.0.5.0.device", "nvme"),
+        ("pci.0.5.0.path", disk),
+    ] {
+        config.set(key, value);
+    }
+    config
+}
+
+#[test]
+fn restored_disks_keep_the_serial_the_guest_saw() {
+    // BHYVE- and the MD5 of "/vm/disk.img" (Python's hashlib, as in the virtio-blk tests).
+    let derived = "BHYVE-FC3C-A324-E502";
+    assert_eq!(serial_from_path("/vm/disk.img"), derived);
+    let (mut saved, mut given) = (disks_on("/vm/disk.img"), disks_on("/copy/disk.img"));
+    keep_disk_serials(&mut saved, &mut given);
+    for config in [&saved, &given] {
+        assert_eq!(config.get("pci.0.3.0.ser"), Some(derived));
+        assert_eq!(config.get("pci.0.4.0.port.0.ser"), Some(derived));
+        assert_eq!(config.get("pci.0.4.0.port.1.ser"), Some("MYDISK"));
+        // NVMe's serial does not come from the path.
+        assert_eq!(config.get("pci.0.5.0.ser"), None);
+    }
+    assert_eq!(given.get("pci.0.3.0.path"), Some("/copy/disk.img"));
+    // A serial on the command line stays, to be compared with the snapshot's.
+    let mut saved = disks_on("/vm/disk.img");
+    let mut given = disks_on("/copy/disk.img");
+    given.set("pci.0.3.0.ser", "OTHER");
+    keep_disk_serials(&mut saved, &mut given);
+    assert_eq!(given.get("pci.0.3.0.ser"), Some("OTHER"));
+    assert_eq!(saved.get("pci.0.3.0.ser"), Some(derived));
+    // A command line without the disks (`-o rundir=` alone) gets none.
+    let (mut saved, mut given) = (disks_on("/vm/disk.img"), Config::new());
+    keep_disk_serials(&mut saved, &mut given);
+    assert_eq!(given.iter().count(), 0);
+    // virtio-blk's other spelling, `serial`, is kept as it was written.
+    let mut saved = disks_on("/vm/disk.img");
+    saved.set("pci.0.3.0.serial", "SPELLED");
+    let mut given = disks_on("/vm/disk.img");
+    keep_disk_serials(&mut saved, &mut given);
+    assert_eq!(given.get("pci.0.3.0.serial"), Some("SPELLED"));
+    assert_eq!(saved.get("pci.0.3.0.ser"), None);
+}
