@@ -17,6 +17,8 @@
 
 #[path = "../e2e/common/mod.rs"]
 mod common;
+// Tap interfaces, which every copy of the device machine needs, are Linux's here.
+#[cfg(target_os = "linux")]
 mod devices;
 
 use common::control::{ctl, Scratch, SAVE_TIMEOUT};
@@ -854,6 +856,13 @@ fn restored_linux_reports_the_machine_it_booted_on() {
             "{clock}: {then} at boot, {now} after the restore, host {host_time}"
         );
     }
+    // And they agree: the CMOS clock moves on across the restore exactly when the guest's TSC
+    // clock does (a KVM that cannot set the TSC), or neither does.
+    let (rtc, clock) = (number(&report, "rtc"), number(&report, "clock"));
+    assert!(
+        rtc.abs_diff(clock) <= 2,
+        "after the restore the RTC reads {rtc}, the system clock {clock}"
+    );
 }
 
 #[test]

@@ -742,6 +742,14 @@ impl Rtc {
         }
     }
 
+    /// Move a running clock forward by `by`, to the nearest second.
+    pub fn skip_ahead(&mut self, by: Duration) {
+        let seconds = (by + Duration::from_millis(500)).as_secs();
+        if let (Some(base), Ok(seconds)) = (self.base_rtctime, i64::try_from(seconds)) {
+            self.base_rtctime = Some(base.saturating_add(seconds));
+        }
+    }
+
     /// Load `state`; the clock continues from the saved time.
     pub fn restore(&mut self, state: &RtcState) {
         let n = state.registers.len().min(RTC_SIZE);
@@ -865,6 +873,13 @@ impl crate::devices::Persist for RtcDevice {
             .unwrap_or_else(|e| e.into_inner())
             .restore(&state);
         Ok(())
+    }
+
+    fn guest_time_moved(&self, by: Duration) {
+        self.rtc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .skip_ahead(by);
     }
 }
 
@@ -1059,6 +1074,25 @@ mod tests {
         f.write(RTC_STATUSB as u8, RTCSB_24HR);
         clock.lock().unwrap().1 += Duration::from_secs(1);
         assert_eq!(f.guest_time(), 1_700_000_004);
+    }
+
+    #[cfg(feature = "bhyve_snapshot")]
+    #[test]
+    fn a_clock_skips_ahead_to_the_nearest_second_unless_stopped() {
+        let (f, _clock) = fake_fixture(1_700_000_000);
+        f.rtc
+            .lock()
+            .unwrap()
+            .skip_ahead(Duration::from_millis(299_600));
+        assert_eq!(f.guest_time(), 1_700_000_300);
+        f.rtc.lock().unwrap().skip_ahead(Duration::from_millis(400));
+        assert_eq!(f.guest_time(), 1_700_000_300);
+        // A clock stopped by invalid fields stays stopped.
+        f.write(RTC_STATUSB as u8, RTCSB_HALT | RTCSB_24HR);
+        f.write(RTC_MONTH as u8, 0x13);
+        f.write(RTC_STATUSB as u8, RTCSB_24HR);
+        f.rtc.lock().unwrap().skip_ahead(Duration::from_secs(60));
+        assert_eq!(f.rtc.lock().unwrap().time(), None);
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub trait Persist {
     fn accepts_missing_state(&self) -> bool {
         false
     }
+
+    /// After a restore: the guest's TSC ran on by `by` past its saved value (see
+    /// `vmm::Vcpu::tsc_ran_on`), so a clock the guest reads beside it moves on as much, or the
+    /// guest would find its clocks disagreeing.
+    fn guest_time_moved(&self, _by: std::time::Duration) {}
 }
 
 /// Without snapshots, nothing to implement.

@@ -604,14 +604,29 @@ impl Restore {
         self.reader.take("config", "");
         vm.restore_state(&self.backend_state("vm", "")?)
             .map_err(|e| format!("VM state: {e}"))?;
+        let mut tsc_ran_on = None;
         for index in 0..vcpus.len() {
             let state = self.backend_state("vcpu", &index.to_string())?;
-            vcpus
-                .with_vcpu(index, |vcpu| vcpu.restore_state(&state))
+            let ran_on = vcpus
+                .with_vcpu(index, |vcpu| {
+                    vcpu.restore_state(&state)?;
+                    vcpu.tsc_ran_on(&state)
+                })
                 .map_err(|e| format!("vCPU {index}: {e}"))?
                 .map_err(|e| format!("vCPU {index}: {e}"))?;
+            tsc_ran_on = tsc_ran_on.or(ran_on);
         }
         self.restore_device_states(devices)?;
+        if let Some(by) = tsc_ran_on {
+            log::info!(
+                "the guest's TSC ran on by {:.1} s while saved (this KVM cannot set it): the \
+                 guest's other clocks follow",
+                by.as_secs_f64()
+            );
+            for part in devices.parts() {
+                part.guest_time_moved(by);
+            }
+        }
         self.reader
             .finish_check_unconsumed()
             .map_err(|e| e.to_string())

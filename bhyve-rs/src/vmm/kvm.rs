@@ -1459,6 +1459,24 @@ impl Vcpu for KvmVcpu {
         self.notify_paused()
     }
 
+    fn tsc_ran_on(&self, state: &BackendState) -> Result<Option<std::time::Duration>> {
+        let saved = msrs_from_bytes(required(state, "msrs")?)?
+            .into_iter()
+            .find(|m| m.index == MSR_IA32_TSC);
+        let Some(saved) = saved else {
+            return Ok(None);
+        };
+        let now = self.msrs(&[MSR_IA32_TSC])?;
+        let khz = self
+            .fd
+            .get_tsc_khz()
+            .map_err(|e| VmmError::ioctl("KVM_GET_TSC_KHZ", e))?;
+        let Some(now) = now.first().filter(|_| khz > 0) else {
+            return Ok(None);
+        };
+        Ok(tsc_run(saved.value, now.value, khz))
+    }
+
     fn notify_paused(&self) -> Result<()> {
         match self.fd.kvmclock_ctrl() {
             Ok(()) => Ok(()),
@@ -1573,6 +1591,15 @@ fn segment_to_kvm(s: &Segment) -> kvm_segment {
         unusable: u8::from(s.unusable),
         padding: 0,
     }
+}
+
+/// The time a TSC at `khz` took from `saved` to `now`, when that is more than a second (a
+/// restored TSC reads the saved value plus the moments the restore took); a TSC that went
+/// back (a host rebooted since the save, on a KVM that cannot set it) is left to the guest.
+fn tsc_run(saved: u64, now: u64, khz: u32) -> Option<std::time::Duration> {
+    let nanos = u128::from(now.checked_sub(saved)?) * 1_000_000 / u128::from(khz);
+    let ran = std::time::Duration::from_nanos(u64::try_from(nanos).ok()?);
+    (ran > std::time::Duration::from_secs(1)).then_some(ran)
 }
 
 fn tsc_within_tolerance(saved_khz: u32, current_khz: u32) -> bool {
@@ -1903,6 +1930,23 @@ mod tests {
                 extra as u64 - 1
             );
         }
+    }
+
+    #[test]
+    fn a_tsc_that_ran_on_is_measured_in_its_own_ticks() {
+        // 2.5 GHz: 2.5e9 ticks are one second, not more than one: the TSC held.
+        assert_eq!(tsc_run(1_000, 1_000 + 2_500_000_000, 2_500_000), None);
+        assert_eq!(
+            tsc_run(1_000, 1_000 + 300 * 2_500_000_000, 2_500_000),
+            Some(std::time::Duration::from_secs(300))
+        );
+        // Backwards (another host boot): not a run.
+        assert_eq!(tsc_run(5_000_000_000_000, 1_000, 2_500_000), None);
+        // A year at 1 kHz does not overflow.
+        assert_eq!(
+            tsc_run(0, 365 * 86_400 * 1_000, 1),
+            Some(std::time::Duration::from_secs(365 * 86_400))
+        );
     }
 
     #[test]

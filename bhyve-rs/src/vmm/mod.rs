@@ -528,6 +528,15 @@ pub trait Vcpu: Send {
     fn save_state(&self) -> Result<BackendState>;
     /// Put back what [`Vcpu::save_state`] returned (after the VM state).
     fn restore_state(&self, state: &BackendState) -> Result<()>;
+    /// After [`Vcpu::restore_state`]: how far the guest's TSC has run past the value `state`
+    /// holds, when the backend could not put it back; `None` when the TSC continues from the
+    /// saved value, as FreeBSD's VM_RESTORE_TIME and a KVM with TSC offsetting make it. On a
+    /// KVM whose guests read the host's TSC (these machines' kvm_pvm ignores TSC writes), the
+    /// guest's TSC clock moves on by the time the VM spent saved, and the clocks the guest
+    /// reads beside it must follow (see `devices::Persist::guest_time_moved`).
+    fn tsc_ran_on(&self, _state: &BackendState) -> Result<Option<std::time::Duration>> {
+        Ok(None)
+    }
     /// Tell the guest it was stopped for a while (KVM: KVM_KVMCLOCK_CTRL sets kvm-clock's
     /// "guest stopped" flag at the next entry), so its soft-lockup and clocksource watchdogs
     /// do not take the gap for a hang. Call while the vCPU is paused; a guest without such a

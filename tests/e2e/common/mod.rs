@@ -61,6 +61,38 @@ pub fn kvm_usable() -> bool {
     }
 }
 
+/// Whether this KVM keeps a TSC value written to a vCPU, as hardware virtualization does by
+/// offsetting the TSC; a KVM whose guests read the host's TSC (these machines' kvm_pvm)
+/// ignores the write. Asked of KVM directly, not through bhyve-rs. FreeBSD's vmm sets the TSC
+/// at restore (VM_RESTORE_TIME).
+#[cfg(target_os = "linux")]
+pub fn kvm_holds_a_written_tsc() -> bool {
+    use kvm_bindings::{kvm_msr_entry, Msrs};
+    const MSR_IA32_TSC: u32 = 0x10;
+    const WRITTEN: u64 = 1 << 20;
+    let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let tsc = |data| {
+        Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data,
+            ..Default::default()
+        }])
+        .expect("one MSR")
+    };
+    vcpu.set_msrs(&tsc(WRITTEN)).expect("write the TSC");
+    let mut read = tsc(0);
+    vcpu.get_msrs(&mut read).expect("read the TSC");
+    // Well under a minute of ticks at any TSC rate: the written value, counting on.
+    read.as_slice()[0].data.wrapping_sub(WRITTEN) < 1 << 36
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn kvm_holds_a_written_tsc() -> bool {
+    true
+}
+
 /// Path of `qemu-system-x86_64`, if installed. Missing QEMU skips the test with a message,
 /// except under CI (`CI` or `BHYVE_RS_REQUIRE_QEMU` set), where `tests/install-deps.sh` should
 /// have installed it, so the test fails.

@@ -69,9 +69,10 @@ fn serial_follows_path(config: &Config, node: &str) -> bool {
 /// For a restore from `saved` (the snapshot's configuration) with `given` (the command line):
 /// a disk named after its path keeps the serial number the guest saw, even from another path
 /// (Linux's libata, for one, detaches a disk whose serial changed when it identifies it
-/// again). The serial is made explicit as `ser` in `saved`, and given where the command line
-/// names the disk without one, so the two still compare equal and a serial the command line
-/// does give must be the same.
+/// again). Where the command line names the disk, the serial the guest saw is made explicit
+/// on both sides as needed: taken from the snapshot when the command line gives none, derived
+/// from the saved path when the snapshot has none. The two then compare equal, and a serial
+/// the command line gives must be the one the guest saw.
 pub fn keep_disk_serials(saved: &mut Config, given: &mut Config) {
     let disks: Vec<(String, String)> = saved
         .iter()
@@ -85,14 +86,24 @@ pub fn keep_disk_serials(saved: &mut Config, given: &mut Config) {
                 .map(|k| format!("{node}.{k}"))
                 .find(|key| config.get(key).is_some())
         };
-        let key = serial_key(saved).unwrap_or_else(|| {
-            let key = format!("{node}.ser");
-            saved.set(&key, &serial_from_path(&path));
-            key
-        });
-        if given.get(&format!("{node}.path")).is_some() && serial_key(given).is_none() {
-            let serial = saved.get(&key).unwrap_or_default().to_string();
-            given.set(&key, &serial);
+        let Some(given_path) = given.get(&format!("{node}.path")).map(str::to_string) else {
+            continue;
+        };
+        match (serial_key(saved), serial_key(given)) {
+            (Some(_), Some(_)) => {}
+            (Some(key), None) => {
+                let serial = saved.get(&key).unwrap_or_default().to_string();
+                given.set(&key, &serial);
+            }
+            // The serial the guest saw, to compare with the one given.
+            (None, Some(key)) => saved.set(&key, &serial_from_path(&path)),
+            // The same path names the disk as before.
+            (None, None) if given_path == path => {}
+            (None, None) => {
+                let (key, serial) = (format!("{node}.ser"), serial_from_path(&path));
+                saved.set(&key, &serial);
+                given.set(&key, &serial);
+            }
         }
     }
 }

@@ -504,13 +504,26 @@ fn restored_disks_keep_the_serial_the_guest_saw() {
         assert_eq!(config.get("pci.0.5.0.ser"), None);
     }
     assert_eq!(given.get("pci.0.3.0.path"), Some("/copy/disk.img"));
-    // A serial on the command line stays, to be compared with the snapshot's.
+    // A serial on the command line stays, to be compared with the one the guest saw.
     let mut saved = disks_on("/vm/disk.img");
     let mut given = disks_on("/copy/disk.img");
     given.set("pci.0.3.0.ser", "OTHER");
+    given.set("pci.0.4.0.port.0.ser", derived);
     keep_disk_serials(&mut saved, &mut given);
     assert_eq!(given.get("pci.0.3.0.ser"), Some("OTHER"));
     assert_eq!(saved.get("pci.0.3.0.ser"), Some(derived));
+    assert_eq!(saved.get("pci.0.4.0.port.0.ser"), Some(derived));
+    // The restored machine's own snapshot restores again with the same command line.
+    let mut again = given.clone();
+    again.set("pci.0.3.0.ser", derived);
+    let mut same_line = disks_on("/copy/disk.img");
+    keep_disk_serials(&mut again, &mut same_line);
+    assert_eq!(same_line.get("pci.0.3.0.ser"), Some(derived));
+    // A disk that did not move keeps its configuration as it was.
+    let (mut saved, mut given) = (disks_on("/vm/disk.img"), disks_on("/vm/disk.img"));
+    keep_disk_serials(&mut saved, &mut given);
+    assert_eq!(saved, disks_on("/vm/disk.img"));
+    assert_eq!(given, disks_on("/vm/disk.img"));
     // A command line without the disks (`-o rundir=` alone) gets none.
     let (mut saved, mut given) = (disks_on("/vm/disk.img"), Config::new());
     keep_disk_serials(&mut saved, &mut given);
