@@ -620,7 +620,7 @@ impl Restore {
         if let Some(by) = tsc_ran_on {
             log::info!(
                 "the guest's TSC ran on by {:.1} s while saved (this KVM cannot set it): the \
-                 guest's other clocks follow",
+                 RTC follows it",
                 by.as_secs_f64()
             );
             for part in devices.parts() {

@@ -54,8 +54,8 @@ fn host_only(key: &str) -> bool {
         || key.starts_with("boot.")
         // Host CPU pinning.
         || (key.starts_with("vcpu.") && key.ends_with(".cpuset"))
-        // Host ports forwarded into a slirp network.
-        || (key.starts_with("pci.") && key.ends_with(".hostfwd"))
+        // Host ports forwarded into a slirp network, and whether it lets the guest out.
+        || (key.starts_with("pci.") && (key.ends_with(".hostfwd") || key.ends_with(".open")))
 }
 
 /// Variables whose presence the guest sees (a COM port exists) while the value only picks the
@@ -358,6 +358,11 @@ mod tests {
         ] {
             assert_eq!(config.get(key), Some(value), "{key}");
         }
+        // Whether slirp lets the guest out is the host's business too.
+        let mut open = saved.clone();
+        open.set("pci.0.8.0.open", "true");
+        let config = restore_config(&open, &given, &defaults).unwrap();
+        assert_eq!(config.get("pci.0.8.0.open"), Some("true"));
         // Forwards are the host's business: without them on the command line, the saved ones stay.
         let config = restore_config(&saved, &machine("/d", "tap0", "/s", None), &defaults).unwrap();
         assert_eq!(config.get("pci.0.8.0.hostfwd"), Some("tcp::8022-:22"));

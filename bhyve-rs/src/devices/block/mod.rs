@@ -53,16 +53,21 @@ pub fn serial_from_path(path: &str) -> String {
     )
 }
 
-/// Whether the disk at `node` is named after its path when it has no serial number: a
-/// virtio-blk device or an AHCI port.
-fn serial_follows_path(config: &Config, node: &str) -> bool {
+/// For a disk at `node` that is named after its path when it has no serial number (a
+/// virtio-blk device or an AHCI port): the variables its emulation reads a serial from, in the
+/// order it reads them.
+fn path_serial_keys(config: &Config, node: &str) -> Option<&'static [&'static str]> {
     let parts: Vec<&str> = node.split('.').collect();
     match parts[..] {
-        ["pci", _, _, _] => config.get(&format!("{node}.device")) == Some("virtio-blk"),
-        ["pci", bus, slot, function, "port", _] => {
-            config.get(&format!("pci.{bus}.{slot}.{function}.device")) == Some("ahci")
+        ["pci", _, _, _] if config.get(&format!("{node}.device")) == Some("virtio-blk") => {
+            Some(&["serial", "ser"])
         }
-        _ => false,
+        ["pci", bus, slot, function, "port", _]
+            if config.get(&format!("pci.{bus}.{slot}.{function}.device")) == Some("ahci") =>
+        {
+            Some(&["ser"])
+        }
+        _ => None,
     }
 }
 
@@ -74,15 +79,20 @@ fn serial_follows_path(config: &Config, node: &str) -> bool {
 /// from the saved path when the snapshot has none. The two then compare equal, and a serial
 /// the command line gives must be the one the guest saw.
 pub fn keep_disk_serials(saved: &mut Config, given: &mut Config) {
-    let disks: Vec<(String, String)> = saved
+    let disks: Vec<(String, String, &[&str])> = saved
         .iter()
-        .filter_map(|(key, path)| Some((key.strip_suffix(".path")?.to_string(), path.to_string())))
-        .filter(|(node, _)| serial_follows_path(saved, node))
+        .filter_map(|(key, path)| {
+            let node = key.strip_suffix(".path")?;
+            Some((
+                node.to_string(),
+                path.to_string(),
+                path_serial_keys(saved, node)?,
+            ))
+        })
         .collect();
-    for (node, path) in disks {
+    for (node, path, keys) in disks {
         let serial_key = |config: &Config| {
-            ["ser", "serial"]
-                .into_iter()
+            keys.iter()
                 .map(|k| format!("{node}.{k}"))
                 .find(|key| config.get(key).is_some())
         };

@@ -528,6 +528,13 @@ fn restored_disks_keep_the_serial_the_guest_saw() {
     let (mut saved, mut given) = (disks_on("/vm/disk.img"), Config::new());
     keep_disk_serials(&mut saved, &mut given);
     assert_eq!(given.iter().count(), 0);
+    // AHCI reads no `serial`: a port given one is still named after its path.
+    let mut saved = disks_on("/vm/disk.img");
+    saved.set("pci.0.4.0.port.0.serial", "IGNORED");
+    let mut given = disks_on("/copy/disk.img");
+    given.set("pci.0.4.0.port.0.serial", "IGNORED");
+    keep_disk_serials(&mut saved, &mut given);
+    assert_eq!(given.get("pci.0.4.0.port.0.ser"), Some(derived));
     // virtio-blk's other spelling, `serial`, is kept as it was written.
     let mut saved = disks_on("/vm/disk.img");
     saved.set("pci.0.3.0.serial", "SPELLED");
