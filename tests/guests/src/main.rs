@@ -428,6 +428,18 @@ fn fnv1a_words(base: *const u64, words: u64) -> u64 {
     hash
 }
 
+/// The words of `line` after the command, at most four (the device commands take no more), and
+/// how many there are.
+fn arguments(line: &str) -> ([&str; 4], usize) {
+    let mut args = [""; 4];
+    let mut n = 0;
+    for word in line.split_ascii_whitespace().skip(1).take(args.len()) {
+        args[n] = word;
+        n += 1;
+    }
+    (args, n)
+}
+
 fn parse_u64(text: &str) -> Option<u64> {
     match text.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),

@@ -327,12 +327,7 @@ pub fn run(command: &str, line: &str) -> bool {
     if command != "nvme" {
         return false;
     }
-    let mut args = [""; 4];
-    let mut n = 0;
-    for word in line.split_ascii_whitespace().skip(1).take(args.len()) {
-        args[n] = word;
-        n += 1;
-    }
+    let (args, n) = crate::arguments(line);
     nvme(&args[..n]);
     true
 }

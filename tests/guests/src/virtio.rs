@@ -242,12 +242,7 @@ fn sectors_arg(arg: Option<&str>) -> Option<u64> {
 
 /// The virtio commands; false for any other command.
 pub fn run(command: &str, line: &str) -> bool {
-    let mut args = [""; 4];
-    let mut n = 0;
-    for word in line.split_ascii_whitespace().skip(1).take(args.len()) {
-        args[n] = word;
-        n += 1;
-    }
+    let (args, n) = crate::arguments(line);
     match command {
         "vblk" => vblk(&args[..n]),
         "vrnd" => vrnd(args[..n].first().copied()),
